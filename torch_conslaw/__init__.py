@@ -1,0 +1,67 @@
+"""torch_conslaw — conservation laws of gradient flows for PyTorch.
+
+Three parts, each importable on its own:
+
+* **Lie-algebra calculator** — :func:`trace_dimension` (any torch map φ),
+  :func:`mlp_trace_dimension` (MLPs, without the path lifting), :func:`polynomial_laws`.
+* **Conservation monitor** — :class:`ConservationMonitor` finds the laws of a live
+  ``nn.Module``, tracks them through training and splits every change exactly into a
+  symmetry-breaking (first-order) and a discretization (second-order) part;
+  :func:`analyze` reports whether the tracked laws are complete; :func:`find_structure`
+  shows the layer pairs it found.
+* **Law formulas** — :mod:`torch_conslaw.laws`.
+
+Names are imported lazily, so ``import torch_conslaw`` stays fast.
+
+Example:
+    >>> import torch_conslaw as tc
+    >>> tc.mlp_trace_dimension([4, 3, 5], ["linear"]).n_laws
+    6
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_EXPORTS: dict[str, str] = {
+    # Lie-algebra calculator
+    "trace_dimension": "torch_conslaw.lie",
+    "mlp_trace_dimension": "torch_conslaw.lie",
+    "LieResult": "torch_conslaw.lie",
+    "RankDecision": "torch_conslaw.numerics",
+    "polynomial_laws": "torch_conslaw.polynomial",
+    # Conservation monitor
+    "ConservationMonitor": "torch_conslaw.monitor",
+    "find_structure": "torch_conslaw.structure",
+    "analyze": "torch_conslaw.analyze",
+    "register_activation": "torch_conslaw.catalogue",
+    "register_layer": "torch_conslaw.catalogue",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torch_conslaw' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .analyze import analyze
+    from .catalogue import register_activation, register_layer
+    from .lie import LieResult, mlp_trace_dimension, trace_dimension
+    from .monitor import ConservationMonitor
+    from .numerics import RankDecision
+    from .polynomial import polynomial_laws
+    from .structure import find_structure
