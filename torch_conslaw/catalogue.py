@@ -1,0 +1,387 @@
+"""Registration tables: which layers carry laws and which ops keep the rescaling symmetry.
+
+Three tables drive the structure finder (:mod:`torch_conslaw.structure`):
+
+* **layers** — module type → :class:`LayerSpec`: how many units it produces and consumes, on
+  which axis, and how to read its *incoming* rows (one per unit, bias appended) and its
+  *outgoing* rows (every weight that reads a unit), following the layout of
+  :mod:`torch_conslaw.laws`;
+* **activations** — module type, function or tensor-method name → :class:`ActivationSpec`
+  with the homogeneity degree k (σ(cz) = c^k σ(z) for c > 0), or ``None`` when σ is not
+  positively homogeneous (the laws break, SCIENCE.md §5);
+* **pass-through ops** — dropout, pooling, flatten: they keep per-unit rescaling; only the
+  linear ones (average pooling, flatten, identity) also keep the channel mixing of the matrix law.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class ReLU2(nn.Module):
+    ...     def forward(self, x):
+    ...         return torch.relu(x) ** 2
+    >>> register_activation(ReLU2, degree=2)
+    >>> activation_spec(ReLU2()).degree
+    2.0
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ActivationSpec",
+    "LayerSpec",
+    "PassSpec",
+    "RowReader",
+    "register_activation",
+    "register_layer",
+    "activation_spec",
+    "layer_spec",
+    "pass_spec",
+    "barrier_reason",
+    "is_catalogued_module",
+]
+
+Axis = Literal["last", "channel"]
+RowReader = tuple[str, Callable[[Tensor], Tensor]]
+"""(parameter attribute name, map from that parameter to rows: one row per unit)."""
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An activation: ``degree`` k of positive homogeneity, or ``None`` if σ is not homogeneous.
+
+    ``linear`` marks the identity, which also keeps the matrix law of linear hidden layers.
+    """
+
+    name: str
+    degree: float | None
+    linear: bool = False
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """An op between two layers that keeps per-unit rescaling.
+
+    ``mixing`` — it also commutes with an invertible mixing of the units (linear ops), so the
+    matrix law of a linear hidden layer survives it. ``spatial`` — it acts on the spatial
+    axes only (pooling): fine after a convolution, but it mixes units after a ``Linear``.
+    """
+
+    name: str
+    kind: Literal["dropout", "maxpool", "avgpool", "flatten", "identity"]
+    mixing: bool
+    spatial: bool = False
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How to read a parametrized layer as the incoming or the outgoing side of a unit group.
+
+    * ``out_units(m)`` / ``in_units(m)`` — units produced / consumed;
+    * ``out_axis`` / ``in_axis`` — ``"last"`` (features on the last axis, like ``Linear``)
+      or ``"channel"`` (axis 1, like convolutions);
+    * ``incoming(m)`` — readers giving one row per produced unit (bias as its own reader);
+    * ``outgoing(m, positions)`` — readers giving one row per consumed unit, where each unit
+      spans ``positions`` consecutive input columns (``> 1`` after a flatten); raise
+      ``ValueError`` with the reason when the layer cannot be read this way.
+    """
+
+    name: str
+    out_units: Callable[[nn.Module], int]
+    in_units: Callable[[nn.Module], int]
+    out_axis: Axis
+    in_axis: Axis
+    incoming: Callable[[nn.Module], list[RowReader]]
+    outgoing: Callable[[nn.Module, int], list[RowReader]]
+
+
+_LAYERS: dict[type, LayerSpec] = {}
+_ACT_MODULES: dict[type, ActivationSpec] = {}
+_ACT_FUNCTIONS: dict[Any, ActivationSpec] = {}
+_ACT_METHODS: dict[str, ActivationSpec] = {}
+_PASS_MODULES: dict[type, PassSpec] = {}
+_PASS_FUNCTIONS: dict[Any, PassSpec] = {}
+_PASS_METHODS: dict[str, PassSpec] = {}
+
+
+def register_activation(
+    target: type[nn.Module] | Callable[..., Any] | str,
+    degree: float | None,
+    *,
+    name: str | None = None,
+    linear: bool = False,
+) -> None:
+    """Declare an activation and its degree of positive homogeneity (``None``: not homogeneous).
+
+    ``target`` is a module class, a function (``torch.relu``) or a tensor-method name
+    (``"relu"``). A degree-k activation gives the per-unit law ‖w_in‖² + b² − k‖w_out‖².
+
+    Example:
+        >>> import torch
+        >>> register_activation(torch.square, degree=2, name="square")
+    """
+    if degree is not None:
+        if isinstance(degree, bool) or not isinstance(degree, (int, float)):
+            raise TypeError(
+                f"register_activation: degree must be a number or None, got {type(degree).__name__}"
+            )
+        if not (math.isfinite(degree) and degree > 0):
+            raise ValueError(
+                "register_activation: degree must be a positive finite number k with "
+                f"σ(cz) = c^k σ(z) for c > 0, or None for a non-homogeneous activation; got {degree}"
+            )
+        degree = float(degree)
+    spec = ActivationSpec(name or _target_name(target), degree, linear)
+    if isinstance(target, str):
+        _ACT_METHODS[target] = spec
+    elif isinstance(target, type):
+        if not issubclass(target, nn.Module):
+            raise TypeError(f"register_activation: {target.__name__} is not an nn.Module subclass")
+        _ACT_MODULES[target] = spec
+    elif callable(target):
+        _ACT_FUNCTIONS[target] = spec
+    else:
+        raise TypeError(
+            "register_activation: target must be an nn.Module class, a function or a tensor "
+            f"method name, got {target!r}"
+        )
+
+
+def register_layer(
+    layer_type: type[nn.Module],
+    *,
+    out_units: Callable[[nn.Module], int],
+    in_units: Callable[[nn.Module], int],
+    incoming: Callable[[nn.Module], list[RowReader]],
+    outgoing: Callable[[nn.Module, int], list[RowReader]],
+    out_axis: Axis = "last",
+    in_axis: Axis = "last",
+    name: str | None = None,
+) -> None:
+    """Declare a parametrized layer type; see :class:`LayerSpec` for the meaning of each reader.
+
+    Example:
+        >>> from torch import nn
+        >>> class Dense(nn.Linear):
+        ...     pass
+        >>> register_layer(Dense, out_units=lambda m: m.out_features,
+        ...                in_units=lambda m: m.in_features,
+        ...                incoming=lambda m: [("weight", lambda w: w)],
+        ...                outgoing=lambda m, positions: [("weight", lambda w: w.T)])
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"register_layer: layer_type must be an nn.Module class, got {layer_type!r}")
+    for axis_name, axis in (("out_axis", out_axis), ("in_axis", in_axis)):
+        if axis not in ("last", "channel"):
+            raise ValueError(f"register_layer: {axis_name} must be 'last' or 'channel', got {axis!r}")
+    _LAYERS[layer_type] = LayerSpec(
+        name or layer_type.__name__, out_units, in_units, out_axis, in_axis, incoming, outgoing
+    )
+
+
+def _register_pass(targets: list[Any], spec: PassSpec) -> None:
+    for target in targets:
+        if isinstance(target, str):
+            _PASS_METHODS[target] = spec
+        elif isinstance(target, type):
+            _PASS_MODULES[target] = spec
+        else:
+            _PASS_FUNCTIONS[target] = spec
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", type(target).__name__)
+
+
+def _mro_lookup(table: dict[type, Any], module: nn.Module) -> Any:
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def layer_spec(module: nn.Module) -> LayerSpec | None:
+    """The registered :class:`LayerSpec` of a module (or of its closest base class)."""
+    return _mro_lookup(_LAYERS, module)
+
+
+def activation_spec(target: Any) -> ActivationSpec | None:
+    """The :class:`ActivationSpec` of a module instance, function or tensor-method name."""
+    if isinstance(target, nn.Module):
+        return _mro_lookup(_ACT_MODULES, target)
+    if isinstance(target, str):
+        return _ACT_METHODS.get(target)
+    try:
+        return _ACT_FUNCTIONS.get(target)
+    except TypeError:  # unhashable callables are never registered
+        return None
+
+
+def pass_spec(target: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> PassSpec | None:
+    """The :class:`PassSpec` of a module, function or method name, given its call arguments.
+
+    Flattening counts only when it keeps the batch axis and flattens everything after it
+    (``flatten(1)``, ``nn.Flatten()``, ``x.view(x.size(0), -1)``).
+    """
+    kwargs = kwargs or {}
+    if isinstance(target, nn.Module):
+        spec = _mro_lookup(_PASS_MODULES, target)
+        if spec is not None and spec.kind == "flatten":
+            if not (target.start_dim == 1 and target.end_dim == -1):
+                return None
+        return spec
+    try:
+        spec = _PASS_METHODS.get(target) if isinstance(target, str) else _PASS_FUNCTIONS.get(target)
+    except TypeError:
+        return None
+    if spec is None or spec.kind != "flatten":
+        return spec
+    if target in ("view", "reshape"):
+        shape = args[1:]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return spec if len(shape) == 2 and shape[1] == -1 and shape[0] != -1 else None
+    start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+    end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+    return spec if start == 1 and end == -1 else None
+
+
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm}
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", "__radd__"}
+
+
+def barrier_reason(target: Any, display: str) -> str:
+    """Why the op ``display`` (a module, function or method) blocks the laws across it."""
+    if isinstance(target, nn.Module) and isinstance(target, _NORMS):
+        return (
+            f"{display} ({type(target).__name__}) renormalizes the units, so the rescaling law "
+            "does not hold across it"
+        )
+    try:
+        if target in _NORM_FUNCTIONS:
+            return f"{display} renormalizes the units, so the rescaling law does not hold across it"
+        if target in _ADDS:
+            return f"{display} is an addition (a residual or skip connection): no law crosses it"
+    except TypeError:
+        pass
+    return (
+        f"{display} is not in the catalogue of symmetry-preserving ops; if it is positively "
+        "homogeneous, declare it with torch_conslaw.register_activation(..., degree=k)"
+    )
+
+
+def is_catalogued_module(module: nn.Module) -> bool:
+    """True when the module is a registered layer, activation or pass-through op (a leaf)."""
+    return any(
+        _mro_lookup(table, module) is not None for table in (_LAYERS, _ACT_MODULES, _PASS_MODULES)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in entries
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_bias(module: nn.Module, weight_rows: Callable[[Tensor], Tensor]) -> list[RowReader]:
+    readers: list[RowReader] = [("weight", weight_rows)]
+    if getattr(module, "bias", None) is not None:
+        readers.append(("bias", lambda b: b.unsqueeze(1)))
+    return readers
+
+
+def _linear_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    if positions == 1:
+        return [("weight", lambda w: w.T)]
+
+    def rows(w: Tensor) -> Tensor:  # columns c*P .. (c+1)*P-1 belong to unit c
+        return w.reshape(w.shape[0], -1, positions).transpose(0, 1).reshape(-1, w.shape[0] * positions)
+
+    return [("weight", rows)]
+
+
+def _conv_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    if module.groups != 1:
+        raise ValueError(
+            f"a grouped convolution (groups={module.groups}) as consumer is not supported"
+        )
+    if positions != 1:
+        raise ValueError("a convolution cannot consume a flattened tensor")
+    return [("weight", lambda w: w.transpose(0, 1).flatten(1))]
+
+
+register_layer(
+    nn.Linear,
+    out_units=lambda m: m.out_features,
+    in_units=lambda m: m.in_features,
+    incoming=lambda m: _with_bias(m, lambda w: w),
+    outgoing=_linear_outgoing,
+)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(
+        _conv,
+        out_units=lambda m: m.out_channels,
+        in_units=lambda m: m.in_channels,
+        incoming=lambda m: _with_bias(m, lambda w: w.flatten(1)),
+        outgoing=_conv_outgoing,
+        out_axis="channel",
+        in_axis="channel",
+    )
+
+for _target, _name in ((nn.ReLU, "ReLU"), (nn.LeakyReLU, "LeakyReLU"), (nn.PReLU, "PReLU")):
+    register_activation(_target, 1, name=_name)
+for _target in (F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_"):
+    register_activation(_target, 1, name="relu")
+for _target in (F.leaky_relu, F.leaky_relu_, "leaky_relu"):
+    register_activation(_target, 1, name="leaky_relu")
+register_activation(F.prelu, 1, name="prelu")
+register_activation(nn.Identity, 1, name="Identity", linear=True)
+for _target in (
+    nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
+    nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.LogSigmoid,
+    nn.Tanhshrink, nn.Softmax, nn.LogSoftmax, nn.GLU,
+):
+    register_activation(_target, None)
+for _target in (
+    F.gelu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.silu, F.elu, F.selu, F.celu,
+    F.softplus, F.mish, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.softsign,
+    F.logsigmoid, F.softmax, F.log_softmax, F.glu, torch.softmax, torch.exp, torch.sin,
+    "tanh", "tanh_", "sigmoid", "sigmoid_", "softmax", "log_softmax", "exp", "sin",
+):
+    register_activation(_target, None, name=_target if isinstance(_target, str) else None)
+
+_register_pass(
+    [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, F.dropout, F.dropout1d, F.dropout2d,
+     F.dropout3d, torch.dropout],
+    PassSpec("dropout", "dropout", mixing=False),
+)
+_register_pass(
+    [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+     nn.AdaptiveMaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+     F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.max_pool1d, torch.max_pool2d,
+     torch.max_pool3d],
+    PassSpec("max pooling", "maxpool", mixing=False, spatial=True),
+)
+_register_pass(
+    [nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+     nn.AdaptiveAvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d],
+    PassSpec("average pooling", "avgpool", mixing=True, spatial=True),
+)
+_register_pass([nn.Flatten, torch.flatten, "flatten", "view", "reshape"], PassSpec("flatten", "flatten", mixing=True))

@@ -1,0 +1,533 @@
+"""Find the hidden unit groups of an ``nn.Module``: pairs (incoming layer → consuming layer).
+
+The model is traced with ``torch.fx`` (a custom forward with ``F.relu``, ``x.relu()``,
+flatten, pooling and residual adds is fine); when tracing fails, one forward pass on
+``example_input`` is recorded with module hooks and a ``TorchFunctionMode`` instead (in eval
+mode, without gradients, with the RNG state restored, so training is unaffected).
+
+From every registered layer, the finder follows the data through the ops that keep the
+rescaling symmetry (see :mod:`torch_conslaw.catalogue`) up to the next layer. Anything else
+— a non-homogeneous activation, a normalization, a residual add, a branch, a frozen or shared
+parameter — makes the pair *skipped*, with a readable reason.
+
+Example:
+    >>> from torch import nn
+    >>> s = find_structure(nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2)))
+    >>> print(s.skipped[0])
+    GELU between 0 (Linear) and 2 (Linear) is not positively homogeneous
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import catalogue
+from .catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
+
+__all__ = ["Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
+
+NodeKind = Literal["input", "output", "layer", "activation", "pass", "barrier"]
+
+
+@dataclass
+class _Node:
+    name: str
+    kind: NodeKind
+    inputs: list[int]
+    module_path: str | None = None
+    spec: LayerSpec | ActivationSpec | PassSpec | None = None
+    reason: str = ""
+    users: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A usable hidden unit group between ``producer`` and ``consumer`` (module paths).
+
+    ``kind`` is ``"unit"`` (Linear units), ``"channel"`` (convolution channels) or
+    ``"matrix"`` (no nonlinearity in between: the matrix law of a linear hidden layer).
+    ``degree`` is the homogeneity k of the activations in between (their product).
+    ``incoming`` / ``outgoing`` are (qualified parameter name, row reader) pairs.
+    ``conserved`` is False for a candidate whose law is broken (``reason`` says why).
+    """
+
+    producer: str
+    consumer: str
+    ops: tuple[str, ...]
+    kind: Literal["unit", "channel", "matrix"]
+    degree: float
+    units: int
+    positions: int
+    incoming: tuple[RowReader, ...]
+    outgoing: tuple[RowReader, ...]
+    conserved: bool = True
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        """Short label ``producer→consumer``."""
+        return f"{self.producer}→{self.consumer}"
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """Qualified names of every parameter the group reads."""
+        return tuple(n for n, _ in self.incoming) + tuple(n for n, _ in self.outgoing)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A pair (or a whole model) the finder cannot use; ``str()`` gives the reason.
+
+    ``candidate`` holds the pair when only the law is broken (a non-homogeneous activation),
+    so that its would-be law can still be tracked to show the breaking.
+    """
+
+    producer: str | None
+    consumer: str | None
+    reason: str
+    candidate: Pair | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass
+class Structure:
+    """What :func:`find_structure` found: usable ``pairs``, ``skipped`` ones, the ``method``."""
+
+    pairs: list[Pair]
+    skipped: list[Skipped]
+    method: Literal["fx", "hooks", "none"]
+    ops: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"structure found with {self.method}: {len(self.ops)} ops"]
+        lines.append("  " + " → ".join(self.ops) if self.ops else "  (no ops)")
+        lines.append(f"usable pairs: {len(self.pairs)}")
+        for p in self.pairs:
+            between = ", ".join(p.ops) if p.ops else "nothing"
+            lines.append(
+                f"  {p.name}: {p.units} {p.kind} group(s) through [{between}], degree {p.degree:g}"
+                + (f", {p.positions} columns per channel" if p.positions > 1 else "")
+            )
+        lines.append(f"skipped: {len(self.skipped)}")
+        lines.extend(f"  {s.reason}" for s in self.skipped)
+        return "\n".join(lines)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` and similar wrappers (``.module``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
+    """Find every usable hidden unit group of ``model`` and every pair it must skip.
+
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) is only needed when ``torch.fx`` cannot trace the model.
+
+    Example:
+        >>> from torch import nn
+        >>> s = find_structure(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> [(p.name, p.kind, p.units) for p in s.pairs]
+        [('0→2', 'unit', 3)]
+    """
+    model = unwrap_model(model)
+    try:
+        nodes = _graph_from_fx(model)
+        method: Literal["fx", "hooks", "none"] = "fx"
+    except Exception as err:  # fx raises many error types on untraceable code
+        if example_input is None:
+            reason = (
+                f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); pass example_input so the "
+                "structure can be recorded with forward hooks"
+            )
+            return Structure([], [Skipped(None, None, reason)], "none", [])
+        nodes = _graph_from_hooks(model, example_input)
+        method = "hooks"
+    pairs, skipped = _find_pairs(model, nodes)
+    if not pairs and not skipped:
+        skipped.append(
+            Skipped(
+                None,
+                None,
+                f"{type(model).__name__} has no two registered layers (Linear, Conv1d/2d/3d) "
+                "connected through symmetry-preserving ops, so no law is known for it",
+            )
+        )
+    ops = [n.name for n in nodes if n.kind not in ("input", "output")]
+    return Structure(pairs, skipped, method, ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph construction
+# ---------------------------------------------------------------------------------------------
+
+_META_METHODS = {"size", "dim", "numel", "nelement", "type", "ndimension", "get_device"}
+
+
+def _classify(target: Any, display: str, args: tuple, kwargs: dict) -> tuple[NodeKind, Any, str]:
+    if isinstance(target, nn.Module):
+        spec = catalogue.layer_spec(target)
+        if spec is not None:
+            return "layer", spec, ""
+    act = catalogue.activation_spec(target)
+    if act is not None:
+        return "activation", act, ""
+    ps = catalogue.pass_spec(target, args, kwargs)
+    if ps is not None:
+        return "pass", ps, ""
+    return "barrier", None, catalogue.barrier_reason(target, display)
+
+
+def _display(target: Any, module_path: str | None) -> str:
+    if module_path is not None:
+        last = module_path.rsplit(".", 1)[-1]
+        return f"{module_path} ({type(target).__name__})" if last.isdigit() else module_path
+    if isinstance(target, str):
+        return f".{target}()"
+    return getattr(target, "__name__", repr(target))
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return catalogue.is_catalogued_module(m) or super().is_leaf_module(m, qualname)
+
+
+def _graph_from_fx(model: nn.Module) -> list[_Node]:
+    graph = _Tracer().trace(model)
+    index: dict[fx.Node, int] = {}
+    meta: set[fx.Node] = set()
+    nodes: list[_Node] = []
+    for n in graph.nodes:
+        tensor_inputs = [a for a in n.all_input_nodes if a not in meta and a.op != "get_attr"]
+        if n.op == "get_attr":
+            continue
+        is_meta = (n.op == "call_method" and n.target in _META_METHODS) or (
+            n.op == "call_function"
+            and (n.target is getattr or (not tensor_inputs and n.target is not None))
+        )
+        if is_meta:
+            meta.add(n)
+            continue
+        inputs = [index[a] for a in tensor_inputs]
+        args = tuple(a for a in n.args)
+        if n.op == "placeholder":
+            node = _Node(n.name, "input", [])
+        elif n.op == "output":
+            node = _Node("output", "output", inputs)
+        else:
+            module_path = n.target if n.op == "call_module" else None
+            target = model.get_submodule(n.target) if n.op == "call_module" else n.target
+            display = _display(target, module_path)
+            kind, spec, reason = _classify(target, display, args, dict(n.kwargs))
+            node = _Node(display, kind, inputs, module_path, spec, reason)
+        index[n] = len(nodes)
+        nodes.append(node)
+    _link_users(nodes)
+    return nodes
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch function called outside hooked leaf modules."""
+
+    def __init__(self, nodes: list[_Node], ids: dict[int, int], keep: list[Any]) -> None:
+        super().__init__()
+        self.nodes, self.ids, self.keep = nodes, ids, keep
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0 and any(isinstance(o, torch.Tensor) for o in _flat(out)):
+            name = getattr(func, "__name__", "")
+            target: Any = name if getattr(torch.Tensor, name, None) is func else func
+            if name == "__get__":  # property access such as x.shape / x.T
+                target = repr(func)
+            _record(self, target, None, args, kwargs, out)
+        return out
+
+
+def _flat(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flat(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _flat(o)
+    else:
+        yield obj
+
+
+def _record(rec: _Recorder, target: Any, module_path: str | None, args: tuple, kwargs: dict, out: Any) -> None:
+    inputs = []
+    for a in _flat((args, kwargs)):
+        if isinstance(a, torch.Tensor) and id(a) in rec.ids and rec.ids[id(a)] not in inputs:
+            inputs.append(rec.ids[id(a)])
+    # plain-number arguments stand in for shapes (x.view(x.size(0), -1) → (x, n, -1))
+    plain = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+    display = _display(target, module_path)
+    kind, spec, reason = _classify(target, display, plain, kwargs)
+    rec.nodes.append(_Node(display, kind, inputs, module_path, spec, reason))
+    for o in _flat(out):
+        if isinstance(o, torch.Tensor):
+            rec.ids[id(o)] = len(rec.nodes) - 1
+            rec.keep.append(o)
+
+
+def _graph_from_hooks(model: nn.Module, example_input: Any) -> list[_Node]:
+    if isinstance(example_input, dict):
+        args, kwargs = (), dict(example_input)
+    elif isinstance(example_input, (tuple, list)):
+        args, kwargs = tuple(example_input), {}
+    else:
+        args, kwargs = (example_input,), {}
+    nodes: list[_Node] = []
+    ids: dict[int, int] = {}
+    keep: list[Any] = [args, kwargs]
+    for a in _flat((args, kwargs)):
+        if isinstance(a, torch.Tensor):
+            ids[id(a)] = len(nodes)
+            nodes.append(_Node(f"input{len(nodes)}", "input", []))
+    rec = _Recorder(nodes, ids, keep)
+    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+    handles = []
+
+    def pre(module: nn.Module, inp: Any) -> None:
+        rec.depth += 1
+
+    def post(module: nn.Module, inp: Any, out: Any) -> None:
+        rec.depth -= 1
+        if rec.depth == 0:
+            _record(rec, module, paths[module], tuple(inp), {}, out)
+
+    for module in model.modules():
+        if module is not model and (catalogue.is_catalogued_module(module) or not list(module.children())):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
+            out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.train(flag)
+    outputs = [ids[id(o)] for o in _flat(out) if isinstance(o, torch.Tensor) and id(o) in ids]
+    nodes.append(_Node("output", "output", outputs))
+    _link_users(nodes)
+    return nodes
+
+
+def _link_users(nodes: list[_Node]) -> None:
+    """Fill ``users`` with the ops that reach the output (dead code and conditions are ignored)."""
+    live = {i for i, n in enumerate(nodes) if n.kind == "output"}
+    for i in range(len(nodes) - 1, -1, -1):
+        if i in live:
+            live.update(nodes[i].inputs)
+    for i, n in enumerate(nodes):
+        if i in live:
+            for j in n.inputs:
+                nodes[j].users.append(i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair finding
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_pairs(model: nn.Module, nodes: list[_Node]) -> tuple[list[Pair], list[Skipped]]:
+    calls: dict[str, int] = {}
+    for n in nodes:
+        if n.kind == "layer" and n.module_path is not None:
+            calls[n.module_path] = calls.get(n.module_path, 0) + 1
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    pairs: list[Pair] = []
+    skipped: list[Skipped] = []
+    for i, start in enumerate(nodes):
+        if start.kind != "layer":
+            continue
+        found = _walk(nodes, i)
+        if found is None:
+            continue
+        consumer, ops, reason = found
+        cname = nodes[consumer].module_path if consumer is not None else None
+        if reason is not None:
+            skipped.append(Skipped(start.module_path, cname, reason))
+            continue
+        assert consumer is not None
+        pair_or_reason = _make_pair(model, nodes, i, consumer, ops)
+        if isinstance(pair_or_reason, str):
+            skipped.append(Skipped(start.module_path, cname, pair_or_reason))
+            continue
+        pair = pair_or_reason
+        problem = _parameter_problem(pair, nodes[i], nodes[consumer], calls, params, names_of)
+        if problem is not None:
+            skipped.append(Skipped(start.module_path, cname, problem))
+        elif not pair.conserved:
+            skipped.append(Skipped(start.module_path, cname, pair.reason, candidate=pair))
+        else:
+            pairs.append(pair)
+    return pairs, skipped
+
+
+def _walk(nodes: list[_Node], start: int) -> tuple[int | None, list[int], str | None] | None:
+    """Follow single-user chains from ``start``; None when the output is never consumed."""
+    ops: list[int] = []
+    cur = start
+    first_barrier: int | None = None
+    reason: str | None = None
+    while True:
+        users = nodes[cur].users
+        if not users or (len(users) == 1 and nodes[users[0]].kind == "output"):
+            if reason is None:
+                return None  # the last layer, or its result goes straight to the output
+            return None, ops, reason
+        if len(users) > 1:
+            if reason is not None:
+                return None, ops, reason
+            names = ", ".join(nodes[u].name for u in users)
+            after = f" (after {', '.join(nodes[o].name for o in ops)})" if ops else ""
+            return None, ops, (
+                f"the output of {nodes[start].name}{after} is used by {len(users)} ops ({names}): "
+                "a branch or skip connection, so no law crosses it"
+            )
+        nxt = users[0]
+        node = nodes[nxt]
+        if node.kind == "layer":
+            if first_barrier is None:
+                return nxt, ops, None
+            return nxt, ops, _barrier_text(nodes, start, first_barrier, nxt)
+        if node.kind == "barrier" and first_barrier is None:
+            first_barrier = nxt
+            reason = _barrier_text(nodes, start, nxt, None)
+        ops.append(nxt)
+        cur = nxt
+
+
+def _barrier_text(nodes: list[_Node], start: int, barrier: int, consumer: int | None) -> str:
+    node = nodes[barrier]
+    where = f"between {nodes[start].name} and {nodes[consumer].name}" if consumer is not None else f"after {nodes[start].name}"
+    return f"{where}: {node.reason}"
+
+
+def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[int]) -> Pair | str:
+    prod, cons = nodes[i], nodes[j]
+    pspec, cspec = prod.spec, cons.spec
+    assert isinstance(pspec, LayerSpec) and isinstance(cspec, LayerSpec)
+    pmod, cmod = model.get_submodule(prod.module_path), model.get_submodule(cons.module_path)
+    layout = pspec.out_axis  # "last", "channel", then "flat" after a flatten of channels
+    degree, mixing = 1.0, True
+    broken: list[str] = []
+    names: list[str] = []
+    for k in ops:
+        op = nodes[k]
+        names.append(op.name)
+        if isinstance(op.spec, ActivationSpec):
+            if op.spec.degree is None:
+                broken.append(op.spec.name if op.module_path is None else type(model.get_submodule(op.module_path)).__name__)
+                continue
+            if not op.spec.linear:
+                degree *= op.spec.degree
+                mixing = False
+        elif isinstance(op.spec, PassSpec):
+            mixing = mixing and op.spec.mixing
+            if op.spec.kind == "flatten":
+                if layout != "channel":
+                    return (
+                        f"{op.name} between {prod.name} and {cons.name} flattens the output of a "
+                        f"{pspec.name} layer, whose units are not on axis 1: layout not supported"
+                    )
+                layout = "flat"
+            elif op.spec.spatial and layout != "channel":
+                return (
+                    f"{op.name} ({op.spec.name}) between {prod.name} and {cons.name} pools over "
+                    f"the units of {prod.name}, which mixes them: no law across it"
+                )
+    units = pspec.out_units(pmod)
+    positions = 1
+    if layout == "flat":
+        if cspec.in_axis != "last":
+            return f"{cons.name} ({cspec.name}) cannot consume the flattened channels of {prod.name}"
+        width = cspec.in_units(cmod)
+        if width % units:
+            return (
+                f"{cons.name} reads {width} features, not a multiple of the {units} channels of "
+                f"{prod.name}: cannot map channels to columns"
+            )
+        positions = width // units
+    elif layout != cspec.in_axis:
+        return (
+            f"{cons.name} ({cspec.name}) reads axis '{cspec.in_axis}' but the units of "
+            f"{prod.name} ({pspec.name}) are on axis '{layout}': no channel → column mapping"
+        )
+    elif cspec.in_units(cmod) != units:
+        return f"{cons.name} consumes {cspec.in_units(cmod)} units but {prod.name} produces {units}"
+    try:
+        outgoing = cspec.outgoing(cmod, positions)
+    except ValueError as err:
+        return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+    incoming = pspec.incoming(pmod)
+    kind: Literal["unit", "channel", "matrix"]
+    kind = "matrix" if mixing and not broken else ("unit" if pspec.out_axis == "last" else "channel")
+    reason = ""
+    if broken:
+        reason = f"{', '.join(broken)} between {prod.name} and {cons.name} is not positively homogeneous"
+    return Pair(
+        producer=prod.module_path,
+        consumer=cons.module_path,
+        ops=tuple(names),
+        kind=kind,
+        degree=degree,
+        units=units,
+        positions=positions,
+        incoming=tuple((f"{prod.module_path}.{a}", f) for a, f in incoming),
+        outgoing=tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing),
+        conserved=not broken,
+        reason=reason,
+    )
+
+
+def _parameter_problem(
+    pair: Pair,
+    prod: _Node,
+    cons: _Node,
+    calls: dict[str, int],
+    params: dict[str, nn.Parameter],
+    names_of: dict[int, list[str]],
+) -> str | None:
+    for node in (prod, cons):
+        if calls.get(node.module_path or "", 0) > 1:
+            return (
+                f"{node.name} is called {calls[node.module_path]} times in forward (a shared "
+                f"layer), so the {pair.name} law does not hold"
+            )
+    for name in pair.parameter_names:
+        p = params.get(name)
+        if p is None:
+            return f"{name} is not a parameter of the model: cannot read the {pair.name} group"
+        if not p.requires_grad:
+            return f"{name} is frozen (requires_grad=False): the {pair.name} law does not hold"
+        others = [n for n in names_of[id(p)] if n != name]
+        if others:
+            return f"{name} is shared with {', '.join(others)}: the {pair.name} law does not hold"
+    return None
+
