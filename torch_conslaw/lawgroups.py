@@ -1,0 +1,154 @@
+"""Law groups: all the laws of one hidden unit group, evaluated at once in float64.
+
+A group is built from a :class:`~torch_conslaw.structure.Pair`. Every method takes a mapping
+from qualified parameter names to tensors (live parameters, a snapshot or a step Δ), so the
+same group evaluates h(θ), its bilinear form B(θ, Δ) and its natural scale:
+
+* :class:`UnitLaws` — one law per unit / channel, ‖w_in‖² + b² − k‖w_out‖²
+  (:func:`torch_conslaw.laws.unit_balance`);
+* :class:`MatrixLaws` — the upper triangle of Q = [W b][W b]^T − W_next^T W_next of a linear
+  hidden layer (:func:`torch_conslaw.laws.matrix_balance`), n(n+1)/2 entries.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch_conslaw.structure import find_structure
+    >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    >>> group = build_groups(find_structure(model).pairs)[0]
+    >>> group.values(dict(model.named_parameters())).shape
+    torch.Size([3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from . import laws
+from .structure import Pair
+
+__all__ = ["LawGroup", "UnitLaws", "MatrixLaws", "build_groups"]
+
+F64 = torch.float64
+
+
+class LawGroup:
+    """Base class: the laws of one :class:`Pair`, a flat float64 vector of ``count`` values.
+
+    Attributes: ``name`` (``producer→consumer``), ``kind`` (``unit``, ``channel``,
+    ``matrix``), ``count``, ``pair``, ``expected_conserved`` and ``reason`` (why the group
+    is, or is not, expected to be conserved under the current training setup).
+    """
+
+    kind: str
+    count: int
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair = pair
+        self.name = pair.name
+        self.expected_conserved = pair.conserved
+        self.reason = pair.reason or self._default_reason()
+        self.parameter_names: tuple[str, ...] = pair.parameter_names
+
+    def _default_reason(self) -> str:
+        raise NotImplementedError
+
+    def _rows(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Incoming and outgoing matrices (one row per unit), float64."""
+        inc = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.incoming]
+        out = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.outgoing]
+        return (torch.cat(inc, 1) if len(inc) > 1 else inc[0]), (
+            torch.cat(out, 1) if len(out) > 1 else out[0]
+        )
+
+    def values(self, params: Mapping[str, Tensor]) -> Tensor:
+        """h(θ) for every law of the group (float64, shape ``[count]``)."""
+        return self.bilinear(params, params)
+
+    def bilinear(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+        """B(a, b) for every law, so that h(θ+Δ) − h(θ) = 2B(θ, Δ) + B(Δ, Δ) exactly."""
+        raise NotImplementedError
+
+    def scale(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Natural size of each law at θ (a bound on |h(θ)|), used for relative drift."""
+        raise NotImplementedError
+
+    def labels(self) -> list[str]:
+        """One readable label per law, e.g. ``fc1→fc2[3]``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, count={self.count})"
+
+
+class UnitLaws(LawGroup):
+    """‖w_in‖² + b² − k‖w_out‖² per unit (or channel); scale ‖w_in‖² + b² + k‖w_out‖²."""
+
+    def __init__(self, pair: Pair) -> None:
+        super().__init__(pair)
+        self.kind = pair.kind
+        self.count = pair.units
+        self.degree = pair.degree
+
+    def _default_reason(self) -> str:
+        what = "unit" if self.pair.kind == "unit" else "channel"
+        return (
+            f"positively {self.pair.degree:g}-homogeneous ops between {self.pair.producer} and "
+            f"{self.pair.consumer}: one law per {what}"
+        )
+
+    def bilinear(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+        in_a, out_a = self._rows(a)
+        in_b, out_b = (in_a, out_a) if b is a else self._rows(b)
+        return laws.unit_balance_bilinear(in_a, out_a, in_b, out_b, self.degree)
+
+    def scale(self, params: Mapping[str, Tensor]) -> Tensor:
+        inc, out = self._rows(params)
+        return inc.square().sum(1) + self.degree * out.square().sum(1)
+
+    def labels(self) -> list[str]:
+        return [f"{self.name}[{j}]" for j in range(self.count)]
+
+
+class MatrixLaws(LawGroup):
+    """Upper triangle of the matrix law; scale_ij = ‖I_i‖‖I_j‖ + ‖O_i‖‖O_j‖ (Cauchy–Schwarz)."""
+
+    def __init__(self, pair: Pair) -> None:
+        super().__init__(pair)
+        self.kind = "matrix"
+        n = pair.units
+        self.count = n * (n + 1) // 2
+        self._rows_idx, self._cols_idx = torch.triu_indices(n, n)
+
+    def _default_reason(self) -> str:
+        return (
+            f"linear hidden layer between {self.pair.producer} and {self.pair.consumer}: "
+            "matrix law (upper triangle)"
+        )
+
+    def bilinear(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+        in_a, out_a = self._rows(a)
+        in_b, out_b = (in_a, out_a) if b is a else self._rows(b)
+        q = laws.matrix_balance_bilinear(in_a, out_a, in_b, out_b)
+        return q[self._rows_idx, self._cols_idx]
+
+    def scale(self, params: Mapping[str, Tensor]) -> Tensor:
+        inc, out = self._rows(params)
+        ni, no = inc.norm(dim=1), out.norm(dim=1)
+        s = torch.outer(ni, ni) + torch.outer(no, no)
+        return s[self._rows_idx, self._cols_idx]
+
+    def labels(self) -> list[str]:
+        return [f"{self.name}[{i},{j}]" for i, j in zip(self._rows_idx.tolist(), self._cols_idx.tolist())]
+
+
+def build_groups(pairs: list[Pair]) -> list[LawGroup]:
+    """One law group per pair: :class:`MatrixLaws` for ``kind == "matrix"``, else :class:`UnitLaws`.
+
+    Example:
+        >>> build_groups([])
+        []
+    """
+    return [MatrixLaws(p) if p.kind == "matrix" else UnitLaws(p) for p in pairs]

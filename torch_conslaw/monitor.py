@@ -1,0 +1,443 @@
+"""ConservationMonitor: track the known conservation laws of a model through training.
+
+The monitor finds every law group of the model (:mod:`torch_conslaw.structure`), evaluates
+them at construction (θ₀), and at each recorded optimizer step stores the law values and,
+with ``split=True``, the exact split of each change into its first-order (symmetry-breaking)
+and second-order (discretization) parts (SCIENCE.md §6). It only reads parameters: training
+is bitwise identical with and without it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> monitor = ConservationMonitor(model).attach(opt)
+    >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+    >>> for _ in range(5):
+    ...     opt.zero_grad()
+    ...     nn.functional.mse_loss(model(x), y).backward()
+    ...     opt.step()
+    >>> monitor.num_steps, monitor.summary()[0]["max_rel_first_order"] < 1e-6
+    (5, True)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .accounting import Record, RecordStore, as_float64, evaluate, split_change
+from .lawgroups import LawGroup, build_groups
+from .schedule import Schedule
+from .structure import Skipped, Structure, find_structure, unwrap_model
+
+__all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
+
+_STATE_FORMAT = "torch_conslaw.ConservationMonitor/1"
+
+
+def optimizer_breaking_reasons(optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Map ``id(parameter)`` → why this optimizer's update breaks the laws (SCIENCE.md §6).
+
+    Plain SGD (no momentum, no weight decay) keeps every law up to the O(η²)-per-step
+    discretization drift, so its parameters are absent from the result.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> list(optimizer_breaking_reasons(torch.optim.Adam([p])).values())[0][:4]
+        'Adam'
+    """
+    reasons: dict[int, str] = {}
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, torch.optim.SGD):
+            parts = []
+            if group.get("momentum", 0):
+                parts.append(
+                    f"momentum={group['momentum']:g}: the laws follow an exact recurrence, "
+                    "not a conservation"
+                )
+            if group.get("weight_decay", 0):
+                parts.append(
+                    f"weight_decay={group['weight_decay']:g}: each law shrinks by (1 − ηλ)² per step"
+                )
+            if not parts:
+                continue
+            reason = f"{name} with " + "; ".join(parts)
+        else:
+            reason = (
+                f"{name} is not plain SGD: its preconditioned or accumulated update has a "
+                "nonzero first-order part, so the laws are not conserved"
+            )
+        for p in group["params"]:
+            reasons[id(p)] = reason
+    return reasons
+
+
+class ConservationMonitor:
+    """Find the conservation laws of ``model``, then record them at each scheduled step.
+
+    Args:
+        model: the network (``DistributedDataParallel`` and other ``.module`` wrappers are
+            unwrapped; :attr:`model` is the inner module).
+        example_input: only needed when ``torch.fx`` cannot trace the model (see
+            :func:`~torch_conslaw.find_structure`).
+        split: also record the exact first-/second-order split of every change (costs a
+            parameter snapshot before each recorded step).
+        every: record every ``every`` optimizer steps.
+        log_spaced: record on a log-spaced grid of steps instead (``every`` is ignored).
+        max_records: bound on the stored history; older records are thinned evenly, the
+            running maxima of :meth:`summary` stay exact.
+        track_broken: also track the would-be laws of pairs whose activation is not
+            positively homogeneous (GELU, tanh, ...), with ``expected_conserved=False``,
+            to show how they break.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Any = None,
+        *,
+        split: bool = True,
+        every: int = 1,
+        log_spaced: bool = False,
+        max_records: int = 10_000,
+        track_broken: bool = False,
+    ) -> None:
+        self.model: nn.Module = unwrap_model(model)
+        self.structure: Structure = find_structure(self.model, example_input)
+        candidates = [s.candidate for s in self.structure.skipped if s.candidate is not None]
+        pairs = list(self.structure.pairs) + (candidates if track_broken else [])
+        self.groups: list[LawGroup] = build_groups(pairs)
+        self.skipped: list[Skipped] = [
+            s for s in self.structure.skipped if not (track_broken and s.candidate is not None)
+        ]
+        self.split = bool(split)
+        self.schedule = Schedule(every, log_spaced)
+        self._store = RecordStore(max_records)
+        self._listeners: list[Callable[[Record], None]] = []
+        self._handles: list[Any] = []
+        self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
+        self._names = sorted({n for g in self.groups for n in g.parameter_names})
+        self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        self.num_steps = 0
+        self._before: dict[str, Tensor] | None = None
+        self._last_snapshot: dict[str, Tensor] | None = None
+        if not self.groups:
+            reasons = "; ".join(str(s) for s in self.skipped) or "no layer pairs"
+            warnings.warn(
+                f"ConservationMonitor: no conservation law is tracked for "
+                f"{type(self.model).__name__} ({reasons})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        theta0 = as_float64(self._params, self._names)
+        self.initial: dict[str, Tensor] = evaluate(self.groups, theta0)
+        self._scale = {g.name: _floor_scale(g.scale(theta0)) for g in self.groups}
+        self._invalid = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in self.groups}
+        self._maxima = {g.name: dict.fromkeys(_MAXIMA, 0.0) for g in self.groups}
+        zeros = {name: torch.zeros_like(v) for name, v in self.initial.items()}
+        first = zeros if self.split else None
+        self._check_finite(0, self.initial, None, None)
+        self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
+        if self.split:
+            self._last_snapshot = self._snapshot()
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def attach(self, optimizer: torch.optim.Optimizer) -> "ConservationMonitor":
+        """Record around every ``optimizer.step()`` through step pre/post hooks; returns self.
+
+        Raises ``ValueError`` when the optimizer owns none of the model's parameters.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"ConservationMonitor.attach: expected a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}"
+            )
+        if self._handles:
+            raise RuntimeError("ConservationMonitor.attach: already attached; call detach() first")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not owned & {id(p) for p in self.model.parameters()}:
+            raise ValueError(
+                f"ConservationMonitor.attach: the {type(optimizer).__name__} owns none of the "
+                f"parameters of {type(self.model).__name__}; pass the optimizer that trains "
+                "this model (built from model.parameters())"
+            )
+        self._set_expectations(optimizer, owned)
+        self._handles = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.pre_step()),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()),
+        ]
+        self._last_snapshot = None
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (manual :meth:`step` calls work again afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._before = None
+        if self.split:
+            self._last_snapshot = self._snapshot()
+
+    def pre_step(self) -> None:
+        """Snapshot θ before a step that will be recorded (called by the pre hook)."""
+        if self.split and self.schedule.due(self.num_steps + 1):
+            self._before = self._snapshot()
+
+    def post_step(self) -> None:
+        """Count the step and record it if it is due (called by the post hook)."""
+        self.num_steps += 1
+        if self.schedule.due(self.num_steps):
+            before, self._before = self._before, None
+            self._record(before if before is not None else self._last_snapshot)
+
+    def step(self) -> None:
+        """For manual loops: call after ``optimizer.step()``.
+
+        The split of a recorded change is taken against θ at the previous record.
+        """
+        if self._handles:
+            raise RuntimeError(
+                "ConservationMonitor.step: this monitor is attached to an optimizer, whose hooks "
+                "already record each step; call detach() to drive it by hand"
+            )
+        self.num_steps += 1
+        if self.schedule.due(self.num_steps):
+            self._record(self._last_snapshot)
+            if self.split:
+                self._last_snapshot = self._snapshot()
+
+    def add_listener(self, fn: Callable[[Record], None]) -> None:
+        """Call ``fn(record)`` on every record the monitor takes (e.g. to log it)."""
+        if not callable(fn):
+            raise TypeError(f"ConservationMonitor.add_listener: {fn!r} is not callable")
+        self._listeners.append(fn)
+
+    # ------------------------------------------------------------------ recording
+    def _snapshot(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {n: self._params[n].detach().clone() for n in self._names}
+
+    def _record(self, before: dict[str, Tensor] | None) -> None:
+        first: dict[str, Tensor] | None = None
+        second: dict[str, Tensor] | None = None
+        if self.split and before is not None:
+            values, first, second = split_change(self.groups, before, self._params)
+        else:
+            values = evaluate(self.groups, as_float64(self._params, self._names))
+        self._check_finite(self.num_steps, values, first, second)
+        rel = {g.name: self._update_maxima(g.name, values, first, second) for g in self.groups}
+        if self.split and first is None:  # no snapshot to split against (post_step alone)
+            first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
+        record = Record(self.num_steps, values, first, second, rel)
+        self._store.add(record)
+        for fn in self._listeners:
+            fn(record)
+
+    def _check_finite(
+        self,
+        step: int,
+        values: dict[str, Tensor],
+        first: dict[str, Tensor] | None,
+        second: dict[str, Tensor] | None,
+    ) -> None:
+        for name, v in values.items():
+            bad = ~torch.isfinite(v)
+            if first is not None and second is not None:
+                bad |= ~torch.isfinite(first[name]) | ~torch.isfinite(second[name])
+            new = bad & ~self._invalid[name]
+            if bool(new.any()):
+                self._invalid[name] |= bad
+                warnings.warn(
+                    f"ConservationMonitor: {int(new.sum())} law(s) of group {name} became "
+                    f"non-finite at step {step} (NaN/Inf in its parameters); they are marked "
+                    "invalid and left out of the drift statistics",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def _update_maxima(
+        self,
+        name: str,
+        values: dict[str, Tensor],
+        first: dict[str, Tensor] | None,
+        second: dict[str, Tensor] | None,
+    ) -> float:
+        valid = ~self._invalid[name]
+        if not bool(valid.any()):
+            return math.nan
+        scale = self._scale[name][valid]
+        drift = (values[name][valid] - self.initial[name][valid]).abs()
+        m = self._maxima[name]
+        abs_drift = float(drift.max())
+        rel_drift = float((drift / scale).max())
+        m["max_abs_drift"] = max(m["max_abs_drift"], abs_drift)
+        m["max_rel_drift"] = max(m["max_rel_drift"], rel_drift)
+        if first is not None and second is not None:
+            f = float((first[name][valid].abs() / scale).max())
+            s = float((second[name][valid].abs() / scale).max())
+            m["max_rel_first_order"] = max(m["max_rel_first_order"], f)
+            m["max_rel_second_order"] = max(m["max_rel_second_order"], s)
+        return rel_drift
+
+    def _set_expectations(self, optimizer: torch.optim.Optimizer, owned: set[int]) -> None:
+        breaking = optimizer_breaking_reasons(optimizer)
+        missing: list[str] = []
+        for g in self.groups:
+            g.expected_conserved, g.reason = self._base_expectation[g.name]
+            if not g.expected_conserved:
+                continue
+            for n in g.parameter_names:
+                p = self._params[n]
+                if id(p) not in owned:
+                    g.expected_conserved = False
+                    g.reason = f"{n} is not updated by the optimizer, so {g.name} is not conserved"
+                    missing.append(n)
+                    break
+                if id(p) in breaking:
+                    g.expected_conserved = False
+                    g.reason = breaking[id(p)]
+                    break
+        if missing:
+            warnings.warn(
+                f"ConservationMonitor.attach: the optimizer does not update {', '.join(missing)}; "
+                "the laws of the affected groups are not expected to be conserved",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ results
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per law group: drift statistics over every recorded step (exact maxima).
+
+        Keys: ``name, kind, count, max_abs_drift, max_rel_drift, max_rel_first_order,
+        max_rel_second_order, expected_conserved, reason, invalid, producer, consumer, degree,
+        last_rel_drift``. The split keys are ``None`` when ``split=False``.
+        """
+        latest = self._store.latest
+        out = []
+        for g in self.groups:
+            m = self._maxima[g.name]
+            out.append(
+                {
+                    "name": g.name,
+                    "kind": g.kind,
+                    "count": g.count,
+                    "max_abs_drift": m["max_abs_drift"],
+                    "max_rel_drift": m["max_rel_drift"],
+                    "max_rel_first_order": m["max_rel_first_order"] if self.split else None,
+                    "max_rel_second_order": m["max_rel_second_order"] if self.split else None,
+                    "expected_conserved": g.expected_conserved,
+                    "reason": g.reason,
+                    "invalid": int(self._invalid[g.name].sum()),
+                    "producer": g.pair.producer,
+                    "consumer": g.pair.consumer,
+                    "degree": g.pair.degree,
+                    "last_rel_drift": latest.rel_drift.get(g.name, math.nan) if latest else math.nan,
+                }
+            )
+        return out
+
+    def history(self) -> dict[str, np.ndarray]:
+        """The stored records as numpy arrays.
+
+        Keys: ``"step"`` (R,), and per group ``"<name>/values"`` (R × count),
+        ``"<name>/rel_drift"`` (R,), plus ``"<name>/first_order"`` and
+        ``"<name>/second_order"`` (R × count) when ``split=True``. Row 0 is θ₀ (step 0).
+        """
+        records = self._store.records()
+        out: dict[str, np.ndarray] = {"step": np.array([r.step for r in records], dtype=np.int64)}
+        for g in self.groups:
+            out[f"{g.name}/values"] = _stack([r.values[g.name] for r in records], g.count)
+            out[f"{g.name}/rel_drift"] = np.array([r.rel_drift[g.name] for r in records])
+            if self.split:
+                for key in ("first_order", "second_order"):
+                    rows = [getattr(r, key)[g.name] for r in records]
+                    out[f"{g.name}/{key}"] = _stack(rows, g.count)
+        return out
+
+    def table(self) -> str:
+        """The summary as a fixed-width text table (one line per law group)."""
+        head = f"{'group':<18} {'kind':<8} {'laws':>5} {'max rel drift':>14} {'max rel 1st':>12} {'max rel 2nd':>12}  expected"
+        lines = [head, "-" * len(head)]
+        for s in self.summary():
+            first = "-" if s["max_rel_first_order"] is None else f"{s['max_rel_first_order']:.2e}"
+            second = "-" if s["max_rel_second_order"] is None else f"{s['max_rel_second_order']:.2e}"
+            lines.append(
+                f"{s['name']:<18} {s['kind']:<8} {s['count']:>5} {s['max_rel_drift']:>14.2e} "
+                f"{first:>12} {second:>12}  {'conserved' if s['expected_conserved'] else 'broken'}"
+            )
+        if not self.groups:
+            lines.append("(no law tracked)")
+        for s in self.skipped:
+            lines.append(f"skipped: {s}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """θ₀ law values, scales, history, running maxima and the step counter."""
+        return {
+            "format": _STATE_FORMAT,
+            "num_steps": self.num_steps,
+            "groups": {g.name: g.count for g in self.groups},
+            "initial": {k: v.clone() for k, v in self.initial.items()},
+            "scale": {k: v.clone() for k, v in self._scale.items()},
+            "invalid": {k: v.clone() for k, v in self._invalid.items()},
+            "maxima": {k: dict(v) for k, v in self._maxima.items()},
+            "store": self._store.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: drift is measured against the original θ₀, the step counter continues."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                "ConservationMonitor.load_state_dict: not a monitor state (expected the dict "
+                "returned by ConservationMonitor.state_dict())"
+            )
+        mine = {g.name: g.count for g in self.groups}
+        if state["groups"] != mine:
+            raise ValueError(
+                "ConservationMonitor.load_state_dict: the state tracks groups "
+                f"{state['groups']} but this monitor tracks {mine}; build the monitor on the "
+                "same architecture"
+            )
+        self.num_steps = int(state["num_steps"])
+        self.initial = {k: v.clone() for k, v in state["initial"].items()}
+        self._scale = {k: v.clone() for k, v in state["scale"].items()}
+        self._invalid = {k: v.clone() for k, v in state["invalid"].items()}
+        self._maxima = {k: dict(v) for k, v in state["maxima"].items()}
+        self._store.load_state_dict(state["store"])
+        self._before = None
+        if self.split and not self._handles:
+            self._last_snapshot = self._snapshot()
+
+    def __repr__(self) -> str:
+        laws = sum(g.count for g in self.groups)
+        return (
+            f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
+            f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
+        )
+
+
+_MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
+
+
+def _floor_scale(scale: Tensor) -> Tensor:
+    """Natural scales, floored so that laws of all-zero units do not divide by zero."""
+    finite = scale[torch.isfinite(scale)]
+    ref = float(finite.max()) if finite.numel() else 0.0
+    return scale.clamp_min(ref * 1e-12 if ref > 0 else 1.0)
+
+
+def _stack(rows: list[Tensor], count: int) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, count))
+    return torch.stack(rows).numpy()
