@@ -1,0 +1,104 @@
+"""ConservationTrainerCallback driven by a real transformers.Trainer on CPU (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from torch_conslaw.integrations.hf import STATE_FILE, ConservationTrainerCallback  # noqa: E402
+
+
+class TinyRegressor(nn.Module):
+    """A ReLU MLP with the Trainer's calling convention: forward(x, labels) -> {"loss": ...}."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n: int = 96) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(n, 5, generator=gen), torch.randn(n, 3, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def _trainer(out, model, callback, **kwargs):
+    options = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    options.update(kwargs)
+    args = transformers.TrainingArguments(**options)
+    return transformers.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[callback])
+
+
+def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
+    model = TinyRegressor()
+    callback = ConservationTrainerCallback()
+    _trainer(tmp_path, model, callback, max_steps=3, gradient_accumulation_steps=2).train()
+    monitor = callback.monitor
+    assert monitor is not None and monitor.model is model
+    assert monitor.num_steps == 3
+    assert monitor.history()["step"].tolist() == [0, 1, 2, 3]
+    # the records bracket real parameter updates: SGD moves each ReLU law by eta^2 g^T A g
+    summary = {s["name"]: s for s in monitor.summary()}
+    assert all(summary[g.name]["max_abs_drift"] > 0 for g in monitor.groups)
+
+
+def test_resume_from_checkpoint_keeps_theta0_and_history(tmp_path):
+    reference = ConservationTrainerCallback()
+    _trainer(tmp_path, TinyRegressor(), reference, max_steps=6, save_strategy="steps", save_steps=3).train()
+    assert (tmp_path / "checkpoint-3" / STATE_FILE).is_file()
+
+    resumed = ConservationTrainerCallback()
+    trainer = _trainer(tmp_path, TinyRegressor(seed=99), resumed, max_steps=6)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+    ref, got = reference.monitor, resumed.monitor
+    assert got.num_steps == ref.num_steps == 6
+    for group in ref.groups:
+        torch.testing.assert_close(got.initial[group.name], ref.initial[group.name], rtol=0, atol=0)
+    ref_h, got_h = ref.history(), got.history()
+    assert got_h["step"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert sorted(got_h) == sorted(ref_h)
+    for key in ref_h:
+        np.testing.assert_allclose(got_h[key], ref_h[key], rtol=1e-12, atol=1e-15, err_msg=key)
+
+
+def test_missing_checkpoint_state_is_a_clear_error(tmp_path):
+    callback = ConservationTrainerCallback(resume_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        _trainer(tmp_path, TinyRegressor(), callback, max_steps=1).train()
