@@ -1,0 +1,371 @@
+"""Exact number of conservation laws: dim Lie(W_φ)(θ) by random multilinear sampling of brackets.
+
+W_1 = W_φ, W_{k+1} = W_k + [W_1, W_k]; once a level adds nothing, Lie(W_φ)(θ) = W_k(θ) and
+there are exactly D − dim W_k(θ) independent laws near θ (SCIENCE.md §3). Right-nested
+brackets of random generators are drawn level by level in batches; a level is exhausted as
+soon as a batch brings fewer new directions than its size (a draw fell inside the span).
+Nothing about the expected answer is used to stop.
+
+Two methods, chosen by size (``method="auto"``):
+
+* ``"dense"`` — an explicit orthonormal basis of W_k(θ) in R^D (D up to a few thousand);
+* ``"complement"`` — the complement of W_1(θ) from the matrix-free Gram operator
+  (:mod:`torch_conslaw.gram`), then brackets projected onto that (small) complement.
+  Reaches networks with 10^5 parameters and more when the complement is small (ReLU nets).
+
+Example:
+    >>> import torch
+    >>> res = trace_dimension(lambda t: t.prod().reshape(1), 6)
+    >>> res.levels, res.n_laws
+    ([1, 1], 5)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .brackets import bracket_values
+from .generators import DTYPE, FunctionGenerators, GeneratorFamily, MLPGenerators
+from .gram import NullSpaceInfo, gram_null_space
+from .mlp_laws import known_law_rank
+from .numerics import DEFAULT_RTOL, RankDecision, new_directions
+from .progress import ProgressBar
+
+__all__ = ["LieResult", "RankGapWarning", "trace_dimension", "mlp_trace_dimension", "lie_trace"]
+
+DENSE_LIMIT = 4000
+"""``method="auto"`` uses the dense method up to this many parameters."""
+
+SINGLE_THREAD_LIMIT = 1500
+"""Below this many parameters the computation runs on one thread: the matrices are too small
+to gain from threads, and LAPACK with busy threads can be 100× slower on a loaded machine."""
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class RankGapWarning(UserWarning):
+    """A rank decision had no clear gap between accepted and rejected directions."""
+
+
+@dataclass
+class LieResult:
+    """Outcome of a trace-dimension computation.
+
+    Attributes:
+        D: number of parameters.
+        dim: dim Lie(W_φ)(θ).
+        n_laws: D − dim, the number of independent conservation laws near θ.
+        levels: dim W_1(θ), W_2(θ), … up to the first level that adds nothing.
+        decisions: the rank decision of every batch, per level (relative singular values
+            of the new components: largest rejected, smallest accepted).
+        method: "dense" or "complement".
+        known_laws: rank of the known laws' gradients at θ (None when not available).
+        known_laws_total: how many known law functions there are (None when not available).
+        certified: True when the sampled count meets the known-law bound (None without one).
+        warnings: rank decisions without a clear gap, and other caveats.
+        seconds: wall-clock time.
+    """
+
+    D: int
+    dim: int
+    levels: list[int]
+    decisions: list[list[RankDecision]]
+    method: str
+    seconds: float
+    known_laws: int | None = None
+    known_laws_total: int | None = None
+    certified: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+    null_space: NullSpaceInfo | None = None
+
+    @property
+    def n_laws(self) -> int:
+        return self.D - self.dim
+
+    @property
+    def evidence(self) -> dict[str, float]:
+        """Worst case over all decisions: largest rejected and smallest accepted relative value."""
+        rejected = [d.largest_rejected for ds in self.decisions for d in ds if d.largest_rejected == d.largest_rejected]
+        accepted = [d.smallest_accepted for ds in self.decisions for d in ds if d.smallest_accepted == d.smallest_accepted]
+        return {
+            "largest_rejected": max(rejected) if rejected else float("nan"),
+            "smallest_accepted": min(accepted) if accepted else float("nan"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the keys of ``conslaw count --json``)."""
+        return {
+            "D": self.D,
+            "lie_dim": self.dim,
+            "n_laws": self.n_laws,
+            "levels": list(self.levels),
+            "known_laws": self.known_laws,
+            "certified": self.certified,
+            "method": self.method,
+            "evidence": self.evidence,
+            "warnings": list(self.warnings),
+            "seconds": round(self.seconds, 4),
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"parameters D          : {self.D}",
+            f"levels dim W_k(θ)     : {', '.join(map(str, self.levels))}",
+            f"dim Lie(W_φ)(θ)       : {self.dim}",
+            f"conservation laws     : {self.n_laws}",
+        ]
+        if self.known_laws is not None:
+            lines.append(f"known laws (rank)     : {self.known_laws} of {self.known_laws_total}")
+            lines.append(f"certified             : {'yes' if self.certified else 'no'}")
+        ev = self.evidence
+        lines.append(
+            f"evidence              : smallest accepted {ev['smallest_accepted']:.2e}, "
+            f"largest rejected {ev['largest_rejected']:.2e}"
+        )
+        lines.append(f"method                : {self.method} ({self.seconds:.2f} s)")
+        lines += [f"warning               : {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class _DenseSpan:
+    """W_k(θ) as an explicit orthonormal basis Q (D × dim)."""
+
+    def __init__(self, D: int):
+        self.basis = torch.zeros(D, 0, dtype=DTYPE)
+        self.D = D
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def room(self) -> int:
+        return self.D - self.dim
+
+    def add(self, vectors: Tensor, scales: Tensor, rtol: float) -> RankDecision:
+        residual = vectors.T
+        for _ in range(2):
+            residual = residual - self.basis @ (self.basis.T @ residual)
+        new, decision = new_directions(residual, scales, rtol)
+        for _ in range(2):
+            new = new - self.basis @ (self.basis.T @ new)
+        new, _ = torch.linalg.qr(new)
+        self.basis = torch.cat([self.basis, new], dim=1)
+        return decision
+
+
+class _ComplementSpan:
+    """W_k(θ) through an orthonormal basis N of its complement (D × (D − dim))."""
+
+    def __init__(self, complement: Tensor):
+        self.complement = complement
+        self.D = complement.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.D - self.complement.shape[1]
+
+    @property
+    def room(self) -> int:
+        return self.complement.shape[1]
+
+    def add(self, vectors: Tensor, scales: Tensor, rtol: float) -> RankDecision:
+        coords = self.complement.T @ vectors.T  # components outside W_k(θ), in N's frame
+        new, decision = new_directions(coords, scales, rtol)
+        if decision.rank:
+            full, _, _ = torch.linalg.svd(new, full_matrices=True)
+            self.complement = self.complement @ full[:, decision.rank :]
+        return decision
+
+
+def _sample_level(
+    family: GeneratorFamily,
+    theta: Tensor,
+    span: _DenseSpan | _ComplementSpan,
+    depth: int,
+    gen: torch.Generator,
+    first_batch: int,
+    rtol: float,
+    max_vectors_bytes: float,
+) -> list[RankDecision]:
+    """Draw depth-``depth`` brackets in growing batches until a batch is not fully new."""
+    decisions = []
+    batch = first_batch
+    while span.room > 0:
+        batch = min(batch, span.room + 4, max(1, int(max_vectors_bytes // (8 * family.D))))
+        keys = family.sample_keys(batch * depth, gen).reshape(batch, depth, -1)
+        values, scales = bracket_values(family, theta, keys)
+        if not torch.isfinite(values).all():
+            raise ValueError(
+                f"non-finite bracket values at level {depth}: phi overflows near θ; rescale phi or pass a theta"
+            )
+        decision = span.add(values, scales, rtol)
+        decisions.append(decision)
+        if decision.rank < batch:
+            break
+        batch *= 2
+    return decisions
+
+
+def lie_trace(
+    family: GeneratorFamily,
+    theta: Tensor,
+    *,
+    method: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+    max_level: int = 32,
+    max_vectors_bytes: float = 1e9,
+    progress: bool | None = False,
+) -> LieResult:
+    """dim Lie(W_φ)(θ) for any generator family (the engine behind the public functions)."""
+    start = time.perf_counter()
+    D = family.D
+    if method == "auto":
+        method = "dense" if D <= DENSE_LIMIT else "complement"
+    if method not in ("dense", "complement"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'complement', got {method!r}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    levels: list[int] = []
+    decisions: list[list[RankDecision]] = []
+    null_info = None
+    small = 1 if D <= SINGLE_THREAD_LIMIT else None
+    with _threads(small), ProgressBar(None, "lie levels", enabled=progress) as bar:
+        if method == "dense":
+            span: _DenseSpan | _ComplementSpan = _DenseSpan(D)
+            first = min(D, getattr(family, "d", D)) + 4
+            decisions.append(_sample_level(family, theta, span, 1, gen, first, rtol, max_vectors_bytes))
+        else:
+            complement, decision, null_info = gram_null_space(family, theta, rtol=rtol, seed=seed, progress=bar)
+            span = _ComplementSpan(complement)
+            decisions.append([decision])
+        levels.append(span.dim)
+        bar.update(note=f"level 1: dim {span.dim}")
+        depth = 1
+        while span.room > 0 and depth < max_level:
+            depth += 1
+            decisions.append(_sample_level(family, theta, span, depth, gen, 8, rtol, max_vectors_bytes))
+            levels.append(span.dim)
+            bar.update(note=f"level {depth}: dim {span.dim}")
+            if levels[-1] == levels[-2]:
+                break
+    notes = [
+        f"level {k}: no clear gap: {d.describe()}"
+        for k, ds in enumerate(decisions, start=1)
+        for d in ds
+        if not d.clear
+    ]
+    if depth >= max_level and levels[-1] != levels[-2]:
+        notes.append(f"stopped at max_level={max_level} before the levels stabilized; the count is an upper bound")
+    for note in notes:
+        warnings.warn(note, RankGapWarning, stacklevel=3)
+    return LieResult(
+        D=D,
+        dim=span.dim,
+        levels=levels,
+        decisions=decisions,
+        method=method,
+        seconds=time.perf_counter() - start,
+        warnings=notes,
+        null_space=null_info,
+    )
+
+
+def trace_dimension(
+    phi: Callable[[Tensor], Tensor],
+    D: int,
+    *,
+    theta: Tensor | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    progress: bool | None = False,
+) -> LieResult:
+    """dim Lie(W_φ)(θ) and the number of independent conservation laws of a torch map φ.
+
+    Args:
+        phi: maps a flat float64 tensor of size ``D`` to a flat tensor (torch.func-compatible).
+        D: number of parameters.
+        theta: the point θ (float64, size D); default a standard Gaussian draw from ``seed``.
+        seed: seeds θ and every random draw.
+        method: "auto", "dense" or "complement" (matrix-free, for large D).
+        rtol: relative singular values above this count as new directions.
+        progress: show a progress bar (None: only on a terminal).
+
+    Example:
+        >>> trace_dimension(lambda t: (t.reshape(5, 2) @ t.reshape(5, 2).T).reshape(-1), 10).n_laws
+        0
+    """
+    if theta is not None:
+        if not isinstance(theta, Tensor):
+            raise TypeError(f"theta must be a torch.Tensor of size D={D}, got {type(theta).__name__}")
+        if theta.numel() != D:
+            raise ValueError(f"theta has {theta.numel()} entries but D={D}; pass a flat tensor of size D")
+        theta = theta.detach().reshape(-1).to(DTYPE)
+        if not torch.isfinite(theta).all():
+            raise ValueError("theta has non-finite entries; pass a finite point")
+    family = FunctionGenerators(phi, D, theta)
+    if theta is None:
+        theta = family.random_point(torch.Generator().manual_seed(seed))
+    return lie_trace(family, theta, method=method, rtol=rtol, seed=seed, progress=progress)
+
+
+def mlp_trace_dimension(
+    widths: Sequence[int],
+    activations: Sequence[str] | str,
+    bias: bool = False,
+    seed: int = 0,
+    *,
+    output_bias: bool | None = None,
+    method: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    known_laws: bool = True,
+    progress: bool | None = False,
+) -> LieResult:
+    """Number of conservation laws of a fully connected network, without the path lifting.
+
+    ``activations`` has one entry per hidden layer ("linear", "relu", "leaky_relu", "abs",
+    or a kind registered with :func:`torch_conslaw.generators.register_activation_kind`).
+    ``bias`` puts a bias on every layer; ``output_bias=False`` leaves it off the last one
+    (the convention of the authors' sweep).
+    With ``known_laws=True`` the rank of the catalogue's laws is reported and the count is
+    certified when both bounds meet.
+
+    Example:
+        >>> mlp_trace_dimension([3, 4, 5], ["relu"], bias=True).n_laws
+        4
+    """
+    family = MLPGenerators(widths, activations, bias, output_bias)
+    theta = family.random_point(torch.Generator().manual_seed(seed))
+    result = lie_trace(family, theta, method=method, rtol=rtol, seed=seed, progress=progress)
+    if known_laws:
+        with _threads(1 if family.D <= SINGLE_THREAD_LIMIT else None):
+            known = known_law_rank(family, theta, rtol)
+        if known is None:
+            result.warnings.append("known-law rank not computed: its gradient matrix is too large")
+        else:
+            decision, total = known
+            result.known_laws, result.known_laws_total = decision.rank, total
+            result.certified = result.n_laws == decision.rank
+            if not decision.clear:
+                result.warnings.append(f"known laws: no clear gap: {decision.describe()}")
+    return result
