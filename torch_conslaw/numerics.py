@@ -118,6 +118,11 @@ def new_directions(residuals: Tensor, scales: Tensor, rtol: float = DEFAULT_RTOL
     scaled = residuals[:, keep] / scales[keep]
     if scaled.shape[1] == 0:
         return residuals.new_zeros(residuals.shape[0], 0), decide_rank(residuals.new_zeros(0), rtol, m)
-    u, s, _ = torch.linalg.svd(scaled, full_matrices=False)
+    if scaled.shape[0] > 2 * scaled.shape[1]:  # tall: QR first, then the SVD of the small factor
+        q, r = torch.linalg.qr(scaled)
+        u_small, s, _ = torch.linalg.svd(r)
+        u = q @ u_small
+    else:
+        u, s, _ = torch.linalg.svd(scaled, full_matrices=False)
     decision = decide_rank(s, rtol, m)
     return u[:, : decision.rank], decision
