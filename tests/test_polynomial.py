@@ -161,6 +161,20 @@ def test_linear_law_and_its_powers():
     assert [str(h) for h in laws] == ["x1 - x2"] and laws.linear_dim == 3
 
 
+@pytest.mark.parametrize("dense_max", [10**9, 0])
+def test_dense_svd_and_block_inverse_iteration_agree(dense_max, monkeypatch):
+    """φ = (x1, x2, x3) in D = 5: the laws are all polynomials in x4, x5 (27 up to degree 6),
+    enough to make the inverse-iteration block widen once."""
+    import torch_conslaw.polynomial as polynomial
+
+    monkeypatch.setattr(polynomial, "_DENSE_SVD_MAX", dense_max)
+    laws = polynomial_laws(lambda t: t[:3], 5, 6, independent=False)
+    assert len(laws) == 27 and set(laws.verified) == {"symbolic"}
+    x4, x5 = laws.symbols[3:]
+    assert all(h.free_symbols <= {x4, x5} for h in laws)
+    assert laws.gap[0] > 1e-3 and laws.gap[1] < 1e-12
+
+
 def test_maps_written_for_tensors_only_are_verified_numerically():
     laws = polynomial_laws(lambda t: torch.prod(t).reshape(1), 3, 2)
     assert len(laws) == 2 and laws.verified == ["numeric", "numeric"]
@@ -175,10 +189,13 @@ def test_irrational_coefficients_fall_back_to_floats_with_a_warning():
     assert abs(float(law.coeff(x2) / law.coeff(x1)) + 1 / math.sqrt(2)) < 1e-9
 
 
-def test_unclear_singular_value_gap_is_reported():
-    with pytest.warns(RuntimeWarning, match="no clear singular-value gap"):
-        laws = polynomial_laws(triple_product, 3, 2, rtol=0.3)
-    assert any("gap" in w for w in laws.warnings)
+def test_unclear_singular_value_gap_is_reported_and_false_laws_dropped():
+    with pytest.warns(RuntimeWarning) as record:
+        laws = polynomial_laws(triple_product, 3, 2, rtol=0.5)  # cuts through the spectrum
+    messages = " ".join(str(w.message) for w in record)
+    assert "no clear singular-value gap" in messages and "fail verification" in messages
+    assert laws.gap[1] > 1e-2 and len(laws.warnings) == len(record)
+    assert set(laws.verified) <= {"symbolic"}  # what survives is exact
 
 
 # --------------------------------------------------------------------------------------

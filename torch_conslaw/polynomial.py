@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +54,7 @@ _SYMBOLIC_MAX_D = 200  # beyond this, φ is not evaluated on sympy symbols
 _SYMBOLIC_MAX_WORK = 50_000  # outputs × D partial derivatives allowed for exact checks
 _CHUNK_BYTES = 64 * 2**20  # temporaries of one block of equations
 _VERIFY_POINTS = 6
+_DENSE_SVD_MAX = 1000  # up to this many unknowns, the null space comes from a full SVD
 
 
 class FieldSampler(Protocol):
@@ -89,7 +91,7 @@ class MonomialBasis:
         """Number of monomials M = C(D + k, k) − 1."""
         return self.slots.shape[0]
 
-    @property
+    @cached_property
     def exponents(self) -> np.ndarray:
         """Exponent vectors, shape (M, D)."""
         exps = np.zeros((self.size, self.D + 1), dtype=np.int64)
@@ -169,18 +171,19 @@ def _check_degree(degree: Any) -> int:
     return degree
 
 
-def _peak_bytes(M: int) -> int:
-    """Peak memory of the streamed solver: the QR stack [R; block], R, and the SVD of R."""
-    block = max(1, min(M, _CHUNK_BYTES // (8 * M)))
-    return 8 * (3 * M * M + 2 * (M + block) * M)
+def _peak_bytes(M: int, degree: int) -> int:
+    """Peak memory of the streamed solver: blocks of M rows stacked under R (2M × M), the
+    copy QR makes of that stack, R itself, plus the temporaries of one chunk of equations."""
+    temporaries = min(_CHUNK_BYTES, 24 * degree * (2 * M + 20) * M)
+    return 8 * 6 * M * M + temporaries
 
 
 def _check_memory(D: int, degree: int, memory_budget: float) -> None:
     M = n_unknowns(D, degree)
-    need = _peak_bytes(M)
+    need = _peak_bytes(M, degree)
     if need <= memory_budget:
         return
-    fits = [k for k in range(1, degree) if _peak_bytes(n_unknowns(D, k)) <= memory_budget]
+    fits = [k for k in range(1, degree) if _peak_bytes(n_unknowns(D, k), k) <= memory_budget]
     hint = f"use degree <= {fits[-1]}" if fits else "no degree fits: reduce D"
     rows = 2 * M + 20
     raise ValueError(
@@ -241,43 +244,103 @@ def _normalized_rows(block: Tensor) -> Tensor:
     return block / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+def _equation_blocks(
+    sampler: FieldSampler, basis: MonomialBasis, per_point: int, n_points: int, gen: torch.Generator, bar: ProgressBar
+) -> Iterator[Tensor]:
+    """Equation rows in blocks of about M rows (so that each QR update is worth its O(M³)),
+    each generated in chunks whose temporaries stay under ``_CHUNK_BYTES``."""
+    M = basis.size
+    chunk_points = max(1, _CHUNK_BYTES // (24 * per_point * M * basis.slots.shape[1]))
+    pending: list[Tensor] = []
+    for start in range(0, n_points, chunk_points):
+        n = min(chunk_points, n_points - start)
+        pending.append(_equation_block(sampler, basis, n, per_point, gen))
+        bar.update(n)
+        if sum(p.shape[0] for p in pending) >= M or start + n >= n_points:
+            yield torch.cat(pending)
+            pending = []
+
+
 def _null_space(
     sampler: FieldSampler,
     basis: MonomialBasis,
+    per_point: int,
     gen: torch.Generator,
     rtol: float,
     progress: bool | None,
 ) -> NullSpace:
-    """Stream ≥ 2M + 20 equations through a QR update, then split the SVD of R at ``rtol``."""
+    """Stream ≥ 2M + 20 equations (``per_point`` per random point) through a QR update,
+    then split the smallest singular values of R at ``rtol``."""
     M = basis.size
-    per_point = _fields_per_point(sampler, gen)
     n_points = math.ceil((2 * M + 20) / per_point)
-    points_per_block = max(1, _CHUNK_BYTES // (8 * 3 * per_point * M * basis.slots.shape[1]))
     R = torch.zeros(0, M, dtype=DTYPE)
     scale: Tensor | None = None
     with ProgressBar(n_points, "equations", enabled=progress) as bar:
-        for start in range(0, n_points, points_per_block):
-            n = min(points_per_block, n_points - start)
-            block = _equation_block(sampler, basis, n, per_point, gen)
+        bar.update(0, note=f"{M} unknowns")
+        for block in _equation_blocks(sampler, basis, per_point, n_points, gen, bar):
             if scale is None:  # equilibrate columns once, from the first block
                 norms = block.norm(dim=0)
                 scale = torch.where(norms > 0, norms, torch.ones_like(norms))
             R = torch.linalg.qr(torch.cat([R, _normalized_rows(block / scale)]), mode="r").R
-            bar.update(n, note=f"{M} unknowns")
-        bar.update(0, note="SVD")
-        _, s, vh = torch.linalg.svd(R, full_matrices=False)  # R is M x M
-    return _split_spectrum(s, vh, scale, n_points * per_point, rtol)
+        bar.update(0, note="null space")
+        rel, vectors = _smallest_singular(R, rtol, gen)
+    return _split_spectrum(rel, vectors, scale, n_points * per_point, rtol)
 
 
-def _split_spectrum(s: Tensor, vh: Tensor, scale: Tensor, n_equations: int, rtol: float) -> NullSpace:
-    M = vh.shape[0]
-    rel = (s / s[0]).tolist() if s.numel() and s[0] > 0 else [0.0] * s.numel()
-    rank = sum(r > rtol for r in rel)
-    accepted = rel[rank - 1] if rank > 0 else None
-    rejected = rel[rank] if rank < len(rel) else (0.0 if rank < M else None)
+def _largest_singular(R: Tensor, gen: torch.Generator, iterations: int = 30) -> float:
+    """σ_max(R) by power iteration on R^T R (slight underestimate, enough for thresholds)."""
+    v = torch.randn(R.shape[1], dtype=DTYPE, generator=gen)
+    for _ in range(iterations):
+        v = R.T @ (R @ v)
+        norm = v.norm()
+        if norm == 0:
+            return 0.0
+        v = v / norm
+    return float((R @ v).norm())
+
+
+def _inverse_iteration(R: Tensor, top: float, width: int, gen: torch.Generator, iterations: int = 3) -> tuple[Tensor, Tensor]:
+    """The ``width`` smallest singular values of upper-triangular R (relative to ``top``,
+    ascending) and their right singular vectors (rows), by block inverse iteration on R^T R
+    followed by Rayleigh–Ritz. Zero pivots are lifted to ε·top, a perturbation below rounding."""
+    floor = torch.finfo(DTYPE).eps * top
+    diag = R.diagonal()
+    lifted = R.clone()
+    lifted.diagonal().copy_(torch.where(diag.abs() >= floor, diag, torch.where(diag < 0, -floor, floor)))
+    X = torch.randn(R.shape[1], width, dtype=DTYPE, generator=gen)
+    for _ in range(iterations):
+        Y = torch.linalg.solve_triangular(lifted.T, X, upper=False)
+        X = torch.linalg.qr(torch.linalg.solve_triangular(lifted, Y, upper=True)).Q
+    _, s, vh = torch.linalg.svd(R @ X, full_matrices=False)
+    return (s / top).flip(0), (vh @ X.T).flip(0)
+
+
+def _smallest_singular(R: Tensor, rtol: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Smallest singular values of the M × M factor R relative to σ_max (ascending) and their
+    right singular vectors (rows): every one of them when M ≤ ``_DENSE_SVD_MAX`` (full SVD), else
+    a block wide enough to hold all those below ``rtol`` plus 8 more (widened on demand)."""
+    M = R.shape[1]
+    top = _largest_singular(R, gen)
+    if top == 0:
+        return torch.zeros(M, dtype=DTYPE), torch.eye(M, dtype=DTYPE)
+    width = 32
+    while M > _DENSE_SVD_MAX and width <= M // 4:
+        rel, vectors = _inverse_iteration(R, top, width, gen)
+        if int((rel < rtol).sum()) <= width - 8:
+            return rel, vectors
+        width *= 2
+    _, s, vh = torch.linalg.svd(R, full_matrices=False)
+    return (s / s[0]).flip(0), vh.flip(0)
+
+
+def _split_spectrum(rel: Tensor, vectors: Tensor, scale: Tensor, n_equations: int, rtol: float) -> NullSpace:
+    """Directions with σ/σ_max < ``rtol`` are laws; ``rel`` ascending, ``vectors`` its rows."""
+    values = rel.tolist()
+    K = sum(r < rtol for r in values)
+    rejected = values[K - 1] if K > 0 else None
+    accepted = values[K] if K < len(values) else None
     clear = (accepted is None or accepted > 1e3 * rtol) and (rejected is None or rejected < 1e-3 * rtol)
-    coefficients = (vh[rank:] / scale).numpy()
-    return NullSpace(coefficients, n_equations, accepted, rejected, clear)
+    return NullSpace((vectors[:K] / scale).numpy(), n_equations, accepted, rejected, clear)
 
 
 # --------------------------------------------------------------------------------------
@@ -403,10 +466,10 @@ def _agrees_with_torch(phi: Callable[..., Any], n_outputs: int, D: int) -> bool:
     return exact_t.numel() == n_outputs == numeric.numel() and bool(torch.allclose(numeric, exact_t, rtol=1e-9, atol=1e-9))
 
 
-def _symbolic_check(coefficients: Sequence[Any], basis: MonomialBasis, exact: SymbolicMap) -> bool:
-    """Exact test ⟨∇h, ∇φ_i⟩ ≡ 0 for every output φ_i (rational coefficients only)."""
+def _symbolic_check(coefficients: Sequence[Any], basis: MonomialBasis, exact: SymbolicMap) -> bool | None:
+    """Exact test ⟨∇h, ∇φ_i⟩ ≡ 0 for every output φ_i; None when h has float coefficients."""
     if not all(isinstance(c, Fraction) for c in coefficients):
-        return False
+        return None
     exps = basis.exponents
     h = exact.ring.from_dict(
         {tuple(int(e) for e in exps[m]): sympy.QQ(c.numerator, c.denominator) for m, c in enumerate(coefficients) if c}
@@ -480,9 +543,11 @@ def _present(
     exact: list[list[Any]] = []
     for row in reduced:
         q = _rationalize(row, max_denominator, 1e-8)
-        if q is None:
-            _warn(notes, "a law has coefficients that are not small fractions; they are kept as floats")
         exact.append(q if q is not None else row.tolist())
+    n_float = sum(not isinstance(row[0], Fraction) for row in exact)
+    if n_float:
+        _warn(notes, f"{n_float} of {len(exact)} candidate laws have coefficients that are not small fractions "
+              f"(denominator <= {max_denominator}); they are kept as floats")
     floats = np.array([[float(c) for c in row] for row in exact]).reshape(len(exact), basis.size)
     return floats, exact
 
@@ -493,19 +558,24 @@ def _verify(
     floats: np.ndarray,
     coefficients: list[list[Any]],
     exact: SymbolicMap | None,
+    per_point: int,
     gen: torch.Generator,
-) -> list[str | float]:
-    """'symbolic', 'numeric', or the failing relative residual, for each law."""
+) -> list[tuple[bool, str]]:
+    """(passed, how) per law: 'symbolic' or 'numeric' when it passed, else why it failed.
+
+    The exact check decides whenever it applies; otherwise the largest relative residual
+    at fresh random points must be ≤ 1e-10."""
     if not coefficients:
         return []
-    residuals = _numeric_residuals(sampler, basis, floats, gen, _fields_per_point(sampler, gen))
-    modes: list[str | float] = []
+    residuals = _numeric_residuals(sampler, basis, floats, gen, per_point)
+    verdicts = []
     for c, res in zip(coefficients, residuals.tolist()):
-        if exact is not None and _symbolic_check(c, basis, exact):
-            modes.append("symbolic")
+        exactly = _symbolic_check(c, basis, exact) if exact is not None else None
+        if exactly is not None:
+            verdicts.append((exactly, "symbolic" if exactly else "the exact sympy check fails"))
         else:
-            modes.append("numeric" if res <= 1e-10 else res)
-    return modes
+            verdicts.append((res <= 1e-10, "numeric" if res <= 1e-10 else f"relative residual {res:.2e} at fresh random points"))
+    return verdicts
 
 
 @dataclass(frozen=True)
@@ -526,7 +596,8 @@ def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: Symbol
     basis = monomial_basis(sampler.D, degree)
     symbols = _symbols_for(sampler)
     notes: list[str] = []
-    null = _null_space(sampler, basis, gen, opts.rtol, opts.progress)
+    per_point = _fields_per_point(sampler, gen)
+    null = _null_space(sampler, basis, per_point, gen, opts.rtol, opts.progress)
     if not null.clear_gap:
         _warn(
             notes,
@@ -540,14 +611,15 @@ def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: Symbol
         keep = _independent(floats, basis, _random_point(sampler, gen))
         floats, coefficients = floats[keep], [coefficients[i] for i in keep]
     laws = [_law_expression(c, basis, symbols) for c in coefficients]
-    modes = _verify(sampler, basis, floats, coefficients, exact, gen)
-    for law, mode in zip(laws, modes):
-        if not isinstance(mode, str):
-            _warn(notes, f"dropped {law}: relative residual {mode:.2e} at fresh random points")
-    kept = [i for i, mode in enumerate(modes) if isinstance(mode, str)]
+    verdicts = _verify(sampler, basis, floats, coefficients, exact, per_point, gen)
+    failures = [how for passed, how in verdicts if not passed]
+    if failures:
+        _warn(notes, f"dropped {len(failures)} of {len(verdicts)} candidate laws that fail verification "
+              f"(first: {failures[0]}); the null space is unreliable, see the singular-value gap")
+    kept = [i for i, (passed, _) in enumerate(verdicts) if passed]
     return PolynomialLaws(
         [laws[i] for i in kept],
-        verified=[modes[i] for i in kept],
+        verified=[verdicts[i][1] for i in kept],
         symbols=symbols,
         D=sampler.D,
         degree=degree,
