@@ -303,18 +303,25 @@ class MLPGenerators:
 
     # ---- the family -----------------------------------------------------------------
     def psi_batch(self, thetas: Tensor, keys: Tensor) -> Tensor:
-        """Gated surrogate outputs y^T z_L, one network per row of ``thetas``/``keys``."""
+        """Gated surrogate outputs y^T z_L, one network per row of ``thetas``/``keys``.
+
+        Written with contractions only (gates as diagonal matrices, biases as an extra input
+        column): elementwise products of a constant with a differentiated tensor fall back to
+        slow Python decompositions under nested ``jvp``/``grad``.
+        """
         n = thetas.shape[0]
         x, gates, y, betas = self._split_keys(keys)
         parts = iter(torch.split(thetas, self.sizes, dim=1))
         h = x
         for k in range(self._n_layers):
             w = next(parts).reshape(n, self.widths[k + 1], self.widths[k])
-            z = (w @ h.unsqueeze(-1)).squeeze(-1)
             if self.layer_bias[k]:
-                z = z + betas[k] * next(parts)
-            h = z * gates[k] if k < len(gates) and gates[k] is not None else z
-        return (y * h).sum(1)
+                w = torch.cat([w, next(parts).unsqueeze(-1)], dim=2)
+                h = torch.cat([h, betas[k]], dim=1)
+            h = torch.einsum("bij,bj->bi", w, h)
+            if k < len(gates) and gates[k] is not None:
+                h = torch.einsum("bij,bj->bi", torch.diag_embed(gates[k]), h)
+        return torch.einsum("bi,bi->b", y, h)
 
     def sample_keys(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.randn(n, self.key_dim, dtype=DTYPE, generator=generator)

@@ -249,7 +249,7 @@ def lie_trace(
     decisions: list[list[RankDecision]] = []
     null_info = None
     small = 1 if D <= SINGLE_THREAD_LIMIT else None
-    with _threads(small), ProgressBar(None, "lie levels", enabled=progress) as bar:
+    with _threads(small), ProgressBar(None, "Lie algebra: levels", enabled=progress) as bar:
         if method == "dense":
             span: _DenseSpan | _ComplementSpan = _DenseSpan(D)
             first = min(D, getattr(family, "d", D)) + 4
