@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .lawgroups import LawGroup
 
-__all__ = ["Record", "RecordStore", "split_change", "evaluate", "as_float64"]
+__all__ = ["Accountant", "Record", "RecordStore", "split_change", "evaluate", "as_float64"]
 
 F64 = torch.float64
 
@@ -83,6 +83,66 @@ def split_change(
         first = {g.name: 2.0 * g.bilinear(b64, delta) for g in groups}
         second = {g.name: g.bilinear(delta, delta) for g in groups}
     return values, first, second
+
+
+class _Buffers:
+    """Persistent float64 buffers, refreshed in place (no large allocation per step)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor) -> Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != like.shape:
+            buf = self._bufs[name] = torch.empty(like.shape, dtype=F64)
+        return buf
+
+    def load(self, params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+        out = {}
+        for n in names:
+            p = params[n].detach()
+            out[n] = p if p.dtype == F64 else self.get(n, p).copy_(p)
+        return out
+
+
+class Accountant:
+    """:func:`evaluate` and :func:`split_change` for a fixed set of groups, without allocating
+    parameter-sized temporaries at each call (the monitor's hot path).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_conslaw.lawgroups import build_groups
+        >>> from torch_conslaw.structure import find_structure
+        >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> acc = Accountant(build_groups(find_structure(model).pairs))
+        >>> acc.values(dict(model.named_parameters()))["0→2"].dtype
+        torch.float64
+    """
+
+    def __init__(self, groups: Sequence[LawGroup]) -> None:
+        self.groups = list(groups)
+        self.names = sorted({n for g in self.groups for n in g.parameter_names})
+        self._before, self._after, self._delta = _Buffers(), _Buffers(), _Buffers()
+
+    def values(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """h(θ) of every group, float64."""
+        with torch.no_grad():
+            p64 = self._after.load(params, self.names)
+            return {g.name: g.values(p64) for g in self.groups}
+
+    def split(
+        self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Same result as :func:`split_change`."""
+        with torch.no_grad():
+            b64 = self._before.load(before, self.names)
+            a64 = self._after.load(after, self.names)
+            delta = {n: torch.sub(a64[n], b64[n], out=self._delta.get(n, a64[n])) for n in self.names}
+            values = {g.name: g.values(a64) for g in self.groups}
+            first = {g.name: 2.0 * g.bilinear(b64, delta) for g in self.groups}
+            second = {g.name: g.bilinear(delta, delta) for g in self.groups}
+        return values, first, second
 
 
 class RecordStore:

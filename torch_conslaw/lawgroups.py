@@ -55,14 +55,6 @@ class LawGroup:
     def _default_reason(self) -> str:
         raise NotImplementedError
 
-    def _rows(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Incoming and outgoing matrices (one row per unit), float64."""
-        inc = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.incoming]
-        out = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.outgoing]
-        return (torch.cat(inc, 1) if len(inc) > 1 else inc[0]), (
-            torch.cat(out, 1) if len(out) > 1 else out[0]
-        )
-
     def values(self, params: Mapping[str, Tensor]) -> Tensor:
         """h(θ) for every law of the group (float64, shape ``[count]``)."""
         return self.bilinear(params, params)
@@ -84,13 +76,18 @@ class LawGroup:
 
 
 class UnitLaws(LawGroup):
-    """‖w_in‖² + b² − k‖w_out‖² per unit (or channel); scale ‖w_in‖² + b² + k‖w_out‖²."""
+    """‖w_in‖² + b² − k‖w_out‖² per unit (or channel); scale ‖w_in‖² + b² + k‖w_out‖².
+
+    This is :func:`torch_conslaw.laws.unit_balance_bilinear` evaluated parameter by
+    parameter, which avoids concatenating the incoming rows (one pass less per step).
+    """
 
     def __init__(self, pair: Pair) -> None:
         super().__init__(pair)
         self.kind = pair.kind
         self.count = pair.units
         self.degree = pair.degree
+        self._scratch: dict[tuple[int, int], Tensor] = {}
 
     def _default_reason(self) -> str:
         what = "unit" if self.pair.kind == "unit" else "channel"
@@ -99,14 +96,38 @@ class UnitLaws(LawGroup):
             f"{self.pair.consumer}: one law per {what}"
         )
 
+    def _sides(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-unit ⟨in_a, in_b⟩ and ⟨out_a, out_b⟩."""
+        sums = []
+        for side, readers in enumerate((self.pair.incoming, self.pair.outgoing)):
+            total: Tensor | None = None
+            for i, (name, fn) in enumerate(readers):
+                xa = fn(a[name].to(F64))
+                dims = tuple(range(1, xa.dim()))
+                if b is a and xa.is_contiguous():  # fused, no temporary; rounding ≤ 2 ulp
+                    term = torch.linalg.vector_norm(xa, dim=dims).square()
+                else:
+                    xb = xa if b is a else fn(b[name].to(F64))
+                    term = torch.mul(xa, xb, out=self._scratch_like((side, i), xa)).sum(dim=dims)
+                total = term if total is None else total + term
+            assert total is not None
+            sums.append(total)
+        return sums[0], sums[1]
+
+    def _scratch_like(self, key: tuple[int, int], x: Tensor) -> Tensor:
+        """A reusable product buffer with the layout of ``x`` (avoids a large allocation)."""
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape != x.shape or buf.stride() != x.stride():
+            buf = self._scratch[key] = torch.empty_like(x)
+        return buf
+
     def bilinear(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-        in_a, out_a = self._rows(a)
-        in_b, out_b = (in_a, out_a) if b is a else self._rows(b)
-        return laws.unit_balance_bilinear(in_a, out_a, in_b, out_b, self.degree)
+        inc, out = self._sides(a, b)
+        return inc - self.degree * out
 
     def scale(self, params: Mapping[str, Tensor]) -> Tensor:
-        inc, out = self._rows(params)
-        return inc.square().sum(1) + self.degree * out.square().sum(1)
+        inc, out = self._sides(params, params)
+        return inc + self.degree * out
 
     def labels(self) -> list[str]:
         return [f"{self.name}[{j}]" for j in range(self.count)]
@@ -121,6 +142,14 @@ class MatrixLaws(LawGroup):
         n = pair.units
         self.count = n * (n + 1) // 2
         self._rows_idx, self._cols_idx = torch.triu_indices(n, n)
+
+    def _rows(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Incoming and outgoing matrices (one row per unit), float64."""
+        inc = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.incoming]
+        out = [fn(params[name].to(F64)).flatten(1) for name, fn in self.pair.outgoing]
+        return (torch.cat(inc, 1) if len(inc) > 1 else inc[0]), (
+            torch.cat(out, 1) if len(out) > 1 else out[0]
+        )
 
     def _default_reason(self) -> str:
         return (

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .accounting import Record, RecordStore, as_float64, evaluate, split_change
+from .accounting import Accountant, Record, RecordStore
 from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
 from .structure import Skipped, Structure, find_structure, unwrap_model
@@ -112,6 +112,7 @@ class ConservationMonitor:
         track_broken: bool = False,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
+        _refuse_sharded(self.model)
         self.structure: Structure = find_structure(self.model, example_input)
         candidates = [s.candidate for s in self.structure.skipped if s.candidate is not None]
         pairs = list(self.structure.pairs) + (candidates if track_broken else [])
@@ -127,8 +128,10 @@ class ConservationMonitor:
         self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
         self._names = sorted({n for g in self.groups for n in g.parameter_names})
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        self._layout = {n: _locate(self.model, n) + (self._params[n].shape,) for n in self._names}
         self.num_steps = 0
         self._before: dict[str, Tensor] | None = None
+        self._spare: dict[str, Tensor] | None = None  # reused buffers for the pre-step snapshot
         self._last_snapshot: dict[str, Tensor] | None = None
         if not self.groups:
             reasons = "; ".join(str(s) for s in self.skipped) or "no layer pairs"
@@ -138,14 +141,20 @@ class ConservationMonitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        theta0 = as_float64(self._params, self._names)
-        self.initial: dict[str, Tensor] = evaluate(self.groups, theta0)
-        self._scale = {g.name: _floor_scale(g.scale(theta0)) for g in self.groups}
-        self._invalid = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in self.groups}
+        self._accountant = Accountant(self.groups)
+        theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
+        self.initial: dict[str, Tensor] = {g.name: g.values(theta0) for g in self.groups}
+        self._counts = [g.count for g in self.groups]
+        self._group_index = torch.repeat_interleave(
+            torch.arange(len(self.groups)), torch.tensor(self._counts, dtype=torch.long)
+        ).unsqueeze(0)
+        self._init_flat = self._flat(self.initial)
+        self._scale_flat = self._flat({g.name: _floor_scale(g.scale(theta0)) for g in self.groups})
+        self._invalid = torch.zeros(sum(self._counts), dtype=torch.bool)
         self._maxima = {g.name: dict.fromkeys(_MAXIMA, 0.0) for g in self.groups}
+        self._mark_invalid(0, self._init_flat, None, None)
         zeros = {name: torch.zeros_like(v) for name, v in self.initial.items()}
         first = zeros if self.split else None
-        self._check_finite(0, self.initial, None, None)
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
         if self.split:
             self._last_snapshot = self._snapshot()
@@ -189,8 +198,9 @@ class ConservationMonitor:
 
     def pre_step(self) -> None:
         """Snapshot θ before a step that will be recorded (called by the pre hook)."""
+        self._check_unchanged()
         if self.split and self.schedule.due(self.num_steps + 1):
-            self._before = self._snapshot()
+            self._before = self._snapshot(self._spare)
 
     def post_step(self) -> None:
         """Count the step and record it if it is due (called by the post hook)."""
@@ -198,6 +208,8 @@ class ConservationMonitor:
         if self.schedule.due(self.num_steps):
             before, self._before = self._before, None
             self._record(before if before is not None else self._last_snapshot)
+            if before is not None:
+                self._spare = before
 
     def step(self) -> None:
         """For manual loops: call after ``optimizer.step()``.
@@ -209,11 +221,12 @@ class ConservationMonitor:
                 "ConservationMonitor.step: this monitor is attached to an optimizer, whose hooks "
                 "already record each step; call detach() to drive it by hand"
             )
+        self._check_unchanged()
         self.num_steps += 1
         if self.schedule.due(self.num_steps):
             self._record(self._last_snapshot)
             if self.split:
-                self._last_snapshot = self._snapshot()
+                self._last_snapshot = self._snapshot(self._last_snapshot)
 
     def add_listener(self, fn: Callable[[Record], None]) -> None:
         """Call ``fn(record)`` on every record the monitor takes (e.g. to log it)."""
@@ -222,19 +235,38 @@ class ConservationMonitor:
         self._listeners.append(fn)
 
     # ------------------------------------------------------------------ recording
-    def _snapshot(self) -> dict[str, Tensor]:
+    def _check_unchanged(self) -> None:
+        """Refuse to go on when a tracked layer or parameter was replaced or resized."""
+        for name, (path, attr, module, param, shape) in self._layout.items():
+            try:
+                now = self.model.get_submodule(path) if path else self.model
+            except AttributeError:
+                now = None
+            current = getattr(now, attr, None) if now is not None else None
+            if now is not module or current is not param or param.shape != shape:
+                raise RuntimeError(
+                    f"ConservationMonitor: parameter {name} was replaced, resized or its layer "
+                    "swapped after the monitor was built; its laws no longer describe the model. "
+                    "Build a new ConservationMonitor for the edited model"
+                )
+
+    def _snapshot(self, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given."""
         with torch.no_grad():
-            return {n: self._params[n].detach().clone() for n in self._names}
+            if into is None:
+                into = {n: torch.empty(self._params[n].shape, dtype=torch.float64) for n in self._names}
+            for n in self._names:
+                into[n].copy_(self._params[n].detach())
+            return into
 
     def _record(self, before: dict[str, Tensor] | None) -> None:
         first: dict[str, Tensor] | None = None
         second: dict[str, Tensor] | None = None
         if self.split and before is not None:
-            values, first, second = split_change(self.groups, before, self._params)
+            values, first, second = self._accountant.split(before, self._params)
         else:
-            values = evaluate(self.groups, as_float64(self._params, self._names))
-        self._check_finite(self.num_steps, values, first, second)
-        rel = {g.name: self._update_maxima(g.name, values, first, second) for g in self.groups}
+            values = self._accountant.values(self._params)
+        rel = self._update_statistics(values, first, second)
         if self.split and first is None:  # no snapshot to split against (post_step alone)
             first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
         record = Record(self.num_steps, values, first, second, rel)
@@ -242,51 +274,67 @@ class ConservationMonitor:
         for fn in self._listeners:
             fn(record)
 
-    def _check_finite(
-        self,
-        step: int,
-        values: dict[str, Tensor],
-        first: dict[str, Tensor] | None,
-        second: dict[str, Tensor] | None,
-    ) -> None:
-        for name, v in values.items():
-            bad = ~torch.isfinite(v)
-            if first is not None and second is not None:
-                bad |= ~torch.isfinite(first[name]) | ~torch.isfinite(second[name])
-            new = bad & ~self._invalid[name]
-            if bool(new.any()):
-                self._invalid[name] |= bad
-                warnings.warn(
-                    f"ConservationMonitor: {int(new.sum())} law(s) of group {name} became "
-                    f"non-finite at step {step} (NaN/Inf in its parameters); they are marked "
-                    "invalid and left out of the drift statistics",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    def _flat(self, per_group: dict[str, Tensor] | None) -> Tensor | None:
+        if per_group is None:
+            return None
+        if not self.groups:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([per_group[g.name] for g in self.groups])
 
-    def _update_maxima(
+    def _group_maxima(self, v: Tensor, f: Tensor | None, s: Tensor | None) -> list[list[float]]:
+        """Per group: max |h − h₀|, max rel. drift (+ max rel. first/second order), valid laws only."""
+        drift = (v - self._init_flat).abs_()
+        rows = [drift, drift / self._scale_flat]
+        if f is not None and s is not None:
+            rows += [f.abs() / self._scale_flat, s.abs() / self._scale_flat]
+        table = torch.stack(rows).masked_fill_(self._invalid, -math.inf)
+        out = torch.full((len(rows), len(self.groups)), -math.inf, dtype=torch.float64)
+        out.scatter_reduce_(1, self._group_index.expand(len(rows), -1), table, "amax")
+        return out.tolist()
+
+    def _update_statistics(
         self,
-        name: str,
         values: dict[str, Tensor],
         first: dict[str, Tensor] | None,
         second: dict[str, Tensor] | None,
-    ) -> float:
-        valid = ~self._invalid[name]
-        if not bool(valid.any()):
-            return math.nan
-        scale = self._scale[name][valid]
-        drift = (values[name][valid] - self.initial[name][valid]).abs()
-        m = self._maxima[name]
-        abs_drift = float(drift.max())
-        rel_drift = float((drift / scale).max())
-        m["max_abs_drift"] = max(m["max_abs_drift"], abs_drift)
-        m["max_rel_drift"] = max(m["max_rel_drift"], rel_drift)
-        if first is not None and second is not None:
-            f = float((first[name][valid].abs() / scale).max())
-            s = float((second[name][valid].abs() / scale).max())
-            m["max_rel_first_order"] = max(m["max_rel_first_order"], f)
-            m["max_rel_second_order"] = max(m["max_rel_second_order"], s)
-        return rel_drift
+    ) -> dict[str, float]:
+        if not self.groups:
+            return {}
+        v, f, s = self._flat(values), self._flat(first), self._flat(second)
+        table = self._group_maxima(v, f, s)
+        if any(math.isnan(x) or x == math.inf for row in table for x in row):
+            self._mark_invalid(self.num_steps, v, f, s)
+            table = self._group_maxima(v, f, s)
+        rel: dict[str, float] = {}
+        for i, g in enumerate(self.groups):
+            column = [row[i] for row in table]
+            if column[0] == -math.inf:  # every law of the group is invalid
+                rel[g.name] = math.nan
+                continue
+            m = self._maxima[g.name]
+            for key, x in zip(_MAXIMA, column):
+                m[key] = max(m[key], x)
+            rel[g.name] = column[1]
+        return rel
+
+    def _mark_invalid(self, step: int, v: Tensor, f: Tensor | None, s: Tensor | None) -> None:
+        bad = ~torch.isfinite(v)
+        if f is not None and s is not None:
+            bad |= ~torch.isfinite(f) | ~torch.isfinite(s)
+        new = bad & ~self._invalid
+        if not bool(new.any()):
+            return
+        self._invalid |= bad
+        for g, count in zip(self.groups, new.split(self._counts)):
+            n = int(count.sum())
+            if n:
+                warnings.warn(
+                    f"ConservationMonitor: {n} law(s) of group {g.name} became non-finite at "
+                    f"step {step} (NaN/Inf in its parameters); they are marked invalid and left "
+                    "out of the drift statistics",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
 
     def _set_expectations(self, optimizer: torch.optim.Optimizer, owned: set[int]) -> None:
         breaking = optimizer_breaking_reasons(optimizer)
@@ -323,6 +371,7 @@ class ConservationMonitor:
         last_rel_drift``. The split keys are ``None`` when ``split=False``.
         """
         latest = self._store.latest
+        invalid = {g.name: int(c.sum()) for g, c in zip(self.groups, self._invalid.split(self._counts))}
         out = []
         for g in self.groups:
             m = self._maxima[g.name]
@@ -337,7 +386,7 @@ class ConservationMonitor:
                     "max_rel_second_order": m["max_rel_second_order"] if self.split else None,
                     "expected_conserved": g.expected_conserved,
                     "reason": g.reason,
-                    "invalid": int(self._invalid[g.name].sum()),
+                    "invalid": invalid[g.name],
                     "producer": g.pair.producer,
                     "consumer": g.pair.consumer,
                     "degree": g.pair.degree,
@@ -389,8 +438,8 @@ class ConservationMonitor:
             "num_steps": self.num_steps,
             "groups": {g.name: g.count for g in self.groups},
             "initial": {k: v.clone() for k, v in self.initial.items()},
-            "scale": {k: v.clone() for k, v in self._scale.items()},
-            "invalid": {k: v.clone() for k, v in self._invalid.items()},
+            "scale": self._scale_flat.clone(),
+            "invalid": self._invalid.clone(),
             "maxima": {k: dict(v) for k, v in self._maxima.items()},
             "store": self._store.state_dict(),
         }
@@ -411,8 +460,9 @@ class ConservationMonitor:
             )
         self.num_steps = int(state["num_steps"])
         self.initial = {k: v.clone() for k, v in state["initial"].items()}
-        self._scale = {k: v.clone() for k, v in state["scale"].items()}
-        self._invalid = {k: v.clone() for k, v in state["invalid"].items()}
+        self._init_flat = self._flat(self.initial)
+        self._scale_flat = state["scale"].clone()
+        self._invalid = state["invalid"].clone()
         self._maxima = {k: dict(v) for k, v in state["maxima"].items()}
         self._store.load_state_dict(state["store"])
         self._before = None
@@ -424,6 +474,25 @@ class ConservationMonitor:
         return (
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
             f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
+        )
+
+
+def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:
+    """(module path, attribute, module, parameter) of a qualified parameter name."""
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    return path, attr, module, getattr(module, attr)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or
+               type(getattr(p, "data", None)).__name__ == "DTensor"]
+    if sharded:
+        raise NotImplementedError(
+            f"ConservationMonitor: {type(model).__name__} has sharded parameters "
+            f"({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}: FSDP2 / DTensor); "
+            "the laws need every full parameter on each rank. Wrap the model in "
+            "DistributedDataParallel instead, or build the monitor on an unsharded copy"
         )
 
 
