@@ -67,6 +67,7 @@ def test_all_prints_products_of_laws_too(capsys, phi_file):
         (["--degree", "2"], "exactly one of --widths"),
         (["--widths", "3,2,2", "--activations", "relu", "--phi", "x.py:phi", "--dim", "3"], "exactly one of --widths"),
         (["--widths", "3,x,2", "--activations", "relu"], "--widths must be"),
+        (["--widths", "3,2,2"], "--activations is required"),
         (["--widths", "3,2,2", "--activations", "gelu"], "unsupported activation 'gelu'"),
         (["--widths", "3,2,2", "--activations", "relu", "--degree", "0"], "degree must be >= 1"),
         (["--widths", "6,6,6", "--activations", "relu", "--degree", "3"], "67524 unknown coefficients"),

@@ -238,6 +238,11 @@ def test_non_finite_output_is_refused():
         polynomial_laws(lambda t: t / 0.0, 3, 2)
 
 
+def test_bad_dimension_is_refused():
+    with pytest.raises(ValueError, match="D must be a positive integer"):
+        polynomial_laws(triple_product, 0, 2)
+
+
 def test_dimension_mismatch_is_refused():
     with pytest.raises(ValueError, match="D matches"):
         polynomial_laws(lambda t: t.reshape(2, 3).sum(0), 5, 2)

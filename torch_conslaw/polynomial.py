@@ -353,7 +353,8 @@ def _split_spectrum(rel: Tensor, vectors: Tensor, scale: Tensor, n_equations: in
 
 
 def _rref(rows: np.ndarray, tol: float = 1e-8) -> np.ndarray:
-    """Reduced row-echelon form (partial pivoting); entries below ``tol``·max set to 0."""
+    """Reduced row-echelon form with partial pivoting: a column whose candidates are all below
+    ``tol``·max|rows| gets no pivot; afterwards entries below ``tol`` (pivots are 1) become 0."""
     A = rows.copy()
     K = A.shape[0]
     cutoff = tol * (np.abs(A).max() if A.size else 0.0)
@@ -385,6 +386,7 @@ def _rationalize(row: np.ndarray, max_denominator: int, tol: float) -> list[Frac
 
 
 def _law_expression(coefficients: Sequence[Any], basis: MonomialBasis, symbols: Sequence[sympy.Symbol]) -> sympy.Expr:
+    """Σ c_m m(x) as a sympy expression (exact rationals, or floats when not rationalized)."""
     exps = basis.exponents
     terms = {tuple(int(e) for e in exps[m]): c for m, c in enumerate(coefficients) if c != 0}
     domain = "QQ" if all(isinstance(c, Fraction) for c in terms.values()) else "RR"
@@ -455,9 +457,9 @@ def _symbolic_map(phi: Callable[..., Any], symbols: Sequence[sympy.Symbol]) -> S
         if not exprs or len(exprs) * len(symbols) > _SYMBOLIC_MAX_WORK or any(e.has(sympy.Float) for e in exprs):
             return None
         polys = [ring.from_expr(e) for e in exprs]
+        if not _agrees_with_torch(phi, len(polys), len(symbols)):
+            return None
     except Exception:  # φ written for tensors only: fall back to numerical checks
-        return None
-    if not _agrees_with_torch(phi, len(polys), len(symbols)):
         return None
     return SymbolicMap(ring, [[p.diff(g) for g in gens] for p in polys])
 
@@ -646,7 +648,7 @@ def polynomial_laws_of(
     independent: bool = True,
     rtol: float = 1e-9,
     max_denominator: int = 1000,
-    memory_budget: float = 2e9,
+    memory_budget: float = 4e9,
     progress: bool | None = False,
 ) -> PolynomialLaws:
     """Polynomial laws of degree ≤ ``degree`` of any field sampler (``.D``, ``.sample``).
@@ -678,7 +680,7 @@ def polynomial_laws(
     independent: bool = True,
     rtol: float = 1e-9,
     max_denominator: int = 1000,
-    memory_budget: float = 2e9,
+    memory_budget: float = 4e9,
     symbolic: bool = True,
     progress: bool | None = False,
 ) -> PolynomialLaws:

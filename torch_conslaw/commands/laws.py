@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print a basis of every law of degree <= k (products of laws included), not only independent ones",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampled equations")
-    parser.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the solver in GB (default 2)")
+    parser.add_argument("--memory-gb", type=float, default=4.0, help="memory budget of the solver in GB (default 4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -68,8 +68,10 @@ def _find(args: argparse.Namespace, options: dict[str, Any]) -> PolynomialLaws:
     from ..generators import MLPGenerators
 
     widths = parse_widths(args.widths)
-    activations = args.activations.split(",") if args.activations else []
-    if args.activations and len(activations) == 1:
+    if args.activations is None and len(widths) > 2:
+        raise ValueError(f"--activations is required: one per hidden layer ({len(widths) - 2} for widths {args.widths})")
+    activations = [a.strip() for a in (args.activations or "").split(",") if a.strip()]
+    if len(activations) == 1:
         activations = activations[0]  # one name for every hidden layer
     return polynomial_laws_of(MLPGenerators(widths, activations, bias=args.bias), args.degree, **options)
 
@@ -127,9 +129,15 @@ def _as_text(laws: PolynomialLaws) -> str:
     lines.append(
         f"{len(laws)} {kind}polynomial laws of degree <= {laws.degree} in D = {laws.D} variables "
         f"(verified: {_verification_summary(laws)}); space of laws of degree <= {laws.degree}: "
-        f"dim {laws.linear_dim}; {laws.n_unknowns} unknowns, {laws.n_equations} equations, {laws.seconds:.2f} s"
+        f"dim {laws.linear_dim}; {laws.n_unknowns} unknowns, {laws.n_equations} equations, "
+        f"singular-value gap {_number(laws.gap[0])} (smallest kept) / {_number(laws.gap[1])} (largest called a law), "
+        f"{laws.seconds:.2f} s"
     )
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1e}"
 
 
 def _as_json(laws: PolynomialLaws) -> dict[str, Any]:
