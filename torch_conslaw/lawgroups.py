@@ -108,7 +108,11 @@ class UnitLaws(LawGroup):
                     term = torch.linalg.vector_norm(xa, dim=dims).square()
                 else:
                     xb = xa if b is a else fn(b[name].to(F64))
-                    term = torch.mul(xa, xb, out=self._scratch_like((side, i), xa)).sum(dim=dims)
+                    if torch.is_grad_enabled():  # differentiable path (e.g. analyze's jacrev)
+                        prod = xa * xb
+                    else:
+                        prod = torch.mul(xa, xb, out=self._scratch_like((side, i), xa))
+                    term = prod.sum(dim=dims)
                 total = term if total is None else total + term
             assert total is not None
             sums.append(total)

@@ -56,6 +56,8 @@ class Pair:
     ``degree`` is the homogeneity k of the activations in between (their product).
     ``incoming`` / ``outgoing`` are (qualified parameter name, row reader) pairs.
     ``conserved`` is False for a candidate whose law is broken (``reason`` says why).
+    ``op_kinds`` names each op in between by its catalogue entry (``relu``, ``identity``,
+    ``dropout``, ``maxpool``, ...), e.g. to match the pair with the Lie calculator's kinds.
     """
 
     producer: str
@@ -69,6 +71,7 @@ class Pair:
     outgoing: tuple[RowReader, ...]
     conserved: bool = True
     reason: str = ""
+    op_kinds: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -438,9 +441,12 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
     degree, mixing = 1.0, True
     broken: list[str] = []
     names: list[str] = []
+    kinds: list[str] = []
     for k in ops:
         op = nodes[k]
         names.append(op.name)
+        spec = op.spec
+        kinds.append(spec.kind if isinstance(spec, PassSpec) else getattr(spec, "name", "?").lower())
         if isinstance(op.spec, ActivationSpec):
             if op.spec.degree is None:
                 broken.append(op.spec.name if op.module_path is None else type(model.get_submodule(op.module_path)).__name__)
@@ -503,6 +509,7 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
         outgoing=tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing),
         conserved=not broken,
         reason=reason,
+        op_kinds=tuple(kinds),
     )
 
 
