@@ -10,15 +10,6 @@ import torch
 from torch_conslaw.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These problems are tiny: one BLAS thread avoids spin-waits on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def phi_file(tmp_path):
     path = tmp_path / "model.py"

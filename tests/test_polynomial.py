@@ -18,15 +18,6 @@ from torch_conslaw.polynomial import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These problems are tiny: one BLAS thread avoids spin-waits on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def triple_product(t):
     return t[0:1] * t[1:2] * t[2:3]
 

@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -55,6 +56,8 @@ _SYMBOLIC_MAX_WORK = 50_000  # outputs × D partial derivatives allowed for exac
 _CHUNK_BYTES = 64 * 2**20  # temporaries of one block of equations
 _VERIFY_POINTS = 6
 _DENSE_SVD_MAX = 1000  # up to this many unknowns, the null space comes from a full SVD
+_SINGLE_THREAD_MAX = 1000  # up to this many unknowns, one thread (LAPACK with busy threads
+# on a loaded machine was measured 10-40x slower on these small matrices)
 
 
 class FieldSampler(Protocol):
@@ -85,6 +88,11 @@ class MonomialBasis:
 
     slots: Tensor  # (M, k) int64
     D: int
+
+    @property
+    def degree(self) -> int:
+        """Largest degree k."""
+        return self.slots.shape[1]
 
     @property
     def size(self) -> int:
@@ -197,6 +205,18 @@ def _check_memory(D: int, degree: int, memory_budget: float) -> None:
 
 # --------------------------------------------------------------------------------------
 # Equations and their null space
+
+
+@contextmanager
+def _threads_for(M: int) -> Iterator[None]:
+    """One torch thread while solving for M ≤ ``_SINGLE_THREAD_MAX`` unknowns, restored after."""
+    previous = torch.get_num_threads()
+    if M <= _SINGLE_THREAD_MAX:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -596,11 +616,20 @@ class _Options:
 
 
 def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: SymbolicMap | None) -> PolynomialLaws:
-    """The whole pipeline: equations, null space, reduced basis, selection, verification."""
+    """Check the budget, build the basis, and run the pipeline with the right thread count."""
     start = time.perf_counter()
     _check_memory(sampler.D, degree, opts.memory_budget)
-    gen = torch.Generator().manual_seed(opts.seed)
     basis = monomial_basis(sampler.D, degree)
+    with _threads_for(basis.size):
+        return _laws_in_basis(sampler, basis, opts, exact, start)
+
+
+def _laws_in_basis(
+    sampler: FieldSampler, basis: MonomialBasis, opts: _Options, exact: SymbolicMap | None, start: float
+) -> PolynomialLaws:
+    """Equations, null space, reduced basis, selection of independent laws, verification;
+    ``start`` is the perf_counter time the whole computation began."""
+    gen = torch.Generator().manual_seed(opts.seed)
     symbols = _symbols_for(sampler)
     notes: list[str] = []
     per_point = _fields_per_point(sampler, gen)
@@ -629,7 +658,7 @@ def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: Symbol
         verified=[verdicts[i][1] for i in kept],
         symbols=symbols,
         D=sampler.D,
-        degree=degree,
+        degree=basis.degree,
         independent=opts.independent,
         n_unknowns=basis.size,
         n_equations=null.n_equations,
