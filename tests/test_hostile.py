@@ -275,8 +275,8 @@ def test_large_model_monitor_memory_overhead_is_bounded():
         f"growth from step 2 to 3: {growth / 2**20:.0f} MiB"
     )
     assert growth <= 0.1 * param_bytes, "later recorded steps must not need more memory"
-    # documented bound (README reliability table): snapshot + float64 work buffers ≤ 16 x params
-    assert overhead <= 16 * param_bytes
+    # documented bound (README reliability table; 9.4x measured): float64 snapshot and work buffers
+    assert overhead <= 12 * param_bytes
 
 
 if __name__ == "__main__":

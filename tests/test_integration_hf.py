@@ -67,7 +67,7 @@ def _trainer(out, model, callback, **kwargs):
 
 def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     model = TinyRegressor()
-    callback = ConservationTrainerCallback()
+    callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / "tb")
     _trainer(tmp_path, model, callback, max_steps=3, gradient_accumulation_steps=2).train()
     monitor = callback.monitor
     assert monitor is not None and monitor.model is model
@@ -76,6 +76,15 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     # the records bracket real parameter updates: SGD moves each ReLU law by eta^2 g^T A g
     summary = {s["name"]: s for s in monitor.summary()}
     assert all(summary[g.name]["max_abs_drift"] > 0 for g in monitor.groups)
+
+    # the drift scalars reached TensorBoard, one point per optimizer step
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    group = monitor.groups[0].name
+    events = acc.Scalars(callback.tensorboard.tag(group, "max_rel_drift"))
+    assert [e.step for e in events] == [1, 2, 3]
+    np.testing.assert_allclose([e.value for e in events], monitor.history()[f"{group}/rel_drift"][1:], rtol=1e-6)
 
 
 def test_resume_from_checkpoint_keeps_theta0_and_history(tmp_path):
@@ -96,6 +105,14 @@ def test_resume_from_checkpoint_keeps_theta0_and_history(tmp_path):
     assert sorted(got_h) == sorted(ref_h)
     for key in ref_h:
         np.testing.assert_allclose(got_h[key], ref_h[key], rtol=1e-12, atol=1e-15, err_msg=key)
+
+
+def test_resume_without_monitor_state_warns(tmp_path):
+    _trainer(tmp_path, TinyRegressor(), transformers.TrainerCallback(), max_steps=2, save_strategy="steps", save_steps=2).train()
+    callback = ConservationTrainerCallback()
+    with pytest.warns(RuntimeWarning, match="not the original"):
+        _trainer(tmp_path, TinyRegressor(), callback, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert callback.monitor.num_steps == 1
 
 
 def test_missing_checkpoint_state_is_a_clear_error(tmp_path):

@@ -129,3 +129,21 @@ def test_whole_module_under_bf16_mixed_precision(tmp_path):
     assert [g.name for g in monitor.groups] == ["net.0→net.2"]
     assert monitor.history()["step"].tolist() == [0, 1, 2, 3]
     assert all(s["max_abs_drift"] > 0 for s in monitor.summary())
+
+
+class UntraceableModule(TinyModule):
+    """Data-dependent control flow: torch.fx cannot trace it, forward hooks on an example can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = torch.randn(2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if x.abs().sum() > 0 else self.net(-x)
+
+
+def test_example_input_array_is_used_for_untraceable_modules(tmp_path):
+    callback = ConservationCallback()
+    _trainer(tmp_path, 2, callback).fit(UntraceableModule(), _loader())
+    assert [g.name for g in callback.monitor.groups] == ["net.0→net.2"]
+    assert callback.monitor.num_steps == 2

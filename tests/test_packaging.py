@@ -45,6 +45,22 @@ def test_integration_names_resolve_and_are_documented():
 
 
 @pytest.mark.parametrize(
+    "module",
+    ["torch_conslaw.integrations", "torch_conslaw.integrations.export", "torch_conslaw.integrations.tensorboard",
+     "torch_conslaw.distributed"],
+)
+def test_docstring_examples_run(module):
+    import doctest
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        pytest.skip(str(err))
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize(
     ("hidden", "module", "extra"),
     [
         ("lightning.pytorch", "torch_conslaw.integrations.lightning", "lightning"),

@@ -74,10 +74,10 @@ def test_tensorboard_scalars_equal_the_monitor(tmp_path):
     assert max(e.value for e in acc.Scalars(logger.tag(monitor.groups[0].name, "max_abs_first_order"))) > 0
 
 
-def test_tag_names_are_sanitized_and_quantities_checked():
+def test_tag_names_keep_one_level_per_group_and_quantities_are_checked():
     monitor = ConservationMonitor(_model(), torch.randn(2, 5))
     logger = tb.TensorBoardLogger(monitor, _NullWriter())
-    assert logger.tag("net.0->net/2", "max_rel_drift") == "conslaw/net.0-_net_2/max_rel_drift"
+    assert logger.tag("net.0→net/2", "max_rel_drift") == "conslaw/net.0→net_2/max_rel_drift"
     with pytest.raises(ValueError, match="unknown quantity"):
         logger.tag("g", "drift")
 

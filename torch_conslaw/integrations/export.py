@@ -10,14 +10,24 @@
 
 Both start with the θ₀ row (step 0) and hold what :meth:`ConservationMonitor.history`
 holds: every record, or an evenly thinned subset once ``max_records`` is reached.
-* :func:`record_scalars` — the per-group summary numbers of one record, shared by the
-  TensorBoard and Lightning loggers.
+* :func:`record_scalars` and :func:`scalar_tag` — the per-group summary numbers of one
+  record and their metric names, shared by the TensorBoard and Lightning loggers.
 
 Only the main process (rank 0) writes files.
 
 Example:
-    >>> from torch_conslaw.integrations.export import export_csv, export_jsonl
-    >>> export_csv(monitor, "history.csv"); export_jsonl(monitor, "history.jsonl")  # doctest: +SKIP
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from torch_conslaw import ConservationMonitor
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> monitor = ConservationMonitor(model).attach(opt)
+    >>> model(torch.randn(8, 4)).square().mean().backward(); opt.step()
+    >>> folder = tempfile.mkdtemp()
+    >>> export_csv(monitor, os.path.join(folder, "history.csv"))  # 2 rows (θ₀, step 1) x 8 laws
+    16
+    >>> export_jsonl(monitor, os.path.join(folder, "history.jsonl"))
+    2
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from ..distributed import is_main_process
 if TYPE_CHECKING:  # pragma: no cover
     from ..monitor import ConservationMonitor, Record
 
-__all__ = ["export_csv", "export_jsonl", "record_scalars", "PARTS", "QUANTITIES"]
+__all__ = ["export_csv", "export_jsonl", "record_scalars", "scalar_tag", "PARTS", "QUANTITIES"]
 
 PARTS: tuple[str, ...] = ("values", "first_order", "second_order")
 QUANTITIES: tuple[str, ...] = (
@@ -45,6 +55,19 @@ QUANTITIES: tuple[str, ...] = (
     "max_abs_first_order",
     "max_abs_second_order",
 )
+
+
+def scalar_tag(group: str, quantity: str, prefix: str = "conslaw") -> str:
+    """``<prefix>/<group>/<quantity>``, the metric name shared by every logger; a ``/`` inside
+    the group name becomes ``_`` so that each group stays one level of the hierarchy.
+
+    Example:
+        >>> scalar_tag("net.0→net.2", "max_rel_drift")
+        'conslaw/net.0→net.2/max_rel_drift'
+    """
+    if quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {quantity!r}; choose one of {QUANTITIES}")
+    return f"{prefix}/{group.replace('/', '_')}/{quantity}"
 
 
 def record_scalars(monitor: ConservationMonitor, record: Record) -> dict[tuple[str, str], float]:

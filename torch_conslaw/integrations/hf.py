@@ -9,6 +9,9 @@ and no record when a ``GradScaler`` skips a step (the inner ``step()`` never run
 monitor needs only θ before and after the update, never gradients, which are already
 zeroed at ``on_step_end``.
 
+With ``tensorboard_dir`` the per-group drift of every record is also written there as
+TensorBoard scalars (see :mod:`torch_conslaw.integrations.tensorboard`), from rank 0.
+
 At every checkpoint save the monitor's state goes to ``<checkpoint>/conslaw_monitor.pt``;
 when training resumes from ``checkpoint-<global_step>`` in ``args.output_dir`` (or from
 ``resume_from``), that state is loaded, so drift is still measured against θ_0.
@@ -23,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +35,7 @@ from . import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..monitor import ConservationMonitor
+    from .tensorboard import TensorBoardLogger
 
 _transformers = require("transformers", "hf")
 
@@ -47,6 +52,8 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
         example_input: passed to the monitor (structure discovery for untraceable models).
         resume_from: checkpoint folder whose ``conslaw_monitor.pt`` to load; default: the
             ``checkpoint-<global_step>`` folder of ``args.output_dir`` when resuming.
+        tensorboard_dir: also write each record's drift scalars to this TensorBoard log
+            directory (needs the ``[tensorboard]`` extra).
         **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records`` of the monitor.
 
     Example:
@@ -55,12 +62,19 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
     """
 
     def __init__(
-        self, example_input: Any = None, *, resume_from: str | None = None, **monitor_kwargs: Any
+        self,
+        example_input: Any = None,
+        *,
+        resume_from: str | None = None,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
+        **monitor_kwargs: Any,
     ) -> None:
         self.example_input = example_input
         self.resume_from = resume_from
+        self.tensorboard_dir = tensorboard_dir
         self.monitor_kwargs = monitor_kwargs
         self.monitor: ConservationMonitor | None = None
+        self.tensorboard: TensorBoardLogger | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from ..monitor import ConservationMonitor
@@ -73,9 +87,13 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
             )
         if self.monitor is None:
             self.monitor = ConservationMonitor(model, self.example_input, **self.monitor_kwargs)
+            if self.tensorboard_dir is not None:
+                from .tensorboard import TensorBoardLogger
+
+                self.tensorboard = TensorBoardLogger(self.monitor, self.tensorboard_dir)
         saved = self._resume_file(args, state)
         if saved is not None:
-            self.monitor.load_state_dict(torch.load(saved, weights_only=False))
+            self.monitor.load_state_dict(torch.load(saved, weights_only=True))
         self.monitor.attach(_innermost(optimizer))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -88,6 +106,8 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
             self.monitor.detach()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
 
     def _resume_file(self, args: Any, state: Any) -> str | None:
         folder = self.resume_from
@@ -96,14 +116,20 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
         if folder is None:
             return None
         path = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(path):
-            if self.resume_from is not None:
-                raise FileNotFoundError(
-                    f"ConservationTrainerCallback(resume_from={folder!r}): no {STATE_FILE} "
-                    "there; it is written at each checkpoint save by this callback."
-                )
-            return None
-        return path
+        if os.path.isfile(path):
+            return path
+        if self.resume_from is not None:
+            raise FileNotFoundError(
+                f"ConservationTrainerCallback(resume_from={folder!r}): no {STATE_FILE} "
+                "there; it is written at each checkpoint save by this callback."
+            )
+        warnings.warn(
+            f"ConservationTrainerCallback: resuming at step {state.global_step} without "
+            f"{path}; drift is measured from the resumed parameters, not the original θ₀",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:

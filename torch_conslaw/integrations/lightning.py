@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..distributed import is_main_process
 from . import require
-from .export import record_scalars
+from .export import record_scalars, scalar_tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -40,7 +40,8 @@ class ConservationCallback(_pl.Callback):
     optimizer step.
 
     Args:
-        example_input: passed to the monitor (structure discovery for untraceable models).
+        example_input: passed to the monitor (structure discovery for untraceable models);
+            default: the module's ``example_input_array`` when it sets one.
         submodule: dotted name of the sub-module to monitor (e.g. ``"net"``); default: the
             whole ``LightningModule``.
         log: send each record's per-group drift to ``trainer.logger``.
@@ -79,7 +80,10 @@ class ConservationCallback(_pl.Callback):
             )
         if self.monitor is None:
             model = self._target(pl_module)
-            self.monitor = ConservationMonitor(model, self.example_input, **self.monitor_kwargs)
+            example = self.example_input
+            if example is None and self.submodule is None:
+                example = getattr(pl_module, "example_input_array", None)
+            self.monitor = ConservationMonitor(model, example, **self.monitor_kwargs)
             if self.log:
                 self.monitor.add_listener(self._log_record)
         if self._pending_state is not None:
@@ -125,5 +129,5 @@ class ConservationCallback(_pl.Callback):
         if logger is None or not is_main_process():
             return
         assert self.monitor is not None
-        metrics = {f"conslaw/{g}/{q}": v for (g, q), v in record_scalars(self.monitor, record).items()}
+        metrics = {scalar_tag(g, q): v for (g, q), v in record_scalars(self.monitor, record).items()}
         logger.log_metrics(metrics, step=record.step)
