@@ -36,7 +36,6 @@ import numpy as np
 import sympy
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
 
 from .progress import ProgressBar
 
@@ -56,8 +55,8 @@ _SYMBOLIC_MAX_WORK = 50_000  # outputs × D partial derivatives allowed for exac
 _CHUNK_BYTES = 64 * 2**20  # temporaries of one block of equations
 _VERIFY_POINTS = 6
 _DENSE_SVD_MAX = 1000  # up to this many unknowns, the null space comes from a full SVD
-_SINGLE_THREAD_MAX = 1000  # up to this many unknowns, one thread (LAPACK with busy threads
-# on a loaded machine was measured 10-40x slower on these small matrices)
+_SINGLE_THREAD_MAX = 1500  # up to this many unknowns, one thread: LAPACK with busy threads
+# on a loaded 2-core machine was measured 10-40x slower on these small matrices (as in lie.py)
 
 
 class FieldSampler(Protocol):
@@ -243,12 +242,14 @@ def _fields_per_point(sampler: FieldSampler, gen: torch.Generator) -> int:
 
 
 def _sample_fields(sampler: FieldSampler, points: Tensor, per_point: int, gen: torch.Generator) -> Tensor:
-    """Fields at each point, shape (P, per_point, D): one batched call when the sampler
-    exposes ``psi`` and ``sample_keys`` (a generator family), else ``sample`` per point."""
-    psi, draw_keys = getattr(sampler, "psi", None), getattr(sampler, "sample_keys", None)
-    if callable(psi) and callable(draw_keys):
-        keys = draw_keys(points.shape[0] * per_point, gen).reshape(points.shape[0], per_point, -1)
-        return vmap(vmap(grad(psi), in_dims=(None, 0)))(points, keys)
+    """Fields at each point, shape (P, per_point, D): one batched gradient when the sampler
+    is a generator family (``psi_batch``, ``sample_keys``), else ``sample`` per point."""
+    if callable(getattr(sampler, "psi_batch", None)) and callable(getattr(sampler, "sample_keys", None)):
+        from .generators import fields
+
+        keys = sampler.sample_keys(points.shape[0] * per_point, gen)
+        batch = fields(sampler, points.repeat_interleave(per_point, 0), keys)
+        return batch.reshape(points.shape[0], per_point, sampler.D)
     return torch.stack([sampler.sample(p, per_point, gen) for p in points])
 
 
