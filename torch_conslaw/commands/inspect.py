@@ -1,0 +1,94 @@
+"""``conslaw inspect FILE.py:FACTORY``: the structure, the law groups and the skipped pairs.
+
+Example:
+    $ conslaw inspect models.py:make_model --input-shape 1,3,32,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..lawgroups import build_groups
+from ..structure import find_structure, unwrap_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``conslaw inspect``."""
+    parser.add_argument("target", help="FILE.py:NAME, where NAME is an nn.Module or a function returning one")
+    parser.add_argument(
+        "--input-shape",
+        default=None,
+        help="comma-separated shape of a random example input, e.g. 1,3,32,32 (needed when "
+        "torch.fx cannot trace the model)",
+    )
+    parser.add_argument("--analyze", action="store_true", help="also count the laws (rank and Lie algebra)")
+
+
+def load_model(target: str) -> nn.Module:
+    """The model named by ``FILE.py:NAME`` (NAME is called when it is not a module).
+
+    Example:
+        >>> load_model("missing.py:make")  # doctest: +SKIP
+    """
+    path_text, sep, name = target.rpartition(":")
+    if not sep or not path_text or not name:
+        raise ValueError(f"expected FILE.py:NAME, got {target!r}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {path} (the FILE of FILE.py:NAME)")
+    spec = importlib.util.spec_from_file_location(f"_conslaw_inspect_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ValueError(f"{path} has no attribute {name!r}")
+    obj = getattr(module, name)
+    model = obj if isinstance(obj, nn.Module) else obj()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{target} gave a {type(model).__name__}, not an nn.Module")
+    return unwrap_model(model)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,32,32"`` → ``(1, 3, 32, 32)``.
+
+    Example:
+        >>> parse_shape("2, 5")
+        (2, 5)
+    """
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the structure, every law group with its count, and the skipped pairs."""
+    model = load_model(args.target)
+    example = None
+    if args.input_shape:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        example = torch.randn(parse_shape(args.input_shape), dtype=dtype)
+    structure = find_structure(model, example)
+    groups = build_groups(structure.pairs)
+    print(f"model: {type(model).__name__} from {args.target}")
+    print(structure)
+    print(f"law groups: {len(groups)} ({sum(g.count for g in groups)} laws)")
+    for g in groups:
+        print(f"  {g.name:<24} {g.kind:<8} {g.count:>6} laws   {g.reason}")
+    if args.analyze:
+        from ..analyze import analyze
+
+        print(analyze(model, example))
+    return 0
