@@ -136,11 +136,13 @@ def test_csv_and_jsonl_hold_the_full_history(tmp_path):
         np.testing.assert_array_equal(got, history[f"{group.name}/rel_drift"])
 
 
-def test_jsonl_writes_non_finite_laws_as_null(tmp_path):
+def test_non_finite_laws_are_null_in_jsonl_and_skipped_by_logged_maxima(tmp_path):
     model = _model()
     monitor = ConservationMonitor(model, torch.randn(2, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor.attach(optimizer)
+    records: list = []
+    monitor.add_listener(records.append)
     with pytest.warns(Warning):
         with torch.no_grad():
             model[0].weight[0, 0] = math.inf  # poisons the first unit's law
@@ -149,3 +151,6 @@ def test_jsonl_writes_non_finite_laws_as_null(tmp_path):
     entry = json.loads((tmp_path / "h.jsonl").read_text().splitlines()[-1])
     first_group = monitor.groups[0].name
     assert None in entry["values"][first_group]
+    # the logged maxima skip the invalid law, like the monitor's rel_drift
+    scalars = export.record_scalars(monitor, records[-1])
+    assert all(math.isfinite(v) for v in scalars.values()), scalars

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ..distributed import is_main_process
 
@@ -75,7 +76,7 @@ def record_scalars(monitor: ConservationMonitor, record: Record) -> dict[tuple[s
 
     ``max_rel_drift`` is the record's ``rel_drift``; ``max_abs_drift`` is
     max |h(θ_t) − h(θ_0)|; the two ``max_abs_*_order`` are present when the record
-    carries the first/second-order split.
+    carries the first/second-order split. Maxima run over the finite (valid) laws only.
 
     Example:
         >>> record_scalars(monitor, record)[("fc1", "max_rel_drift")]  # doctest: +SKIP
@@ -160,5 +161,10 @@ def _finite_or_none(values: list[float] | None) -> list[float | None] | None:
     return [v if math.isfinite(v) else None for v in values]
 
 
-def _max_abs(tensor: Any) -> float:
-    return float(tensor.abs().max()) if tensor.numel() else 0.0
+def _max_abs(tensor: torch.Tensor) -> float:
+    """Largest |entry| over the finite entries (invalid laws are left out, as in the monitor's
+    ``rel_drift``); NaN when no entry is finite."""
+    finite = tensor[torch.isfinite(tensor)]
+    if finite.numel():
+        return float(finite.abs().max())
+    return math.nan if tensor.numel() else 0.0

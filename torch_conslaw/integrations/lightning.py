@@ -7,8 +7,8 @@ each record brackets exactly one ``optimizer.step()``: gradient accumulation giv
 record per optimizer step, and steps skipped by a mixed-precision ``GradScaler`` are not
 recorded. The monitor's state (initial values, history) is saved in Lightning
 checkpoints and restored on resume, so drift is still measured against the original θ_0.
-If the trainer has a logger, each record's per-group drift goes to it as
-``conslaw/<group>/<quantity>`` metrics from rank 0.
+If the trainer has loggers, each record's per-group drift goes to them as
+``conslaw/<group>/<quantity>`` metrics from global rank 0.
 
 Example:
     >>> from torch_conslaw.integrations.lightning import ConservationCallback
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..distributed import is_main_process
 from . import require
 from .export import record_scalars, scalar_tag
 
@@ -44,7 +43,7 @@ class ConservationCallback(_pl.Callback):
             default: the module's ``example_input_array`` when it sets one.
         submodule: dotted name of the sub-module to monitor (e.g. ``"net"``); default: the
             whole ``LightningModule``.
-        log: send each record's per-group drift to ``trainer.logger``.
+        log: send each record's per-group drift to the trainer's loggers (global rank 0).
         **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records`` of the monitor.
 
     Example:
@@ -125,9 +124,10 @@ class ConservationCallback(_pl.Callback):
             ) from err
 
     def _log_record(self, record: Record) -> None:
-        logger = getattr(self._trainer, "logger", None)
-        if logger is None or not is_main_process():
+        loggers = getattr(self._trainer, "loggers", [])
+        if not loggers or not self._trainer.is_global_zero:
             return
         assert self.monitor is not None
         metrics = {scalar_tag(g, q): v for (g, q), v in record_scalars(self.monitor, record).items()}
-        logger.log_metrics(metrics, step=record.step)
+        for logger in loggers:
+            logger.log_metrics(metrics, step=record.step)
