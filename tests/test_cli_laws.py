@@ -32,7 +32,7 @@ def test_mlp_laws_are_printed_one_per_line_with_a_summary(capsys):
         "W1[0,0]**2 + W1[0,1]**2 + W1[0,2]**2 + b1[0]**2 - W2[0,0]**2 - W2[1,0]**2",
         "W1[1,0]**2 + W1[1,1]**2 + W1[1,2]**2 + b1[1]**2 - W2[0,1]**2 - W2[1,1]**2",
     ]
-    assert lines[2].startswith("2 independent polynomial laws of degree <= 2 in D = 14 variables (verified: 2 numeric)")
+    assert lines[2].startswith("2 independent polynomial laws of degree <= 2 in D = 14 variables (verified: 2 symbolic)")
     assert len(lines) == 3
 
 

@@ -4,6 +4,7 @@ exact verification, independence, MLPs through generators, and bad input."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import sympy
@@ -202,12 +203,36 @@ def test_mlp_relu_with_bias_gives_the_unit_balance_laws_by_name():
         for j in range(2)
     ]
     assert [sympy.expand(h - e) for h, e in zip(laws, expected)] == [0, 0]
-    assert laws.verified == ["numeric", "numeric"] and laws.D == family.D == 14
+    assert laws.verified == ["symbolic", "symbolic"] and laws.D == family.D == 14
 
 
-def test_mlp_linear_hidden_layer_count():
-    laws = polynomial_laws_of(MLPGenerators([3, 2, 3], ["linear"]), 2)
-    assert len(laws) == 3 and set(laws.verified) == {"numeric"}
+@pytest.mark.parametrize(
+    "widths,activations,bias,count",
+    [
+        ([3, 2, 3], ["linear"], False, 3),  # r(r+1)/2
+        ([3, 3, 3, 2], ["relu", "linear"], True, 3 + 6),  # one per ReLU unit + the linear layer's
+    ],
+)
+def test_mlp_counts_are_verified_against_the_path_factorization(widths, activations, bias, count):
+    laws = polynomial_laws_of(MLPGenerators(widths, activations, bias=bias), 2)
+    assert len(laws) == count and set(laws.verified) == {"symbolic"}
+    numeric = polynomial_laws_of(MLPGenerators(widths, activations, bias=bias), 2, symbolic=False)
+    assert list(numeric) == list(laws) and set(numeric.verified) == {"numeric"}
+
+
+def test_exact_check_rejects_a_non_law():
+    from torch_conslaw.polynomial import _family_symbolic_map, _symbolic_check
+
+    family = MLPGenerators([2, 1, 1], ["relu"], bias=True)  # W1[0,0], W1[0,1], b1[0], W2[0,0], b2[0]
+    basis = monomial_basis(family.D, 2)
+    exact = _family_symbolic_map(family, sympy.symbols("a:5"))
+    exps = [tuple(e) for e in basis.exponents.tolist()]
+    law = [Fraction(0)] * basis.size
+    for e, c in [((2, 0, 0, 0, 0), 1), ((0, 2, 0, 0, 0), 1), ((0, 0, 2, 0, 0), 1), ((0, 0, 0, 2, 0), -1)]:
+        law[exps.index(e)] = Fraction(c)
+    assert _symbolic_check(law, basis, exact) is True
+    law[exps.index((0, 0, 0, 0, 2))] = Fraction(1)  # + b2²: no longer conserved
+    assert _symbolic_check(law, basis, exact) is False
 
 
 def test_format_law_keeps_variable_order():

@@ -5,10 +5,12 @@ dropped). Each random pair (θ_s, a_s) gives one linear equation
 
     Σ_m c_m ⟨∇m(θ_s), X_a(θ_s)⟩ = 0,      X_a = ∂φ(θ)^T a,
 
-so the laws are the null space of a tall random matrix. It is streamed through a QR update
-(memory O(M²) for M unknowns), its null space is read off an SVD with a relative threshold,
-reduced to row-echelon form, rationalized, and every law is verified: exactly with sympy
-when φ can be evaluated on symbols, otherwise at fresh random points.
+so the laws are the null space of a tall random (2M + 20) × M matrix for M unknowns. Its QR
+factor R gives the null space (full SVD for small M, block inverse iteration otherwise) with
+a relative threshold and the singular-value gap as evidence; the laws are then reduced to
+row-echelon form, rationalized, and verified: exactly with sympy when φ is known as a
+polynomial (evaluated on symbols, or an MLP's path factorization), otherwise at fresh random
+points.
 
 Monomials are stored as *slots*: a monomial of degree ≤ k is a sorted tuple of k variable
 indices in 0..D, where index D stands for the constant 1. Values and directional
@@ -179,11 +181,11 @@ def _check_degree(degree: Any) -> int:
 
 
 def _peak_bytes(M: int, degree: int) -> int:
-    """Peak memory of the streamed solver, about 8 M × M matrices (a block of M rows while it
-    is assembled, R, their 2M × M stack and the copy QR makes of it), plus the temporaries of
-    one chunk of equations. Measured: M = 4059 peaks at 1.08 GB, this says 1.12 GB."""
+    """Peak memory of the solver: the (2M + 20) × M equation matrix, the copy QR makes of it,
+    R, plus the temporaries of one chunk of equations. Measured for M = 4059 (degree 3,
+    D = 27): 0.66 GB; this gives 0.73 GB."""
     temporaries = min(_CHUNK_BYTES, 24 * degree * (2 * M + 20) * M)
-    return 8 * 8 * M * M + temporaries
+    return 8 * (2 * (2 * M + 20) * M + M * M) + temporaries
 
 
 def _check_memory(D: int, degree: int, memory_budget: float) -> None:
@@ -197,7 +199,7 @@ def _check_memory(D: int, degree: int, memory_budget: float) -> None:
     raise ValueError(
         f"degree {degree} in D = {D} variables gives {M} unknown coefficients (C(D+k, k) - 1) "
         f"and an equation matrix of {rows} x {M} ({8 * rows * M / 1e9:.3g} GB as float64); "
-        f"the streamed solver needs about {need / 1e9:.3g} GB, over memory_budget = "
+        f"the solver needs about {need / 1e9:.3g} GB, over memory_budget = "
         f"{memory_budget / 1e9:.3g} GB: {hint}, or raise memory_budget"
     )
 
@@ -267,21 +269,26 @@ def _normalize_rows_(block: Tensor) -> Tensor:
     return block.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
 
 
-def _equation_blocks(
+def _equation_matrix(
     sampler: FieldSampler, basis: MonomialBasis, per_point: int, n_points: int, gen: torch.Generator, bar: ProgressBar
-) -> Iterator[Tensor]:
-    """Equation rows in blocks of about M rows (so that each QR update is worth its O(M³)),
-    each generated in chunks whose temporaries stay under ``_CHUNK_BYTES``."""
+) -> tuple[Tensor, Tensor]:
+    """The (n_points · per_point) × M equations, filled in chunks whose temporaries stay
+    under ``_CHUNK_BYTES``: columns divided by their norms in the first chunk, then rows
+    scaled to unit norm. Returns the matrix and the column scales."""
     M = basis.size
     chunk_points = max(1, _CHUNK_BYTES // (24 * per_point * M * basis.slots.shape[1]))
-    pending: list[Tensor] = []
+    A = torch.empty(n_points * per_point, M, dtype=DTYPE)
+    scale: Tensor | None = None
     for start in range(0, n_points, chunk_points):
         n = min(chunk_points, n_points - start)
-        pending.append(_equation_block(sampler, basis, n, per_point, gen))
+        block = _equation_block(sampler, basis, n, per_point, gen)
+        if scale is None:
+            norms = block.norm(dim=0)
+            scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+        A[start * per_point : (start + n) * per_point] = _normalize_rows_(block.div_(scale))
         bar.update(n)
-        if sum(p.shape[0] for p in pending) >= M or start + n >= n_points:
-            yield torch.cat(pending)
-            pending = []
+    assert scale is not None
+    return A, scale
 
 
 def _null_space(
@@ -292,19 +299,16 @@ def _null_space(
     rtol: float,
     progress: bool | None,
 ) -> NullSpace:
-    """Stream ≥ 2M + 20 equations (``per_point`` per random point) through a QR update,
-    then split the smallest singular values of R at ``rtol``."""
+    """≥ 2M + 20 equations (``per_point`` per random point), their QR factor R, and the
+    smallest singular values of R split at ``rtol``."""
     M = basis.size
     n_points = math.ceil((2 * M + 20) / per_point)
-    R = torch.zeros(0, M, dtype=DTYPE)
-    scale: Tensor | None = None
     with ProgressBar(n_points, "equations", enabled=progress) as bar:
         bar.update(0, note=f"{M} unknowns")
-        for block in _equation_blocks(sampler, basis, per_point, n_points, gen, bar):
-            if scale is None:  # equilibrate columns once, from the first block
-                norms = block.norm(dim=0)
-                scale = torch.where(norms > 0, norms, torch.ones_like(norms))
-            R = torch.linalg.qr(torch.cat([R, _normalize_rows_(block.div_(scale))]), mode="r").R
+        A, scale = _equation_matrix(sampler, basis, per_point, n_points, gen, bar)
+        bar.update(0, note="QR")
+        R = torch.linalg.qr(A, mode="r").R
+        del A
         bar.update(0, note="null space")
         rel, vectors = _smallest_singular(R, rtol, gen)
     return _split_spectrum(rel, vectors, scale, n_points * per_point, rtol)
@@ -465,24 +469,63 @@ class SymbolicMap:
     partials: list[list[Any]]  # partials[i][j] = ∂φ_i/∂x_j
 
 
-def _symbolic_map(phi: Callable[..., Any], symbols: Sequence[sympy.Symbol]) -> SymbolicMap | None:
-    """φ evaluated on sympy symbols, or None where that fails or is not a rational polynomial."""
-    if len(symbols) > _SYMBOLIC_MAX_D:
+def _exact_map(outputs: Sequence[Any], symbols: Sequence[sympy.Symbol]) -> SymbolicMap | None:
+    """The outputs φ_i (sympy values) as exact polynomials with their partials, or None when
+    they are too many for exact checks or are not polynomials with rational coefficients."""
+    exprs = [sympy.sympify(v) for v in outputs]
+    if not exprs or len(exprs) * len(symbols) > _SYMBOLIC_MAX_WORK or any(e.has(sympy.Float) for e in exprs):
         return None
     ring, *gens = sympy.ring(list(symbols), sympy.QQ)
+    try:
+        polys = [ring.from_expr(e) for e in exprs]
+    except ValueError:  # not a polynomial (e.g. Max from a ReLU)
+        return None
+    return SymbolicMap(ring, [[p.diff(g) for g in gens] for p in polys])
+
+
+def _symbolic_map(phi: Callable[..., Any], symbols: Sequence[sympy.Symbol]) -> SymbolicMap | None:
+    """φ evaluated on a numpy object array of sympy symbols, or None where that fails, is not
+    a rational polynomial, or disagrees with φ on tensors."""
+    if len(symbols) > _SYMBOLIC_MAX_D:
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = np.asarray(phi(np.array(symbols, dtype=object)), dtype=object).reshape(-1)
-        exprs = [sympy.sympify(v) for v in out]
-        if not exprs or len(exprs) * len(symbols) > _SYMBOLIC_MAX_WORK or any(e.has(sympy.Float) for e in exprs):
-            return None
-        polys = [ring.from_expr(e) for e in exprs]
-        if not _agrees_with_torch(phi, len(polys), len(symbols)):
-            return None
+            exact = _exact_map(out, symbols)
+            return exact if exact is not None and _agrees_with_torch(phi, len(out), len(symbols)) else None
     except Exception:  # φ written for tensors only: fall back to numerical checks
         return None
-    return SymbolicMap(ring, [[p.diff(g) for g in gens] for p in polys])
+
+
+def _mlp_outputs(family: Any, symbols: Sequence[sympy.Symbol]) -> list[Any]:
+    """φ of an MLP family on symbols (SCIENCE.md §2): from every start (the input, or a
+    layer's bias) to the output, the product of the weights along each path, summed over the
+    units of linear hidden layers and kept apart across gated (ReLU-like) ones."""
+    params = iter(np.split(np.array(symbols, dtype=object), np.cumsum(family.sizes)[:-1]))
+    weights, starts = [], []
+    for k in range(len(family.widths) - 1):
+        weights.append(next(params).reshape(family.widths[k + 1], family.widths[k]))
+        if family.layer_bias[k]:
+            starts.append((k, next(params)))
+    outputs: list[Any] = []
+    for first, T in [(0, weights[0]), *starts]:  # T's first axis: the units of layer first + 1
+        for j in range(first + 1, len(weights)):
+            if family.kinds[j - 1].gated:
+                T = weights[j].reshape(weights[j].shape + (1,) * (T.ndim - 1)) * T[None]
+            else:
+                T = np.tensordot(weights[j], T, axes=(1, 0))
+        outputs.extend(T.reshape(-1))
+    return outputs
+
+
+def _family_symbolic_map(sampler: FieldSampler, symbols: Sequence[sympy.Symbol]) -> SymbolicMap | None:
+    """Exact φ of an :class:`~torch_conslaw.generators.MLPGenerators`; None for other samplers."""
+    from .generators import MLPGenerators
+
+    if not isinstance(sampler, MLPGenerators) or len(symbols) > _SYMBOLIC_MAX_D:
+        return None
+    return _exact_map(_mlp_outputs(sampler, symbols), symbols)
 
 
 def _agrees_with_torch(phi: Callable[..., Any], n_outputs: int, D: int) -> bool:
@@ -679,6 +722,7 @@ def polynomial_laws_of(
     rtol: float = 1e-9,
     max_denominator: int = 1000,
     memory_budget: float = 4e9,
+    symbolic: bool = True,
     progress: bool | None = False,
 ) -> PolynomialLaws:
     """Polynomial laws of degree ≤ ``degree`` of any field sampler (``.D``, ``.sample``).
@@ -689,8 +733,11 @@ def polynomial_laws_of(
     x1..xD. ``independent=True`` keeps only laws whose gradients are independent (products
     and other functions of earlier laws are dropped); ``False`` returns a basis of the whole
     vector space of laws. ``rtol`` is the relative singular-value threshold of the null
-    space; ``memory_budget`` (bytes) bounds the solver. Laws are checked at fresh random
-    points (relative residual ≤ 1e-10); one that fails is dropped with a warning.
+    space; ``memory_budget`` (bytes) bounds the solver. With ``symbolic=True`` the laws of
+    an MLPGenerators are verified exactly against its path factorization φ (built with sympy,
+    SCIENCE.md §2) when that is small enough; otherwise, and for other samplers, at fresh
+    random points (relative residual ≤ 1e-10). A candidate that fails is dropped with a
+    warning.
 
     Example:
         >>> from torch_conslaw.generators import MLPGenerators
@@ -698,7 +745,10 @@ def polynomial_laws_of(
         ['W1[0,0]**2 - W2[0,0]**2']
     """
     opts = _Options(seed, independent, rtol, max_denominator, memory_budget, progress)
-    return _find_laws(sampler, _check_degree(degree), opts, None)
+    degree = _check_degree(degree)
+    _check_memory(sampler.D, degree, memory_budget)
+    exact = _family_symbolic_map(sampler, _symbols_for(sampler)) if symbolic else None
+    return _find_laws(sampler, degree, opts, exact)
 
 
 def polynomial_laws(
