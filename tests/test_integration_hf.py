@@ -41,7 +41,7 @@ class _Data(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def _trainer(out, model, callback, **kwargs):
+def _trainer(out, model, callback, dataset=None, **kwargs):
     options = dict(
         output_dir=str(out),
         max_steps=4,
@@ -62,7 +62,8 @@ def _trainer(out, model, callback, **kwargs):
     )
     options.update(kwargs)
     args = transformers.TrainingArguments(**options)
-    return transformers.Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[callback])
+    data = _Data() if dataset is None else dataset
+    return transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
 
 
 def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
@@ -119,3 +120,35 @@ def test_missing_checkpoint_state_is_a_clear_error(tmp_path):
     callback = ConservationTrainerCallback(resume_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
         _trainer(tmp_path, TinyRegressor(), callback, max_steps=1).train()
+
+
+class _TokenData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32) -> None:
+        gen = torch.Generator().manual_seed(5)
+        self.ids, self.labels = torch.randint(0, 50, (n, 8), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def test_real_pretrained_model_from_a_config(tmp_path):
+    """A tiny BERT built from its config (nothing downloaded): fx cannot trace it, so the
+    structure comes from forward hooks on ``example_input``; the FFN's ReLU units are found."""
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_act="relu", max_position_embeddings=16, num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    callback = ConservationTrainerCallback(example_input={"input_ids": torch.randint(0, 50, (2, 8))})
+    _trainer(tmp_path, model, callback, _TokenData(), max_steps=3, learning_rate=0.01).train()
+    monitor = callback.monitor
+    ffn = "bert.encoder.layer.0.intermediate.dense→bert.encoder.layer.0.output.dense"
+    assert [g.name for g in monitor.groups] == [ffn] and monitor.groups[0].count == 32
+    assert any("Tanh" in str(s) for s in monitor.skipped)  # the pooler → classifier pair, with its reason
+    (summary,) = monitor.summary()
+    assert monitor.num_steps == 3 and summary["expected_conserved"]
+    assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
