@@ -567,10 +567,11 @@ def _numeric_residuals(
 class PolynomialLaws(list):
     """The laws (sympy expressions) plus how they were found and verified.
 
-    Attributes: ``verified`` (one of ``"symbolic"`` / ``"numeric"`` per law), ``symbols``,
-    ``D``, ``degree``, ``independent`` (whether only independent laws were kept), ``n_unknowns``, ``n_equations``, ``linear_dim`` (dimension of the
-    vector space of polynomial laws of degree ≤ k, constants excluded), ``gap``
-    (smallest accepted, largest rejected σ/σ_max), ``warnings``, ``seconds``.
+    Attributes: ``verified`` (``"symbolic"`` or ``"numeric"`` per law), ``symbols``, ``D``,
+    ``degree``, ``independent`` (whether only independent laws were kept), ``n_unknowns``,
+    ``n_equations``, ``linear_dim`` (dimension of the vector space of polynomial laws of
+    degree ≤ k, constants excluded), ``gap`` (smallest accepted σ/σ_max, largest rejected
+    σ/σ_max; None where there is none), ``warnings``, ``seconds``.
 
     Example:
         >>> laws = polynomial_laws(lambda t: t[0:1] + t[1:2], 2, 2)
@@ -594,6 +595,7 @@ class PolynomialLaws(list):
 
 
 def _symbols_for(sampler: FieldSampler) -> list[sympy.Symbol]:
+    """Symbols named after ``sampler.parameter_names()`` when it exists, else x1..xD."""
     names = getattr(sampler, "parameter_names", None)
     labels = names() if callable(names) else [f"x{i + 1}" for i in range(sampler.D)]
     return [sympy.Symbol(label) for label in labels]
@@ -660,9 +662,8 @@ class _Options:
 
 
 def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: SymbolicMap | None) -> PolynomialLaws:
-    """Check the budget, build the basis, and run the pipeline with the right thread count."""
+    """Build the basis and run the pipeline with the right thread count (budget checked)."""
     start = time.perf_counter()
-    _check_memory(sampler.D, degree, opts.memory_budget)
     basis = monomial_basis(sampler.D, degree)
     with _threads_for(basis.size):
         return _laws_in_basis(sampler, basis, opts, exact, start)
