@@ -206,6 +206,21 @@ def test_mlp_relu_with_bias_gives_the_unit_balance_laws_by_name():
     assert laws.verified == ["symbolic", "symbolic"] and laws.D == family.D == 14
 
 
+def test_deep_relu_laws_come_out_as_the_unit_laws_themselves():
+    """A row-echelon basis mixes a unit's law with the next layer's; the sparsified basis
+    gives ‖w_in‖² + b² − ‖w_out‖² per unit, exactly."""
+    family = MLPGenerators([2, 2, 2, 1], ["relu", "relu"], bias=True)
+    s = {str(x): x for x in polynomial_laws_of(family, 2).symbols}
+    laws = polynomial_laws_of(family, 2)
+
+    def unit(k, j, n_in, n_out):
+        incoming = sum(s[f"W{k}[{j},{i}]"] ** 2 for i in range(n_in)) + s[f"b{k}[{j}]"] ** 2
+        return incoming - sum(s[f"W{k + 1}[{o},{j}]"] ** 2 for o in range(n_out))
+
+    expected = [unit(1, 0, 2, 2), unit(1, 1, 2, 2), unit(2, 0, 2, 1), unit(2, 1, 2, 1)]
+    assert [sympy.expand(h - e) for h, e in zip(laws, expected)] == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize(
     "widths,activations,bias,count",
     [

@@ -8,7 +8,7 @@ dropped). Each random pair (θ_s, a_s) gives one linear equation
 so the laws are the null space of a tall random (2M + 20) × M matrix for M unknowns. Its QR
 factor R gives the null space (full SVD for small M, block inverse iteration otherwise) with
 a relative threshold and the singular-value gap as evidence; the laws are then reduced to
-row-echelon form, rationalized, and verified: exactly with sympy when φ is known as a
+row-echelon form, rationalized, sparsified by exact row operations, and verified: exactly with sympy when φ is known as a
 polynomial (evaluated on symbols, or an MLP's path factorization), otherwise at fresh random
 points.
 
@@ -403,10 +403,44 @@ def _rationalize(row: np.ndarray, max_denominator: int, tol: float) -> list[Frac
     """Small fractions equal to ``row`` within ``tol`` (relative), or None."""
     out = []
     for x in row.tolist():
+        if x == 0.0:
+            out.append(Fraction(0))
+            continue
         q = Fraction(x).limit_denominator(max_denominator)
         if abs(x - float(q)) > tol * max(1.0, abs(x)):
             return None
         out.append(q)
+    return out
+
+
+def _sparsify(rows: list[list[Any]], degrees: list[int]) -> list[list[Any]]:
+    """Exact row operations row_i −= c·row_j (deg row_j ≤ deg row_i, c cancelling a shared
+    term) while they shorten row_i: a row-echelon basis often mixes laws that are sparse on
+    their own (a unit's law plus those of the next layer). Rows with float entries are kept."""
+    if not all(isinstance(c, Fraction) for row in rows for c in row):
+        return rows
+    sparse = [{m: c for m, c in enumerate(row) if c} for row in rows]
+    improved = True
+    while improved:
+        improved = False
+        for i, j in ((i, j) for i in range(len(sparse)) for j in range(len(sparse)) if i != j and degrees[j] <= degrees[i]):
+            for m in sparse[i].keys() & sparse[j].keys():
+                candidate = _axpy(sparse[i], -sparse[i][m] / sparse[j][m], sparse[j])
+                if len(candidate) < len(sparse[i]):
+                    sparse[i], improved = candidate, True
+                    break
+    size = len(rows[0]) if rows else 0
+    dense = [[row.get(m, Fraction(0)) for m in range(size)] for row in sparse]
+    return [r if next(c for c in r if c) > 0 else [-c for c in r] for r in dense]
+
+
+def _axpy(x: dict[int, Fraction], a: Fraction, y: dict[int, Fraction]) -> dict[int, Fraction]:
+    """x + a·y for sparse rows, zeros dropped."""
+    out = dict(x)
+    for m, c in y.items():
+        out[m] = out.get(m, Fraction(0)) + a * c
+        if not out[m]:
+            del out[m]
     return out
 
 
@@ -609,7 +643,8 @@ def _warn(notes: list[str], message: str) -> None:
 def _present(
     null: NullSpace, basis: MonomialBasis, max_denominator: int, notes: list[str]
 ) -> tuple[np.ndarray, list[list[Any]]]:
-    """Reduced basis ordered by ascending degree: float rows and exact (or float) coefficients."""
+    """Reduced basis ordered by ascending degree (row-echelon form, rationalized, then
+    sparsified): float rows and exact (or float) coefficients."""
     reduced = _rref(null.coefficients)
     top_degree = [int(basis.degrees[np.flatnonzero(r)[0]]) for r in reduced]
     reduced = reduced[np.argsort(top_degree, kind="stable")]
@@ -621,6 +656,7 @@ def _present(
     if n_float:
         _warn(notes, f"{n_float} of {len(exact)} candidate laws have coefficients that are not small fractions "
               f"(denominator <= {max_denominator}); they are kept as floats")
+    exact = _sparsify(exact, sorted(top_degree))
     floats = np.array([[float(c) for c in row] for row in exact]).reshape(len(exact), basis.size)
     return floats, exact
 
