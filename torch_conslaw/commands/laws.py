@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _find(args: argparse.Namespace, options: dict[str, Any]) -> PolynomialLaws:
+    """The laws of the MLP (--widths) or of the map (--phi) the arguments describe."""
     if (args.widths is None) == (args.phi is None):
         raise ValueError("give exactly one of --widths (an MLP) or --phi path/to/file.py:function")
     if args.phi is not None:
