@@ -250,6 +250,22 @@ def test_exact_check_rejects_a_non_law():
     assert _symbolic_check(law, basis, exact) is False
 
 
+def test_any_object_with_D_and_sample_works():
+    class TripleProductFields:
+        """X_a = a ∇(x1 x2 x3), drawn by hand: no generator family, no parameter names."""
+
+        D = 3
+
+        def sample(self, theta, n, generator):
+            a = torch.randn(n, 1, dtype=torch.float64, generator=generator)
+            x1, x2, x3 = theta
+            return a * torch.stack([x2 * x3, x1 * x3, x1 * x2])
+
+    laws = polynomial_laws_of(TripleProductFields(), 2)
+    assert [str(h) for h in laws] == ["x1**2 - x3**2", "x2**2 - x3**2"]
+    assert laws.verified == ["numeric", "numeric"]
+
+
 def test_format_law_keeps_variable_order():
     x = sympy.symbols("x1:12")
     assert format_law(x[1] ** 2 - x[10] ** 2 - sympy.Rational(3, 2) * x[0], x) == "x2**2 - x11**2 - 3/2*x1"
