@@ -30,7 +30,7 @@ def _flat(history: dict) -> dict:
     return {key.replace("/", "|"): value for key, value in history.items()}
 
 
-def _ddp_worker(rank: int, folder: str) -> None:
+def _ddp_worker(rank: int, folder: str, with_tensorboard: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
@@ -41,7 +41,7 @@ def _ddp_worker(rank: int, folder: str) -> None:
         monitor = ConservationMonitor(model, torch.randn(2, 5))
         assert monitor.model is inner, "the monitor must unwrap DDP's .module"
         tensorboard = None
-        if os.environ.get("CONSLAW_TEST_TB") == "1":
+        if with_tensorboard:
             from torch_conslaw.integrations.tensorboard import TensorBoardLogger
 
             tensorboard = TensorBoardLogger(monitor, os.path.join(folder, "tb"))
@@ -60,14 +60,14 @@ def _ddp_worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path, monkeypatch):
-    have_tb = True
+def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path):
     try:
         import torch_conslaw.integrations.tensorboard  # noqa: F401
+
+        have_tb = True
     except ImportError:
         have_tb = False
-    monkeypatch.setenv("CONSLAW_TEST_TB", "1" if have_tb else "0")
-    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    mp.spawn(_ddp_worker, args=(str(tmp_path), have_tb), nprocs=WORLD, join=True)
 
     h0, h1 = np.load(tmp_path / "history0.npz"), np.load(tmp_path / "history1.npz")
     assert sorted(h0.files) == sorted(h1.files)
