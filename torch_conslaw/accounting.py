@@ -94,7 +94,7 @@ class _Buffers:
     def get(self, name: str, like: Tensor) -> Tensor:
         buf = self._bufs.get(name)
         if buf is None or buf.shape != like.shape:
-            buf = self._bufs[name] = torch.empty(like.shape, dtype=F64)
+            buf = self._bufs[name] = torch.empty(like.shape, dtype=F64, device=like.device)
         return buf
 
     def load(self, params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:

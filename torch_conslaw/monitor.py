@@ -143,13 +143,13 @@ class ConservationMonitor:
             )
         self._accountant = Accountant(self.groups)
         theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
-        self.initial: dict[str, Tensor] = {g.name: g.values(theta0) for g in self.groups}
+        self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
         self._counts = [g.count for g in self.groups]
         self._group_index = torch.repeat_interleave(
             torch.arange(len(self.groups)), torch.tensor(self._counts, dtype=torch.long)
         ).unsqueeze(0)
         self._init_flat = self._flat(self.initial)
-        self._scale_flat = self._flat({g.name: _floor_scale(g.scale(theta0)) for g in self.groups})
+        self._scale_flat = self._flat({g.name: _floor_scale(g.scale(theta0)).cpu() for g in self.groups})
         self._invalid = torch.zeros(sum(self._counts), dtype=torch.bool)
         self._maxima = {g.name: dict.fromkeys(_MAXIMA, 0.0) for g in self.groups}
         self._mark_invalid(0, self._init_flat, None, None)
@@ -254,7 +254,10 @@ class ConservationMonitor:
         """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given."""
         with torch.no_grad():
             if into is None:
-                into = {n: torch.empty(self._params[n].shape, dtype=torch.float64) for n in self._names}
+                into = {
+                    n: torch.empty(p.shape, dtype=torch.float64, device=p.device)
+                    for n, p in ((n, self._params[n]) for n in self._names)
+                }
             for n in self._names:
                 into[n].copy_(self._params[n].detach())
             return into
@@ -266,6 +269,8 @@ class ConservationMonitor:
             values, first, second = self._accountant.split(before, self._params)
         else:
             values = self._accountant.values(self._params)
+        values = {k: v.cpu() for k, v in values.items()}  # small vectors; history lives on the CPU
+        first, second = _to_cpu(first), _to_cpu(second)
         rel = self._update_statistics(values, first, second)
         if self.split and first is None:  # no snapshot to split against (post_step alone)
             first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
@@ -497,6 +502,10 @@ def _refuse_sharded(model: nn.Module) -> None:
 
 
 _MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
+
+
+def _to_cpu(per_group: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if per_group is None else {k: v.cpu() for k, v in per_group.items()}
 
 
 def _floor_scale(scale: Tensor) -> Tensor:
