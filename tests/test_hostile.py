@@ -259,22 +259,24 @@ def _run_probe(mode: str, steps: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # ~20 s on 2 cores: two fresh processes and three 25 M-parameter recorded steps
+# ~12 s on 2 cores (two fresh processes, six 25 M-parameter recorded steps), ~1.5 GB of RAM
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and allocator behaviour: Linux only")
 def test_large_model_monitor_memory_overhead_is_bounded():
     base = _run_probe("none", 1)
-    split = _run_probe("split", 3)
+    split = _run_probe("split", 6)
     param_bytes = 4 * base["params"]
     overhead = split["peaks"][-1] - base["peaks"][-1]
-    growth = split["peaks"][-1] - split["peaks"][1]  # after the first step's allocator warm-up
+    growth = split["peaks"][-1] - split["peaks"][1]  # steps 2 → 6, after the first step's warm-up
     print(
         f"\n{base['params'] / 1e6:.1f} M parameters ({param_bytes / 2**20:.0f} MiB float32): "
         f"training peak {base['peaks'][-1] / 2**20:.0f} MiB without the monitor, "
         f"{split['peaks'][-1] / 2**20:.0f} MiB with it (split=True): overhead "
         f"{overhead / 2**20:.0f} MiB = {overhead / param_bytes:.1f}x the parameters; "
-        f"growth from step 2 to 3: {growth / 2**20:.0f} MiB"
+        f"growth from step 2 to 6: {growth / 2**20:.0f} MiB"
     )
-    assert growth <= 0.1 * param_bytes, "later recorded steps must not need more memory"
+    # allocator noise is a few tens of MiB; keeping any parameter-sized buffer per step would
+    # add ≥ 4 x 64 MiB over these four steps
+    assert growth <= 0.5 * param_bytes, "later recorded steps must not need more memory"
     # documented bound (README reliability table; 9.4x measured): float64 snapshot and work buffers
     assert overhead <= 12 * param_bytes
 
