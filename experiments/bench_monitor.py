@@ -7,7 +7,7 @@ processes hits all three alike) and the overhead is the median over blocks of
 time(monitored) / time(plain) − 1. Results go to ``<out>/bench_monitor.json``.
 
 Usage:
-    python experiments/bench_monitor.py [--blocks 15] [--steps 20] [--threads 1] [--out figures]
+    python experiments/bench_monitor.py [--blocks 15] [--steps 20] [--threads 1] [--device cpu] [--out figures]
 """
 
 from __future__ import annotations
@@ -28,21 +28,21 @@ WIDTHS = (784, 512, 512, 10)
 BATCH = 128
 
 
-def make_run(mode: str | None):
+def make_run(mode: str | None, device: str):
     """A training step closure for ``mode`` in (None, "values", "split")."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(WIDTHS[0], WIDTHS[1]), nn.ReLU(), nn.Linear(WIDTHS[1], WIDTHS[2]), nn.ReLU(),
         nn.Linear(WIDTHS[2], WIDTHS[3]),
-    )
+    ).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = None
     if mode is not None:
         monitor = ConservationMonitor(model, split=(mode == "split"), every=1, max_records=1000)
         monitor.attach(opt)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, WIDTHS[0], generator=g)
-    y = torch.randint(0, WIDTHS[-1], (BATCH,), generator=g)
+    x = torch.randn(BATCH, WIDTHS[0], generator=g).to(device)
+    y = torch.randint(0, WIDTHS[-1], (BATCH,), generator=g).to(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -57,20 +57,24 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks")
     parser.add_argument("--steps", type=int, default=20, help="training steps per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noisy)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("figures"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     modes = {"plain": None, "values": "values", "split": "split"}
-    runs = {name: make_run(mode) for name, mode in modes.items()}
+    runs = {name: make_run(mode, args.device) for name, mode in modes.items()}
     for step, _ in runs.values():  # warm-up
         for _ in range(5):
             step()
     times: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.blocks):
         for name, (step, _) in runs.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step()
+            sync()
             times[name].append((time.perf_counter() - t0) / args.steps)
     ratio = {
         name: statistics.median(t / b for t, b in zip(times[name], times["plain"]))
@@ -81,6 +85,7 @@ def main() -> None:
         "batch": BATCH,
         "optimizer": "SGD lr=0.01",
         "threads": args.threads,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "blocks": args.blocks,
         "steps_per_block": args.steps,
         "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
@@ -92,8 +97,9 @@ def main() -> None:
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_monitor.json").write_text(json.dumps(result, indent=2))
-    print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {args.threads} thread(s))")
+    name = "bench_monitor.json" if args.device == "cpu" else f"bench_monitor_{args.device.split(':')[0]}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2))
+    print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {result['device']}, {args.threads} thread(s))")
     print(f"overhead, recording every step, values only: {100 * result['overhead_values_only']:+.1f} % (target ≤ 2 %)")
     print(f"overhead, recording every step, with split:  {100 * result['overhead_with_split']:+.1f} % (target ≤ 10 %)")
 
