@@ -185,4 +185,6 @@ def test_unwrap_model_strips_module_wrappers():
             self.module = inner
 
     assert unwrap_model(Wrapper()) is inner
+    compiled = torch.compile(inner)  # lazy: nothing is compiled until it is called
+    assert unwrap_model(compiled) is inner
     assert summary(find_structure(Wrapper())) == [("fc1→fc2", "unit", 5, 1, 1.0)]

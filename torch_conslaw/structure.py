@@ -126,12 +126,17 @@ class Structure:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` and similar wrappers (``.module``)."""
+    """The model inside ``DistributedDataParallel`` and similar wrappers (``.module``) and
+    inside ``torch.compile`` (``._orig_mod``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
