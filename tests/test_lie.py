@@ -223,3 +223,21 @@ def test_clear_decisions_do_not_warn():
         warnings.simplefilter("error", RankGapWarning)
         res = mlp_trace_dimension([3, 4, 5], ["relu"], bias=True)
     assert res.warnings == [] and math.isfinite(res.evidence["smallest_accepted"])
+
+
+def test_phi_that_torch_func_cannot_differentiate_is_explained():
+    def uses_item(t):
+        return torch.stack([t[0] * t[1].item()])
+
+    with pytest.raises(ValueError, match="torch.func"):
+        trace_dimension(uses_item, 2)
+
+
+def test_auto_method_switches_to_complement_for_large_relu_nets():
+    res = mlp_trace_dimension([60, 30, 10], ["relu"], bias=True)  # D = 2140 > DENSE_LIMIT
+    assert res.method == "complement" and res.n_laws == 30 and res.certified
+
+
+def test_auto_method_falls_back_to_dense_when_the_complement_is_large():
+    res = mlp_trace_dimension([41, 25, 40], ["linear"])  # D = 2025 > DENSE_LIMIT; W_1 has a large complement
+    assert res.D == 2025 and res.method == "dense" and res.n_laws == 25 * 26 // 2

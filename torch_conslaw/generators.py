@@ -108,6 +108,7 @@ class FunctionGenerators:
         probe = theta if theta is not None else torch.randn(D, dtype=DTYPE, generator=torch.Generator().manual_seed(12345))
         self.d = self._check_output(probe)
         self.key_dim = self.d
+        self._check_composable(probe)
 
     def _check_output(self, theta: Tensor) -> int:
         try:
@@ -132,11 +133,21 @@ class FunctionGenerators:
         if not torch.isfinite(out).all():
             raise ValueError("phi returned non-finite values (nan/inf) at a random point; make phi finite on R^D")
         if out.numel() == 0:
-            raise ValueError("phi returned an empty tensor; it must have at least one output")
+            raise ValueError(f"phi returned an empty tensor for an input of size D={self.D}; check D (phi needs at least one output)")
         return out.numel()
 
+    def _check_composable(self, theta: Tensor) -> None:
+        try:
+            jvp(lambda t: fields(self, t, torch.ones(2, self.d, dtype=DTYPE)), (theta.expand(2, -1).contiguous(),), (torch.ones(2, self.D, dtype=DTYPE),))
+        except Exception as err:
+            raise ValueError(
+                f"phi cannot be differentiated with torch.func ({type(err).__name__}: {err}); write phi "
+                "with out-of-place torch operations only (build outputs with torch.stack/torch.cat, not by item assignment), "
+                "no .item()/.numpy()/.tolist(), no data-dependent Python control flow"
+            ) from err
+
     def psi_batch(self, thetas: Tensor, keys: Tensor) -> Tensor:
-        return (vmap(self.phi)(thetas) * keys).sum(1)
+        return torch.einsum("bi,bi->b", vmap(self.phi)(thetas), keys)
 
     def sample_keys(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.randn(n, self.d, dtype=DTYPE, generator=generator)

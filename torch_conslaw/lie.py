@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,30 +35,21 @@ from .brackets import bracket_values
 from .generators import DTYPE, FunctionGenerators, GeneratorFamily, MLPGenerators
 from .gram import NullSpaceInfo, gram_null_space
 from .mlp_laws import known_law_rank
-from .numerics import DEFAULT_RTOL, RankDecision, new_directions
+from .numerics import DEFAULT_RTOL, RankDecision, new_directions, torch_threads
 from .progress import ProgressBar
 
 __all__ = ["LieResult", "RankGapWarning", "trace_dimension", "mlp_trace_dimension", "lie_trace"]
 
-DENSE_LIMIT = 4000
-"""``method="auto"`` uses the dense method up to this many parameters."""
+DENSE_LIMIT = 2000
+"""``method="auto"`` uses the dense method up to this many parameters, the complement above."""
+
+DENSE_MAX = 20000
+"""Largest D for which ``method="auto"`` falls back to the dense method (a D × D basis,
+3.2 GB in float64) when the complement of W_1(θ) is too large for the matrix-free method."""
 
 SINGLE_THREAD_LIMIT = 1500
 """Below this many parameters the computation runs on one thread: the matrices are too small
 to gain from threads, and LAPACK with busy threads can be 100× slower on a loaded machine."""
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class RankGapWarning(UserWarning):
@@ -240,24 +230,39 @@ def lie_trace(
     """dim Lie(W_φ)(θ) for any generator family (the engine behind the public functions)."""
     start = time.perf_counter()
     D = family.D
-    if method == "auto":
-        method = "dense" if D <= DENSE_LIMIT else "complement"
-    if method not in ("dense", "complement"):
+    if method not in ("auto", "dense", "complement"):
         raise ValueError(f"method must be 'auto', 'dense' or 'complement', got {method!r}")
     gen = torch.Generator().manual_seed(seed + 1)
     levels: list[int] = []
     decisions: list[list[RankDecision]] = []
     null_info = None
     small = 1 if D <= SINGLE_THREAD_LIMIT else None
-    with _threads(small), ProgressBar(None, "Lie algebra: levels", enabled=progress) as bar:
-        if method == "dense":
-            span: _DenseSpan | _ComplementSpan = _DenseSpan(D)
+    with torch_threads(small), ProgressBar(None, "Lie algebra: levels", enabled=progress) as bar:
+        span: _DenseSpan | _ComplementSpan | None = None
+        if method == "complement" or (method == "auto" and D > DENSE_LIMIT):
+            # auto: the matrix-free method pays off only while the complement stays small
+            max_dim = 4096 if method == "complement" else max(64, D // 4)
+            try:
+                complement, decision, null_info = gram_null_space(
+                    family, theta, rtol=rtol, seed=seed, max_dim=max_dim, progress=bar
+                )
+            except ValueError as err:
+                if method == "complement":
+                    raise
+                if D > DENSE_MAX:
+                    raise ValueError(
+                        f"{err}. The dense method would need a {D} × {D} basis (D > DENSE_MAX = "
+                        f"{DENSE_MAX}): this factorization is out of reach of both methods"
+                    ) from None
+            else:
+                span = _ComplementSpan(complement)
+                decisions.append([decision])
+                method = "complement"
+        if span is None:
+            method = "dense"
+            span = _DenseSpan(D)
             first = min(D, getattr(family, "d", D)) + 4
             decisions.append(_sample_level(family, theta, span, 1, gen, first, rtol, max_vectors_bytes))
-        else:
-            complement, decision, null_info = gram_null_space(family, theta, rtol=rtol, seed=seed, progress=bar)
-            span = _ComplementSpan(complement)
-            decisions.append([decision])
         levels.append(span.dim)
         bar.update(note=f"level 1: dim {span.dim}")
         depth = 1
@@ -358,7 +363,7 @@ def mlp_trace_dimension(
     theta = family.random_point(torch.Generator().manual_seed(seed))
     result = lie_trace(family, theta, method=method, rtol=rtol, seed=seed, progress=progress)
     if known_laws:
-        with _threads(1 if family.D <= SINGLE_THREAD_LIMIT else None):
+        with torch_threads(1 if family.D <= SINGLE_THREAD_LIMIT else None):
             known = known_law_rank(family, theta, rtol)
         if known is None:
             result.warnings.append("known-law rank not computed: its gradient matrix is too large")

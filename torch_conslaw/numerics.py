@@ -16,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["RankDecision", "decide_rank", "new_directions", "project_out", "DEFAULT_RTOL"]
+__all__ = ["RankDecision", "decide_rank", "new_directions", "project_out", "torch_threads", "DEFAULT_RTOL"]
 
 DEFAULT_RTOL = 1e-8
 """Relative singular values above this count as new directions (float64 noise is ~1e-13)."""
@@ -126,3 +128,28 @@ def new_directions(residuals: Tensor, scales: Tensor, rtol: float = DEFAULT_RTOL
         u, s, _ = torch.linalg.svd(scaled, full_matrices=False)
     decision = decide_rank(s, rtol, m)
     return u[:, : decision.rank], decision
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: leave as is), restoring the count after.
+
+    Small linear algebra runs faster on one thread, and LAPACK with several threads can be
+    100× slower on a loaded machine. The setting is process-wide: do not use it while other
+    threads of the process run torch code.
+
+    Example:
+        >>> import torch
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

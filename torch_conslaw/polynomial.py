@@ -27,8 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -39,6 +38,7 @@ import sympy
 import torch
 from torch import Tensor
 
+from .numerics import torch_threads
 from .progress import ProgressBar
 
 __all__ = [
@@ -206,18 +206,6 @@ def _check_memory(D: int, degree: int, memory_budget: float) -> None:
 
 # --------------------------------------------------------------------------------------
 # Equations and their null space
-
-
-@contextmanager
-def _threads_for(M: int) -> Iterator[None]:
-    """One torch thread while solving for M ≤ ``_SINGLE_THREAD_MAX`` unknowns, restored after."""
-    previous = torch.get_num_threads()
-    if M <= _SINGLE_THREAD_MAX:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -701,7 +689,7 @@ def _find_laws(sampler: FieldSampler, degree: int, opts: _Options, exact: Symbol
     """Build the basis and run the pipeline with the right thread count (budget checked)."""
     start = time.perf_counter()
     basis = monomial_basis(sampler.D, degree)
-    with _threads_for(basis.size):
+    with torch_threads(1 if basis.size <= _SINGLE_THREAD_MAX else None):
         return _laws_in_basis(sampler, basis, opts, exact, start)
 
 
