@@ -66,9 +66,9 @@ def test_inspect_without_input_explains_and_bad_targets_fail_clearly(tmp_path, c
     assert main(["inspect", f"{path}:make_model"]) == 0
     assert "pass example_input" in capsys.readouterr().out
     assert main(["inspect", f"{path}:missing"]) == 2
-    assert "has no attribute 'missing'" in capsys.readouterr().err
+    assert "defines no model 'missing'" in capsys.readouterr().err
     assert main(["inspect", str(path)]) == 2
-    assert "expected FILE.py:NAME" in capsys.readouterr().err
+    assert "must look like path/to/file.py:model" in capsys.readouterr().err
     assert main(["inspect", f"{path}:make_model", "--input-shape", "1,x"]) == 2
     assert "--input-shape must be comma-separated integers" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -7,14 +7,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..lawgroups import build_groups
+from ._target import load_target
 from ..structure import find_structure, unwrap_model
 
 
@@ -36,21 +34,7 @@ def load_model(target: str) -> nn.Module:
     Example:
         >>> load_model("missing.py:make")  # doctest: +SKIP
     """
-    path_text, sep, name = target.rpartition(":")
-    if not sep or not path_text or not name:
-        raise ValueError(f"expected FILE.py:NAME, got {target!r}")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file {path} (the FILE of FILE.py:NAME)")
-    spec = importlib.util.spec_from_file_location(f"_conslaw_inspect_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot import {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        raise ValueError(f"{path} has no attribute {name!r}")
-    obj = getattr(module, name)
+    obj = load_target(target, option="the target", kind="model")
     model = obj if isinstance(obj, nn.Module) else obj()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{target} gave a {type(model).__name__}, not an nn.Module")

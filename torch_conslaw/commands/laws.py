@@ -8,15 +8,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..polynomial import PolynomialLaws, format_law, polynomial_laws, polynomial_laws_of
+from ._target import load_target
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,23 +98,9 @@ def load_function(spec: str) -> Callable[..., Any]:
     Example:
         >>> load_function("model.py:phi")  # doctest: +SKIP
     """
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name.isidentifier():
-        raise ValueError(f"--phi must look like path/to/file.py:function, got {spec!r}")
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--phi: no such file {path!r}")
-    module_spec = importlib.util.spec_from_file_location(f"_conslaw_phi_{file.stem}", file)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"--phi: cannot import {path!r} as a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        raise ValueError(f"--phi: importing {path!r} failed with {type(err).__name__}: {err}") from err
-    function = getattr(module, name, None)
+    function = load_target(spec, option="--phi")
     if not callable(function):
-        raise ValueError(f"--phi: {path!r} defines no function {name!r}")
+        raise ValueError(f"--phi: {spec!r} is not a function")
     return function
 
 
