@@ -241,3 +241,11 @@ def test_auto_method_switches_to_complement_for_large_relu_nets():
 def test_auto_method_falls_back_to_dense_when_the_complement_is_large():
     res = mlp_trace_dimension([41, 25, 40], ["linear"])  # D = 2025 > DENSE_LIMIT; W_1 has a large complement
     assert res.D == 2025 and res.method == "dense" and res.n_laws == 25 * 26 // 2
+
+
+@pytest.mark.slow
+def test_relu_mlp_with_100k_parameters_is_counted_exactly():
+    """784-128-128-10 with biases: D = 118,282, one law per hidden unit, method chosen by size."""
+    res = mlp_trace_dimension([784, 128, 128, 10], ["relu", "relu"], bias=True)
+    assert res.D == 118_282 and res.method == "complement"
+    assert res.n_laws == 256 and res.certified and not res.warnings
