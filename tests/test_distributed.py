@@ -1,10 +1,12 @@
-"""The monitor under torch.distributed on CPU (gloo): DDP works, FSDP2 is refused clearly."""
+"""The monitor under torch.distributed on CPU (gloo): DDP, and FSDP2 fully_shard (laws summed from
+local shards with one all-reduce per recording, equal to an unsharded run)."""
 
 from __future__ import annotations
 
 import json
 import os
 import traceback
+import warnings
 
 import numpy as np
 import pytest
@@ -81,37 +83,149 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path):
         assert len(event_files) == 1, event_files
 
 
-def _fsdp_worker(rank: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
-    result: dict = {}
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+FSDP_STEPS = 3
+
+
+def _fsdp_mlp() -> nn.Module:
+    """ReLU units (7 hidden: uneven shards 4 + 3) and a linear hidden layer (matrix law 2→3)."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Linear(6, 3))
+
+
+def _fsdp_cnn() -> nn.Module:
+    """Channel laws 0→2 and 2→5, the latter read through a flatten (16 columns per channel)."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 3),
+    )
+
+
+def _fsdp_data(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batches on every rank, so that FSDP2 trains exactly like one process."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (8, 5) if kind == "mlp" else (8, 2, 4, 4)
+    return [(torch.randn(*shape, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(FSDP_STEPS)]
+
+
+def _train(kind: str, mesh=None, with_monitor: bool = True):
+    """Train one model (sharded with fully_shard when ``mesh`` is given); returns (model, monitor)."""
+    model = _fsdp_mlp() if kind == "mlp" else _fsdp_cnn()
+    if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model = _model()
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model[2], mesh=mesh)
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    monitor = ConservationMonitor(model) if with_monitor else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # nonzero 1st order
+    if monitor is not None:
+        monitor.attach(optimizer)
+    for x, y in _fsdp_data(kind):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return model, monitor
+
+
+def _save_monitor(monitor: ConservationMonitor, folder: str, tag: str) -> None:
+    np.savez(os.path.join(folder, f"{tag}.npz"), **_flat(monitor.history()))
+    with open(os.path.join(folder, f"{tag}.json"), "w") as handle:
+        json.dump({"summary": monitor.summary(), "skipped": [str(s) for s in monitor.skipped]}, handle)
+
+
+def _fsdp_worker(rank: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    status: dict = {}
+    try:
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for kind in ("mlp", "cnn"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model, monitor = _train(kind, mesh)
+            status[f"{kind}_warnings"] = [str(w.message) for w in caught]
+            _save_monitor(monitor, folder, f"{kind}{rank}")
+            export_jsonl(monitor, os.path.join(folder, f"{kind}{rank}.jsonl"))
+            if kind == "mlp":  # the monitor only reads: training is bitwise that of no monitor
+                bare, _ = _train(kind, mesh, with_monitor=False)
+                status["bitwise_unaffected"] = all(
+                    torch.equal(a.full_tensor(), b.full_tensor())
+                    for a, b in zip(model.parameters(), bare.parameters())
+                )
+        # a layout that cannot be summed from local rows is refused, naming the parameter
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        odd = _fsdp_mlp()
+        odd[0].weight = nn.Parameter(distribute_tensor(odd[0].weight.detach(), mesh, [Shard(1)]))
         try:
-            ConservationMonitor(model, torch.randn(2, 5))
-            result = {"raised": None}
-        except Exception as err:  # report to the parent, which asserts
-            result = {"raised": type(err).__name__, "message": str(err)}
+            ConservationMonitor(odd)
+            status["shard1"] = None
+        except NotImplementedError as err:
+            status["shard1"] = f"{type(err).__name__}: {err}"
+        status["ok"] = True
     except Exception:
-        result = {"setup_failed": traceback.format_exc()}
+        status["failed"] = traceback.format_exc()
     finally:
         with open(os.path.join(folder, f"fsdp{rank}.json"), "w") as handle:
-            json.dump(result, handle)
+            json.dump(status, handle)
         dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_parameters_are_refused_with_a_clear_error(tmp_path):
+def test_fsdp2_laws_from_local_shards_equal_an_unsharded_run(tmp_path):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
-        result = json.loads((tmp_path / f"fsdp{rank}.json").read_text())
-        if "setup_failed" in result:
-            pytest.skip(f"fully_shard does not run on CPU/gloo here: {result['setup_failed'][-300:]}")
-        assert result["raised"] == "NotImplementedError", result
-        assert "sharded parameters" in result["message"] and "DistributedDataParallel" in result["message"]
+    status = [json.loads((tmp_path / f"fsdp{rank}.json").read_text()) for rank in range(WORLD)]
+    for s in status:
+        assert s.get("ok"), s.get("failed")
+        assert s["bitwise_unaffected"]
+        assert s["shard1"] is not None and s["shard1"].startswith("ShardingNotSupported")
+        assert "0.weight" in s["shard1"] and "Shard(dim=1)" in s["shard1"] and "Shard(0)" in s["shard1"]
+    for kind in ("mlp", "cnn"):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the workers: the same float32 reduction order
+        try:
+            _, ref_monitor = _train(kind)  # one process, unsharded, same data
+        finally:
+            torch.set_num_threads(threads)
+        _save_monitor(ref_monitor, str(tmp_path), f"{kind}_ref")
+        ref = np.load(tmp_path / f"{kind}_ref.npz")
+        ref_info = json.loads((tmp_path / f"{kind}_ref.json").read_text())
+        h = [np.load(tmp_path / f"{kind}{rank}.npz") for rank in range(WORLD)]
+        info = [json.loads((tmp_path / f"{kind}{rank}.json").read_text()) for rank in range(WORLD)]
+        assert sorted(h[0].files) == sorted(h[1].files)
+        for key in h[0].files:  # every rank gets the same all-reduced values, bit for bit
+            np.testing.assert_array_equal(h[0][key], h[1][key], err_msg=f"{kind} {key}")
+        assert info[0] == info[1]
+        assert h[0]["step"].tolist() == list(range(FSDP_STEPS + 1))
+
+        sharded_groups = {s["name"] for s in info[0]["summary"]}
+        ref_groups = {s["name"]: s for s in ref_info["summary"]}
+        if kind == "mlp":
+            assert ref_groups["2→3"]["kind"] == "matrix" and "2→3" not in sharded_groups
+            reason = [r for r in info[0]["skipped"] if "2→3" in r]
+            assert reason and "matrix law" in reason[0] and "sharded" in reason[0], info[0]["skipped"]
+            assert any("matrix law" in w for w in status[0]["mlp_warnings"])
+            assert sharded_groups == {"0→2"}
+        else:
+            assert sharded_groups == {"0→2", "2→5"} == set(ref_groups)
+            assert {s["kind"] for s in info[0]["summary"]} == {"channel"}
+        for name in sharded_groups:
+            for part in ("values", "first_order", "second_order"):
+                key = f"{name}|{part}"
+                scale = np.abs(ref[f"{name}|values"]).max()
+                np.testing.assert_allclose(h[0][key], ref[key], rtol=1e-9, atol=1e-12 * scale, err_msg=f"{kind} {key}")
+                if part == "first_order":  # momentum: a real, nonzero first-order part
+                    assert np.abs(ref[key][1:]).max() > 1e-8 * scale
+            np.testing.assert_allclose(h[0][f"{name}|rel_drift"], ref[f"{name}|rel_drift"], rtol=1e-9)
+        for s in info[0]["summary"]:
+            r = ref_groups[s["name"]]
+            for key, value in s.items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(r[key], rel=1e-9, abs=1e-300), (kind, s["name"], key)
+                else:
+                    assert value == r[key], (kind, s["name"], key)
+        assert (tmp_path / f"{kind}0.jsonl").is_file() and not (tmp_path / f"{kind}1.jsonl").exists()

@@ -4,7 +4,8 @@ The monitor finds every law group of the model (:mod:`torch_conslaw.structure`),
 them at construction (θ₀), and at each recorded optimizer step stores the law values and,
 with ``split=True``, the exact split of each change into its first-order (symmetry-breaking)
 and second-order (discretization) parts (SCIENCE.md §6). It only reads parameters: training
-is bitwise identical with and without it.
+is bitwise identical with and without it. Under FSDP2 (``fully_shard``) the laws are summed
+from each rank's local shards with one all-reduce per recording (:mod:`torch_conslaw.sharding`).
 
 Example:
     >>> import torch
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from .accounting import Accountant, Record, RecordStore
 from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
+from .sharding import ShardedLaws, has_sharded_parameters
 from .structure import Skipped, Structure, find_structure, unwrap_model
 
 __all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
@@ -86,7 +88,12 @@ class ConservationMonitor:
 
     Args:
         model: the network (``DistributedDataParallel`` and other ``.module`` wrappers are
-            unwrapped; :attr:`model` is the inner module).
+            unwrapped; :attr:`model` is the inner module). Sharded parameters (FSDP2
+            ``fully_shard``: ``DTensor`` with ``Shard(0)``) are supported inside an initialized
+            process group: each rank sums its local rows and one all-reduce per recording gives
+            every rank the exact global laws (:mod:`torch_conslaw.sharding`; matrix laws of
+            linear hidden layers with a sharded parameter are excluded, with the reason in
+            :attr:`skipped`). Build it on every rank and record on every rank.
         example_input: only needed when ``torch.fx`` cannot trace the model (see
             :func:`~torch_conslaw.find_structure`).
         split: also record the exact first-/second-order split of every change (costs a
@@ -112,7 +119,7 @@ class ConservationMonitor:
         track_broken: bool = False,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
-        _refuse_sharded(self.model)
+        self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         self.structure: Structure = find_structure(self.model, example_input)
         candidates = [s.candidate for s in self.structure.skipped if s.candidate is not None]
         pairs = list(self.structure.pairs) + (candidates if track_broken else [])
@@ -120,6 +127,14 @@ class ConservationMonitor:
         self.skipped: list[Skipped] = [
             s for s in self.structure.skipped if not (track_broken and s.candidate is not None)
         ]
+        # sharded parameters (FSDP2 fully_shard / DTensor): laws summed from local shards
+        self._sharded: ShardedLaws | None = None
+        if has_sharded_parameters(self._params):
+            self._sharded = ShardedLaws(self._params, self.groups)
+            self.groups = self._sharded.groups
+            self.skipped += self._sharded.excluded
+            for s in self._sharded.excluded:
+                warnings.warn(f"ConservationMonitor: {s}", RuntimeWarning, stacklevel=2)
         self.split = bool(split)
         self.schedule = Schedule(every, log_spaced)
         self._store = RecordStore(max_records)
@@ -127,7 +142,6 @@ class ConservationMonitor:
         self._handles: list[Any] = []
         self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
         self._names = sorted({n for g in self.groups for n in g.parameter_names})
-        self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         self._layout = {n: _locate(self.model, n) + (self._params[n].shape,) for n in self._names}
         self.num_steps = 0
         self._before: dict[str, Tensor] | None = None
@@ -142,14 +156,18 @@ class ConservationMonitor:
                 stacklevel=2,
             )
         self._accountant = Accountant(self.groups)
-        theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
-        self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
+        if self._sharded is None:
+            theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
+            self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
+            scales = {g.name: g.scale(theta0) for g in self.groups}
+        else:  # one all-reduce: values and scales summed from the local shards
+            self.initial, scales = self._sharded.initial(self._params)
         self._counts = [g.count for g in self.groups]
         self._group_index = torch.repeat_interleave(
             torch.arange(len(self.groups)), torch.tensor(self._counts, dtype=torch.long)
         ).unsqueeze(0)
         self._init_flat = self._flat(self.initial)
-        self._scale_flat = self._flat({g.name: _floor_scale(g.scale(theta0)).cpu() for g in self.groups})
+        self._scale_flat = self._flat({g.name: _floor_scale(scales[g.name]).cpu() for g in self.groups})
         self._invalid = torch.zeros(sum(self._counts), dtype=torch.bool)
         self._maxima = {g.name: dict.fromkeys(_MAXIMA, 0.0) for g in self.groups}
         self._mark_invalid(0, self._init_flat, None, None)
@@ -252,23 +270,25 @@ class ConservationMonitor:
 
     def _snapshot(self, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given."""
+        params = self._params if self._sharded is None else self._sharded.local(self._params)
         with torch.no_grad():
             if into is None:
                 into = {
                     n: torch.empty(p.shape, dtype=torch.float64, device=p.device)
-                    for n, p in ((n, self._params[n]) for n in self._names)
+                    for n, p in ((n, params[n]) for n in self._names)
                 }
             for n in self._names:
-                into[n].copy_(self._params[n].detach())
+                into[n].copy_(params[n].detach())
             return into
 
     def _record(self, before: dict[str, Tensor] | None) -> None:
         first: dict[str, Tensor] | None = None
         second: dict[str, Tensor] | None = None
+        evaluator = self._accountant if self._sharded is None else self._sharded
         if self.split and before is not None:
-            values, first, second = self._accountant.split(before, self._params)
+            values, first, second = evaluator.split(before, self._params)
         else:
-            values = self._accountant.values(self._params)
+            values = evaluator.values(self._params)
         values = {k: v.cpu() for k, v in values.items()}  # small vectors; history lives on the CPU
         first, second = _to_cpu(first), _to_cpu(second)
         rel = self._update_statistics(values, first, second)
@@ -487,18 +507,6 @@ def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:
     path, _, attr = name.rpartition(".")
     module = model.get_submodule(path) if path else model
     return path, attr, module, getattr(module, attr)
-
-
-def _refuse_sharded(model: nn.Module) -> None:
-    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or
-               type(getattr(p, "data", None)).__name__ == "DTensor"]
-    if sharded:
-        raise NotImplementedError(
-            f"ConservationMonitor: {type(model).__name__} has sharded parameters "
-            f"({', '.join(sharded[:3])}{', ...' if len(sharded) > 3 else ''}: FSDP2 / DTensor); "
-            "the laws need every full parameter on each rank. Wrap the model in "
-            "DistributedDataParallel instead, or build the monitor on an unsharded copy"
-        )
 
 
 _MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
