@@ -3,8 +3,8 @@
 Under ``DistributedDataParallel`` every rank holds the same parameters, so every rank
 computes the same law values without any communication (the monitor unwraps DDP's
 ``.module``); only the main rank (rank 0) writes logs and files. Sharded parameters
-(FSDP2 ``fully_shard``, any ``DTensor``) are refused by the monitor itself with a
-``NotImplementedError``.
+(FSDP2 ``fully_shard``) are handled by :mod:`torch_conslaw.sharding`: each rank sums its
+local rows and one all-reduce per recording gives every rank the global law values.
 
 Example:
     >>> from torch_conslaw.distributed import is_main_process
