@@ -6,6 +6,18 @@ first/second-order split. Steps are timed in interleaved blocks (so load from ot
 processes hits all three alike) and the overhead is the median over blocks of
 time(monitored) / time(plain) − 1. Results go to ``<out>/bench_monitor.json``.
 
+The same blocks also train three reference runs whose optimizer post-step hook does only part
+of the work (``floors`` in the JSON: overhead over the plain step, same method):
+
+* ``read_f32``: one float32 sum over every tracked parameter (reading each once; no exact
+  method can do less);
+* ``convert_f64``: copying every tracked parameter into persistent float64 buffers (the exact
+  float32 → float64 conversion of all parameters);
+* ``accountant_values``: the law values alone (:class:`~torch_conslaw.accounting.Accountant`,
+  without the monitor's bookkeeping).
+
+These run inside the training loop, so they pay the same cold caches as the monitor.
+
 Usage:
     python experiments/bench_monitor.py [--blocks 15] [--steps 20] [--threads 1] [--device cpu] [--out figures]
 """
@@ -23,13 +35,17 @@ import torch
 from torch import nn
 
 from torch_conslaw import ConservationMonitor
+from torch_conslaw.accounting import Accountant
+from torch_conslaw.lawgroups import build_groups
+from torch_conslaw.structure import find_structure
 
 WIDTHS = (784, 512, 512, 10)
 BATCH = 128
 
 
 def make_run(mode: str | None, device: str):
-    """A training step closure for ``mode`` in (None, "values", "split")."""
+    """A training step closure for ``mode`` in (None, "values", "split") or a reference hook
+    ``read_f32`` / ``convert_f64`` / ``accountant_values`` (see ``floors``)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(WIDTHS[0], WIDTHS[1]), nn.ReLU(), nn.Linear(WIDTHS[1], WIDTHS[2]), nn.ReLU(),
@@ -37,9 +53,11 @@ def make_run(mode: str | None, device: str):
     ).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = None
-    if mode is not None:
+    if mode in ("values", "split"):
         monitor = ConservationMonitor(model, split=(mode == "split"), every=1, max_records=1000)
         monitor.attach(opt)
+    elif mode is not None:
+        opt.register_step_post_hook(reference_hook(mode, model))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, WIDTHS[0], generator=g).to(device)
     y = torch.randint(0, WIDTHS[-1], (BATCH,), generator=g).to(device)
@@ -50,6 +68,29 @@ def make_run(mode: str | None, device: str):
         opt.step()
 
     return step, monitor
+
+
+def reference_hook(kind: str, model: nn.Module):
+    """An optimizer post-step hook doing only part of the monitor's work (see ``floors``)."""
+    acc = Accountant(build_groups(find_structure(model).pairs))
+    params = dict(model.named_parameters())
+    tensors = [params[n] for n in acc.names]
+    bufs = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
+
+    def hook(*_args) -> None:
+        with torch.no_grad():
+            if kind == "read_f32":
+                for t in tensors:
+                    t.sum()
+            elif kind == "convert_f64":
+                for b, t in zip(bufs, tensors):
+                    b.copy_(t)
+            elif kind == "accountant_values":
+                acc.values(params)
+            else:
+                raise ValueError(kind)
+
+    return hook
 
 
 def main() -> None:
@@ -64,12 +105,14 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     modes = {"plain": None, "values": "values", "split": "split"}
     runs = {name: make_run(mode, args.device) for name, mode in modes.items()}
-    for step, _ in runs.values():  # warm-up
+    floors = ("read_f32", "convert_f64", "accountant_values")
+    timed = {name: step for name, (step, _) in runs.items()} | {f: make_run(f, args.device)[0] for f in floors}
+    for step in timed.values():  # warm-up
         for _ in range(5):
             step()
-    times: dict[str, list[float]] = {name: [] for name in modes}
+    times: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.blocks):
-        for name, (step, _) in runs.items():
+        for name, step in timed.items():
             sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -78,7 +121,8 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
     ratio = {
         name: statistics.median(t / b for t, b in zip(times[name], times["plain"]))
-        for name in ("values", "split")
+        for name in timed
+        if name != "plain"
     }
     result = {
         "model": "-".join(map(str, WIDTHS)) + " ReLU MLP",
@@ -92,6 +136,7 @@ def main() -> None:
         "overhead_values_only": ratio["values"] - 1,
         "overhead_with_split": ratio["split"] - 1,
         "targets": {"values_only": 0.02, "with_split": 0.10},
+        "floors": {name: ratio[name] - 1 for name in floors},
         "recorded_steps": {k: m.num_steps for k, (_, m) in runs.items() if m is not None},
         "machine": platform.platform(),
         "torch": torch.__version__,
@@ -102,6 +147,8 @@ def main() -> None:
     print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {result['device']}, {args.threads} thread(s))")
     print(f"overhead, recording every step, values only: {100 * result['overhead_values_only']:+.1f} % (target ≤ 2 %)")
     print(f"overhead, recording every step, with split:  {100 * result['overhead_with_split']:+.1f} % (target ≤ 10 %)")
+    for name, r in result["floors"].items():
+        print(f"  reference, post-step hook doing only {name + ':':<19} {100 * r:+5.1f} %")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from torch import Tensor
 from . import laws
 from .structure import Pair
 
-__all__ = ["LawGroup", "UnitLaws", "MatrixLaws", "build_groups"]
+__all__ = ["LawGroup", "UnitLaws", "MatrixLaws", "build_groups", "rearrangement_plan"]
 
 F64 = torch.float64
+_PLAN_MAX_NUMEL = 2**24
 
 
 class LawGroup:
@@ -175,6 +176,69 @@ class MatrixLaws(LawGroup):
 
     def labels(self) -> list[str]:
         return [f"{self.name}[{i},{j}]" for i, j in zip(self._rows_idx.tolist(), self._cols_idx.tolist())]
+
+
+def rearrangement_plan(reader, shape: tuple[int, ...], units: int) -> tuple[int, int, int] | None:
+    """``(A, U, B)`` such that ``reader(w)`` puts element ``i`` of ``w.reshape(-1)`` in row
+    ``(i // B) % U``, each element exactly once and unchanged; ``None`` when ``reader`` is
+    anything else (arithmetic, a selection, a row order this form cannot express).
+
+    With such a plan, the per-row sums of any elementwise product ``x ∘ y`` of two tensors of
+    ``shape`` are ``(x ∘ y).view(A, U, B).sum((0, 2))``: a plain strided reduction with no
+    transposed or reshaped copy (the hot path of :class:`~torch_conslaw.accounting.Accountant`).
+    The built-in readers (rows, ``w.T``, bias columns, convolution and flatten readers) all
+    have one. The reader is probed once on signed distinct integers (exact in float32, so
+    tensors above ``2**24`` elements get no plan and their groups take the generic path).
+
+    Example:
+        >>> rearrangement_plan(lambda w: w, (3, 4), 3), rearrangement_plan(lambda w: w.T, (3, 4), 4)
+        ((1, 3, 4), (3, 4, 1))
+        >>> rearrangement_plan(lambda w: 2 * w, (3, 4), 3) is None
+        True
+    """
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if units <= 0 or n == 0 or n % units or n > _PLAN_MAX_NUMEL:
+        return None
+    rest = n // units
+    # probe: element i holds ±(i + 1), negative for odd i (distinct, exact in float32 up to 2**24)
+    probe = torch.arange(1, n + 1, dtype=torch.float32)
+    probe[1::2].neg_()
+    try:
+        with torch.no_grad():
+            out = reader(probe.reshape(shape))
+    except Exception:  # a reader that cannot run on a probe: no plan
+        return None
+    if not isinstance(out, Tensor) or out.dtype != torch.float32 or out.dim() < 1:
+        return None
+    if out.shape[0] != units or out.numel() != n:
+        return None
+    out = out.detach().reshape(units, rest)
+    del probe
+    mag = out.abs()
+    if not bool(torch.all((mag >= 1) & (mag <= n) & (mag == mag.round()))):
+        return None
+    pos = mag.to(torch.int32).sub_(1)  # the element each entry came from
+    del mag
+    if not torch.equal(out > 0, pos.remainder(2) == 0):  # the value itself, sign included
+        return None
+    del out
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[pos.reshape(-1)] = True
+    if not bool(seen.all()):  # n entries, all elements seen: each exactly once
+        return None
+    del seen
+    # row of element i must be (i // B) % U, with B the run length of row 0 in storage order
+    row0 = torch.sort(pos[0]).values
+    jumps = torch.nonzero(row0 != torch.arange(rest, dtype=torch.int32))
+    b = int(jumps[0]) if jumps.numel() else rest  # row 0 starts with elements 0 … B − 1
+    if b == 0 or rest % b:
+        return None
+    unit = pos.div_(b, rounding_mode="floor").remainder_(units)
+    if not torch.equal(unit, torch.arange(units, dtype=torch.int32).unsqueeze(1).expand(units, rest)):
+        return None
+    return (rest // b, units, b)
 
 
 def build_groups(pairs: list[Pair]) -> list[LawGroup]:
