@@ -113,45 +113,60 @@ _CHUNK_ACCELERATOR = 2**24  # GPU: few, large launches (cache blocking matters l
 class _Use:
     """One reader of a fast group: parameter elements ``i`` go to row ``(i // B) % U``.
 
-    Its per-call result is a fresh ``[rows, U]`` tensor, filled chunk by chunk: for ``A = 1``
+    Its result ``[rows, U]`` lives in a persistent buffer, filled chunk by chunk: for ``A = 1``
     a chunk of whole rows gives a slice of the result, for ``A > 1`` a chunk of whole
-    ``U × B`` blocks gives a partial sum over all rows.
+    ``U × B`` blocks gives a partial sum over all rows (accumulated through ``partial``).
     """
 
-    __slots__ = ("a", "u", "b", "block", "result")
+    __slots__ = ("a", "u", "b", "block", "results", "partials")
 
     def __init__(self, plan: tuple[int, int, int]) -> None:
         self.a, self.u, self.b = plan
         self.block = self.b if self.a == 1 else self.u * self.b  # chunks are multiples of this
-        self.result: Tensor | None = None
+        self.results: dict[int, Tensor] = {}  # rows → [rows, U]
+        self.partials: dict[int, Tensor] = {}
 
-    def add(self, prods: Tensor, start: int, first: bool) -> None:
-        """Accumulate the products ``prods`` ([rows, m]) of elements ``start … start + m − 1``."""
-        rows, m = prods.shape
+    def steps(self, x: Tensor, start: int) -> tuple[int, Tensor, Tensor, Tensor | None]:
+        """(kind, input view, output, partial) that accumulate chunk ``x`` ([rows, m]) of the
+        elements ``start … start + m − 1`` (views built once, see :meth:`_FastPlan.bind`)."""
+        rows, m = x.shape
+        if rows not in self.results:
+            self.results[rows] = torch.empty(rows, self.u, dtype=F64, device=x.device)
+        res = self.results[rows]
         if self.a == 1:
-            assert self.result is not None
             u0 = start // self.b
-            out = self.result[:, u0 : u0 + m // self.b]
+            out = res[:, u0 : u0 + m // self.b]
             if self.b == 1:
-                out.copy_(prods)
-            else:
-                torch.sum(prods.view(rows, m // self.b, self.b), 2, out=out)
+                return (0, x, out, None)  # the products themselves (e.g. a bias)
+            return (1, x.view(rows, m // self.b, self.b), out, None)
+        view = x.view(rows, m // self.block, self.u, self.b)
+        if start == 0:
+            return (2, view, res, None)
+        if rows not in self.partials:
+            self.partials[rows] = torch.empty(rows, self.u, dtype=F64, device=x.device)
+        return (3, view, self.partials[rows], res)
+
+
+def _run(steps: list[tuple[int, Tensor, Tensor, Tensor | None]]) -> None:
+    for kind, view, out, res in steps:
+        if kind == 1:
+            torch.sum(view, 2, out=out)
+        elif kind == 0:
+            out.copy_(view)
+        elif kind == 2:
+            torch.sum(view, (1, 3), out=out)
         else:
-            part = prods.view(rows, m // self.block, self.u, self.b).sum((1, 3))
-            if first:
-                self.result = part
-            else:
-                assert self.result is not None
-                self.result.add_(part)
+            torch.sum(view, (1, 3), out=out)
+            res.add_(out)  # type: ignore[union-attr]
 
 
 class _ParamWork:
     """The fast-path readers of one parameter and its chunks (aligned to every reader)."""
 
-    __slots__ = ("name", "uses", "chunks")
+    __slots__ = ("name", "numel", "uses", "chunks")
 
     def __init__(self, name: str, numel: int, uses: list[_Use], chunk: int) -> None:
-        self.name, self.uses = name, uses
+        self.name, self.numel, self.uses = name, numel, uses
         align = 1
         for use in uses:
             align = math.lcm(align, use.block)  # divides numel
@@ -167,6 +182,7 @@ class _FastPlan:
     receives θ_before∘Δ. Each reader sums the chunk's products into its result. The scratch
     stays in cache and nothing parameter-sized is written (this work is memory-bound; a flat
     parameter-sized buffer measured ~1.5 ms slower per split step on the benchmark MLP).
+    Every view is built once, so a call costs a few tensor ops per chunk and reader.
     """
 
     def __init__(self, groups: list[LawGroup], names: list[str], params: Mapping[str, Tensor]) -> None:
@@ -188,8 +204,9 @@ class _FastPlan:
         chunk = _CHUNK if self.device.type == "cpu" else _CHUNK_ACCELERATOR
         self.work = [_ParamWork(n, shape_of[n].numel(), uses_of[n], chunk) for n in names if n in uses_of]
         self.generic_names = sorted({n for g in self.generic for n in g.parameter_names})
-        longest = max((e - s for w in self.work for s, e in w.chunks), default=0)
-        self.scratch = torch.empty(0, longest, dtype=F64, device=self.device)
+        self.longest = max((e - s for w in self.work for s, e in w.chunks), default=0)
+        # rows → per parameter: [(start, end, rows of the scratch, reader steps)]
+        self.views: dict[int, list[list[tuple[int, int, tuple[Tensor, ...], list]]]] = {}
 
     @staticmethod
     def _plan(g: LawGroup, shape_of: dict[str, torch.Size]) -> tuple[list, list] | None:
@@ -215,64 +232,62 @@ class _FastPlan:
                 return False
         return True
 
-    def _rows(self, rows: int) -> Tensor:
-        if self.scratch.shape[0] < rows:
-            self.scratch = torch.empty(rows, self.scratch.shape[1], dtype=F64, device=self.device)
-        return self.scratch
-
-    def _start(self, rows: int) -> None:
-        for _, inc_uses, out_uses, _ in self.fast:
-            for use in inc_uses + out_uses:
-                use.result = torch.empty(rows, use.u, dtype=F64, device=self.device) if use.a == 1 else None
+    def bind(self, rows: int) -> list[list[tuple[int, int, tuple[Tensor, ...], list]]]:
+        """The views for ``rows`` product rows (1: values, 3: split), built on first use."""
+        views = self.views.get(rows)
+        if views is None:
+            scratch = torch.empty(rows, self.longest, dtype=F64, device=self.device)
+            views = []
+            for w in self.work:
+                chunks = []
+                for s, e in w.chunks:
+                    x = scratch[:, : e - s]
+                    steps = [use.steps(x, s) for use in w.uses]
+                    chunks.append((s, e, (x, *x.unbind(0)), steps))
+                views.append(chunks)
+            self.views[rows] = views
+        return views
 
     def values(self, params: Mapping[str, Tensor]) -> list[Tensor]:
         """Per fast group, ``[1, count]``: h(θ)."""
-        scratch = self._rows(1)
-        self._start(1)
-        for w in self.work:
+        for w, chunks in zip(self.work, self.bind(1)):
             flat = params[w.name].detach().reshape(-1)
-            for s, e in w.chunks:
-                x = scratch[:1, : e - s]
-                x[0].copy_(flat[s:e])  # exact conversion to float64
+            whole = len(chunks) == 1
+            for s, e, (x, theta), steps in chunks:
+                theta.copy_(flat if whole else flat[s:e])  # exact conversion to float64
                 x.mul_(x)  # a float32 square is exact in float64
-                for use in w.uses:
-                    use.add(x, s, s == 0)
-        return self._combine()
+                _run(steps)
+        return self._combine(1)
 
     def split(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> list[Tensor]:
         """Per fast group, ``[3, count]``: h(θ⁺), B(θ, Δ) (not yet doubled) and B(Δ, Δ)."""
-        scratch = self._rows(3)
-        self._start(3)
-        for w in self.work:
+        for w, chunks in zip(self.work, self.bind(3)):
             flat_a = after[w.name].detach().reshape(-1)
             flat_b = before[w.name].detach().reshape(-1)
-            for s, e in w.chunks:
-                x = scratch[:3, : e - s]
-                theta, cross, delta = x[0], x[1], x[2]
-                b = flat_b[s:e]
-                theta.copy_(flat_a[s:e])
+            whole = len(chunks) == 1
+            for s, e, (_, theta, cross, delta), steps in chunks:
+                b = flat_b if whole else flat_b[s:e]
+                theta.copy_(flat_a if whole else flat_a[s:e])
                 torch.sub(theta, b, out=delta)  # Δ = θ⁺ − θ
                 torch.mul(b, delta, out=cross)  # θ∘Δ
                 theta.mul_(theta)
                 delta.mul_(delta)
-                for use in w.uses:
-                    use.add(x, s, s == 0)
-        return self._combine()
+                _run(steps)
+        return self._combine(3)
 
-    def _combine(self) -> list[Tensor]:
+    def _combine(self, rows: int) -> list[Tensor]:
+        """incoming − k · outgoing per fast group, as fresh tensors (results belong to the caller)."""
         out = []
         for _, inc_uses, out_uses, degree in self.fast:
             total = []
             for uses in (inc_uses, out_uses):
-                acc = uses[0].result
-                assert acc is not None
-                for use in uses[1:]:
-                    acc = acc.add_(use.result)
+                acc = uses[0].results[rows]
+                if len(uses) > 1:
+                    acc = acc + uses[1].results[rows]
+                    for use in uses[2:]:
+                        acc.add_(use.results[rows])
                 total.append(acc)
-            out.append(total[0].sub_(total[1]) if degree == 1.0 else total[0].sub_(total[1], alpha=degree))
-        for _, inc_uses, out_uses, _ in self.fast:  # results now belong to the caller
-            for use in inc_uses + out_uses:
-                use.result = None
+            out.append(torch.sub(total[0], total[1], alpha=degree))
         return out
 
 
