@@ -143,6 +143,8 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_monitor.json" if args.device == "cpu" else f"bench_monitor_{args.device.split(':')[0]}.json"
+    if args.threads != 1:
+        name = name.replace(".json", f"_{args.threads}threads.json")
     (args.out / name).write_text(json.dumps(result, indent=2))
     print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {result['device']}, {args.threads} thread(s))")
     print(f"overhead, recording every step, values only: {100 * result['overhead_values_only']:+.1f} % (target ≤ 2 %)")
