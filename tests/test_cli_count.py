@@ -31,3 +31,9 @@ def test_count_bad_activation_exits_2(capsys):
 def test_count_bad_widths_is_an_argparse_error():
     with pytest.raises(SystemExit):
         main(["count", "--widths", "3,x,5", "--activations", "relu"])
+
+
+def test_count_without_hidden_layers_is_strict_json(capsys):
+    assert main(["count", "--widths", "3,2", "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert out["n_laws"] == 0 and out["evidence"]["largest_rejected"] is None

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -111,7 +112,7 @@ class LieResult:
             "known_laws": self.known_laws,
             "certified": self.certified,
             "method": self.method,
-            "evidence": self.evidence,
+            "evidence": {k: (None if math.isnan(v) else v) for k, v in self.evidence.items()},
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 4),
         }

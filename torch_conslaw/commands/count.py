@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from ..lie import RankGapWarning, mlp_trace_dimension
 
     n_hidden = len(args.widths) - 2
-    if args.activations is None:
+    if args.activations is None and n_hidden > 0:
         raise ValueError(f"--activations is required: one per hidden layer ({n_hidden} for widths {args.widths})")
-    acts = [a.strip() for a in args.activations.split(",") if a.strip()]
+    acts = [a.strip() for a in (args.activations or "").split(",") if a.strip()]
     if len(acts) == 1 and n_hidden > 1:
         acts = acts * n_hidden
     with warnings.catch_warnings():
