@@ -1,16 +1,22 @@
 """Overhead of the ConservationMonitor on a 784-512-512-10 ReLU MLP at batch 128 (SGD).
 
-Three trainings run side by side from the same initialization: no monitor, a monitor that
-records every step without the split, and one that records every step with the exact
-first/second-order split. Steps are timed in interleaved blocks (so load from other
-processes hits all three alike) and the overhead is the median over blocks of
+Five trainings run side by side from the same initialization: no monitor, a monitor that
+records every step without the split, one that records every step with the exact
+first/second-order split, and the same two monitors in asynchronous mode
+(``asynchronous=True``: the training thread only copies the parameters into a snapshot
+buffer, a worker thread evaluates the laws; ``values-async``, ``split-async``; each of their
+blocks ends with ``monitor.flush()``, inside the timing, so no work is left for the next
+block). Steps are timed in interleaved blocks (so load from other
+processes hits all of them alike) and the overhead is the median over blocks of
 time(monitored) / time(plain) − 1. Results go to ``<out>/bench_monitor.json``.
 
-The same blocks also train three reference runs whose optimizer post-step hook does only part
+The same blocks also train four reference runs whose optimizer post-step hook does only part
 of the work (``floors`` in the JSON: overhead over the plain step, same method):
 
 * ``read_f32``: one float32 sum over every tracked parameter (reading each once; no exact
   method can do less);
+* ``copy_native``: copying every tracked parameter into persistent buffers of its own dtype
+  (what the training thread does in asynchronous mode);
 * ``convert_f64``: copying every tracked parameter into persistent float64 buffers (the exact
   float32 → float64 conversion of all parameters);
 * ``accountant_values``: the law values alone (:class:`~torch_conslaw.accounting.Accountant`,
@@ -44,8 +50,8 @@ BATCH = 128
 
 
 def make_run(mode: str | None, device: str):
-    """A training step closure for ``mode`` in (None, "values", "split") or a reference hook
-    ``read_f32`` / ``convert_f64`` / ``accountant_values`` (see ``floors``)."""
+    """A training step closure for ``mode`` in (None, "values", "split", "values-async",
+    "split-async") or a reference hook ``read_f32`` / ``copy_native`` / ``convert_f64`` / ``accountant_values`` (see ``floors``)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(WIDTHS[0], WIDTHS[1]), nn.ReLU(), nn.Linear(WIDTHS[1], WIDTHS[2]), nn.ReLU(),
@@ -53,8 +59,14 @@ def make_run(mode: str | None, device: str):
     ).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = None
-    if mode in ("values", "split"):
-        monitor = ConservationMonitor(model, split=(mode == "split"), every=1, max_records=1000)
+    if mode in ("values", "split", "values-async", "split-async"):
+        monitor = ConservationMonitor(
+            model,
+            split=mode.startswith("split"),
+            every=1,
+            max_records=1000,
+            asynchronous=mode.endswith("-async"),
+        )
         monitor.attach(opt)
     elif mode is not None:
         opt.register_step_post_hook(reference_hook(mode, model))
@@ -76,12 +88,16 @@ def reference_hook(kind: str, model: nn.Module):
     params = dict(model.named_parameters())
     tensors = [params[n] for n in acc.names]
     bufs = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
+    same = [torch.empty_like(t) for t in tensors]
 
     def hook(*_args) -> None:
         with torch.no_grad():
             if kind == "read_f32":
                 for t in tensors:
                     t.sum()
+            elif kind == "copy_native":
+                for b, t in zip(same, tensors):
+                    b.copy_(t)
             elif kind == "convert_f64":
                 for b, t in zip(bufs, tensors):
                     b.copy_(t)
@@ -103,13 +119,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    modes = {"plain": None, "values": "values", "split": "split"}
+    modes = {"plain": None} | {m: m for m in ("values", "split", "values-async", "split-async")}
     runs = {name: make_run(mode, args.device) for name, mode in modes.items()}
-    floors = ("read_f32", "convert_f64", "accountant_values")
+    floors = ("read_f32", "copy_native", "convert_f64", "accountant_values")
     timed = {name: step for name, (step, _) in runs.items()} | {f: make_run(f, args.device)[0] for f in floors}
-    for step in timed.values():  # warm-up
+    # asynchronous monitors: each timed block ends with flush() (waits for the worker), so
+    # a block's time contains all the recording work of its steps
+    ends = {name: m.flush for name, (_, m) in runs.items() if m is not None}
+    for name, step in timed.items():  # warm-up
         for _ in range(5):
             step()
+        ends.get(name, lambda: None)()
     times: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.blocks):
         for name, step in timed.items():
@@ -117,6 +137,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step()
+            ends.get(name, lambda: None)()
             sync()
             times[name].append((time.perf_counter() - t0) / args.steps)
     ratio = {
@@ -135,9 +156,12 @@ def main() -> None:
         "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "overhead_values_only": ratio["values"] - 1,
         "overhead_with_split": ratio["split"] - 1,
+        "overhead_values_only_async": ratio["values-async"] - 1,
+        "overhead_with_split_async": ratio["split-async"] - 1,
         "targets": {"values_only": 0.02, "with_split": 0.10},
         "floors": {name: ratio[name] - 1 for name in floors},
         "recorded_steps": {k: m.num_steps for k, (_, m) in runs.items() if m is not None},
+        "last_delivered_record": {k: int(m.history()["step"][-1]) for k, (_, m) in runs.items() if m is not None},
         "machine": platform.platform(),
         "torch": torch.__version__,
     }
@@ -149,6 +173,8 @@ def main() -> None:
     print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {result['device']}, {args.threads} thread(s))")
     print(f"overhead, recording every step, values only: {100 * result['overhead_values_only']:+.1f} % (target ≤ 2 %)")
     print(f"overhead, recording every step, with split:  {100 * result['overhead_with_split']:+.1f} % (target ≤ 10 %)")
+    print(f"overhead, asynchronous, values only:         {100 * result['overhead_values_only_async']:+.1f} % (target ≤ 2 %)")
+    print(f"overhead, asynchronous, with split:          {100 * result['overhead_with_split_async']:+.1f} % (target ≤ 10 %)")
     for name, r in result["floors"].items():
         print(f"  reference, post-step hook doing only {name + ':':<19} {100 * r:+5.1f} %")
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .accounting import Accountant, Record, RecordStore
+from .async_recording import AsyncRecorder
 from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
 from .sharding import ShardedLaws, has_sharded_parameters
@@ -105,6 +106,26 @@ class ConservationMonitor:
         track_broken: also track the would-be laws of pairs whose activation is not
             positively homogeneous (GELU, tanh, ...), with ``expected_conserved=False``,
             to show how they break.
+        asynchronous: evaluate the laws on a background thread (see *Asynchronous mode*).
+        async_buffers: with ``asynchronous=True``, how many parameter snapshots (each the
+            size of the tracked parameters, in their own dtype) may be in flight.
+
+    Asynchronous mode (``asynchronous=True``, opt-in): at a recorded step the training thread
+    only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
+    preallocated buffers; one daemon worker thread evaluates the laws and the split from these
+    snapshots with the same float64 code, so the records are bitwise those of the synchronous
+    mode. With ``split=True`` the snapshot after step t serves as θ before step t + 1 unless a
+    parameter was modified in between (its version counter or storage changed; then a fresh
+    snapshot is taken before the step; in-place edits through ``.data`` between steps are not
+    seen and would be counted in the next step's change). Records reach the history, the
+    running maxima and the listeners **on the training thread**: finished ones are delivered at
+    the next optimizer hook (or :meth:`step`), and :meth:`summary`, :meth:`history`,
+    :meth:`table`, :meth:`state_dict`, :meth:`load_state_dict`, :meth:`flush` and
+    :meth:`detach` first wait for the worker. Non-finite warnings and worker exceptions also
+    surface there. When every buffer is in flight the training thread waits for the worker
+    (back-pressure; nothing is dropped). The mode pays off when a core is free for the
+    worker; on a fully loaded machine the work only moves to another thread. Not available
+    for sharded (FSDP2) parameters.
     """
 
     def __init__(
@@ -117,6 +138,8 @@ class ConservationMonitor:
         log_spaced: bool = False,
         max_records: int = 10_000,
         track_broken: bool = False,
+        asynchronous: bool = False,
+        async_buffers: int = 4,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -143,6 +166,7 @@ class ConservationMonitor:
         self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
         self._names = sorted({n for g in self.groups for n in g.parameter_names})
         self._layout = {n: _locate(self.model, n) + (self._params[n].shape,) for n in self._names}
+        self._edges, self._leaves = _fast_layout(self.model, self._layout)
         self.num_steps = 0
         self._before: dict[str, Tensor] | None = None
         self._spare: dict[str, Tensor] | None = None  # reused buffers for the pre-step snapshot
@@ -156,6 +180,19 @@ class ConservationMonitor:
                 stacklevel=2,
             )
         self._accountant = Accountant(self.groups)
+        self._async: AsyncRecorder | None = None
+        self._reuse: tuple[int, tuple[tuple[int, int], ...]] | None = None  # async: θ after the last step
+        self._stats_job: tuple[tuple[Tensor, ...], Callable[..., Any]] | None = None
+        if asynchronous:
+            if self._sharded is not None:
+                raise ValueError(
+                    "ConservationMonitor: asynchronous=True is not supported with sharded "
+                    "(FSDP2) parameters, whose laws need a collective per recording; use the "
+                    "default synchronous mode"
+                )
+            self._async = AsyncRecorder(
+                self._params, self._names, self._accountant, async_buffers, self._deliver
+            )
         if self._sharded is None:
             theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
             self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
@@ -202,7 +239,7 @@ class ConservationMonitor:
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.pre_step()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()),
         ]
-        self._last_snapshot = None
+        self._drop_last_snapshot()
         return self
 
     def detach(self) -> None:
@@ -210,18 +247,27 @@ class ConservationMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._before = None
+        self._release_before()
+        self._release_reuse()
+        self.flush()
         if self.split:
+            self._drop_last_snapshot()
             self._last_snapshot = self._snapshot()
 
     def pre_step(self) -> None:
         """Snapshot θ before a step that will be recorded (called by the pre hook)."""
+        if self._async is not None:
+            self._async_pre_step()
+            return
         self._check_unchanged()
         if self.split and self.schedule.due(self.num_steps + 1):
             self._before = self._snapshot(self._spare)
 
     def post_step(self) -> None:
         """Count the step and record it if it is due (called by the post hook)."""
+        if self._async is not None:
+            self._async_post_step()
+            return
         self.num_steps += 1
         if self.schedule.due(self.num_steps):
             before, self._before = self._before, None
@@ -239,9 +285,20 @@ class ConservationMonitor:
                 "ConservationMonitor.step: this monitor is attached to an optimizer, whose hooks "
                 "already record each step; call detach() to drive it by hand"
             )
+        if self._async is not None:
+            self._async.collect()
         self._check_unchanged()
         self.num_steps += 1
         if self.schedule.due(self.num_steps):
+            if self._async is not None:
+                after = self._async.snapshot()
+                self._async.submit(self.num_steps, self._last_snapshot, after, self._statistics_job())
+                if self.split:
+                    self._drop_last_snapshot()
+                    self._last_snapshot = after
+                else:
+                    self._async.release(after)
+                return
             self._record(self._last_snapshot)
             if self.split:
                 self._last_snapshot = self._snapshot(self._last_snapshot)
@@ -255,6 +312,17 @@ class ConservationMonitor:
     # ------------------------------------------------------------------ recording
     def _check_unchanged(self) -> None:
         """Refuse to go on when a tracked layer or parameter was replaced or resized."""
+        # fast path (every step): the registered children and parameters are still the same
+        # objects; anything else goes through the full check below
+        for parent, key, child in self._edges:
+            if parent._modules.get(key) is not child:
+                break
+        else:
+            for module, attr, param, shape in self._leaves:
+                if module._parameters.get(attr) is not param or param.shape != shape:
+                    break
+            else:
+                return
         for name, (path, attr, module, param, shape) in self._layout.items():
             try:
                 now = self.model.get_submodule(path) if path else self.model
@@ -268,8 +336,11 @@ class ConservationMonitor:
                     "Build a new ConservationMonitor for the edited model"
                 )
 
-    def _snapshot(self, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given."""
+    def _snapshot(self, into: dict[str, Tensor] | None = None) -> Any:
+        """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given
+        (asynchronous mode: a snapshot buffer of the ring, in the parameters' dtype)."""
+        if self._async is not None:
+            return self._async.snapshot()
         params = self._params if self._sharded is None else self._sharded.local(self._params)
         with torch.no_grad():
             if into is None:
@@ -290,14 +361,85 @@ class ConservationMonitor:
         else:
             values = evaluator.values(self._params)
         values = {k: v.cpu() for k, v in values.items()}  # small vectors; history lives on the CPU
-        first, second = _to_cpu(first), _to_cpu(second)
-        rel = self._update_statistics(values, first, second)
+        self._deliver(self.num_steps, values, _to_cpu(first), _to_cpu(second))
+
+    def _deliver(
+        self,
+        step: int,
+        values: dict[str, Tensor],
+        first: dict[str, Tensor] | None,
+        second: dict[str, Tensor] | None,
+        precomputed: Any = None,
+    ) -> None:
+        """Statistics, history and listeners for the evaluated laws of ``step`` (always on the
+        training thread; in asynchronous mode called when the worker's result is collected)."""
+        rel = self._update_statistics(values, first, second, step, precomputed)
         if self.split and first is None:  # no snapshot to split against (post_step alone)
             first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
-        record = Record(self.num_steps, values, first, second, rel)
+        record = Record(step, values, first, second, rel)
         self._store.add(record)
         for fn in self._listeners:
             fn(record)
+
+    # ------------------------------------------------------------------ asynchronous mode
+    def flush(self) -> None:
+        """Asynchronous mode: wait for the worker and deliver every pending record (no-op in
+        the synchronous mode). Re-raises an exception of the worker."""
+        if self._async is not None:
+            self._async.drain()
+
+    def _async_pre_step(self) -> None:
+        rec = self._async
+        assert rec is not None
+        rec.collect()
+        self._check_unchanged()
+        reuse, self._reuse = self._reuse, None
+        if self.split and self.schedule.due(self.num_steps + 1):
+            self._release_before()
+            if reuse is not None and reuse[1] == rec.versions():
+                self._before = reuse[0]  # θ after the last step, unchanged since
+                return
+            rec.release(reuse[0] if reuse is not None else None)
+            self._before = rec.snapshot()
+        elif reuse is not None:
+            rec.release(reuse[0])
+
+    def _async_post_step(self) -> None:
+        rec = self._async
+        assert rec is not None
+        rec.collect()
+        self.num_steps += 1
+        if not self.schedule.due(self.num_steps):
+            return
+        before, self._before = self._before, None
+        if before is None:
+            before = self._last_snapshot
+            if before is not None:
+                rec.retain(before)
+        after = rec.snapshot()
+        rec.submit(self.num_steps, before, after, self._statistics_job())
+        rec.release(before)
+        if self.split and self._handles and self.schedule.due(self.num_steps + 1):
+            old, self._reuse = self._reuse, (after, rec.versions())
+            if old is not None:
+                rec.release(old[0])
+        else:
+            rec.release(after)
+
+    def _release_before(self) -> None:
+        before, self._before = self._before, None
+        if self._async is not None and before is not None:
+            self._async.release(before)
+
+    def _release_reuse(self) -> None:
+        reuse, self._reuse = self._reuse, None
+        if self._async is not None and reuse is not None:
+            self._async.release(reuse[0])
+
+    def _drop_last_snapshot(self) -> None:
+        last, self._last_snapshot = self._last_snapshot, None
+        if self._async is not None and last is not None:
+            self._async.release(last)
 
     def _flat(self, per_group: dict[str, Tensor] | None) -> Tensor | None:
         if per_group is None:
@@ -308,27 +450,52 @@ class ConservationMonitor:
 
     def _group_maxima(self, v: Tensor, f: Tensor | None, s: Tensor | None) -> list[list[float]]:
         """Per group: max |h − h₀|, max rel. drift (+ max rel. first/second order), valid laws only."""
-        drift = (v - self._init_flat).abs_()
-        rows = [drift, drift / self._scale_flat]
-        if f is not None and s is not None:
-            rows += [f.abs() / self._scale_flat, s.abs() / self._scale_flat]
-        table = torch.stack(rows).masked_fill_(self._invalid, -math.inf)
-        out = torch.full((len(rows), len(self.groups)), -math.inf, dtype=torch.float64)
-        out.scatter_reduce_(1, self._group_index.expand(len(rows), -1), table, "amax")
-        return out.tolist()
+        return _maxima_table(
+            v, f, s, self._init_flat, self._scale_flat, self._invalid, self._group_index, len(self.groups)
+        )
+
+    def _statistics_job(self) -> Callable[..., Any] | None:
+        """For the asynchronous worker: ``(values, first, second) →`` the flat vectors and the
+        maxima table under the current θ₀ values, scales and invalid mask (tensors that are
+        replaced, never modified in place, so the worker may read them). :meth:`_deliver`
+        uses the table only if these three are still the monitor's own."""
+        if not self.groups:
+            return None
+        key = (self._init_flat, self._scale_flat, self._invalid)
+        cached = self._stats_job
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        names = [g.name for g in self.groups]
+        index, n = self._group_index, len(self.groups)
+
+        def run(values: dict[str, Tensor], first: dict[str, Tensor] | None, second: dict[str, Tensor] | None) -> Any:
+            v = torch.cat([values[k] for k in names])
+            f = None if first is None else torch.cat([first[k] for k in names])
+            s = None if second is None else torch.cat([second[k] for k in names])
+            return key, v, f, s, _maxima_table(v, f, s, *key, index, n)
+
+        self._stats_job = (key, run)
+        return run
 
     def _update_statistics(
         self,
         values: dict[str, Tensor],
         first: dict[str, Tensor] | None,
         second: dict[str, Tensor] | None,
+        step: int,
+        precomputed: Any = None,
     ) -> dict[str, float]:
         if not self.groups:
             return {}
-        v, f, s = self._flat(values), self._flat(first), self._flat(second)
-        table = self._group_maxima(v, f, s)
+        if precomputed is not None and all(
+            a is b for a, b in zip(precomputed[0], (self._init_flat, self._scale_flat, self._invalid))
+        ):
+            _, v, f, s, table = precomputed  # computed by the asynchronous worker
+        else:
+            v, f, s = self._flat(values), self._flat(first), self._flat(second)
+            table = self._group_maxima(v, f, s)
         if any(math.isnan(x) or x == math.inf for row in table for x in row):
-            self._mark_invalid(self.num_steps, v, f, s)
+            self._mark_invalid(step, v, f, s)
             table = self._group_maxima(v, f, s)
         rel: dict[str, float] = {}
         for i, g in enumerate(self.groups):
@@ -349,7 +516,7 @@ class ConservationMonitor:
         new = bad & ~self._invalid
         if not bool(new.any()):
             return
-        self._invalid |= bad
+        self._invalid = self._invalid | bad  # a new tensor: the asynchronous worker may read the old one
         for g, count in zip(self.groups, new.split(self._counts)):
             n = int(count.sum())
             if n:
@@ -395,6 +562,7 @@ class ConservationMonitor:
         max_rel_second_order, expected_conserved, reason, invalid, producer, consumer, degree,
         last_rel_drift``. The split keys are ``None`` when ``split=False``.
         """
+        self.flush()
         latest = self._store.latest
         invalid = {g.name: int(c.sum()) for g, c in zip(self.groups, self._invalid.split(self._counts))}
         out = []
@@ -427,6 +595,7 @@ class ConservationMonitor:
         ``"<name>/rel_drift"`` (R,), plus ``"<name>/first_order"`` and
         ``"<name>/second_order"`` (R × count) when ``split=True``. Row 0 is θ₀ (step 0).
         """
+        self.flush()
         records = self._store.records()
         out: dict[str, np.ndarray] = {"step": np.array([r.step for r in records], dtype=np.int64)}
         for g in self.groups:
@@ -440,6 +609,7 @@ class ConservationMonitor:
 
     def table(self) -> str:
         """The summary as a fixed-width text table (one line per law group)."""
+        self.flush()
         head = f"{'group':<18} {'kind':<8} {'laws':>5} {'max rel drift':>14} {'max rel 1st':>12} {'max rel 2nd':>12}  expected"
         lines = [head, "-" * len(head)]
         for s in self.summary():
@@ -458,6 +628,7 @@ class ConservationMonitor:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """θ₀ law values, scales, history, running maxima and the step counter."""
+        self.flush()
         return {
             "format": _STATE_FORMAT,
             "num_steps": self.num_steps,
@@ -483,6 +654,7 @@ class ConservationMonitor:
                 f"{state['groups']} but this monitor tracks {mine}; build the monitor on the "
                 "same architecture"
             )
+        self.flush()
         self.num_steps = int(state["num_steps"])
         self.initial = {k: v.clone() for k, v in state["initial"].items()}
         self._init_flat = self._flat(self.initial)
@@ -490,8 +662,9 @@ class ConservationMonitor:
         self._invalid = state["invalid"].clone()
         self._maxima = {k: dict(v) for k, v in state["maxima"].items()}
         self._store.load_state_dict(state["store"])
-        self._before = None
+        self._release_before()
         if self.split and not self._handles:
+            self._drop_last_snapshot()
             self._last_snapshot = self._snapshot()
 
     def __repr__(self) -> str:
@@ -509,7 +682,42 @@ def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:
     return path, attr, module, getattr(module, attr)
 
 
+def _fast_layout(model: nn.Module, layout: dict[str, tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(parent, child name, child) of every module on the path to a tracked parameter, and
+    (module, attribute, parameter, shape) of every tracked parameter (for the fast check)."""
+    edges: dict[tuple[int, str], tuple] = {}
+    for path, *_ in layout.values():
+        parent = model
+        for key in path.split(".") if path else []:
+            child = parent._modules.get(key)
+            edges[(id(parent), key)] = (parent, key, child)
+            parent = child
+    leaves = [(module, attr, param, shape) for _, attr, module, param, shape in layout.values()]
+    return list(edges.values()), leaves
+
+
 _MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
+
+
+def _maxima_table(
+    v: Tensor,
+    f: Tensor | None,
+    s: Tensor | None,
+    init_flat: Tensor,
+    scale_flat: Tensor,
+    invalid: Tensor,
+    group_index: Tensor,
+    n_groups: int,
+) -> list[list[float]]:
+    """Per group: max |h − h₀|, max rel. drift (+ max rel. first/second order), valid laws only."""
+    drift = (v - init_flat).abs_()
+    rows = [drift, drift / scale_flat]
+    if f is not None and s is not None:
+        rows += [f.abs() / scale_flat, s.abs() / scale_flat]
+    table = torch.stack(rows).masked_fill_(invalid, -math.inf)
+    out = torch.full((len(rows), n_groups), -math.inf, dtype=torch.float64)
+    out.scatter_reduce_(1, group_index.expand(len(rows), -1), table, "amax")
+    return out.tolist()
 
 
 def _to_cpu(per_group: dict[str, Tensor] | None) -> dict[str, Tensor] | None:

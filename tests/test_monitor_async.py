@@ -1,0 +1,346 @@
+"""ConservationMonitor(asynchronous=True): the same records as the synchronous mode, bitwise,
+with the law evaluation on a worker thread and everything user-visible on the training thread."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torch_conslaw.monitor as monitor_module
+from torch_conslaw import ConservationMonitor
+from torch_conslaw.accounting import Record
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Dropout(0.1), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+    )
+
+
+_INPUT = {"mlp": (16, 6), "cnn": (8, 2, 8, 8)}
+_MODELS = {"mlp": _mlp, "cnn": _cnn}
+_OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+}
+
+
+def _train(kind="mlp", opt="sgd", steps=12, monitor=True, between=None, **kw):
+    """Train from a fixed seed; returns (model, monitor or None)."""
+    torch.manual_seed(0)
+    model = _MODELS[kind]()
+    optimizer = _OPTIMIZERS[opt](model.parameters())
+    mon = ConservationMonitor(model, **kw).attach(optimizer) if monitor else None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*_INPUT[kind], generator=g)
+    y = torch.randn(_INPUT[kind][0], 3, generator=g)
+    for i in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        if between is not None:
+            between(model, i)
+    return model, mon
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of nested results (tensors, arrays, floats with NaN, records)."""
+    if isinstance(a, Record):
+        return isinstance(b, Record) and _same(vars(a), vars(b))
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+            and a.numpy().tobytes() == b.numpy().tobytes()
+        )
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or np.float64(a).tobytes() == np.float64(b).tobytes()
+    return a == b
+
+
+def _assert_same_monitors(sync: ConservationMonitor, asyn: ConservationMonitor) -> None:
+    assert sync.num_steps == asyn.num_steps
+    assert _same(sync.history(), asyn.history())
+    assert _same(sync.summary(), asyn.summary())
+    assert _same(sync._store.records(), asyn._store.records())
+    assert sync.table() == asyn.table()
+
+
+def _same_parameters(m1: nn.Module, m2: nn.Module) -> bool:
+    return all(_same(p.detach(), q.detach()) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split):
+    plain, _ = _train(kind, opt, monitor=False)
+    m_sync, sync = _train(kind, opt, split=split)
+    m_async, asyn = _train(kind, opt, split=split, asynchronous=True)
+    _assert_same_monitors(sync, asyn)
+    assert asyn.num_steps == 12 and asyn.history()["step"][-1] == 12
+    assert _same_parameters(plain, m_sync) and _same_parameters(plain, m_async)  # training unchanged
+    if split and opt == "sgd":
+        assert all(s["max_rel_first_order"] < 1e-6 for s in asyn.summary())  # float32 rounding
+
+
+@pytest.mark.parametrize("schedule", [{"every": 3}, {"log_spaced": True}])
+@pytest.mark.parametrize("split", [False, True])
+def test_schedules_give_the_same_records(schedule, split):
+    _, sync = _train("mlp", "adam", steps=25, split=split, **schedule)
+    _, asyn = _train("mlp", "adam", steps=25, split=split, asynchronous=True, **schedule)
+    _assert_same_monitors(sync, asyn)
+    steps = list(asyn.history()["step"])
+    assert steps == list(sync.history()["step"]) and len(steps) > 3
+
+
+def test_bounded_history_gives_the_same_records_and_maxima():
+    _, sync = _train("cnn", "adam", steps=30, max_records=4)
+    _, asyn = _train("cnn", "adam", steps=30, max_records=4, asynchronous=True)
+    _assert_same_monitors(sync, asyn)
+
+
+def test_listeners_run_on_the_training_thread():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = ConservationMonitor(model, asynchronous=True).attach(opt)
+    seen: list[tuple[int, int]] = []
+    mon.add_listener(lambda r: seen.append((r.step, threading.get_ident())))
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    mon.summary()  # drains
+    assert [s for s, _ in seen] == list(range(1, 11))
+    assert {t for _, t in seen} == {threading.get_ident()}
+    assert any(t.name == "torch_conslaw-monitor" for t in threading.enumerate())
+
+
+def _slow_worker(monkeypatch, mon: ConservationMonitor, seconds: float, worker_ids: set | None = None):
+    acc = mon._accountant
+    values, split = acc.values, acc.split
+
+    def slow_values(params):
+        time.sleep(seconds)
+        if worker_ids is not None:
+            worker_ids.add(threading.get_ident())
+        return values(params)
+
+    def slow_split(before, after):
+        time.sleep(seconds)
+        if worker_ids is not None:
+            worker_ids.add(threading.get_ident())
+        return split(before, after)
+
+    monkeypatch.setattr(acc, "values", slow_values)
+    monkeypatch.setattr(acc, "split", slow_split)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_back_pressure_with_a_tiny_ring_drops_nothing(monkeypatch, split):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = ConservationMonitor(model, split=split, asynchronous=True, async_buffers=2).attach(opt)
+    workers: set[int] = set()
+    _slow_worker(monkeypatch, mon, 0.01, workers)
+    in_flight = []
+    submit = mon._async.submit
+
+    def counting_submit(*args):
+        submit(*args)
+        in_flight.append(mon._async.pending)
+
+    monkeypatch.setattr(mon._async, "submit", counting_submit)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(15):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert max(in_flight) <= 2  # never more jobs than buffers
+    assert workers and threading.get_ident() not in workers
+    assert list(mon.history()["step"]) == list(range(16))  # every step recorded, in order
+
+
+def test_back_pressure_records_equal_the_synchronous_ones(monkeypatch):
+    _, sync = _train("cnn", "adam", steps=10)
+    torch.manual_seed(0)
+    model = _cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = ConservationMonitor(model, asynchronous=True, async_buffers=2).attach(opt)
+    _slow_worker(monkeypatch, mon, 0.005)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(*_INPUT["cnn"], generator=g), torch.randn(8, 3, generator=g)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    _assert_same_monitors(sync, mon)
+
+
+def test_non_finite_warning_is_emitted_on_the_training_thread(monkeypatch):
+    def poison(model, i):
+        if i == 4:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+
+    with warnings.catch_warnings(record=True) as caught_sync:
+        warnings.simplefilter("always")
+        m_sync, sync = _train("mlp", "sgd", steps=8, between=poison)
+    threads: list[int] = []
+    warn = warnings.warn
+
+    def recording_warn(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return warn(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module.warnings, "warn", recording_warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m_async, asyn = _train("mlp", "sgd", steps=8, between=poison, asynchronous=True)
+        asyn.flush()
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert messages and messages == [str(w.message) for w in caught_sync if "non-finite" in str(w.message)]
+    assert "step 6" in messages[0]  # poisoned after step 5
+    assert threads and set(threads) == {threading.get_ident()}
+    _assert_same_monitors(sync, asyn)
+    assert asyn.summary()[0]["invalid"] > 0
+    assert _same_parameters(m_sync, m_async)
+
+
+def test_worker_exception_surfaces_on_the_training_thread(monkeypatch):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = ConservationMonitor(model, split=False, asynchronous=True).attach(opt)
+
+    def boom(params):
+        raise ValueError("boom in the worker")
+
+    monkeypatch.setattr(mon._accountant, "values", boom)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    with pytest.raises(ValueError, match="boom in the worker") as info:
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        mon.flush()
+    assert any("worker thread" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_state_dict_after_async_training_equals_the_synchronous_one():
+    _, sync = _train("cnn", "adam", steps=9, every=2)
+    _, asyn = _train("cnn", "adam", steps=9, every=2, asynchronous=True)
+    assert _same(sync.state_dict(), asyn.state_dict())
+    # and resuming an asynchronous monitor from it continues identically
+    torch.manual_seed(0)
+    fresh = ConservationMonitor(_cnn(), asynchronous=True)
+    fresh.load_state_dict(asyn.state_dict())
+    assert _same(fresh.state_dict(), sync.state_dict())
+
+
+def test_detach_drains_the_worker(monkeypatch):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = ConservationMonitor(model, asynchronous=True).attach(opt)
+    _slow_worker(monkeypatch, mon, 0.02)
+    seen = []
+    mon.add_listener(lambda r: seen.append(r.step))
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert mon._async.pending > 0  # the slow worker is behind
+    mon.detach()
+    assert mon._async.pending == 0 and seen == [1, 2, 3, 4]
+    assert mon._store.latest.step == 4
+
+
+def test_parameters_edited_between_steps_take_a_fresh_before_snapshot():
+    def edit(model, i):
+        if i % 3 == 1:
+            with torch.no_grad():
+                model[3].weight.mul_(1.5)
+
+    _, sync = _train("mlp", "sgd", steps=10, between=edit)
+    _, asyn = _train("mlp", "sgd", steps=10, between=edit, asynchronous=True)
+    _assert_same_monitors(sync, asyn)
+    # the edit is not a step: under SGD the first-order part stays at rounding level
+    assert all(s["max_rel_first_order"] < 1e-6 for s in asyn.summary())  # float32 rounding
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_manual_step_loop_gives_the_same_records(split):
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        mon = ConservationMonitor(model, split=split, every=2, asynchronous=asynchronous)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(*_INPUT["cnn"], generator=g), torch.randn(8, 3, generator=g)
+        for _ in range(9):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            mon.step()
+        return mon
+
+    _assert_same_monitors(run(False), run(True))
+
+
+def test_attach_detach_cycles_give_the_same_records():
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = ConservationMonitor(model, asynchronous=asynchronous)
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        for cycle in range(3):
+            if cycle != 1:
+                mon.attach(opt)
+            for _ in range(4):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                if cycle == 1:
+                    mon.step()
+            if cycle != 1:
+                mon.detach()
+        return mon
+
+    _assert_same_monitors(run(False), run(True))
+
+
+def test_bad_ring_size_is_rejected():
+    with pytest.raises(ValueError, match="async_buffers"):
+        ConservationMonitor(_mlp(), asynchronous=True, async_buffers=1)
+
+
+def test_synchronous_mode_starts_no_thread():
+    before = {t.ident for t in threading.enumerate()}
+    _, mon = _train("mlp", "sgd", steps=3)
+    assert mon._async is None
+    assert not any(t.name == "torch_conslaw-monitor" and t.ident not in before for t in threading.enumerate())
