@@ -344,3 +344,41 @@ def test_synchronous_mode_starts_no_thread():
     _, mon = _train("mlp", "sgd", steps=3)
     assert mon._async is None
     assert not any(t.name == "torch_conslaw-monitor" and t.ident not in before for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_low_and_double_precision_parameters_give_the_same_records(dtype):
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp().to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        x, y = torch.randn(16, 6, dtype=dtype), torch.randn(16, 3, dtype=dtype)
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return mon
+
+    _assert_same_monitors(run(False), run(True))
+
+
+def test_skipped_optimizer_steps_keep_the_before_snapshot_valid():
+    """As under a GradScaler that skips a step: no hooks run, the parameters do not change."""
+
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        for i in range(12):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if i % 4 != 2:
+                opt.step()
+        return mon
+
+    sync, asyn = run(False), run(True)
+    _assert_same_monitors(sync, asyn)
+    assert asyn.num_steps == 9
