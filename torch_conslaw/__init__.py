@@ -3,7 +3,8 @@
 Three parts, each importable on its own:
 
 * **Lie-algebra calculator** — :func:`trace_dimension` (any torch map φ),
-  :func:`mlp_trace_dimension` (MLPs, without the path lifting), :func:`polynomial_laws`.
+  :func:`mlp_trace_dimension` (MLPs, without the path lifting), :func:`polynomial_laws`,
+  :func:`polynomial_laws_of` (MLPs).
 * **Conservation monitor** — :class:`ConservationMonitor` finds the laws of a live
   ``nn.Module``, tracks them through training and splits every change exactly into a
   symmetry-breaking (first-order) and a discretization (second-order) part;
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "LieResult": "torch_conslaw.lie",
     "RankDecision": "torch_conslaw.numerics",
     "polynomial_laws": "torch_conslaw.polynomial",
+    "polynomial_laws_of": "torch_conslaw.polynomial",
     # Conservation monitor
     "ConservationMonitor": "torch_conslaw.monitor",
     "find_structure": "torch_conslaw.structure",
@@ -63,5 +65,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
     from .numerics import RankDecision
-    from .polynomial import polynomial_laws
+    from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure
