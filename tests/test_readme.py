@@ -14,3 +14,16 @@ def test_quick_start_runs(capsys):
     out = capsys.readouterr().out
     assert "[23, 26, 26] 11 11 True" in out  # the comment next to that print in the README
     assert "tracked set: complete" in out
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    """Importing every submodule first must not turn a lazy export into a module object."""
+    import importlib
+    import pkgutil
+
+    import torch_conslaw
+
+    for info in pkgutil.iter_modules(torch_conslaw.__path__):
+        importlib.import_module(f"torch_conslaw.{info.name}")
+    for name in torch_conslaw.__all__:
+        assert not isinstance(getattr(torch_conslaw, name), type(torch_conslaw)), name

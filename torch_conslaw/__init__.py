@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     # Conservation monitor
     "ConservationMonitor": "torch_conslaw.monitor",
     "find_structure": "torch_conslaw.structure",
-    "analyze": "torch_conslaw.analyze",
+    "analyze": "torch_conslaw.completeness",
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
 }
@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .analyze import analyze
+    from .completeness import analyze
     from .catalogue import register_activation, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for g in groups:
         print(f"  {g.name:<24} {g.kind:<8} {g.count:>6} laws   {g.reason}")
     if args.analyze:
-        from ..analyze import analyze
+        from ..completeness import analyze
 
         print(analyze(model, example))
     return 0

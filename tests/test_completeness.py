@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_conslaw.analyze import analyze
+from torch_conslaw.completeness import analyze
 
 
 def test_two_layer_relu_with_bias_tracks_every_law():
