@@ -249,3 +249,19 @@ def test_relu_mlp_with_100k_parameters_is_counted_exactly():
     res = mlp_trace_dimension([784, 128, 128, 10], ["relu", "relu"], bias=True)
     assert res.D == 118_282 and res.method == "complement"
     assert res.n_laws == 256 and res.certified and not res.warnings
+
+
+@pytest.mark.parametrize("kind", ["leaky_relu", "abs"])
+def test_other_homogeneous_kinds_behave_like_relu(kind):
+    res = mlp_trace_dimension([4, 5, 3, 2], [kind, "relu"], bias=True)
+    assert res.n_laws == 5 + 3 and res.certified
+
+
+def test_registered_activation_kind_is_used_by_name():
+    from torch_conslaw.generators import ACTIVATION_KINDS, ActivationKind, register_activation_kind
+
+    register_activation_kind(ActivationKind("my_gate", gated=True))
+    try:
+        assert mlp_trace_dimension([3, 4, 2], ["my_gate"]).n_laws == 4
+    finally:
+        del ACTIVATION_KINDS["my_gate"]
