@@ -43,23 +43,27 @@ def nested_field(family: GeneratorFamily, keys: Tensor) -> Field:
     inner = nested_field(family, keys[:, 1:])
 
     def bracket(thetas: Tensor) -> Tensor:
-        x = generator(thetas)
-        y, dy_x = jvp(inner, (thetas,), (x,))
-        dx_y = jvp(generator, (thetas,), (y,))[1]
+        dy_x, dx_y = _bracket_terms(generator, inner, thetas)
         return dy_x - dx_y
 
     return bracket
 
 
+def _bracket_terms(generator: Field, inner: Field, thetas: Tensor) -> tuple[Tensor, Tensor]:
+    """The two terms ∂Y X and ∂X Y of [X, Y] = ∂Y X − ∂X Y, X = ``generator``, Y = ``inner``."""
+    x = generator(thetas)
+    y, dy_x = jvp(inner, (thetas,), (x,))
+    dx_y = jvp(generator, (thetas,), (y,))[1]
+    return dy_x, dx_y
+
+
 def _values_and_scales(family: GeneratorFamily, theta: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
     thetas = theta.expand(keys.shape[0], -1).contiguous()
     generator: Field = lambda t: fields(family, t, keys[:, 0])
-    x = generator(thetas)
     if keys.shape[1] == 1:
+        x = generator(thetas)
         return x, torch.linalg.vector_norm(x, dim=1)
-    inner = nested_field(family, keys[:, 1:])
-    y, dy_x = jvp(inner, (thetas,), (x,))
-    dx_y = jvp(generator, (thetas,), (y,))[1]
+    dy_x, dx_y = _bracket_terms(generator, nested_field(family, keys[:, 1:]), thetas)
     scales = torch.linalg.vector_norm(dy_x, dim=1) + torch.linalg.vector_norm(dx_y, dim=1)
     return dy_x - dx_y, scales
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .lawgroups import LawGroup, build_groups
+from .lie import mlp_trace_dimension
 from .numerics import DEFAULT_RTOL, RankDecision, decide_rank
 from .structure import Structure, find_structure, unwrap_model
 
@@ -118,7 +119,9 @@ def analyze(
             notes.append(f"no clear singular-value gap in the tracked laws: {decision.describe()}")
     lie_result, lie_laws, lie_note = None, None, "disabled (lie=False)"
     if lie:
-        lie_result, lie_laws, lie_note = _lie_count(model, structure, trainable, max_lie_parameters, rtol)
+        lie_result, lie_laws, lie_note = _lie_count(
+            model, structure, trainable, num_parameters, max_lie_parameters, rtol
+        )
     complete = None if lie_laws is None else tracked_rank == lie_laws
     return Analysis(
         model=type(model).__name__,
@@ -150,6 +153,7 @@ def _lie_count(
     model: nn.Module,
     structure: Structure,
     trainable: dict[str, nn.Parameter],
+    num_parameters: int,
     max_parameters: int,
     rtol: float,
 ) -> tuple[Any, int | None, str]:
@@ -157,12 +161,8 @@ def _lie_count(
     if isinstance(arch, str):
         return None, None, arch
     widths, activations, bias, output_bias = arch
-    if sum(p.numel() for p in trainable.values()) > max_parameters:
-        return None, None, f"{sum(p.numel() for p in trainable.values())} parameters > max_lie_parameters={max_parameters}"
-    try:
-        from .lie import mlp_trace_dimension
-    except ImportError as err:  # the calculator is an optional part of the package build
-        return None, None, f"Lie calculator unavailable ({err})"
+    if num_parameters > max_parameters:
+        return None, None, f"{num_parameters} parameters > max_lie_parameters={max_parameters}"
     result = mlp_trace_dimension(
         widths, activations, bias=bias, seed=0, output_bias=output_bias, rtol=rtol
     )

@@ -127,4 +127,4 @@ def gram_null_space(
                 f"max_dim={max_dim}: the matrix-free method is meant for small complements (e.g. ReLU "
                 "networks); use method='dense' for this size or raise max_dim"
             )
-        batch = min(2 * batch, max_dim - found.shape[0]) if found.shape[0] < max_dim else batch
+        batch = min(2 * batch, max_dim - found.shape[0])

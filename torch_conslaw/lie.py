@@ -36,7 +36,7 @@ from .brackets import bracket_values
 from .generators import DTYPE, FunctionGenerators, GeneratorFamily, MLPGenerators
 from .gram import NullSpaceInfo, gram_null_space
 from .mlp_laws import known_law_rank
-from .numerics import DEFAULT_RTOL, RankDecision, new_directions, torch_threads
+from .numerics import DEFAULT_RTOL, RankDecision, new_directions, project_out, torch_threads
 from .progress import ProgressBar
 
 __all__ = ["LieResult", "RankGapWarning", "trace_dimension", "mlp_trace_dimension", "lie_trace"]
@@ -153,13 +153,8 @@ class _DenseSpan:
         return self.D - self.dim
 
     def add(self, vectors: Tensor, scales: Tensor, rtol: float) -> RankDecision:
-        residual = vectors.T
-        for _ in range(2):
-            residual = residual - self.basis @ (self.basis.T @ residual)
-        new, decision = new_directions(residual, scales, rtol)
-        for _ in range(2):
-            new = new - self.basis @ (self.basis.T @ new)
-        new, _ = torch.linalg.qr(new)
+        new, decision = new_directions(project_out(self.basis, vectors.T), scales, rtol)
+        new, _ = torch.linalg.qr(project_out(self.basis, new))
         self.basis = torch.cat([self.basis, new], dim=1)
         return decision
 
