@@ -1,5 +1,8 @@
-"""ConservationMonitor(asynchronous=True): the same records as the synchronous mode, bitwise,
-with the law evaluation on a worker thread and everything user-visible on the training thread."""
+"""ConservationMonitor(asynchronous=True / "live"): the same records as the synchronous mode,
+bitwise, with the law evaluation on a worker thread and everything user-visible on the
+training thread. Tests that hold for both asynchronous modes are parametrized over ``MODES``;
+the snapshot ring (back-pressure, manual loops) and live reading have tests of their own (see
+also test_monitor_live.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def _cnn() -> nn.Module:
     )
 
 
+MODES = [True, "live"]  # snapshot ring, live reading
 _INPUT = {"mlp": (16, 6), "cnn": (8, 2, 8, 8)}
 _MODELS = {"mlp": _mlp, "cnn": _cnn}
 _OPTIMIZERS = {
@@ -89,13 +93,14 @@ def _same_parameters(m1: nn.Module, m2: nn.Module) -> bool:
     return all(_same(p.detach(), q.detach()) for p, q in zip(m1.parameters(), m2.parameters()))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split):
+def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split, mode):
     plain, _ = _train(kind, opt, monitor=False)
     m_sync, sync = _train(kind, opt, split=split)
-    m_async, asyn = _train(kind, opt, split=split, asynchronous=True)
+    m_async, asyn = _train(kind, opt, split=split, asynchronous=mode)
     _assert_same_monitors(sync, asyn)
     assert asyn.num_steps == 12 and asyn.history()["step"][-1] == 12
     assert _same_parameters(plain, m_sync) and _same_parameters(plain, m_async)  # training unchanged
@@ -103,27 +108,30 @@ def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split):
         assert all(s["max_rel_first_order"] < 1e-6 for s in asyn.summary())  # float32 rounding
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("schedule", [{"every": 3}, {"log_spaced": True}])
 @pytest.mark.parametrize("split", [False, True])
-def test_schedules_give_the_same_records(schedule, split):
+def test_schedules_give_the_same_records(schedule, split, mode):
     _, sync = _train("mlp", "adam", steps=25, split=split, **schedule)
-    _, asyn = _train("mlp", "adam", steps=25, split=split, asynchronous=True, **schedule)
+    _, asyn = _train("mlp", "adam", steps=25, split=split, asynchronous=mode, **schedule)
     _assert_same_monitors(sync, asyn)
     steps = list(asyn.history()["step"])
     assert steps == list(sync.history()["step"]) and len(steps) > 3
 
 
-def test_bounded_history_gives_the_same_records_and_maxima():
+@pytest.mark.parametrize("mode", MODES)
+def test_bounded_history_gives_the_same_records_and_maxima(mode):
     _, sync = _train("cnn", "adam", steps=30, max_records=4)
-    _, asyn = _train("cnn", "adam", steps=30, max_records=4, asynchronous=True)
+    _, asyn = _train("cnn", "adam", steps=30, max_records=4, asynchronous=mode)
     _assert_same_monitors(sync, asyn)
 
 
-def test_listeners_run_on_the_training_thread():
+@pytest.mark.parametrize("mode", MODES)
+def test_listeners_run_on_the_training_thread(mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, asynchronous=True).attach(opt)
+    mon = ConservationMonitor(model, asynchronous=mode).attach(opt)
     seen: list[tuple[int, int]] = []
     mon.add_listener(lambda r: seen.append((r.step, threading.get_ident())))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
@@ -229,11 +237,12 @@ def test_non_finite_warning_is_emitted_on_the_training_thread(monkeypatch):
     assert _same_parameters(m_sync, m_async)
 
 
-def test_worker_exception_surfaces_on_the_training_thread(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_worker_exception_surfaces_on_the_training_thread(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, split=False, asynchronous=True).attach(opt)
+    mon = ConservationMonitor(model, split=False, asynchronous=mode).attach(opt)
 
     def boom(params):
         raise ValueError("boom in the worker")
@@ -249,22 +258,24 @@ def test_worker_exception_surfaces_on_the_training_thread(monkeypatch):
     assert any("worker thread" in note for note in getattr(info.value, "__notes__", []))
 
 
-def test_state_dict_after_async_training_equals_the_synchronous_one():
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_after_async_training_equals_the_synchronous_one(mode):
     _, sync = _train("cnn", "adam", steps=9, every=2)
-    _, asyn = _train("cnn", "adam", steps=9, every=2, asynchronous=True)
+    _, asyn = _train("cnn", "adam", steps=9, every=2, asynchronous=mode)
     assert _same(sync.state_dict(), asyn.state_dict())
     # and resuming an asynchronous monitor from it continues identically
     torch.manual_seed(0)
-    fresh = ConservationMonitor(_cnn(), asynchronous=True)
+    fresh = ConservationMonitor(_cnn(), asynchronous=mode)
     fresh.load_state_dict(asyn.state_dict())
     assert _same(fresh.state_dict(), sync.state_dict())
 
 
-def test_detach_drains_the_worker(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_detach_drains_the_worker(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, asynchronous=True).attach(opt)
+    mon = ConservationMonitor(model, asynchronous=mode).attach(opt)
     _slow_worker(monkeypatch, mon, 0.02)
     seen = []
     mon.add_listener(lambda r: seen.append(r.step))
@@ -273,7 +284,7 @@ def test_detach_drains_the_worker(monkeypatch):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    assert mon._async.pending > 0  # the slow worker is behind
+    assert mon._async.pending > 0  # the slow worker is behind (live: the last read is due)
     mon.detach()
     assert mon._async.pending == 0 and seen == [1, 2, 3, 4]
     assert mon._store.latest.step == 4
@@ -346,8 +357,9 @@ def test_synchronous_mode_starts_no_thread():
     assert not any(t.name == "torch_conslaw-monitor" and t.ident not in before for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_low_and_double_precision_parameters_give_the_same_records(dtype):
+def test_low_and_double_precision_parameters_give_the_same_records(dtype, mode):
     def run(asynchronous):
         torch.manual_seed(0)
         model = _mlp().to(dtype)
@@ -360,10 +372,11 @@ def test_low_and_double_precision_parameters_give_the_same_records(dtype):
             opt.step()
         return mon
 
-    _assert_same_monitors(run(False), run(True))
+    _assert_same_monitors(run(False), run(mode))
 
 
-def test_skipped_optimizer_steps_keep_the_before_snapshot_valid():
+@pytest.mark.parametrize("mode", MODES)
+def test_skipped_optimizer_steps_keep_the_before_snapshot_valid(mode):
     """As under a GradScaler that skips a step: no hooks run, the parameters do not change."""
 
     def run(asynchronous):
@@ -379,6 +392,6 @@ def test_skipped_optimizer_steps_keep_the_before_snapshot_valid():
                 opt.step()
         return mon
 
-    sync, asyn = run(False), run(True)
+    sync, asyn = run(False), run(mode)
     _assert_same_monitors(sync, asyn)
     assert asyn.num_steps == 9

@@ -40,6 +40,7 @@ import queue
 import threading
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,47 @@ __all__ = ["AsyncRecorder"]
 Deliver = Callable[..., None]
 
 
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One evaluation for the worker, and its entry in the training thread's pending queue.
+
+    ``after`` is a snapshot of the ring or, for live reading, the parameters themselves;
+    ``before`` (split) likewise a snapshot or a live-reading buffer. ``capture``: copy
+    ``after`` into these buffers once evaluated (live reading: θ before the next step).
+    ``step`` is ``None`` for a capture without a record. Live reading also gives ``check``
+    (raises if the model's structure changed), ``versions`` (the parameters' version
+    counters: the read is repeated until they did not move while it ran) and ``read_done``,
+    a lock held by the training thread and released when the job is over (also on error,
+    then ``failed`` is set first). ``ring`` (snapshot indices) belongs to the training thread.
+    """
+
+    step: int | None
+    before: Mapping[str, Tensor] | None
+    after: Mapping[str, Tensor]
+    event: Any = None  # CUDA event of the snapshot copy
+    post: Callable[..., Any] | None = None
+    capture: Mapping[str, Tensor] | None = None
+    read_done: threading.Lock | None = None
+    check: Callable[[], None] | None = None
+    versions: Callable[[], Any] | None = None
+    failed: bool = False
+    ring: tuple[int | None, int | None] = (None, None)
+
+
+def _read(job: _Job, accountant: Accountant) -> tuple[Any, Any, Any]:
+    """Evaluate the job's step (if any) and capture ``after`` (if asked)."""
+    values = first = second = None
+    if job.step is not None and job.before is not None:
+        values, first, second = accountant.split(job.before, job.after)
+    elif job.step is not None:
+        values = accountant.values(job.after)
+    if job.capture is not None:
+        with torch.no_grad():
+            for n, buf in job.capture.items():
+                buf.copy_(job.after[n].detach())
+    return values, first, second
+
+
 def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", accountant: Accountant) -> None:
     """The worker loop: evaluate each job, in order, until the ``None`` sentinel.
 
@@ -63,22 +105,35 @@ def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", a
         job = jobs.get()
         if job is None:
             return
-        step, before, after, event, post = job
         try:
-            if event is not None:
-                event.wait()  # the snapshot copy issued on the training thread's stream
-            if before is not None:
-                values, first, second = accountant.split(before, after)
-            else:
-                values, first, second = accountant.values(after), None, None
-            values = {k: v.cpu() for k, v in values.items()}
-            if first is not None and second is not None:
-                first = {k: v.cpu() for k, v in first.items()}
-                second = {k: v.cpu() for k, v in second.items()}
-            extra = post(values, first, second) if post is not None else None
-            results.put((step, values, first, second, extra, None))
+            if job.event is not None:
+                job.event.wait()  # the snapshot copy issued on the training thread's stream
+            if job.check is not None:
+                job.check()
+            if job.versions is None:
+                values, first, second = _read(job, accountant)
+            else:  # live parameters: read again if one was modified in place meanwhile
+                while True:
+                    seen = job.versions()
+                    values, first, second = _read(job, accountant)
+                    if job.versions() == seen:
+                        break
+            extra = None
+            if values is not None:
+                values = {k: v.cpu() for k, v in values.items()}
+                if first is not None and second is not None:
+                    first = {k: v.cpu() for k, v in first.items()}
+                    second = {k: v.cpu() for k, v in second.items()}
+                extra = job.post(values, first, second) if job.post is not None else None
+            results.put((job.step, values, first, second, extra, None))
         except BaseException as exc:  # re-raised on the training thread
-            results.put((step, None, None, None, None, exc))
+            job.failed = True
+            results.put((job.step, None, None, None, None, exc))
+        finally:
+            if job.read_done is not None:
+                # after the whole job: the worker is idle while the optimizer and the
+                # training thread's hooks run (no contention for the interpreter lock there)
+                job.read_done.release()
 
 
 def _stop(jobs: "queue.SimpleQueue[Any]", threads: list[threading.Thread]) -> None:
@@ -119,7 +174,7 @@ class AsyncRecorder:
         self._ring: list[dict[str, Tensor] | None] = [None] * ring_size
         self._refs = [0] * ring_size
         self._free = list(range(ring_size - 1, -1, -1))
-        self._pending: deque[tuple[int, int | None, int]] = deque()
+        self._pending: deque[_Job] = deque()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []  # the live worker, shared with the finalizer
@@ -162,16 +217,7 @@ class AsyncRecorder:
             self._free.append(i)
 
     # ------------------------------------------------------------------ jobs
-    def submit(
-        self,
-        step: int,
-        before: int | None,
-        after: int,
-        post: Callable[..., Any] | None = None,
-    ) -> None:
-        """Queue the evaluation of step ``step`` (``before`` given: with the split);
-        ``post(values, first, second)``, if given, also runs on the worker and its result is
-        passed to ``deliver`` as a fifth argument."""
+    def _start(self) -> None:
         if not self._threads:
             thread = threading.Thread(
                 target=_worker,
@@ -181,6 +227,18 @@ class AsyncRecorder:
             )
             thread.start()
             self._threads.append(thread)
+
+    def submit(
+        self,
+        step: int,
+        before: int | None,
+        after: int,
+        post: Callable[..., Any] | None = None,
+    ) -> None:
+        """Queue the evaluation of step ``step`` from ring snapshots (``before`` given: with
+        the split); ``post(values, first, second)``, if given, also runs on the worker and its
+        result is passed to ``deliver`` as a fifth argument."""
+        self._start()
         self.retain(after)
         if before is not None:
             self.retain(before)
@@ -188,29 +246,55 @@ class AsyncRecorder:
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        self._pending.append((step, before, after))
-        self._jobs.put(
-            (step, None if before is None else self._ring[before], self._ring[after], event, post)
-        )
+        job = _Job(step, None if before is None else self._ring[before], self._ring[after], event, post)
+        job.ring = (before, after)
+        self._pending.append(job)
+        self._jobs.put(job)
 
-    def collect(self, block: bool = False) -> None:
-        """Deliver finished jobs: every one ready now (``block=False``) or the next one,
-        waiting for it (``block=True``). Re-raises a worker exception."""
+    def submit_live(
+        self,
+        step: int | None,
+        before: Mapping[str, Tensor] | None,
+        capture: Mapping[str, Tensor] | None,
+        read_done: threading.Lock,
+        post: Callable[..., Any] | None,
+        check: Callable[[], None],
+        versions: Callable[[], Any],
+    ) -> _Job:
+        """Queue a job that reads the parameters themselves (live reading, CPU only): first
+        ``check()``, then the record of ``step`` (``None``: no record), split against
+        ``before`` when given, and a copy of the parameters into ``capture``, read again
+        until ``versions()`` did not change meanwhile. ``read_done``, acquired by the caller,
+        is released once the job is over; until then the optimizer must not change the
+        parameters."""
+        if not self._threads:
+            self._start()
+        job = _Job(step, before, self._params, None, post, capture, read_done, check, versions)
+        self._pending.append(job)
+        self._jobs.put(job)
+        return job
+
+    def collect(self, block: bool = False, min_ready: int = 1) -> None:
+        """Deliver finished jobs: every one ready now (``block=False``; nothing unless at
+        least ``min_ready`` are) or the next one, waiting for it (``block=True``). Re-raises a
+        worker exception."""
+        if not block and min_ready > 1 and self._results.qsize() < min_ready:
+            return
         while self._pending:
             try:
                 item = self._results.get(block=block)
             except queue.Empty:
                 return
             step, values, first, second, extra, exc = item
-            _, before, after = self._pending.popleft()
-            self.release(before)
-            self.release(after)
+            done = self._pending.popleft()
+            self.release(done.ring[0])
+            self.release(done.ring[1])
             if exc is not None:
-                exc.add_note(
-                    f"(raised on the ConservationMonitor worker thread while evaluating step {step})"
-                )
+                what = "a parameter capture" if step is None else f"step {step}"
+                exc.add_note(f"(raised on the ConservationMonitor worker thread while evaluating {what})")
                 raise exc
-            self._deliver(step, values, first, second, extra)
+            if step is not None:
+                self._deliver(step, values, first, second, extra)
             if block:
                 return
 

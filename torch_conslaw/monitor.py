@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from .accounting import Accountant, Record, RecordStore
 from .async_recording import AsyncRecorder
+from .live_reading import LiveReader
 from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
 from .sharding import ShardedLaws, has_sharded_parameters
@@ -43,6 +45,9 @@ from .structure import Skipped, Structure, find_structure, unwrap_model
 __all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
 
 _STATE_FORMAT = "torch_conslaw.ConservationMonitor/1"
+# live reading: finished records reach the history and the listeners in batches of this many
+# (one pass over warm code instead of one cold pass per training step)
+_LIVE_DELIVERY_BATCH = 16
 
 
 def optimizer_breaking_reasons(optimizer: torch.optim.Optimizer) -> dict[int, str]:
@@ -106,7 +111,8 @@ class ConservationMonitor:
         track_broken: also track the would-be laws of pairs whose activation is not
             positively homogeneous (GELU, tanh, ...), with ``expected_conserved=False``,
             to show how they break.
-        asynchronous: evaluate the laws on a background thread (see *Asynchronous mode*).
+        asynchronous: ``False`` (default), ``True`` / ``"snapshot"`` or ``"live"``: evaluate
+            the laws on a background thread (see *Asynchronous mode*).
         async_buffers: with ``asynchronous=True``, how many parameter snapshots (each the
             size of the tracked parameters, in their own dtype) may be in flight.
 
@@ -126,6 +132,19 @@ class ConservationMonitor:
     (back-pressure; nothing is dropped). The mode pays off when a core is free for the
     worker; on a fully loaded machine the work only moves to another thread. Not available
     for sharded (FSDP2) parameters.
+
+    Live reading (``asynchronous="live"``, CPU parameters, :meth:`attach` only): the training
+    thread copies nothing. The worker reads the parameters themselves while the next forward
+    and backward passes run (θ does not change between optimizer steps), starting at the
+    first forward pass of a tracked layer after the step; the optimizer's pre-step hook waits
+    until the read is over. Records are bitwise those of the synchronous mode when nothing
+    edits the parameters between steps; an edit made between ``optimizer.step()`` and the
+    next forward pass belongs to the record of that step, and the split of each record is
+    taken against the state read for the previous record, so consecutive records differ by
+    exactly first + second order. In-place edits through ``.data`` during a training step
+    are not seen (see :mod:`torch_conslaw.live_reading`). It adds a forward pre-hook to each
+    tracked layer while attached (:meth:`detach` removes them; a copied or pickled model keeps
+    an inert one).
     """
 
     def __init__(
@@ -138,7 +157,7 @@ class ConservationMonitor:
         log_spaced: bool = False,
         max_records: int = 10_000,
         track_broken: bool = False,
-        asynchronous: bool = False,
+        asynchronous: bool | str = False,
         async_buffers: int = 4,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
@@ -166,7 +185,13 @@ class ConservationMonitor:
         self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
         self._names = sorted({n for g in self.groups for n in g.parameter_names})
         self._layout = {n: _locate(self.model, n) + (self._params[n].shape,) for n in self._names}
-        self._edges, self._leaves = _fast_layout(self.model, self._layout)
+        edges, leaves = _fast_layout(self.model, self._layout)
+        # (registry, key) → expected object: every module on the path to a tracked parameter
+        # (parent._modules) and every tracked parameter (module._parameters)
+        self._lookups = [(p._modules, k) for p, k, _ in edges] + [(m._parameters, a) for m, a, _, _ in leaves]
+        self._expected = [c for *_, c in edges] + [p for _, _, p, _ in leaves]
+        self._leaf_params = [p for _, _, p, _ in leaves]
+        self._shapes = [shape for *_, shape in leaves]
         self.num_steps = 0
         self._before: dict[str, Tensor] | None = None
         self._spare: dict[str, Tensor] | None = None  # reused buffers for the pre-step snapshot
@@ -181,17 +206,37 @@ class ConservationMonitor:
             )
         self._accountant = Accountant(self.groups)
         self._async: AsyncRecorder | None = None
+        self._live: LiveReader | None = None
+        mode = _async_mode(asynchronous)
         self._reuse: tuple[int, tuple[tuple[int, int], ...]] | None = None  # async: θ after the last step
         self._stats_job: tuple[tuple[Tensor, ...], Callable[..., Any]] | None = None
-        if asynchronous:
+        if mode is not None:
             if self._sharded is not None:
                 raise ValueError(
-                    "ConservationMonitor: asynchronous=True is not supported with sharded "
-                    "(FSDP2) parameters, whose laws need a collective per recording; use the "
-                    "default synchronous mode"
+                    f"ConservationMonitor: asynchronous={asynchronous!r} is not supported with "
+                    "sharded (FSDP2) parameters, whose laws need a collective per recording; use "
+                    "the default synchronous mode"
                 )
             self._async = AsyncRecorder(
                 self._params, self._names, self._accountant, async_buffers, self._deliver
+            )
+        if mode == "live":
+            devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
+            if devices:
+                raise ValueError(
+                    f"ConservationMonitor: asynchronous='live' reads CPU parameters during the "
+                    f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
+                    "asynchronous=True (snapshots) there"
+                )
+            modules = [self._layout[n][2] for n in self._names]
+            self._live = LiveReader(
+                self._async,
+                self._params,
+                self._names,
+                self.model,
+                modules,
+                self._statistics_job,
+                self._check_unchanged,
             )
         if self._sharded is None:
             theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
@@ -211,7 +256,7 @@ class ConservationMonitor:
         zeros = {name: torch.zeros_like(v) for name, v in self.initial.items()}
         first = zeros if self.split else None
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
-        if self.split:
+        if self.split and self._live is None:
             self._last_snapshot = self._snapshot()
 
     # ------------------------------------------------------------------ optimizer hooks
@@ -240,6 +285,8 @@ class ConservationMonitor:
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()),
         ]
         self._drop_last_snapshot()
+        if self._live is not None:
+            self._live.start(self._capture_for(self.num_steps + 1))
         return self
 
     def detach(self) -> None:
@@ -247,6 +294,9 @@ class ConservationMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._live is not None:
+            self._live.stop()
+            return
         self._release_before()
         self._release_reuse()
         self.flush()
@@ -256,6 +306,11 @@ class ConservationMonitor:
 
     def pre_step(self) -> None:
         """Snapshot θ before a step that will be recorded (called by the pre hook)."""
+        if self._live is not None:
+            self._async.collect(min_ready=_LIVE_DELIVERY_BATCH)  # type: ignore[union-attr]
+            step = self.num_steps + 1  # the structure check runs on the worker, with each read
+            self._live.before_step(step, self._capture_for(step) is not None)
+            return
         if self._async is not None:
             self._async_pre_step()
             return
@@ -265,6 +320,11 @@ class ConservationMonitor:
 
     def post_step(self) -> None:
         """Count the step and record it if it is due (called by the post hook)."""
+        if self._live is not None:
+            self.num_steps += 1
+            due = self.num_steps if self.schedule.due(self.num_steps) else None
+            self._live.after_step(due, self._capture_for(self.num_steps + 1))
+            return
         if self._async is not None:
             self._async_post_step()
             return
@@ -284,6 +344,13 @@ class ConservationMonitor:
             raise RuntimeError(
                 "ConservationMonitor.step: this monitor is attached to an optimizer, whose hooks "
                 "already record each step; call detach() to drive it by hand"
+            )
+        if self._live is not None:
+            raise RuntimeError(
+                "ConservationMonitor.step: asynchronous='live' reads the parameters during the "
+                "next forward pass and needs the optimizer's pre-step hook to know when the read "
+                "must end; call attach(optimizer), or build the monitor with asynchronous=True "
+                "for a manual loop"
             )
         if self._async is not None:
             self._async.collect()
@@ -313,16 +380,10 @@ class ConservationMonitor:
     def _check_unchanged(self) -> None:
         """Refuse to go on when a tracked layer or parameter was replaced or resized."""
         # fast path (every step): the registered children and parameters are still the same
-        # objects; anything else goes through the full check below
-        for parent, key, child in self._edges:
-            if parent._modules.get(key) is not child:
-                break
-        else:
-            for module, attr, param, shape in self._leaves:
-                if module._parameters.get(attr) is not param or param.shape != shape:
-                    break
-            else:
-                return
+        # objects, of the same shapes; anything else goes through the full check below
+        found = [registry.get(key) for registry, key in self._lookups]
+        if all(map(operator.is_, found, self._expected)) and [p.shape for p in self._leaf_params] == self._shapes:
+            return
         for name, (path, attr, module, param, shape) in self._layout.items():
             try:
                 now = self.model.get_submodule(path) if path else self.model
@@ -385,8 +446,14 @@ class ConservationMonitor:
     def flush(self) -> None:
         """Asynchronous mode: wait for the worker and deliver every pending record (no-op in
         the synchronous mode). Re-raises an exception of the worker."""
-        if self._async is not None:
+        if self._live is not None:
+            self._live.settle()
+        elif self._async is not None:
             self._async.drain()
+
+    def _capture_for(self, step: int) -> int | None:
+        """Live reading: ``step`` if θ before it must be kept for its split."""
+        return step if self.split and self.schedule.due(step) else None
 
     def _async_pre_step(self) -> None:
         rec = self._async
@@ -461,10 +528,12 @@ class ConservationMonitor:
         uses the table only if these three are still the monitor's own."""
         if not self.groups:
             return None
-        key = (self._init_flat, self._scale_flat, self._invalid)
         cached = self._stats_job
-        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
-            return cached[1]
+        if cached is not None:  # once per record on the training thread: no generator here
+            init, scale, invalid = cached[0]
+            if init is self._init_flat and scale is self._scale_flat and invalid is self._invalid:
+                return cached[1]
+        key = (self._init_flat, self._scale_flat, self._invalid)
         names = [g.name for g in self.groups]
         index, n = self._group_index, len(self.groups)
 
@@ -487,9 +556,8 @@ class ConservationMonitor:
     ) -> dict[str, float]:
         if not self.groups:
             return {}
-        if precomputed is not None and all(
-            a is b for a, b in zip(precomputed[0], (self._init_flat, self._scale_flat, self._invalid))
-        ):
+        key = precomputed[0] if precomputed is not None else None
+        if key is not None and key[0] is self._init_flat and key[1] is self._scale_flat and key[2] is self._invalid:
             _, v, f, s, table = precomputed  # computed by the asynchronous worker
         else:
             v, f, s = self._flat(values), self._flat(first), self._flat(second)
@@ -663,7 +731,7 @@ class ConservationMonitor:
         self._maxima = {k: dict(v) for k, v in state["maxima"].items()}
         self._store.load_state_dict(state["store"])
         self._release_before()
-        if self.split and not self._handles:
+        if self.split and not self._handles and self._live is None:
             self._drop_last_snapshot()
             self._last_snapshot = self._snapshot()
 
@@ -673,6 +741,17 @@ class ConservationMonitor:
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
             f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
         )
+
+
+def _async_mode(asynchronous: Any) -> str | None:
+    """``None`` (synchronous), ``"snapshot"`` or ``"live"``."""
+    modes = {False: None, True: "snapshot", "snapshot": "snapshot", "live": "live"}
+    if isinstance(asynchronous, (bool, str)) and asynchronous in modes:
+        return modes[asynchronous]
+    raise ValueError(
+        f"ConservationMonitor: asynchronous must be False, True (= 'snapshot') or 'live', got "
+        f"{asynchronous!r}"
+    )
 
 
 def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:

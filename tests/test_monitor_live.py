@@ -1,0 +1,284 @@
+"""ConservationMonitor(asynchronous="live"): the worker reads the live parameters during the
+next forward/backward pass; the optimizer waits for it. Behaviour that differs from the
+snapshot mode (edits between steps, re-reads, hooks, refusals) is tested here; what both
+asynchronous modes share is in test_monitor_async.py."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from torch_conslaw import ConservationMonitor
+from torch_conslaw.accounting import Accountant
+from torch_conslaw.live_reading import _InertHook
+
+from test_monitor_async import _assert_same_monitors, _mlp, _same, _same_parameters, _train
+
+
+def _loop(model, opt, steps, *, before_step=None, after_step=None, forwards=1, x=None, y=None):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=g) if x is None else x
+    y = torch.randn(16, 3, generator=g) if y is None else y
+    for i in range(steps):
+        opt.zero_grad()
+        for _ in range(forwards):
+            nn.functional.mse_loss(model(x), y).backward()
+        if before_step is not None:
+            before_step(model, i)
+        opt.step()
+        if after_step is not None:
+            after_step(model, i)
+
+
+def _fresh(split=True, opt="adam", **kw):
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=1e-2) if opt == "adam" else torch.optim.SGD(model.parameters(), lr=0.05)
+    )
+    mon = ConservationMonitor(model, split=split, **kw).attach(optimizer)
+    return model, optimizer, mon
+
+
+def test_the_training_thread_copies_nothing(monkeypatch):
+    model, opt, mon = _fresh(asynchronous="live")
+
+    def refuse(*args):
+        raise AssertionError("live reading must not take snapshots on the training thread")
+
+    monkeypatch.setattr(mon._async, "snapshot", refuse)
+    _loop(model, opt, 6)
+    assert [int(s) for s in mon.history()["step"]] == list(range(7))
+    assert all(buf is None for buf in mon._async._ring)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_the_optimizer_waits_for_a_slow_read(monkeypatch, split):
+    """If the pre-step hook did not wait, Adam would change θ while the worker sleeps."""
+    _, sync = _train("mlp", "adam", steps=6, split=split)
+    model, opt, mon = _fresh(split=split, asynchronous="live")
+    acc = mon._accountant
+    values, split_fn = acc.values, acc.split
+    seen_threads: set[int] = set()
+
+    def late_values(params):
+        seen_threads.add(threading.get_ident())
+        time.sleep(0.02)
+        return values(params)
+
+    def late_split(before, after):
+        seen_threads.add(threading.get_ident())
+        time.sleep(0.02)
+        return split_fn(before, after)
+
+    monkeypatch.setattr(acc, "values", late_values)
+    monkeypatch.setattr(acc, "split", late_split)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+    _loop(model, opt, 6, x=x, y=y)
+    _assert_same_monitors(sync, mon)
+    assert seen_threads and threading.get_ident() not in seen_threads
+
+
+def test_an_edit_between_step_and_forward_belongs_to_that_record():
+    model, opt, mon = _fresh(opt="sgd", asynchronous="live")
+    reference = Accountant(mon.groups)
+    expected = {}
+
+    def edit(model, i):
+        if i % 3 == 1:
+            with torch.no_grad():
+                model[3].weight.mul_(1.5)
+        expected[i + 1] = reference.values({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    _loop(model, opt, 9, after_step=edit)
+    hist = mon.history()
+    for row, step in enumerate(hist["step"][1:], start=1):
+        for g in mon.groups:
+            assert _same(torch.from_numpy(hist[f"{g.name}/values"][row]), expected[int(step)][g.name])
+    # every change between consecutive records is exactly first + second order (the edit
+    # included): the split is taken against the state read for the previous record
+    for g in mon.groups:
+        v, f, s = (hist[f"{g.name}/{k}"] for k in ("values", "first_order", "second_order"))
+        scale = abs(v).max()
+        assert abs((v[1:] - v[:-1]) - (f[1:] + s[1:])).max() <= 1e-12 * scale
+        edited = abs(f[2]).max() / scale  # the record of step 2 holds the edit: first order
+        assert edited > 1e-3  # not rounding: scaling a layer breaks the law at first order
+
+
+def test_an_in_place_edit_during_the_read_is_read_again(monkeypatch):
+    """A no_grad edit while the worker reads moves the version counter: the worker reads again
+    and the record holds the edited parameters, not a mix."""
+    model, opt, mon = _fresh(split=False, opt="sgd", asynchronous="live")
+    acc = mon._accountant
+    values = acc.values
+    reads: list[int] = []
+    started = threading.Event()
+
+    def slow_values(params):
+        result = values(params)
+        reads.append(1)
+        started.set()
+        time.sleep(0.03)  # the training thread edits meanwhile
+        return result
+
+    monkeypatch.setattr(acc, "values", slow_values)
+    reference = Accountant(mon.groups)
+    expected = {}
+
+    def edit_during_read(model, i):
+        if i == 3:  # the read of step 3 runs now (started by this step's forward pass)
+            assert started.wait(5)
+            with torch.no_grad():
+                model[0].weight.mul_(2.0)
+        started.clear()
+        expected[i] = reference.values({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    _loop(model, opt, 6, before_step=edit_during_read)
+    hist = mon.history()
+    for g in mon.groups:
+        assert _same(torch.from_numpy(hist[f"{g.name}/values"][3]), expected[3][g.name])
+    assert len(reads) >= 6 + 1  # one extra read for step 3
+
+
+def test_a_replaced_layer_raises_at_the_next_step():
+    model, opt, mon = _fresh(asynchronous="live")
+    _loop(model, opt, 2)
+    model[3] = nn.Linear(12, 10)
+    with pytest.raises(RuntimeError, match=r"parameter 3\.(weight|bias) was replaced"):
+        _loop(model, opt, 2)
+
+
+class _Stacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 12), nn.Linear(12, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_a_loop_that_calls_submodules_directly_still_reads_during_the_forward_pass():
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _Stacked()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        for _ in range(8):
+            opt.zero_grad()
+            out = model.fc3(torch.relu(model.fc2(torch.relu(model.fc1(x)))))  # not model(x)
+            nn.functional.mse_loss(out, y).backward()
+            opt.step()
+        return mon
+
+    sync, live = run(False), run("live")
+    _assert_same_monitors(sync, live)
+    assert live._live._on_layers  # the first step found no forward of the model: layer hooks
+
+
+def test_steps_without_a_forward_pass_in_between_are_read_by_the_optimizer_hook():
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        for _ in range(4):  # momentum keeps moving θ with the same gradient
+            opt.step()
+        return mon
+
+    _assert_same_monitors(run(False), run("live"))
+
+
+def test_gradient_accumulation_reads_once_per_step():
+    plain_model, plain_opt = _mlp(), None
+    torch.manual_seed(0)
+    plain_model = _mlp()
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
+    sync = ConservationMonitor(plain_model).attach(plain_opt)
+    _loop(plain_model, plain_opt, 5, forwards=3)
+    model, opt, mon = _fresh(asynchronous="live")
+    submits = []
+    submit = mon._async.submit_live
+    mon._async.submit_live = lambda *a: submits.append(a[0]) or submit(*a)
+    _loop(model, opt, 5, forwards=3)
+    _assert_same_monitors(sync, mon)
+    assert _same_parameters(plain_model, model)
+    assert submits == [None, 1, 2, 3, 4, 5]  # θ before step 1, then one read per step
+
+
+def test_non_finite_parameters_are_reported_on_the_training_thread():
+    def poison(model, i):
+        if i == 4:  # after step 5: live reading reads it into the record of step 5
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, mon = _train("mlp", "sgd", steps=8, between=poison, asynchronous="live")
+        mon.flush()
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert messages and "step 5" in messages[0]  # later steps spread the NaN to other laws
+    assert mon.summary()[0]["invalid"] > 0
+    plain, _ = _train("mlp", "sgd", steps=8, between=poison, monitor=False)
+    assert _same_parameters(plain, model)  # training unaffected (NaN included)
+
+
+def test_hooks_are_removed_on_detach_and_inert_in_copies():
+    model, opt, mon = _fresh(asynchronous="live")
+    assert len(model._forward_pre_hooks) == 1
+    twin = copy.deepcopy(model)  # e.g. an EMA copy made while training
+    assert [type(h) for h in twin._forward_pre_hooks.values()] == [_InertHook]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 6)
+    for m in (model, twin, loaded):
+        m.eval()  # no dropout
+    assert torch.equal(loaded(x), model(x)) and torch.equal(twin(x), model(x))
+    model.train()
+    _loop(model, opt, 3)
+    mon.detach()
+    assert len(model._forward_pre_hooks) == 0
+    assert [int(s) for s in mon.history()["step"]] == [0, 1, 2, 3]
+
+
+def test_attach_detach_cycles_give_the_same_records():
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = ConservationMonitor(model, asynchronous=asynchronous, every=2)
+        for cycle in range(3):
+            mon.attach(opt)
+            _loop(model, opt, 3)
+            mon.detach()
+            if cycle == 1:
+                _loop(model, opt, 1)  # a step the monitor does not see
+        return mon
+
+    _assert_same_monitors(run(False), run("live"))
+
+
+def test_a_manual_loop_is_refused_with_a_clear_error():
+    mon = ConservationMonitor(_mlp(), asynchronous="live")
+    with pytest.raises(RuntimeError, match=r"asynchronous='live'.*attach\(optimizer\).*asynchronous=True"):
+        mon.step()
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_a_bad_asynchronous_value_is_refused(bad):
+    with pytest.raises(ValueError, match="asynchronous must be False, True .* or 'live'"):
+        ConservationMonitor(_mlp(), asynchronous=bad)
