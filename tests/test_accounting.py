@@ -71,3 +71,5 @@ def test_schedules():
     assert not Schedule().due(0)
     with pytest.raises(ValueError, match="every must be a positive integer"):
         Schedule(every=0)
+    with pytest.raises(ValueError, match="every=5 would be ignored"):
+        Schedule(every=5, log_spaced=True)

@@ -152,3 +152,19 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     (summary,) = monitor.summary()
     assert monitor.num_steps == 3 and summary["expected_conserved"]
     assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
+
+
+def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path):
+    histories = {}
+    for mode in (False, "live"):
+        callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", asynchronous=mode)
+        _trainer(tmp_path / str(mode), TinyRegressor(), callback, max_steps=5).train()
+        histories[mode] = callback.monitor.history()
+    for key, value in histories[False].items():
+        assert np.array_equal(value, histories["live"][key], equal_nan=True), key
+    # records reach the listeners in batches in live mode: all of them by the end of training
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = ea.EventAccumulator(str(tmp_path / "tb_live"))
+    acc.Reload()
+    group = callback.monitor.groups[0].name
+    assert [e.step for e in acc.Scalars(callback.tensorboard.tag(group, "max_rel_drift"))] == [1, 2, 3, 4, 5]

@@ -147,3 +147,20 @@ def test_example_input_array_is_used_for_untraceable_modules(tmp_path):
     _trainer(tmp_path, 2, callback).fit(UntraceableModule(), _loader())
     assert [g.name for g in callback.monitor.groups] == ["net.0→net.2"]
     assert callback.monitor.num_steps == 2
+
+
+def test_live_reading_gives_the_synchronous_records(tmp_path):
+    """Lightning steps with a closure (forward and backward inside optimizer.step()): live
+    reading waits for the worker after the closure and records what the synchronous mode does."""
+    histories, monitors = {}, {}
+    for mode in (False, "live"):
+        callback = ConservationCallback(submodule="net", asynchronous=mode)
+        trainer = _trainer(tmp_path, 6, callback)
+        trainer.fit(TinyModule(), _loader())
+        monitors[mode] = callback.monitor
+        histories[mode] = callback.monitor.history()
+    assert histories[False].keys() == histories["live"].keys()
+    for key, value in histories[False].items():
+        assert np.array_equal(value, histories["live"][key], equal_nan=True), key
+    assert histories["live"]["step"].tolist() == list(range(7))
+    assert not monitors["live"]._live._on_layers  # each read started at the forward pass

@@ -282,3 +282,59 @@ def test_a_manual_loop_is_refused_with_a_clear_error():
 def test_a_bad_asynchronous_value_is_refused(bad):
     with pytest.raises(ValueError, match="asynchronous must be False, True .* or 'live'"):
         ConservationMonitor(_mlp(), asynchronous=bad)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_a_closure_step_reads_during_its_forward_pass(as_keyword):
+    """step(closure) runs forward and backward inside step(), after the pre-step hook: the
+    monitor waits for the read after the closure (Lightning's automatic optimization)."""
+
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _Stacked()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        losses = []
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(6):
+            losses.append(opt.step(closure=closure) if as_keyword else opt.step(closure))
+        return model, mon, losses
+
+    m_sync, sync, l_sync = run(False)
+    m_live, live, l_live = run("live")
+    _assert_same_monitors(sync, live)
+    assert _same_parameters(m_sync, m_live) and all(torch.equal(a, b) for a, b in zip(l_sync, l_live))
+    assert not live._live._on_layers  # every read started at the model's forward pass
+
+
+def test_lbfgs_which_moves_theta_between_closure_calls_gives_the_synchronous_records():
+    def run(asynchronous):
+        torch.manual_seed(0)
+        model = _mlp().eval()  # no dropout: L-BFGS needs a deterministic closure
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        return model, mon
+
+    m_sync, sync = run(False)
+    m_live, live = run("live")
+    _assert_same_monitors(sync, live)
+    assert _same_parameters(m_sync, m_live)

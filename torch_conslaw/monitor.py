@@ -105,7 +105,7 @@ class ConservationMonitor:
         split: also record the exact first-/second-order split of every change (costs a
             parameter snapshot before each recorded step).
         every: record every ``every`` optimizer steps.
-        log_spaced: record on a log-spaced grid of steps instead (``every`` is ignored).
+        log_spaced: record on a log-spaced grid of steps instead (then ``every`` must stay 1).
         max_records: bound on the stored history; older records are thinned evenly, the
             running maxima of :meth:`summary` stay exact.
         track_broken: also track the would-be laws of pairs whose activation is not
@@ -281,7 +281,7 @@ class ConservationMonitor:
             )
         self._set_expectations(optimizer, owned)
         self._handles = [
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.pre_step()),
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step_hook(args, kwargs)),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()),
         ]
         self._drop_last_snapshot()
@@ -303,6 +303,25 @@ class ConservationMonitor:
         if self.split:
             self._drop_last_snapshot()
             self._last_snapshot = self._snapshot()
+
+    def _pre_step_hook(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """The optimizer's pre-step hook. Live reading with ``step(closure)`` (Lightning,
+        L-BFGS): the forward and backward passes run inside ``step()``, so the read must be
+        waited for after the closure, not before it: the closure is wrapped (its result is
+        returned unchanged). ``args`` starts with the optimizer itself."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if self._live is None or closure is None:
+            self.pre_step()
+            return None
+
+        def closure_then_wait(*a: Any, **k: Any) -> Any:
+            result = closure(*a, **k)
+            self.pre_step()  # the forward pass started the read; θ changes after this
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_wait}
+        return (args[0], closure_then_wait, *args[2:]), kwargs
 
     def pre_step(self) -> None:
         """Snapshot θ before a step that will be recorded (called by the pre hook)."""

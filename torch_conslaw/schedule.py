@@ -18,7 +18,7 @@ __all__ = ["Schedule"]
 
 class Schedule:
     """Record at steps ``every, 2·every, …``, or, with ``log_spaced``, at the first step that
-    reaches each point of the grid 10^(i/per_decade) (i = 0, 1, …); ``every`` is then ignored.
+    reaches each point of the grid 10^(i/per_decade) (i = 0, 1, …); the two are exclusive.
     """
 
     def __init__(self, every: int = 1, log_spaced: bool = False, per_decade: int = 10) -> None:
@@ -26,6 +26,11 @@ class Schedule:
             raise ValueError(f"Schedule: every must be a positive integer, got {every!r}")
         if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
             raise ValueError(f"Schedule: per_decade must be a positive integer, got {per_decade!r}")
+        if log_spaced and every != 1:
+            raise ValueError(
+                f"Schedule: log_spaced=True records on a log-spaced grid, so every={every} would be "
+                "ignored; pass either every=n or log_spaced=True"
+            )
         self.every = every
         self.log_spaced = log_spaced
         self.per_decade = per_decade
