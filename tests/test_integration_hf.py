@@ -154,7 +154,7 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
 
 
-def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path):
+def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path, one_torch_thread):
     histories = {}
     for mode in (False, "live"):
         callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", asynchronous=mode)

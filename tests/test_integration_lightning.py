@@ -149,7 +149,7 @@ def test_example_input_array_is_used_for_untraceable_modules(tmp_path):
     assert callback.monitor.num_steps == 2
 
 
-def test_live_reading_gives_the_synchronous_records(tmp_path):
+def test_live_reading_gives_the_synchronous_records(tmp_path, one_torch_thread):
     """Lightning steps with a closure (forward and backward inside optimizer.step()): live
     reading waits for the worker after the closure and records what the synchronous mode does."""
     histories, monitors = {}, {}

@@ -35,6 +35,9 @@ def _cnn() -> nn.Module:
 
 
 MODES = [True, "live"]  # snapshot ring, live reading
+
+# the asynchronous modes want a free core for their worker (otherwise they warn)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 _INPUT = {"mlp": (16, 6), "cnn": (8, 2, 8, 8)}
 _MODELS = {"mlp": _mlp, "cnn": _cnn}
 _OPTIMIZERS = {

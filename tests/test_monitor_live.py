@@ -6,6 +6,7 @@ asynchronous modes share is in test_monitor_async.py."""
 from __future__ import annotations
 
 import copy
+import os
 import io
 import threading
 import time
@@ -20,6 +21,9 @@ from torch_conslaw.accounting import Accountant
 from torch_conslaw.live_reading import _InertHook
 
 from test_monitor_async import _assert_same_monitors, _mlp, _same, _same_parameters, _train
+
+# the asynchronous modes want a free core for their worker (otherwise they warn)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _loop(model, opt, steps, *, before_step=None, after_step=None, forwards=1, x=None, y=None):
@@ -338,3 +342,20 @@ def test_lbfgs_which_moves_theta_between_closure_calls_gives_the_synchronous_rec
     m_live, live = run("live")
     _assert_same_monitors(sync, live)
     assert _same_parameters(m_sync, m_live)
+
+
+@pytest.mark.parametrize("mode", [True, "live"])
+def test_a_missing_free_core_is_reported(mode):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        with pytest.warns(RuntimeWarning, match=r"torch\.set_num_threads\(.*asynchronous=False"):
+            ConservationMonitor(_mlp(), asynchronous=mode)
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                ConservationMonitor(_mlp(), asynchronous=mode)
+    finally:
+        torch.set_num_threads(threads)

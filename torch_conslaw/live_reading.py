@@ -26,6 +26,8 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from torch_conslaw import ConservationMonitor
+    >>> threads = torch.get_num_threads()
+    >>> torch.set_num_threads(max(threads - 1, 1))  # leave the worker a core
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
     >>> monitor = ConservationMonitor(model, asynchronous="live").attach(opt)
@@ -36,6 +38,7 @@ Example:
     ...     opt.step()
     >>> [int(s) for s in monitor.history()["step"]]
     [0, 1, 2, 3]
+    >>> torch.set_num_threads(threads)
 """
 
 from __future__ import annotations

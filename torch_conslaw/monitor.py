@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -220,6 +221,7 @@ class ConservationMonitor:
             self._async = AsyncRecorder(
                 self._params, self._names, self._accountant, async_buffers, self._deliver
             )
+            _warn_without_a_free_core(asynchronous, [self._params[n] for n in self._names])
         if mode == "live":
             devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
             if devices:
@@ -759,6 +761,24 @@ class ConservationMonitor:
         return (
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
             f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
+        )
+
+
+def _warn_without_a_free_core(asynchronous: Any, tensors: list[Tensor]) -> None:
+    """The worker needs a core that CPU training leaves free; say so when torch uses them all."""
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    if threads >= cores:
+        warnings.warn(
+            f"ConservationMonitor: asynchronous={asynchronous!r} evaluates the laws on a worker "
+            f"thread, but torch already uses {threads} threads on {cores} core(s), so the worker "
+            "competes with training and recording costs more than in the synchronous mode; call "
+            f"torch.set_num_threads({max(cores - 1, 1)}) to leave it a core, or use "
+            "asynchronous=False",
+            RuntimeWarning,
+            stacklevel=3,
         )
 
 
