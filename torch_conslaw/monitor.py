@@ -142,8 +142,11 @@ class ConservationMonitor:
     edits the parameters between steps; an edit made between ``optimizer.step()`` and the
     next forward pass belongs to the record of that step, and the split of each record is
     taken against the state read for the previous record, so consecutive records differ by
-    exactly first + second order. In-place edits through ``.data`` during a training step
-    are not seen (see :mod:`torch_conslaw.live_reading`). It adds a forward pre-hook to each
+    exactly first + second order. With ``optimizer.step(closure)`` (Lightning, L-BFGS) the
+    forward pass runs inside the step: the pre-step hook wraps the closure and waits after it.
+    In-place edits through ``.data`` during a training step are not seen (see
+    :mod:`torch_conslaw.live_reading`). Records reach the history and the listeners in batches
+    of 16 (and at :meth:`flush`, :meth:`summary`, ...). It adds a forward pre-hook to each
     tracked layer while attached (:meth:`detach` removes them; a copied or pickled model keeps
     an inert one).
     """
