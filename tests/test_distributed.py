@@ -3,6 +3,7 @@ local shards with one all-reduce per recording, equal to an unsharded run)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import traceback
@@ -32,34 +33,47 @@ def _flat(history: dict) -> dict:
     return {key.replace("/", "|"): value for key, value in history.items()}
 
 
+def _shut_down() -> None:
+    """Free every object that may hold gloo work (DDP reducer, FSDP state) while the
+    interpreter is alive, wait for the other rank, then destroy the process group: gloo
+    threads torn down during interpreter finalization abort the process (SIGABRT)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _ddp_worker(rank: int, folder: str, with_tensorboard: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        torch.set_num_threads(1)
-        from torch.nn.parallel import DistributedDataParallel
-
-        inner = _model()
-        model = DistributedDataParallel(inner)
-        monitor = ConservationMonitor(model, torch.randn(2, 5))
-        assert monitor.model is inner, "the monitor must unwrap DDP's .module"
-        tensorboard = None
-        if with_tensorboard:
-            from torch_conslaw.integrations.tensorboard import TensorBoardLogger
-
-            tensorboard = TensorBoardLogger(monitor, os.path.join(folder, "tb"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        monitor.attach(optimizer)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-        for _ in range(STEPS):
-            optimizer.zero_grad()
-            nn.functional.mse_loss(model(torch.randn(8, 5, generator=gen)), torch.randn(8, 3, generator=gen)).backward()
-            optimizer.step()
-        if tensorboard is not None:
-            tensorboard.close()
-        np.savez(os.path.join(folder, f"history{rank}.npz"), **_flat(monitor.history()))
-        export_jsonl(monitor, os.path.join(folder, f"history{rank}.jsonl"))
+        _ddp_train(rank, folder, with_tensorboard)  # its objects are gone when it returns
     finally:
-        dist.destroy_process_group()
+        _shut_down()
+
+
+def _ddp_train(rank: int, folder: str, with_tensorboard: bool) -> None:
+    torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = _model()
+    model = DistributedDataParallel(inner)
+    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    assert monitor.model is inner, "the monitor must unwrap DDP's .module"
+    tensorboard = None
+    if with_tensorboard:
+        from torch_conslaw.integrations.tensorboard import TensorBoardLogger
+
+        tensorboard = TensorBoardLogger(monitor, os.path.join(folder, "tb"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor.attach(optimizer)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(8, 5, generator=gen)), torch.randn(8, 3, generator=gen)).backward()
+        optimizer.step()
+    if tensorboard is not None:
+        tensorboard.close()
+    np.savez(os.path.join(folder, f"history{rank}.npz"), **_flat(monitor.history()))
+    export_jsonl(monitor, os.path.join(folder, f"history{rank}.jsonl"))
 
 
 def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path):
@@ -139,6 +153,15 @@ def _fsdp_worker(rank: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     status: dict = {}
     try:
+        _fsdp_checks(rank, folder, status)  # its objects are gone when it returns
+    finally:
+        with open(os.path.join(folder, f"fsdp{rank}.json"), "w") as handle:
+            json.dump(status, handle)
+        _shut_down()
+
+
+def _fsdp_checks(rank: int, folder: str, status: dict) -> None:
+    try:
         torch.set_num_threads(1)
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -169,10 +192,6 @@ def _fsdp_worker(rank: int, folder: str) -> None:
         status["ok"] = True
     except Exception:
         status["failed"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(folder, f"fsdp{rank}.json"), "w") as handle:
-            json.dump(status, handle)
-        dist.destroy_process_group()
 
 
 def test_fsdp2_laws_from_local_shards_equal_an_unsharded_run(tmp_path):

@@ -359,3 +359,31 @@ def test_a_missing_free_core_is_reported(mode):
                 ConservationMonitor(_mlp(), asynchronous=mode)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_closure_the_optimizer_never_evaluates_is_reported_not_silently_dropped():
+    class IgnoresClosure(torch.optim.Optimizer):
+        """Plain SGD that takes a closure and never evaluates it."""
+
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = IgnoresClosure(model.parameters(), lr=0.05)
+    mon = ConservationMonitor(model, asynchronous="live").attach(opt)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step(lambda: None)  # the forward pass above started the read of θ before step 1
+    assert mon._live._job is None  # ... and the pre-step hook waited for it
+    with pytest.warns(RuntimeWarning, match="record of step 1 is missing"):
+        opt.step(lambda: None)  # no forward pass since step 1, and the closure is ignored
+    assert 1 not in mon.history()["step"].tolist()

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -146,6 +147,16 @@ class LiveReader:
     def after_step(self, record: int | None, capture_for: int | None) -> None:
         """Step ``record`` (or ``None``) is to be recorded and/or θ kept as the state before
         step ``capture_for``: both are read at the next forward pass."""
+        if self._due is not None:  # only when step(closure) never evaluated its closure
+            missed = self._due[0]
+            warnings.warn(
+                "ConservationMonitor(asynchronous='live'): optimizer.step(closure) changed the "
+                "parameters without evaluating its closure, so θ after the previous step was "
+                f"never read{'' if missed is None else f' and the record of step {missed} is missing'}; "
+                "use asynchronous=True with this optimizer",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self._schedule(record, capture_for)
 
     def before_step(self, step: int, need_before: bool) -> None:
@@ -160,6 +171,10 @@ class LiveReader:
             self._schedule(None, step)  # e.g. after load_state_dict moved the step counter
             self.trigger()
             self._finish()
+
+    def wait_in_flight(self) -> None:
+        """Wait for a read already submitted (without starting a due one)."""
+        self._finish()
 
     def settle(self) -> None:
         """Start any due read and wait for every job (nothing runs concurrently now)."""

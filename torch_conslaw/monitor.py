@@ -318,6 +318,7 @@ class ConservationMonitor:
         if self._live is None or closure is None:
             self.pre_step()
             return None
+        self._live.wait_in_flight()  # a read a forward pass before step() started
 
         def closure_then_wait(*a: Any, **k: Any) -> Any:
             result = closure(*a, **k)
