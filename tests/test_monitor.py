@@ -357,3 +357,49 @@ def test_linear_conv_block_keeps_its_matrix_law_through_pooling_and_flatten():
     # channel mixing is a symmetry of these linear blocks: no first-order part under SGD
     assert max(s["max_rel_first_order"] for s in mon.summary()) <= 1e-12
     assert min(s["max_rel_second_order"] for s in mon.summary()) > 1e-10
+
+
+@pytest.mark.parametrize("asynchronous", [False, True, "live"])
+def test_an_optimizer_subclass_calling_super_step_is_one_step(asynchronous, one_torch_thread):
+    """torch hooks both MySGD.step and SGD.step, so the hooks run twice per step."""
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # SGD.step is hooked from now on
+
+    class MySGD(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    def run(optimizer_class):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        opt = optimizer_class(model.parameters(), lr=0.1)
+        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        x, y = torch.randn(8, 3), torch.randn(8, 1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return mon
+
+    plain, sub = run(torch.optim.SGD), run(MySGD)
+    assert sub.num_steps == 3 and sub.history()["step"].tolist() == [0, 1, 2, 3]
+    for key, value in plain.history().items():
+        assert np.array_equal(value, sub.history()[key], equal_nan=True), key
+
+
+def test_a_step_that_raises_does_not_stop_the_recording():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = ConservationMonitor(model).attach(opt)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def failing_closure():
+        raise ValueError("data loader broke")
+
+    with pytest.raises(ValueError, match="data loader broke"):
+        opt.step(failing_closure)  # the pre-step hook ran, the post-step hook never will
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert mon.num_steps == 2 and mon.history()["step"].tolist() == [0, 1, 2]

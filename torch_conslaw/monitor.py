@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -186,6 +187,8 @@ class ConservationMonitor:
         self._store = RecordStore(max_records)
         self._listeners: list[Callable[[Record], None]] = []
         self._handles: list[Any] = []
+        self._in_step = False  # between the optimizer's pre- and post-step hooks
+        self._nested = 0  # hook calls of an inner step() (a subclass calling super().step())
         self._base_expectation = {g.name: (g.expected_conserved, g.reason) for g in self.groups}
         self._names = sorted({n for g in self.groups for n in g.parameter_names})
         self._layout = {n: _locate(self.model, n) + (self._params[n].shape,) for n in self._names}
@@ -285,9 +288,10 @@ class ConservationMonitor:
                 "this model (built from model.parameters())"
             )
         self._set_expectations(optimizer, owned)
+        self._in_step, self._nested = False, 0
         self._handles = [
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step_hook(args, kwargs)),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.post_step()),
+            optimizer.register_step_pre_hook(self._optimizer_pre_hook),
+            optimizer.register_step_post_hook(self._optimizer_post_hook),
         ]
         self._drop_last_snapshot()
         if self._live is not None:
@@ -308,6 +312,27 @@ class ConservationMonitor:
         if self.split:
             self._drop_last_snapshot()
             self._last_snapshot = self._snapshot()
+
+    def _optimizer_pre_hook(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        """Once per ``optimizer.step()``: an optimizer subclass whose ``step`` calls
+        ``super().step()`` runs the hooks again inside the step (torch hooks both classes);
+        those nested calls are ignored."""
+        if self._in_step:
+            if _steps_on_stack(optimizer) > 1:
+                self._nested += 1
+                return None
+            self._nested = 0  # the previous step raised before its post-step hook ran
+        self._in_step = True
+        return self._pre_step_hook(args, kwargs)
+
+    def _optimizer_post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._nested:
+            self._nested -= 1
+            return
+        self._in_step = False
+        self.post_step()
 
     def _pre_step_hook(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """The optimizer's pre-step hook. Live reading with ``step(closure)`` (Lightning,
@@ -766,6 +791,18 @@ class ConservationMonitor:
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
             f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
         )
+
+
+def _steps_on_stack(optimizer: torch.optim.Optimizer) -> int:
+    """How many calls of ``optimizer``'s hooked ``step`` are running on this thread's stack."""
+    count = 0
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "wrapper" and "optimizer" in code.co_filename and frame.f_locals.get("self") is optimizer:
+            count += 1
+        frame = frame.f_back
+    return count
 
 
 def _warn_without_a_free_core(asynchronous: Any, tensors: list[Tensor]) -> None:
