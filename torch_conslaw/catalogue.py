@@ -5,7 +5,10 @@ Three tables drive the structure finder (:mod:`torch_conslaw.structure`):
 * **layers** — module type → :class:`LayerSpec`: how many units it produces and consumes, on
   which axis, and how to read its *incoming* rows (one per unit, bias appended) and its
   *outgoing* rows (every weight that reads a unit), following the layout of
-  :mod:`torch_conslaw.laws`;
+  :mod:`torch_conslaw.laws`. Normalization layers with affine parameters (BatchNorm1d/2d/3d,
+  GroupNorm, LayerNorm and RMSNorm over one axis) are *producers only*: unit c leaves them
+  as γ_c · normalized_c + β_c, so (γ_c, β_c) are its incoming weights, but they renormalize
+  what comes in, so no law ends at them;
 * **activations** — module type, function or tensor-method name → :class:`ActivationSpec`
   with the homogeneity degree k (σ(cz) = c^k σ(z) for c > 0), or ``None`` when σ is not
   positively homogeneous (the laws break, SCIENCE.md §5);
@@ -89,9 +92,21 @@ class LayerSpec:
     * ``out_axis`` / ``in_axis`` — ``"last"`` (features on the last axis, like ``Linear``)
       or ``"channel"`` (axis 1, like convolutions);
     * ``incoming(m)`` — readers giving one row per produced unit (bias as its own reader);
+    * ``incoming`` may raise ``ValueError`` with the reason when the layer has no incoming
+      weights to read (a normalization with ``affine=False``); the reason is a phrase that
+      follows the layer's name (``"has no affine parameters (affine=False): ..."``);
     * ``outgoing(m, positions)`` — readers giving one row per consumed unit, where each unit
       spans ``positions`` consecutive input columns (``> 1`` after a flatten); raise
-      ``ValueError`` with the reason when the layer cannot be read this way.
+      ``ValueError`` with the reason when the layer cannot be read this way;
+    * ``diagonal`` — each unit is produced by its own scale (and shift) parameters, like the
+      affine part of a normalization: only per-unit rescalings are symmetries, so a linear
+      hidden layer after it keeps one law per unit, not the matrix law;
+    * ``flat_input`` — ``out_axis`` is ``"channel"`` but the layer also takes an ``(N, C)``
+      input, whose channel axis is the last one (BatchNorm1d, GroupNorm): the finder uses
+      the input rank it recorded, and without one it reads the units as features for a
+      consumer of the last axis and as channels for a convolution;
+    * ``barrier(m, display)`` — set for layers that never *consume* units (normalizations):
+      why no law crosses them, given the display name of ``m``.
     """
 
     name: str
@@ -101,6 +116,9 @@ class LayerSpec:
     in_axis: Axis
     incoming: Callable[[nn.Module], list[RowReader]]
     outgoing: Callable[[nn.Module, int], list[RowReader]]
+    diagonal: bool = False
+    flat_input: bool = False
+    barrier: Callable[[nn.Module, str], str] | None = None
 
 
 _LAYERS: dict[type, LayerSpec] = {}
@@ -165,8 +183,11 @@ def register_layer(
     out_axis: Axis = "last",
     in_axis: Axis = "last",
     name: str | None = None,
+    diagonal: bool = False,
+    flat_input: bool = False,
+    barrier: Callable[[nn.Module, str], str] | None = None,
 ) -> None:
-    """Declare a parametrized layer type; see :class:`LayerSpec` for the meaning of each reader.
+    """Declare a parametrized layer type; see :class:`LayerSpec` for the meaning of each field.
 
     Example:
         >>> from torch import nn
@@ -183,7 +204,8 @@ def register_layer(
         if axis not in ("last", "channel"):
             raise ValueError(f"register_layer: {axis_name} must be 'last' or 'channel', got {axis!r}")
     _LAYERS[layer_type] = LayerSpec(
-        name or layer_type.__name__, out_units, in_units, out_axis, in_axis, incoming, outgoing
+        name or layer_type.__name__, out_units, in_units, out_axis, in_axis, incoming, outgoing,
+        diagonal, flat_input, barrier,
     )
 
 
@@ -256,24 +278,26 @@ def pass_spec(target: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | 
     return spec if start == 1 and end == -1 else None
 
 
-_NORMS = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
+_RMS_NORM: type[nn.Module] | None = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+_NORMS = tuple(
+    t
+    for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, _RMS_NORM)
+    if t is not None
 )
-_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm}
+_NORM_FUNCTIONS = {
+    f
+    for f in (F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.normalize, getattr(F, "rms_norm", None))
+    if f is not None
+}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", "__radd__"}
 
 
 def barrier_reason(target: Any, display: str) -> str:
     """Why the op ``display`` (a module, function or method) blocks the laws across it."""
     if isinstance(target, nn.Module) and isinstance(target, _NORMS):
-        return (
-            f"{display} ({type(target).__name__}) renormalizes the units, so the rescaling law "
-            "does not hold across it"
-        )
+        kind = type(target).__name__
+        named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
+        return f"{named} renormalizes the units, so the rescaling law does not hold across it"
     try:
         if target in _NORM_FUNCTIONS:
             return f"{display} renormalizes the units, so the rescaling law does not hold across it"
@@ -326,6 +350,48 @@ def _conv_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
     return [("weight", lambda w: w.transpose(0, 1).flatten(1))]
 
 
+def _norm_units(module: nn.Module) -> int:
+    """Units of a normalization: its channels, or the size of its one normalized axis."""
+    for attr in ("num_features", "num_channels"):  # BatchNorm*, GroupNorm
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    return int(module.normalized_shape[-1])  # LayerNorm, RMSNorm
+
+
+def _norm_incoming(module: nn.Module) -> list[RowReader]:
+    """γ (and β) of a normalization, one row per unit: its affine part is the unit's producer."""
+    if getattr(module, "weight", None) is None:
+        flag = "elementwise_affine" if hasattr(module, "normalized_shape") else "affine"
+        raise ValueError(f"has no affine parameters ({flag}=False): no law goes through it")
+    shape = tuple(getattr(module, "normalized_shape", ()))
+    if len(shape) > 1:
+        raise ValueError(
+            f"normalizes over {len(shape)} axes (normalized_shape={shape}): its affine "
+            "parameters are one per element, not one per unit of one axis, so no law goes "
+            "through it (not supported)"
+        )
+    return _with_bias(module, lambda g: g.unsqueeze(1))
+
+
+def _norm_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    raise ValueError(barrier_reason(module, type(module).__name__))
+
+
+def _register_norm(norm: type[nn.Module], axis: Axis, flat_input: bool) -> None:
+    register_layer(
+        norm,
+        out_units=_norm_units,
+        in_units=_norm_units,
+        incoming=_norm_incoming,
+        outgoing=_norm_outgoing,
+        out_axis=axis,
+        in_axis=axis,
+        diagonal=True,
+        flat_input=flat_input,
+        barrier=barrier_reason,
+    )
+
+
 register_layer(
     nn.Linear,
     out_units=lambda m: m.out_features,
@@ -343,6 +409,14 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         out_axis="channel",
         in_axis="channel",
     )
+
+_register_norm(nn.BatchNorm1d, "channel", flat_input=True)  # (N, C) or (N, C, L)
+_register_norm(nn.BatchNorm2d, "channel", flat_input=False)
+_register_norm(nn.BatchNorm3d, "channel", flat_input=False)
+_register_norm(nn.GroupNorm, "channel", flat_input=True)  # (N, C, *)
+_register_norm(nn.LayerNorm, "last", flat_input=False)
+if _RMS_NORM is not None:
+    _register_norm(_RMS_NORM, "last", flat_input=False)
 
 for _target, _name in ((nn.ReLU, "ReLU"), (nn.LeakyReLU, "LeakyReLU"), (nn.PReLU, "PReLU")):
     register_activation(_target, 1, name=_name)

@@ -8,7 +8,9 @@ mode, without gradients, with the RNG state restored, so training is unaffected)
 From every registered layer, the finder follows the data through the ops that keep the
 rescaling symmetry (see :mod:`torch_conslaw.catalogue`) up to the next layer. Anything else
 — a non-homogeneous activation, a normalization, a residual add, a branch, a frozen or shared
-parameter — makes the pair *skipped*, with a readable reason.
+parameter — makes the pair *skipped*, with a readable reason. A normalization layer with
+affine parameters (BatchNorm, GroupNorm, one-axis LayerNorm / RMSNorm) ends the laws of the
+layer before it but starts its own: its γ_c (and β_c) are the incoming weights of unit c.
 
 Example:
     >>> from torch import nn
@@ -45,14 +47,17 @@ class _Node:
     spec: LayerSpec | ActivationSpec | PassSpec | None = None
     reason: str = ""
     users: list[int] = field(default_factory=list)
+    in_ndim: int | None = None  # rank of the first tensor input, when recorded
 
 
 @dataclass(frozen=True)
 class Pair:
     """A usable hidden unit group between ``producer`` and ``consumer`` (module paths).
 
-    ``kind`` is ``"unit"`` (Linear units), ``"channel"`` (convolution channels) or
-    ``"matrix"`` (no nonlinearity in between: the matrix law of a linear hidden layer).
+    ``kind`` is ``"unit"`` (units on the last axis: Linear, LayerNorm), ``"channel"``
+    (units on axis 1: convolution or BatchNorm channels) or ``"matrix"`` (no nonlinearity in
+    between: the matrix law of a linear hidden layer; never after a normalization, whose
+    affine part only keeps per-unit rescalings).
     ``degree`` is the homogeneity k of the activations in between (their product).
     ``incoming`` / ``outgoing`` are (qualified parameter name, row reader) pairs.
     ``conserved`` is False for a candidate whose law is broken (``reason`` says why).
@@ -143,7 +148,11 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     """Find every usable hidden unit group of ``model`` and every pair it must skip.
 
     ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments) is only needed when ``torch.fx`` cannot trace the model.
+    arguments) is only needed when ``torch.fx`` cannot trace the model. When given, it also
+    tells the input rank of BatchNorm1d / GroupNorm layers: their units are on axis 1, which
+    is the last axis only for an ``(N, C)`` input. Without it, such a layer whose output
+    reaches a ``Linear`` (no pooling in between) is read as taking ``(N, C)`` input — for an
+    ``(N, C, L)`` input the Linear would read the L axis, which runs only when L = C.
 
     Example:
         >>> from torch import nn
@@ -155,6 +164,8 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     try:
         nodes = _graph_from_fx(model)
         method: Literal["fx", "hooks", "none"] = "fx"
+        if example_input is not None:
+            _record_input_ranks(model, nodes, example_input)
     except Exception as err:  # fx raises many error types on untraceable code
         if example_input is None:
             reason = (
@@ -171,8 +182,9 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
             Skipped(
                 None,
                 None,
-                f"{type(model).__name__} has no two registered layers (Linear, Conv1d/2d/3d) "
-                "connected through symmetry-preserving ops, so no law is known for it",
+                f"{type(model).__name__} has no two registered layers (Linear, Conv1d/2d/3d, "
+                "or an affine normalization followed by one of these) connected through "
+                "symmetry-preserving ops, so no law is known for it",
             )
         )
     ops = [n.name for n in nodes if n.kind not in ("input", "output")]
@@ -288,20 +300,73 @@ def _record(rec: _Recorder, target: Any, module_path: str | None, args: tuple, k
     plain = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
     display = _display(target, module_path)
     kind, spec, reason = _classify(target, display, plain, kwargs)
-    rec.nodes.append(_Node(display, kind, inputs, module_path, spec, reason))
+    ndim = next((a.dim() for a in _flat(args) if isinstance(a, torch.Tensor)), None)
+    rec.nodes.append(_Node(display, kind, inputs, module_path, spec, reason, in_ndim=ndim))
     for o in _flat(out):
         if isinstance(o, torch.Tensor):
             rec.ids[id(o)] = len(rec.nodes) - 1
             rec.keep.append(o)
 
 
-def _graph_from_hooks(model: nn.Module, example_input: Any) -> list[_Node]:
+def _split_input(example_input: Any) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of ``model(...)`` for an example input."""
     if isinstance(example_input, dict):
-        args, kwargs = (), dict(example_input)
-    elif isinstance(example_input, (tuple, list)):
-        args, kwargs = tuple(example_input), {}
-    else:
-        args, kwargs = (example_input,), {}
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
+def _quiet_forward(model: nn.Module, args: tuple, kwargs: dict, mode: Any = None) -> Any:
+    """One forward pass in eval mode, without gradients and with the RNG state restored, so
+    training is unaffected (no running-statistics update); the train flags are put back.
+    ``mode`` (a ``TorchFunctionMode`` such as the hooks recorder) is entered around the pass."""
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if mode is None:
+                return model(*args, **kwargs)
+            with mode:
+                return model(*args, **kwargs)
+    finally:
+        for m, flag in training.items():
+            m.train(flag)
+
+
+def _record_input_ranks(model: nn.Module, nodes: list[_Node], example_input: Any) -> None:
+    """Fill ``in_ndim`` of the layers whose unit axis depends on their input rank
+    (BatchNorm1d, GroupNorm), from one quiet forward pass on ``example_input``. A failing
+    pass leaves the ranks unknown: the rank only refines the axis the units are read on."""
+    wanted = {
+        n.module_path: n
+        for n in nodes
+        if n.kind == "layer" and isinstance(n.spec, LayerSpec) and n.spec.flat_input and n.module_path
+    }
+    if not wanted:
+        return
+    ranks: dict[str, int] = {}
+    handles = []
+    for path in wanted:
+        def pre(module: nn.Module, inp: Any, path: str = path) -> None:
+            first = next((a for a in _flat(inp) if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                ranks.setdefault(path, first.dim())
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(pre))
+    try:
+        _quiet_forward(model, *_split_input(example_input))
+    except Exception:  # the rank is a refinement: without it the finder still reads the layer
+        ranks.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    for path, rank in ranks.items():
+        wanted[path].in_ndim = rank
+
+
+def _graph_from_hooks(model: nn.Module, example_input: Any) -> list[_Node]:
+    args, kwargs = _split_input(example_input)
     nodes: list[_Node] = []
     ids: dict[int, int] = {}
     keep: list[Any] = [args, kwargs]
@@ -325,16 +390,11 @@ def _graph_from_hooks(model: nn.Module, example_input: Any) -> list[_Node]:
         if module is not model and (catalogue.is_catalogued_module(module) or not list(module.children())):
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
-    training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
-            out = model(*args, **kwargs)
+        out = _quiet_forward(model, args, kwargs, rec)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in training.items():
-            m.train(flag)
     outputs = [ids[id(o)] for o in _flat(out) if isinstance(o, torch.Tensor) and id(o) in ids]
     nodes.append(_Node("output", "output", outputs))
     _link_users(nodes)
@@ -442,8 +502,17 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
     pspec, cspec = prod.spec, cons.spec
     assert isinstance(pspec, LayerSpec) and isinstance(cspec, LayerSpec)
     pmod, cmod = model.get_submodule(prod.module_path), model.get_submodule(cons.module_path)
+    if cspec.barrier is not None:  # a normalization renormalizes what it consumes
+        return f"between {prod.name} and {cons.name}: {cspec.barrier(cmod, cons.name)}"
+    try:
+        incoming = pspec.incoming(pmod)
+    except ValueError as err:  # e.g. a normalization without affine parameters
+        return f"{prod.module_path} ({type(pmod).__name__}) {err}"
     layout = pspec.out_axis  # "last", "channel", then "flat" after a flatten of channels
-    degree, mixing = 1.0, True
+    # units on axis 1 of a layer that also takes (N, C) input: the rank decides the axis
+    rank = prod.in_ndim if pspec.flat_input else None
+    may_be_last = pspec.flat_input and rank in (None, 2)
+    degree, mixing = 1.0, not pspec.diagonal
     broken: list[str] = []
     names: list[str] = []
     kinds: list[str] = []
@@ -467,17 +536,21 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
                         f"{op.name} between {prod.name} and {cons.name} flattens the output of a "
                         f"{pspec.name} layer, whose units are not on axis 1: layout not supported"
                     )
-                layout = "flat"
-            elif op.spec.spatial and layout != "channel":
+                layout = "flat"  # (N, C) flattens to itself: one column per unit, also right
+            elif op.spec.spatial and (layout != "channel" or rank == 2):
                 return (
                     f"{op.name} ({op.spec.name}) between {prod.name} and {cons.name} pools over "
                     f"the units of {prod.name}, which mixes them: no law across it"
                 )
+            elif op.spec.spatial:
+                may_be_last = False  # pooling needs spatial axes after the channels
+    if layout == "channel" and may_be_last and (cspec.in_axis == "last" or rank == 2):
+        layout = "last"  # an (N, C) input: the channel axis is the last one
     units = pspec.out_units(pmod)
     positions = 1
     if layout == "flat":
         if cspec.in_axis != "last":
-            return f"{cons.name} ({cspec.name}) cannot consume the flattened channels of {prod.name}"
+            return f"{_typed(cons, cspec)} cannot consume the flattened channels of {prod.name}"
         width = cspec.in_units(cmod)
         if width % units:
             return (
@@ -487,8 +560,9 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
         positions = width // units
     elif layout != cspec.in_axis:
         return (
-            f"{cons.name} ({cspec.name}) reads axis '{cspec.in_axis}' but the units of "
-            f"{prod.name} ({pspec.name}) are on axis '{layout}': no channel → column mapping"
+            f"{_typed(cons, cspec)} reads axis '{cspec.in_axis}' but the units of "
+            f"{_typed(prod, pspec)} are on axis '{layout}': no channel → column mapping"
+            + (f" (its input is {rank}-D)" if rank is not None else "")
         )
     elif cspec.in_units(cmod) != units:
         return f"{cons.name} consumes {cspec.in_units(cmod)} units but {prod.name} produces {units}"
@@ -496,9 +570,8 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
         outgoing = cspec.outgoing(cmod, positions)
     except ValueError as err:
         return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
-    incoming = pspec.incoming(pmod)
     kind: Literal["unit", "channel", "matrix"]
-    kind = "matrix" if mixing and not broken else ("unit" if pspec.out_axis == "last" else "channel")
+    kind = "matrix" if mixing and not broken else ("unit" if layout == "last" else "channel")
     reason = ""
     if broken:
         reason = f"{', '.join(broken)} between {prod.name} and {cons.name} is not positively homogeneous"
@@ -516,6 +589,12 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
         reason=reason,
         op_kinds=tuple(kinds),
     )
+
+
+def _typed(node: _Node, spec: LayerSpec) -> str:
+    """``name (Type)``, without repeating the type already in a numbered node's name."""
+    kind = f"({spec.name})"
+    return node.name if node.name.endswith(kind) else f"{node.name} {kind}"
 
 
 def _parameter_problem(
