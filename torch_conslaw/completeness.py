@@ -176,6 +176,12 @@ def _mlp_architecture(
     """(widths, activations, hidden bias, output bias) when the model is a plain chain of
     Linear layers the Lie calculator can count; otherwise the reason why not."""
     linears = {path: m for path, m in model.named_modules() if type(m) is nn.Linear}
+    branch = next((p for p in structure.pairs if p.branch), None)
+    if branch is not None:
+        return (
+            f"{branch.producer} feeds several layers ({', '.join(branch.consumers)}): the Lie "
+            "calculator covers plain chains only"
+        )
     if structure.skipped:
         return "the structure has skipped pairs, so it is not a plain chain of layers"
     if not linears:

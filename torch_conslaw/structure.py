@@ -6,9 +6,12 @@ flatten, pooling and residual adds is fine); when tracing fails, one forward pas
 mode, without gradients, with the RNG state restored, so training is unaffected).
 
 From every registered layer, the finder follows the data through the ops that keep the
-rescaling symmetry (see :mod:`torch_conslaw.catalogue`) up to the next layer. Anything else
-— a non-homogeneous activation, a normalization, a residual add, a branch, a frozen or shared
-parameter — makes the pair *skipped*, with a readable reason. A normalization layer with
+rescaling symmetry (see :mod:`torch_conslaw.catalogue`) up to the next layer. Where the
+output splits, every arm is followed: when each arm reaches a layer through pass ops only
+(dropout, identity, flatten, pooling), the units feed all of those layers and form one pair
+(e.g. a normalization read by ``q_proj``, ``k_proj`` and ``v_proj``). Anything else — a
+non-homogeneous activation, a normalization, a residual add, an arm that ends elsewhere, a
+frozen or shared parameter — makes the pair *skipped*, with a readable reason. A normalization layer with
 affine parameters (BatchNorm, GroupNorm, one-axis LayerNorm / RMSNorm) ends the laws of the
 layer before it but starts its own: its γ_c (and β_c) are the incoming weights of unit c.
 
@@ -63,6 +66,14 @@ class Pair:
     ``conserved`` is False for a candidate whose law is broken (``reason`` says why).
     ``op_kinds`` names each op in between by its catalogue entry (``relu``, ``identity``,
     ``dropout``, ``maxpool``, ...), e.g. to match the pair with the Lie calculator's kinds.
+
+    A *branch* — the units feed several consuming layers, each through pass ops only, like
+    a normalized tensor read by ``q_proj``, ``k_proj`` and ``v_proj`` — is one pair:
+    ``consumers`` lists the module paths of the consumers, ``consumer`` joins them with
+    ``+`` (``attn.q_proj+attn.k_proj+attn.v_proj``), ``outgoing`` holds the readers of all
+    of them (the law sums ‖w_out‖² over the consumers), ``consumer_positions`` gives each
+    one's columns per unit and ``positions`` the largest. ``ops`` lists the ops before the
+    split, then those of each arm. For a single consumer ``consumers == (consumer,)``.
     """
 
     producer: str
@@ -77,6 +88,13 @@ class Pair:
     conserved: bool = True
     reason: str = ""
     op_kinds: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    consumer_positions: tuple[int, ...] = ()
+
+    @property
+    def branch(self) -> bool:
+        """True when the units feed several consuming layers (``consumer`` joins their paths)."""
+        return len(self.consumers) > 1
 
     @property
     def name(self) -> str:
@@ -123,7 +141,13 @@ class Structure:
             between = ", ".join(p.ops) if p.ops else "nothing"
             lines.append(
                 f"  {p.name}: {p.units} {p.kind} group(s) through [{between}], degree {p.degree:g}"
-                + (f", {p.positions} columns per channel" if p.positions > 1 else "")
+                + (f", {p.positions} columns per channel" if p.positions > 1 and not p.branch else "")
+                + (f", {len(p.consumers)} consuming layers" if p.branch else "")
+                + (
+                    f" ({', '.join(map(str, p.consumer_positions))} columns per channel)"
+                    if p.branch and max(p.consumer_positions) > 1
+                    else ""
+                )
             )
         lines.append(f"skipped: {len(self.skipped)}")
         lines.extend(f"  {s.reason}" for s in self.skipped)
@@ -436,18 +460,17 @@ def _find_pairs(model: nn.Module, nodes: list[_Node]) -> tuple[list[Pair], list[
         found = _walk(nodes, i)
         if found is None:
             continue
-        consumer, ops, reason = found
-        cname = nodes[consumer].module_path if consumer is not None else None
+        arms, ops, reason = found
+        cname = _joint_name([nodes[c].module_path or nodes[c].name for c, _ in arms]) if arms else None
         if reason is not None:
             skipped.append(Skipped(start.module_path, cname, reason))
             continue
-        assert consumer is not None
-        pair_or_reason = _make_pair(model, nodes, i, consumer, ops)
+        pair_or_reason = _make_pair(model, nodes, i, arms, ops)
         if isinstance(pair_or_reason, str):
             skipped.append(Skipped(start.module_path, cname, pair_or_reason))
             continue
         pair = pair_or_reason
-        problem = _parameter_problem(pair, nodes[i], nodes[consumer], calls, params, names_of)
+        problem = _parameter_problem(pair, [nodes[i]] + [nodes[c] for c, _ in arms], calls, params, names_of)
         if problem is not None:
             skipped.append(Skipped(start.module_path, cname, problem))
         elif not pair.conserved:
@@ -457,8 +480,22 @@ def _find_pairs(model: nn.Module, nodes: list[_Node]) -> tuple[list[Pair], list[
     return pairs, skipped
 
 
-def _walk(nodes: list[_Node], start: int) -> tuple[int | None, list[int], str | None] | None:
-    """Follow single-user chains from ``start``; None when the output is never consumed."""
+def _joint_name(paths: list[str]) -> str:
+    """The consumer name of a pair: the module path, or the paths joined by ``+`` for a
+    branch into several layers (``attn.q_proj+attn.k_proj+attn.v_proj``)."""
+    return "+".join(paths)
+
+
+Arm = tuple[int, list[int]]  # (consuming layer node, pass ops between the split and it)
+
+
+def _walk(nodes: list[_Node], start: int) -> tuple[list[Arm], list[int], str | None] | None:
+    """Follow single-user chains from ``start``; None when the output is never consumed.
+
+    Returns (arms, ops before the consumer or the split, reason). Without a split there is
+    one arm with no ops of its own. At a split every arm is followed through pass ops to the
+    layer that ends it (:func:`_arms`); ``reason`` says why no law can be formed, if so.
+    """
     ops: list[int] = []
     cur = start
     first_barrier: int | None = None
@@ -468,27 +505,79 @@ def _walk(nodes: list[_Node], start: int) -> tuple[int | None, list[int], str | 
         if not users or (len(users) == 1 and nodes[users[0]].kind == "output"):
             if reason is None:
                 return None  # the last layer, or its result goes straight to the output
-            return None, ops, reason
+            return [], ops, reason
         if len(users) > 1:
             if reason is not None:
-                return None, ops, reason
+                return [], ops, reason
             names = ", ".join(nodes[u].name for u in users)
             after = f" (after {', '.join(nodes[o].name for o in ops)})" if ops else ""
-            return None, ops, (
-                f"the output of {nodes[start].name}{after} is used by {len(users)} ops ({names}): "
-                "a branch or skip connection, so no law crosses it"
-            )
+            head = f"the output of {nodes[start].name}{after} is used by {len(users)} ops ({names})"
+            arms, problem = _arms(nodes, users, [])
+            if problem is not None:
+                return [], ops, f"{head}: a branch or skip connection, so no law crosses it — {problem}"
+            return arms, ops, None
         nxt = users[0]
         node = nodes[nxt]
         if node.kind == "layer":
             if first_barrier is None:
-                return nxt, ops, None
-            return nxt, ops, _barrier_text(nodes, start, first_barrier, nxt)
+                return [(nxt, [])], ops, None
+            return [(nxt, [])], ops, _barrier_text(nodes, start, first_barrier, nxt)
         if node.kind == "barrier" and first_barrier is None:
             first_barrier = nxt
             reason = _barrier_text(nodes, start, nxt, None)
         ops.append(nxt)
         cur = nxt
+
+
+def _arms(nodes: list[_Node], users: list[int], prefix: list[int]) -> tuple[list[Arm], str | None]:
+    """Follow each of ``users`` (the ops reading one tensor) through pass ops (dropout,
+    identity, flatten, pooling) to the registered layer ending its arm; a further split is
+    followed the same way. Returns the arms, or the reason naming the first arm that ends
+    anywhere else (an addition, the model output, an activation after the split, another
+    non-catalogued op) or a layer reached through two arms."""
+    arms: list[Arm] = []
+    for u in users:
+        ops = list(prefix)
+        cur = u
+        while True:
+            node = nodes[cur]
+            path = " → ".join([nodes[o].name for o in ops] + [node.name])
+            if node.kind == "layer":
+                arms.append((cur, ops))
+                break
+            if node.kind == "output":
+                where = f"the arm through {' → '.join(nodes[o].name for o in ops)}" if ops else "one arm"
+                return [], f"{where} goes to the model output, not to a layer"
+            if node.kind == "barrier":
+                return [], f"the arm through {path} does not end in a layer: {node.reason}"
+            if node.kind == "activation" and not (isinstance(node.spec, ActivationSpec) and node.spec.linear):
+                return [], (
+                    f"the arm through {path} has an activation after the split (only dropout, "
+                    "identity, flatten and pooling may come between a split and its layers)"
+                )
+            ops.append(cur)
+            if len(node.users) == 1:
+                cur = node.users[0]
+                continue
+            if not node.users:
+                return [], f"the arm through {path} is not used further"
+            sub, problem = _arms(nodes, node.users, ops)
+            if problem is not None:
+                return [], problem
+            arms.extend(sub)
+            break
+    seen: dict[str, int] = {}
+    for c, _ in arms:
+        key = nodes[c].module_path or str(c)
+        seen[key] = seen.get(key, 0) + 1
+    for key, count in seen.items():
+        if count > 1:
+            name = next(nodes[c].name for c, _ in arms if (nodes[c].module_path or str(c)) == key)
+            return [], (
+                f"{name} reads it through {count} arms (one layer reached several times, not "
+                "several layers): no law is known for it"
+            )
+    return arms, None
 
 
 def _barrier_text(nodes: list[_Node], start: int, barrier: int, consumer: int | None) -> str:
@@ -497,25 +586,32 @@ def _barrier_text(nodes: list[_Node], start: int, barrier: int, consumer: int | 
     return f"{where}: {node.reason}"
 
 
-def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[int]) -> Pair | str:
-    prod, cons = nodes[i], nodes[j]
-    pspec, cspec = prod.spec, cons.spec
-    assert isinstance(pspec, LayerSpec) and isinstance(cspec, LayerSpec)
-    pmod, cmod = model.get_submodule(prod.module_path), model.get_submodule(cons.module_path)
-    if cspec.barrier is not None:  # a normalization renormalizes what it consumes
-        return f"between {prod.name} and {cons.name}: {cspec.barrier(cmod, cons.name)}"
-    try:
-        incoming = pspec.incoming(pmod)
-    except ValueError as err:  # e.g. a normalization without affine parameters
-        return f"{prod.module_path} ({type(pmod).__name__}) {err}"
-    layout = pspec.out_axis  # "last", "channel", then "flat" after a flatten of channels
-    # units on axis 1 of a layer that also takes (N, C) input: the rank decides the axis
+@dataclass
+class _Layout:
+    """Where the units of the producer sit as the ops between it and a consumer act on them."""
+
+    layout: str  # "last", "channel", then "flat" after a flatten of channels
+    may_be_last: bool  # units on axis 1 of a layer that may take (N, C) input
+    mixing: bool  # every op so far keeps an invertible mixing of the units (matrix law)
+
+
+def _through(
+    model: nn.Module,
+    nodes: list[_Node],
+    prod: _Node,
+    ops: list[int],
+    state: _Layout,
+    target: str,
+    names: list[str],
+    kinds: list[str],
+    broken: list[str],
+) -> tuple[float, str | None]:
+    """Apply ``ops`` to ``state`` (in place); returns (degree of the activations, reason the
+    layout is not supported or None). ``target`` names the consumer(s) in the reasons."""
+    pspec = prod.spec
+    assert isinstance(pspec, LayerSpec)
     rank = prod.in_ndim if pspec.flat_input else None
-    may_be_last = pspec.flat_input and rank in (None, 2)
-    degree, mixing = 1.0, not pspec.diagonal
-    broken: list[str] = []
-    names: list[str] = []
-    kinds: list[str] = []
+    degree = 1.0
     for k in ops:
         op = nodes[k]
         names.append(op.name)
@@ -527,26 +623,41 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
                 continue
             if not op.spec.linear:
                 degree *= op.spec.degree
-                mixing = False
+                state.mixing = False
         elif isinstance(op.spec, PassSpec):
-            mixing = mixing and op.spec.mixing
+            state.mixing = state.mixing and op.spec.mixing
             if op.spec.kind == "flatten":
-                if layout != "channel":
-                    return (
-                        f"{op.name} between {prod.name} and {cons.name} flattens the output of a "
+                if state.layout != "channel":
+                    return degree, (
+                        f"{op.name} between {prod.name} and {target} flattens the output of a "
                         f"{pspec.name} layer, whose units are not on axis 1: layout not supported"
                     )
-                layout = "flat"  # (N, C) flattens to itself: one column per unit, also right
-            elif op.spec.spatial and (layout != "channel" or rank == 2):
-                return (
-                    f"{op.name} ({op.spec.name}) between {prod.name} and {cons.name} pools over "
+                state.layout = "flat"  # (N, C) flattens to itself: one column per unit, also right
+            elif op.spec.spatial and (state.layout != "channel" or rank == 2):
+                return degree, (
+                    f"{op.name} ({op.spec.name}) between {prod.name} and {target} pools over "
                     f"the units of {prod.name}, which mixes them: no law across it"
                 )
             elif op.spec.spatial:
-                may_be_last = False  # pooling needs spatial axes after the channels
-    if layout == "channel" and may_be_last and (cspec.in_axis == "last" or rank == 2):
+                state.may_be_last = False  # pooling needs spatial axes after the channels
+    return degree, None
+
+
+def _consumer_rows(
+    model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int
+) -> tuple[tuple[RowReader, ...], int] | str:
+    """The outgoing readers of consumer ``j`` and its columns per unit, or the reason why it
+    cannot read the units of ``prod`` laid out as ``state`` says."""
+    pspec, cons = prod.spec, nodes[j]
+    cspec = cons.spec
+    assert isinstance(pspec, LayerSpec) and isinstance(cspec, LayerSpec)
+    cmod = model.get_submodule(cons.module_path)
+    if cspec.barrier is not None:  # a normalization renormalizes what it consumes
+        return f"between {prod.name} and {cons.name}: {cspec.barrier(cmod, cons.name)}"
+    rank = prod.in_ndim if pspec.flat_input else None
+    layout = state.layout
+    if layout == "channel" and state.may_be_last and (cspec.in_axis == "last" or rank == 2):
         layout = "last"  # an (N, C) input: the channel axis is the last one
-    units = pspec.out_units(pmod)
     positions = 1
     if layout == "flat":
         if cspec.in_axis != "last":
@@ -570,24 +681,80 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, j: int, ops: list[i
         outgoing = cspec.outgoing(cmod, positions)
     except ValueError as err:
         return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+    state.layout = layout
+    return tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing), positions
+
+
+def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], ops: list[int]) -> Pair | str:
+    """The pair from producer ``i`` through ``ops`` to the consumer(s) ending ``arms`` (one
+    arm without ops: a plain pair; several: a branch whose units feed several layers, with
+    the outgoing rows of all of them), or the reason it cannot be formed."""
+    prod = nodes[i]
+    pspec = prod.spec
+    assert isinstance(pspec, LayerSpec)
+    pmod = model.get_submodule(prod.module_path)
+    branch = len(arms) > 1
+    cnames = [nodes[j].name for j, _ in arms]
+    target = " and ".join(cnames) if not branch else "{" + ", ".join(cnames) + "}"
+    first = nodes[arms[0][0]]
+    if not branch and isinstance(first.spec, LayerSpec) and first.spec.barrier is not None:
+        return f"between {prod.name} and {first.name}: {first.spec.barrier(model.get_submodule(first.module_path), first.name)}"
+    try:
+        incoming = pspec.incoming(pmod)
+    except ValueError as err:  # e.g. a normalization without affine parameters
+        return f"{prod.module_path} ({type(pmod).__name__}) {err}"
+    rank = prod.in_ndim if pspec.flat_input else None
+    shared = _Layout(pspec.out_axis, pspec.flat_input and rank in (None, 2), not pspec.diagonal)
+    broken: list[str] = []
+    names: list[str] = []
+    kinds: list[str] = []
+    degree, problem = _through(model, nodes, prod, ops, shared, target, names, kinds, broken)
+    if problem is not None:
+        return problem
+    units = pspec.out_units(pmod)
+    outgoing: list[RowReader] = []
+    positions: list[int] = []
+    layouts: set[str] = set()
+    mixing = shared.mixing
+    for j, arm_ops in arms:
+        state = _Layout(shared.layout, shared.may_be_last, shared.mixing)
+        _, problem = _through(model, nodes, prod, arm_ops, state, nodes[j].name, names, kinds, broken)
+        rows = problem if problem is not None else _consumer_rows(model, nodes, prod, j, state, units)
+        if isinstance(rows, str):
+            if not branch:
+                return rows
+            after = f" (after {', '.join(nodes[o].name for o in ops)})" if ops else ""
+            return (
+                f"the output of {prod.name}{after} feeds {len(arms)} layers ({', '.join(cnames)}); "
+                f"the arm to {nodes[j].name} breaks it: {rows}"
+            )
+        outgoing.extend(rows[0])
+        positions.append(rows[1])
+        layouts.add("last" if state.layout == "last" else "channel")
+        mixing = mixing and state.mixing
+    if len(layouts) > 1:  # cannot happen with one producer; kept as a guard
+        return f"the arms from {prod.name} read its units on different axes: not supported"
     kind: Literal["unit", "channel", "matrix"]
-    kind = "matrix" if mixing and not broken else ("unit" if layout == "last" else "channel")
+    kind = "matrix" if mixing and not broken else ("unit" if layouts == {"last"} else "channel")
     reason = ""
     if broken:
-        reason = f"{', '.join(broken)} between {prod.name} and {cons.name} is not positively homogeneous"
+        reason = f"{', '.join(broken)} between {prod.name} and {target} is not positively homogeneous"
+    consumers = tuple(nodes[j].module_path for j, _ in arms)
     return Pair(
         producer=prod.module_path,
-        consumer=cons.module_path,
+        consumer=_joint_name(list(consumers)),
         ops=tuple(names),
         kind=kind,
         degree=degree,
         units=units,
-        positions=positions,
+        positions=max(positions),
         incoming=tuple((f"{prod.module_path}.{a}", f) for a, f in incoming),
-        outgoing=tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing),
+        outgoing=tuple(outgoing),
         conserved=not broken,
         reason=reason,
         op_kinds=tuple(kinds),
+        consumers=consumers,
+        consumer_positions=tuple(positions),
     )
 
 
@@ -599,13 +766,14 @@ def _typed(node: _Node, spec: LayerSpec) -> str:
 
 def _parameter_problem(
     pair: Pair,
-    prod: _Node,
-    cons: _Node,
+    layers: list[_Node],
     calls: dict[str, int],
     params: dict[str, nn.Parameter],
     names_of: dict[int, list[str]],
 ) -> str | None:
-    for node in (prod, cons):
+    """Why the group of ``pair`` cannot be read (``layers``: its producer, then its
+    consumers): a layer called twice, a missing, frozen or shared parameter; else None."""
+    for node in layers:
         if calls.get(node.module_path or "", 0) > 1:
             return (
                 f"{node.name} is called {calls[node.module_path]} times in forward (a shared "
