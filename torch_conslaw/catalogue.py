@@ -1,6 +1,6 @@
 """Registration tables: which layers carry laws and which ops keep the rescaling symmetry.
 
-Three tables drive the structure finder (:mod:`torch_conslaw.structure`):
+Four tables drive the structure finder (:mod:`torch_conslaw.structure`):
 
 * **layers** — module type → :class:`LayerSpec`: how many units it produces and consumes, on
   which axis, and how to read its *incoming* rows (one per unit, bias appended) and its
@@ -13,7 +13,11 @@ Three tables drive the structure finder (:mod:`torch_conslaw.structure`):
   with the homogeneity degree k (σ(cz) = c^k σ(z) for c > 0), or ``None`` when σ is not
   positively homogeneous (the laws break, SCIENCE.md §5);
 * **pass-through ops** — dropout, pooling, flatten: they keep per-unit rescaling; only the
-  linear ones (average pooling, flatten, identity) also keep the channel mixing of the matrix law.
+  linear ones (average pooling, flatten, identity) also keep the channel mixing of the matrix law;
+* **internal laws** — module type → function giving the matrix laws a module carries *inside*
+  itself (:class:`InternalLaw`, :func:`register_internal_laws`): ``nn.MultiheadAttention``
+  conserves, per head h, Q̃_h Q̃_hᵀ − K̃_h K̃_hᵀ and Ṽ_h Ṽ_hᵀ − W_O,hᵀ W_O,h. No law crosses
+  such a module.
 
 Example:
     >>> import torch
@@ -50,6 +54,9 @@ __all__ = [
     "pass_spec",
     "barrier_reason",
     "is_catalogued_module",
+    "InternalLaw",
+    "register_internal_laws",
+    "internal_laws_spec",
 ]
 
 Axis = Literal["last", "channel"]
@@ -121,7 +128,27 @@ class LayerSpec:
     barrier: Callable[[nn.Module, str], str] | None = None
 
 
+@dataclass(frozen=True)
+class InternalLaw:
+    """A matrix law a module carries inside itself: the upper triangle of
+    I Iᵀ − O Oᵀ, with I (``units`` rows) from the ``incoming`` readers and O from the
+    ``outgoing`` readers, concatenated column-wise (the layout of :class:`~torch_conslaw.lawgroups.MatrixLaws`).
+
+    ``label`` follows the module path in the group name (``"h0 q·k"`` → ``attn.h0 q·k``);
+    reader attribute names are relative to the module (``"out_proj.weight"``); ``reason`` says
+    which symmetry conserves the law. The module's forward alone must keep the symmetry, so a
+    module called several times keeps its laws; frozen or shared parameters still skip them.
+    """
+
+    label: str
+    units: int
+    incoming: tuple[RowReader, ...]
+    outgoing: tuple[RowReader, ...]
+    reason: str
+
+
 _LAYERS: dict[type, LayerSpec] = {}
+_INTERNAL: dict[type, Callable[[nn.Module], list[InternalLaw]]] = {}
 _ACT_MODULES: dict[type, ActivationSpec] = {}
 _ACT_FUNCTIONS: dict[Any, ActivationSpec] = {}
 _ACT_METHODS: dict[str, ActivationSpec] = {}
@@ -209,6 +236,39 @@ def register_layer(
     )
 
 
+def register_internal_laws(
+    module_type: type[nn.Module], laws: Callable[[nn.Module], list[InternalLaw]]
+) -> None:
+    """Declare that modules of ``module_type`` (and subclasses) carry internal laws:
+    ``laws(module)`` returns its :class:`InternalLaw` list, or raises ``ValueError`` with the
+    reason (a phrase following the module's name) when it has none that can be tracked.
+    Such a module is a leaf for the structure finder and no law crosses it.
+
+    Example:
+        >>> from torch import nn
+        >>> class Bilinear(nn.Module):  # y = x aᵀ b keeps a → G a, b → G⁻ᵀ b
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(2, 3))
+        ...     def forward(self, x):
+        ...         return (x @ self.a.T) @ self.b
+        >>> register_internal_laws(Bilinear, lambda m: [InternalLaw(
+        ...     "a·b", 2, (("a", lambda w: w),), (("b", lambda w: w),), "a → G a, b → G⁻ᵀ b")])
+        >>> internal_laws_spec(Bilinear()) is not None
+        True
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_internal_laws: module_type must be an nn.Module class, got {module_type!r}")
+    if not callable(laws):
+        raise TypeError(f"register_internal_laws: laws must be callable, got {laws!r}")
+    _INTERNAL[module_type] = laws
+
+
+def internal_laws_spec(module: nn.Module) -> Callable[[nn.Module], list[InternalLaw]] | None:
+    """The registered internal-law function of a module (or of its closest base class)."""
+    return _mro_lookup(_INTERNAL, module)
+
+
 def _register_pass(targets: list[Any], spec: PassSpec) -> None:
     for target in targets:
         if isinstance(target, str):
@@ -294,6 +354,13 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__ia
 
 def barrier_reason(target: Any, display: str) -> str:
     """Why the op ``display`` (a module, function or method) blocks the laws across it."""
+    if isinstance(target, nn.Module) and internal_laws_spec(target) is not None:
+        kind = type(target).__name__
+        named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
+        return (
+            f"{named} is not a per-unit symmetry-preserving op, so no law crosses it "
+            "(its internal laws are tracked separately)"
+        )
     if isinstance(target, nn.Module) and isinstance(target, _NORMS):
         kind = type(target).__name__
         named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
@@ -312,9 +379,11 @@ def barrier_reason(target: Any, display: str) -> str:
 
 
 def is_catalogued_module(module: nn.Module) -> bool:
-    """True when the module is a registered layer, activation or pass-through op (a leaf)."""
+    """True when the module is a registered layer, activation, pass-through op or module with
+    internal laws (a leaf)."""
     return any(
-        _mro_lookup(table, module) is not None for table in (_LAYERS, _ACT_MODULES, _PASS_MODULES)
+        _mro_lookup(table, module) is not None
+        for table in (_LAYERS, _ACT_MODULES, _PASS_MODULES, _INTERNAL)
     )
 
 
@@ -459,3 +528,58 @@ _register_pass(
     PassSpec("average pooling", "avgpool", mixing=True, spatial=True),
 )
 _register_pass([nn.Flatten, torch.flatten, "flatten", "view", "reshape"], PassSpec("flatten", "flatten", mixing=True))
+
+
+def _mha_laws(m: nn.Module) -> list[InternalLaw]:
+    """Per head h of ``nn.MultiheadAttention`` (head dim d): the scores X̃ Q̃_hᵀ K̃_h Ỹᵀ keep
+    Q̃_h → A Q̃_h, K̃_h → A⁻ᵀ K̃_h and the head output keeps Ṽ_h → A Ṽ_h, W_O,h → W_O,h A⁻¹
+    (A invertible, d × d), so gradient flow conserves Q̃_h Q̃_hᵀ − K̃_h K̃_hᵀ and
+    Ṽ_h Ṽ_hᵀ − W_O,hᵀ W_O,h. Q̃_h = [W_Q,h | b_Q,h] (rows of ``in_proj_weight`` or
+    ``q_proj_weight``, and of ``in_proj_bias``); ``bias_k`` / ``bias_v`` (``add_bias_kv``) are
+    an extra key / value that transform with K̃_h / Ṽ_h, so they are one more column of them;
+    ``add_zero_attn`` appends zeros, which every A keeps."""
+    E, H = int(m.embed_dim), int(m.num_heads)
+    d = E // H
+    path_q, path_k, path_v, base = (
+        ("in_proj_weight",) * 3 + ((0, E, 2 * E),)
+        if m._qkv_same_embed_dim
+        else ("q_proj_weight", "k_proj_weight", "v_proj_weight", (0, 0, 0))
+    )
+
+    def rows(start: int) -> Callable[[Tensor], Tensor]:
+        return lambda w: w[start : start + d]
+
+    def column(start: int) -> Callable[[Tensor], Tensor]:
+        return lambda b: b.reshape(-1)[start : start + d].unsqueeze(1)
+
+    def out_rows(start: int) -> Callable[[Tensor], Tensor]:
+        return lambda w: w[:, start : start + d].T
+
+    laws: list[InternalLaw] = []
+    for h in range(H):
+        s = h * d
+        side: dict[str, list[RowReader]] = {}
+        for key, name, off in zip("qkv", (path_q, path_k, path_v), base):
+            side[key] = [(name, rows(off + s))]
+            if m.in_proj_bias is not None:
+                side[key].append(("in_proj_bias", column({"q": 0, "k": E, "v": 2 * E}[key] + s)))
+        if getattr(m, "bias_k", None) is not None:
+            side["k"].append(("bias_k", column(s)))
+        if getattr(m, "bias_v", None) is not None:
+            side["v"].append(("bias_v", column(s)))
+        extra_k = " and bias_k" if getattr(m, "bias_k", None) is not None else ""
+        extra_v = " and bias_v" if getattr(m, "bias_v", None) is not None else ""
+        laws.append(InternalLaw(
+            f"h{h} q·k", d, tuple(side["q"]), tuple(side["k"]),
+            f"attention scores of head {h} keep Q̃ → A Q̃, K̃ → A⁻ᵀ K̃ (A invertible {d}×{d}, "
+            f"K̃ with its bias{extra_k}): Q̃Q̃ᵀ − K̃K̃ᵀ, matrix law (upper triangle)",
+        ))
+        laws.append(InternalLaw(
+            f"h{h} v·o", d, tuple(side["v"]), (("out_proj.weight", out_rows(s)),),
+            f"output of head {h} keeps Ṽ → A Ṽ, W_O → W_O A⁻¹ (A invertible {d}×{d}, Ṽ with "
+            f"its bias{extra_v}): ṼṼᵀ − W_OᵀW_O, matrix law (upper triangle)",
+        ))
+    return laws
+
+
+register_internal_laws(nn.MultiheadAttention, _mha_laws)

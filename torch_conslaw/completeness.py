@@ -176,6 +176,12 @@ def _mlp_architecture(
     """(widths, activations, hidden bias, output bias) when the model is a plain chain of
     Linear layers the Lie calculator can count; otherwise the reason why not."""
     linears = {path: m for path, m in model.named_modules() if type(m) is nn.Linear}
+    inner = next((p for p in structure.pairs if p.internal), None)
+    if inner is not None:
+        return (
+            f"{inner.producer or 'the model'} carries internal laws ({inner.name}, ...): the Lie "
+            "calculator covers plain chains of Linear layers only"
+        )
     branch = next((p for p in structure.pairs if p.branch), None)
     if branch is not None:
         return (

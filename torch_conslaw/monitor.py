@@ -666,7 +666,7 @@ class ConservationMonitor:
                     break
         if missing:
             warnings.warn(
-                f"ConservationMonitor.attach: the optimizer does not update {', '.join(missing)}; "
+                f"ConservationMonitor.attach: the optimizer does not update {', '.join(dict.fromkeys(missing))}; "
                 "the laws of the affected groups are not expected to be conserved",
                 RuntimeWarning,
                 stacklevel=3,

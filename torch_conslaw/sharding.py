@@ -97,7 +97,8 @@ class ShardedLaws:
                     Skipped(
                         g.pair.producer,
                         g.pair.consumer,
-                        f"matrix law of the linear hidden layer {g.name} not tracked under "
+                        f"matrix law of {'' if g.pair.internal else 'the linear hidden layer '}"
+                        f"{g.name} not tracked under "
                         f"sharding: its entries (W W^T) mix different rows of {sharded[0]}, "
                         "which is sharded (FSDP2 / DTensor Shard(0)), so they cannot be summed "
                         "from local rows with one all-reduce",

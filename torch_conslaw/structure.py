@@ -74,6 +74,11 @@ class Pair:
     of them (the law sums ‖w_out‖² over the consumers), ``consumer_positions`` gives each
     one's columns per unit and ``positions`` the largest. ``ops`` lists the ops before the
     split, then those of each arm. For a single consumer ``consumers == (consumer,)``.
+
+    An *internal* law of a module (:func:`~torch_conslaw.catalogue.register_internal_laws`,
+    e.g. one head of ``nn.MultiheadAttention``) is a ``"matrix"`` pair with ``producer ==
+    consumer ==`` the module path, no ops, and a ``label`` that is its name
+    (``attn.h0 q·k``); :attr:`internal` is True for it.
     """
 
     producer: str
@@ -90,6 +95,12 @@ class Pair:
     op_kinds: tuple[str, ...] = ()
     consumers: tuple[str, ...] = ()
     consumer_positions: tuple[int, ...] = ()
+    label: str = ""
+
+    @property
+    def internal(self) -> bool:
+        """True for an internal law of one module (no producer → consumer crossing)."""
+        return bool(self.label)
 
     @property
     def branch(self) -> bool:
@@ -98,8 +109,8 @@ class Pair:
 
     @property
     def name(self) -> str:
-        """Short label ``producer→consumer``."""
-        return f"{self.producer}→{self.consumer}"
+        """Short label ``producer→consumer`` (the ``label`` of an internal law)."""
+        return self.label or f"{self.producer}→{self.consumer}"
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -138,6 +149,9 @@ class Structure:
         lines.append("  " + " → ".join(self.ops) if self.ops else "  (no ops)")
         lines.append(f"usable pairs: {len(self.pairs)}")
         for p in self.pairs:
+            if p.internal:
+                lines.append(f"  {p.name}: internal {p.kind} law of {p.producer or 'the model'}, {p.units} rows")
+                continue
             between = ", ".join(p.ops) if p.ops else "nothing"
             lines.append(
                 f"  {p.name}: {p.units} {p.kind} group(s) through [{between}], degree {p.degree:g}"
@@ -197,10 +211,14 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
                 f"{str(err).splitlines()[0] if str(err) else ''}); pass example_input so the "
                 "structure can be recorded with forward hooks"
             )
-            return Structure([], [Skipped(None, None, reason)], "none", [])
+            pairs, skipped = _internal_pairs(model, [])
+            return Structure(pairs, [Skipped(None, None, reason)] + skipped, "none", [])
         nodes = _graph_from_hooks(model, example_input)
         method = "hooks"
     pairs, skipped = _find_pairs(model, nodes)
+    inner, inner_skipped = _internal_pairs(model, nodes)
+    pairs += inner
+    skipped += inner_skipped
     if not pairs and not skipped:
         skipped.append(
             Skipped(
@@ -477,6 +495,62 @@ def _find_pairs(model: nn.Module, nodes: list[_Node]) -> tuple[list[Pair], list[
             skipped.append(Skipped(start.module_path, cname, pair.reason, candidate=pair))
         else:
             pairs.append(pair)
+    return pairs, skipped
+
+
+def _internal_pairs(model: nn.Module, nodes: list[_Node]) -> tuple[list[Pair], list[Skipped]]:
+    """The internal laws of every module registered with
+    :func:`~torch_conslaw.catalogue.register_internal_laws` (in ``named_modules`` order), or
+    why they are skipped: a submodule called on its own in forward (its parameters then act
+    outside the module's symmetry), a frozen or shared parameter, a ``ValueError`` of the
+    registered function. They need no graph (``nodes`` may be empty: nothing to check)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    called = {n.module_path for n in nodes if n.module_path is not None}
+    pairs: list[Pair] = []
+    skipped: list[Skipped] = []
+    for path, module in model.named_modules():
+        fn = catalogue.internal_laws_spec(module)
+        if fn is None:
+            continue
+        kind = type(module).__name__
+        display = f"{path} ({kind})" if path else kind
+        prefix = f"{path}." if path else ""
+        outside = sorted(c for c in called if c.startswith(prefix) and c != path)
+        if outside:
+            skipped.append(Skipped(path, path, (
+                f"{outside[0]} is called on its own in forward, outside {display}: its internal "
+                "laws do not hold"
+            )))
+            continue
+        try:
+            laws = fn(module)
+        except ValueError as err:
+            skipped.append(Skipped(path, path, f"{display} {err}"))
+            continue
+        for law in laws:
+            pair = Pair(
+                producer=path,
+                consumer=path,
+                ops=(),
+                kind="matrix",
+                degree=1.0,
+                units=law.units,
+                positions=1,
+                incoming=tuple((f"{prefix}{a}", f) for a, f in law.incoming),
+                outgoing=tuple((f"{prefix}{a}", f) for a, f in law.outgoing),
+                reason=law.reason,
+                consumers=(path,),
+                consumer_positions=(1,),
+                label=f"{path or kind}.{law.label}",
+            )
+            problem = _parameter_problem(pair, [], {}, params, names_of)
+            if problem is not None:
+                skipped.append(Skipped(path, path, problem))
+            else:
+                pairs.append(pair)
     return pairs, skipped
 
 
