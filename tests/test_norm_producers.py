@@ -91,6 +91,14 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, int, str, 
         _case(lambda: [nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.LeakyReLU(0.1), nn.Conv2d(4, 3, 3)]),
         (8, 2, 6, 6), 1, 3, "channel", 1,
     ),
+    "conv-syncbn-relu-conv": (  # SyncBatchNorm runs as BatchNorm outside a process group
+        _case(lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.SyncBatchNorm(3), nn.ReLU(), nn.Conv2d(3, 4, 3)]),
+        (8, 2, 6, 6), 1, 3, "channel", 1,
+    ),
+    "conv-instancenorm-relu-conv": (
+        _case(lambda: [nn.Conv2d(2, 3, 3, padding=1), nn.InstanceNorm2d(3, affine=True), nn.ReLU(), nn.Conv2d(3, 4, 3)]),
+        (8, 2, 6, 6), 1, 3, "channel", 1,
+    ),
 }
 if HAS_RMSNORM:
     CASES["linear-rmsnorm-relu-linear"] = (
@@ -260,6 +268,7 @@ def test_norm_without_affine_parameters_is_skipped_with_a_reason():
     norms = [
         (nn.BatchNorm2d(4, affine=False), True, "BatchNorm2d", "affine"),
         (nn.GroupNorm(2, 4, affine=False), True, "GroupNorm", "affine"),
+        (nn.InstanceNorm2d(4), True, "InstanceNorm2d", "affine"),  # affine=False by default
         (nn.BatchNorm1d(4, affine=False), False, "BatchNorm1d", "affine"),
         (nn.LayerNorm(4, elementwise_affine=False), False, "LayerNorm", "elementwise_affine"),
     ]

@@ -6,7 +6,8 @@ Four tables drive the structure finder (:mod:`torch_conslaw.structure`):
   which axis, and how to read its *incoming* rows (one per unit, bias appended) and its
   *outgoing* rows (every weight that reads a unit), following the layout of
   :mod:`torch_conslaw.laws`. Normalization layers with affine parameters (BatchNorm1d/2d/3d,
-  GroupNorm, LayerNorm and RMSNorm over one axis) are *producers only*: unit c leaves them
+  SyncBatchNorm, InstanceNorm1d/2d/3d, GroupNorm, LayerNorm and RMSNorm over one axis) are
+  *producers only*: unit c leaves them
   as γ_c · normalized_c + β_c, so (γ_c, β_c) are its incoming weights, but they renormalize
   what comes in, so no law ends at them;
 * **activations** — module type, function or tensor-method name → :class:`ActivationSpec`
@@ -483,6 +484,9 @@ _register_norm(nn.BatchNorm1d, "channel", flat_input=True)  # (N, C) or (N, C, L
 _register_norm(nn.BatchNorm2d, "channel", flat_input=False)
 _register_norm(nn.BatchNorm3d, "channel", flat_input=False)
 _register_norm(nn.GroupNorm, "channel", flat_input=True)  # (N, C, *)
+_register_norm(nn.SyncBatchNorm, "channel", flat_input=True)  # (N, C) or (N, C, *)
+for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):  # affine=True only
+    _register_norm(_norm, "channel", flat_input=False)
 _register_norm(nn.LayerNorm, "last", flat_input=False)
 if _RMS_NORM is not None:
     _register_norm(_RMS_NORM, "last", flat_input=False)

@@ -11,9 +11,10 @@ output splits, every arm is followed: when each arm reaches a layer through pass
 (dropout, identity, flatten, pooling), the units feed all of those layers and form one pair
 (e.g. a normalization read by ``q_proj``, ``k_proj`` and ``v_proj``). Anything else — a
 non-homogeneous activation, a normalization, a residual add, an arm that ends elsewhere, a
-frozen or shared parameter — makes the pair *skipped*, with a readable reason. A normalization layer with
-affine parameters (BatchNorm, GroupNorm, one-axis LayerNorm / RMSNorm) ends the laws of the
-layer before it but starts its own: its γ_c (and β_c) are the incoming weights of unit c.
+frozen or shared parameter — makes the pair *skipped*, with a readable reason. A
+normalization layer with affine parameters (BatchNorm, SyncBatchNorm, InstanceNorm with
+affine=True, GroupNorm, one-axis LayerNorm / RMSNorm) ends the laws of the layer before it
+but starts its own: its γ_c (and β_c) are the incoming weights of unit c.
 
 Example:
     >>> from torch import nn
