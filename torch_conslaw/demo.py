@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from .monitor import ConservationMonitor
 
-__all__ = ["make_mlp", "make_cnn", "regression_data", "image_data", "make_optimizer", "train"]
+__all__ = [
+    "make_mlp",
+    "make_cnn",
+    "make_transformer",
+    "regression_data",
+    "image_data",
+    "sequence_data",
+    "make_optimizer",
+    "train",
+]
 
 
 def make_mlp(
@@ -78,6 +87,42 @@ def make_cnn(
     """
     torch.manual_seed(seed)
     return SmallCNN(channels, classes, activation).to(dtype)
+
+
+def make_transformer(
+    d_model: int = 16, heads: int = 2, hidden: int = 32, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.TransformerEncoderLayer:
+    """One post-norm transformer encoder layer (self-attention, ReLU feed-forward, no dropout):
+    per-head attention laws, one law per feed-forward unit, LayerNorm-fed pairs skipped
+    because of the residual adds.
+
+    Example:
+        >>> make_transformer().self_attn.num_heads
+        2
+    """
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(
+        d_model, heads, dim_feedforward=hidden, dropout=0.0, activation="relu", batch_first=True
+    )
+    return layer.to(dtype)
+
+
+def sequence_data(
+    model: nn.Module, n: int = 32, length: int = 6, seed: int = 1, noise: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Gaussian token sequences ``(n, length, d_model)`` for a batch-first sequence model and
+    targets from a random teacher of the same architecture plus noise."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    dtype = first.weight.dtype
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, first.in_features, generator=g, dtype=dtype)
+    with torch.no_grad():
+        teacher = {
+            k: torch.randn(p.shape, generator=g, dtype=dtype) * p.detach().std().nan_to_num(0.1)
+            for k, p in model.named_parameters()
+        }
+        out = torch.func.functional_call(model, teacher, (x,))
+    return x, out + noise * torch.randn(out.shape, generator=g, dtype=dtype)
 
 
 def regression_data(model: nn.Module, n: int = 128, seed: int = 1, noise: float = 0.5) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import plotting
-from ..demo import image_data, make_cnn, make_mlp, regression_data, train
+from ..demo import image_data, make_cnn, make_mlp, make_transformer, regression_data, sequence_data, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
         cnn = make_cnn()
         xi, yi = image_data(cnn)
         runs["small CNN, SGD (lr 0.05)"] = train(cnn, xi, yi, lr=0.05, steps=args.steps)
+        encoder = make_transformer()
+        xs, ys = sequence_data(encoder)
+        # torch.fx cannot trace nn.TransformerEncoderLayer: the example input lets the
+        # structure finder follow it with forward hooks
+        runs["transformer encoder layer (2 heads), SGD (lr 0.02)"] = train(
+            encoder, xs, ys, lr=0.02, steps=args.steps, example_input=xs[:2]
+        )
         for title, monitor in runs.items():
             print(f"\n== {title}: {monitor.num_steps} steps ==")
             print(monitor.table())
@@ -67,13 +74,16 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"η={e:g}: {d:.2e}" for e, d in zip(etas, drift))
               + f"  (log-log slope {slope:.2f}; a conservation law gives ≈ 1)")
     if not args.no_figures:
-        sgd, adam, cnn_run = runs.values()
+        sgd, adam, cnn_run, encoder_run = runs.values()
         out = args.out
         figures.append(plotting.save(plotting.plot_laws(sgd.history()), out / "demo_mlp_laws.png"))
         figures.append(plotting.save(plotting.plot_relative_drift(sgd.history()), out / "demo_mlp_sgd_drift.png"))
         figures.append(plotting.save(plotting.plot_split(sgd.history()), out / "demo_mlp_sgd_split.png"))
         figures.append(plotting.save(plotting.plot_split(adam.history()), out / "demo_mlp_adam_split.png"))
         figures.append(plotting.save(plotting.plot_relative_drift(cnn_run.history()), out / "demo_cnn_sgd_drift.png"))
+        figures.append(
+            plotting.save(plotting.plot_relative_drift(encoder_run.history()), out / "demo_transformer_sgd_drift.png")
+        )
         fig, _ = plotting.plot_drift_vs_step_size(etas, {"ReLU MLP laws": drift}, title=f"T = η · steps = {total_time:g}")
         figures.append(plotting.save(fig, out / "demo_drift_vs_lr.png"))
         print("\nfigures:")
