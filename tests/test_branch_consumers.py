@@ -19,6 +19,8 @@ from torch_conslaw.cli import main
 from torch_conslaw.lawgroups import MatrixLaws, build_groups, rearrangement_plan
 from torch_conslaw.structure import find_structure
 
+from fsdp_helpers import history_lists, run_on_two_ranks
+
 F64 = torch.float64
 Norm = getattr(nn, "RMSNorm", None) or nn.LayerNorm  # RMSNorm since torch 2.4
 
@@ -494,7 +496,6 @@ def test_summary_analyze_and_inspect_handle_branch_pairs(tmp_path, capsys):
 # FSDP2: a branch group is read like a single consumer (sums of local rows, one all-reduce)
 # ------------------------------------------------------------------------------------------
 
-WORLD = 2
 FSDP_STEPS = 3
 
 
@@ -519,62 +520,27 @@ def _fsdp_train(mesh=None) -> ConservationMonitor:
     return monitor
 
 
-def _history(monitor: ConservationMonitor) -> dict[str, list]:
-    import numpy as np
-
-    return {k.replace("/", "|"): np.asarray(v).tolist() for k, v in monitor.history().items()}
-
-
-def _fsdp_worker(rank: int, folder: str) -> None:
-    import gc
-    import json
-    import os
-    import traceback
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
-    status: dict = {}
-    try:
-        torch.set_num_threads(1)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        monitor = _fsdp_train(mesh)
-        status["groups"] = [g.name for g in monitor.groups]
-        # exact check of the sharded evaluation: the all-reduced local rows give the law of
-        # the gathered parameters
-        full = {n: p.full_tensor().detach() for n, p in monitor.model.named_parameters()}
-        history = monitor.history()
-        status["gathered_error"] = max(
-            float((g.values(full) - torch.as_tensor(history[f"{g.name}/values"][-1])).abs().max()
-                  / g.scale(full).max())
-            for g in build_groups(find_structure(monitor.model).pairs)
-        )
-        status["history"] = _history(monitor)
-        dist.barrier()
-        monitor.detach()  # free the FSDP state before the teardown (see test_norm_producers)
-        del monitor, mesh
-        gc.collect()
-    except Exception:
-        status["failed"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(folder, f"branch{rank}.json"), "w") as handle:
-            json.dump(status, handle)
-        dist.destroy_process_group()
+def _fsdp_summary(monitor: ConservationMonitor) -> dict:
+    # exact check of the sharded evaluation: the all-reduced local rows give the law of the
+    # gathered parameters
+    full = {n: p.full_tensor().detach() for n, p in monitor.model.named_parameters()}
+    history = monitor.history()
+    gathered_error = max(
+        float((g.values(full) - torch.as_tensor(history[f"{g.name}/values"][-1])).abs().max() / g.scale(full).max())
+        for g in build_groups(find_structure(monitor.model).pairs)
+    )
+    return {
+        "groups": [g.name for g in monitor.groups],
+        "gathered_error": gathered_error,
+        "history": history_lists(monitor),
+    }
 
 
 def test_fsdp2_sharded_branch_laws_equal_an_unsharded_run(tmp_path):
-    import json
-
     import numpy as np
-    import torch.multiprocessing as mp
 
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
-    mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    status = [json.loads((tmp_path / f"branch{rank}.json").read_text()) for rank in range(WORLD)]
-    for s in status:
-        assert "failed" not in s, s["failed"]
+    status = run_on_two_ranks(str(tmp_path), "branch", _fsdp_train, _fsdp_summary)
     assert status[0] == status[1]  # every rank gets the same all-reduced values
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same float32 reduction order
@@ -584,7 +550,7 @@ def test_fsdp2_sharded_branch_laws_equal_an_unsharded_run(tmp_path):
         torch.set_num_threads(threads)
     assert status[0]["groups"] == [g.name for g in ref.groups] == [ATTN, MLP]
     assert status[0]["gathered_error"] <= 1e-14
-    expected, got = _history(ref), status[0]["history"]
+    expected, got = history_lists(ref), status[0]["history"]
     assert sorted(got) == sorted(expected)
     for key, value in sorted(expected.items()):
         if key == "step":

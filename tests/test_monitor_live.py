@@ -124,13 +124,14 @@ def test_an_in_place_edit_during_the_read_is_read_again(monkeypatch):
     acc = mon._accountant
     values = acc.values
     reads: list[int] = []
-    started = threading.Event()
+    started, edited = threading.Event(), threading.Event()
+    edited.set()  # only the read of step 3 waits for the edit
 
     def slow_values(params):
         result = values(params)
         reads.append(1)
         started.set()
-        time.sleep(0.03)  # the training thread edits meanwhile
+        edited.wait(5)  # the training thread edits now, before this read ends
         return result
 
     monkeypatch.setattr(acc, "values", slow_values)
@@ -142,10 +143,15 @@ def test_an_in_place_edit_during_the_read_is_read_again(monkeypatch):
             assert started.wait(5)
             with torch.no_grad():
                 model[0].weight.mul_(2.0)
-        started.clear()
+            edited.set()
         expected[i] = reference.values({n: p.detach().clone() for n, p in model.named_parameters()})
 
-    _loop(model, opt, 6, before_step=edit_during_read)
+    def arm_the_gate(model, i):
+        if i == 2:  # the read of step 2 is over (the optimizer waited for it)
+            started.clear()
+            edited.clear()
+
+    _loop(model, opt, 6, before_step=edit_during_read, after_step=arm_the_gate)
     hist = mon.history()
     for g in mon.groups:
         assert _same(torch.from_numpy(hist[f"{g.name}/values"][3]), expected[3][g.name])

@@ -5,18 +5,12 @@ as a consumer a normalization stays a barrier (it renormalizes the units)."""
 from __future__ import annotations
 
 import copy
-import gc
-import json
-import os
 import textwrap
-import traceback
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +19,8 @@ from torch_conslaw.accounting import Accountant
 from torch_conslaw.cli import main
 from torch_conslaw.lawgroups import build_groups, rearrangement_plan
 from torch_conslaw.structure import find_structure
+
+from fsdp_helpers import history_lists, run_on_two_ranks
 
 F64 = torch.float64
 HAS_RMSNORM = hasattr(nn, "RMSNorm")
@@ -419,7 +415,6 @@ def test_analyze_and_inspect_handle_norm_producers(tmp_path, capsys):
 # FSDP2: γ and β sharded along dim 0 are read like biases (rows of the unit axis)
 # ------------------------------------------------------------------------------------------
 
-WORLD = 2
 FSDP_STEPS = 3
 
 
@@ -452,43 +447,17 @@ def _fsdp_train(mesh=None) -> ConservationMonitor:
     return monitor
 
 
-def _history(monitor: ConservationMonitor) -> dict[str, list]:
-    return {k.replace("/", "|"): np.asarray(v).tolist() for k, v in monitor.history().items()}
-
-
-def _fsdp_worker(rank: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
-    status: dict = {}
-    try:
-        torch.set_num_threads(1)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        monitor = _fsdp_train(mesh)
-        status["groups"] = [g.name for g in monitor.groups]
-        status["skipped"] = [str(s) for s in monitor.skipped]
-        status["history"] = _history(monitor)
-        dist.barrier()  # both ranks are done with every collective
-        # free the FSDP state and the mesh's process groups before the teardown: left to
-        # interpreter shutdown, gloo sometimes aborts the process ("terminate called without
-        # an active exception"), with or without a monitor
-        monitor.detach()
-        del monitor, mesh
-        gc.collect()
-    except Exception:
-        status["failed"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(folder, f"norm{rank}.json"), "w") as handle:
-            json.dump(status, handle)
-        dist.destroy_process_group()
+def _fsdp_summary(monitor: ConservationMonitor) -> dict:
+    return {
+        "groups": [g.name for g in monitor.groups],
+        "skipped": [str(s) for s in monitor.skipped],
+        "history": history_lists(monitor),
+    }
 
 
 def test_fsdp2_sharded_gamma_beta_laws_equal_an_unsharded_run(tmp_path):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
-    mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    status = [json.loads((tmp_path / f"norm{rank}.json").read_text()) for rank in range(WORLD)]
-    for s in status:
-        assert "failed" not in s, s["failed"]
+    status = run_on_two_ranks(str(tmp_path), "norm", _fsdp_train, _fsdp_summary)
     assert status[0] == status[1]  # every rank gets the same all-reduced values
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same float32 reduction order
@@ -500,7 +469,7 @@ def test_fsdp2_sharded_gamma_beta_laws_equal_an_unsharded_run(tmp_path):
     # fully_shard renames the classes (FSDPBatchNorm2d): compare the reasons without the prefix
     assert [r.replace("FSDP", "") for r in status[0]["skipped"]] == [str(s) for s in ref.skipped]
     assert all("renormalizes the units" in str(s) for s in ref.skipped) and len(ref.skipped) == 2
-    expected = _history(ref)
+    expected = history_lists(ref)
     got = status[0]["history"]
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():

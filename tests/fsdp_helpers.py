@@ -1,0 +1,71 @@
+"""Two-rank FSDP2 runs for the tests (gloo, CPU): one worker for every test that trains a
+monitored model under ``fully_shard`` and checks what each rank recorded."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torch_conslaw import ConservationMonitor
+
+WORLD = 2
+
+
+def history_lists(monitor: ConservationMonitor) -> dict[str, list]:
+    """``monitor.history()`` as JSON-friendly lists ("/" in keys becomes "|")."""
+    return {k.replace("/", "|"): np.asarray(v).tolist() for k, v in monitor.history().items()}
+
+
+def _worker(
+    rank: int,
+    folder: str,
+    tag: str,
+    train: Callable[[Any], ConservationMonitor],
+    summarize: Callable[[ConservationMonitor], dict],
+) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    status: dict = {}
+    try:
+        torch.set_num_threads(1)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        monitor = train(mesh)
+        status.update(summarize(monitor))
+        dist.barrier()  # both ranks are done with every collective
+        # free the FSDP state and the mesh before the teardown: left to interpreter shutdown,
+        # gloo sometimes aborts the process ("terminate called without an active exception")
+        monitor.detach()
+        del monitor, mesh
+        gc.collect()
+    except Exception:
+        status["failed"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(folder, f"{tag}{rank}.json"), "w") as handle:
+            json.dump(status, handle)
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(
+    folder: str,
+    tag: str,
+    train: Callable[[Any], ConservationMonitor],
+    summarize: Callable[[ConservationMonitor], dict],
+) -> list[dict]:
+    """Spawn two ranks that each run ``train(mesh)`` and report ``summarize(monitor)``
+    (both module-level functions, so that they pickle); returns the two reports, after
+    checking that neither failed."""
+    mp.spawn(_worker, args=(folder, tag, train, summarize), nprocs=WORLD, join=True)
+    status = [json.loads(open(os.path.join(folder, f"{tag}{rank}.json")).read()) for rank in range(WORLD)]
+    for s in status:
+        assert "failed" not in s, s["failed"]
+    return status
