@@ -168,6 +168,7 @@ class AsyncRecorder:
             raise ValueError(f"async_buffers must be an integer ≥ 2, got {ring_size!r}")
         self._params = params
         self._names = list(names)
+        self._tensors = [params[n] for n in self._names]
         self._accountant = accountant
         self._deliver = deliver
         # allocated on first use: a worker that keeps up needs only 2 (values) or 3 (split)
@@ -204,7 +205,7 @@ class AsyncRecorder:
         is modified in place through itself (optimizer, ``torch.no_grad()`` edits,
         ``load_state_dict``) or its ``.data`` is replaced. In-place edits through ``.data``
         do not show (``.data`` has its own version counter)."""
-        return tuple((self._params[n]._version, self._params[n].data_ptr()) for n in self._names)
+        return tuple((t._version, t.data_ptr()) for t in self._tensors)
 
     def retain(self, i: int) -> None:
         self._refs[i] += 1
@@ -259,17 +260,16 @@ class AsyncRecorder:
         read_done: threading.Lock,
         post: Callable[..., Any] | None,
         check: Callable[[], None],
-        versions: Callable[[], Any],
     ) -> _Job:
         """Queue a job that reads the parameters themselves (live reading, CPU only): first
         ``check()``, then the record of ``step`` (``None``: no record), split against
         ``before`` when given, and a copy of the parameters into ``capture``, read again
-        until ``versions()`` did not change meanwhile. ``read_done``, acquired by the caller,
+        until :meth:`versions` did not change meanwhile. ``read_done``, acquired by the caller,
         is released once the job is over; until then the optimizer must not change the
         parameters."""
         if not self._threads:
             self._start()
-        job = _Job(step, before, self._params, None, post, capture, read_done, check, versions)
+        job = _Job(step, before, self._params, None, post, capture, read_done, check, self.versions)
         self._pending.append(job)
         self._jobs.put(job)
         return job

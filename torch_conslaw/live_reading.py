@@ -104,7 +104,6 @@ class LiveReader:
         self._rec = recorder
         self._params = params
         self._names = list(names)
-        self._tensors = [params[n] for n in self._names]
         # held from the submission of a job until the worker has finished it
         self._busy = threading.Lock()
         self._root = root
@@ -166,20 +165,16 @@ class LiveReader:
             if self._hooks and not self._on_layers:
                 self._hook_layers()  # no forward pass of the model started this step's read
             self.trigger()
-        self._finish()
+        self.wait_in_flight()
         if need_before and (self._prev is None or self._prev[1] != step):
             self._schedule(None, step)  # e.g. after load_state_dict moved the step counter
             self.trigger()
-            self._finish()
-
-    def wait_in_flight(self) -> None:
-        """Wait for a read already submitted (without starting a due one)."""
-        self._finish()
+            self.wait_in_flight()
 
     def settle(self) -> None:
         """Start any due read and wait for every job (nothing runs concurrently now)."""
         self.trigger()
-        self._finish()
+        self.wait_in_flight()
         self._rec.drain()
 
     # ------------------------------------------------------------------ reads
@@ -209,11 +204,11 @@ class LiveReader:
             self._busy,
             None if record is None else self._post(),
             self._check,
-            self._versions,
         )
 
-    def _finish(self) -> None:
-        """Wait for the job in flight; re-raise its error here (e.g. a replaced layer)."""
+    def wait_in_flight(self) -> None:
+        """Wait for the job already submitted, if any (without starting a due read); re-raise
+        its error here (e.g. a replaced layer)."""
         job, self._job = self._job, None
         if job is None:
             return
@@ -221,10 +216,6 @@ class LiveReader:
         self._busy.release()
         if job.failed:
             self._rec.drain()  # delivers what came before, then raises the worker's exception
-
-    def _versions(self) -> list[tuple[int, int]]:
-        """(version counter, data pointer) of every tracked parameter (runs on the worker)."""
-        return [(t._version, t.data_ptr()) for t in self._tensors]
 
     def _buffer(self, i: int) -> dict[str, Tensor]:
         bufs = self._buffers[i]

@@ -138,8 +138,7 @@ class ConservationMonitor:
     Live reading (``asynchronous="live"``, CPU parameters, :meth:`attach` only): the training
     thread copies nothing. The worker reads the parameters themselves while the next forward
     and backward passes run (θ does not change between optimizer steps), starting at the
-    first forward pass of a tracked layer after the step; the optimizer's pre-step hook waits
-    until the read is over. Records are bitwise those of the synchronous mode when nothing
+    model's next forward pass; the optimizer's pre-step hook waits until the read is over. Records are bitwise those of the synchronous mode when nothing
     edits the parameters between steps; an edit made between ``optimizer.step()`` and the
     next forward pass belongs to the record of that step, and the split of each record is
     taken against the state read for the previous record, so consecutive records differ by
@@ -147,9 +146,10 @@ class ConservationMonitor:
     forward pass runs inside the step: the pre-step hook wraps the closure and waits after it.
     In-place edits through ``.data`` during a training step are not seen (see
     :mod:`torch_conslaw.live_reading`). Records reach the history and the listeners in batches
-    of 16 (and at :meth:`flush`, :meth:`summary`, ...). It adds a forward pre-hook to each
-    tracked layer while attached (:meth:`detach` removes them; a copied or pickled model keeps
-    an inert one).
+    of 16 (and at :meth:`flush`, :meth:`summary`, ...). It adds a forward pre-hook to the
+    model while attached, and to every tracked layer once a step passes without the model's
+    own forward pass (:meth:`detach` removes them; a copied or pickled model keeps an inert
+    one).
     """
 
     def __init__(
