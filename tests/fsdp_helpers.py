@@ -18,6 +18,43 @@ import torch.multiprocessing as mp
 from torch_conslaw import ConservationMonitor
 
 WORLD = 2
+STEPS = 3  # training steps of train_monitored
+
+
+def train_monitored(
+    model: torch.nn.Module, mesh: Any, batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+) -> ConservationMonitor:
+    """``STEPS`` MSE steps of SGD with momentum (a nonzero first-order part) on the batches
+    ``batch(gen)`` (the same on every rank), with a monitor attached. With a ``mesh``, every
+    child with parameters and then the model are sharded with ``fully_shard`` first."""
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.children():
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    monitor = ConservationMonitor(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor.attach(optimizer)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(STEPS):
+        x, y = batch(gen)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    return monitor
+
+
+def unsharded_reference(train: Callable[[Any], ConservationMonitor]) -> ConservationMonitor:
+    """``train(None)`` in this process on one thread, as in the workers (the same float32
+    reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def history_lists(monitor: ConservationMonitor) -> dict[str, list]:

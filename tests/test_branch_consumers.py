@@ -19,7 +19,7 @@ from torch_conslaw.cli import main
 from torch_conslaw.lawgroups import MatrixLaws, build_groups, rearrangement_plan
 from torch_conslaw.structure import find_structure
 
-from fsdp_helpers import history_lists, run_on_two_ranks
+from fsdp_helpers import history_lists, run_on_two_ranks, train_monitored, unsharded_reference
 
 F64 = torch.float64
 Norm = getattr(nn, "RMSNorm", None) or nn.LayerNorm  # RMSNorm since torch 2.4
@@ -496,28 +496,11 @@ def test_summary_analyze_and_inspect_handle_branch_pairs(tmp_path, capsys):
 # FSDP2: a branch group is read like a single consumer (sums of local rows, one all-reduce)
 # ------------------------------------------------------------------------------------------
 
-FSDP_STEPS = 3
-
-
 def _fsdp_train(mesh=None) -> ConservationMonitor:
     torch.manual_seed(4)
-    model = LlamaBlock()
-    if mesh is not None:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.children():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    monitor = ConservationMonitor(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # nonzero 1st order
-    monitor.attach(optimizer)
-    gen = torch.Generator().manual_seed(7)  # the same batches on every rank
-    for _ in range(FSDP_STEPS):
-        x, y = torch.randn(4, 5, 3, generator=gen), torch.randn(4, 5, 2, generator=gen)
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
-    return monitor
+    return train_monitored(
+        LlamaBlock(), mesh, lambda gen: (torch.randn(4, 5, 3, generator=gen), torch.randn(4, 5, 2, generator=gen))
+    )
 
 
 def _fsdp_summary(monitor: ConservationMonitor) -> dict:
@@ -542,12 +525,7 @@ def test_fsdp2_sharded_branch_laws_equal_an_unsharded_run(tmp_path):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     status = run_on_two_ranks(str(tmp_path), "branch", _fsdp_train, _fsdp_summary)
     assert status[0] == status[1]  # every rank gets the same all-reduced values
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: the same float32 reduction order
-    try:
-        ref = _fsdp_train()
-    finally:
-        torch.set_num_threads(threads)
+    ref = unsharded_reference(_fsdp_train)
     assert status[0]["groups"] == [g.name for g in ref.groups] == [ATTN, MLP]
     assert status[0]["gathered_error"] <= 1e-14
     expected, got = history_lists(ref), status[0]["history"]

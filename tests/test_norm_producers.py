@@ -20,7 +20,7 @@ from torch_conslaw.cli import main
 from torch_conslaw.lawgroups import build_groups, rearrangement_plan
 from torch_conslaw.structure import find_structure
 
-from fsdp_helpers import history_lists, run_on_two_ranks
+from fsdp_helpers import history_lists, run_on_two_ranks, train_monitored, unsharded_reference
 
 F64 = torch.float64
 HAS_RMSNORM = hasattr(nn, "RMSNorm")
@@ -415,9 +415,6 @@ def test_analyze_and_inspect_handle_norm_producers(tmp_path, capsys):
 # FSDP2: γ and β sharded along dim 0 are read like biases (rows of the unit axis)
 # ------------------------------------------------------------------------------------------
 
-FSDP_STEPS = 3
-
-
 def _fsdp_model() -> nn.Module:
     torch.manual_seed(4)
     return _randomize_affine(nn.Sequential(
@@ -427,24 +424,9 @@ def _fsdp_model() -> nn.Module:
 
 
 def _fsdp_train(mesh=None) -> ConservationMonitor:
-    model = _fsdp_model()
-    if mesh is not None:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    monitor = ConservationMonitor(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # nonzero 1st order
-    monitor.attach(optimizer)
-    gen = torch.Generator().manual_seed(7)  # the same batches on every rank
-    for _ in range(FSDP_STEPS):
-        x, y = torch.randn(8, 2, 4, 4, generator=gen), torch.randn(8, 3, generator=gen)
-        optimizer.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
-    return monitor
+    return train_monitored(
+        _fsdp_model(), mesh, lambda gen: (torch.randn(8, 2, 4, 4, generator=gen), torch.randn(8, 3, generator=gen))
+    )
 
 
 def _fsdp_summary(monitor: ConservationMonitor) -> dict:
@@ -459,12 +441,7 @@ def test_fsdp2_sharded_gamma_beta_laws_equal_an_unsharded_run(tmp_path):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
     status = run_on_two_ranks(str(tmp_path), "norm", _fsdp_train, _fsdp_summary)
     assert status[0] == status[1]  # every rank gets the same all-reduced values
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the workers: the same float32 reduction order
-    try:
-        ref = _fsdp_train()
-    finally:
-        torch.set_num_threads(threads)
+    ref = unsharded_reference(_fsdp_train)
     assert status[0]["groups"] == [g.name for g in ref.groups] == ["1→4", "5→7"]
     # fully_shard renames the classes (FSDPBatchNorm2d): compare the reasons without the prefix
     assert [r.replace("FSDP", "") for r in status[0]["skipped"]] == [str(s) for s in ref.skipped]
