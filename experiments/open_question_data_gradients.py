@@ -5,7 +5,7 @@ For a fixed dataset x_1..x_N the loss gradients of a ReLU network live in
 span{∇_θ f_o(θ, x_i)}, computed with the *actual* 0/1 activation patterns (locally constant
 in θ). This script builds that generator family — ψ_{c,y}(θ) = Σ_i c_i yᵀ f(θ, x_i) with
 random coefficients c over the data and read-outs y — and compares dim Lie(θ) with the path
-lifting's (random real gates, :class:`~torch_conslaw.generators.MLPGenerators`) at the same θ,
+lifting's (random real gates, :class:`~torch_conslaw.lie.generators.MLPGenerators`) at the same θ,
 for growing N. Proven equal for two layers; here deeper nets are probed.
 
     python experiments/open_question_data_gradients.py   # writes results/open_question_data_gradients.md
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from torch_conslaw.generators import DTYPE, MLPGenerators
+from torch_conslaw.lie.generators import DTYPE, MLPGenerators
 from torch_conslaw.lie import lie_trace
 
 ROOT = Path(__file__).resolve().parents[1]

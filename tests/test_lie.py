@@ -10,8 +10,8 @@ import torch
 from torch.func import grad
 
 from torch_conslaw import mlp_trace_dimension, trace_dimension
-from torch_conslaw.generators import FunctionGenerators, MLPGenerators
-from torch_conslaw.gram import gram_null_space
+from torch_conslaw.lie.generators import FunctionGenerators, MLPGenerators
+from torch_conslaw.lie.gram import gram_null_space
 from torch_conslaw.lie import RankGapWarning, lie_trace
 
 F64 = torch.float64
@@ -258,7 +258,7 @@ def test_other_homogeneous_kinds_behave_like_relu(kind):
 
 
 def test_registered_activation_kind_is_used_by_name():
-    from torch_conslaw.generators import ACTIVATION_KINDS, ActivationKind, register_activation_kind
+    from torch_conslaw.lie.generators import ACTIVATION_KINDS, ActivationKind, register_activation_kind
 
     register_activation_kind(ActivationKind("my_gate", gated=True))
     try:

@@ -10,7 +10,7 @@ import pytest
 import sympy
 import torch
 
-from torch_conslaw.generators import MLPGenerators
+from torch_conslaw.lie.generators import MLPGenerators
 from torch_conslaw.polynomial import (
     format_law,
     monomial_basis,

@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "trace_dimension": "torch_conslaw.lie",
     "mlp_trace_dimension": "torch_conslaw.lie",
     "LieResult": "torch_conslaw.lie",
-    "RankDecision": "torch_conslaw.numerics",
+    "RankDecision": "torch_conslaw.lie.numerics",
     "polynomial_laws": "torch_conslaw.polynomial",
     "polynomial_laws_of": "torch_conslaw.polynomial",
     # Conservation monitor
@@ -65,6 +65,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
-    from .numerics import RankDecision
+    from .lie.numerics import RankDecision
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure

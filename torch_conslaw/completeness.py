@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .lawgroups import LawGroup, build_groups
 from .lie import mlp_trace_dimension
-from .numerics import DEFAULT_RTOL, RankDecision, decide_rank
+from .lie.numerics import DEFAULT_RTOL, RankDecision, decide_rank
 from .structure import Structure, find_structure, unwrap_model
 
 __all__ = ["Analysis", "analyze"]

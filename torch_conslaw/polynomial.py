@@ -38,7 +38,7 @@ import sympy
 import torch
 from torch import Tensor
 
-from .numerics import torch_threads
+from .lie.numerics import torch_threads
 from .progress import ProgressBar
 
 __all__ = [
@@ -58,11 +58,11 @@ _CHUNK_BYTES = 64 * 2**20  # temporaries of one block of equations
 _VERIFY_POINTS = 6
 _DENSE_SVD_MAX = 1000  # up to this many unknowns, the null space comes from a full SVD
 _SINGLE_THREAD_MAX = 1500  # up to this many unknowns, one thread: LAPACK with busy threads
-# on a loaded 2-core machine was measured 10-40x slower on these small matrices (as in lie.py)
+# on a loaded 2-core machine was measured 10-40x slower on these small matrices (as in lie/engine.py)
 
 
 class FieldSampler(Protocol):
-    """Anything that draws the vector fields X_a(θ) of a factorization (see generators.py)."""
+    """Anything that draws the vector fields X_a(θ) of a factorization (see lie/generators.py)."""
 
     D: int
 
@@ -235,7 +235,7 @@ def _sample_fields(sampler: FieldSampler, points: Tensor, per_point: int, gen: t
     """Fields at each point, shape (P, per_point, D): one batched gradient when the sampler
     is a generator family (``psi_batch``, ``sample_keys``), else ``sample`` per point."""
     if callable(getattr(sampler, "psi_batch", None)) and callable(getattr(sampler, "sample_keys", None)):
-        from .generators import fields
+        from .lie.generators import fields
 
         keys = sampler.sample_keys(points.shape[0] * per_point, gen)
         batch = fields(sampler, points.repeat_interleave(per_point, 0), keys)
@@ -542,8 +542,8 @@ def _mlp_outputs(family: Any, symbols: Sequence[sympy.Symbol]) -> list[Any]:
 
 
 def _family_symbolic_map(sampler: FieldSampler, symbols: Sequence[sympy.Symbol]) -> SymbolicMap | None:
-    """Exact φ of an :class:`~torch_conslaw.generators.MLPGenerators`; None for other samplers."""
-    from .generators import MLPGenerators
+    """Exact φ of an :class:`~torch_conslaw.lie.generators.MLPGenerators`; None for other samplers."""
+    from .lie.generators import MLPGenerators
 
     if not isinstance(sampler, MLPGenerators) or len(symbols) > _SYMBOLIC_MAX_D:
         return None
@@ -753,7 +753,7 @@ def polynomial_laws_of(
     """Polynomial laws of degree ≤ ``degree`` of any field sampler (``.D``, ``.sample``).
 
     ``sampler.sample(theta, n, generator)`` returns n fields X_a(θ), shape (n, D); an
-    :class:`~torch_conslaw.generators.MLPGenerators` works, so MLPs never build the path
+    :class:`~torch_conslaw.lie.generators.MLPGenerators` works, so MLPs never build the path
     lifting. Symbols are named after ``sampler.parameter_names()`` when it exists, else
     x1..xD. ``independent=True`` keeps only laws whose gradients are independent (products
     and other functions of earlier laws are dropped); ``False`` returns a basis of the whole
@@ -765,7 +765,7 @@ def polynomial_laws_of(
     warning.
 
     Example:
-        >>> from torch_conslaw.generators import MLPGenerators
+        >>> from torch_conslaw.lie.generators import MLPGenerators
         >>> [str(h) for h in polynomial_laws_of(MLPGenerators([1, 1, 1], ["relu"]), 2)]
         ['W1[0,0]**2 - W2[0,0]**2']
     """
@@ -802,7 +802,7 @@ def polynomial_laws(
         >>> polynomial_laws(lambda t: t[0:1] * t[1:2] * t[2:3], 3, 2)
         [x1**2 - x3**2, x2**2 - x3**2]
     """
-    from .generators import FunctionGenerators
+    from .lie.generators import FunctionGenerators
 
     degree = _check_degree(degree)
     if isinstance(D, int) and not isinstance(D, bool) and D >= 1:

@@ -65,7 +65,7 @@ def _find(args: argparse.Namespace, options: dict[str, Any]) -> PolynomialLaws:
         if args.dim is None:
             raise ValueError("--phi needs --dim D, the size of phi's flat input")
         return polynomial_laws(load_function(args.phi), args.dim, args.degree, **options)
-    from ..generators import MLPGenerators
+    from ..lie.generators import MLPGenerators
 
     widths = parse_widths(args.widths)
     if args.activations is None and len(widths) > 2:

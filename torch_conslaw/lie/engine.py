@@ -10,7 +10,7 @@ Two methods, chosen by size (``method="auto"``):
 
 * ``"dense"`` — an explicit orthonormal basis of W_k(θ) in R^D (D up to a few thousand);
 * ``"complement"`` — the complement of W_1(θ) from the matrix-free Gram operator
-  (:mod:`torch_conslaw.gram`), then brackets projected onto that (small) complement.
+  (:mod:`torch_conslaw.lie.gram`), then brackets projected onto that (small) complement.
   Reaches networks with 10^5 parameters and more when the complement is small (ReLU nets).
 
 Example:
@@ -35,9 +35,9 @@ from torch import Tensor
 from .brackets import bracket_values
 from .generators import DTYPE, FunctionGenerators, GeneratorFamily, MLPGenerators
 from .gram import NullSpaceInfo, gram_null_space
-from .mlp_laws import known_law_rank
+from .known import known_law_rank
 from .numerics import DEFAULT_RTOL, RankDecision, new_directions, project_out, torch_threads
-from .progress import ProgressBar
+from ..progress import ProgressBar
 
 __all__ = ["LieResult", "RankGapWarning", "trace_dimension", "mlp_trace_dimension", "lie_trace"]
 
@@ -345,7 +345,7 @@ def mlp_trace_dimension(
     """Number of conservation laws of a fully connected network, without the path lifting.
 
     ``activations`` has one entry per hidden layer ("linear", "relu", "leaky_relu", "abs",
-    or a kind registered with :func:`torch_conslaw.generators.register_activation_kind`).
+    or a kind registered with :func:`torch_conslaw.lie.generators.register_activation_kind`).
     ``bias`` puts a bias on every layer; ``output_bias=False`` leaves it off the last one
     (the convention of the authors' sweep).
     With ``known_laws=True`` the rank of the catalogue's laws is reported and the count is

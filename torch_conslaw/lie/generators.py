@@ -10,7 +10,7 @@ pure function of (θ, key), so that gradients, Lie brackets and batches come fro
   activations are replaced by multiplication with a random gate (ReLU) or by 1 (linear).
 
 Both also provide the Gram operator G = E_a[X_a X_a^T] (range G = W_φ(θ)) used by the
-matrix-free method for large D (:mod:`torch_conslaw.gram`).
+matrix-free method for large D (:mod:`torch_conslaw.lie.gram`).
 
 Example:
     >>> import torch

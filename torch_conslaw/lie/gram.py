@@ -13,7 +13,7 @@ with few laws, even when D is large. It is found without forming G:
 
 Example:
     >>> import torch
-    >>> from torch_conslaw.generators import MLPGenerators
+    >>> from torch_conslaw.lie.generators import MLPGenerators
     >>> fam = MLPGenerators([6, 4, 3], ["relu"])
     >>> theta = fam.random_point(torch.Generator().manual_seed(0))
     >>> basis, decision, info = gram_null_space(fam, theta)
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .generators import GeneratorFamily
 from .numerics import DEFAULT_RTOL, RankDecision, decide_rank
-from .progress import ProgressBar
+from ..progress import ProgressBar
 
 __all__ = ["gram_null_space", "NullSpaceInfo", "batched_cg"]
 

@@ -1,5 +1,5 @@
 """The known conservation laws of a fully connected network, on the flat layout of
-:class:`~torch_conslaw.generators.MLPGenerators` (SCIENCE.md §5).
+:class:`~torch_conslaw.lie.generators.MLPGenerators` (SCIENCE.md §5).
 
 Per hidden layer: one law per unit for a positively homogeneous (gated) activation, the
 matrix law [W_k b_k][W_k b_k]^T − W_{k+1}^T W_{k+1} (upper triangle) for a linear one.
@@ -8,7 +8,7 @@ bound on dim Lie(W_φ)(θ).
 
 Example:
     >>> import torch
-    >>> from torch_conslaw.generators import MLPGenerators
+    >>> from torch_conslaw.lie.generators import MLPGenerators
     >>> fam = MLPGenerators([4, 3, 5], ["linear"])
     >>> known_law_values(fam, torch.randn(fam.D, dtype=torch.float64)).shape
     torch.Size([6])
@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.func import jacrev
 
 from .generators import MLPGenerators
-from .laws import matrix_balance, unit_balance
+from ..laws import matrix_balance, unit_balance
 from .numerics import DEFAULT_RTOL, RankDecision, decide_rank
 
 __all__ = ["known_law_values", "known_law_rank"]

@@ -7,7 +7,7 @@ relative to them, not in absolute terms.
 
 Example:
     >>> import torch
-    >>> from torch_conslaw.generators import MLPGenerators
+    >>> from torch_conslaw.lie.generators import MLPGenerators
     >>> fam = MLPGenerators([3, 2, 2], ["linear"])
     >>> theta = fam.random_point(torch.Generator().manual_seed(0))
     >>> keys = fam.sample_keys(8, torch.Generator().manual_seed(1)).reshape(4, 2, -1)
