@@ -1,0 +1,1 @@
+"""Law families, one module each (rescaling, attention, normalization, velocity, ...)."""
