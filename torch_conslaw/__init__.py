@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "mlp_trace_dimension": "torch_conslaw.lie",
     "LieResult": "torch_conslaw.lie",
     "RankDecision": "torch_conslaw.lie.numerics",
+    "with_flow": "torch_conslaw.lie.flows",  # flows with momentum / mirror flows
     "polynomial_laws": "torch_conslaw.polynomial",
     "polynomial_laws_of": "torch_conslaw.polynomial",
     # Conservation monitor
@@ -66,5 +67,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
     from .lie.numerics import RankDecision
+    from .lie.flows import with_flow
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure

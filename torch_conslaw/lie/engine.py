@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .brackets import bracket_values
+from .flows import flow_point, with_flow
 from .generators import DTYPE, FunctionGenerators, GeneratorFamily, MLPGenerators
 from .gram import NullSpaceInfo, gram_null_space
 from .known import known_law_rank
@@ -62,7 +63,8 @@ class LieResult:
     """Outcome of a trace-dimension computation.
 
     Attributes:
-        D: number of parameters.
+        D: dimension of the space the fields live in: the number of parameters, or 2D + 1
+            (time, parameters, velocities) for a momentum flow.
         dim: dim Lie(W_φ)(θ).
         n_laws: D − dim, the number of independent conservation laws near θ.
         levels: dim W_1(θ), W_2(θ), … up to the first level that adds nothing.
@@ -74,6 +76,7 @@ class LieResult:
         certified: True when the sampled count meets the known-law bound (None without one).
         warnings: rank decisions without a clear gap, and other caveats.
         seconds: wall-clock time.
+        flow: the flow whose laws were counted ("gradient", "heavy_ball", "nesterov", "mirror").
     """
 
     D: int
@@ -87,6 +90,7 @@ class LieResult:
     certified: bool | None = None
     warnings: list[str] = field(default_factory=list)
     null_space: NullSpaceInfo | None = None
+    flow: str = "gradient"
 
     @property
     def n_laws(self) -> int:
@@ -106,6 +110,7 @@ class LieResult:
         """JSON-ready summary (the keys of ``conslaw count --json``)."""
         return {
             "D": self.D,
+            "flow": self.flow,
             "lie_dim": self.dim,
             "n_laws": self.n_laws,
             "levels": list(self.levels),
@@ -118,7 +123,8 @@ class LieResult:
         }
 
     def __str__(self) -> str:
-        lines = [
+        lines = [] if self.flow == "gradient" else [f"flow                  : {self.flow} (D counts its whole space)"]
+        lines += [
             f"parameters D          : {self.D}",
             f"levels dim W_k(θ)     : {', '.join(map(str, self.levels))}",
             f"dim Lie(W_φ)(θ)       : {self.dim}",
@@ -228,6 +234,8 @@ def lie_trace(
     D = family.D
     if method not in ("auto", "dense", "complement"):
         raise ValueError(f"method must be 'auto', 'dense' or 'complement', got {method!r}")
+    if method == "auto" and getattr(family, "large_complement", False):
+        method = "dense"  # flows.py: the complement of W_1 is at least half the space
     gen = torch.Generator().manual_seed(seed + 1)
     levels: list[int] = []
     decisions: list[list[RankDecision]] = []
@@ -288,6 +296,7 @@ def lie_trace(
         seconds=time.perf_counter() - start,
         warnings=notes,
         null_space=null_info,
+        flow=getattr(family, "flow", "gradient"),
     )
 
 
@@ -300,6 +309,9 @@ def trace_dimension(
     method: str = "auto",
     rtol: float = DEFAULT_RTOL,
     progress: bool | None = False,
+    flow: str = "gradient",
+    tau: float | Callable[[Tensor], Tensor] | None = None,
+    potential: str | Callable[[Tensor], Tensor] | None = None,
 ) -> LieResult:
     """dim Lie(W_φ)(θ) and the number of independent conservation laws of a torch map φ.
 
@@ -311,23 +323,34 @@ def trace_dimension(
         method: "auto", "dense" or "complement" (matrix-free, for large D).
         rtol: relative singular values above this count as new directions.
         progress: show a progress bar (None: only on a terminal).
+        flow: whose laws to count (SCIENCE.md §10, :mod:`torch_conslaw.lie.flows`):
+            "gradient" (θ' = −∇E), "heavy_ball" (θ'' + τθ' = −∇E), "nesterov" (τ(t) = 3/t)
+            or "mirror" (θ' = −∇²Φ(θ)^{-1}∇E). Momentum flows count on the phase space
+            (t, θ, v) of size 2D + 1 (``result.D``), where ``theta`` may be θ (size D) or a
+            whole phase point.
+        tau: heavy ball's friction, a constant ≥ 0 (default 1) or a callable t ↦ τ(t).
+        potential: the mirror potential, "entropy" (Σ θ log θ on θ > 0) or a callable Φ.
 
     Example:
         >>> trace_dimension(lambda t: (t.reshape(5, 2) @ t.reshape(5, 2).T).reshape(-1), 10).n_laws
         0
+        >>> trace_dimension(lambda t: t.prod().reshape(1), 3, flow="mirror", potential="entropy").n_laws
+        2
     """
+    phase_size = 2 * D + 1 if flow in ("heavy_ball", "nesterov") else D
     if theta is not None:
         if not isinstance(theta, Tensor):
             raise TypeError(f"theta must be a torch.Tensor of size D={D}, got {type(theta).__name__}")
-        if theta.numel() != D:
+        if theta.numel() not in (D, phase_size):
             raise ValueError(f"theta has {theta.numel()} entries but D={D}; pass a flat tensor of size D")
         theta = theta.detach().reshape(-1).to(DTYPE)
         if not torch.isfinite(theta).all():
             raise ValueError("theta has non-finite entries; pass a finite point")
-    family = FunctionGenerators(phi, D, theta)
-    if theta is None:
-        theta = family.random_point(torch.Generator().manual_seed(seed))
-    return lie_trace(family, theta, method=method, rtol=rtol, seed=seed, progress=progress)
+    probe = theta if theta is not None and theta.numel() == D else None
+    base = FunctionGenerators(phi, D, probe)
+    family = with_flow(base, flow, tau=tau, potential=potential)
+    point = flow_point(family, theta, torch.Generator().manual_seed(seed))
+    return lie_trace(family, point, method=method, rtol=rtol, seed=seed, progress=progress)
 
 
 def mlp_trace_dimension(
@@ -339,8 +362,11 @@ def mlp_trace_dimension(
     output_bias: bool | None = None,
     method: str = "auto",
     rtol: float = DEFAULT_RTOL,
-    known_laws: bool = True,
+    known_laws: bool | None = None,
     progress: bool | None = False,
+    flow: str = "gradient",
+    tau: float | Callable[[Tensor], Tensor] | None = None,
+    potential: str | Callable[[Tensor], Tensor] | None = None,
 ) -> LieResult:
     """Number of conservation laws of a fully connected network, without the path lifting.
 
@@ -348,19 +374,31 @@ def mlp_trace_dimension(
     or a kind registered with :func:`torch_conslaw.lie.generators.register_activation_kind`).
     ``bias`` puts a bias on every layer; ``output_bias=False`` leaves it off the last one
     (the convention of the authors' sweep).
-    With ``known_laws=True`` the rank of the catalogue's laws is reported and the count is
-    certified when both bounds meet.
+    With ``known_laws=True`` (the default for gradient flow) the rank of the catalogue's laws
+    is reported and the count is certified when both bounds meet.
+    ``flow``, ``tau`` and ``potential`` choose the flow as in :func:`trace_dimension`; the
+    catalogue's laws are gradient-flow laws, so other flows are not certified.
 
     Example:
         >>> mlp_trace_dimension([3, 4, 5], ["relu"], bias=True).n_laws
         4
+        >>> mlp_trace_dimension([2, 3, 2], ["linear"], flow="heavy_ball").n_laws
+        3
     """
-    family = MLPGenerators(widths, activations, bias, output_bias)
+    if known_laws is None:
+        known_laws = flow == "gradient"
+    elif known_laws and flow != "gradient":
+        raise ValueError(
+            f"known_laws=True certifies against gradient-flow laws; it does not apply to flow={flow!r} "
+            "(leave known_laws unset or pass known_laws=False)"
+        )
+    base = MLPGenerators(widths, activations, bias, output_bias)
+    family = with_flow(base, flow, tau=tau, potential=potential)
     theta = family.random_point(torch.Generator().manual_seed(seed))
     result = lie_trace(family, theta, method=method, rtol=rtol, seed=seed, progress=progress)
     if known_laws:
         with torch_threads(1 if family.D <= SINGLE_THREAD_LIMIT else None):
-            known = known_law_rank(family, theta, rtol)
+            known = known_law_rank(base, theta, rtol)
         if known is None:
             result.warnings.append("known-law rank not computed: its gradient matrix is too large")
         else:

@@ -50,7 +50,11 @@ class GeneratorFamily(Protocol):
     key_dim: int
 
     def psi_batch(self, thetas: Tensor, keys: Tensor) -> Tensor:
-        """ψ_{keys[i]}(thetas[i]) for every row i, shape (n,) (pure torch, differentiable)."""
+        """ψ_{keys[i]}(thetas[i]) for every row i, shape (n,) (pure torch, differentiable).
+
+        A family of fields that are not gradients defines ``field_batch(thetas, keys)``
+        (rows X_{keys[i]}(thetas[i]), shape (n, D)) instead; see :func:`fields`.
+        """
 
     def sample_keys(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` random keys, shape (n, key_dim)."""
@@ -72,8 +76,13 @@ def fields(family: GeneratorFamily, thetas: Tensor, keys: Tensor) -> Tensor:
     """Rows X_{keys[i]}(thetas[i]) = ∇ψ_{keys[i]}(thetas[i]), shape (n, D).
 
     Row i of Σ_j ψ_{keys[j]}(thetas[j]) depends on thetas[i] only, so one gradient of the
-    sum gives every field at once — no per-sample loop or vmap.
+    sum gives every field at once — no per-sample loop or vmap. A family whose fields are
+    not gradients (momentum and mirror flows, :mod:`.flows`) gives them itself through
+    ``field_batch(thetas, keys)`` instead of ``psi_batch``.
     """
+    field_batch = getattr(family, "field_batch", None)
+    if field_batch is not None:
+        return field_batch(thetas, keys)
     return grad(lambda t: family.psi_batch(t, keys).sum())(thetas)
 
 
