@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from .tracked_rank import law_gradients, tracked_rank
 __all__ = ["Analysis", "analyze", "random_inputs_like"]
 
 _LIE_KINDS = {"relu": "relu", "leakyrelu": "leaky_relu", "leaky_relu": "leaky_relu", "identity": "linear"}
+MAX_AUTO_INPUTS = 512
+"""The automatic number of random inputs of the count never exceeds this (pass ``n_inputs``)."""
 _SHARE_SHOWN = 0.01
 """Tensors holding at least this share of the missing space are named (and searched for laws)."""
 
@@ -163,8 +166,9 @@ def analyze(
             point of the same architecture (small initializations blur rank gaps, SCIENCE.md §9).
             Both the tracked rank and the count are taken at that θ.
         seed: seeds the random inputs, the random θ and the count.
-        n_inputs: number of random inputs of the count (default: enough for their outputs to
-            cover twice the number of parameters, between 8 and 256).
+        n_inputs: number of random inputs of the count (default: 8·D outputs' worth, at least
+            32, doubled while the count still changes with the number of inputs, at most
+            :data:`MAX_AUTO_INPUTS`).
         max_lie_parameters: models with more trainable entries get no count (a note says so).
         max_seconds, max_memory_gb: budget of the count (a note says when it ran out).
         polynomial_degree: degree of the missing polynomial laws searched.
@@ -366,17 +370,25 @@ def _module_count(
 
     D = report.num_parameters
     per_input = _outputs_per_input(model, example)
-    n = n_inputs or int(min(256, max(8, math.ceil((2 * D + 16) / per_input))))
-    inputs = random_inputs_like(example, n, seed)
+    n = n_inputs or int(min(MAX_AUTO_INPUTS, max(32, math.ceil(8 * D / per_input))))
     flat = torch.cat([params[name].reshape(-1) for name in layout])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the count's caveats are kept in result.warnings
-            result = count_laws(model, inputs, theta=flat, seed=seed, rtol=rtol, max_seconds=max_seconds,
-                                max_memory_gb=max_memory_gb)
-    except CountBudgetError as err:
-        report.lie_note = f"not computed within the budget: {err}"
-        return
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    while True:
+        inputs = random_inputs_like(example, n, seed)
+        left = None if deadline is None else max(deadline - time.perf_counter(), 1e-9)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the count's caveats are kept in result.warnings
+                result = count_laws(model, inputs, theta=flat, seed=seed, rtol=rtol, max_seconds=left,
+                                    max_memory_gb=max_memory_gb)
+        except CountBudgetError as err:
+            report.lie_note = f"not computed within the budget: {err}"
+            return
+        # a count that still falls with the number of inputs is for too few of them (ReLU units
+        # need enough activation patterns): double them while the automatic size allows
+        if result.stable or n_inputs is not None or 2 * n > MAX_AUTO_INPUTS:
+            break
+        n *= 2
     report.lie = result
     report.lie_laws = int(result.n_laws)
     report.lie_note = (
@@ -437,6 +449,13 @@ def _polynomial_search(
     else:
         args, kwargs = (cast(inputs),), {}
     sampler = SubmapFields(work, result.parameters, names, args, kwargs)
+    gen = torch.Generator().manual_seed(0)
+    if not sampler.sample(sampler.random_point(gen), 4, gen).any():
+        report.polynomial_note = (
+            f"every entry of {', '.join(names)} is itself a law: the outputs do not depend on them "
+            "(their gradient is zero for every loss)"
+        )
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         laws = polynomial_laws_of(sampler, degree)

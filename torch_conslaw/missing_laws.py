@@ -38,6 +38,8 @@ from .lie.numerics import DEFAULT_RTOL, RankDecision, decide_rank
 __all__ = ["MissingSpace", "missing_space", "SubmapFields"]
 
 F64 = torch.float64
+ROUNDING = 1e-13
+"""Field entries below this fraction of the field's largest entry are rounding noise."""
 INEXACT_TOL = 1e-6
 """A tracked law whose unit gradient leaves the law space by more than this is not exact at θ."""
 
@@ -164,7 +166,12 @@ class SubmapFields:
 
         values, pull = vjp(outputs, theta.to(F64))
         keys = torch.randn(n, values.numel(), dtype=F64, generator=generator)
-        return vmap(lambda u: pull(u)[0])(keys)
+        out = vmap(lambda u: pull(u)[0])(keys)
+        # entries at rounding level (a parameter the outputs do not depend on, like a key bias)
+        # become exact zeros: the polynomial solver scales its columns by their norms, which
+        # would blow rounding noise up to unit size
+        noise = ROUNDING * out.abs().amax(dim=1, keepdim=True)
+        return torch.where(out.abs() <= noise, torch.zeros_like(out), out)
 
 
 def _flat_outputs(out: Any) -> Tensor:

@@ -213,19 +213,33 @@ def law_gradients(
         first += group.count
     if parts:
         rows, cols, values = (torch.cat(p) for p in zip(*parts))
-        width = max(sum(n for _, n in layout.values()), 1)
-        keys, inverse = torch.unique(rows * width + cols, return_inverse=True)  # sum duplicates
-        values = torch.zeros(keys.numel(), dtype=F64).index_add_(0, inverse, values)
-        rows, cols = keys // width, keys % width
+        rows, cols, values = _sum_duplicates(rows, cols, values, sum(n for _, n in layout.values()))
     else:
         rows = cols = torch.zeros(0, dtype=torch.long)
         values = torch.zeros(0, dtype=F64)
     return LawGradients(rows, cols, values, first, dict(layout), labels)
 
 
+def _sum_duplicates(rows: Tensor, cols: Tensor, values: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One nonzero per (law, entry): an entry read twice by a law gets the sum. Only entries
+    read more than once (by any law) are sorted."""
+    shared = torch.bincount(cols, minlength=width)[cols] > 1
+    if not shared.any():
+        return rows, cols, values
+    keys, inverse = torch.unique(rows[shared] * width + cols[shared], return_inverse=True)
+    summed = torch.zeros(keys.numel(), dtype=F64).index_add_(0, inverse, values[shared])
+    single = ~shared
+    return (torch.cat([rows[single], keys // width]), torch.cat([cols[single], keys % width]),
+            torch.cat([values[single], summed]))
+
+
 def _components(rows: Tensor, cols: Tensor, n_laws: int) -> Tensor:
     """Component label of each law: laws are linked when they read a common entry."""
     labels = torch.arange(n_laws)
+    if rows.numel() == 0:
+        return labels
+    shared = torch.bincount(cols)[cols] > 1  # entries read by one law link nothing
+    rows, cols = rows[shared], cols[shared]
     if rows.numel() == 0:
         return labels
     _, col_ids = torch.unique(cols, return_inverse=True)
@@ -281,10 +295,12 @@ def tracked_rank(
     nonzero = norms > 0
     values = values / norms.sqrt().clamp_min(torch.finfo(F64).tiny)[rows]
     comp = _components(rows, cols, n_laws)
+    labels, counts = torch.unique(comp, return_counts=True)
+    in_block = (torch.bincount(comp, minlength=n_laws) > 1)[comp[rows]]  # nonzeros of blocks of ≥ 2 laws
+    rows, cols, values = rows[in_block], cols[in_block], values[in_block]
     comp_of_nnz = comp[rows]
     order = torch.argsort(comp_of_nnz, stable=True)
     rows, cols, values, comp_of_nnz = rows[order], cols[order], values[order], comp_of_nnz[order]
-    labels, counts = torch.unique(comp, return_counts=True)
     rank = 0
     dense = gram = 0
     accepted: list[float] = []
