@@ -202,3 +202,21 @@ def test_bad_input_gets_a_clear_error():
     assert rushed.lie_laws is None and "budget" in rushed.lie_note and "max_seconds" in rushed.lie_note
     gelu = tc.analyze(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 5)))
     assert gelu.complete is None and "pass one batch" in gelu.lie_note
+
+
+def test_inspect_analyze_prints_counts_verdict_location_and_laws(tmp_path, capsys):
+    from torch_conslaw.cli import main
+
+    path = tmp_path / "lnnet.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make_model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))\n"
+    )
+    assert main(["inspect", f"{path}:make_model", "--input-shape", "2,3", "--analyze"]) == 0
+    out = capsys.readouterr().out
+    assert "tracked: 1 law group(s), 4 law function(s), 4 independent at θ" in out
+    assert "existing laws (Lie-algebra count): 8 independent" in out
+    assert "tracked set: INCOMPLETE" in out and "missing: 4 independent law(s) not tracked" in out
+    assert "0.weight" in out and "75.0 %" in out and "0.bias[0] + 0.bias[1] + 0.bias[2] + 0.bias[3]" in out

@@ -166,8 +166,8 @@ def analyze(
             point of the same architecture (small initializations blur rank gaps, SCIENCE.md §9).
             Both the tracked rank and the count are taken at that θ.
         seed: seeds the random inputs, the random θ and the count.
-        n_inputs: number of random inputs of the count (default: 8·D outputs' worth, at least
-            32, doubled while the count still changes with the number of inputs, at most
+        n_inputs: number of random inputs of the count (default: 2·D outputs' worth, at least
+            16, doubled while the count still changes with the number of inputs, at most
             :data:`MAX_AUTO_INPUTS`).
         max_lie_parameters: models with more trainable entries get no count (a note says so).
         max_seconds, max_memory_gb: budget of the count (a note says when it ran out).
@@ -370,7 +370,7 @@ def _module_count(
 
     D = report.num_parameters
     per_input = _outputs_per_input(model, example)
-    n = n_inputs or int(min(MAX_AUTO_INPUTS, max(32, math.ceil(8 * D / per_input))))
+    n = n_inputs or int(min(MAX_AUTO_INPUTS, max(16, math.ceil(2 * D / per_input))))
     flat = torch.cat([params[name].reshape(-1) for name in layout])
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     while True:
