@@ -32,6 +32,10 @@ _EXPORTS: dict[str, str] = {
     "trace_dimension": "torch_conslaw.lie",
     "mlp_trace_dimension": "torch_conslaw.lie",
     "LieResult": "torch_conslaw.lie",
+    "count_laws": "torch_conslaw.lie.modules",
+    "ModuleLieResult": "torch_conslaw.lie.modules",
+    "CountBudgetError": "torch_conslaw.lie.modules",
+    "RankGapWarning": "torch_conslaw.lie",
     "RankDecision": "torch_conslaw.lie.numerics",
     "polynomial_laws": "torch_conslaw.polynomial",
     "polynomial_laws_of": "torch_conslaw.polynomial",
@@ -67,5 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
     from .lie.numerics import RankDecision
+    from .lie import RankGapWarning
+    from .lie.modules import CountBudgetError, ModuleLieResult, count_laws
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure
