@@ -486,7 +486,7 @@ def test_summary_analyze_and_inspect_handle_branch_pairs(tmp_path, capsys):
         "def make_model():\n"
         "    return LlamaBlock()\n"
     )
-    assert main(["inspect", f"{path}:make_model", "--input-shape", "2,5,3", "--analyze"]) == 0
+    assert main(["inspect", f"{path}:make_model", "--input-shape", "2,5,3", "--analyze", "--max-lie-parameters", "0"]) == 0
     out = capsys.readouterr().out
     assert f"{ATTN}: 6 unit group(s)" in out and f"{MLP}: 6 unit group(s)" in out
     assert "law groups: 2 (12 laws)" in out

@@ -32,6 +32,10 @@ _EXPORTS: dict[str, str] = {
     "trace_dimension": "torch_conslaw.lie",
     "mlp_trace_dimension": "torch_conslaw.lie",
     "LieResult": "torch_conslaw.lie",
+    "count_laws": "torch_conslaw.lie.modules",
+    "ModuleLieResult": "torch_conslaw.lie.modules",
+    "CountBudgetError": "torch_conslaw.lie.modules",
+    "RankGapWarning": "torch_conslaw.lie",
     "RankDecision": "torch_conslaw.lie.numerics",
     "with_flow": "torch_conslaw.lie.flows",  # flows with momentum / mirror flows
     "polynomial_laws": "torch_conslaw.polynomial",
@@ -40,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "ConservationMonitor": "torch_conslaw.monitor",
     "find_structure": "torch_conslaw.structure",
     "analyze": "torch_conslaw.completeness",
+    "Analysis": "torch_conslaw.completeness",
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
@@ -62,11 +67,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .completeness import analyze
+    from .completeness import Analysis, analyze
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
     from .lie.numerics import RankDecision
     from .lie.flows import with_flow
+    from .lie import RankGapWarning
+    from .lie.modules import CountBudgetError, ModuleLieResult, count_laws
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure

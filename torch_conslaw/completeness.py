@@ -1,9 +1,17 @@
 """Completeness report: are the laws the monitor tracks all the laws there are?
 
-:func:`analyze` counts the independent laws the catalogue tracks (rank of their gradients
-at θ, float64, ``torch.func.jacrev``) and, when the model is a chain of ``Linear`` layers
-with hidden activations the Lie calculator knows (linear, ReLU, LeakyReLU), how many laws
-exist at all (:func:`torch_conslaw.lie.mlp_trace_dimension`, SCIENCE.md §3).
+:func:`analyze` answers for any ``nn.Module``:
+
+* **tracked**: how many independent laws the catalogue tracks — the rank of their gradients
+  at θ, computed sparse and block by block (:mod:`torch_conslaw.tracked_rank`), so a
+  ResNet-18 needs no dense 1920 × 6.3M Jacobian;
+* **existing**: how many laws exist — for a plain chain of ``Linear`` layers the path-lifting
+  count :func:`~torch_conslaw.lie.mlp_trace_dimension` (certified by the known laws), for any
+  other model the data-driven count :func:`~torch_conslaw.count_laws` on a batch of random
+  inputs shaped like ``example_input`` (SCIENCE.md §9), within a budget;
+* **complete** when both agree; otherwise **where the missing laws live** (the share of the
+  untracked law-gradient space in each parameter tensor, :mod:`torch_conslaw.missing_laws`)
+  and, when those tensors are small, the missing **polynomial laws** themselves.
 
 Example:
     >>> from torch import nn
@@ -14,6 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import math
+import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,20 +35,33 @@ from torch import Tensor, nn
 
 from .lawgroups import LawGroup, build_groups
 from .lie import mlp_trace_dimension
-from .lie.numerics import DEFAULT_RTOL, RankDecision, decide_rank
+from .lie.numerics import DEFAULT_RTOL, RankDecision
+from .missing_laws import MissingSpace, SubmapFields, missing_space
 from .structure import Structure, find_structure, unwrap_model
+from .tracked_rank import law_gradients, tracked_rank
 
-__all__ = ["Analysis", "analyze"]
+__all__ = ["Analysis", "analyze", "random_inputs_like"]
 
 _LIE_KINDS = {"relu": "relu", "leakyrelu": "leaky_relu", "leaky_relu": "leaky_relu", "identity": "linear"}
+MAX_AUTO_INPUTS = 512
+"""The automatic number of random inputs of the count never exceeds this (pass ``n_inputs``)."""
+_SHARE_SHOWN = 0.01
+"""Tensors holding at least this share of the missing space are named (and searched for laws)."""
 
 
 @dataclass
 class Analysis:
     """What :func:`analyze` found; ``str(report)`` gives a readable summary.
 
-    ``complete`` is True when the tracked rank equals the Lie count, False when it is
-    smaller, and None when the Lie count could not be computed (``lie_note`` says why).
+    ``complete`` is True when the tracked laws span every law, False when some are missing,
+    and None when the number of laws could not be computed (``lie_note`` says why).
+    ``lie`` is the count itself (a :class:`~torch_conslaw.lie.LieResult`; for any model other
+    than a plain MLP, the :class:`~torch_conslaw.lie.modules.ModuleLieResult` of
+    :func:`~torch_conslaw.count_laws`, with its inputs, θ and evidence).
+    ``missing_laws`` is how many independent laws are not tracked (None: not computed);
+    ``missing`` where they live (:class:`~torch_conslaw.missing_laws.MissingSpace`, None
+    without a law basis); ``polynomial_laws`` the polynomial laws on the tensors that hold
+    them (None when not searched, ``polynomial_note`` says why).
     """
 
     model: str
@@ -49,24 +75,63 @@ class Analysis:
     lie_note: str
     complete: bool | None
     lie: Any = None
+    missing_laws: int | None = None
+    missing: MissingSpace | None = None
+    polynomial_laws: Any = None
+    polynomial_note: str = ""
+    theta_source: str = "model"
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"{self.model}: {self.num_parameters} trainable parameters"]
+        lines = [f"{self.model}: {self.num_parameters} trainable parameters (θ: {self.theta_source})"]
         lines.append(
             f"tracked: {len(self.groups)} law group(s), {self.tracked_laws} law function(s), "
             f"{self.tracked_rank} independent at θ"
             + (f" [{self.rank_decision.describe()}]" if self.rank_decision is not None else "")
         )
-        for g in self.groups:
+        for g in self.groups[:40]:
             lines.append(f"  {g.name:<20} {g.kind:<8} {g.count:>5} laws")
+        if len(self.groups) > 40:
+            lines.append(f"  ... and {len(self.groups) - 40} more groups")
         if self.lie_laws is not None:
-            lines.append(f"Lie-algebra count: {self.lie_laws} independent laws exist ({self.lie_note})")
+            lines.append(f"existing laws (Lie-algebra count): {self.lie_laws} independent ({self.lie_note})")
         else:
-            lines.append(f"Lie-algebra count: not computed ({self.lie_note})")
+            lines.append(f"existing laws (Lie-algebra count): not computed ({self.lie_note})")
+        approximate = getattr(self.lie, "approximate_laws", 0)
+        if approximate:
+            lines.append(f"  plus {approximate} that hold only up to a normalization eps (exact at eps = 0)")
         verdict = {True: "complete", False: "INCOMPLETE: some laws are not tracked", None: "unknown"}
         lines.append(f"tracked set: {verdict[self.complete]}")
-        lines.extend(f"skipped: {s}" for s in self.structure.skipped)
+        if self.missing_laws:
+            lines.append(f"missing: {self.missing_laws} independent law(s) not tracked")
+        if self.missing is not None and self.missing.dimension:
+            lines.append("where the missing laws live (share of the untracked law space per tensor):")
+            for name, share in self.missing.shares.items():
+                if share >= _SHARE_SHOWN:
+                    lines.append(f"  {name:<40} {100 * share:6.1f} %")
+            small = sum(s for s in self.missing.shares.values() if s < _SHARE_SHOWN)
+            if small > 0:
+                lines.append(f"  {'(tensors below 1 % each)':<40} {100 * small:6.1f} %")
+        if self.missing is not None and self.missing.inexact:
+            labels = [lab for g in self.groups for lab in g.labels()]
+            shown = ", ".join(f"{labels[i]} ({r:.1e})" for i, r in self.missing.inexact[:5])
+            lines.append(
+                f"tracked but not exact laws at θ on these inputs: {len(self.missing.inexact)} "
+                f"(distance of the unit gradient to the law space): {shown}"
+            )
+        if self.polynomial_laws is not None:
+            laws = list(self.polynomial_laws)
+            lines.append(
+                f"polynomial laws of degree ≤ {self.polynomial_laws.degree} on those tensors: {len(laws)}"
+            )
+            lines.extend(f"  {law}" for law in laws[:30])
+            if len(laws) > 30:
+                lines.append(f"  ... and {len(laws) - 30} more")
+        elif self.polynomial_note:
+            lines.append(f"polynomial laws: {self.polynomial_note}")
+        lines.extend(f"skipped: {s}" for s in self.structure.skipped[:20])
+        if len(self.structure.skipped) > 20:
+            lines.append(f"skipped: ... and {len(self.structure.skipped) - 20} more")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -77,99 +142,326 @@ def analyze(
     *,
     rtol: float = DEFAULT_RTOL,
     lie: bool = True,
+    theta: str | None = None,
+    seed: int = 0,
+    n_inputs: int | None = None,
     max_lie_parameters: int = 20_000,
+    max_seconds: float | None = 600.0,
+    max_memory_gb: float = 8.0,
+    polynomial_degree: int = 2,
+    max_polynomial_variables: int = 40,
     max_jacobian_entries: int = 50_000_000,
 ) -> Analysis:
-    """Rank of the tracked laws at the model's θ, the Lie count where available, completeness.
+    """Tracked laws against existing laws at θ, completeness, and where missing laws live.
 
-    ``rtol`` is the relative singular-value threshold of both rank decisions;
-    ``max_lie_parameters`` and ``max_jacobian_entries`` bound the cost (larger models get
-    a note instead of a number).
+    Args:
+        model: any ``nn.Module`` (wrappers such as DDP/FSDP/compile are unwrapped).
+        example_input: one batch the model accepts (a tensor, tuple or dict, first dimension =
+            batch). Needed for the count of any model that is not a plain chain of Linear layers:
+            the count runs on ``n_inputs`` random inputs shaped like it
+            (:func:`random_inputs_like`).
+        rtol: relative threshold of every rank decision.
+        lie: False skips the count of existing laws (only the tracked rank).
+        theta: None or "model": the model's parameters; "random": a well-conditioned random
+            point of the same architecture (small initializations blur rank gaps, SCIENCE.md §9).
+            Both the tracked rank and the count are taken at that θ.
+        seed: seeds the random inputs, the random θ and the count.
+        n_inputs: number of random inputs of the count (default: 2·D outputs' worth, at least
+            16, doubled while the count still changes with the number of inputs, at most
+            :data:`MAX_AUTO_INPUTS`).
+        max_lie_parameters: models with more trainable entries get no count (a note says so).
+        max_seconds, max_memory_gb: budget of the count (a note says when it ran out).
+        polynomial_degree: degree of the missing polynomial laws searched.
+        max_polynomial_variables: they are searched when the tensors holding the missing laws
+            have at most this many entries.
+        max_jacobian_entries: bound on the dense Jacobian of a law group whose readers are not
+            plain rearrangements (the built-in ones all are: they need none).
 
     Example:
         >>> from torch import nn
         >>> print(analyze(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5))).complete)
         True
     """
+    if theta not in (None, "model", "random"):
+        raise ValueError(f"theta must be None, 'model' or 'random', got {theta!r}")
+    for name, value in (("max_lie_parameters", max_lie_parameters), ("max_polynomial_variables", max_polynomial_variables)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if n_inputs is not None and (not isinstance(n_inputs, int) or n_inputs < 4):
+        raise ValueError(f"n_inputs must be an integer ≥ 4 (the count compares n/4, n/2 and n inputs), got {n_inputs!r}")
     model = unwrap_model(model)
     structure = find_structure(model, example_input)
     groups = build_groups(structure.pairs)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     num_parameters = sum(p.numel() for p in trainable.values())
+    layout, offset = {}, 0
+    for n, p in trainable.items():
+        layout[n] = (offset, p.numel())
+        offset += p.numel()
+    params = {n: p.detach().to(torch.float64) for n, p in trainable.items()}
+    source = "model"
+    if theta == "random":
+        params, source = _random_params(model, trainable, seed), "random"
     tracked_laws = sum(g.count for g in groups)
     notes: list[str] = []
-    decision: RankDecision | None = None
-    tracked_rank = 0
-    if groups:
-        names = sorted({n for g in groups for n in g.parameter_names})
-        width = sum(trainable[n].numel() for n in names)
-        if tracked_laws * width > max_jacobian_entries:
-            raise ValueError(
-                f"analyze: the Jacobian of the tracked laws would have {tracked_laws} × {width} "
-                f"entries (more than max_jacobian_entries={max_jacobian_entries}); analyze a "
-                "narrower copy of the architecture, or raise the limit"
-            )
-        theta = {n: trainable[n].detach().to(torch.float64).clone() for n in names}
-        jac = _law_jacobian(groups, theta)
-        s = torch.linalg.svdvals(jac)
-        relative = s / s[0] if s.numel() and s[0] > 0 else s
-        decision = decide_rank(relative, rtol, candidates=tracked_laws)
-        tracked_rank = decision.rank
-        if not decision.clear:
-            notes.append(f"no clear singular-value gap in the tracked laws: {decision.describe()}")
-    lie_result, lie_laws, lie_note = None, None, "disabled (lie=False)"
-    if lie:
-        lie_result, lie_laws, lie_note = _lie_count(
-            model, structure, trainable, num_parameters, max_lie_parameters, rtol
-        )
-    complete = None if lie_laws is None else tracked_rank == lie_laws
-    return Analysis(
+    gradients = law_gradients(groups, params, layout, max_jacobian_entries=max_jacobian_entries)
+    tracked = tracked_rank(groups, params, rtol=rtol, gradients=gradients)
+    decision = tracked.decision if groups else None
+    if decision is not None and not decision.clear:
+        notes.append(f"no clear singular-value gap in the tracked laws: {decision.describe()}")
+    notes += tracked.notes[:3]
+    report = Analysis(
         model=type(model).__name__,
         structure=structure,
         groups=groups,
         num_parameters=num_parameters,
         tracked_laws=tracked_laws,
-        tracked_rank=tracked_rank,
+        tracked_rank=tracked.rank,
         rank_decision=decision,
-        lie_laws=lie_laws,
-        lie_note=lie_note,
-        complete=complete,
-        lie=lie_result,
+        lie_laws=None,
+        lie_note="disabled (lie=False)",
+        complete=None,
+        theta_source=source,
         notes=notes,
     )
-
-
-def _law_jacobian(groups: list[LawGroup], theta: dict[str, Tensor]) -> Tensor:
-    """(number of laws) × (number of parameters read by the laws), float64."""
-
-    def laws(params: dict[str, Tensor]) -> Tensor:
-        return torch.cat([g.values(params) for g in groups])
-
-    jac = torch.func.jacrev(laws)(theta)
-    return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in theta], dim=1)
-
-
-def _lie_count(
-    model: nn.Module,
-    structure: Structure,
-    trainable: dict[str, nn.Parameter],
-    num_parameters: int,
-    max_parameters: int,
-    rtol: float,
-) -> tuple[Any, int | None, str]:
+    if not lie:
+        return report
     arch = _mlp_architecture(model, structure, trainable)
-    if isinstance(arch, str):
-        return None, None, arch
+    if num_parameters > max_lie_parameters:
+        report.lie_note = (
+            f"{num_parameters} trainable parameters > max_lie_parameters={max_lie_parameters}: raise "
+            "max_lie_parameters (the count's time and memory grow with D), or analyze a narrower copy"
+        )
+        return report
+    if not isinstance(arch, str) and theta is None:
+        _mlp_count(report, arch, rtol)
+        return report
+    if example_input is None:
+        report.lie_note = (
+            f"no example_input: the count of a model that is not a plain Linear chain ({arch}) runs "
+            "on inputs; pass one batch the model accepts"
+            if isinstance(arch, str)
+            else "theta='random' counts on inputs: pass example_input"
+        )
+        return report
+    _module_count(report, model, example_input, params, layout, gradients, seed, n_inputs, rtol,
+                  max_seconds, max_memory_gb, polynomial_degree, max_polynomial_variables)
+    return report
+
+
+def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
+    from .lie.modules import ParameterSlot, random_theta
+
+    slots, offset = [], 0
+    for n, p in trainable.items():
+        slots.append(ParameterSlot(n, tuple(p.shape), offset, p.numel()))
+        offset += p.numel()
+    flat = random_theta(model, slots, torch.Generator().manual_seed(seed))
+    return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in slots}
+
+
+def _mlp_count(report: Analysis, arch: tuple[list[int], list[str], bool, bool], rtol: float) -> None:
     widths, activations, bias, output_bias = arch
-    if num_parameters > max_parameters:
-        return None, None, f"{num_parameters} parameters > max_lie_parameters={max_parameters}"
-    result = mlp_trace_dimension(
-        widths, activations, bias=bias, seed=0, output_bias=output_bias, rtol=rtol
+    result = mlp_trace_dimension(widths, activations, bias=bias, seed=0, output_bias=output_bias, rtol=rtol)
+    report.lie = result
+    report.lie_laws = int(result.n_laws)
+    report.lie_note = (
+        f"path-lifting count of the MLP widths {widths}, activations {activations}, bias={bias}, "
+        f"output_bias={output_bias}"
     )
-    note = f"MLP widths {widths}, activations {activations}, bias={bias}, output_bias={output_bias}"
-    return result, int(result.n_laws), note
+    report.missing_laws = max(report.lie_laws - report.tracked_rank, 0)
+    report.complete = report.tracked_rank == report.lie_laws
 
 
+def random_inputs_like(example: Any, n: int, seed: int = 0) -> Any:
+    """``n`` random inputs with the structure, trailing shapes and dtypes of ``example``.
+
+    Floating tensors: Gaussian with the example's mean and standard deviation (0 and 1 when
+    it has a single entry); integer tensors: uniform over the example's range (token ids);
+    bool tensors: copied rows. Only tensors whose first dimension is the batch size are
+    redrawn; other values are kept.
+
+    Example:
+        >>> x = random_inputs_like(torch.zeros(2, 3), 5)
+        >>> x.shape
+        torch.Size([5, 3])
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = _tensors(example)
+    if not tensors:
+        raise ValueError("example_input holds no tensor: pass one batch the model accepts (first dimension = batch)")
+    batch = tensors[0].shape[0] if tensors[0].dim() else None
+
+    def draw(v: Any) -> Any:
+        if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != batch:
+            return v
+        shape = (n, *v.shape[1:])
+        if v.is_floating_point():
+            std = float(v.std()) if v.numel() > 1 and torch.isfinite(v).all() else 1.0
+            mean = float(v.mean()) if v.numel() > 1 and torch.isfinite(v).all() else 0.0
+            std = std if std > 0 else 1.0
+            return (mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(v.dtype)
+        if v.dtype == torch.bool:
+            return v[torch.randint(batch, (n,), generator=gen)]
+        lo, hi = int(v.min()), int(v.max())
+        return torch.randint(lo, hi + 1, shape, generator=gen, dtype=v.dtype)
+
+    if isinstance(example, Tensor):
+        return draw(example)
+    if isinstance(example, Mapping):
+        return {k: draw(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(draw(v) for v in example)
+    raise TypeError(f"example_input must be a tensor, a tuple/list or a dict, got {type(example).__name__}")
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _outputs_per_input(model: nn.Module, example: Any) -> int:
+    """Floating outputs per example, from one forward of a copy (the model is not touched)."""
+    probe = copy.deepcopy(model)
+    batch = _tensors(example)[0].shape[0] if _tensors(example) and _tensors(example)[0].dim() else 1
+    try:
+        with torch.no_grad():
+            out = _call(probe, example)
+    except Exception as err:
+        raise ValueError(
+            f"{type(model).__name__} raised {type(err).__name__}: {err} on example_input; pass one batch "
+            "the model accepts (a tensor is called as model(x), a tuple as model(*x), a dict as model(**x))"
+        ) from err
+    total = sum(t.numel() for t in _tensors(out) if t.is_floating_point())
+    if total == 0:
+        raise ValueError(f"{type(model).__name__} returned no floating-point output on example_input")
+    return max(1, total // max(batch, 1))
+
+
+def _module_count(
+    report: Analysis,
+    model: nn.Module,
+    example: Any,
+    params: dict[str, Tensor],
+    layout: dict[str, tuple[int, int]],
+    gradients: Any,
+    seed: int,
+    n_inputs: int | None,
+    rtol: float,
+    max_seconds: float | None,
+    max_memory_gb: float,
+    degree: int,
+    max_variables: int,
+) -> None:
+    from .lie.modules import CountBudgetError, count_laws
+
+    D = report.num_parameters
+    per_input = _outputs_per_input(model, example)
+    n = n_inputs or int(min(MAX_AUTO_INPUTS, max(16, math.ceil(2 * D / per_input))))
+    flat = torch.cat([params[name].reshape(-1) for name in layout])
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    while True:
+        inputs = random_inputs_like(example, n, seed)
+        left = None if deadline is None else max(deadline - time.perf_counter(), 1e-9)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the count's caveats are kept in result.warnings
+                result = count_laws(model, inputs, theta=flat, seed=seed, rtol=rtol, max_seconds=left,
+                                    max_memory_gb=max_memory_gb)
+        except CountBudgetError as err:
+            report.lie_note = f"not computed within the budget: {err}"
+            return
+        # a count that still falls with the number of inputs is for too few of them (ReLU units
+        # need enough activation patterns): double them while the automatic size allows
+        if result.stable or n_inputs is not None or 2 * n > MAX_AUTO_INPUTS:
+            break
+        n *= 2
+    report.lie = result
+    report.lie_laws = int(result.n_laws)
+    report.lie_note = (
+        f"count_laws on {result.n_inputs} random inputs shaped like example_input, method {result.method}, "
+        f"laws by inputs {[c['n_laws'] for c in result.input_counts]} "
+        f"({'stable' if result.stable else 'NOT stable: pass n_inputs larger'})"
+    )
+    report.notes += [f"count: {w}" for w in result.warnings[:5]]
+    basis = getattr(result, "law_basis", None)
+    if basis is None and result.n_laws == 0:
+        basis = torch.zeros(result.D, 0, dtype=torch.float64)
+    if basis is None:
+        report.missing_laws = max(report.lie_laws - report.tracked_rank, 0)
+        report.complete = report.tracked_rank == report.lie_laws
+        report.notes.append(
+            "no basis of the law space (D × laws too large to keep): completeness assumes every tracked "
+            "law is exact, and the missing laws are not located"
+        )
+        return
+    order = {s.name: (s.offset, s.numel) for s in result.parameters}
+    if order != layout:
+        raise RuntimeError("count_laws laid out the parameters differently from named_parameters()")
+    gap = missing_space(basis, gradients.dense(), layout, rtol=rtol)
+    report.missing = gap
+    report.missing_laws = gap.dimension
+    report.complete = gap.dimension == 0
+    if gap.inexact:
+        report.notes.append(
+            f"{len(gap.inexact)} tracked law(s) are not exact laws at θ on these inputs (e.g. they hold only "
+            "up to a normalization eps): they do not count toward completeness"
+        )
+    if gap.dimension:
+        _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
+
+
+def _polynomial_search(
+    report: Analysis, model: nn.Module, inputs: Any, result: Any, gap: MissingSpace, degree: int, max_variables: int
+) -> None:
+    from .polynomial import polynomial_laws_of
+
+    names = [name for name, share in gap.shares.items() if share >= _SHARE_SHOWN]
+    size = sum(s.numel for s in result.parameters if s.name in names)
+    if not names or size > max_variables:
+        report.polynomial_note = (
+            f"not searched: the tensors holding the missing laws ({', '.join(names)}) have {size} entries "
+            f"> max_polynomial_variables={max_variables}"
+        )
+        return
+    work = copy.deepcopy(model).to(torch.float64)
+    for sub in work.modules():
+        if isinstance(getattr(sub, "num_batches_tracked", None), Tensor):
+            sub.num_batches_tracked = None
+    cast = lambda v: v.to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v
+    if isinstance(inputs, Mapping):
+        args, kwargs = (), {k: cast(v) for k, v in inputs.items()}
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(cast(v) for v in inputs), {}
+    else:
+        args, kwargs = (cast(inputs),), {}
+    sampler = SubmapFields(work, result.parameters, names, args, kwargs)
+    gen = torch.Generator().manual_seed(0)
+    if not sampler.sample(sampler.random_point(gen), 4, gen).any():
+        report.polynomial_note = (
+            f"every entry of {', '.join(names)} is itself a law: the outputs do not depend on them "
+            "(their gradient is zero for every loss)"
+        )
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        laws = polynomial_laws_of(sampler, degree)
+    report.polynomial_laws = laws
+    if laws.warnings:
+        report.polynomial_note = "; ".join(laws.warnings)
 def _mlp_architecture(
     model: nn.Module, structure: Structure, trainable: dict[str, nn.Parameter]
 ) -> tuple[list[int], list[str], bool, bool] | str:

@@ -1,23 +1,29 @@
-"""A dependency-free progress bar for long computations (written to stderr).
+"""A progress bar for long computations: a thin wrapper around ``tqdm`` (written to stderr).
+
+The interface (``update(n, note)``, ``set_total``, context manager, ``enabled=None`` meaning
+"only on a terminal") stays small so that the calculators do not depend on tqdm's API.
 
 Example:
     >>> with ProgressBar(total=3, label="levels", enabled=False) as bar:
     ...     for _ in range(3):
     ...         bar.update()
+    >>> bar.done
+    3
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from types import TracebackType
 from typing import TextIO
+
+from tqdm import tqdm
 
 __all__ = ["ProgressBar"]
 
 
 class ProgressBar:
-    """Minimal text progress bar; silent when ``enabled`` is False or the stream is no TTY.
+    """Progress of a loop; silent when ``enabled`` is False, or when None and the stream is no TTY.
 
     ``total=None`` shows a counter without a bar (for loops of unknown length).
     """
@@ -39,36 +45,37 @@ class ProgressBar:
         self.width = width
         self.done = 0
         self.note = ""
-        self._start = time.perf_counter()
+        self._bar: tqdm | None = None
 
     def update(self, n: int = 1, note: str = "") -> None:
-        """Advance by ``n`` steps and redraw, with an optional short ``note``."""
+        """Advance by ``n`` steps, with an optional short ``note`` shown after the counter."""
         self.done += n
         if note:
             self.note = note
-        self._draw()
+        if self._bar is not None:
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+            self._bar.update(n)
+            if n == 0:
+                self._bar.refresh()
 
     def set_total(self, total: int | None) -> None:
         """Change the expected number of steps (e.g. once it becomes known)."""
         self.total = total
-        self._draw()
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self._start
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            filled = int(round(frac * self.width))
-            bar = "#" * filled + "-" * (self.width - filled)
-            text = f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:6.1f}s {self.note}"
-        else:
-            text = f"\r{self.label} {self.done} {elapsed:6.1f}s {self.note}"
-        self.stream.write(text[:160].ljust(80))
-        self.stream.flush()
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def __enter__(self) -> "ProgressBar":
-        self._draw()
+        if self.enabled:
+            self._bar = tqdm(
+                total=self.total,
+                desc=self.label,
+                file=self.stream,
+                ncols=None if self.total is None else 80 + self.width,
+                leave=True,
+                dynamic_ncols=False,
+            )
         return self
 
     def __exit__(
@@ -77,6 +84,6 @@ class ProgressBar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

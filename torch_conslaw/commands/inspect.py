@@ -2,6 +2,7 @@
 
 Example:
     $ conslaw inspect models.py:make_model --input-shape 1,3,32,32
+    $ conslaw inspect models.py:make_model --input-shape 2,3,32,32 --analyze   # completeness
 """
 
 from __future__ import annotations
@@ -25,7 +26,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated shape of a random example input, e.g. 1,3,32,32 (needed when "
         "torch.fx cannot trace the model)",
     )
-    parser.add_argument("--analyze", action="store_true", help="also count the laws (rank and Lie algebra)")
+    # --- analyze options (completeness report, torch_conslaw.completeness) ---
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="also count the laws: tracked rank, Lie-algebra count on random inputs shaped like "
+        "--input-shape, completeness, where missing laws live and their polynomial form when small",
+    )
+    parser.add_argument(
+        "--theta",
+        choices=("model", "random"),
+        default="model",
+        help="with --analyze: count at the model's parameters or at a well-conditioned random point",
+    )
+    parser.add_argument(
+        "--max-lie-parameters",
+        type=int,
+        default=20_000,
+        help="with --analyze: larger models get the tracked rank and no Lie count (default 20000)",
+    )
+    # --- end of analyze options ---
 
 
 def load_model(target: str) -> nn.Module:
@@ -71,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"law groups: {len(groups)} ({sum(g.count for g in groups)} laws)")
     for g in groups:
         print(f"  {g.name:<24} {g.kind:<8} {g.count:>6} laws   {g.reason}")
-    if args.analyze:
+    if args.analyze:  # completeness report (torch_conslaw.completeness)
         from ..completeness import analyze
 
-        print(analyze(model, example))
+        theta = None if args.theta == "model" else args.theta
+        print(analyze(model, example, theta=theta, max_lie_parameters=args.max_lie_parameters))
     return 0

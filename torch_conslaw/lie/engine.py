@@ -91,6 +91,9 @@ class LieResult:
     warnings: list[str] = field(default_factory=list)
     null_space: NullSpaceInfo | None = None
     flow: str = "gradient"
+    law_basis: Tensor | None = None
+    """Orthonormal basis (D × n_laws, float64) of Lie(W)(θ)^⊥ = the span of the law gradients
+    at θ; only when ``lie_trace(..., law_basis_max_bytes=...)`` allowed it (else None)."""
 
     @property
     def n_laws(self) -> int:
@@ -205,7 +208,7 @@ def _sample_level(
     while span.room > 0:
         batch = min(batch, span.room + 4, max(1, int(max_vectors_bytes // (8 * family.D))))
         keys = family.sample_keys(batch * depth, gen).reshape(batch, depth, -1)
-        values, scales = bracket_values(family, theta, keys)
+        values, scales = bracket_values(family, theta, keys, chunk=getattr(family, "bracket_chunk", 256))
         if not torch.isfinite(values).all():
             raise ValueError(
                 f"non-finite bracket values at level {depth}: phi overflows near θ; rescale phi or pass a theta"
@@ -228,8 +231,13 @@ def lie_trace(
     max_level: int = 32,
     max_vectors_bytes: float = 1e9,
     progress: bool | None = False,
+    law_basis_max_bytes: float = 0.0,
 ) -> LieResult:
-    """dim Lie(W_φ)(θ) for any generator family (the engine behind the public functions)."""
+    """dim Lie(W_φ)(θ) for any generator family (the engine behind the public functions).
+
+    With ``law_basis_max_bytes`` > 0, the result also holds ``law_basis``, an orthonormal
+    basis of the complement of Lie(W_φ)(θ), when its D × n_laws float64 entries fit.
+    """
     start = time.perf_counter()
     D = family.D
     if method not in ("auto", "dense", "complement"):
@@ -287,6 +295,9 @@ def lie_trace(
         notes.append(f"stopped at max_level={max_level} before the levels stabilized; the count is an upper bound")
     for note in notes:
         warnings.warn(note, RankGapWarning, stacklevel=3)
+    law_basis = None
+    if 0 < 8 * D * span.room <= law_basis_max_bytes:
+        law_basis = _complement_basis(span, gen)
     return LieResult(
         D=D,
         dim=span.dim,
@@ -297,7 +308,17 @@ def lie_trace(
         warnings=notes,
         null_space=null_info,
         flow=getattr(family, "flow", "gradient"),
+        law_basis=law_basis,
     )
+
+
+def _complement_basis(span: _DenseSpan | _ComplementSpan, gen: torch.Generator) -> Tensor:
+    """Orthonormal basis (D × room) of the orthogonal complement of the span found."""
+    if isinstance(span, _ComplementSpan):
+        return span.complement.clone()
+    draw = torch.randn(span.D, span.room, dtype=DTYPE, generator=gen)
+    basis, _ = torch.linalg.qr(project_out(span.basis, draw))
+    return basis
 
 
 def trace_dimension(

@@ -1,0 +1,222 @@
+"""analyze() on models that are not plain Linear chains: GELU MLPs, CNNs, residual blocks,
+attention, LayerNorm; a ResNet-18 without the dense Jacobian; where missing laws live."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import torch_conslaw as tc
+
+F64 = torch.float64
+
+
+class Residual(nn.Module):
+    """y = x + fc2(relu(fc1(x))), or the branch alone with ``skip=False``."""
+
+    def __init__(self, d: int = 3, h: int = 4, skip: bool = True):
+        super().__init__()
+        self.fc1, self.fc2, self.skip = nn.Linear(d, h), nn.Linear(h, d), skip
+
+    def forward(self, x):
+        y = self.fc2(F.relu(self.fc1(x)))
+        return x + y if self.skip else y
+
+
+class OneHead(nn.Module):
+    """One attention head written with plain torch ops (q, k, v, o projections with biases)."""
+
+    def __init__(self, d: int = 3, dh: int = 2):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(d, dh), nn.Linear(d, dh), nn.Linear(d, dh), nn.Linear(dh, d)
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / math.sqrt(self.q.out_features)
+        return self.o(torch.softmax(scores, -1) @ self.v(x))
+
+
+def _flat_params(model):
+    return {n: p.detach().to(F64).clone() for n, p in model.named_parameters()}
+
+
+def _jacobian(model, x):
+    """Dense ∂f/∂θ over the batch (K × D), by torch.func.jacrev (independent of the Lie engine)."""
+    model64 = model.to(F64)
+    params = _flat_params(model64)
+    jac = jacrev(lambda p: functional_call(model64, p, (x.to(F64),)).reshape(-1))(params)
+    return torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], 1), params
+
+
+def test_gelu_mlp_has_no_law_and_is_complete_with_nothing_tracked():
+    torch.manual_seed(0)
+    report = tc.analyze(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 5)), torch.randn(2, 3))
+    assert (report.tracked_laws, report.tracked_rank, report.lie_laws) == (0, 0, 0)
+    assert report.complete is True and report.missing_laws == 0
+    assert "tracked set: complete" in str(report)
+
+
+def test_relu_cnn_has_one_law_per_hidden_channel_and_is_complete():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    report = tc.analyze(model, torch.randn(2, 2, 7, 7))
+    assert report.tracked_rank == report.lie_laws == 3 and report.complete is True
+    assert report.lie.stable  # the count's own evidence: same count on fewer inputs
+
+
+def test_residual_block_keeps_the_laws_of_its_branch():
+    torch.manual_seed(0)
+    block = Residual()
+    branch = Residual(skip=False)
+    branch.load_state_dict(block.state_dict())
+    x = torch.randn(2, 3)
+    with_skip, without = tc.analyze(block, x), tc.analyze(branch, x)
+    assert with_skip.lie_laws == without.lie_laws == 4  # one per hidden unit (ICML 2025)
+    assert with_skip.complete is True and with_skip.tracked_rank == 4
+
+
+def test_attention_head_laws_are_counted_and_the_untracked_ones_located():
+    torch.manual_seed(0)
+    model = OneHead()
+    x = torch.randn(2, 4, 3)
+    report = tc.analyze(model, x, theta="random", seed=1)
+    # independent: the known head laws (Q̃Q̃ᵀ − K̃K̃ᵀ, ṼṼᵀ − OᵀO with biases appended, the key
+    # bias) are laws (their gradients are ⊥ every row of the dense Jacobian at θ and inputs),
+    # and the rank of their gradients equals the count
+    ref = OneHead()
+    with torch.no_grad():
+        for (name, p), flat in zip(ref.named_parameters(), _theta_of(report)):
+            p.copy_(flat)
+    xs = torch.randn(16, 4, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    jac, params = _jacobian(ref, xs)
+
+    def known(p):
+        q = torch.cat([p["q.weight"], p["q.bias"][:, None]], 1)
+        k = torch.cat([p["k.weight"], p["k.bias"][:, None]], 1)
+        v = torch.cat([p["v.weight"], p["v.bias"][:, None]], 1)
+        iu = torch.triu_indices(2, 2)
+        qk = (q @ q.T - k @ k.T)[iu[0], iu[1]]
+        vo = (v @ v.T - p["o.weight"].T @ p["o.weight"])[iu[0], iu[1]]
+        return torch.cat([qk, vo, p["k.bias"]])
+
+    grads = jacrev(known)(params)
+    g = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in params], 1)
+    assert (jac @ g.T).abs().max() <= 1e-10 * jac.norm() * g.norm()
+    s = torch.linalg.svdvals(g)
+    assert report.lie_laws == int((s > 1e-8 * s[0]).sum())
+    # the structure finder does not see through hand-written heads: those laws are missing,
+    # and they live in q, k, v and the weight of o (not in o.bias)
+    assert report.complete is False and report.missing_laws == report.lie_laws - report.tracked_rank
+    assert set(report.missing.shares) <= {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight"}
+    assert abs(sum(report.missing.shares.values()) - 1) < 1e-9
+    assert "where the missing laws live" in str(report)
+    # the missing laws themselves, on those tensors: the key bias and the two matrix laws
+    laws = [str(h) for h in report.polynomial_laws]
+    assert len(laws) == report.missing_laws and {"k.bias[0]", "k.bias[1]"} <= set(laws)
+    assert "-o.weight[0,0]**2 - o.weight[1,0]**2 - o.weight[2,0]**2 + v.bias[0]**2 + v.weight[0,0]**2 + v.weight[0,1]**2 + v.weight[0,2]**2" in laws
+
+
+def _theta_of(report):
+    theta = report.lie.theta
+    return [theta[s.offset : s.offset + s.numel].view(s.shape) for s in report.lie.parameters]
+
+
+def test_layernorm_centering_laws_are_missing_located_and_given_as_polynomials():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    report = tc.analyze(model, torch.randn(2, 3))
+    assert report.complete is False and report.missing_laws == 4
+    # the column sums of the layer before LayerNorm: 3 of its weight columns and its bias
+    assert report.missing.shares.keys() == {"0.weight", "0.bias"}
+    assert report.missing.shares["0.weight"] == pytest.approx(0.75) and report.missing.shares["0.bias"] == pytest.approx(0.25)
+    laws = [str(h) for h in report.polynomial_laws]
+    assert len(laws) == 4 and "0.bias[0] + 0.bias[1] + 0.bias[2] + 0.bias[3]" in laws
+    # independent check: every loss gradient has zero column sums there
+    x = torch.randn(8, 3)
+    F.mse_loss(model(x), torch.randn(8, 2)).backward()
+    assert model[0].weight.grad.sum(0).abs().max() < 1e-6 and model[0].bias.grad.sum().abs() < 1e-6
+    text = str(report)
+    assert "INCOMPLETE" in text and "0.weight" in text and "polynomial laws of degree ≤ 2" in text
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR ResNet-18 (11.2 M parameters), plain torch."""
+
+    def __init__(self, width: int = 64, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        plan = [(1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)]
+        blocks, cin = [], width
+        for mult, stride in plan:
+            blocks.append(BasicBlock(cin, mult * width, stride))
+            cin = mult * width
+        self.layers = nn.Sequential(*blocks)
+        self.linear = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def test_resnet18_gets_its_tracked_rank_and_says_why_it_was_not_counted():
+    torch.manual_seed(0)
+    report = tc.analyze(ResNet18(), torch.randn(2, 3, 32, 32))
+    assert report.num_parameters == 11_173_962
+    assert report.tracked_laws == report.tracked_rank == 1920  # one law per BN1 channel of each block
+    assert report.lie_laws is None and report.complete is None
+    assert "max_lie_parameters=20000" in report.lie_note
+
+
+def test_bad_input_gets_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    with pytest.raises(ValueError, match="example_input"):
+        tc.analyze(model, torch.randn(2, 5, 7, 7))  # wrong channel count
+    with pytest.raises(ValueError, match="theta must be"):
+        tc.analyze(model, torch.randn(2, 2, 7, 7), theta="init")
+    with pytest.raises(ValueError, match="n_inputs"):
+        tc.analyze(model, torch.randn(2, 2, 7, 7), n_inputs=2)
+    small = tc.analyze(model, torch.randn(2, 2, 7, 7), max_lie_parameters=10)
+    assert small.lie_laws is None and "max_lie_parameters=10" in small.lie_note and small.tracked_rank == 3
+    rushed = tc.analyze(model, torch.randn(2, 2, 7, 7), max_seconds=1e-6)
+    assert rushed.lie_laws is None and "budget" in rushed.lie_note and "max_seconds" in rushed.lie_note
+    gelu = tc.analyze(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 5)))
+    assert gelu.complete is None and "pass one batch" in gelu.lie_note
+
+
+def test_inspect_analyze_prints_counts_verdict_location_and_laws(tmp_path, capsys):
+    from torch_conslaw.cli import main
+
+    path = tmp_path / "lnnet.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make_model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))\n"
+    )
+    assert main(["inspect", f"{path}:make_model", "--input-shape", "2,3", "--analyze"]) == 0
+    out = capsys.readouterr().out
+    assert "tracked: 1 law group(s), 4 law function(s), 4 independent at θ" in out
+    assert "existing laws (Lie-algebra count): 8 independent" in out
+    assert "tracked set: INCOMPLETE" in out and "missing: 4 independent law(s) not tracked" in out
+    assert "0.weight" in out and "75.0 %" in out and "0.bias[0] + 0.bias[1] + 0.bias[2] + 0.bias[3]" in out

@@ -1,0 +1,230 @@
+"""Evaluate a module through elementary ops while counting its laws (SCIENCE.md §10, pitfalls).
+
+Lie brackets of depth k need derivatives of order k + 1 of the model. Fused kernels are not
+safe there: the third derivative of native ``batch_norm`` is wrong (3.4e-3 relative on a
+depth-3 bracket), and ``batch_norm`` refuses ``eps=0`` in train mode, which the count "at
+eps → 0" needs. :class:`ElementaryOps` is a ``TorchFunctionMode`` that reroutes, while it is
+active:
+
+* ``batch_norm``, ``instance_norm``, ``layer_norm``, ``group_norm``, ``rms_norm`` to
+  mean/variance/sqrt written with elementary ops (batch statistics in training mode, running
+  statistics otherwise; the running statistics are never updated);
+* ``scaled_dot_product_attention`` to softmax(q kᵀ · scale + mask) v;
+* every dropout to the identity (random masks have no fixed derivatives; the count is for the
+  network without dropout).
+
+:class:`ActivationRecorder` records, on a plain forward, the units of ReLU-like activations
+that are never or always active on the inputs (they add data-dependent laws).
+
+Example:
+    >>> import torch
+    >>> bn = torch.nn.BatchNorm1d(3).double()
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> with ElementaryOps():
+    ...     y = bn(x)
+    >>> bool(torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True)))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ElementaryOps", "ActivationRecorder", "ConstantUnits", "EPS_ATTRIBUTES"]
+
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "layer_norm_eps", "epsilon")
+"""Module attributes that hold a normalization's eps (torch.nn and Hugging Face names)."""
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _normalize(x: Tensor, dims: list[int], eps: float) -> Tensor:
+    mean = x.mean(dims, keepdim=True)
+    centered = x - mean
+    return centered / torch.sqrt((centered * centered).mean(dims, keepdim=True) + eps)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    if training or running_mean is None or running_var is None:
+        y = _normalize(input, [0, *range(2, input.dim())], eps)
+    else:
+        y = (input - running_mean.reshape(shape)) / torch.sqrt(running_var.reshape(shape) + eps)
+    return _affine(y, weight, bias, shape)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    if use_input_stats or running_mean is None or running_var is None:
+        y = _normalize(input, list(range(2, input.dim())), eps)
+    else:
+        y = (input - running_mean.reshape(shape)) / torch.sqrt(running_var.reshape(shape) + eps)
+    return _affine(y, weight, bias, shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Any,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    y = _normalize(input, list(range(input.dim() - n, input.dim())), eps)
+    return _affine(y, weight, bias, tuple(input.shape[input.dim() - n :]))
+
+
+def group_norm(
+    input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
+) -> Tensor:
+    grouped = input.reshape(input.shape[0], num_groups, -1)
+    y = _normalize(grouped, [2], eps).reshape(input.shape)
+    return _affine(y, weight, bias, (1, -1) + (1,) * (input.dim() - 2))
+
+
+def rms_norm(input: Tensor, normalized_shape: Any, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    n = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    dims = list(range(input.dim() - n, input.dim()))
+    y = input / torch.sqrt((input * input).mean(dims, keepdim=True) + eps)
+    return _affine(y, weight, None, tuple(input.shape[input.dim() - n :]))
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
+
+
+def _identity_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return input
+
+
+_REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.batch_norm: batch_norm,
+    F.instance_norm: instance_norm,
+    F.layer_norm: layer_norm,
+    F.group_norm: group_norm,
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
+    torch.batch_norm: batch_norm,
+    torch.layer_norm: layer_norm,
+    torch.group_norm: group_norm,
+    torch.instance_norm: instance_norm,
+}
+for _name in ("rms_norm",):
+    if hasattr(F, _name):
+        _REROUTES[getattr(F, _name)] = rms_norm
+    if hasattr(torch, _name):
+        _REROUTES[getattr(torch, _name)] = rms_norm
+for _name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"):
+    _REROUTES[getattr(F, _name)] = _identity_dropout
+    if hasattr(torch, _name):
+        _REROUTES[getattr(torch, _name)] = _identity_dropout
+
+
+class ElementaryOps(TorchFunctionMode):
+    """Reroute fused normalizations, attention and dropout to elementary ops (see module doc)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        replacement = _REROUTES.get(func)
+        return (replacement or func)(*args, **(kwargs or {}))
+
+
+_RELU_LIKE = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.leaky_relu_}
+
+
+@dataclass
+class ConstantUnits:
+    """One call of a ReLU-like activation: units never active (dead) and always active on the inputs.
+
+    A unit is one feature: dim 1 of a 2-D or ≥ 4-D activation (Linear, Conv2d/3d channels),
+    the last dim of a 3-D one ((batch, tokens, features) of sequence models), over every
+    other position.
+    """
+
+    call: int
+    op: str
+    units: int
+    dead: int
+    always_active: int
+
+
+class ActivationRecorder(TorchFunctionMode):
+    """Record the ReLU-like units that are dead or always active on a plain forward.
+
+    Also counts ``floating_numel``, the entries of every floating tensor the forward creates
+    (an upper bound on what one differentiated forward keeps, used to size batches).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[ConstantUnits] = []
+        self.floating_numel = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in _RELU_LIKE and args and isinstance(args[0], Tensor) and args[0].dim() >= 2:
+            z = args[0].detach()
+            feature = z.dim() - 1 if z.dim() == 3 else 1
+            active = (z > 0).movedim(feature, 0).reshape(z.shape[feature], -1)
+            self.calls.append(
+                ConstantUnits(
+                    call=len(self.calls),
+                    op=getattr(func, "__name__", str(func)),
+                    units=int(z.shape[feature]),
+                    dead=int((~active).all(1).sum()),
+                    always_active=int(active.all(1).sum()),
+                )
+            )
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, Tensor) and out.is_floating_point():
+            self.floating_numel += out.numel()
+        return out

@@ -1,0 +1,620 @@
+"""The number of conservation laws of any ``nn.Module`` on given inputs (SCIENCE.md §9).
+
+For inputs x_1..x_N, every loss and every target drive gradient flow with fields in
+W(θ) = span{∂_θ⟨u, f(θ, x_i)⟩}. :class:`ModuleGenerators` is that generator family: a key is
+an output cotangent u over the whole batch, a field is a vjp of ``torch.func.functional_call``,
+a bracket a jvp of vjps, and the Gram operator v ↦ Jᵀ(J v) (one jvp and one vjp over the batch)
+gives the matrix-free complement of W_1(θ) at scale. :func:`count_laws` runs the level loop of
+:mod:`torch_conslaw.lie.engine` on it and returns D − dim Lie(W)(θ) with its evidence.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> x = torch.randn(256, 3, generator=torch.Generator().manual_seed(0))
+    >>> count_laws(net, x, theta="random").n_laws  # one law per hidden ReLU unit
+    4
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from .elementary import EPS_ATTRIBUTES, ActivationRecorder, ConstantUnits, ElementaryOps
+from .engine import LieResult, RankGapWarning, lie_trace
+from .generators import DTYPE
+from .numerics import DEFAULT_RTOL
+
+__all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError"]
+
+EPS_WELL_CONDITIONED = 1.0
+"""The eps at which exact laws are recounted when the model's own eps blurs the rank gaps."""
+
+WORK_BYTES = 2e9
+"""Default memory for the batched jvp/vjp work arrays (``max_memory_gb`` scales it)."""
+
+
+class CountBudgetError(RuntimeError):
+    """The count would exceed the time or memory budget given to :func:`count_laws`."""
+
+
+@dataclass(frozen=True)
+class ParameterSlot:
+    """Where one trainable parameter tensor sits in the flat θ: ``theta[offset:offset+numel]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+@dataclass
+class ModuleLieResult(LieResult):
+    """:class:`~torch_conslaw.lie.engine.LieResult` of :func:`count_laws`, with what the count depends on.
+
+    Attributes (besides those of LieResult: ``D``, ``dim``, ``n_laws``, ``levels``,
+    ``decisions``, ``evidence``, ``method``, ``warnings``):
+        theta_source: "model" (the module's own parameters), "random" (a well-conditioned draw
+            of the same architecture, see :func:`random_theta`) or "given" (a flat tensor).
+        theta: the flat float64 θ of the count (layout: ``parameters``).
+        parameters: one :class:`ParameterSlot` (name, shape, offset, numel) per trainable
+            tensor, in the order of ``model.named_parameters()``.
+        law_basis: orthonormal basis (D × n_laws, float64) of Lie(W)(θ)^⊥, the span of the law
+            gradients at θ (None when D × n_laws floats exceed ``law_basis_max_bytes``).
+            ``law_basis[p.offset:p.offset+p.numel]`` are the rows of parameter ``p``.
+        n_inputs: the number N of inputs of the count.
+        input_counts: the evidence that N is enough: ``{"n_inputs", "n_laws", "levels"}`` for
+            the first n inputs, n growing up to N (``stable``: the last two counts agree).
+        n_laws_eps0: the count with every normalization eps set to 0 (None when the model has
+            no eps); ``approximate_laws`` = n_laws_eps0 − n_laws hold only up to eps.
+        eps_modules: the normalization eps attributes of the model ("<module>.<attr>").
+        eps_counts: the count at each eps tried: "given" (the model's), "1.0" (the recount when
+            the model's eps blurred the gaps, or the ``eps`` argument), "0.0" (= n_laws_eps0).
+        constant_units: ReLU-like activation calls with units dead or always active on the
+            inputs (each adds data-dependent laws: the count is for *these* inputs).
+        elementary_check: relative difference between the native forward and the forward
+            through elementary ops used by the count (normalizations, attention, dropout off).
+    """
+
+    theta_source: str = "model"
+    theta: Tensor | None = None
+    parameters: list[ParameterSlot] = field(default_factory=list)
+    n_inputs: int = 0
+    input_counts: list[dict[str, Any]] = field(default_factory=list)
+    n_laws_eps0: int | None = None
+    eps_modules: list[str] = field(default_factory=list)
+    eps_counts: dict[str, int] = field(default_factory=dict)
+    constant_units: list[ConstantUnits] = field(default_factory=list)
+    elementary_check: float = 0.0
+
+    @property
+    def approximate_laws(self) -> int:
+        """Laws that hold at eps = 0 only (normalization scale invariances): n_laws_eps0 − n_laws."""
+        return 0 if self.n_laws_eps0 is None else self.n_laws_eps0 - self.n_laws
+
+    @property
+    def stable(self) -> bool:
+        """True when the counts on the last two input sizes agree."""
+        counts = [c["n_laws"] for c in self.input_counts]
+        return len(counts) >= 2 and counts[-1] == counts[-2]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update(
+            {
+                "theta_source": self.theta_source,
+                "n_inputs": self.n_inputs,
+                "input_counts": list(self.input_counts),
+                "stable": self.stable,
+                "n_laws_eps0": self.n_laws_eps0,
+                "approximate_laws": self.approximate_laws,
+                "eps_modules": list(self.eps_modules),
+                "eps_counts": dict(self.eps_counts),
+                "constant_units": [asdict(c) for c in self.constant_units],
+                "elementary_check": self.elementary_check,
+                "parameters": [asdict(p) for p in self.parameters],
+            }
+        )
+        return out
+
+    def __str__(self) -> str:
+        lines = [super().__str__(), f"θ                     : {self.theta_source}"]
+        counts = ", ".join(f"{c['n_inputs']}: {c['n_laws']}" for c in self.input_counts)
+        lines.append(f"laws by inputs        : {counts} ({'stable' if self.stable else 'NOT stable'})")
+        if self.n_laws_eps0 is not None:
+            lines.append(f"laws at eps = 0       : {self.n_laws_eps0} ({self.approximate_laws} only up to eps)")
+        for c in self.constant_units:
+            lines.append(f"constant units        : {c.op} call {c.call}: {c.dead} dead, {c.always_active} always active of {c.units}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+@dataclass
+class _Batch:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    size: int
+
+    def first(self, n: int) -> "_Batch":
+        cut = lambda v: v[:n] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == self.size else v
+        return _Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, n)
+
+
+def _as_batch(inputs: Any) -> _Batch:
+    def cast(v: Any) -> Any:
+        return v.detach().to(DTYPE) if isinstance(v, Tensor) and v.is_floating_point() else v
+
+    if isinstance(inputs, Tensor):
+        args, kwargs = (cast(inputs),), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), {k: cast(v) for k, v in inputs.items()}
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(cast(v) for v in inputs), {}
+    else:
+        raise TypeError(
+            f"inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword inputs, "
+            f"got {type(inputs).__name__}"
+        )
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+    if not tensors:
+        raise ValueError("inputs hold no tensor: pass a batch of example inputs (first dimension = batch)")
+    first = tensors[0]
+    return _Batch(args, kwargs, int(first.shape[0]) if first.dim() > 0 else 1)
+
+
+def _flat_outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flat_outputs(v)]
+    return []
+
+
+def _flat(out: Any) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in _flat_outputs(out)])
+
+
+# --------------------------------------------------------------------------------------
+# The generator family
+
+
+class ModuleGenerators:
+    """Fields ∂_θ⟨u, f(θ, batch)⟩ of a float64 module on a batch (a :class:`GeneratorFamily`).
+
+    ``module`` is evaluated with :func:`torch.func.functional_call` on the flat θ laid out by
+    ``slots``, under :class:`~torch_conslaw.lie.elementary.ElementaryOps`. A key is a cotangent
+    u of all outputs of the batch (``key_dim`` = their number).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        slots: Sequence[ParameterSlot],
+        batch: _Batch,
+        *,
+        forward_numel: int,
+        work_bytes: float = WORK_BYTES,
+        deadline: float | None = None,
+        budget_note: str = "",
+    ):
+        self.module = module
+        self.slots = list(slots)
+        self.batch = batch
+        self.D = sum(s.numel for s in slots)
+        self.deadline = deadline
+        self.budget_note = budget_note
+        with torch.no_grad():
+            self.d = int(self.outputs(torch.zeros(self.D, dtype=DTYPE)).numel())
+        self.key_dim = self.d
+        per_vector = 8.0 * 4 * max(forward_numel, self.d, self.D)
+        self.matvec_chunk = int(max(1, min(256, work_bytes // per_vector)))
+        self.bracket_chunk = int(max(1, min(256, work_bytes // (4 * per_vector))))
+
+    def outputs(self, theta: Tensor) -> Tensor:
+        """All floating outputs of the module on the batch, flat, at the flat θ."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise CountBudgetError(self.budget_note)
+        params = {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
+        with ElementaryOps():
+            out = functional_call(self.module, params, self.batch.args, self.batch.kwargs, strict=False)
+        return _flat(out)
+
+    def psi_batch(self, thetas: Tensor, keys: Tensor) -> Tensor:
+        return torch.einsum("bi,bi->b", vmap(self.outputs)(thetas), keys)
+
+    def sample_keys(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(n, self.key_dim, dtype=DTYPE, generator=generator)
+
+    def random_point(self, generator: torch.Generator) -> Tensor:
+        return random_theta(self.module, self.slots, generator)
+
+    def sample(self, theta: Tensor, n: int, generator: torch.Generator) -> Tensor:
+        _, pullback = vjp(self.outputs, theta)
+        keys = self.sample_keys(n, generator)
+        return torch.cat([vmap(pullback)(k)[0] for k in keys.split(self.matvec_chunk)])
+
+    def gram_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """v ↦ Jᵀ(J v), J = ∂_θ f(θ, batch): one jvp and one vjp per row of v, in chunks."""
+        _, pullback = vjp(self.outputs, theta)
+        push = vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+        pull = vmap(lambda u: pullback(u)[0])
+
+        def apply(v: Tensor) -> Tensor:
+            return torch.cat([pull(push(chunk)) for chunk in v.split(self.matvec_chunk)])
+
+        return apply
+
+    def gram_diagonal(self, theta: Tensor, samples: int = 32) -> Tensor:
+        """An estimate of diag(JᵀJ) from random cotangents (a Jacobi scaling: any positive one is exact
+        for the null space; entries are floored at 1e-6 of their tensor's mean)."""
+        _, pullback = vjp(self.outputs, theta)
+        keys = self.sample_keys(samples, torch.Generator().manual_seed(4242))
+        fields = torch.cat([vmap(pullback)(k)[0] for k in keys.split(self.matvec_chunk)])
+        diag = (fields * fields).mean(0)
+        for s in self.slots:
+            part = diag[s.offset : s.offset + s.numel]
+            part.clamp_(min=1e-6 * float(part.mean()))
+        return diag
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
+
+
+def random_theta(module: nn.Module, slots: Sequence[ParameterSlot], generator: torch.Generator) -> Tensor:
+    """A well-conditioned random θ of the module's architecture (float64, flat).
+
+    Weights of rank ≥ 2: N(0, 1/fan_in) (fan_in = numel / rows); embeddings: N(0, 1);
+    normalization weights 1 + N(0, 0.2²); every other vector (biases): N(0, 0.3²).
+    Small-scale initializations (std 0.02) blur the rank gaps (SCIENCE.md §9).
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 2)
+        >>> slots = [ParameterSlot("weight", (2, 4), 0, 8), ParameterSlot("bias", (2,), 8, 2)]
+        >>> random_theta(lin, slots, torch.Generator().manual_seed(0)).shape
+        torch.Size([10])
+    """
+    chunks = []
+    for s in slots:
+        owner, leaf = _owner(module, s.name)
+        draw = torch.randn(s.numel, dtype=DTYPE, generator=generator)
+        if isinstance(owner, nn.Embedding) or len(s.shape) == 0:
+            chunks.append(draw)
+        elif len(s.shape) >= 2:
+            chunks.append(draw / math.sqrt(s.numel / s.shape[0]))
+        elif "norm" in type(owner).__name__.lower() and leaf == "weight":
+            chunks.append(1.0 + 0.2 * draw)
+        else:
+            chunks.append(0.3 * draw)
+    return torch.cat(chunks)
+
+
+# --------------------------------------------------------------------------------------
+# count_laws
+
+
+def _slots(model: nn.Module) -> list[ParameterSlot]:
+    slots, offset = [], 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            slots.append(ParameterSlot(name, tuple(p.shape), offset, p.numel()))
+            offset += p.numel()
+    return slots
+
+
+def _probe(work: nn.Module, batch: _Batch) -> tuple[Tensor, ActivationRecorder, float]:
+    """Native forward (with the activation recorder) and the elementary-op forward; checks both."""
+    recorder = ActivationRecorder()
+    try:
+        with torch.no_grad(), recorder:
+            native = work(*batch.args, **batch.kwargs)
+    except Exception as err:
+        raise ValueError(
+            f"the model raised {type(err).__name__}: {err} on `inputs`; pass inputs the model accepts "
+            "(a tensor is called as model(x), a tuple as model(*inputs), a dict as model(**inputs); "
+            "floating inputs are cast to float64)"
+        ) from err
+    flat_native = _flat_outputs(native)
+    if not flat_native:
+        raise ValueError(
+            f"the model returned no floating-point tensor (got {type(native).__name__}); count_laws "
+            "needs the model's outputs (a tensor, or tuples/dicts of tensors)"
+        )
+    native_flat = _flat(native)
+    if not torch.isfinite(native_flat).all():
+        raise ValueError(
+            "the model's outputs on `inputs` are not finite (nan/inf) at this θ; pass finite inputs of "
+            "a sensible scale, or theta='random' for a well-conditioned point"
+        )
+    with torch.no_grad(), ElementaryOps():
+        elementary = _flat(work(*batch.args, **batch.kwargs))
+    diff = float((elementary - native_flat).norm() / native_flat.norm().clamp_min(1e-300))
+    return native_flat, recorder, diff
+
+
+def _eps_sites(work: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    return [
+        (name, sub, attr)
+        for name, sub in work.named_modules()
+        for attr in EPS_ATTRIBUTES
+        if isinstance(getattr(sub, attr, None), float) and getattr(sub, attr) > 0
+    ]
+
+
+def _eps_names(work: nn.Module) -> list[str]:
+    """The normalization eps attributes of the model ("<module>.<attr>")."""
+    return [f"{name or type(sub).__name__}.{attr}" for name, sub, attr in _eps_sites(work)]
+
+
+def _with_eps(work: nn.Module, value: float) -> nn.Module:
+    """A copy of ``work`` with every normalization eps set to ``value``."""
+    copied = copy.deepcopy(work)
+    for _, sub, attr in _eps_sites(copied):
+        setattr(sub, attr, value)
+    return copied
+
+
+def _resolve_theta(theta: Any, work: nn.Module, slots: list[ParameterSlot], seed: int) -> tuple[Tensor, str]:
+    D = sum(s.numel for s in slots)
+    if theta is None or (isinstance(theta, str) and theta == "model"):
+        params = dict(work.named_parameters())
+        return torch.cat([params[s.name].detach().reshape(-1).to(DTYPE) for s in slots]), "model"
+    if isinstance(theta, str) and theta == "random":
+        return random_theta(work, slots, torch.Generator().manual_seed(seed)), "random"
+    if isinstance(theta, Tensor):
+        if theta.numel() != D:
+            raise ValueError(f"theta has {theta.numel()} entries but the model has D={D} trainable entries; pass a flat tensor of size D")
+        flat = theta.detach().reshape(-1).to(DTYPE)
+        if not torch.isfinite(flat).all():
+            raise ValueError("theta has non-finite entries; pass a finite point")
+        return flat, "given"
+    raise ValueError(f"theta must be None or 'model' (the model's parameters), 'random', or a flat tensor of size D={D}; got {theta!r}")
+
+
+def count_laws(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    theta: str | Tensor | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    input_sizes: Sequence[int] | None = None,
+    eps: float | None = None,
+    eps_zero: bool = True,
+    rtol: float = DEFAULT_RTOL,
+    max_seconds: float | None = None,
+    max_memory_gb: float = 8.0,
+    law_basis_max_bytes: float = 2e8,
+    progress: bool | None = False,
+) -> ModuleLieResult:
+    """Number of independent conservation laws of ``model`` for every loss on ``inputs``.
+
+    D − dim Lie(W)(θ) with W(θ) = span{∂_θ⟨u, f(θ, x_i)⟩} over the inputs x_i (SCIENCE.md §9):
+    the number of independent functions of θ that gradient flow keeps constant for any loss and
+    any targets on these inputs. The count is for *these* inputs: dead or always-active ReLU
+    units add laws (listed in ``constant_units``); growing the inputs shows when it stabilizes.
+
+    The model runs on a float64 copy (the model is not changed), through elementary ops:
+    normalizations and attention written with elementary ops (fused kernels have wrong
+    higher derivatives), dropout off. BatchNorm in train mode uses the statistics of the
+    batch given (the sub-batch for the smaller counts).
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters (``requires_grad``) are θ.
+        inputs: a batch (first dimension = batch): a tensor (``model(x)``), a tuple/list
+            (``model(*inputs)``) or a dict (``model(**inputs)``). Floating inputs become float64.
+        theta: None or "model": the model's own parameters; "random": a well-conditioned random
+            point of the same architecture (:func:`random_theta`, from ``seed``); or a flat
+            tensor of size D (layout: ``result.parameters``).
+        seed: seeds the random θ and every random draw.
+        method: "auto", "dense" (explicit basis of W_k(θ), D up to a few thousand) or
+            "complement" (the complement of W_1(θ) from the Gram operator v ↦ Jᵀ(Jv), for
+            large D with few laws).
+        input_sizes: the numbers of inputs counted (the first n of the batch), growing, the
+            last one the whole batch; default N/4, N/2, N. The count at N is the answer; the
+            others are its evidence (``input_counts``, ``stable``).
+        eps: None: count at the model's normalization eps, and again at eps = 1 when a rank
+            decision there has no clear gap (the exact count is the same for every eps > 0 but
+            isolated values; a small eps leaves directions of relative size ~eps that blur the
+            gap); a float: count with every normalization eps set to it.
+        eps_zero: also count with every normalization eps set to 0 (``n_laws_eps0``).
+        rtol: relative singular values above this count as new directions.
+        max_seconds: time budget; :class:`CountBudgetError` when it is spent.
+        max_memory_gb: memory budget of the count's arrays (dense basis, batched jvp/vjp work).
+        law_basis_max_bytes: keep ``law_basis`` (D × n_laws floats) when it fits in this.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        a :class:`ModuleLieResult` (a LieResult; see its attributes).
+
+    Example:
+        >>> conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 1, 3))
+        >>> res = count_laws(conv, torch.randn(4, 1, 7, 7, generator=torch.Generator().manual_seed(0)), theta="random")
+        >>> res.n_laws, res.stable  # one law per hidden channel
+        (2, True)
+    """
+    # A phase-space family (momentum flows) wraps the ModuleGenerators built below; the count
+    # itself (_count) takes any GeneratorFamily.
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    slots = _slots(model)
+    if not slots:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (every parameter has requires_grad=False "
+            "or there are none): unfreeze the parameters whose laws you want to count"
+        )
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    start = time.perf_counter()
+    deadline = None if max_seconds is None else start + max_seconds
+    batch = _as_batch(inputs)
+    work = _counting_copy(model)
+    theta_flat, source = _resolve_theta(theta, work, slots, seed)
+    _load(work, slots, theta_flat)
+    _, recorder, elementary_diff = _probe(work, batch)
+    D = theta_flat.numel()
+    if method == "dense" and 8.0 * D * D > max_memory_gb * 1e9:
+        raise CountBudgetError(
+            f"method='dense' needs a {D} × {D} float64 basis ({8e-9 * D * D:.1f} GB) beyond max_memory_gb={max_memory_gb}: "
+            "raise max_memory_gb or use method='complement'"
+        )
+    sizes = _input_sizes(input_sizes, batch.size)
+    budget_note = (
+        f"count_laws ran out of its time budget max_seconds={max_seconds}: raise max_seconds, pass "
+        "fewer inputs, fewer input_sizes, eps_zero=False, or a smaller model"
+    )
+    work_bytes = max_memory_gb * 1e9 / 4
+
+    def count(module: nn.Module, n: int, basis_bytes: float) -> LieResult:
+        family = ModuleGenerators(
+            module,
+            slots,
+            batch.first(n),
+            forward_numel=recorder.floating_numel * n // batch.size,
+            work_bytes=work_bytes,
+            deadline=deadline,
+            budget_note=budget_note,
+        )
+        return _count(family, theta_flat, method, rtol, seed, progress, max_memory_gb, basis_bytes)
+
+    eps_modules = _eps_names(work)
+    eps_counts: dict[str, int] = {}
+    gap_notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankGapWarning)  # re-raised below, naming the count
+        if eps is not None and eps_modules:
+            work = _with_eps(work, float(eps))
+        result = count(work, batch.size, law_basis_max_bytes)
+        eps_counts["given" if eps is None else repr(float(eps))] = result.n_laws
+        unclear = any(not d.clear for ds in result.decisions for d in ds)
+        if eps is None and eps_modules and unclear:
+            # the exact count is the same for every eps > 0 but isolated values (the outputs are
+            # analytic in eps); a small eps blurs its gaps, so it is taken again at eps = 1
+            note = f"count at eps as given: {result.n_laws} laws without a clear gap; recounted at eps = 1"
+            work = _with_eps(work, EPS_WELL_CONDITIONED)
+            result = count(work, batch.size, law_basis_max_bytes)
+            eps_counts[repr(EPS_WELL_CONDITIONED)] = result.n_laws
+            gap_notes.append(note)
+        gap_notes = list(result.warnings) + gap_notes
+        input_counts = []
+        for n in sizes[:-1]:
+            sub = count(work, n, 0.0)
+            input_counts.append({"n_inputs": n, "n_laws": sub.n_laws, "levels": list(sub.levels)})
+            gap_notes += [f"count on {n} inputs: {w}" for w in sub.warnings]
+        input_counts.append({"n_inputs": batch.size, "n_laws": result.n_laws, "levels": list(result.levels)})
+        n_laws_eps0 = None
+        if eps_zero and eps_modules:
+            at_zero = count(_with_eps(work, 0.0), batch.size, 0.0)
+            n_laws_eps0 = eps_counts["0.0"] = at_zero.n_laws
+            gap_notes += [f"count at eps = 0: {w}" for w in at_zero.warnings]
+    notes = []
+    if len(input_counts) >= 2 and input_counts[-1]["n_laws"] != input_counts[-2]["n_laws"]:
+        notes.append(
+            "the count still changes with the number of inputs "
+            f"({', '.join(str(c['n_laws']) for c in input_counts)} laws on {', '.join(str(c['n_inputs']) for c in input_counts)} inputs): "
+            "pass more (or more varied) inputs for the count of generic inputs"
+        )
+    constant = [c for c in recorder.calls if c.dead or c.always_active]
+    if constant:
+        notes.append(
+            f"{sum(c.dead for c in constant)} dead and {sum(c.always_active for c in constant)} always-active ReLU-like "
+            "units on these inputs add data-dependent laws (see constant_units); use more varied inputs or theta='random' "
+            "for the count of generic inputs"
+        )
+    if elementary_diff > 1e-8:
+        notes.append(
+            f"the forward through elementary ops differs from the native forward by {elementary_diff:.1e} (relative): "
+            "a rerouted op (normalization/attention/dropout) does not match the model's"
+        )
+    for note in gap_notes:
+        warnings.warn(note, RankGapWarning, stacklevel=2)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return ModuleLieResult(
+        D=result.D,
+        dim=result.dim,
+        levels=result.levels,
+        decisions=result.decisions,
+        method=result.method,
+        seconds=time.perf_counter() - start,
+        warnings=gap_notes + notes,
+        null_space=result.null_space,
+        law_basis=result.law_basis,
+        theta_source=source,
+        theta=theta_flat,
+        parameters=slots,
+        n_inputs=batch.size,
+        input_counts=input_counts,
+        n_laws_eps0=n_laws_eps0,
+        eps_modules=eps_modules,
+        eps_counts=eps_counts,
+        constant_units=constant,
+        elementary_check=elementary_diff,
+    )
+
+
+def _counting_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of the model that a torch.func transform can run: the normalization
+    counters that BatchNorm increments in place (``num_batches_tracked``) are dropped (the
+    count never updates running statistics)."""
+    work = copy.deepcopy(model).to(DTYPE)
+    for sub in work.modules():
+        if isinstance(getattr(sub, "num_batches_tracked", None), Tensor):
+            sub.num_batches_tracked = None
+    return work
+
+
+def _load(work: nn.Module, slots: Sequence[ParameterSlot], theta: Tensor) -> None:
+    """Write θ into the float64 copy (so that its plain forwards run at θ)."""
+    params = dict(work.named_parameters())
+    with torch.no_grad():
+        for s in slots:
+            params[s.name].copy_(theta[s.offset : s.offset + s.numel].view(s.shape))
+
+
+def _input_sizes(sizes: Sequence[int] | None, n: int) -> list[int]:
+    if sizes is None:
+        return sorted({max(1, n // 4), max(1, n // 2), n})
+    sizes = [int(s) for s in sizes]
+    if not sizes or sorted(set(sizes)) != sizes or sizes[0] < 1 or sizes[-1] != n:
+        raise ValueError(
+            f"input_sizes must grow strictly, start at ≥ 1 and end with the batch size {n} (got {sizes})"
+        )
+    return sizes
+
+
+def _count(
+    family: ModuleGenerators,
+    theta: Tensor,
+    method: str,
+    rtol: float,
+    seed: int,
+    progress: bool | None,
+    max_memory_gb: float,
+    law_basis_max_bytes: float,
+) -> LieResult:
+    return lie_trace(
+        family,
+        theta,
+        method=method,
+        rtol=rtol,
+        seed=seed,
+        progress=progress,
+        max_vectors_bytes=max_memory_gb * 1e9 / 8,
+        law_basis_max_bytes=law_basis_max_bytes,
+    )
