@@ -246,10 +246,9 @@ class ConservationMonitor:
                 self._statistics_job,
                 self._check_unchanged,
             )
-        if self._sharded is None:
-            theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
-            self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
-            scales = {g.name: g.scale(theta0) for g in self.groups}
+        if self._sharded is None:  # chunked, in float64 from the native tensors (no float64 θ)
+            values0, scales = self._accountant.initial(self._params)
+            self.initial: dict[str, Tensor] = {k: v.cpu() for k, v in values0.items()}
         else:  # one all-reduce: values and scales summed from the local shards
             self.initial, scales = self._sharded.initial(self._params)
         self._counts = [g.count for g in self.groups]
@@ -448,15 +447,16 @@ class ConservationMonitor:
                 )
 
     def _snapshot(self, into: dict[str, Tensor] | None = None) -> Any:
-        """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given
-        (asynchronous mode: a snapshot buffer of the ring, in the parameters' dtype)."""
+        """Copy of the tracked parameters in their own dtype (exact; the laws convert chunk by
+        chunk), reusing the tensors of ``into`` when given (asynchronous mode: a snapshot
+        buffer of the ring)."""
         if self._async is not None:
             return self._async.snapshot()
         params = self._params if self._sharded is None else self._sharded.local(self._params)
         with torch.no_grad():
             if into is None:
                 into = {
-                    n: torch.empty(p.shape, dtype=torch.float64, device=p.device)
+                    n: torch.empty(p.shape, dtype=p.dtype, device=p.device)
                     for n, p in ((n, params[n]) for n in self._names)
                 }
             for n in self._names:
