@@ -482,6 +482,11 @@ class RecordStore:
         self._seen += 1
         self.latest = record
 
+    @property
+    def seen(self) -> int:
+        """How many records were added (stored or thinned out)."""
+        return self._seen
+
     def records(self) -> list[Record]:
         """Stored records in order, with the latest one appended if it was not stored."""
         out = list(self._stored)
