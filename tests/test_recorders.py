@@ -69,8 +69,16 @@ def test_auto_picks_live_with_a_free_core_and_sync_without():
         assert ConservationMonitor(_mlp(), recording="auto").recording == "sync"
         if cores > 1:
             torch.set_num_threads(cores - 1)
-            mon = ConservationMonitor(_mlp(), recording="auto")
-            assert mon.recording == "live" and "free core" in mon.recording_reason
+            model = _mlp()
+            mon = ConservationMonitor(model, recording="auto")
+            assert mon.recording == "sync" and "free core" in mon.recording_reason
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            assert mon.attach(opt).recording == "live"  # live reading needs the optimizer hooks
+            mon.detach()
+            assert mon.recording == "sync"
+            opt.step()
+            mon.step()  # a manual loop works: synchronous
+            assert mon.history()["step"].tolist() == [0, 1]
     finally:
         torch.set_num_threads(threads)
 

@@ -166,7 +166,7 @@ class ConservationMonitor:
         track_broken: bool = False,
         asynchronous: bool | str | None = None,
         async_buffers: int = 4,
-        recording: str = "sync",
+        recording: str = "auto",
         overhead_budget: float | OverheadBudget | None = None,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
@@ -223,7 +223,7 @@ class ConservationMonitor:
         self._live: LiveReader | None = None
         # --- recorder selection (torch_conslaw.recorders) ---
         if asynchronous is not None:
-            if recording != "sync":
+            if recording != "auto":
                 raise ValueError(
                     f"ConservationMonitor: pass recording={recording!r} or the deprecated "
                     f"asynchronous={asynchronous!r}, not both"
@@ -231,8 +231,14 @@ class ConservationMonitor:
             recording = recording_from_legacy(asynchronous)
         tracked = [self._params[n] for n in self._names]
         self.recording, self.recording_reason = choose_recording(recording, tracked, sharded=self._sharded is not None)
+        # "auto" → live: synchronous until attach() (a manual loop stays synchronous)
+        self._live_at_attach = recording == "auto" and self.recording == "live"
+        if self._live_at_attach:
+            self.recording = "sync"
+            self.recording_reason += "; becomes 'live' at attach()"
         mode = {"sync": None, "snapshot": "snapshot", "live": "live"}[self.recording]
         asynchronous = f"recording={self.recording!r}"  # for the messages below
+        self._async_buffers = async_buffers
         # --- end recorder selection ---
         self._reuse: tuple[int, tuple[tuple[int, int], ...]] | None = None  # async: θ after the last step
         self._stats_job: tuple[tuple[Tensor, ...], Callable[..., Any]] | None = None
@@ -248,23 +254,7 @@ class ConservationMonitor:
             )
             _warn_without_a_free_core(asynchronous, [self._params[n] for n in self._names])
         if mode == "live":
-            devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
-            if devices:
-                raise ValueError(
-                    f"ConservationMonitor: recording='live' reads CPU parameters during the "
-                    f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
-                    "recording='snapshot' (or 'auto') there"
-                )
-            modules = [self._layout[n][2] for n in self._names]
-            self._live = LiveReader(
-                self._async,
-                self._params,
-                self._names,
-                self.model,
-                modules,
-                self._statistics_job,
-                self._check_unchanged,
-            )
+            self._build_live()
         if self._sharded is None:  # chunked, in float64 from the native tensors (no float64 θ)
             values0, scales = self._accountant.initial(self._params)
             self.initial: dict[str, Tensor] = {k: v.cpu() for k, v in values0.items()}
@@ -284,6 +274,28 @@ class ConservationMonitor:
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
         if self.split and self._live is None:
             self._last_snapshot = self._snapshot()
+
+    def _build_live(self) -> None:
+        """The live reader (``recording="live"``; ``"auto"`` builds it at :meth:`attach`)."""
+        devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
+        if devices:
+            raise ValueError(
+                f"ConservationMonitor: recording='live' reads CPU parameters during the "
+                f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
+                "recording='snapshot' (or 'auto') there"
+            )
+        if self._async is None:
+            self._async = AsyncRecorder(self._params, self._names, self._accountant, self._async_buffers, self._deliver)
+        modules = [self._layout[n][2] for n in self._names]
+        self._live = LiveReader(
+            self._async,
+            self._params,
+            self._names,
+            self.model,
+            modules,
+            self._statistics_job,
+            self._check_unchanged,
+        )
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> "ConservationMonitor":
@@ -312,6 +324,9 @@ class ConservationMonitor:
             optimizer.register_step_post_hook(self._optimizer_post_hook),
         ]
         self._drop_last_snapshot()
+        if self._live_at_attach:  # recording="auto" with a free core
+            self._build_live()
+            self.recording = "live"
         if self._live is not None:
             self._live.start(self._capture_for(self.num_steps + 1))
         return self
@@ -323,7 +338,12 @@ class ConservationMonitor:
         self._handles = []
         if self._live is not None:
             self._live.stop()
-            return
+            if not self._live_at_attach:
+                return
+            self._live = None  # recording="auto": synchronous again until the next attach()
+            self._async.close()  # type: ignore[union-attr]
+            self._async = None
+            self.recording = "sync"
         self._release_before()
         self._release_reuse()
         self.flush()
