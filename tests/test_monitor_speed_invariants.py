@@ -230,3 +230,54 @@ def test_training_is_bitwise_identical_with_the_fast_monitor():
     plain = train(None)
     for mode in ("values", "split"):
         assert all(torch.equal(a, b) for a, b in zip(plain, train(mode)))
+
+
+# ---------------------------------------------------------------- memory: no float64 copy of θ
+@pytest.mark.parametrize("make", [bench_mlp, small_cnn, mixed_mlp])
+def test_view_plans_read_off_strides_agree_with_the_probe(make):
+    """Every built-in reader that returns a view gets its plan from strides alone (no probe
+    tensor of the parameter's size), equal to the probe's plan."""
+    model = make()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    seen = 0
+    for g in build_groups(find_structure(model).pairs):
+        for name, fn in g.pair.incoming + g.pair.outgoing:
+            plan = accounting.view_plan(fn, shapes[name], g.count)
+            if plan is not None:
+                seen += 1
+                assert plan == rearrangement_plan(fn, shapes[name], g.count)
+    assert seen > 0
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [lambda w: 2 * w, lambda w: w.mul_(1), lambda w: w[:, :2], lambda w: w.flip(0), lambda w: w.T.flatten()],
+)
+def test_view_plan_refuses_anything_but_a_dense_view(reader):
+    assert accounting.view_plan(reader, (6, 4), 6) is None
+
+
+def test_split_against_a_native_snapshot_is_bitwise_the_float64_one():
+    """θ before the step in its own dtype converts exactly: the split is bitwise the same as
+    against a float64 copy (the monitor keeps only the native one)."""
+    model = mixed_mlp()
+    acc = Accountant(build_groups(find_structure(model).pairs))
+    before = params_of(model)
+    after = perturbed(before, 1e-2, 5)
+    native = acc.split(before, after)
+    wide = acc.split({n: p.to(F64) for n, p in before.items()}, after)
+    for a, b in zip(native, wide):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+
+
+def test_initial_values_and_scales_equal_the_group_definitions():
+    model = small_cnn()
+    groups = build_groups(find_structure(model).pairs)
+    params = params_of(model)
+    values, scales = Accountant(groups).initial(params)
+    ref = evaluate(groups, {n: p.to(F64) for n, p in params.items()})
+    ref_scale = scale_of(groups, params)
+    for g in groups:
+        torch.testing.assert_close(values[g.name], ref[g.name], rtol=1e-14, atol=1e-14 * float(ref_scale[g.name].max()))
+        torch.testing.assert_close(scales[g.name], ref_scale[g.name], rtol=1e-14, atol=0)

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
+    "OverheadBudget": "torch_conslaw.budget",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -68,6 +69,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .completeness import Analysis, analyze
+    from .budget import OverheadBudget
+    from .completeness import analyze
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor

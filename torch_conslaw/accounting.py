@@ -86,28 +86,58 @@ def split_change(
     return values, first, second
 
 
-class _Buffers:
-    """Persistent float64 buffers, refreshed in place (no large allocation per step)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, Tensor] = {}
-
-    def get(self, name: str, like: Tensor) -> Tensor:
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape != like.shape:
-            buf = self._bufs[name] = torch.empty(like.shape, dtype=F64, device=like.device)
-        return buf
-
-    def load(self, params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
-        out = {}
-        for n in names:
-            p = params[n].detach()
-            out[n] = p if p.dtype == F64 else self.get(n, p).copy_(p)
-        return out
-
-
-_CHUNK = 2**17  # CPU: elements per chunk, 1 MiB per float64 row, so the work stays in cache
+_CHUNK = 2**16  # CPU: elements per chunk, 512 KiB per float64 row, so the work stays in cache
 _CHUNK_ACCELERATOR = 2**24  # GPU: few, large launches (cache blocking matters less than launches)
+_SCRATCH_SHARE = 32  # the scratch rows hold at most 1/32 of the tracked elements each
+
+
+def _chunk_length(device: torch.device, total: int) -> int:
+    """Elements per chunk: cache-sized on CPUs, launch-sized on accelerators, and never more
+    than ``total / _SCRATCH_SHARE`` (so the float64 scratch, 3 rows with the split, stays
+    under a tenth of the parameters' float32 bytes whatever the model)."""
+    base = _CHUNK if device.type == "cpu" else _CHUNK_ACCELERATOR
+    return max(1024, min(base, total // _SCRATCH_SHARE))
+
+
+def view_plan(reader: Any, shape: tuple[int, ...], units: int) -> tuple[int, int, int] | None:
+    """The plan ``(A, U, B)`` of :func:`~torch_conslaw.lawgroups.rearrangement_plan`, read off
+    the strides when ``reader`` returns a view of its input, with no data at all: the reader
+    runs on a ``meta`` tensor of ``shape`` (no memory), and a view whose dimensions tile the
+    input densely, the unit dimension of stride B, puts element i in row (i // B) % U.
+    ``None`` when the reader does anything else (a copy, arithmetic, an in-place edit, a
+    failure on meta tensors); the caller then probes with data.
+
+    Example:
+        >>> view_plan(lambda w: w, (3, 4), 3), view_plan(lambda w: w.T, (3, 4), 4)
+        ((1, 3, 4), (3, 4, 1))
+        >>> view_plan(lambda w: w.flatten(1), (8, 2, 3, 3), 8), view_plan(lambda w: 2 * w, (3, 4), 3)
+        ((1, 8, 18), None)
+    """
+    n = math.prod(int(d) for d in shape)
+    if units <= 0 or n == 0 or n % units:
+        return None
+    w = torch.empty(shape, device="meta")
+    version = w._version
+    try:
+        with torch.no_grad():
+            out = reader(w)
+    except Exception:  # e.g. a reader that needs data: the caller probes instead
+        return None
+    if not isinstance(out, Tensor) or out.dtype != w.dtype or out.dim() < 1 or w._version != version:
+        return None
+    if not (out is w or out._base is w) or out.shape[0] != units or out.numel() != n or out.storage_offset():
+        return None
+    expected, unit_stride = 1, None
+    dims = sorted((st, sz, i == 0) for i, (sz, st) in enumerate(zip(out.shape, out.stride())) if sz != 1)
+    for stride, size, is_unit in dims:
+        if stride != expected:  # overlapping or with gaps: not each element exactly once
+            return None
+        if is_unit:
+            unit_stride = stride
+        expected *= size
+    b = n if units == 1 else unit_stride
+    assert b is not None
+    return (n // (units * b), units, b)
 
 
 class _Use:
@@ -201,7 +231,7 @@ class _FastPlan:
             self.fast.append((g, [u for _, u in sides[0]], [u for _, u in sides[1]], float(g.degree)))
             for name, use in sides[0] + sides[1]:
                 uses_of.setdefault(name, []).append(use)
-        chunk = _CHUNK if self.device.type == "cpu" else _CHUNK_ACCELERATOR
+        chunk = _chunk_length(self.device, sum(shape_of[n].numel() for n in uses_of))
         self.work = [_ParamWork(n, shape_of[n].numel(), uses_of[n], chunk) for n in names if n in uses_of]
         self.generic_names = sorted({n for g in self.generic for n in g.parameter_names})
         self.longest = max((e - s for w in self.work for s, e in w.chunks), default=0)
@@ -216,7 +246,9 @@ class _FastPlan:
         for readers in (g.pair.incoming, g.pair.outgoing):
             side = []
             for name, fn in readers:
-                plan = rearrangement_plan(fn, tuple(shape_of[name]), g.count)
+                plan = view_plan(fn, tuple(shape_of[name]), g.count)
+                if plan is None:
+                    plan = rearrangement_plan(fn, tuple(shape_of[name]), g.count)
                 if plan is None:
                     return None
                 side.append((name, _Use(plan)))
@@ -275,8 +307,14 @@ class _FastPlan:
                 _run(steps)
         return self._combine(3)
 
-    def _combine(self, rows: int) -> list[Tensor]:
-        """incoming − k · outgoing per fast group, as fresh tensors (results belong to the caller)."""
+    def scales(self) -> list[Tensor]:
+        """Per fast group, ``[count]``: incoming + k · outgoing of the last :meth:`values` call
+        (the natural scale ‖w_in‖² + b² + k‖w_out‖²)."""
+        return [t[0] for t in self._combine(1, sign=1.0)]
+
+    def _combine(self, rows: int, sign: float = -1.0) -> list[Tensor]:
+        """incoming − k · outgoing (``sign=+1``: incoming + k · outgoing) per fast group, as fresh
+        tensors (results belong to the caller)."""
         out = []
         for _, inc_uses, out_uses, degree in self.fast:
             total = []
@@ -287,23 +325,26 @@ class _FastPlan:
                     for use in uses[2:]:
                         acc.add_(use.results[rows])
                 total.append(acc)
-            out.append(torch.sub(total[0], total[1], alpha=degree))
+            out.append(torch.add(total[0], total[1], alpha=sign * degree))
         return out
 
 
 class Accountant:
-    """:func:`evaluate` and :func:`split_change` for a fixed set of groups, without allocating
-    parameter-sized temporaries at each call (the monitor's hot path).
+    """:func:`evaluate` and :func:`split_change` for a fixed set of groups, without a float64
+    copy of the parameters (the monitor's hot path).
 
     Per-unit groups whose readers only rearrange elements (every built-in layer) take a fast
-    path: each parameter is read once, in cache-sized chunks converted to float64, where the
-    elementwise products θ∘θ (and, for the split, θ_before∘Δ and Δ∘Δ) are formed in place and
-    summed by every reader of that parameter (both sides of a weight matrix use the same
-    products; no transposed or reshaped copies, nothing parameter-sized is written). Squares of
-    float32 values are exact in float64, so the results equal :func:`evaluate` /
-    :func:`split_change` up to float64 summation order. Other groups (matrix laws, custom
-    readers) use :meth:`LawGroup.values` / :meth:`LawGroup.bilinear` on persistent float64
-    copies, as :func:`split_change` does.
+    path: each parameter is read once, in its own dtype, in cache-sized chunks converted to
+    float64, where the elementwise products θ∘θ (and, for the split, θ_before∘Δ and Δ∘Δ) are
+    formed in place and summed by every reader of that parameter (both sides of a weight
+    matrix use the same products; no transposed or reshaped copies, nothing parameter-sized is
+    written). ``before`` may be in the parameters' own dtype: its conversion to float64 is
+    exact, so the split equals the one against a float64 copy bit for bit. Squares of float32
+    values are exact in float64, so the results equal :func:`evaluate` / :func:`split_change`
+    up to float64 summation order. Other groups (matrix laws, custom readers) use
+    :meth:`LawGroup.values` / :meth:`LawGroup.bilinear` on float64 copies of that one group's
+    parameters, made when the group is evaluated and freed right after (work memory: the
+    largest such group, never all parameters).
 
     Example:
         >>> import torch
@@ -319,7 +360,6 @@ class Accountant:
     def __init__(self, groups: Sequence[LawGroup]) -> None:
         self.groups = list(groups)
         self.names = sorted({n for g in self.groups for n in g.parameter_names})
-        self._before, self._after, self._delta = _Buffers(), _Buffers(), _Buffers()
         self._fast: _FastPlan | None = None
 
     def _plan(self, tensors: list[Tensor], params: Mapping[str, Tensor]) -> _FastPlan | None:
@@ -336,21 +376,35 @@ class Accountant:
 
     def values(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h(θ) of every group, float64."""
+        return self._values(params, with_scales=False)[0]
+
+    def initial(self, params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """h(θ) and the natural scale (:meth:`LawGroup.scale`) of every group, float64, in one
+        pass and without a float64 copy of θ (the monitor's θ₀)."""
+        return self._values(params, with_scales=True)  # type: ignore[return-value]
+
+    def _values(self, params: Mapping[str, Tensor], with_scales: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         with torch.no_grad():
             tensors = [params[n] for n in self.names]
             fast = self._plan(tensors, params)
-            if fast is None:
-                p64 = self._after.load(params, self.names)
-                return {g.name: g.values(p64) for g in self.groups}
             out: dict[str, Tensor] = {}
-            if fast.fast:
-                for (g, _, _, _), res in zip(fast.fast, fast.values(params)):
+            scales: dict[str, Tensor] = {}
+            generic = self.groups if fast is None else fast.generic
+            if fast is not None and fast.fast:
+                results = fast.values(params)
+                if with_scales:
+                    for (g, _, _, _), res in zip(fast.fast, fast.scales()):
+                        scales[g.name] = res
+                for (g, _, _, _), res in zip(fast.fast, results):
                     out[g.name] = res[0]
-            if fast.generic:
-                p64 = self._after.load(params, fast.generic_names)
-                for g in fast.generic:
-                    out[g.name] = g.values(p64)
-            return {g.name: out[g.name] for g in self.groups}
+            for g in generic:
+                p64 = as_float64(params, g.parameter_names)
+                out[g.name] = g.values(p64)
+                if with_scales:
+                    scales[g.name] = g.scale(p64)
+                del p64
+            order = [g.name for g in self.groups]
+            return {k: out[k] for k in order}, ({k: scales[k] for k in order} if with_scales else None)
 
     def split(
         self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
@@ -360,7 +414,7 @@ class Accountant:
             tensors = [after[n] for n in self.names]
             fast = self._plan(tensors, after)
             if fast is None or not fast.matches([before[n] for n in self.names]):
-                return self._split_generic(before, after, self.groups, self.names)
+                return self._split_generic(before, after, self.groups)
             values: dict[str, Tensor] = {}
             first: dict[str, Tensor] = {}
             second: dict[str, Tensor] = {}
@@ -370,26 +424,28 @@ class Accountant:
                     first[g.name] = res[1].mul_(2.0)
                     second[g.name] = res[2]
             if fast.generic:
-                v, f, s = self._split_generic(before, after, fast.generic, fast.generic_names)
+                v, f, s = self._split_generic(before, after, fast.generic)
                 values.update(v)
                 first.update(f)
                 second.update(s)
             order = [g.name for g in self.groups]
             return ({k: values[k] for k in order}, {k: first[k] for k in order}, {k: second[k] for k in order})
 
+    @staticmethod
     def _split_generic(
-        self,
-        before: Mapping[str, Tensor],
-        after: Mapping[str, Tensor],
-        groups: Sequence[LawGroup],
-        names: Sequence[str],
+        before: Mapping[str, Tensor], after: Mapping[str, Tensor], groups: Sequence[LawGroup]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        b64 = self._before.load(before, names)
-        a64 = self._after.load(after, names)
-        delta = {n: torch.sub(a64[n], b64[n], out=self._delta.get(n, a64[n])) for n in names}
-        values = {g.name: g.values(a64) for g in groups}
-        first = {g.name: 2.0 * g.bilinear(b64, delta) for g in groups}
-        second = {g.name: g.bilinear(delta, delta) for g in groups}
+        """Group by group, on float64 copies of that group's parameters only."""
+        values, first, second = {}, {}, {}
+        for g in groups:
+            names = g.parameter_names
+            b64 = as_float64(before, names)
+            a64 = as_float64(after, names)
+            delta = {n: a64[n] - b64[n] for n in names}
+            values[g.name] = g.values(a64)
+            first[g.name] = 2.0 * g.bilinear(b64, delta)
+            second[g.name] = g.bilinear(delta, delta)
+            del b64, a64, delta
         return values, first, second
 
 
@@ -425,6 +481,11 @@ class RecordStore:
                 self._stored.append(record)
         self._seen += 1
         self.latest = record
+
+    @property
+    def seen(self) -> int:
+        """How many records were added (stored or thinned out)."""
+        return self._seen
 
     def records(self) -> list[Record]:
         """Stored records in order, with the latest one appended if it was not stored."""

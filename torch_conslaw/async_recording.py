@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .accounting import Accountant
+from .cuda_recording import SideStreams
 
 __all__ = ["AsyncRecorder"]
 
@@ -101,29 +102,32 @@ def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", a
     Holds no reference to the monitor or the recorder, so both can be garbage collected.
     """
     torch.set_num_threads(1)  # this thread's own intra-op setting: do not fan out over cores
+    streams = SideStreams()  # CUDA: evaluate on a side stream, after the snapshot's event
     while True:
         job = jobs.get()
         if job is None:
             return
         try:
-            if job.event is not None:
-                job.event.wait()  # the snapshot copy issued on the training thread's stream
             if job.check is not None:
                 job.check()
-            if job.versions is None:
-                values, first, second = _read(job, accountant)
-            else:  # live parameters: read again if one was modified in place meanwhile
-                while True:
-                    seen = job.versions()
+            # CUDA: a side stream waits for the snapshot copy (device side); .cpu() below
+            # blocks this worker only, on that stream
+            with streams.after(job.event, job.after):
+                if job.versions is None:
                     values, first, second = _read(job, accountant)
-                    if job.versions() == seen:
-                        break
+                else:  # live parameters: read again if one was modified in place meanwhile
+                    while True:
+                        seen = job.versions()
+                        values, first, second = _read(job, accountant)
+                        if job.versions() == seen:
+                            break
+                if values is not None:
+                    values = {k: v.cpu() for k, v in values.items()}
+                    if first is not None and second is not None:
+                        first = {k: v.cpu() for k, v in first.items()}
+                        second = {k: v.cpu() for k, v in second.items()}
             extra = None
             if values is not None:
-                values = {k: v.cpu() for k, v in values.items()}
-                if first is not None and second is not None:
-                    first = {k: v.cpu() for k, v in first.items()}
-                    second = {k: v.cpu() for k, v in second.items()}
                 extra = job.post(values, first, second) if job.post is not None else None
             results.put((job.step, values, first, second, extra, None))
         except BaseException as exc:  # re-raised on the training thread

@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 from .accounting import Accountant, Record, RecordStore
 from .async_recording import AsyncRecorder
+from .budget import OverheadBudget
+from .recorders import choose_recording, recording_from_legacy
 from .live_reading import LiveReader
 from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
@@ -158,12 +160,14 @@ class ConservationMonitor:
         example_input: Any = None,
         *,
         split: bool = True,
-        every: int = 1,
+        every: int | None = None,
         log_spaced: bool = False,
         max_records: int = 10_000,
         track_broken: bool = False,
-        asynchronous: bool | str = False,
+        asynchronous: bool | str | None = None,
         async_buffers: int = 4,
+        recording: str = "auto",
+        overhead_budget: float | OverheadBudget | None = None,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -183,7 +187,10 @@ class ConservationMonitor:
             for s in self._sharded.excluded:
                 warnings.warn(f"ConservationMonitor: {s}", RuntimeWarning, stacklevel=2)
         self.split = bool(split)
-        self.schedule = Schedule(every, log_spaced)
+        # --- recording schedule (torch_conslaw.budget) ---
+        self.schedule: Schedule | OverheadBudget = _schedule(every, log_spaced, overhead_budget)
+        self._budget = self.schedule if isinstance(self.schedule, OverheadBudget) else None
+        # --- end recording schedule ---
         self._store = RecordStore(max_records)
         self._listeners: list[Callable[[Record], None]] = []
         self._handles: list[Any] = []
@@ -214,13 +221,31 @@ class ConservationMonitor:
         self._accountant = Accountant(self.groups)
         self._async: AsyncRecorder | None = None
         self._live: LiveReader | None = None
-        mode = _async_mode(asynchronous)
+        # --- recorder selection (torch_conslaw.recorders) ---
+        if asynchronous is not None:
+            if recording != "auto":
+                raise ValueError(
+                    f"ConservationMonitor: pass recording={recording!r} or the deprecated "
+                    f"asynchronous={asynchronous!r}, not both"
+                )
+            recording = recording_from_legacy(asynchronous)
+        tracked = [self._params[n] for n in self._names]
+        self.recording, self.recording_reason = choose_recording(recording, tracked, sharded=self._sharded is not None)
+        # "auto" → live: synchronous until attach() (a manual loop stays synchronous)
+        self._live_at_attach = recording == "auto" and self.recording == "live"
+        if self._live_at_attach:
+            self.recording = "sync"
+            self.recording_reason += "; becomes 'live' at attach()"
+        mode = {"sync": None, "snapshot": "snapshot", "live": "live"}[self.recording]
+        asynchronous = f"recording={self.recording!r}"  # for the messages below
+        self._async_buffers = async_buffers
+        # --- end recorder selection ---
         self._reuse: tuple[int, tuple[tuple[int, int], ...]] | None = None  # async: θ after the last step
         self._stats_job: tuple[tuple[Tensor, ...], Callable[..., Any]] | None = None
         if mode is not None:
             if self._sharded is not None:
                 raise ValueError(
-                    f"ConservationMonitor: asynchronous={asynchronous!r} is not supported with "
+                    f"ConservationMonitor: {asynchronous} is not supported with "
                     "sharded (FSDP2) parameters, whose laws need a collective per recording; use "
                     "the default synchronous mode"
                 )
@@ -229,27 +254,10 @@ class ConservationMonitor:
             )
             _warn_without_a_free_core(asynchronous, [self._params[n] for n in self._names])
         if mode == "live":
-            devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
-            if devices:
-                raise ValueError(
-                    f"ConservationMonitor: asynchronous='live' reads CPU parameters during the "
-                    f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
-                    "asynchronous=True (snapshots) there"
-                )
-            modules = [self._layout[n][2] for n in self._names]
-            self._live = LiveReader(
-                self._async,
-                self._params,
-                self._names,
-                self.model,
-                modules,
-                self._statistics_job,
-                self._check_unchanged,
-            )
-        if self._sharded is None:
-            theta0 = {n: self._params[n].detach().to(torch.float64) for n in self._names}
-            self.initial: dict[str, Tensor] = {g.name: g.values(theta0).cpu() for g in self.groups}
-            scales = {g.name: g.scale(theta0) for g in self.groups}
+            self._build_live()
+        if self._sharded is None:  # chunked, in float64 from the native tensors (no float64 θ)
+            values0, scales = self._accountant.initial(self._params)
+            self.initial: dict[str, Tensor] = {k: v.cpu() for k, v in values0.items()}
         else:  # one all-reduce: values and scales summed from the local shards
             self.initial, scales = self._sharded.initial(self._params)
         self._counts = [g.count for g in self.groups]
@@ -266,6 +274,28 @@ class ConservationMonitor:
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
         if self.split and self._live is None:
             self._last_snapshot = self._snapshot()
+
+    def _build_live(self) -> None:
+        """The live reader (``recording="live"``; ``"auto"`` builds it at :meth:`attach`)."""
+        devices = sorted({str(self._params[n].device) for n in self._names if self._params[n].device.type != "cpu"})
+        if devices:
+            raise ValueError(
+                f"ConservationMonitor: recording='live' reads CPU parameters during the "
+                f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
+                "recording='snapshot' (or 'auto') there"
+            )
+        if self._async is None:
+            self._async = AsyncRecorder(self._params, self._names, self._accountant, self._async_buffers, self._deliver)
+        modules = [self._layout[n][2] for n in self._names]
+        self._live = LiveReader(
+            self._async,
+            self._params,
+            self._names,
+            self.model,
+            modules,
+            self._statistics_job,
+            self._check_unchanged,
+        )
 
     # ------------------------------------------------------------------ optimizer hooks
     def attach(self, optimizer: torch.optim.Optimizer) -> "ConservationMonitor":
@@ -294,6 +324,9 @@ class ConservationMonitor:
             optimizer.register_step_post_hook(self._optimizer_post_hook),
         ]
         self._drop_last_snapshot()
+        if self._live_at_attach:  # recording="auto" with a free core
+            self._build_live()
+            self.recording = "live"
         if self._live is not None:
             self._live.start(self._capture_for(self.num_steps + 1))
         return self
@@ -305,7 +338,12 @@ class ConservationMonitor:
         self._handles = []
         if self._live is not None:
             self._live.stop()
-            return
+            if not self._live_at_attach:
+                return
+            self._live = None  # recording="auto": synchronous again until the next attach()
+            self._async.close()  # type: ignore[union-attr]
+            self._async = None
+            self.recording = "sync"
         self._release_before()
         self._release_reuse()
         self.flush()
@@ -325,6 +363,9 @@ class ConservationMonitor:
                 return None
             self._nested = 0  # the previous step raised before its post-step hook ran
         self._in_step = True
+        if self._budget is not None:  # the monitor's time counts against the overhead budget
+            with self._budget.timing():
+                return self._pre_step_hook(args, kwargs)
         return self._pre_step_hook(args, kwargs)
 
     def _optimizer_post_hook(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -332,6 +373,11 @@ class ConservationMonitor:
             self._nested -= 1
             return
         self._in_step = False
+        if self._budget is not None:
+            self._budget.step_ended(self.num_steps + 1)
+            with self._budget.timing():
+                self.post_step()
+            return
         self.post_step()
 
     def _pre_step_hook(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
@@ -397,11 +443,19 @@ class ConservationMonitor:
             )
         if self._live is not None:
             raise RuntimeError(
-                "ConservationMonitor.step: asynchronous='live' reads the parameters during the "
+                "ConservationMonitor.step: recording='live' reads the parameters during the "
                 "next forward pass and needs the optimizer's pre-step hook to know when the read "
-                "must end; call attach(optimizer), or build the monitor with asynchronous=True "
+                "must end; call attach(optimizer), or build the monitor with recording='snapshot' "
                 "for a manual loop"
             )
+        if self._budget is not None:
+            self._budget.step_ended(self.num_steps + 1)
+            with self._budget.timing():
+                self._manual_step()
+            return
+        self._manual_step()
+
+    def _manual_step(self) -> None:
         if self._async is not None:
             self._async.collect()
         self._check_unchanged()
@@ -448,15 +502,16 @@ class ConservationMonitor:
                 )
 
     def _snapshot(self, into: dict[str, Tensor] | None = None) -> Any:
-        """float64 copy of the tracked parameters, reusing the tensors of ``into`` when given
-        (asynchronous mode: a snapshot buffer of the ring, in the parameters' dtype)."""
+        """Copy of the tracked parameters in their own dtype (exact; the laws convert chunk by
+        chunk), reusing the tensors of ``into`` when given (asynchronous mode: a snapshot
+        buffer of the ring)."""
         if self._async is not None:
             return self._async.snapshot()
         params = self._params if self._sharded is None else self._sharded.local(self._params)
         with torch.no_grad():
             if into is None:
                 into = {
-                    n: torch.empty(p.shape, dtype=torch.float64, device=p.device)
+                    n: torch.empty(p.shape, dtype=p.dtype, device=p.device)
                     for n, p in ((n, params[n]) for n in self._names)
                 }
             for n in self._names:
@@ -678,7 +733,10 @@ class ConservationMonitor:
 
         Keys: ``name, kind, count, max_abs_drift, max_rel_drift, max_rel_first_order,
         max_rel_second_order, expected_conserved, reason, invalid, producer, consumer, degree,
-        last_rel_drift``. The split keys are ``None`` when ``split=False``.
+        last_rel_drift``, and which steps the statistics cover: ``recorded_steps`` (how many
+        optimizer steps were recorded; ``history()["step"]`` lists them, thinned to
+        ``max_records``), ``last_recorded_step`` and ``schedule`` (the recorder is
+        :attr:`recording`). The split keys are ``None`` when ``split=False``.
         """
         self.flush()
         latest = self._store.latest
@@ -704,6 +762,12 @@ class ConservationMonitor:
                     "last_rel_drift": latest.rel_drift.get(g.name, math.nan) if latest else math.nan,
                 }
             )
+        # --- which steps were recorded (recording schedule, torch_conslaw.budget) ---
+        for row in out:
+            row["recorded_steps"] = self._store.seen - 1  # θ₀ is not a step
+            row["last_recorded_step"] = latest.step if latest else 0
+            row["schedule"] = repr(self.schedule)
+        # --- end ---
         return out
 
     def history(self) -> dict[str, np.ndarray]:
@@ -813,25 +877,27 @@ def _warn_without_a_free_core(asynchronous: Any, tensors: list[Tensor]) -> None:
     threads = torch.get_num_threads()
     if threads >= cores:
         warnings.warn(
-            f"ConservationMonitor: asynchronous={asynchronous!r} evaluates the laws on a worker "
+            f"ConservationMonitor: {asynchronous} evaluates the laws on a worker "
             f"thread, but torch already uses {threads} threads on {cores} core(s), so the worker "
             "competes with training and recording costs more than in the synchronous mode; call "
             f"torch.set_num_threads({max(cores - 1, 1)}) to leave it a core, or use "
-            "asynchronous=False",
+            "recording='sync'",
             RuntimeWarning,
             stacklevel=3,
         )
 
 
-def _async_mode(asynchronous: Any) -> str | None:
-    """``None`` (synchronous), ``"snapshot"`` or ``"live"``."""
-    modes = {False: None, True: "snapshot", "snapshot": "snapshot", "live": "live"}
-    if isinstance(asynchronous, (bool, str)) and asynchronous in modes:
-        return modes[asynchronous]
-    raise ValueError(
-        f"ConservationMonitor: asynchronous must be False, True (= 'snapshot') or 'live', got "
-        f"{asynchronous!r}"
-    )
+def _schedule(every: int | None, log_spaced: bool, budget: float | OverheadBudget | None) -> Schedule | OverheadBudget:
+    """The recording schedule: ``every`` / ``log_spaced`` when given, else the overhead
+    budget when given, else every step."""
+    if budget is None:
+        return Schedule(1 if every is None else every, log_spaced)
+    if every is not None or log_spaced:
+        raise ValueError(
+            "ConservationMonitor: overhead_budget sets how often the laws are recorded; pass it "
+            f"or every={every!r} / log_spaced={log_spaced!r}, not both"
+        )
+    return budget if isinstance(budget, OverheadBudget) else OverheadBudget(budget)
 
 
 def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:
