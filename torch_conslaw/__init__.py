@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
+    "verify_laws": "torch_conslaw.laws.verify",
+    "Verification": "torch_conslaw.laws.verify",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -68,3 +70,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie.numerics import RankDecision
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure
+    from .laws.verify import Verification, verify_laws

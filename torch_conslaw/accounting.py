@@ -81,8 +81,8 @@ def split_change(
         a64 = as_float64(after, names)
         delta = {n: a64[n] - b64[n] for n in names}
         values = {g.name: g.values(a64) for g in groups}
-        first = {g.name: 2.0 * g.bilinear(b64, delta) for g in groups}
-        second = {g.name: g.bilinear(delta, delta) for g in groups}
+        first = {g.name: g.first_order(b64, delta) for g in groups}  # 2B(θ, Δ) for quadratic laws
+        second = {g.name: g.second_order(delta) for g in groups}  # B(Δ, Δ); 0 for linear laws
     return values, first, second
 
 
@@ -388,8 +388,8 @@ class Accountant:
         a64 = self._after.load(after, names)
         delta = {n: torch.sub(a64[n], b64[n], out=self._delta.get(n, a64[n])) for n in names}
         values = {g.name: g.values(a64) for g in groups}
-        first = {g.name: 2.0 * g.bilinear(b64, delta) for g in groups}
-        second = {g.name: g.bilinear(delta, delta) for g in groups}
+        first = {g.name: g.first_order(b64, delta) for g in groups}  # 2B(θ, Δ) for quadratic laws
+        second = {g.name: g.second_order(delta) for g in groups}  # B(Δ, Δ); 0 for linear laws
         return values, first, second
 
 

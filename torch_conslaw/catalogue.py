@@ -58,6 +58,7 @@ __all__ = [
     "InternalLaw",
     "register_internal_laws",
     "internal_laws_spec",
+    "user_registrations",
 ]
 
 Axis = Literal["last", "channel"]
@@ -263,6 +264,29 @@ def register_internal_laws(
     if not callable(laws):
         raise TypeError(f"register_internal_laws: laws must be callable, got {laws!r}")
     _INTERNAL[module_type] = laws
+
+
+_USER_TABLES = ("_LAYERS", "_INTERNAL", "_ACT_MODULES", "_ACT_FUNCTIONS", "_ACT_METHODS")
+
+
+def user_registrations() -> list[str]:
+    """The entries of the layer, internal-law and activation tables that are not the built-in
+    ones (added or replaced by ``register_*`` after import), e.g. ``['mul']``.
+
+    The monitor warns when such entries exist and it cannot verify the laws (no example
+    input): a wrong registration is only caught by the numerical check.
+
+    Example:
+        >>> isinstance(user_registrations(), list)
+        True
+    """
+    out = []
+    for table_name in _USER_TABLES:
+        builtin = _BUILTIN_ENTRIES[table_name]
+        for key, value in globals()[table_name].items():
+            if key not in builtin or builtin[key] is not value:
+                out.append(_target_name(key))
+    return out
 
 
 def internal_laws_spec(module: nn.Module) -> Callable[[nn.Module], list[InternalLaw]] | None:
@@ -587,3 +611,5 @@ def _mha_laws(m: nn.Module) -> list[InternalLaw]:
 
 
 register_internal_laws(nn.MultiheadAttention, _mha_laws)
+# the built-in entries, to tell the user's registrations apart (see user_registrations)
+_BUILTIN_ENTRIES = {name: dict(globals()[name]) for name in _USER_TABLES}
