@@ -395,12 +395,56 @@ def barrier_reason(target: Any, display: str) -> str:
             return f"{display} renormalizes the units, so the rescaling law does not hold across it"
         if target in _ADDS:
             return f"{display} is an addition (a residual or skip connection): no law crosses it"
+        # --- skip reasons that name the op and the broken symmetry (issue 8) ----------------
+        if target in _PRODUCTS:
+            return (
+                f"{display} multiplies tensors (a product, not an activation): scaling a unit by c "
+                "scales the product by c times whatever scales the other factor (c² for h·h, c for "
+                "h·g(x)), so no per-unit rescaling law is known across it"
+            )
+        if target in _RESHAPES:
+            return (
+                f"{display} reshapes or permutes the tensor in a way the finder does not follow "
+                "(only flatten(1) / view(N, -1) of whole channels is followed), so it cannot tell "
+                "which entries belong to which unit: no law crosses it"
+            )
+        if target in _INDEXING:
+            return (
+                f"{display} selects entries (indexing / gather), which the finder does not follow "
+                "as a map of the units: no law crosses it"
+            )
     except TypeError:
         pass
+    if isinstance(target, nn.Module) and any(True for _ in target.parameters()):
+        kind = type(target).__name__
+        named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
+        return (
+            f"{named} has parameters but is not a registered layer, so the finder does not know "
+            "how it maps the units and no law crosses it; if it computes a linear map of its "
+            "input, describe it with torch_conslaw.register_layer"
+        )
     return (
-        f"{display} is not in the catalogue of symmetry-preserving ops; if it is positively "
-        "homogeneous, declare it with torch_conslaw.register_activation(..., degree=k)"
+        f"{display} is not in the catalogue, so the finder cannot tell whether it keeps the "
+        "per-unit rescaling: no law crosses it. Only an elementwise function σ of each unit "
+        "alone with σ(cz) = c^k σ(z) for c > 0 may be declared with "
+        "torch_conslaw.register_activation(..., degree=k); the monitor checks every "
+        "declaration numerically on example_input"
     )
+
+
+_PRODUCTS = {
+    operator.mul, operator.imul, operator.matmul, operator.truediv, torch.mul, torch.matmul,
+    torch.bmm, torch.mm, torch.einsum, torch.div, torch.baddbmm, F.scaled_dot_product_attention,
+    "mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "bmm", "mm",
+    "div", "div_", "__truediv__", "einsum",
+}
+_RESHAPES = {
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.split, torch.chunk,
+    torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.t, torch.cat,
+    "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "split",
+    "chunk", "squeeze", "unsqueeze", "expand", "t", "movedim", "swapaxes", "view_as",
+}
+_INDEXING = {operator.getitem, torch.gather, torch.index_select, "__getitem__", "gather", "index_select"}
 
 
 def is_catalogued_module(module: nn.Module) -> bool:
