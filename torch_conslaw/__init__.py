@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
     "OverheadBudget": "torch_conslaw.budget",
+    "verify_laws": "torch_conslaw.laws.verify",
+    "Verification": "torch_conslaw.laws.verify",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -68,9 +70,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .completeness import Analysis, analyze
     from .budget import OverheadBudget
-    from .completeness import analyze
+    from .completeness import Analysis, analyze
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
     from .monitor import ConservationMonitor
@@ -80,3 +81,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie.modules import CountBudgetError, ModuleLieResult, count_laws
     from .polynomial import polynomial_laws, polynomial_laws_of
     from .structure import find_structure
+    from .laws.verify import Verification, verify_laws

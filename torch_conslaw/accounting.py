@@ -81,8 +81,8 @@ def split_change(
         a64 = as_float64(after, names)
         delta = {n: a64[n] - b64[n] for n in names}
         values = {g.name: g.values(a64) for g in groups}
-        first = {g.name: 2.0 * g.bilinear(b64, delta) for g in groups}
-        second = {g.name: g.bilinear(delta, delta) for g in groups}
+        first = {g.name: g.first_order(b64, delta) for g in groups}  # 2B(θ, Δ) for quadratic laws
+        second = {g.name: g.second_order(delta) for g in groups}  # B(Δ, Δ); 0 for linear laws
     return values, first, second
 
 
@@ -443,8 +443,8 @@ class Accountant:
             a64 = as_float64(after, names)
             delta = {n: a64[n] - b64[n] for n in names}
             values[g.name] = g.values(a64)
-            first[g.name] = 2.0 * g.bilinear(b64, delta)
-            second[g.name] = g.bilinear(delta, delta)
+            first[g.name] = g.first_order(b64, delta)  # 2B(θ, Δ); cᵀΔ for linear laws
+            second[g.name] = g.second_order(delta)  # B(Δ, Δ); 0 for linear laws
             del b64, a64, delta
         return values, first, second
 

@@ -58,6 +58,7 @@ __all__ = [
     "InternalLaw",
     "register_internal_laws",
     "internal_laws_spec",
+    "user_registrations",
 ]
 
 Axis = Literal["last", "channel"]
@@ -265,6 +266,29 @@ def register_internal_laws(
     _INTERNAL[module_type] = laws
 
 
+_USER_TABLES = ("_LAYERS", "_INTERNAL", "_ACT_MODULES", "_ACT_FUNCTIONS", "_ACT_METHODS")
+
+
+def user_registrations() -> list[str]:
+    """The entries of the layer, internal-law and activation tables that are not the built-in
+    ones (added or replaced by ``register_*`` after import), e.g. ``['mul']``.
+
+    The monitor warns when such entries exist and it cannot verify the laws (no example
+    input): a wrong registration is only caught by the numerical check.
+
+    Example:
+        >>> isinstance(user_registrations(), list)
+        True
+    """
+    out = []
+    for table_name in _USER_TABLES:
+        builtin = _BUILTIN_ENTRIES[table_name]
+        for key, value in globals()[table_name].items():
+            if key not in builtin or builtin[key] is not value:
+                out.append(_target_name(key))
+    return out
+
+
 def internal_laws_spec(module: nn.Module) -> Callable[[nn.Module], list[InternalLaw]] | None:
     """The registered internal-law function of a module (or of its closest base class)."""
     return _mro_lookup(_INTERNAL, module)
@@ -371,12 +395,56 @@ def barrier_reason(target: Any, display: str) -> str:
             return f"{display} renormalizes the units, so the rescaling law does not hold across it"
         if target in _ADDS:
             return f"{display} is an addition (a residual or skip connection): no law crosses it"
+        # --- skip reasons that name the op and the broken symmetry (issue 8) ----------------
+        if target in _PRODUCTS:
+            return (
+                f"{display} multiplies tensors (a product, not an activation): scaling a unit by c "
+                "scales the product by c times whatever scales the other factor (c² for h·h, c for "
+                "h·g(x)), so no per-unit rescaling law is known across it"
+            )
+        if target in _RESHAPES:
+            return (
+                f"{display} reshapes or permutes the tensor in a way the finder does not follow "
+                "(only flatten(1) / view(N, -1) of whole channels is followed), so it cannot tell "
+                "which entries belong to which unit: no law crosses it"
+            )
+        if target in _INDEXING:
+            return (
+                f"{display} selects entries (indexing / gather), which the finder does not follow "
+                "as a map of the units: no law crosses it"
+            )
     except TypeError:
         pass
+    if isinstance(target, nn.Module) and any(True for _ in target.parameters()):
+        kind = type(target).__name__
+        named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
+        return (
+            f"{named} has parameters but is not a registered layer, so the finder does not know "
+            "how it maps the units and no law crosses it; if it computes a linear map of its "
+            "input, describe it with torch_conslaw.register_layer"
+        )
     return (
-        f"{display} is not in the catalogue of symmetry-preserving ops; if it is positively "
-        "homogeneous, declare it with torch_conslaw.register_activation(..., degree=k)"
+        f"{display} is not in the catalogue, so the finder cannot tell whether it keeps the "
+        "per-unit rescaling: no law crosses it. Only an elementwise function σ of each unit "
+        "alone with σ(cz) = c^k σ(z) for c > 0 may be declared with "
+        "torch_conslaw.register_activation(..., degree=k); the monitor checks every "
+        "declaration numerically on example_input"
     )
+
+
+_PRODUCTS = {
+    operator.mul, operator.imul, operator.matmul, operator.truediv, torch.mul, torch.matmul,
+    torch.bmm, torch.mm, torch.einsum, torch.div, torch.baddbmm, F.scaled_dot_product_attention,
+    "mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "bmm", "mm",
+    "div", "div_", "__truediv__", "einsum",
+}
+_RESHAPES = {
+    torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.split, torch.chunk,
+    torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.t, torch.cat,
+    "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "split",
+    "chunk", "squeeze", "unsqueeze", "expand", "t", "movedim", "swapaxes", "view_as",
+}
+_INDEXING = {operator.getitem, torch.gather, torch.index_select, "__getitem__", "gather", "index_select"}
 
 
 def is_catalogued_module(module: nn.Module) -> bool:
@@ -587,3 +655,5 @@ def _mha_laws(m: nn.Module) -> list[InternalLaw]:
 
 
 register_internal_laws(nn.MultiheadAttention, _mha_laws)
+# the built-in entries, to tell the user's registrations apart (see user_registrations)
+_BUILTIN_ENTRIES = {name: dict(globals()[name]) for name in _USER_TABLES}

@@ -45,6 +45,29 @@ class LawGroup:
 
     kind: str
     count: int
+    # --- laws beyond layer pairs (issue 8): linear and approximate kinds -----------------
+    approximate: bool = False  # True: exact only in a limit (a normalization's eps → 0)
+    loss: str | None = None  # the one loss the law holds for (``"cross_entropy"``), else any
+    degree: float = 1.0  # homogeneity k of the activations in between (UnitLaws sets its own)
+
+    @property
+    def producer(self) -> str:
+        """Module path of the producing layer (for a law of one module: that module)."""
+        return self.pair.producer
+
+    @property
+    def consumer(self) -> str:
+        """Module path(s) of the consuming layer(s) (``+``-joined for a branch)."""
+        return self.pair.consumer
+
+    def first_order(self, before: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> Tensor:
+        """The part of h(θ + Δ) − h(θ) linear in Δ (2B(θ, Δ) for a quadratic law)."""
+        return 2.0 * self.bilinear(before, delta)
+
+    def second_order(self, delta: Mapping[str, Tensor]) -> Tensor:
+        """The rest, h(θ + Δ) − h(θ) − first order (B(Δ, Δ) for a quadratic law)."""
+        return self.bilinear(delta, delta)
+    # ---------------------------------------------------------------------------------------
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair

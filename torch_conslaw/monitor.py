@@ -45,6 +45,8 @@ from .lawgroups import LawGroup, build_groups
 from .schedule import Schedule
 from .sharding import ShardedLaws, has_sharded_parameters
 from .structure import Skipped, Structure, find_structure, unwrap_model
+from .catalogue import user_registrations
+from .laws.verify import Verification, propose_and_check
 
 __all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
 
@@ -104,8 +106,17 @@ class ConservationMonitor:
             every rank the exact global laws (:mod:`torch_conslaw.sharding`; matrix laws of
             linear hidden layers with a sharded parameter are excluded, with the reason in
             :attr:`skipped`). Build it on every rank and record on every rank.
-        example_input: only needed when ``torch.fx`` cannot trace the model (see
+        example_input: what ``model(...)`` takes (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments). With it, every law is checked numerically before it
+            is tracked (⟨∇h, ∂fᵀu⟩ = 0 for random output cotangents u, float64,
+            :mod:`torch_conslaw.laws.verify`): a group that fails goes to :attr:`skipped` with
+            its measured residual, and the linear and approximate families are added
+            (:mod:`torch_conslaw.laws.families`). Without it the layer-pair laws are tracked
+            unverified (:attr:`verification_note` and ``summary()[i]["verified"]`` say so).
+            It is also needed when ``torch.fx`` cannot trace the model (see
             :func:`~torch_conslaw.find_structure`).
+        loss: ``"cross_entropy"`` also tracks the softmax cross-entropy translation law of the
+            output layer, which holds for that loss only (needs ``example_input``).
         split: also record the exact first-/second-order split of every change (costs a
             parameter snapshot before each recorded step).
         every: record every ``every`` optimizer steps.
@@ -168,6 +179,7 @@ class ConservationMonitor:
         async_buffers: int = 4,
         recording: str = "auto",
         overhead_budget: float | OverheadBudget | None = None,
+        loss: str | None = None,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -178,6 +190,23 @@ class ConservationMonitor:
         self.skipped: list[Skipped] = [
             s for s in self.structure.skipped if not (track_broken and s.candidate is not None)
         ]
+        # --- verify before claiming; linear and approximate families (issue 8) --------------
+        checked = propose_and_check(
+            self.model, self.structure, example_input, self.groups, self.skipped, loss=loss,
+            sharded=has_sharded_parameters(self._params),
+        )
+        self.groups, self.skipped = checked.groups, checked.skipped
+        self.verification: dict[str, Verification] = checked.verification
+        self.verification_note: str = checked.note
+        if checked.note and user_registrations():
+            warnings.warn(
+                f"ConservationMonitor: {checked.note}. You registered "
+                f"{', '.join(user_registrations())}: a wrong registration gives false laws that "
+                "only the check can catch",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        # -------------------------------------------------------------------------------------
         # sharded parameters (FSDP2 fully_shard / DTensor): laws summed from local shards
         self._sharded: ShardedLaws | None = None
         if has_sharded_parameters(self._params):
@@ -733,10 +762,15 @@ class ConservationMonitor:
 
         Keys: ``name, kind, count, max_abs_drift, max_rel_drift, max_rel_first_order,
         max_rel_second_order, expected_conserved, reason, invalid, producer, consumer, degree,
-        last_rel_drift``, and which steps the statistics cover: ``recorded_steps`` (how many
-        optimizer steps were recorded; ``history()["step"]`` lists them, thinned to
-        ``max_records``), ``last_recorded_step`` and ``schedule`` (the recorder is
-        :attr:`recording`). The split keys are ``None`` when ``split=False``.
+        approximate, loss, verified, verification_residual, last_rel_drift``, and which steps
+        the statistics cover: ``recorded_steps`` (how many optimizer steps were recorded;
+        ``history()["step"]`` lists them, thinned to ``max_records``), ``last_recorded_step``
+        and ``schedule`` (the recorder is :attr:`recording`). The split keys are ``None`` when
+        ``split=False``. ``kind`` is ``unit``, ``channel``, ``matrix``, ``linear`` (h = cᵀθ) or
+        ``approximate`` (exact only at a normalization's eps = 0; ``expected_conserved`` is then
+        always False). ``verified`` is True when the group passed the numerical check on
+        ``example_input``, False when it was not checked, None for a group tracked to show its
+        breaking; ``verification_residual`` is the measured max |cos(∇h, ∂fᵀu)|.
         """
         self.flush()
         latest = self._store.latest
@@ -756,9 +790,15 @@ class ConservationMonitor:
                     "expected_conserved": g.expected_conserved,
                     "reason": g.reason,
                     "invalid": invalid[g.name],
-                    "producer": g.pair.producer,
-                    "consumer": g.pair.consumer,
-                    "degree": g.pair.degree,
+                    "producer": g.producer,
+                    "consumer": g.consumer,
+                    "degree": g.degree,
+                    "approximate": g.approximate,
+                    "loss": g.loss,
+                    "verified": g.name in self.verification if g.expected_conserved or g.approximate else None,
+                    "verification_residual": (
+                        self.verification[g.name].residual if g.name in self.verification else None
+                    ),
                     "last_rel_drift": latest.rel_drift.get(g.name, math.nan) if latest else math.nan,
                 }
             )
@@ -797,12 +837,17 @@ class ConservationMonitor:
         for s in self.summary():
             first = "-" if s["max_rel_first_order"] is None else f"{s['max_rel_first_order']:.2e}"
             second = "-" if s["max_rel_second_order"] is None else f"{s['max_rel_second_order']:.2e}"
+            expected = "approximate" if s["approximate"] else ("conserved" if s["expected_conserved"] else "broken")
+            if s["verified"] is False:
+                expected += " (unverified)"
             lines.append(
                 f"{s['name']:<18} {s['kind']:<8} {s['count']:>5} {s['max_rel_drift']:>14.2e} "
-                f"{first:>12} {second:>12}  {'conserved' if s['expected_conserved'] else 'broken'}"
+                f"{first:>12} {second:>12}  {expected}"
             )
         if not self.groups:
             lines.append("(no law tracked)")
+        if self.verification_note:
+            lines.append(self.verification_note)
         for s in self.skipped:
             lines.append(f"skipped: {s}")
         return "\n".join(lines)
@@ -850,10 +895,12 @@ class ConservationMonitor:
             self._last_snapshot = self._snapshot()
 
     def __repr__(self) -> str:
-        laws = sum(g.count for g in self.groups)
+        laws = sum(g.count for g in self.groups if not g.approximate)
+        approx = sum(g.count for g in self.groups if g.approximate)
         return (
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
-            f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
+            f"{laws} laws{f' + {approx} approximate' if approx else ''}, {len(self.skipped)} skipped, "
+            f"{self.num_steps} steps)"
         )
 
 

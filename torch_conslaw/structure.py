@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from . import catalogue
 from .catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 
-__all__ = ["Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
+__all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
 NodeKind = Literal["input", "output", "layer", "activation", "pass", "barrier"]
 
@@ -136,14 +136,27 @@ class Skipped:
         return self.reason
 
 
+@dataclass(frozen=True)
+class Link:
+    """The output of the layer at ``producer`` is read by exactly one op: the registered layer
+    at ``consumer``, or the model output itself (``consumer is None``). The families of laws
+    beyond layer pairs start from these links (a bias right before a BatchNorm, a layer right
+    before a LayerNorm, the output layer; :mod:`torch_conslaw.laws.families`)."""
+
+    producer: str
+    consumer: str | None
+
+
 @dataclass
 class Structure:
-    """What :func:`find_structure` found: usable ``pairs``, ``skipped`` ones, the ``method``."""
+    """What :func:`find_structure` found: usable ``pairs``, ``skipped`` ones, the ``method``,
+    and the direct ``links`` from a layer to the one op that reads it (:class:`Link`)."""
 
     pairs: list[Pair]
     skipped: list[Skipped]
     method: Literal["fx", "hooks", "none"]
     ops: list[str]
+    links: list[Link] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"structure found with {self.method}: {len(self.ops)} ops"]
@@ -231,7 +244,26 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
             )
         )
     ops = [n.name for n in nodes if n.kind not in ("input", "output")]
-    return Structure(pairs, skipped, method, ops)
+    return Structure(pairs, skipped, method, ops, _direct_links(nodes))
+
+
+def _direct_links(nodes: list[_Node]) -> list[Link]:
+    """Every layer (called once in forward) whose output has exactly one live user that is a
+    layer called once, or the output."""
+    calls: dict[str, int] = {}
+    for n in nodes:
+        if n.kind == "layer" and n.module_path is not None:
+            calls[n.module_path] = calls.get(n.module_path, 0) + 1
+    links = []
+    for n in nodes:
+        if n.kind != "layer" or n.module_path is None or len(n.users) != 1 or calls[n.module_path] > 1:
+            continue
+        user = nodes[n.users[0]]
+        if user.kind == "layer" and user.module_path is not None and calls[user.module_path] == 1:
+            links.append(Link(n.module_path, user.module_path))
+        elif user.kind == "output":
+            links.append(Link(n.module_path, None))
+    return links
 
 
 # ---------------------------------------------------------------------------------------------
