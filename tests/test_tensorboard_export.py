@@ -110,7 +110,9 @@ def test_csv_and_jsonl_hold_the_full_history(tmp_path):
     monitor = ConservationMonitor(model, torch.randn(2, 5))
     _train(monitor, model)
     history = monitor.history()
-    n_laws = sum(g.count for g in monitor.groups)
+    # under momentum the identity groups (momentum recurrences) are exported like the laws
+    n_laws = sum(g.count for g in monitor.groups) + sum(g.count for g in monitor.identity_groups)
+    assert monitor.identity_groups
     n_rows = STEPS + 1  # θ_0 and one record per step
 
     rows = export_csv(monitor, tmp_path / "h.csv")

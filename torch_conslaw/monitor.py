@@ -47,6 +47,7 @@ from .sharding import ShardedLaws, has_sharded_parameters
 from .structure import Skipped, Structure, find_structure, unwrap_model
 from .catalogue import user_registrations
 from .laws.verify import Verification, propose_and_check
+from .velocity_tracking import IdentityGroup, VelocityTracker
 
 __all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
 
@@ -215,6 +216,10 @@ class ConservationMonitor:
             self.skipped += self._sharded.excluded
             for s in self._sharded.excluded:
                 warnings.warn(f"ConservationMonitor: {s}", RuntimeWarning, stacklevel=2)
+        # identity groups of SGD with momentum / weight decay (velocity laws, recurrences),
+        # built at attach (:mod:`torch_conslaw.velocity_tracking`)
+        self._base_skipped = list(self.skipped)
+        self._identities = VelocityTracker(self._params, self.groups)
         self.split = bool(split)
         # --- recording schedule (torch_conslaw.budget) ---
         self.schedule: Schedule | OverheadBudget = _schedule(every, log_spaced, overhead_budget)
@@ -347,6 +352,11 @@ class ConservationMonitor:
                 "this model (built from model.parameters())"
             )
         self._set_expectations(optimizer, owned)
+        notes = self._identities.configure(optimizer, self._sharded is not None)
+        for g in self.groups:
+            if g.name in notes and not g.expected_conserved:
+                g.reason = f"{g.reason}; {notes[g.name]}"
+        self.skipped = self._base_skipped + self._identities.skipped
         self._in_step, self._nested = False, 0
         self._handles = [
             optimizer.register_step_pre_hook(self._optimizer_pre_hook),
@@ -365,6 +375,7 @@ class ConservationMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._identities.release()
         if self._live is not None:
             self._live.stop()
             if not self._live_at_attach:
@@ -431,6 +442,8 @@ class ConservationMonitor:
 
     def pre_step(self) -> None:
         """Snapshot θ before a step that will be recorded (called by the pre hook)."""
+        if self.schedule.due(self.num_steps + 1):
+            self._identities.before_step(self.num_steps + 1)  # reads θ and momentum buffers
         if self._live is not None:
             self._async.collect(min_ready=_LIVE_DELIVERY_BATCH)  # type: ignore[union-attr]
             step = self.num_steps + 1  # the structure check runs on the worker, with each read
@@ -445,6 +458,8 @@ class ConservationMonitor:
 
     def post_step(self) -> None:
         """Count the step and record it if it is due (called by the post hook)."""
+        if self.schedule.due(self.num_steps + 1):
+            self._identities.after_step(self.num_steps + 1)
         if self._live is not None:
             self.num_steps += 1
             due = self.num_steps if self.schedule.due(self.num_steps) else None
@@ -571,6 +586,11 @@ class ConservationMonitor:
         rel = self._update_statistics(values, first, second, step, precomputed)
         if self.split and first is None:  # no snapshot to split against (post_step alone)
             first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
+        if self._identities.groups:  # velocity laws, recurrences: entries of their own
+            values, rel = dict(values), dict(rel)
+            if first is not None and second is not None:
+                first, second = dict(first), dict(second)
+            self._identities.complete(step, values, first, second, rel)
         record = Record(step, values, first, second, rel)
         self._store.add(record)
         for fn in self._listeners:
@@ -756,6 +776,13 @@ class ConservationMonitor:
                 stacklevel=3,
             )
 
+    @property
+    def identity_groups(self) -> list[IdentityGroup]:
+        """The identity groups of the attached optimizer: velocity laws and momentum /
+        weight-decay recurrences (:mod:`torch_conslaw.velocity_tracking`); empty under plain
+        SGD or before :meth:`attach`."""
+        return list(self._identities.groups)
+
     # ------------------------------------------------------------------ results
     def summary(self) -> list[dict[str, Any]]:
         """One dict per law group: drift statistics over every recorded step (exact maxima).
@@ -771,6 +798,10 @@ class ConservationMonitor:
         always False). ``verified`` is True when the group passed the numerical check on
         ``example_input``, False when it was not checked, None for a group tracked to show its
         breaking; ``verification_residual`` is the measured max |cos(∇h, ∂fᵀu)|.
+
+        After the law groups come the :attr:`identity_groups` (kinds ``"velocity"`` and
+        ``"recurrence"``) with one more key, ``max_rel_residual``: the largest relative
+        residual of their identity over the recorded steps (also in ``max_rel_drift``).
         """
         self.flush()
         latest = self._store.latest
@@ -802,6 +833,7 @@ class ConservationMonitor:
                     "last_rel_drift": latest.rel_drift.get(g.name, math.nan) if latest else math.nan,
                 }
             )
+        out += self._identities.summary_rows(self.split, latest)
         # --- which steps were recorded (recording schedule, torch_conslaw.budget) ---
         for row in out:
             row["recorded_steps"] = self._store.seen - 1  # θ₀ is not a step
@@ -816,6 +848,8 @@ class ConservationMonitor:
         Keys: ``"step"`` (R,), and per group ``"<name>/values"`` (R × count),
         ``"<name>/rel_drift"`` (R,), plus ``"<name>/first_order"`` and
         ``"<name>/second_order"`` (R × count) when ``split=True``. Row 0 is θ₀ (step 0).
+        For :attr:`identity_groups`, ``rel_drift`` is the relative residual of the identity and
+        ``first_order`` its residual (NaN rows before the group existed).
         """
         self.flush()
         records = self._store.records()
@@ -827,6 +861,7 @@ class ConservationMonitor:
                 for key in ("first_order", "second_order"):
                     rows = [getattr(r, key)[g.name] for r in records]
                     out[f"{g.name}/{key}"] = _stack(rows, g.count)
+        out.update(self._identities.history_columns(records, self.split))
         return out
 
     def table(self) -> str:
@@ -865,6 +900,7 @@ class ConservationMonitor:
             "invalid": self._invalid.clone(),
             "maxima": {k: dict(v) for k, v in self._maxima.items()},
             "store": self._store.state_dict(),
+            "identities": self._identities.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -889,6 +925,7 @@ class ConservationMonitor:
         self._invalid = state["invalid"].clone()
         self._maxima = {k: dict(v) for k, v in state["maxima"].items()}
         self._store.load_state_dict(state["store"])
+        self._identities.load_state_dict(state.get("identities"))
         self._release_before()
         if self.split and not self._handles and self._live is None:
             self._drop_last_snapshot()

@@ -55,6 +55,7 @@ QUANTITIES: tuple[str, ...] = (
     "max_abs_drift",
     "max_abs_first_order",
     "max_abs_second_order",
+    "max_rel_residual",
 )
 
 
@@ -77,15 +78,23 @@ def record_scalars(monitor: ConservationMonitor, record: Record) -> dict[tuple[s
     ``max_rel_drift`` is the record's ``rel_drift``; ``max_abs_drift`` is
     max |h(θ_t) − h(θ_0)|; the two ``max_abs_*_order`` are present when the record
     carries the first/second-order split. Maxima run over the finite (valid) laws only.
+    An identity group of the monitor (velocity laws, momentum / weight-decay recurrences:
+    :attr:`~torch_conslaw.ConservationMonitor.identity_groups`) gives ``max_rel_residual``
+    (the record's ``rel_drift``: its identity's relative residual) and the two
+    ``max_abs_*_order`` (its residual and its predicted change) instead of the drifts.
 
     Example:
         >>> record_scalars(monitor, record)[("fc1", "max_rel_drift")]  # doctest: +SKIP
         3.1e-05
     """
     out: dict[tuple[str, str], float] = {}
+    identities = {g.name for g in monitor.identity_groups}
     for group, value in record.values.items():
-        out[group, "max_rel_drift"] = float(record.rel_drift[group])
-        out[group, "max_abs_drift"] = _max_abs(value.double() - monitor.initial[group].double())
+        if group in identities:
+            out[group, "max_rel_residual"] = float(record.rel_drift[group])
+        else:
+            out[group, "max_rel_drift"] = float(record.rel_drift[group])
+            out[group, "max_abs_drift"] = _max_abs(value.double() - monitor.initial[group].double())
         if record.first_order is not None:
             out[group, "max_abs_first_order"] = _max_abs(record.first_order[group])
         if record.second_order is not None:
@@ -142,7 +151,7 @@ def export_jsonl(monitor: ConservationMonitor, path: str | os.PathLike[str]) -> 
 def _steps(monitor: ConservationMonitor) -> Iterator[tuple[int, dict[str, dict[str, Any]]]]:
     """Per stored record: ``(step, {group: {part: flat float list or None, "rel_drift": float}})``."""
     history = monitor.history()
-    names = [g.name for g in monitor.groups]
+    names = [g.name for g in monitor.groups] + [g.name for g in monitor.identity_groups]
     for i, step in enumerate(np.asarray(history["step"]).tolist()):
         groups: dict[str, dict[str, Any]] = {}
         for name in names:
