@@ -34,8 +34,8 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import catalogue
-from .catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
+from .. import catalogue
+from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 
 __all__ = ["Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
