@@ -56,6 +56,7 @@ class Op:
     inputs: list[int]
     out: Any
     outputs: list[int]
+    module: str = ""  # path of the innermost module running when the op was called
 
 
 @dataclass
@@ -101,6 +102,7 @@ class _Capture(TorchFunctionMode):
         self.param_names = param_names
         self.vid_of: dict[int, int] = {}
         self.keep: list[Tensor] = []  # tensors stay alive during capture: ids are not reused
+        self.stack: list[str] = []  # module paths being run (forward pre/post hooks)
 
     def value(self, t: Tensor) -> int:
         """The value id of ``t``, registering parameters and unseen tensors (constants)."""
@@ -162,7 +164,8 @@ class _Capture(TorchFunctionMode):
         else:
             rout = self.outs(out, outputs)
         if outputs:
-            self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs))
+            module = self.stack[-1] if self.stack else ""
+            self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
         return out
 
 
@@ -194,6 +197,19 @@ def capture(model: nn.Module, example_input: Any) -> OpGraph:
         if isinstance(a, Tensor):
             graph.inputs.append(rec.value(a))
     training = {m: m.training for m in model.modules()}
+    handles = []
+
+    def enter(path: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            rec.stack.append(path)
+        return hook
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        rec.stack.pop()
+
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(path)))
+        handles.append(module.register_forward_hook(leave))
     try:
         model.eval()
         with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
@@ -202,6 +218,8 @@ def capture(model: nn.Module, example_input: Any) -> OpGraph:
     finally:
         for m, flag in training.items():
             m.train(flag)
+        for h in handles:
+            h.remove()
         rec.keep.clear()
     _link(graph)
     return graph

@@ -310,7 +310,8 @@ class _Propagation:
             self.st.kills.setdefault(u, reason)
 
     def _op_text(self, op: Op) -> str:
-        return f"op {op.index} ({op.name}) after {self.st.site.name}"
+        where = f" in {op.module}" if op.module else ""
+        return f"{op.name}{where} (op {op.index})"
 
     def refine(self, probe: Tensor, batch_dims: int) -> None:
         """Split the mixing blocks by the slices of the leading ``batch_dims`` axes."""
@@ -716,16 +717,16 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                     assert cols is not None
                     out.append(_outgoing(use, cols))
                 pairs.append(_pair(site, uses, "matrix", degree, len(units), _incoming(site, idx), out,
-                                   f"{site.name} block {units[0]}..{units[-1]} → {_names(uses)}"))
+                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]"))
         else:
             idx = torch.tensor(blocks)  # [classes, members]
             out = []
             for use in uses:
                 cols = torch.stack([_cols(use.fiber, b) for b in blocks])  # type: ignore[misc]
                 out.append(_outgoing(use, cols))
-            tied = f" (tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
+            tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
             pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
-                               f"{site.name} units{tied} → {_names(uses)}"))
+                               f"{site.name}→{_names(uses)}{tied}"))
     return pairs, problems
 
 
@@ -910,7 +911,7 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
         reasons: dict[str, int] = defaultdict(int)
         for u, r in st.kills.items():
             reasons[r] += 1
-        skipped.extend(Skipped(st.site.name, None, f"{st.site.name}: {n} unit(s): {r}")
+        skipped.extend(Skipped(st.site.name, None, f"after {st.site.name}, {n} unit(s) stop at {r}")
                        for r, n in reasons.items() if r != _OUTPUT)
     uses = g.param_uses()
     kept: list[Pair] = []
