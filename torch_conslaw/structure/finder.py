@@ -34,8 +34,8 @@ import torch.fx as fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import catalogue
-from .catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
+from .. import catalogue
+from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
@@ -163,6 +163,9 @@ class Structure:
         lines.append("  " + " → ".join(self.ops) if self.ops else "  (no ops)")
         lines.append(f"usable pairs: {len(self.pairs)}")
         for p in self.pairs:
+            if p.internal and p.producer != p.consumer:  # found on the op graph
+                lines.append(f"  {p.name}: {p.units} {p.kind} row(s), degree {p.degree:g} (op graph)")
+                continue
             if p.internal:
                 lines.append(f"  {p.name}: internal {p.kind} law of {p.producer or 'the model'}, {p.units} rows")
                 continue
@@ -233,6 +236,8 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     inner, inner_skipped = _internal_pairs(model, nodes)
     pairs += inner
     skipped += inner_skipped
+    if example_input is not None:
+        pairs, skipped = _with_graph_laws(model, example_input, pairs, skipped)
     if not pairs and not skipped:
         skipped.append(
             Skipped(
@@ -264,6 +269,32 @@ def _direct_links(nodes: list[_Node]) -> list[Link]:
         elif user.kind == "output":
             links.append(Link(n.module_path, None))
     return links
+
+
+def _with_graph_laws(
+    model: nn.Module, example_input: Any, pairs: list[Pair], skipped: list[Skipped]
+) -> tuple[list[Pair], list[Skipped]]:
+    """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
+    ``example_input`` to those of the module-level finder. A law whose incoming parameters a
+    module-level pair already reads is left to that pair; for every producer the op graph
+    saw, its reasons replace the module-level ones: they name the op that breaks the symmetry
+    and never advise registering a reshape or a product as an activation."""
+    from .rules import find_graph_laws  # rules imports Pair / Skipped from here
+
+    try:
+        graph_pairs, graph_skipped = find_graph_laws(model, example_input)
+    except Exception as err:  # the model itself ran on this input in the hooks path
+        return pairs, skipped + [Skipped(None, None, (
+            f"the op graph of {type(model).__name__} could not be captured on example_input "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): only "
+            "module-level structure is used"))]
+    taken = {frozenset(n for n, _ in p.incoming) for p in pairs}
+    added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
+    seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
+    seen |= {c for p in graph_pairs for c in p.consumers}
+    kept = [s for s in skipped if s.producer is None or s.producer not in seen]
+    covered = {p.producer for p in pairs}
+    return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Models for the op-graph law tests and experiments/graph_laws_table.py: tiny Hugging Face
+models built from configs (no downloads) and CIFAR ResNet-18 / VGG-11-BN in plain torch.
+
+Each factory takes the attention implementation (``eager`` / ``sdpa``; ignored by the CNNs)
+and returns (model, example input, output picker, laws that exist). The last is an
+independent by-hand count from the config of the exact laws of the rescaling, gated,
+norm-affine and attention families (SCIENCE.md §5, §8).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+F64 = torch.float64
+
+
+def tri(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _ids(vocab: int = 50) -> dict:
+    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(0))}
+
+
+def gpt2(impl: str):
+    cfg = _tf().GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = impl
+    # per layer: q·k and V/O per head, ln_1 → c_attn, ln_2 → c_fc (GELU ends c_fc; ln_f → lm_head is tied)
+    expected = 2 * (4 * 2 * tri(8) + 32 + 32)
+    return _tf().GPT2LMHeadModel(cfg), _ids(), lambda o: o.logits, expected
+
+
+def llama(impl: str):
+    cfg = _tf().LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                   max_position_embeddings=32)
+    cfg._attn_implementation = impl
+    # per layer: RoPE planes per K/V group (d_h / 2 each), V/O per K/V group, input norm → q/k/v,
+    # post-attention norm → gate/up, SwiGLU up → down; final norm → lm_head (untied)
+    expected = 2 * (2 * 4 + 2 * tri(8) + 32 + 32 + 48) + 32
+    return _tf().LlamaForCausalLM(cfg), _ids(), lambda o: o.logits, expected
+
+
+def bert(impl: str):
+    cfg = _tf().BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=50, max_position_embeddings=32,
+                                  num_labels=3)
+    cfg._attn_implementation = impl
+    # post-norm: per layer q·k and V/O per head; the last LayerNorm → pooler through [CLS]
+    expected = 2 * 4 * 2 * tri(8) + 32
+    return _tf().BertForSequenceClassification(cfg), _ids(), lambda o: o.logits, expected
+
+
+def distilbert(impl: str):
+    cfg = _tf().DistilBertConfig(dim=32, hidden_dim=48, n_layers=2, n_heads=4, vocab_size=50,
+                                        max_position_embeddings=32, num_labels=3)
+    cfg._attn_implementation = impl
+    # heads; last LayerNorm → pre_classifier ([CLS]); pre_classifier → ReLU → classifier
+    expected = 2 * 4 * 2 * tri(8) + 32 + 32
+    return _tf().DistilBertForSequenceClassification(cfg), _ids(), lambda o: o.logits, expected
+
+
+def vit(impl: str):
+    cfg = _tf().ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, image_size=16, patch_size=8, num_labels=3)
+    cfg._attn_implementation = impl
+    # pre-norm: heads, layernorm_before → q/k/v, layernorm_after → fc1; final norm → classifier ([CLS])
+    expected = 2 * (4 * 2 * tri(8) + 32 + 32) + 32
+    x = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=F64)}
+    return _tf().ViTForImageClassification(cfg), x, lambda o: o.logits, expected
+
+
+def t5(impl: str):
+    cfg = _tf().T5Config(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, vocab_size=50)
+    cfg._attn_implementation = impl
+    # heads (relative position bias on the scores keeps them), T5LayerNorm → q/k/v and → wi,
+    # wi → ReLU → wo; the final norm is the output
+    expected = 2 * (4 * 2 * tri(8) + 32 + 32 + 48)
+    return _tf().T5EncoderModel(cfg), _ids(), lambda o: o.last_hidden_state, expected
+
+
+def _tf():
+    import transformers
+
+    return transformers
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (3×3 stem, four stages of two basic blocks)."""
+
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        blocks, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet18(impl: str = "-"):
+    model = ResNet18(width=8)
+    # bn1 of every block → ReLU → conv2: one channel law per channel; everything else meets a
+    # residual addition or a BatchNorm
+    expected = 2 * (8 + 16 + 32 + 64)
+    return model, torch.randn(2, 3, 32, 32, dtype=F64), lambda y: y, expected
+
+
+VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def vgg11_bn(impl: str = "-", scale: int = 8):
+    layers: list[nn.Module] = []
+    cin, bns = 3, []
+    for v in VGG11:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        c = int(v) // scale
+        layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=False)]
+        bns.append(c)
+        cin = c
+    hidden = 512 // scale
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, hidden), nn.ReLU(), nn.Dropout(),
+                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, 10))
+    # every BatchNorm → ReLU (→ max-pool) → the next conv / the first Linear; two hidden Linear layers
+    expected = sum(bns) + 2 * hidden
+    return model, torch.randn(2, 3, 32, 32, dtype=F64), lambda y: y, expected
+
+
+def build(factory, impl):
+    torch.manual_seed(0)
+    model, example, pick, expected = factory(impl)
+    return model.double(), example, pick, expected

@@ -1,0 +1,63 @@
+"""Unit and channel rescaling: the law of a hidden unit, a channel, a gated product, a norm's affine.
+
+Symmetry: scale the incoming weights of unit u (its row of the producing layer, its bias, or
+the (γ_u, β_u) of a normalization's affine part) by λ > 0 and every weight that reads it by
+λ^(−k), where k is the positive homogeneity degree of the ops in between (1 for linear ops,
+ReLU, pooling, a product u ⊙ σ(g) with a factor σ(g) that does not depend on u — SwiGLU and
+GeGLU up rows, whatever σ is). Law (SCIENCE.md §5, §8):
+
+    ‖w_in,u‖² + b_u² − k Σ_consumers ‖w_out,u‖²
+
+Units that the model ties together (a rotation pairs coordinates i and i + d/2, an addition of
+two arms that read different units at the same position) must share λ: their laws are summed
+over the tie class. With only linear ops in between (no activation, no elementwise product,
+no normalization) any invertible mixing M of a block of units is a symmetry, and the matrix
+law [W b][W b]ᵀ − W_nextᵀ W_next holds (:func:`torch_conslaw.laws.matrix_balance`).
+
+The readers below say which entries of a parameter a law reads, one row per unit (or per tie
+class): ``Rows(idx)`` reads ``w[idx]`` (a ``Linear`` weight's output rows, a bias, γ, β, a
+convolution's output channels), ``Columns(idx)`` reads ``w[:, idx]`` with the unit axis moved
+first (a ``Linear`` weight's input columns, a ``Conv1D`` weight [in, out]'s output columns).
+``idx`` has one row per law: a unit index, or a [classes, members, positions] block.
+
+Example:
+    >>> import torch
+    >>> w = torch.arange(6.0).reshape(2, 3)
+    >>> Rows(torch.tensor([1]))(w).tolist(), Columns(torch.tensor([[0, 2]]))(w).shape
+    ([[3.0, 4.0, 5.0]], torch.Size([1, 2, 2]))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Rows", "Columns"]
+
+
+class Rows:
+    """Read ``w[idx]`` (a 1-D ``w`` gets a trailing axis, so a bias is one column per unit)."""
+
+    def __init__(self, idx: Tensor) -> None:
+        self.idx = idx.to(torch.long)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        out = w[self.idx.to(w.device)]
+        return out.unsqueeze(-1) if w.dim() == 1 else out
+
+    def __repr__(self) -> str:
+        return f"Rows({tuple(self.idx.shape)})"
+
+
+class Columns:
+    """Read ``w[:, idx]`` with the unit axes first (``[*idx.shape, w.shape[0], *w.shape[2:]]``)."""
+
+    def __init__(self, idx: Tensor) -> None:
+        self.idx = idx.to(torch.long)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        out = w[:, self.idx.to(w.device)]
+        return out.movedim(0, self.idx.dim())
+
+    def __repr__(self) -> str:
+        return f"Columns({tuple(self.idx.shape)})"

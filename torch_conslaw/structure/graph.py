@@ -1,0 +1,238 @@
+"""Op-graph capture: what a model computes on an example input, one torch function at a time.
+
+One quiet forward pass (eval mode, no gradients, RNG state restored, so training is
+unaffected) runs under a ``TorchFunctionMode`` that records every top-level torch function
+and tensor method: ``F.linear``, ``torch.addmm`` (the Hugging Face ``Conv1D``), ``.view``,
+``__getitem__``, ``torch.matmul``, ``F.scaled_dot_product_attention``, ``.mul`` … Modules
+are not leaves: every module is seen through the ops it runs, so an ``RMSNorm`` class is
+``pow → mean → rsqrt → mul`` by its weight and an activation class is its function.
+
+Each tensor gets a value id; an op stores its function, its arguments with tensors replaced
+by :class:`Val` references (plain numbers, shapes, slices and dtypes kept as they are), the
+shapes of its values, and which parameter each parameter argument is. Small integer and
+boolean tensors (indices, masks) keep their values, so index ops can be replayed.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> g = capture(nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.randn(4, 3))
+    >>> [op.name for op in g.ops]
+    ['linear', 'relu']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Val", "Op", "OpGraph", "capture"]
+
+_KEEP_VALUES_MAX = 1 << 16  # integer/bool tensors up to this size keep their values
+
+
+@dataclass(frozen=True)
+class Val:
+    """A reference to a recorded tensor value (``vid``) inside an op's arguments."""
+
+    vid: int
+
+
+@dataclass
+class Op:
+    """One recorded call: ``name`` (``linear``, ``view``, ``__getitem__``, ...), the callable,
+    the arguments with tensors as :class:`Val`, the value ids read (``inputs``) and written
+    (``outputs``, in the structure of the result as ``out``)."""
+
+    index: int
+    name: str
+    func: Any
+    args: tuple
+    kwargs: dict
+    inputs: list[int]
+    out: Any
+    outputs: list[int]
+    module: str = ""  # path of the innermost module running when the op was called
+
+
+@dataclass
+class OpGraph:
+    """The captured graph: ``ops`` in call order, ``shapes`` / ``dtypes`` of every value,
+    ``params`` (value id → qualified parameter name), ``inputs`` / ``outputs`` (value ids),
+    ``consts`` (kept values of small integer tensors), ``users`` (value id → ops reading it,
+    live ops only) and ``live`` (ops whose result reaches the output)."""
+
+    ops: list[Op]
+    shapes: dict[int, tuple[int, ...]]
+    dtypes: dict[int, torch.dtype]
+    params: dict[int, str]
+    inputs: list[int]
+    outputs: list[int]
+    consts: dict[int, Tensor]
+    users: dict[int, list[int]] = field(default_factory=dict)
+    live: set[int] = field(default_factory=set)
+
+    def param_uses(self) -> dict[str, int]:
+        """How many live ops read each parameter (a law needs exactly one)."""
+        counts: dict[str, int] = {}
+        for vid, name in self.params.items():
+            counts[name] = counts.get(name, 0) + len(self.users.get(vid, []))
+        return counts
+
+
+def _flat(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flat(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _flat(o)
+    else:
+        yield obj
+
+
+class _Capture(TorchFunctionMode):
+    def __init__(self, graph: OpGraph, param_names: dict[int, str]) -> None:
+        super().__init__()
+        self.g = graph
+        self.param_names = param_names
+        self.vid_of: dict[int, int] = {}
+        self.keep: list[Tensor] = []  # tensors stay alive during capture: ids are not reused
+        self.stack: list[str] = []  # module paths being run (forward pre/post hooks)
+
+    def value(self, t: Tensor) -> int:
+        """The value id of ``t``, registering parameters and unseen tensors (constants)."""
+        vid = self.vid_of.get(id(t))
+        if vid is None:
+            vid = self.new_value(t)
+            name = self.param_names.get(id(t))
+            if name is not None:
+                self.g.params[vid] = name
+        return vid
+
+    def new_value(self, t: Tensor) -> int:
+        vid = len(self.g.shapes)
+        self.g.shapes[vid] = tuple(t.shape)
+        self.g.dtypes[vid] = t.dtype
+        if not t.is_floating_point() and not t.is_complex() and t.numel() <= _KEEP_VALUES_MAX:
+            self.g.consts[vid] = t.detach().clone()
+        self.vid_of[id(t)] = vid
+        self.keep.append(t)
+        return vid
+
+    def refs(self, obj: Any, inputs: list[int]) -> Any:
+        if isinstance(obj, Tensor):
+            vid = self.value(obj)
+            inputs.append(vid)
+            return Val(vid)
+        if isinstance(obj, tuple):
+            return tuple(self.refs(o, inputs) for o in obj)
+        if isinstance(obj, list):
+            return [self.refs(o, inputs) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self.refs(v, inputs) for k, v in obj.items()}
+        return obj
+
+    def outs(self, obj: Any, outputs: list[int]) -> Any:
+        if isinstance(obj, Tensor):
+            vid = self.new_value(obj)
+            outputs.append(vid)
+            return Val(vid)
+        if isinstance(obj, (tuple, list)):
+            return tuple(self.outs(o, outputs) for o in obj)
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        if name == "__get__":  # a property such as x.T / x.mT
+            name = "get_" + getattr(getattr(func, "__self__", None), "__name__", "?")
+        inputs: list[int] = []
+        rargs = self.refs(args, inputs)
+        rkwargs = self.refs(kwargs, inputs)
+        out = func(*args, **kwargs)
+        if name.startswith("get_") and not isinstance(out, Tensor):
+            return out  # x.shape, x.dtype, ...
+        inplace = name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+        outputs: list[int] = []
+        if inplace and args and isinstance(args[0], Tensor):
+            rout: Any = self.outs(args[0], outputs)  # the mutated tensor is a new value
+        else:
+            rout = self.outs(out, outputs)
+        if outputs:
+            module = self.stack[-1] if self.stack else ""
+            self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
+        return out
+
+
+def _split_input(example_input: Any) -> tuple[tuple, dict]:
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
+def capture(model: nn.Module, example_input: Any) -> OpGraph:
+    """Record what ``model`` computes on ``example_input`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments), quietly: eval mode, no gradients, the RNG
+    state restored and the train flags put back, so training is unaffected.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> g = capture(nn.Linear(3, 2), torch.randn(4, 3))
+        >>> sorted(g.params.values())
+        ['bias', 'weight']
+    """
+    args, kwargs = _split_input(example_input)
+    graph = OpGraph([], {}, {}, {}, [], [], {})
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    rec = _Capture(graph, names)
+    for a in _flat((args, kwargs)):
+        if isinstance(a, Tensor):
+            graph.inputs.append(rec.value(a))
+    training = {m: m.training for m in model.modules()}
+    handles = []
+
+    def enter(path: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            rec.stack.append(path)
+        return hook
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        rec.stack.pop()
+
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(path)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
+            out = model(*args, **kwargs)
+        graph.outputs = [rec.vid_of[id(o)] for o in _flat(out) if isinstance(o, Tensor) and id(o) in rec.vid_of]
+    finally:
+        for m, flag in training.items():
+            m.train(flag)
+        for h in handles:
+            h.remove()
+        rec.keep.clear()
+    _link(graph)
+    return graph
+
+
+def _link(graph: OpGraph) -> None:
+    """Mark the live ops (their result reaches an output) and index the users of each value."""
+    need = set(graph.outputs)
+    for op in reversed(graph.ops):
+        if any(v in need for v in op.outputs):
+            graph.live.add(op.index)
+            need.update(op.inputs)
+    for op in graph.ops:
+        if op.index in graph.live:
+            for v in op.inputs:
+                graph.users.setdefault(v, []).append(op.index)

@@ -1,0 +1,924 @@
+"""Symmetry rules over a captured op graph → law sites, with a reason for every refusal.
+
+A *site* is the set of units one op produces with trainable weights: the rows of ``F.linear``,
+the columns of a ``Conv1D`` weight read by ``torch.addmm`` / ``x @ W``, the output channels of
+a convolution, the (γ, β) of a normalization's affine part (``F.layer_norm``,
+``F.batch_norm``, ``F.group_norm``, ``F.rms_norm``, or a hand-written RMSNorm: ``weight * x``
+with a 1-D parameter). Every site is followed forward through the graph with a *probe*: an
+integer tensor shaped like the value, holding at every element the unit it carries (−1 for
+none). Shape ops (view, reshape, transpose, permute, flatten, split, chunk, cat, indexing,
+head splits and merges, ``repeat_kv``) are replayed on the probe, so the feature axis is
+followed through any of them. Each op either keeps the symmetry (the probe moves on), ends it
+in a consumer, or breaks it (a barrier, whose reason is kept):
+
+* **rescaling** (:mod:`torch_conslaw.laws.families.rescaling`): elementwise positively
+  homogeneous ops (ReLU, |x|, x², LeakyReLU) multiply the degree; a product with a factor
+  that does not carry the site (a gate σ(g), cos/sin, a mask) keeps per-unit rescaling; an
+  addition of two arms carrying the same units keeps it, tying units that meet at one
+  position (RoPE's ``q·cos + rotate_half(q)·sin`` ties i with i + d_h/2); reductions and
+  pooling over axes that carry no unit keep it. Only linear ops keep the mixing of the matrix
+  law; an op that acts differently on different slices (``P @ V`` per head) splits its blocks.
+* **consumers**: ``F.linear`` / ``addmm`` / ``x @ W`` / a convolution with a trainable weight
+  reading the unit axis (its columns become the outgoing rows);
+* **attention** (:mod:`torch_conslaw.laws.families.attention`): a product of two site values
+  over their unit axes (``q @ k.transpose``, ``F.scaled_dot_product_attention``, with
+  ``enable_gqa``) pairs query units with key units position by position; the value operand
+  of ``P @ V`` / SDPA passes through with one block per head.
+* **barriers**: anything else that reads a site value (a non-homogeneous activation, a
+  normalization, a residual addition, softmax over the units, ``detach``, the model output).
+
+Laws are then assembled from the events of every unit (:func:`find_graph_laws`); a parameter
+read by more than one op (tied embeddings), frozen or shared skips its laws with a reason.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> pairs, skipped = find_graph_laws(m, torch.randn(5, 4))
+    >>> [(p.kind, p.units, p.degree) for p in pairs]
+    [('unit', 3, 1.0)]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..catalogue import RowReader
+from ..laws.families.rescaling import Columns, Rows
+from .finder import Pair, Skipped
+from .graph import Op, OpGraph, Val, capture
+
+__all__ = ["find_graph_laws"]
+
+# ---------------------------------------------------------------------------------------------
+# op tables
+# ---------------------------------------------------------------------------------------------
+
+_SHAPE = {
+    "view", "reshape", "permute", "transpose", "t", "flatten", "unflatten", "expand", "expand_as",
+    "view_as", "reshape_as", "__getitem__", "select", "narrow", "split", "chunk", "unbind",
+    "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes", "swapdims", "repeat",
+    "repeat_interleave", "cat", "concat", "concatenate", "stack", "index_select", "get_T",
+    "get_mT", "tile", "split_with_sizes", "tensor_split", "flip", "roll", "contiguous", "clone",
+}
+_CAST = {"to", "type", "float", "double", "half", "bfloat16", "type_as", "identity"}
+_DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+_HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prelu": 1.0, "rrelu": 1.0}
+_LINEAR_UNARY = {"neg", "negative", "__neg__", "positive", "__pos__"}
+_MUL = {"mul", "__mul__", "__rmul__", "multiply"}
+_DIV = {"div", "__truediv__", "true_divide", "divide"}
+_ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
+_SUM = {"sum": True, "mean": True, "amax": False, "max": False}
+_POOL = {
+    "avg_pool1d": True, "avg_pool2d": True, "avg_pool3d": True, "adaptive_avg_pool1d": True,
+    "adaptive_avg_pool2d": True, "adaptive_avg_pool3d": True, "max_pool1d": False,
+    "max_pool2d": False, "max_pool3d": False, "adaptive_max_pool1d": False,
+    "adaptive_max_pool2d": False, "adaptive_max_pool3d": False, "max_pool1d_with_indices": False,
+    "max_pool2d_with_indices": False, "max_pool3d_with_indices": False,
+}
+_MATMUL = {"matmul", "__matmul__", "mm", "bmm", "__rmatmul__"}
+_NORMS = {"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
+          "softmax", "log_softmax", "local_response_norm"}
+_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
+               "new_empty", "new_full", "rand_like", "randn_like", "randint_like"}
+_CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+
+
+def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
+    if len(op.args) > pos:
+        return op.args[pos]
+    return op.kwargs.get(name, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# sites, carries, events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Site:
+    """Units produced by one op: ``readers`` are (parameter, 'rows' | 'cols') read per unit."""
+
+    sid: int
+    op: int
+    out: int
+    name: str
+    units: int
+    axis: int
+    readers: list[tuple[str, str]]
+    mixing: bool  # the producer is a linear map (a matrix law may hold)
+    kind: Literal["unit", "channel"]
+
+
+@dataclass
+class _Carry:
+    probe: Tensor
+    matrix: bool
+    degree: float
+
+
+@dataclass
+class _Use:
+    """A consumer with a trainable weight reading the units of one site."""
+
+    op: int
+    param: str
+    layout: str  # 'cols' (Linear / conv weight) or 'rows' (Conv1D / x @ W weight)
+    fiber: Tensor  # unit carried at each input position of the contraction
+    matrix: bool
+    degree: float
+
+
+@dataclass
+class _Side:
+    fibers: Tensor  # [batch, K]: unit of this side at each contraction position, per slice
+    matrix: bool
+    degree: float
+
+
+@dataclass
+class _SiteState:
+    site: _Site
+    ties: list[int]
+    blocks: list[tuple]
+    kills: dict[int, str] = field(default_factory=dict)
+    uses: list[_Use] = field(default_factory=list)
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _union(parent: list[int], i: int, j: int) -> None:
+    a, b = _find(parent, i), _find(parent, j)
+    if a != b:
+        parent[max(a, b)] = min(a, b)
+
+
+def _module_of(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skipped]]:
+    sites: list[_Site] = []
+    skipped: list[Skipped] = []
+
+    def param(x: Any) -> str | None:
+        return g.params.get(x.vid) if isinstance(x, Val) else None
+
+    def add(op: Op, out: int, units: int, axis: int, readers: list[tuple[str, str]], mixing: bool,
+            kind: Literal["unit", "channel"], bias: Any = None) -> None:
+        if bias is not None and isinstance(bias, Val) and param(bias) is None:
+            skipped.append(Skipped(_module_of(readers[0][0]), None, (
+                f"{readers[0][0]} is used by {op.name} with a bias that is not a parameter: its "
+                "units cannot be rescaled")))
+            return
+        if bias is not None and param(bias) is not None:
+            readers = readers + [(param(bias), "rows")]
+        sites.append(_Site(len(sites), op.index, out, _module_of(readers[0][0]), units, axis, readers, mixing, kind))
+
+    for op in g.ops:
+        if op.index not in g.live or len(op.outputs) != 1:
+            continue
+        out = op.outputs[0]
+        if op.name == "linear":
+            w = param(_arg(op, 1, "weight"))
+            if w is not None and len(g.shapes[op.args[1].vid if len(op.args) > 1 else op.kwargs["weight"].vid]) == 2:
+                add(op, out, g.shapes[g_vid(op, 1, "weight")][0], -1, [(w, "rows")], True, "unit", _arg(op, 2, "bias"))
+        elif op.name == "addmm":
+            w = param(_arg(op, 2, "mat2"))
+            if w is not None and param(_arg(op, 1, "mat1")) is None:
+                add(op, out, g.shapes[g_vid(op, 2, "mat2")][1], -1, [(w, "cols")], True, "unit", _arg(op, 0, "input"))
+        elif op.name in ("matmul", "__matmul__", "mm"):
+            a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
+            w = param(b)
+            if w is not None and param(a) is None and len(g.shapes[b.vid]) == 2:
+                add(op, out, g.shapes[b.vid][1], -1, [(w, "cols")], True, "unit")
+        elif op.name in _CONV:
+            w = param(_arg(op, 1, "weight"))
+            if w is not None:
+                add(op, out, g.shapes[g_vid(op, 1, "weight")][0], 1, [(w, "rows")], True, "channel", _arg(op, 2, "bias"))
+        elif op.name in ("layer_norm", "rms_norm"):
+            shape = _arg(op, 1, "normalized_shape")
+            w = param(_arg(op, 2, "weight"))
+            if w is not None and len(tuple(shape)) == 1:
+                bias = _arg(op, 3, "bias") if op.name == "layer_norm" else None
+                add(op, out, int(tuple(shape)[0]), -1, [(w, "rows")], False, "unit", bias)
+        elif op.name in ("batch_norm", "instance_norm"):
+            w = param(_arg(op, 3, "weight"))
+            if w is not None:
+                add(op, out, g.shapes[g_vid(op, 3, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 4, "bias"))
+        elif op.name == "group_norm":
+            w = param(_arg(op, 2, "weight"))
+            if w is not None:
+                add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
+        elif op.name in _MUL and len(op.args) == 2:
+            a, b = op.args
+            pa, pb = param(a), param(b)
+            if (pa is None) == (pb is None):
+                continue
+            gamma = a if pa is not None else b
+            n = g.shapes[gamma.vid]
+            if len(n) != 1 or g.shapes[out][-1:] != n or n[0] < 1:
+                continue
+            # a following ``+ β`` with a 1-D parameter of the same size is the affine bias
+            users = g.users.get(out, [])
+            beta, site_out = None, out
+            if len(users) == 1 and g.ops[users[0]].name in ("add", "__add__", "__radd__") and len(g.ops[users[0]].args) == 2:
+                other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
+                if other and param(other[0]) is not None and g.shapes[other[0].vid] == n:
+                    beta, site_out = other[0], g.ops[users[0]].outputs[0]
+            add(op, site_out, n[0], -1, [(param(gamma), "rows")], False, "unit", beta)
+    return [s for s in sites if all(r[0] in trainable for r in s.readers)], skipped
+
+
+def g_vid(op: Op, pos: int, name: str) -> int:
+    x = _arg(op, pos, name)
+    assert isinstance(x, Val)
+    return x.vid
+
+
+# ---------------------------------------------------------------------------------------------
+# propagation of one site
+# ---------------------------------------------------------------------------------------------
+
+
+_OUTPUT = "the units reach the model output"  # the last layer: no law, and nothing to report
+
+
+class _Barrier(Exception):
+    pass
+
+
+def _varying_axes(p: Tensor) -> list[int]:
+    """Axes along which the probe changes (the axes that carry units)."""
+    axes = []
+    for d in range(p.dim()):
+        if p.shape[d] > 1 and not bool((p == p.narrow(d, 0, 1)).all()):
+            axes.append(d)
+    return axes
+
+
+def _units(p: Tensor) -> list[int]:
+    return [int(u) for u in torch.unique(p[p >= 0])]
+
+
+class _Propagation:
+    """Follows one site through the graph (see the module docstring)."""
+
+    def __init__(self, g: OpGraph, site: _Site, sides: dict[int, dict[str, list[tuple[int, _Side]]]]) -> None:
+        self.g = g
+        self.st = _SiteState(site, list(range(site.units)), [()] * site.units)
+        self.sides = sides  # op index → {'A' | 'B': side}, shared by all propagations
+        self.state: dict[int, _Carry] = {}
+
+    def run(self) -> _SiteState:
+        site, g = self.st.site, self.g
+        shape = g.shapes[site.out]
+        axis = site.axis % len(shape)
+        view = [1] * len(shape)
+        view[axis] = site.units
+        probe = torch.arange(site.units).view(view).expand(shape).contiguous()
+        self.state[site.out] = _Carry(probe, site.mixing, 1.0)
+        start = g.ops.index(next(o for o in g.ops if site.out in o.outputs)) + 1
+        for op in g.ops[start:]:
+            if op.index not in g.live:
+                continue
+            carried = [v for v in op.inputs if v in self.state]
+            if not carried:
+                continue
+            try:
+                self.step(op, carried)
+            except _Barrier as err:
+                for v in carried:
+                    self.kill(self.state[v].probe, f"{self._op_text(op)}: {err}")
+        for v in g.outputs:
+            if v in self.state:
+                self.kill(self.state[v].probe, _OUTPUT)
+        return self.st
+
+    def kill(self, probe: Tensor, reason: str) -> None:
+        for u in _units(probe):
+            self.st.kills.setdefault(u, reason)
+
+    def _op_text(self, op: Op) -> str:
+        where = f" in {op.module}" if op.module else ""
+        return f"{op.name}{where} (op {op.index})"
+
+    def refine(self, probe: Tensor, batch_dims: int) -> None:
+        """Split the mixing blocks by the slices of the leading ``batch_dims`` axes."""
+        flat = probe.reshape(-1, *probe.shape[batch_dims:]).reshape(probe.shape[:batch_dims].numel(), -1)
+        member: dict[int, list[int]] = defaultdict(list)
+        for s in range(flat.shape[0]):
+            for u in _units(flat[s]):
+                member[u].append(s)
+        for u, slices in member.items():
+            self.st.blocks[u] = self.st.blocks[u] + (tuple(slices),)
+
+    def sub(self, obj: Any) -> Any:
+        """Arguments with carried values replaced by probes, others by −1 probes / constants."""
+        if isinstance(obj, Val):
+            c = self.state.get(obj.vid)
+            if c is not None:
+                return c.probe
+            if obj.vid in self.g.consts:
+                return self.g.consts[obj.vid]
+            return torch.full(self.g.shapes[obj.vid], -1, dtype=torch.long)
+        if isinstance(obj, tuple):
+            return tuple(self.sub(o) for o in obj)
+        if isinstance(obj, list):
+            return [self.sub(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self.sub(v) for k, v in obj.items()}
+        return obj
+
+    def emit(self, op: Op, out: Any, matrix: bool, degree: float) -> None:
+        """Carry the probes of ``out`` (matching the op's outputs) onward."""
+        probes = [out] if isinstance(out, Tensor) else [o for o in _flat(out) if isinstance(o, Tensor)]
+        if len(probes) != len(op.outputs):
+            raise _Barrier("could not follow the units through it")
+        for v, p in zip(op.outputs, probes):
+            if tuple(p.shape) != self.g.shapes[v]:
+                raise _Barrier("could not follow the units through it (shape mismatch)")
+            if bool((p >= 0).any()):
+                self.state[v] = _Carry(p.contiguous(), matrix, degree)
+
+    def step(self, op: Op, carried: list[int]) -> None:
+        name = op.name
+        if name.endswith("_") and not name.endswith("__"):
+            raise _Barrier("an in-place op on the units")
+        cs = [self.state[v] for v in carried]
+        matrix = all(c.matrix for c in cs)
+        degree = cs[0].degree
+        if name in _SHAPE_ONLY:
+            return
+        if name == "detach":
+            raise _Barrier("detach stops the gradient")
+        if name in _SHAPE or name in _CAST or name in _DROPOUT:
+            if any(c.degree != degree for c in cs):
+                raise _Barrier("joins units of different homogeneity degrees")
+            if name in _CAST or name in _DROPOUT:
+                first = self.state[carried[0]].probe
+                if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+                    raise _Barrier("the units are not its main input")
+                # dropout in training multiplies each element by its own mask: per-unit only
+                self.emit(op, first, matrix and name not in _DROPOUT, degree)
+                return
+            try:
+                out = op.func(*self.sub(op.args), **self.sub(op.kwargs))
+            except Exception as err:  # a replay that fails is a refusal, not a crash
+                raise _Barrier(f"could not replay it on the unit probe ({type(err).__name__})") from err
+            self.emit(op, out, matrix, degree)
+            return
+        if name in _LINEAR_UNARY:
+            self.emit(op, cs[0].probe, matrix, degree)
+            return
+        if name in _HOMOGENEOUS or name == "clamp" or name == "pow":
+            k = self._homogeneous_degree(op)
+            self.emit(op, cs[0].probe, False, degree * k)
+            return
+        if name in _MUL or name in _DIV:
+            self._mul(op, carried, name in _DIV)
+            return
+        if name in _ADD:
+            self._add(op, carried)
+            return
+        if name in _SUM:
+            self._reduce(op, carried, _SUM[name])
+            return
+        if name in _POOL:
+            self._pool(op, carried, _POOL[name])
+            return
+        if name in _NORMS:
+            raise _Barrier(f"{name} renormalizes the units (their rescaling is only approximately a symmetry)")
+        if name in ("linear", "addmm") or name in _CONV:
+            self._consume(op, carried)
+            return
+        if name in _MATMUL:
+            self._matmul(op, carried)
+            return
+        if name == "scaled_dot_product_attention":
+            self._sdpa(op, carried)
+            return
+        raise _Barrier(f"{name} is not known to keep the rescaling of the units")
+
+    # -- elementwise ------------------------------------------------------------------------
+
+    def _homogeneous_degree(self, op: Op) -> float:
+        if op.name == "pow":
+            p = _arg(op, 1, "exponent")
+            if isinstance(p, (int, float)) and p > 0 and float(p).is_integer():
+                return float(p)
+            raise _Barrier("a power that is not a positive integer is not positively homogeneous")
+        if op.name == "clamp":
+            lo, hi = _arg(op, 1, "min"), _arg(op, 2, "max")
+            if lo == 0 and hi is None:
+                return 1.0
+            raise _Barrier("clamp with bounds other than min=0 is not positively homogeneous")
+        if op.name == "leaky_relu" or op.name == "prelu" or op.name == "rrelu":
+            if op.name == "prelu" and not isinstance(_arg(op, 1, "weight"), Val):
+                raise _Barrier("prelu without a weight tensor")
+        return _HOMOGENEOUS[op.name]
+
+    def _operands(self, op: Op) -> tuple[Any, Any]:
+        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
+        if op.name in ("__rmul__", "__radd__"):
+            a, b = b, a
+        return a, b
+
+    def _probe_of(self, x: Any, shape: tuple[int, ...]) -> Tensor | None:
+        if isinstance(x, Val) and x.vid in self.state:
+            return self.state[x.vid].probe.expand(shape)
+        return None
+
+    def _mul(self, op: Op, carried: list[int], divide: bool) -> None:
+        a, b = self._operands(op)
+        shape = self.g.shapes[op.outputs[0]]
+        pa, pb = self._probe_of(a, shape), self._probe_of(b, shape)
+        if divide and pb is not None:
+            raise _Barrier("divides by the units")
+        if pa is not None and pb is not None:
+            ca, cb = self.state[a.vid], self.state[b.vid]
+            if bool(((pa >= 0) != (pb >= 0)).any()):
+                raise _Barrier("multiplies units by values that do not carry them")
+            for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
+                _union(self.st.ties, u, w)
+            self.emit(op, pa, False, ca.degree + cb.degree)
+            return
+        carry = self.state[a.vid] if pa is not None else self.state[b.vid]
+        other = b if pa is not None else a
+        probe = pa if pa is not None else pb
+        matrix = carry.matrix
+        if isinstance(other, Val):
+            oshape = self.g.shapes[other.vid]
+            if len(oshape) > 0:
+                padded = (1,) * (len(shape) - len(oshape)) + tuple(oshape)
+                if any(padded[d] > 1 for d in _varying_axes(probe)):
+                    matrix = False  # a factor that varies across the units: per-unit only
+        elif not isinstance(other, (int, float)):
+            raise _Barrier(f"multiplies the units by {type(other).__name__}")
+        self.emit(op, probe.contiguous(), matrix, carry.degree)
+
+    def _add(self, op: Op, carried: list[int]) -> None:
+        a, b = self._operands(op)
+        shape = self.g.shapes[op.outputs[0]]
+        pa, pb = self._probe_of(a, shape), self._probe_of(b, shape)
+        if pa is None or pb is None:
+            raise _Barrier(
+                "adds a term that does not scale with the units (a residual or skip connection, "
+                "a bias or a constant): no law crosses it")
+        ca, cb = self.state[a.vid], self.state[b.vid]
+        if ca.degree != cb.degree:
+            raise _Barrier("adds units of different homogeneity degrees")
+        if bool(((pa >= 0) != (pb >= 0)).any()):
+            raise _Barrier("adds units to values that do not carry them")
+        same = bool((pa == pb).all())
+        if not same:
+            for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
+                _union(self.st.ties, u, w)
+        self.emit(op, pa.contiguous(), ca.matrix and cb.matrix and same, ca.degree)
+
+    def _reduce(self, op: Op, carried: list[int], linear: bool) -> None:
+        if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+            raise _Barrier("the units are not its main input")
+        c = self.state[carried[0]]
+        dim = _arg(op, 1, "dim")
+        if dim is None or isinstance(dim, torch.dtype):
+            raise _Barrier("reduces over every axis, including the units")
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = [d % c.probe.dim() for d in dims]
+        if set(dims) & set(_varying_axes(c.probe)):
+            raise _Barrier("reduces over the axis that carries the units (it mixes them)")
+        keep = bool(_arg(op, 2, "keepdim", False))
+        out = c.probe
+        for d in sorted(dims, reverse=True):
+            out = out.narrow(d, 0, 1)
+            if not keep:
+                out = out.squeeze(d)
+        if op.name == "max" and len(op.outputs) == 2:
+            raise _Barrier("max with indices")
+        self.emit(op, out, c.matrix and linear, c.degree)
+
+    def _pool(self, op: Op, carried: list[int], linear: bool) -> None:
+        if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+            raise _Barrier("the units are not its main input")
+        c = self.state[carried[0]]
+        if any(d >= 2 for d in _varying_axes(c.probe)) or c.probe.dim() < 3:
+            raise _Barrier("pools over the axis that carries the units")
+        out_shape = self.g.shapes[op.outputs[0]]
+        base = c.probe[(slice(None), slice(None)) + (slice(0, 1),) * (c.probe.dim() - 2)]
+        probes = [base.expand(out_shape)]
+        if len(op.outputs) == 2:
+            raise _Barrier("pooling with indices")
+        self.emit(op, probes[0], c.matrix and linear, c.degree)
+
+    # -- consumers ------------------------------------------------------------------------------
+
+    def _consume(self, op: Op, carried: list[int]) -> None:
+        name = op.name
+        if name == "addmm":
+            x, w = _arg(op, 1, "mat1"), _arg(op, 2, "mat2")
+            layout, axis = "rows", -1
+            if any(k in op.kwargs and op.kwargs[k] != 1 for k in ("beta",)):
+                raise _Barrier("addmm with beta != 1")
+        else:
+            x, w = _arg(op, 0, "input"), _arg(op, 1, "weight")
+            layout, axis = "cols", (-1 if name == "linear" else 1)
+            if name in _CONV and _arg(op, 6, "groups", 1) != 1:
+                raise _Barrier("a grouped convolution reads only some channels per output")
+        if not (isinstance(x, Val) and x.vid in self.state) or len(carried) != 1:
+            raise _Barrier("the units are not its input")
+        if not isinstance(w, Val) or w.vid not in self.g.params:
+            raise _Barrier("its weight is not a parameter")
+        self._use(op, self.state[x.vid], self.g.params[w.vid], layout, axis)
+
+    def _use(self, op: Op, c: _Carry, param: str, layout: str, axis: int) -> None:
+        p = c.probe.movedim(axis, -1)
+        flat = p.reshape(-1, p.shape[-1])
+        fiber = flat[0]
+        if not bool((flat == fiber).all()):
+            raise _Barrier("reads different units at different positions (no column ↔ unit map)")
+        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix, c.degree))
+
+    def _matmul(self, op: Op, carried: list[int]) -> None:
+        a, b = self._operands(op)
+        if op.name == "__rmatmul__":
+            a, b = b, a
+        g = self.g
+        if isinstance(b, Val) and b.vid in g.params and isinstance(a, Val) and a.vid in self.state:
+            if len(g.shapes[b.vid]) != 2:
+                raise _Barrier("a product with a parameter that is not a matrix")
+            self._use(op, self.state[a.vid], g.params[b.vid], "rows", -1)
+            return
+        if isinstance(a, Val) and a.vid in g.params:
+            raise _Barrier("a parameter multiplies the units from the left")
+        sa = self.state.get(a.vid) if isinstance(a, Val) else None
+        sb = self.state.get(b.vid) if isinstance(b, Val) else None
+        if (sa is not None and sa.probe.dim() < 2) or (sb is not None and sb.probe.dim() < 2):
+            raise _Barrier("a vector product")
+        out_shape = g.shapes[op.outputs[0]]
+        batch = out_shape[:-2]
+        emitted = None
+        if sa is not None:
+            va = _varying_axes(sa.probe)
+            if sa.probe.dim() - 1 not in va:  # units on rows / batch: they pass
+                emitted = self._pass_through(sa, sa.probe[..., :1], out_shape, len(batch))
+            elif sa.probe.dim() - 2 not in va:  # units along the contraction: one side of a pairing
+                self._side(op, "A", sa, sa.probe[..., 0, :], batch)
+            else:
+                raise _Barrier("the units lie on both axes of a matrix product")
+        if sb is not None:
+            vb = _varying_axes(sb.probe)
+            if sb.probe.dim() - 2 not in vb:  # units on columns: they pass (P @ V)
+                if emitted is not None:
+                    raise _Barrier("both factors carry passing units")
+                emitted = self._pass_through(sb, sb.probe[..., :1, :], out_shape, len(batch))
+            elif sb.probe.dim() - 1 not in vb:
+                self._side(op, "B", sb, sb.probe[..., :, 0], batch)
+            else:
+                raise _Barrier("the units lie on both axes of a matrix product")
+        if emitted is not None:
+            if op.index in self.sides:
+                raise _Barrier("a product of passing units with paired units")
+            self.emit(op, emitted[0], emitted[1], emitted[2])
+
+    def _pass_through(self, c: _Carry, base: Tensor, out_shape: tuple[int, ...], nbatch: int) -> tuple[Tensor, bool, float]:
+        probe = base.expand(out_shape)
+        self.refine(probe, nbatch)
+        return probe, c.matrix, c.degree
+
+    def _side(self, op: Op, which: str, c: _Carry, fibers: Tensor, batch: tuple[int, ...]) -> None:
+        fibers = fibers.expand(*batch, fibers.shape[-1]).reshape(-1, fibers.shape[-1])
+        self.sides.setdefault(op.index, {}).setdefault(which, []).append((self.st.site.sid, _Side(fibers, c.matrix, c.degree)))
+
+    def _sdpa(self, op: Op, carried: list[int]) -> None:
+        q, k, v = _arg(op, 0, "query"), _arg(op, 1, "key"), _arg(op, 2, "value")
+        mask = _arg(op, 3, "attn_mask")
+        if isinstance(mask, Val) and mask.vid in self.state:
+            raise _Barrier("the units enter the attention mask")
+        gqa = bool(op.kwargs.get("enable_gqa", False))
+        g = self.g
+        qs, ks = g.shapes[q.vid], g.shapes[k.vid]
+        reps = qs[-3] // ks[-3] if gqa and len(qs) >= 3 and len(ks) >= 3 else 1
+        out_shape = g.shapes[op.outputs[0]]
+
+        def heads(p: Tensor) -> Tensor:
+            return p.repeat_interleave(reps, dim=-3) if reps > 1 else p
+
+        emitted = None
+        for which, x in (("A", q), ("B", k)):
+            if isinstance(x, Val) and x.vid in self.state:
+                c = self.state[x.vid]
+                if c.probe.dim() - 2 in _varying_axes(c.probe):
+                    raise _Barrier("the units vary across tokens")
+                fib = c.probe[..., 0, :]
+                if which == "B":
+                    fib = heads(fib.unsqueeze(-2)).squeeze(-2) if reps > 1 else fib
+                self._side(op, which, c, fib, tuple(out_shape[:-2]))
+        if isinstance(v, Val) and v.vid in self.state:
+            c = self.state[v.vid]
+            if c.probe.dim() - 2 in _varying_axes(c.probe):
+                raise _Barrier("the value units vary across tokens")
+            base = heads(c.probe[..., :1, :])
+            emitted = self._pass_through(c, base, out_shape, len(out_shape) - 2)
+        if emitted is not None:
+            self.emit(op, *emitted)
+
+
+def _flat(obj: Any) -> Any:
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _flat(o)
+    else:
+        yield obj
+
+
+# ---------------------------------------------------------------------------------------------
+# law assembly
+# ---------------------------------------------------------------------------------------------
+
+
+def _incoming(site: _Site, idx: Tensor) -> list[RowReader]:
+    return [(name, Rows(idx) if how == "rows" else Columns(idx)) for name, how in site.readers]
+
+
+def _outgoing(use: _Use, idx: Tensor) -> RowReader:
+    return (use.param, Columns(idx) if use.layout == "cols" else Rows(idx))
+
+
+def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
+    """[units, positions] input positions of each unit; None when their counts differ."""
+    rows = [torch.nonzero(fiber == u).flatten() for u in units]
+    if len({len(r) for r in rows}) != 1:
+        return None
+    return torch.stack(rows)
+
+
+def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str]]:
+    """Laws of the units of one site read by linear consumers only."""
+    site = st.site
+    by_unit: dict[int, list[_Use]] = defaultdict(list)
+    for use in st.uses:
+        for u in _units(use.fiber):
+            by_unit[u].append(use)
+    pairs: list[Pair] = []
+    problems: list[str] = []
+    # group units that can share one law: same consumers, same degree, same mixing block / tie class
+    classes: dict[tuple, list[int]] = defaultdict(list)
+    for u in alive:
+        uses = by_unit.get(u)
+        if not uses:
+            continue
+        degrees = {x.degree for x in uses}
+        if len(degrees) > 1:
+            problems.append(f"unit {u} reaches consumers with different homogeneity degrees")
+            continue
+        sig = tuple((x.op, int((x.fiber == u).sum())) for x in uses)
+        matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0}
+        root = _find(st.ties, u)
+        classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else root)].append(u)
+    # a tie class must be whole and uniform, else drop it
+    members: dict[int, list[int]] = defaultdict(list)
+    for u in range(site.units):
+        members[_find(st.ties, u)].append(u)
+    groups: dict[tuple, list[list[int]]] = defaultdict(list)
+    for (sig, matrix, degree, key), units in classes.items():
+        if matrix:
+            if any(len(members[_find(st.ties, u)]) > 1 for u in units):
+                matrix = False
+            else:
+                groups[(sig, True, degree, key)].append(sorted(units))
+                continue
+        if not matrix:
+            for u in units:
+                whole = members[_find(st.ties, u)]
+                if u != min(whole):
+                    continue
+                if sorted(whole) != sorted(x for x in whole if x in units):
+                    problems.append(f"units {whole} are tied but reach different consumers")
+                    continue
+                groups[(sig, False, degree, len(whole))].append(sorted(whole))
+    for (sig, matrix, degree, _), blocks in groups.items():
+        uses = [next(x for x in st.uses if x.op == op_index) for op_index, _ in sig]
+        if matrix:
+            for units in blocks:
+                idx = torch.tensor(units)
+                out: list[RowReader] = []
+                for use in uses:
+                    cols = _cols(use.fiber, units)
+                    assert cols is not None
+                    out.append(_outgoing(use, cols))
+                pairs.append(_pair(site, uses, "matrix", degree, len(units), _incoming(site, idx), out,
+                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]"))
+        else:
+            idx = torch.tensor(blocks)  # [classes, members]
+            out = []
+            for use in uses:
+                cols = torch.stack([_cols(use.fiber, b) for b in blocks])  # type: ignore[misc]
+                out.append(_outgoing(use, cols))
+            tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
+            pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
+                               f"{site.name}→{_names(uses)}{tied}"))
+    return pairs, problems
+
+
+def _names(uses: list[_Use]) -> str:
+    return "+".join(dict.fromkeys(_module_of(u.param) for u in uses))
+
+
+def _pair(site: _Site, uses: list[_Use], kind: Any, degree: float, units: int,
+          incoming: list[RowReader], outgoing: list[RowReader], label: str) -> Pair:
+    consumers = tuple(dict.fromkeys(_module_of(u.param) for u in uses))
+    return Pair(
+        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree,
+        units=units, positions=1, incoming=tuple(incoming), outgoing=tuple(outgoing),
+        op_kinds=(), consumers=consumers, consumer_positions=tuple(1 for _ in consumers), label=label,
+    )
+
+
+def _pairing_laws(
+    op_index: int, entry: dict[str, list[tuple[int, _Side]]], states: dict[int, _SiteState]
+) -> tuple[list[Pair], list[tuple[int, int]], str | None]:
+    """Laws of the query/key units that one score product pairs position by position, the
+    units it claims, or the reason it gives none."""
+    if len(entry.get("A", [])) != 1 or len(entry.get("B", [])) != 1:
+        return [], [], "a factor of the score product is not computed by exactly one layer"
+    (sid_a, sa), (sid_b, sb) = entry["A"][0], entry["B"][0]
+    if sa.degree != 1.0 or sb.degree != 1.0:
+        return [], [], "a factor of the score product is not linear in its units"
+    qa, kb = sa.fibers, sb.fibers
+    if qa.shape != kb.shape or bool((qa < 0).any()) or bool((kb < 0).any()):
+        return [], [], "the factors of the score product hold values that no layer computes"
+    K = qa.shape[1]
+    # components: slices sharing a query or a key block share one M
+    parent: dict[tuple, tuple] = {}
+
+    def find(x: tuple) -> tuple:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    block_of: dict[tuple[int, int], tuple] = {}
+    for s in range(qa.shape[0]):
+        a, b = ("A", sid_a, tuple(qa[s].tolist())), ("B", sid_b, tuple(kb[s].tolist()))
+        for key in (a, b):
+            for u in key[2]:
+                if block_of.setdefault((key[1], u), key) != key:
+                    return [], [], "a unit enters the score product in two different head blocks"
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[ra] = rb
+    if len(set(block_of)) != len(block_of) or len(block_of) != sum(len(k[2]) for k in set(block_of.values())):
+        return [], [], "a unit appears twice in one head block"
+    comps: dict[tuple, list[tuple]] = defaultdict(list)
+    for key in set(block_of.values()):
+        comps[find(key)].append(key)
+    st_a, st_b = states[sid_a], states[sid_b]
+    pairs: list[Pair] = []
+    claimed = list(block_of)
+    for n, keys in enumerate(sorted(comps.values(), key=lambda ks: min(k[2] for k in ks))):
+        qs = sorted(k[2] for k in keys if k[0] == "A")
+        ks = sorted(k[2] for k in keys if k[0] == "B")
+        units = [(sid_a, u) for b in qs for u in b] + [(sid_b, u) for b in ks for u in b]
+        matrix = (sa.matrix and sb.matrix and st_a.site.mixing and st_b.site.mixing
+                  and all(_find(states[s].ties, u) == u and all(
+                      _find(states[s].ties, v) == v for v in range(states[s].site.units)
+                      if _find(states[s].ties, v) == u) for s, u in units)
+                  and len({st_a.blocks[u] for b in qs for u in b}) == 1
+                  and len({st_b.blocks[u] for b in ks for u in b}) == 1)
+        label = f"{st_a.site.name}·{st_b.site.name} heads {qs[0][0]}.."
+        if matrix:
+            inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor(b))]
+            out = [r for b in ks for r in _incoming(st_b.site, torch.tensor(b))]
+            pairs.append(_pair_qk(st_a.site, st_b.site, "matrix", K, inc, out,
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}: q units {qs[0][0]}.., k units {ks[0][0]}..]"))
+            continue
+        # per-unit scaling only: positions tied by the sites' tie classes (RoPE planes)
+        pos_parent = list(range(K))
+        root_pos: dict[tuple[int, int], int] = {}
+        for s, blocks in ((sid_a, qs), (sid_b, ks)):
+            for b in blocks:
+                for j, u in enumerate(b):
+                    r = (s, _find(states[s].ties, u))
+                    if r in root_pos:
+                        _union(pos_parent, root_pos[r], j)
+                    else:
+                        root_pos[r] = j
+        inside = set(units)
+        for s, u in units:  # a tie reaching outside the component would need the same scale there
+            for v in range(states[s].site.units):
+                if _find(states[s].ties, v) == _find(states[s].ties, u) and (s, v) not in inside:
+                    return [], [], f"unit {u} is tied to unit {v}, which the score product does not pair alike"
+        classes: dict[int, list[int]] = defaultdict(list)
+        for j in range(K):
+            classes[_find(pos_parent, j)].append(j)
+        by_size: dict[int, list[list[int]]] = defaultdict(list)
+        for c in classes.values():
+            by_size[len(c)].append(c)
+        for size, cls in sorted(by_size.items()):
+            inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor([[b[j] for j in c] for c in cls]))]
+            out = [r for b in ks for r in _incoming(st_b.site, torch.tensor([[b[j] for j in c] for c in cls]))]
+            what = f"planes of {size}" if size > 1 else "coordinates"
+            pairs.append(_pair_qk(st_a.site, st_b.site, "unit", len(cls), inc, out,
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {what}]"))
+        del label
+    return pairs, claimed, None
+
+
+def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str) -> Pair:
+    return Pair(
+        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1,
+        incoming=tuple(inc), outgoing=tuple(out), consumers=(b.name,), consumer_positions=(1,), label=label,
+    )
+
+
+def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[str, list[str]], uses: dict[str, int]) -> str | None:
+    for name in dict.fromkeys(pair.parameter_names):
+        if not trainable.get(name, False):
+            return f"{name} is frozen (requires_grad=False): the {pair.name} law does not hold"
+        others = [n for n in names_of.get(name, []) if n != name]
+        if others:
+            return f"{name} is shared with {', '.join(others)}: the {pair.name} law does not hold"
+        if uses.get(name, 0) != 1:
+            return (f"{name} is read by {uses.get(name, 0)} ops in forward (a tied or reused "
+                    f"parameter): the {pair.name} law does not hold")
+    return None
+
+
+def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], list[Skipped]]:
+    """Every exact rescaling and attention law of ``model`` found from what it computes on
+    ``example_input`` (see the module docstring), and every site it refuses, with a reason.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2))
+        >>> pairs, skipped = find_graph_laws(m, torch.randn(5, 4))
+        >>> pairs, skipped[0].reason
+        ([], '0: 3 unit(s): op 1 (gelu) after 0: gelu is not known to keep the rescaling of the units')
+    """
+    g = capture(model, example_input)
+    trainable: dict[str, bool] = {}
+    by_param: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        trainable[name] = p.requires_grad
+        by_param[id(p)].append(name)
+    names_of = {n: ns for ns in by_param.values() for n in ns}
+    sites, skipped = _find_sites(g, {n for n, t in trainable.items() if t})
+    sides: dict[int, dict[str, list[tuple[int, _Side]]]] = {}
+    states = {s.sid: _Propagation(g, s, sides).run() for s in sites}
+    pairs: list[Pair] = []
+    claimed: dict[tuple[int, int], int] = defaultdict(int)
+    pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
+    for op_index, entry in sorted(sides.items()):
+        found, units, problem = _pairing_laws(op_index, entry, states)
+        for sid, side in entry.get("A", []) + entry.get("B", []):
+            for u in _units(side.fibers):
+                claimed[(sid, u)] += 1
+        if problem is not None:
+            for sid, side in entry.get("A", []) + entry.get("B", []):
+                for u in _units(side.fibers):
+                    states[sid].kills.setdefault(u, f"score product op {op_index}: {problem}")
+            continue
+        pairing.append((op_index, found, units))
+    linear_units = {(st.site.sid, u) for st in states.values() for use in st.uses for u in _units(use.fiber)}
+    for op_index, found, units in pairing:
+        bad = [su for su in units if claimed[su] > 1 or su in linear_units or su[1] in states[su[0]].kills]
+        if bad:
+            sid, u = bad[0]
+            why = states[sid].kills.get(u, "it is also read elsewhere")
+            skipped.append(Skipped(states[sid].site.name, None, (
+                f"score product op {op_index}: unit {u} of {states[sid].site.name} breaks the "
+                f"q·k symmetry ({why})")))
+            for sid, u in units:
+                states[sid].kills.setdefault(u, f"score product op {op_index} is not symmetric")
+            continue
+        pairs.extend(found)
+    for st in states.values():
+        alive = [u for u in range(st.site.units) if u not in st.kills and claimed.get((st.site.sid, u), 0) == 0]
+        found, problems = _linear_laws(st, alive)
+        pairs.extend(found)
+        skipped.extend(Skipped(st.site.name, None, f"{st.site.name}: {p}") for p in problems)
+        reasons: dict[str, int] = defaultdict(int)
+        for u, r in st.kills.items():
+            reasons[r] += 1
+        skipped.extend(Skipped(st.site.name, None, f"after {st.site.name}, {n} unit(s) stop at {r}")
+                       for r, n in reasons.items() if r != _OUTPUT)
+    uses = g.param_uses()
+    kept: list[Pair] = []
+    for p in pairs:
+        problem = _parameter_problem(p, trainable, names_of, uses)
+        if problem is None:
+            kept.append(p)
+        else:
+            skipped.append(Skipped(p.producer, p.consumer, problem))
+    return kept, skipped
