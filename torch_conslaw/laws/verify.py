@@ -249,7 +249,7 @@ def _cotangent_gradients(
     model: nn.Module, example_input: Any, k: int, loss: str | None, class_axis: int, gen: torch.Generator
 ) -> list[dict[str, Tensor]]:
     """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter."""
-    from ..structure import _split_input  # one definition of how an example input is called
+    from ..structure.finder import _split_input  # one definition of how an example input is called
 
     args, kwargs = _split_input(_to_float64(example_input))
     params = {n: p.detach().to(F64).requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
