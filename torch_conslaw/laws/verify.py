@@ -198,7 +198,7 @@ def verify_laws(
     elif groups is None:
         from ..lawgroups import build_groups
         from ..structure import find_structure
-        from .families import propose_laws
+        from .families.proposals import propose_laws
 
         structure = find_structure(model, example_input)
         candidates = build_groups(structure.pairs) + propose_laws(model, structure, loss=loss)[0]
@@ -327,7 +327,7 @@ def propose_and_check(
     unsharded model with :func:`verify_laws`.
     """
     from ..structure import Skipped
-    from .families import LOSSES, propose_laws
+    from .families.proposals import LOSSES, propose_laws
 
     if loss not in LOSSES:
         raise ValueError(f"ConservationMonitor: loss must be one of {LOSSES}, got {loss!r}")

@@ -8,7 +8,7 @@ numerical check catches any other use of the row.
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
-    >>> from torch_conslaw.laws.families import Context
+    >>> from torch_conslaw.laws.families.proposals import Context
     >>> model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0))
     >>> groups, _ = propose(model, find_structure(model), Context(dict(model.named_parameters())))
     >>> groups[0].name, groups[0].count

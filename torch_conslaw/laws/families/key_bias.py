@@ -10,7 +10,7 @@ every score, so no law is proposed.
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
-    >>> from torch_conslaw.laws.families import Context
+    >>> from torch_conslaw.laws.families.proposals import Context
     >>> model = nn.MultiheadAttention(4, 2)
     >>> groups, _ = propose(model, find_structure(model), Context(dict(model.named_parameters())))
     >>> groups[0].name, groups[0].count

@@ -12,7 +12,7 @@ verification runs the model in train mode, as training does).
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
-    >>> from torch_conslaw.laws.families import Context
+    >>> from torch_conslaw.laws.families.proposals import Context
     >>> model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
     >>> groups, _ = propose(model, find_structure(model), Context(dict(model.named_parameters())))
     >>> groups[0].name, groups[0].count

@@ -11,7 +11,7 @@ conserved; its first-order part under SGD is the eps-induced breaking, measured 
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
-    >>> from torch_conslaw.laws.families import Context
+    >>> from torch_conslaw.laws.families.proposals import Context
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     >>> groups, _ = propose(model, find_structure(model), Context(dict(model.named_parameters())))
     >>> groups[0].name, groups[0].count, groups[0].approximate

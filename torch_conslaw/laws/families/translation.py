@@ -13,7 +13,7 @@ logits does.
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
-    >>> from torch_conslaw.laws.families import Context
+    >>> from torch_conslaw.laws.families.proposals import Context
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))
     >>> ctx = Context(dict(model.named_parameters()), loss="cross_entropy")
     >>> groups, _ = propose(model, find_structure(model), ctx)
