@@ -108,16 +108,16 @@ def test_attention_head_laws_are_counted_and_the_untracked_ones_located():
     assert (jac @ g.T).abs().max() <= 1e-10 * jac.norm() * g.norm()
     s = torch.linalg.svdvals(g)
     assert report.lie_laws == int((s > 1e-8 * s[0]).sum())
-    # the structure finder does not see through hand-written heads: those laws are missing,
-    # and they live in q, k, v and the weight of o (not in o.bias)
-    assert report.complete is False and report.missing_laws == report.lie_laws - report.tracked_rank
-    assert set(report.missing.shares) <= {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "o.weight"}
+    # the op-graph rules see through hand-written heads: Q̃Q̃ᵀ − K̃K̃ᵀ and ṼṼᵀ − OᵀO are tracked.
+    # The key bias of a hand-written head is not: those laws are missing, and live mostly in
+    # k.bias (the rest of the share is its overlap with the tracked q·k law, which reads k.bias)
+    assert report.complete is False and report.missing_laws == report.lie_laws - report.tracked_rank == 2
+    assert set(report.missing.shares) <= {"q.weight", "q.bias", "k.weight", "k.bias"}
+    assert max(report.missing.shares, key=report.missing.shares.get) == "k.bias"
     assert abs(sum(report.missing.shares.values()) - 1) < 1e-9
     assert "where the missing laws live" in str(report)
-    # the missing laws themselves, on those tensors: the key bias and the two matrix laws
-    laws = [str(h) for h in report.polynomial_laws]
-    assert len(laws) == report.missing_laws and {"k.bias[0]", "k.bias[1]"} <= set(laws)
-    assert "-o.weight[0,0]**2 - o.weight[1,0]**2 - o.weight[2,0]**2 + v.bias[0]**2 + v.weight[0,0]**2 + v.weight[0,1]**2 + v.weight[0,2]**2" in laws
+    # the missing laws themselves, on those tensors: the key bias
+    assert sorted(str(h) for h in report.polynomial_laws) == ["k.bias[0]", "k.bias[1]"]
 
 
 def _theta_of(report):

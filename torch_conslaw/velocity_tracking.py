@@ -164,8 +164,8 @@ class VelocityTracker:
             return {}
         notes: dict[str, str] = {}
         for g in self._base:
-            if not g.pair.conserved:
-                continue  # no symmetry: no identity either
+            if g.pair is None or not g.pair.conserved:
+                continue  # no symmetry, or a linear/approximate law (its change is cᵀΔ itself)
             params = [self._params[n] for n in g.parameter_names]
             owners = [where.get(id(p)) for p in params]
             if any(o is None for o in owners):
