@@ -769,7 +769,7 @@ class ConservationMonitor:
             second = "-" if s["max_rel_second_order"] is None else f"{s['max_rel_second_order']:.2e}"
             lines.append(
                 f"{s['name']:<18} {s['kind']:<8} {s['count']:>5} {s['max_rel_drift']:>14.2e} "
-                f"{first:>12} {second:>12}  {'conserved' if s['expected_conserved'] else 'broken'}"
+                f"{first:>12} {second:>12}  {_expected(s)}"
             )
         if not self.groups:
             lines.append("(no law tracked)")
@@ -827,6 +827,14 @@ class ConservationMonitor:
             f"ConservationMonitor({type(self.model).__name__}: {len(self.groups)} groups, "
             f"{laws} laws, {len(self.skipped)} skipped, {self.num_steps} steps)"
         )
+
+
+def _expected(row: dict[str, Any]) -> str:
+    """The table's last column: ``conserved`` / ``broken`` for a law group; for an identity
+    group (velocity laws, recurrences: its drift columns are the identity's residual) ``identity``."""
+    if "max_rel_residual" in row:
+        return "identity"
+    return "conserved" if row["expected_conserved"] else "broken"
 
 
 def _steps_on_stack(optimizer: torch.optim.Optimizer) -> int:
