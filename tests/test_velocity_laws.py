@@ -546,3 +546,42 @@ def test_pure_formulas_agree_with_each_other():
     u = vel.phase_state("unit", 2.0, i_t, o_t, i_v, o_v)
     torch.testing.assert_close(u.q, laws.unit_balance_bilinear(i_t, o_t, i_v, o_v, 2.0), rtol=1e-13, atol=1e-13)
     assert vel.velocity_count(4) == s.L.numel() == 6
+
+
+def test_lightning_trainer_records_and_logs_the_velocity_laws(tmp_path):
+    """Lightning steps through ``optimizer.step(closure)``: θ and v are read before the
+    closure runs (they do not change in it) and the residual is logged as a metric."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from torch_conslaw.integrations.lightning import ConservationCallback
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, dampening=0.1)
+
+    gen = torch.Generator().manual_seed(7)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, generator=gen), torch.randn(32, 2, generator=gen))
+    callback = ConservationCallback(submodule="net")
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(
+        max_steps=6, accelerator="cpu", devices=1, precision="64-true", logger=logger, log_every_n_steps=1,
+        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Linear(), torch.utils.data.DataLoader(data, batch_size=8))
+    monitor = callback.monitor
+    row = _rows(monitor)["0→1 velocity"]
+    assert row["max_rel_residual"] <= TOL and row["invalid"] == 0
+    assert np.isfinite(monitor.history()["0→1 velocity/rel_drift"][1:]).all()
+    logger.save()
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "conslaw/0→1 velocity/max_rel_residual" in header
