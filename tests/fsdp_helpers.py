@@ -58,8 +58,15 @@ def unsharded_reference(train: Callable[[Any], ConservationMonitor]) -> Conserva
 
 
 def history_lists(monitor: ConservationMonitor) -> dict[str, list]:
-    """``monitor.history()`` as JSON-friendly lists ("/" in keys becomes "|")."""
-    return {k.replace("/", "|"): np.asarray(v).tolist() for k, v in monitor.history().items()}
+    """``monitor.history()`` of the law groups as JSON-friendly lists ("/" in keys becomes
+    "|"). The identity groups of SGD with momentum (``monitor.identity_groups``) are left out:
+    they are refused under sharding, so only the unsharded reference has them."""
+    identities = {g.name for g in monitor.identity_groups}
+    return {
+        k.replace("/", "|"): np.asarray(v).tolist()
+        for k, v in monitor.history().items()
+        if k.rsplit("/", 1)[0] not in identities
+    }
 
 
 def _worker(

@@ -257,7 +257,10 @@ def test_monitor_never_changes_training_bitwise_on_the_llama_block():
             F.mse_loss(model(x), y).backward()
             opt.step()
         if with_monitor:
-            assert len(monitor.summary()) == 2 + len(GRAPH)
+            # the law groups, then the identity groups of SGD with momentum (recurrences)
+            names = [s["name"] for s in monitor.summary()]
+            assert names[: len(monitor.groups)] == [g.name for g in monitor.groups]
+            assert len(names) == 2 + len(GRAPH) + len(monitor.identity_groups)
         return [t.detach().clone() for t in model.state_dict().values()], torch.rand(3)
 
     (a, rng_a), (b, rng_b) = train(False), train(True)

@@ -222,7 +222,9 @@ def test_fsdp2_laws_from_local_shards_equal_an_unsharded_run(tmp_path):
         assert h[0]["step"].tolist() == list(range(FSDP_STEPS + 1))
 
         sharded_groups = {s["name"] for s in info[0]["summary"]}
-        ref_groups = {s["name"]: s for s in ref_info["summary"]}
+        # the unsharded run also has the identity groups of SGD with momentum (refused under
+        # sharding, with the reason): compare the law groups
+        ref_groups = {s["name"]: s for s in ref_info["summary"] if "max_rel_residual" not in s}
         if kind == "mlp":
             assert ref_groups["2→3"]["kind"] == "matrix" and "2→3" not in sharded_groups
             reason = [r for r in info[0]["skipped"] if "2→3" in r]

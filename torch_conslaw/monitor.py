@@ -872,12 +872,9 @@ class ConservationMonitor:
         for s in self.summary():
             first = "-" if s["max_rel_first_order"] is None else f"{s['max_rel_first_order']:.2e}"
             second = "-" if s["max_rel_second_order"] is None else f"{s['max_rel_second_order']:.2e}"
-            expected = "approximate" if s["approximate"] else ("conserved" if s["expected_conserved"] else "broken")
-            if s["verified"] is False:
-                expected += " (unverified)"
             lines.append(
                 f"{s['name']:<18} {s['kind']:<8} {s['count']:>5} {s['max_rel_drift']:>14.2e} "
-                f"{first:>12} {second:>12}  {expected}"
+                f"{first:>12} {second:>12}  {_expected(s)}"
             )
         if not self.groups:
             lines.append("(no law tracked)")
@@ -939,6 +936,15 @@ class ConservationMonitor:
             f"{laws} laws{f' + {approx} approximate' if approx else ''}, {len(self.skipped)} skipped, "
             f"{self.num_steps} steps)"
         )
+
+
+def _expected(row: dict[str, Any]) -> str:
+    """The table's last column: ``conserved`` / ``broken`` for a law group; for an identity
+    group (velocity laws, recurrences: its drift columns are the identity's residual) ``identity``."""
+    if "max_rel_residual" in row:
+        return "identity"
+    text = "approximate" if row.get("approximate") else ("conserved" if row["expected_conserved"] else "broken")
+    return text + " (unverified)" if row.get("verified") is False else text
 
 
 def _steps_on_stack(optimizer: torch.optim.Optimizer) -> int:

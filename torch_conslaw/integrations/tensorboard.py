@@ -8,7 +8,10 @@ writes (at ``global_step`` = the record's step):
 * ``conslaw/<group>/max_abs_drift`` — max |h(θ_t) − h(θ_0)|;
 * ``conslaw/<group>/max_abs_first_order`` and ``.../max_abs_second_order`` — the largest
   symmetry-breaking and discretization parts of the last step's change (when the monitor
-  splits changes).
+  splits changes);
+* ``conslaw/<group>/max_rel_residual`` — for the monitor's identity groups (velocity laws and
+  recurrences under momentum / weight decay) instead of the two drifts: the relative residual
+  of their identity at that step.
 
 A ``/`` inside a group name becomes ``_``; :meth:`TensorBoardLogger.tag` gives the exact
 tag. Only the main process (rank 0) writes.
