@@ -107,7 +107,8 @@ def _torch_two_layer(n: int, r: int, m: int, relu: bool, bias: bool):
 
 
 @pytest.mark.parametrize(
-    "widths", [[2, 2, 2], [1, 3, 2], [3, 2, 3], pytest.param([2, 3, 2], marks=pytest.mark.slow), pytest.param([2, 4, 3], marks=pytest.mark.slow)]
+    "widths",
+    [[2, 2, 2], [3, 2, 3], *[pytest.param(w, marks=pytest.mark.slow) for w in ([1, 3, 2], [2, 3, 2], [2, 4, 3])]],
 )
 def test_linear_two_layer_heavy_ball_keeps_r_choose_2_laws(widths):
     n, r, m = widths
@@ -118,7 +119,7 @@ def test_linear_two_layer_heavy_ball_keeps_r_choose_2_laws(widths):
     assert tc.mlp_trace_dimension(widths, ["linear"]).n_laws == r * (r + 1) // 2  # gradient flow keeps more
 
 
-@pytest.mark.parametrize("r", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("r", [3, *[pytest.param(r, marks=pytest.mark.slow) for r in (2, 4)]])
 def test_scalar_linear_net_keeps_4r_minus_6_laws_under_momentum(r):
     """n = m = 1 (heavily over-parameterized): 4r − 6 laws, against 2r − 1 for gradient flow."""
     assert tc.mlp_trace_dimension([1, r, 1], ["linear"], flow="heavy_ball").n_laws == 4 * r - 6
@@ -264,6 +265,22 @@ def test_with_flow_wraps_any_generator_family():
     res = lie_trace(family, point)
     assert family.D == 2 * base.D + 1 and res.D == family.D and res.n_laws == 1
     assert tc.with_flow(base, "gradient") is base
+
+
+@pytest.mark.parametrize(
+    "flow, potential, expected",
+    [("heavy_ball", None, 1), ("mirror", "entropy", 2), ("mirror", lambda t: (t * torch.log(t)).sum(), 2)],
+    ids=["heavy_ball", "entropy", "callable_potential"],
+)
+def test_matrix_free_complement_method_agrees_with_dense(flow, potential, expected):
+    """The flows' Gram operators (F_0F_0ᵀ + the base's in the v block; M G M for mirror flows)."""
+    phi = _nmf_phi(2, 2, 2)
+    theta = torch.rand(8, dtype=F64, generator=torch.Generator().manual_seed(4)) + 0.5  # in every domain
+    counts = {
+        method: tc.trace_dimension(phi, 8, theta=theta, method=method, flow=flow, potential=potential).n_laws
+        for method in ("dense", "complement")
+    }
+    assert counts == {"dense": expected, "complement": expected}
 
 
 def test_theta_may_be_parameters_or_a_whole_phase_point():
