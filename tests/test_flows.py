@@ -346,7 +346,7 @@ def test_friction_of_the_wrong_kind_or_flow_is_refused():
 
 
 def test_wrong_point_sizes_and_times_are_refused():
-    with pytest.raises(ValueError, match="D=3"):
+    with pytest.raises(ValueError, match="D=3.*size 2D\\+1=7"):
         tc.trace_dimension(_product, 3, theta=torch.ones(5, dtype=F64), flow="heavy_ball")
     with pytest.raises(ValueError, match="t > 0"):
         tc.trace_dimension(_product, 3, theta=torch.zeros(7, dtype=F64), flow="nesterov")
