@@ -148,6 +148,44 @@ def test_default_flow_is_gradient_flow_unchanged():
     assert default.flow == "gradient" and default.to_dict()["flow"] == "gradient"
 
 
+@pytest.mark.parametrize("flow, damping", [("heavy_ball", lambda t: torch.exp(t)), ("nesterov", lambda t: t**3)])
+def test_momentum_laws_of_linear_nets_are_damped_rotation_momenta(flow, damping):
+    """h_S = e^{∫τ} ⟨v, X_S θ⟩ (X_S: the rotation S = −Sᵀ of the hidden layer) is a law:
+    ⟨∇h, F_0⟩ = 0 because X_S is antisymmetric, ⟨∇h, F_a⟩ = 0 because X_S is a symmetry.
+    There are r(r−1)/2 of them, independent, and that is the whole count."""
+    n, r, m = 3, 3, 3
+    count = tc.mlp_trace_dimension([n, r, m], ["linear"], flow=flow).n_laws
+    from torch_conslaw.lie.generators import MLPGenerators
+
+    family = tc.with_flow(MLPGenerators([n, r, m], ["linear"]), flow)
+    D = (n + m) * r
+    z = family.random_point(torch.Generator().manual_seed(0))
+
+    def law(S: torch.Tensor):
+        def h(point: torch.Tensor) -> torch.Tensor:
+            t, theta, v = point[0], point[1 : 1 + D], point[1 + D :]
+            w1, w2 = theta[: r * n].reshape(r, n), theta[r * n :].reshape(m, r)
+            v1, v2 = v[: r * n].reshape(r, n), v[r * n :].reshape(m, r)
+            return damping(t) * ((v1 * (S @ w1)).sum() - (v2 * (w2 @ S)).sum())
+
+        return h
+
+    rotations = []
+    for i in range(r):
+        for j in range(i + 1, r):
+            S = torch.zeros(r, r, dtype=F64)
+            S[i, j], S[j, i] = 1.0, -1.0
+            rotations.append(S)
+    grads = torch.stack([torch.func.grad(law(S))(z) for S in rotations])
+    fields = family.sample(z, 40, torch.Generator().manual_seed(1))
+    inner = grads @ fields.T
+    assert inner.abs().max() <= 1e-12 * grads.norm(dim=1).max() * fields.norm(dim=1).max()
+    assert int(torch.linalg.matrix_rank(grads)) == len(rotations) == r * (r - 1) // 2 == count
+    # a symmetric generator (rescaling hidden unit 0) is a symmetry too, but ⟨v, X v⟩ ≠ 0 breaks it
+    scaling = torch.func.grad(law(torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=F64))))(z) @ fields.T
+    assert scaling.abs().max() >= 1e-3 * grads.norm(dim=1).max() * fields.norm(dim=1).max()
+
+
 # ---- momentum: the sampler against the dense reference --------------------------------
 
 
@@ -221,6 +259,15 @@ def test_nmf_mirror_flow_conserves_column_sum_differences():
     assert int(torch.linalg.matrix_rank(frame)) == levels[-1]
     laws = _nmf_law_gradients(n, r, m)
     assert (laws @ frame.T).abs().max() <= 1e-12 * frame.abs().max()
+
+
+def test_polynomial_finder_recovers_the_nmf_mirror_law():
+    """The flow's family feeds the polynomial-law finder unchanged: degree ≤ 2 gives exactly
+    Σ_i U_ik − Σ_j V_jk (x1..x4 = U row-major, x5..x10 = V row-major)."""
+    from torch_conslaw.lie.generators import FunctionGenerators
+
+    family = tc.with_flow(FunctionGenerators(_nmf_phi(2, 2, 3), 10), "mirror", potential="entropy")
+    assert sorted(str(h) for h in tc.polynomial_laws_of(family, 2)) == ["-x10 + x2 + x4 - x6 - x8", "x1 + x3 - x5 - x7 - x9"]
 
 
 def test_nmf_law_is_constant_along_an_integrated_mirror_flow():
