@@ -205,9 +205,11 @@ def write_tables(linear: list[dict], relu: list[dict], nmf: list[dict], total: f
     relu_none = all(row["counts"][f]["n_laws"] == 0 for row in relu for f in MOMENTUM_FLOWS)
     nmf_ok = all(row["mirror_laws"] == row["shape"][1] for row in nmf)
     nmf_found = all(sorted(row["polynomial_laws"]) == row["polynomial_laws_expected"] for row in nmf)
-    rotations_explain = sum(
-        all(row["rotation_laws"][f]["rank"] == row["counts"][f]["n_laws"] for f in MOMENTUM_FLOWS) for row in linear
-    )
+    unexplained = [
+        "-".join(map(str, row["widths"]))
+        for row in linear
+        if any(row["rotation_laws"][f]["rank"] != row["counts"][f]["n_laws"] for f in MOMENTUM_FLOWS)
+    ]
     worst_rotation = max(row["rotation_laws"][f]["max_relative_residual"] for row in linear for f in MOMENTUM_FLOWS)
     worst_drift = max(row["trajectory"]["max_law_drift"] for row in nmf)
     accepted, rejected = _evidence(linear + relu)
@@ -215,8 +217,8 @@ def write_tables(linear: list[dict], relu: list[dict], nmf: list[dict], total: f
         f"linear 2-layer nets: heavy ball and Nesterov counts equal the paper's closed form in {agree}/{len(linear)} "
         "architectures (r(r−1)/2 when (n, m) ≠ (1, 1); 4r − 6 when n = m = 1, r ≥ 2)",
         f"the r(r−1)/2 damped rotation momenta e^{{∫τ}}⟨v, X_S θ⟩ are laws (largest relative residual against sampled "
-        f"fields {worst_rotation:.1e}) and account for the whole count in {rotations_explain}/{len(linear)} architectures "
-        "(not for n = m = 1, r ≥ 3, where there are more laws)",
+        f"fields {worst_rotation:.1e}) and account for the whole count in {len(linear) - len(unexplained)}/{len(linear)} "
+        f"architectures; more laws in {', '.join(unexplained) or 'none'}",
         f"ReLU nets (with and without biases): no law under momentum in every case: {relu_none}",
         f"NMF mirror flow (entropy): r laws in every case: {nmf_ok}; the polynomial-law finder returns exactly "
         f"Σ_i U_ik − Σ_j V_jk in every case: {nmf_found}; that law drifts by at most "
