@@ -107,7 +107,8 @@ def _torch_two_layer(n: int, r: int, m: int, relu: bool, bias: bool):
 
 
 @pytest.mark.parametrize(
-    "widths", [[2, 2, 2], [1, 3, 2], [3, 2, 3], pytest.param([2, 3, 2], marks=pytest.mark.slow), pytest.param([2, 4, 3], marks=pytest.mark.slow)]
+    "widths",
+    [[2, 2, 2], [3, 2, 3], *[pytest.param(w, marks=pytest.mark.slow) for w in ([1, 3, 2], [2, 3, 2], [2, 4, 3])]],
 )
 def test_linear_two_layer_heavy_ball_keeps_r_choose_2_laws(widths):
     n, r, m = widths
@@ -118,7 +119,7 @@ def test_linear_two_layer_heavy_ball_keeps_r_choose_2_laws(widths):
     assert tc.mlp_trace_dimension(widths, ["linear"]).n_laws == r * (r + 1) // 2  # gradient flow keeps more
 
 
-@pytest.mark.parametrize("r", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("r", [3, *[pytest.param(r, marks=pytest.mark.slow) for r in (2, 4)]])
 def test_scalar_linear_net_keeps_4r_minus_6_laws_under_momentum(r):
     """n = m = 1 (heavily over-parameterized): 4r − 6 laws, against 2r − 1 for gradient flow."""
     assert tc.mlp_trace_dimension([1, r, 1], ["linear"], flow="heavy_ball").n_laws == 4 * r - 6
@@ -145,6 +146,44 @@ def test_default_flow_is_gradient_flow_unchanged():
     default, explicit = tc.trace_dimension(phi, 14, seed=2), tc.trace_dimension(phi, 14, seed=2, flow="gradient")
     assert default.levels == explicit.levels == [10, 11, 11] and default.evidence == explicit.evidence
     assert default.flow == "gradient" and default.to_dict()["flow"] == "gradient"
+
+
+@pytest.mark.parametrize("flow, damping", [("heavy_ball", lambda t: torch.exp(t)), ("nesterov", lambda t: t**3)])
+def test_momentum_laws_of_linear_nets_are_damped_rotation_momenta(flow, damping):
+    """h_S = e^{∫τ} ⟨v, X_S θ⟩ (X_S: the rotation S = −Sᵀ of the hidden layer) is a law:
+    ⟨∇h, F_0⟩ = 0 because X_S is antisymmetric, ⟨∇h, F_a⟩ = 0 because X_S is a symmetry.
+    There are r(r−1)/2 of them, independent, and that is the whole count."""
+    n, r, m = 3, 3, 3
+    count = tc.mlp_trace_dimension([n, r, m], ["linear"], flow=flow).n_laws
+    from torch_conslaw.lie.generators import MLPGenerators
+
+    family = tc.with_flow(MLPGenerators([n, r, m], ["linear"]), flow)
+    D = (n + m) * r
+    z = family.random_point(torch.Generator().manual_seed(0))
+
+    def law(S: torch.Tensor):
+        def h(point: torch.Tensor) -> torch.Tensor:
+            t, theta, v = point[0], point[1 : 1 + D], point[1 + D :]
+            w1, w2 = theta[: r * n].reshape(r, n), theta[r * n :].reshape(m, r)
+            v1, v2 = v[: r * n].reshape(r, n), v[r * n :].reshape(m, r)
+            return damping(t) * ((v1 * (S @ w1)).sum() - (v2 * (w2 @ S)).sum())
+
+        return h
+
+    rotations = []
+    for i in range(r):
+        for j in range(i + 1, r):
+            S = torch.zeros(r, r, dtype=F64)
+            S[i, j], S[j, i] = 1.0, -1.0
+            rotations.append(S)
+    grads = torch.stack([torch.func.grad(law(S))(z) for S in rotations])
+    fields = family.sample(z, 40, torch.Generator().manual_seed(1))
+    inner = grads @ fields.T
+    assert inner.abs().max() <= 1e-12 * grads.norm(dim=1).max() * fields.norm(dim=1).max()
+    assert int(torch.linalg.matrix_rank(grads)) == len(rotations) == r * (r - 1) // 2 == count
+    # a symmetric generator (rescaling hidden unit 0) is a symmetry too, but ⟨v, X v⟩ ≠ 0 breaks it
+    scaling = torch.func.grad(law(torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=F64))))(z) @ fields.T
+    assert scaling.abs().max() >= 1e-3 * grads.norm(dim=1).max() * fields.norm(dim=1).max()
 
 
 # ---- momentum: the sampler against the dense reference --------------------------------
@@ -222,6 +261,15 @@ def test_nmf_mirror_flow_conserves_column_sum_differences():
     assert (laws @ frame.T).abs().max() <= 1e-12 * frame.abs().max()
 
 
+def test_polynomial_finder_recovers_the_nmf_mirror_law():
+    """The flow's family feeds the polynomial-law finder unchanged: degree ≤ 2 gives exactly
+    Σ_i U_ik − Σ_j V_jk (x1..x4 = U row-major, x5..x10 = V row-major)."""
+    from torch_conslaw.lie.generators import FunctionGenerators
+
+    family = tc.with_flow(FunctionGenerators(_nmf_phi(2, 2, 3), 10), "mirror", potential="entropy")
+    assert sorted(str(h) for h in tc.polynomial_laws_of(family, 2)) == ["-x10 + x2 + x4 - x6 - x8", "x1 + x3 - x5 - x7 - x9"]
+
+
 def test_nmf_law_is_constant_along_an_integrated_mirror_flow():
     n, r, m = 3, 2, 4
     g = torch.Generator().manual_seed(0)
@@ -264,6 +312,22 @@ def test_with_flow_wraps_any_generator_family():
     res = lie_trace(family, point)
     assert family.D == 2 * base.D + 1 and res.D == family.D and res.n_laws == 1
     assert tc.with_flow(base, "gradient") is base
+
+
+@pytest.mark.parametrize(
+    "flow, potential, expected",
+    [("heavy_ball", None, 1), ("mirror", "entropy", 2), ("mirror", lambda t: (t * torch.log(t)).sum(), 2)],
+    ids=["heavy_ball", "entropy", "callable_potential"],
+)
+def test_matrix_free_complement_method_agrees_with_dense(flow, potential, expected):
+    """The flows' Gram operators (F_0F_0ᵀ + the base's in the v block; M G M for mirror flows)."""
+    phi = _nmf_phi(2, 2, 2)
+    theta = torch.rand(8, dtype=F64, generator=torch.Generator().manual_seed(4)) + 0.5  # in every domain
+    counts = {
+        method: tc.trace_dimension(phi, 8, theta=theta, method=method, flow=flow, potential=potential).n_laws
+        for method in ("dense", "complement")
+    }
+    assert counts == {"dense": expected, "complement": expected}
 
 
 def test_theta_may_be_parameters_or_a_whole_phase_point():
@@ -329,7 +393,7 @@ def test_friction_of_the_wrong_kind_or_flow_is_refused():
 
 
 def test_wrong_point_sizes_and_times_are_refused():
-    with pytest.raises(ValueError, match="D=3"):
+    with pytest.raises(ValueError, match="D=3.*size 2D\\+1=7"):
         tc.trace_dimension(_product, 3, theta=torch.ones(5, dtype=F64), flow="heavy_ball")
     with pytest.raises(ValueError, match="t > 0"):
         tc.trace_dimension(_product, 3, theta=torch.zeros(7, dtype=F64), flow="nesterov")

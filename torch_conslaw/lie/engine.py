@@ -363,7 +363,8 @@ def trace_dimension(
         if not isinstance(theta, Tensor):
             raise TypeError(f"theta must be a torch.Tensor of size D={D}, got {type(theta).__name__}")
         if theta.numel() not in (D, phase_size):
-            raise ValueError(f"theta has {theta.numel()} entries but D={D}; pass a flat tensor of size D")
+            also = f" or a phase point (t, θ, v) of size 2D+1={phase_size}" if phase_size != D else ""
+            raise ValueError(f"theta has {theta.numel()} entries but D={D}; pass a flat tensor of size D{also}")
         theta = theta.detach().reshape(-1).to(DTYPE)
         if not torch.isfinite(theta).all():
             raise ValueError("theta has non-finite entries; pass a finite point")

@@ -135,10 +135,14 @@ class PhaseSpaceGenerators:
         return self.lift_point(theta, generator)
 
     def lift_point(self, theta: Tensor, generator: torch.Generator) -> Tensor:
-        """A phase-space point over a given θ: random time in [1, 2] and random velocity."""
+        """A phase-space point over a given θ: time uniform in [1, 2], velocity Gaussian at θ's
+        root-mean-square size (drawn here, so that it is generic even when the base family's
+        own point is deterministic, e.g. a model's current parameters)."""
+        theta = theta.to(DTYPE)
         t = 1.0 + torch.rand(1, dtype=DTYPE, generator=generator)
-        v = self.base.random_point(generator)
-        return torch.cat([t, theta.to(DTYPE), v])
+        size = float(theta.square().mean().sqrt()) or 1.0
+        v = size * torch.randn(self.base_D, dtype=DTYPE, generator=generator)
+        return torch.cat([t, theta, v])
 
     def sample(self, point: Tensor, n: int, generator: torch.Generator) -> Tensor:
         keys = self.sample_keys(n, generator)
