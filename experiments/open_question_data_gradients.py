@@ -100,7 +100,10 @@ def _rows(part: str, name: str, res, reference: int, reference_kind: str, second
             "reference_laws": reference,
             "reference": reference_kind,
             "equal": c["n_laws"] == reference,
-            "dead_or_always_active_units": sum(u.dead + u.always_active for u in res.constant_units) if c is res.input_counts[-1] else None,
+            "dead_or_always_active_units": (
+                f"{sum(u.dead for u in res.constant_units)} / {sum(u.always_active for u in res.constant_units)}"
+                if c is res.input_counts[-1] else None
+            ),
             "unclear_decisions_at_largest_N": len(gaps),
             "seconds_all_N": round(seconds, 1),
             **extra,
@@ -110,10 +113,10 @@ def _rows(part: str, name: str, res, reference: int, reference_kind: str, second
 
 
 def mlp_part(seed: int = 0) -> list[dict]:
-    cases = [([3, 4, 2], False), ([4, 5, 5, 3], False), ([4, 5, 5, 3], True), ([3, 4, 4, 4, 2], True)]
-    sizes = [1, 4, 16, 64, 256, 1024]
+    short, long = [1, 4, 16, 64, 256, 1024], [1, 4, 16, 64, 256, 1024, 4096, 16384]
+    cases = [([3, 4, 2], False, short), ([4, 5, 5, 3], False, short), ([4, 5, 5, 3], True, short), ([3, 4, 4, 4, 2], True, long)]
     rows = []
-    for widths, bias in cases:
+    for widths, bias, sizes in cases:
         family = MLPGenerators(widths, "relu", bias)
         theta = family.random_point(torch.Generator().manual_seed(seed))
         with warnings.catch_warnings():
@@ -173,18 +176,19 @@ def _random_theta(model: nn.Module, seed: int) -> torch.Tensor:
 
 
 def cnn_part(seed: int = 0) -> list[dict]:
-    cases = {
-        "conv 1-3-1 (3x3), ReLU": nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 1, 3)),
-        "conv 2-3-3-2 (3x3), ReLU": nn.Sequential(
-            nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3)
+    cases = {  # name: (model, input sizes N); few outputs per input need more inputs before W_1 fills
+        "conv 1-3-1 (3x3), ReLU": (nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 1, 3)), [1, 2, 4, 8, 16, 32, 64, 128]),
+        "conv 2-3-3-2 (3x3), ReLU": (
+            nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3)),
+            [1, 2, 4, 8, 16, 32, 64, 128],
         ),
-        "conv 1-4 (3x3), ReLU, maxpool, linear 2": nn.Sequential(
-            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)
+        "conv 1-4 (3x3), ReLU, maxpool, linear 2": (
+            nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)),
+            [32, 64, 128, 256],
         ),
     }
-    sizes = [1, 2, 4, 8, 16, 32, 64, 128]
     rows = []
-    for name, model in cases.items():
+    for name, (model, sizes) in cases.items():
         torch.manual_seed(seed)
         cin = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         x = torch.randn(sizes[-1], cin, 8, 8, generator=torch.Generator().manual_seed(seed + 1), dtype=DTYPE)
@@ -230,12 +234,13 @@ def write(rows: list[dict]) -> None:
         "rank of the catalogue's rescaling laws (CNNs, residual blocks: laws of the branch).",
         "Command: `python experiments/open_question_data_gradients.py`.",
         "",
-        "| part | model | D | N | levels (data) | laws (data) | reference laws | reference | equal |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| part | model | D | N | levels (data) | laws (data) | reference laws | reference | equal | ReLU units dead / always active (largest N) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
         f"| {r['part']} | {r['model']} | {r['D']} | {r['N']} | {r['data_levels']} | {r['data_laws']} | "
-        f"{r['reference_laws']} | {r['reference']} | {'yes' if r['equal'] else 'no'} |"
+        f"{r['reference_laws']} | {r['reference']} | {'yes' if r['equal'] else 'no'} | "
+        f"{'' if r['dead_or_always_active_units'] is None else r['dead_or_always_active_units']} |"
         for r in rows
     ]
     out.write_text("\n".join(lines) + "\n")
@@ -251,7 +256,7 @@ def _figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     parts = [p for p in ("mlp", "cnn", "residual") if any(r["part"] == p for r in rows)]
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.2 * len(parts), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.6 * len(parts), 4.6), squeeze=False)
     for ax, part in zip(axes[0], parts):
         models = list(dict.fromkeys(r["model"] for r in rows if r["part"] == part))
         for k, name in enumerate(models):
@@ -260,12 +265,12 @@ def _figure(rows: list[dict], path: Path) -> None:
             ax.plot([r["N"] for r in mine], [r["data_laws"] for r in mine], "o-", color=color, label=name)
             ax.axhline(mine[0]["reference_laws"], color=color, ls=":", lw=1)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("number of inputs N")
         ax.set_ylabel("laws on these inputs")
         ax.set_title({"mlp": "ReLU MLPs (dotted: path lifting)", "cnn": "ReLU CNNs (dotted: one per channel)",
                       "residual": "residual nets (dotted: catalogue rank)"}[part], fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper right", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -274,7 +279,11 @@ def _figure(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "mlp", "mlp_seeds", "cnn", "residual"), default="all")
+    parser.add_argument("--redraw", action="store_true", help="rewrite the table and figure from the saved JSON")
     args = parser.parse_args()
+    if args.redraw:
+        write(json.loads((ROOT / "results" / "open_question_data_gradients.json").read_text()))
+        return
     torch.set_num_threads(1)
     rows: list[dict] = []
     for part, run in (("mlp", mlp_part), ("mlp_seeds", mlp_seeds_part), ("cnn", cnn_part), ("residual", residual_part)):
