@@ -417,6 +417,12 @@ def _module_count(
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
             return
+        except NotImplementedError as err:  # an op of the model has no forward-mode derivative
+            report.lie_note = (
+                f"not computed: the count differentiates the model in forward mode (jvp), and an op "
+                f"of {type(model).__name__} does not support it ({str(err).splitlines()[0]})"
+            )
+            return
         # a count that still falls with the number of inputs is for too few of them (ReLU units
         # need enough activation patterns): double them while the automatic size allows
         if result.stable or n_inputs is not None or 2 * n > MAX_AUTO_INPUTS:
