@@ -194,6 +194,8 @@ def test_bad_input_gets_a_clear_error():
         tc.analyze(model, torch.randn(2, 5, 7, 7))  # wrong channel count
     with pytest.raises(ValueError, match="theta must be"):
         tc.analyze(model, torch.randn(2, 2, 7, 7), theta="init")
+    with pytest.raises(ValueError, match="polynomial_degree"):
+        tc.analyze(model, torch.randn(2, 2, 7, 7), polynomial_degree=0)
     with pytest.raises(ValueError, match="n_inputs"):
         tc.analyze(model, torch.randn(2, 2, 7, 7), n_inputs=2)
     small = tc.analyze(model, torch.randn(2, 2, 7, 7), max_lie_parameters=10)

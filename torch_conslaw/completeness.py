@@ -192,6 +192,8 @@ def analyze(
     for name, value in (("max_lie_parameters", max_lie_parameters), ("max_polynomial_variables", max_polynomial_variables)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(polynomial_degree, int) or polynomial_degree < 1:
+        raise ValueError(f"polynomial_degree must be an integer ≥ 1, got {polynomial_degree!r}")
     if n_inputs is not None and (not isinstance(n_inputs, int) or n_inputs < 4):
         raise ValueError(f"n_inputs must be an integer ≥ 4 (the count compares n/4, n/2 and n inputs), got {n_inputs!r}")
     model = unwrap_model(model)
@@ -238,7 +240,7 @@ def analyze(
             "max_lie_parameters (the count's time and memory grow with D), or analyze a narrower copy"
         )
         return report
-    if not isinstance(arch, str) and theta is None:
+    if not isinstance(arch, str) and theta in (None, "model"):
         _mlp_count(report, arch, rtol)
         return report
     if example_input is None:
@@ -473,7 +475,7 @@ def _polynomial_search(
 
     names = [name for name, share in gap.shares.items() if share >= _SHARE_SHOWN]
     size = sum(s.numel for s in result.parameters if s.name in names)
-    if not names or size > max(max_variables, MAX_LINEAR_VARIABLES if degree >= 1 else 0):
+    if not names or size > max(max_variables, MAX_LINEAR_VARIABLES):
         report.polynomial_note = (
             f"not searched: the tensors holding the missing laws ({', '.join(names)}) have {size} entries "
             f"> max_polynomial_variables={max_variables}"
