@@ -74,8 +74,10 @@ class LawGradients:
 
 @dataclass
 class TrackedRank:
-    """Rank of the tracked laws and its evidence: one decision per block that was decided
-    numerically (``decisions``), how many blocks there were and how they were decided."""
+    """Rank of the tracked laws and its evidence: ``decision`` sums the block ranks and keeps
+    the worst case over blocks (largest rejected, smallest accepted relative value; Gram blocks
+    contribute λ/λ_max); ``blocks`` counts the blocks, ``dense_blocks`` / ``gram_blocks`` those
+    of more than one law decided by a dense SVD / by Gram eigenvalues."""
 
     rank: int
     n_laws: int
