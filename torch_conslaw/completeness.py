@@ -49,7 +49,9 @@ MAX_AUTO_INPUTS = 512
 MAX_LINEAR_VARIABLES = 2000
 """Linear (degree-1) missing laws are searched on up to this many entries."""
 _SHARE_SHOWN = 0.01
-"""Tensors holding at least this share of the missing space are named (and searched for laws)."""
+"""Tensors holding at least this share of the missing space are named one by one."""
+_SHARE_TOUCHED = 1e-8
+"""Tensors holding more than this share (rounding level) are searched for the missing laws."""
 
 
 @dataclass
@@ -473,7 +475,7 @@ def _polynomial_search(
     account for every missing law and the tensors have at most ``max_variables`` entries."""
     from .polynomial import polynomial_laws_of
 
-    names = [name for name, share in gap.shares.items() if share >= _SHARE_SHOWN]
+    names = [name for name, share in gap.shares.items() if share >= _SHARE_TOUCHED]
     size = sum(s.numel for s in result.parameters if s.name in names)
     if not names or size > max(max_variables, MAX_LINEAR_VARIABLES):
         report.polynomial_note = (
