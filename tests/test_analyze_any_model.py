@@ -140,7 +140,7 @@ def test_layernorm_centering_laws_are_missing_located_and_given_as_polynomials()
     F.mse_loss(model(x), torch.randn(8, 2)).backward()
     assert model[0].weight.grad.sum(0).abs().max() < 1e-6 and model[0].bias.grad.sum().abs() < 1e-6
     text = str(report)
-    assert "INCOMPLETE" in text and "0.weight" in text and "polynomial laws of degree ≤ 2" in text
+    assert "INCOMPLETE" in text and "0.weight" in text and "polynomial laws of degree ≤ 1" in text
 
 
 class BasicBlock(nn.Module):
@@ -194,6 +194,8 @@ def test_bad_input_gets_a_clear_error():
         tc.analyze(model, torch.randn(2, 5, 7, 7))  # wrong channel count
     with pytest.raises(ValueError, match="theta must be"):
         tc.analyze(model, torch.randn(2, 2, 7, 7), theta="init")
+    with pytest.raises(ValueError, match="polynomial_degree"):
+        tc.analyze(model, torch.randn(2, 2, 7, 7), polynomial_degree=0)
     with pytest.raises(ValueError, match="n_inputs"):
         tc.analyze(model, torch.randn(2, 2, 7, 7), n_inputs=2)
     small = tc.analyze(model, torch.randn(2, 2, 7, 7), max_lie_parameters=10)
@@ -220,3 +222,27 @@ def test_inspect_analyze_prints_counts_verdict_location_and_laws(tmp_path, capsy
     assert "existing laws (Lie-algebra count): 8 independent" in out
     assert "tracked set: INCOMPLETE" in out and "missing: 4 independent law(s) not tracked" in out
     assert "0.weight" in out and "75.0 %" in out and "0.bias[0] + 0.bias[1] + 0.bias[2] + 0.bias[3]" in out
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention as used by nn.TransformerEncoderLayer (fused in_proj)."""
+
+    def __init__(self, d: int = 2, heads: int = 1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_torch_multihead_attention_misses_exactly_its_key_bias():
+    torch.manual_seed(0)
+    model = TorchAttention()
+    report = tc.analyze(model, torch.randn(2, 3, 2), theta="random")
+    assert report.tracked_rank == 6  # q·k and v·o matrix laws of the head (d_h = 2: 3 + 3)
+    assert report.lie_laws == 8 and report.missing_laws == 2 and report.complete is False
+    assert [str(h) for h in report.polynomial_laws] == ["attn.in_proj_bias[2]", "attn.in_proj_bias[3]"]
+    # independent check: the key bias gets no gradient from any loss
+    x = torch.randn(5, 3, 2)
+    model(x).square().sum().backward()
+    assert model.attn.in_proj_bias.grad[2:4].abs().max() < 1e-6 < model.attn.in_proj_bias.grad[4:].abs().max()

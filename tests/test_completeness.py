@@ -58,3 +58,29 @@ def test_tracked_rank_needs_no_dense_jacobian():
     model = nn.Sequential(nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 2))
     report = analyze(model, lie=False, max_jacobian_entries=100)
     assert (report.tracked_laws, report.tracked_rank, report.complete) == (60, 60, None)
+
+
+@pytest.mark.parametrize("dense_block_entries", [20_000_000, 0])
+def test_sparse_block_rank_matches_the_dense_jacobian_rank(dense_block_entries):
+    # rank of the tracked laws block by block (dense SVD per block, or Gram eigenvalues when
+    # dense_block_entries=0) against the SVD of the full jacrev Jacobian of all laws
+    from torch_conslaw.lawgroups import build_groups
+    from torch_conslaw.structure import find_structure
+    from torch_conslaw.tracked_rank import tracked_rank
+
+    torch.manual_seed(0)
+    cases = [
+        (nn.Sequential(nn.Linear(1, 6, bias=False), nn.Linear(6, 1, bias=False)), None),  # dependent entries
+        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2)), None),
+        (nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), torch.randn(2, 5, 8)),
+    ]
+    for model, x in cases:
+        groups = build_groups(find_structure(model, x).pairs)
+        params = {n: p.detach().double() for n, p in model.named_parameters()}
+        got = tracked_rank(groups, params, dense_block_entries=dense_block_entries)
+        names = sorted({n for g in groups for n in g.parameter_names})
+        jac = torch.func.jacrev(lambda p: torch.cat([g.values(p) for g in groups]))({n: params[n] for n in names})
+        dense = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], 1)
+        s = torch.linalg.svdvals(dense)
+        assert got.rank == int((s > 1e-8 * s[0]).sum()) and got.decision.clear
+        assert (got.gram_blocks > 0) == (dense_block_entries == 0)

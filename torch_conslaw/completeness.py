@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .lawgroups import LawGroup, build_groups
 from .lie import mlp_trace_dimension
@@ -45,8 +46,12 @@ __all__ = ["Analysis", "analyze", "random_inputs_like"]
 _LIE_KINDS = {"relu": "relu", "leakyrelu": "leaky_relu", "leaky_relu": "leaky_relu", "identity": "linear"}
 MAX_AUTO_INPUTS = 512
 """The automatic number of random inputs of the count never exceeds this (pass ``n_inputs``)."""
+MAX_LINEAR_VARIABLES = 2000
+"""Linear (degree-1) missing laws are searched on up to this many entries."""
 _SHARE_SHOWN = 0.01
-"""Tensors holding at least this share of the missing space are named (and searched for laws)."""
+"""Tensors holding at least this share of the missing space are named one by one."""
+_SHARE_TOUCHED = 1e-8
+"""Tensors holding more than this share (rounding level) are searched for the missing laws."""
 
 
 @dataclass
@@ -127,6 +132,8 @@ class Analysis:
             lines.extend(f"  {law}" for law in laws[:30])
             if len(laws) > 30:
                 lines.append(f"  ... and {len(laws) - 30} more")
+            if self.polynomial_note:
+                lines.append(f"  note: {self.polynomial_note}")
         elif self.polynomial_note:
             lines.append(f"polynomial laws: {self.polynomial_note}")
         lines.extend(f"skipped: {s}" for s in self.structure.skipped[:20])
@@ -187,6 +194,8 @@ def analyze(
     for name, value in (("max_lie_parameters", max_lie_parameters), ("max_polynomial_variables", max_polynomial_variables)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(polynomial_degree, int) or polynomial_degree < 1:
+        raise ValueError(f"polynomial_degree must be an integer ≥ 1, got {polynomial_degree!r}")
     if n_inputs is not None and (not isinstance(n_inputs, int) or n_inputs < 4):
         raise ValueError(f"n_inputs must be an integer ≥ 4 (the count compares n/4, n/2 and n inputs), got {n_inputs!r}")
     model = unwrap_model(model)
@@ -233,7 +242,7 @@ def analyze(
             "max_lie_parameters (the count's time and memory grow with D), or analyze a narrower copy"
         )
         return report
-    if not isinstance(arch, str) and theta is None:
+    if not isinstance(arch, str) and theta in (None, "model"):
         _mlp_count(report, arch, rtol)
         return report
     if example_input is None:
@@ -247,6 +256,34 @@ def analyze(
     _module_count(report, model, example_input, params, layout, gradients, seed, n_inputs, rtol,
                   max_seconds, max_memory_gb, polynomial_degree, max_polynomial_variables)
     return report
+
+
+class _ExplicitAttention(TorchFunctionMode):
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``) through its explicit-softmax branch, without dropout.
+
+    Its ``need_weights=False`` branch calls the fused ``scaled_dot_product_attention``, which has
+    no forward-mode derivative, and the count's own mode
+    (:class:`~torch_conslaw.lie.elementary.ElementaryOps`) is switched off while it handles the
+    composite call, so it cannot reroute that nested call. Entered *below* the count's mode, this
+    one receives the composite call and runs the branch that computes softmax(q kᵀ) v with
+    elementary ops (same outputs). A workaround on this side; the fix belongs in
+    lie/elementary.py.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        import inspect
+
+        import torch.nn.functional as F
+
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **(kwargs or {}))
+        bound = inspect.signature(func).bind(*args, **(kwargs or {}))
+        wanted = bound.arguments.get("need_weights", True)
+        bound.arguments["need_weights"] = True
+        bound.arguments["dropout_p"] = 0.0
+        out, weights = func(*bound.args, **bound.kwargs)
+        return out, (weights if wanted else None)
 
 
 def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
@@ -377,12 +414,18 @@ def _module_count(
         inputs = random_inputs_like(example, n, seed)
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-9)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _ExplicitAttention():
                 warnings.simplefilter("ignore")  # the count's caveats are kept in result.warnings
                 result = count_laws(model, inputs, theta=flat, seed=seed, rtol=rtol, max_seconds=left,
                                     max_memory_gb=max_memory_gb)
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
+            return
+        except NotImplementedError as err:  # an op of the model has no forward-mode derivative
+            report.lie_note = (
+                f"not computed: the count differentiates the model in forward mode (jvp), and an op "
+                f"of {type(model).__name__} does not support it ({str(err).splitlines()[0]})"
+            )
             return
         # a count that still falls with the number of inputs is for too few of them (ReLU units
         # need enough activation patterns): double them while the automatic size allows
@@ -427,11 +470,14 @@ def _module_count(
 def _polynomial_search(
     report: Analysis, model: nn.Module, inputs: Any, result: Any, gap: MissingSpace, degree: int, max_variables: int
 ) -> None:
+    """Polynomial laws on the tensors that hold the missing space: degree 1 first (cheap, up to
+    :data:`MAX_LINEAR_VARIABLES` entries), then degree ≤ ``degree`` when the linear ones do not
+    account for every missing law and the tensors have at most ``max_variables`` entries."""
     from .polynomial import polynomial_laws_of
 
-    names = [name for name, share in gap.shares.items() if share >= _SHARE_SHOWN]
+    names = [name for name, share in gap.shares.items() if share >= _SHARE_TOUCHED]
     size = sum(s.numel for s in result.parameters if s.name in names)
-    if not names or size > max_variables:
+    if not names or size > max(max_variables, MAX_LINEAR_VARIABLES):
         report.polynomial_note = (
             f"not searched: the tensors holding the missing laws ({', '.join(names)}) have {size} entries "
             f"> max_polynomial_variables={max_variables}"
@@ -450,18 +496,28 @@ def _polynomial_search(
         args, kwargs = (cast(inputs),), {}
     sampler = SubmapFields(work, result.parameters, names, args, kwargs)
     gen = torch.Generator().manual_seed(0)
-    if not sampler.sample(sampler.random_point(gen), 4, gen).any():
-        report.polynomial_note = (
-            f"every entry of {', '.join(names)} is itself a law: the outputs do not depend on them "
-            "(their gradient is zero for every loss)"
-        )
-        return
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _ExplicitAttention():
         warnings.simplefilter("ignore", RuntimeWarning)
-        laws = polynomial_laws_of(sampler, degree)
+        if not sampler.sample(sampler.random_point(gen), 4, gen).any():
+            report.polynomial_note = (
+                f"every entry of {', '.join(names)} is itself a law: the outputs do not depend on them "
+                "(their gradient is zero for every loss)"
+            )
+            return
+        laws = polynomial_laws_of(sampler, 1)
+        if len(laws) < gap.dimension and degree >= 2:
+            if size <= max_variables:
+                laws = polynomial_laws_of(sampler, degree)
+            else:
+                report.polynomial_note = (
+                    f"degree 1 only: {len(laws)} linear law(s); degree {degree} not searched, the tensors "
+                    f"holding the missing laws have {size} entries > max_polynomial_variables={max_variables}"
+                )
     report.polynomial_laws = laws
     if laws.warnings:
         report.polynomial_note = "; ".join(laws.warnings)
+
+
 def _mlp_architecture(
     model: nn.Module, structure: Structure, trainable: dict[str, nn.Parameter]
 ) -> tuple[list[int], list[str], bool, bool] | str:

@@ -74,8 +74,10 @@ class LawGradients:
 
 @dataclass
 class TrackedRank:
-    """Rank of the tracked laws and its evidence: one decision per block that was decided
-    numerically (``decisions``), how many blocks there were and how they were decided."""
+    """Rank of the tracked laws and its evidence: ``decision`` sums the block ranks and keeps
+    the worst case over blocks (largest rejected, smallest accepted relative value; Gram blocks
+    contribute λ/λ_max); ``blocks`` counts the blocks, ``dense_blocks`` / ``gram_blocks`` those
+    of more than one law decided by a dense SVD / by Gram eigenvalues."""
 
     rank: int
     n_laws: int
@@ -253,10 +255,10 @@ def _components(rows: Tensor, cols: Tensor, n_laws: int) -> Tensor:
         labels = new
 
 
-def _block_values(rows: Tensor, cols: Tensor, values: Tensor, n: int, rtol: float) -> tuple[Tensor, str]:
+def _block_values(rows: Tensor, cols: Tensor, values: Tensor, n: int, dense_entries: int) -> tuple[Tensor, str]:
     """Relative singular values of one block (dense SVD), or relative Gram eigenvalues."""
     ucols, col_ids = torch.unique(cols, return_inverse=True)
-    if n * ucols.numel() <= DENSE_BLOCK_ENTRIES:
+    if n * ucols.numel() <= dense_entries:
         block = torch.zeros(n, ucols.numel(), dtype=F64)
         block.index_put_((rows, col_ids), values, accumulate=True)
         s = torch.linalg.svdvals(block)
@@ -276,10 +278,12 @@ def tracked_rank(
     rtol: float = DEFAULT_RTOL,
     max_jacobian_entries: int = 50_000_000,
     gradients: LawGradients | None = None,
+    dense_block_entries: int = DENSE_BLOCK_ENTRIES,
 ) -> TrackedRank:
     """Number of independent tracked laws at ``params``: rank of their gradients, block by block.
 
-    Dense blocks are decided on σ/σ_max > ``rtol``; Gram blocks on λ/λ_max > ``rtol``.
+    Blocks of at most ``dense_block_entries`` (laws × entries read) are decided on their
+    singular values, σ/σ_max > ``rtol``; larger ones on their Gram eigenvalues, λ/λ_max > ``rtol``.
     Pass ``gradients`` when they were already built (same groups and params).
     """
     if gradients is None:
@@ -315,7 +319,7 @@ def tracked_rank(
         members = (comp == label).nonzero().squeeze(1)
         local = torch.full((n_laws,), -1, dtype=torch.long)
         local[members] = torch.arange(members.numel())
-        rel, how = _block_values(local[rows[a:b]], cols[a:b], values[a:b], members.numel(), rtol)
+        rel, how = _block_values(local[rows[a:b]], cols[a:b], values[a:b], members.numel(), dense_block_entries)
         d = decide_rank(rel, rtol, members.numel())
         rank += d.rank
         dense += how == "dense"

@@ -46,11 +46,16 @@ class NullSpaceInfo:
 
 
 def batched_cg(
-    op: Callable[[Tensor], Tensor], rhs: Tensor, tol: float = 1e-14, max_iter: int = 1000
+    op: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    tol: float = 1e-14,
+    max_iter: int = 1000,
+    progress: ProgressBar | None = None,
 ) -> tuple[Tensor, int, float]:
     """Solve op(X) = rhs row by row (op symmetric positive semi-definite, rhs in its range).
 
     Rows that have converged are frozen. Returns (X, iterations, worst relative residual).
+    ``progress`` gets a note every 10 iterations (long counts at scale).
     """
     x = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -73,6 +78,9 @@ def batched_cg(
         beta = torch.where(active, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
         p = r + beta[:, None] * p
         rs = rs_new
+        if progress is not None and it % 10 == 0:
+            worst_now = float((rs.sqrt() / (target / tol).clamp_min(1e-300)).max())
+            progress.update(0, note=f"CG iteration {it}: {int(active.sum())} rows left, residual {worst_now:.1e}")
     worst = float((rs.sqrt() / (target / tol).clamp_min(1e-300)).max()) if rhs.numel() else 0.0
     return x, it, worst
 
@@ -108,7 +116,7 @@ def gram_null_space(
         vectors = []
         for start in range(0, batch, chunk):
             r = torch.randn(min(chunk, batch - start), D, dtype=theta.dtype, generator=gen)
-            y, iters, worst = batched_cg(op, op(r), tol=cg_tol)
+            y, iters, worst = batched_cg(op, op(r), tol=cg_tol, progress=progress)
             info.cg_iterations.append(iters)
             info.worst_relative_residual = max(info.worst_relative_residual, worst)
             v = scale * (r - y)

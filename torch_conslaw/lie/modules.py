@@ -39,6 +39,9 @@ __all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot",
 EPS_WELL_CONDITIONED = 1.0
 """The eps at which exact laws are recounted when the model's own eps blurs the rank gaps."""
 
+RANDOM_DRAWS = 32
+"""``theta="random"``: draws tried until no ReLU-like unit is dead or always active on the inputs."""
+
 WORK_BYTES = 2e9
 """Default memory for the batched jvp/vjp work arrays (``max_memory_gb`` scales it)."""
 
@@ -276,10 +279,23 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(prefix) if prefix else module), leaf
 
 
+def _mixed_sign_rows(w: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip one random entry of every row whose entries share one sign (so that a unit fed by
+    nonnegative, post-ReLU inputs is neither always active nor dead for every input)."""
+    if w.shape[1] < 2:
+        return w
+    same = (w > 0).all(1) | (w < 0).all(1)
+    cols = torch.randint(w.shape[1], (w.shape[0],), generator=generator)
+    flip = torch.ones_like(w)
+    flip[torch.arange(w.shape[0])[same], cols[same]] = -1.0
+    return w * flip
+
+
 def random_theta(module: nn.Module, slots: Sequence[ParameterSlot], generator: torch.Generator) -> Tensor:
     """A well-conditioned random θ of the module's architecture (float64, flat).
 
-    Weights of rank ≥ 2: N(0, 1/fan_in) (fan_in = numel / rows); embeddings: N(0, 1);
+    Weights of rank ≥ 2: N(0, 1/fan_in) (fan_in = numel / rows), every row with entries of both
+    signs; embeddings: N(0, 1);
     normalization weights 1 + N(0, 0.2²); every other vector (biases): N(0, 0.3²).
     Small-scale initializations (std 0.02) blur the rank gaps (SCIENCE.md §9).
 
@@ -296,7 +312,7 @@ def random_theta(module: nn.Module, slots: Sequence[ParameterSlot], generator: t
         if isinstance(owner, nn.Embedding) or len(s.shape) == 0:
             chunks.append(draw)
         elif len(s.shape) >= 2:
-            chunks.append(draw / math.sqrt(s.numel / s.shape[0]))
+            chunks.append(_mixed_sign_rows(draw.reshape(s.shape[0], -1), generator).reshape(-1) / math.sqrt(s.numel / s.shape[0]))
         elif "norm" in type(owner).__name__.lower() and leaf == "weight":
             chunks.append(1.0 + 0.2 * draw)
         else:
@@ -345,6 +361,10 @@ def _probe(work: nn.Module, batch: _Batch) -> tuple[Tensor, ActivationRecorder, 
         elementary = _flat(work(*batch.args, **batch.kwargs))
     diff = float((elementary - native_flat).norm() / native_flat.norm().clamp_min(1e-300))
     return native_flat, recorder, diff
+
+
+def _n_constant(recorder: ActivationRecorder) -> int:
+    return sum(c.dead + c.always_active for c in recorder.calls)
 
 
 def _eps_sites(work: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -419,7 +439,9 @@ def count_laws(
         inputs: a batch (first dimension = batch): a tensor (``model(x)``), a tuple/list
             (``model(*inputs)``) or a dict (``model(**inputs)``). Floating inputs become float64.
         theta: None or "model": the model's own parameters; "random": a well-conditioned random
-            point of the same architecture (:func:`random_theta`, from ``seed``); or a flat
+            point of the same architecture (:func:`random_theta`, from ``seed``; redrawn, up to
+            ``RANDOM_DRAWS`` times, while ReLU-like units are dead or always active on the
+            inputs, keeping the draw with the fewest such units); or a flat
             tensor of size D (layout: ``result.parameters``).
         seed: seeds the random θ and every random draw.
         method: "auto", "dense" (explicit basis of W_k(θ), D up to a few thousand) or
@@ -467,6 +489,15 @@ def count_laws(
     theta_flat, source = _resolve_theta(theta, work, slots, seed)
     _load(work, slots, theta_flat)
     _, recorder, elementary_diff = _probe(work, batch)
+    draws = 1
+    while source == "random" and _n_constant(recorder) and draws < RANDOM_DRAWS:
+        candidate = random_theta(work, slots, torch.Generator().manual_seed(seed + 7919 * draws))
+        draws += 1
+        _load(work, slots, candidate)
+        _, trial, diff = _probe(work, batch)
+        if _n_constant(trial) < _n_constant(recorder):
+            theta_flat, recorder, elementary_diff = candidate, trial, diff
+    _load(work, slots, theta_flat)
     D = theta_flat.numel()
     if method == "dense" and 8.0 * D * D > max_memory_gb * 1e9:
         raise CountBudgetError(
