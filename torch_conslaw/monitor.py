@@ -123,9 +123,11 @@ class ConservationMonitor:
         recording: which recorder reads θ (:mod:`torch_conslaw.recorders`): ``"sync"`` (the
             training thread), ``"snapshot"`` (a native copy, evaluated by a worker thread;
             on CUDA on a side stream), ``"live"`` (the worker reads θ during the next
-            forward pass; CPU, :meth:`attach`), or ``"auto"`` (default): sharded → sync,
-            CUDA → snapshot, CPU with a core torch leaves free → live from :meth:`attach`
-            on, otherwise sync. :attr:`recording` and :attr:`recording_reason` say which.
+            forward pass; CPU, :meth:`attach`), or ``"auto"``: sharded → sync, CUDA →
+            snapshot, CPU with a core torch leaves free → live from :meth:`attach` on,
+            otherwise sync. The default stays ``"sync"``: the worker recorders deliver
+            records, listener calls and non-finite warnings later (at the next hook or
+            :meth:`flush`), which code written for the synchronous monitor may not expect. :attr:`recording` and :attr:`recording_reason` say which.
             Records are bitwise the same whichever recorder runs.
         overhead_budget: record as often as this fraction of the training step time allows
             (e.g. ``0.03``; or a :class:`~torch_conslaw.OverheadBudget`), measured online
@@ -179,7 +181,7 @@ class ConservationMonitor:
         track_broken: bool = False,
         asynchronous: bool | str | None = None,
         async_buffers: int = 4,
-        recording: str = "auto",
+        recording: str = "sync",
         overhead_budget: float | OverheadBudget | None = None,
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
@@ -236,7 +238,7 @@ class ConservationMonitor:
         self._live: LiveReader | None = None
         # --- recorder selection (torch_conslaw.recorders) ---
         if asynchronous is not None:
-            if recording != "auto":
+            if recording != "sync":
                 raise ValueError(
                     f"ConservationMonitor: pass recording={recording!r} or the deprecated "
                     f"asynchronous={asynchronous!r}, not both"
