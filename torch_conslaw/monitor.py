@@ -127,8 +127,9 @@ class ConservationMonitor:
             snapshot, CPU with a core torch leaves free → live from :meth:`attach` on,
             otherwise sync. The default stays ``"sync"``: the worker recorders deliver
             records, listener calls and non-finite warnings later (at the next hook or
-            :meth:`flush`), which code written for the synchronous monitor may not expect. :attr:`recording` and :attr:`recording_reason` say which.
-            Records are bitwise the same whichever recorder runs.
+            :meth:`flush`), which code written for the synchronous monitor may not expect.
+            :attr:`recording` and :attr:`recording_reason` say which was chosen. Records are
+            bitwise the same whichever recorder runs.
         overhead_budget: record as often as this fraction of the training step time allows
             (e.g. ``0.03``; or a :class:`~torch_conslaw.OverheadBudget`), measured online
             on the training thread (:mod:`torch_conslaw.budget`); every recorded step keeps
