@@ -1,45 +1,48 @@
-"""Overhead of the ConservationMonitor on a 784-512-512-10 ReLU MLP at batch 128 (SGD).
+"""Overhead and memory of the ConservationMonitor, as ratios measured side by side in one run.
 
-Seven trainings run side by side from the same initialization: no monitor, a monitor that
-records every step without the split, one that records every step with the exact
-first/second-order split, the same two monitors with ``asynchronous=True`` (the training
-thread copies the parameters into a snapshot buffer, a worker thread evaluates the laws;
-``values-async``, ``split-async``) and with ``asynchronous="live"`` (the training thread
-copies nothing: the worker reads the parameters themselves during the next forward/backward
-pass and the optimizer's pre-step hook waits until it is done; ``values-live``,
-``split-live``). Each ``-async`` block ends with ``monitor.flush()``, inside the timing, so
-its worker does not run into the next block of another training. A ``-live`` worker only
-starts reading at the next forward pass of its own model, so its blocks end without a flush:
-the last step's read runs, overlapped like every other, in its next block (the final one is
-flushed after the timing). Steps are timed in interleaved blocks (so load from other
-processes hits all of them alike) and the overhead is the median over blocks of
-time(monitored) / time(plain) − 1. Results go to ``<out>/bench_monitor.json``.
+Phases (each with its own torch thread count; within a phase every training runs from the
+same initialization and the steps are timed in interleaved blocks, so load from other
+processes hits all of them alike; a ratio is the median over blocks of
+time(monitored) / time(plain)):
 
-The same blocks also train four reference runs whose optimizer post-step hook does only part
-of the work (``floors`` in the JSON: overhead over the plain step, same method):
+* ``mlp_2threads`` — the 784-512-512-10 ReLU MLP at batch 128 (SGD), 2 torch threads:
+  ``default`` (``ConservationMonitor(model)``: synchronous, every step, split),
+  ``auto-budget`` (``recording="auto", overhead_budget=0.03``: what "bounded by default"
+  would be), ``sync-values`` / ``sync-split`` (``every=1``,
+  ``recording="sync"``), ``snapshot-split``, ``live-split``, and reference post-step hooks
+  doing only part of the work (``floors``: one float32 read of θ, a native copy, a float64
+  conversion, the law values alone);
+* ``mlp_1thread`` — the same model, 1 torch thread (a core left free): ``sync-values``,
+  ``sync-split``, ``live-values``, ``live-split``, ``default``, ``auto-budget``;
+* ``block_2threads`` — a LLaMA-style pre-norm transformer block in plain torch (RMSNorm,
+  q/k/v/o projections with causal attention, RMSNorm, SwiGLU MLP, residuals; d=256, 4 heads,
+  sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-split``;
+* ``memory`` — peak RSS of a fresh process training a 1024-4096-4096-1024 ReLU MLP (25.2 M
+  parameters) for 6 steps without the monitor, with it (split) and values only; the
+  overhead over the parameters' float32 bytes.
 
-* ``read_f32``: one float32 sum over every tracked parameter (reading each once; no exact
-  method can do less);
-* ``copy_native``: copying every tracked parameter into persistent buffers of its own dtype
-  (what the training thread does in asynchronous mode);
-* ``convert_f64``: copying every tracked parameter into persistent float64 buffers (the exact
-  float32 → float64 conversion of all parameters);
-* ``accountant_values``: the law values alone (:class:`~torch_conslaw.accounting.Accountant`,
-  without the monitor's bookkeeping).
-
-These run inside the training loop, so they pay the same cold caches as the monitor.
+The ``-async``/``-live`` monitors are flushed after the timing (a ``snapshot`` block ends
+with ``flush()`` inside its timing, so its worker does not run into another training's
+block). Results go to ``<out>/bench_monitor.json``; the load average at the start and end is
+recorded with them (the machine may be shared).
 
 Usage:
-    python experiments/bench_monitor.py [--blocks 15] [--steps 20] [--threads 1] [--device cpu] [--out figures]
+    python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out figures] [--skip-memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,37 +55,73 @@ from torch_conslaw.structure import find_structure
 
 WIDTHS = (784, 512, 512, 10)
 BATCH = 128
-MONITORED = ("values", "split", "values-async", "split-async", "values-live", "split-live")
+LARGE_WIDTHS = (1024, 4096, 4096, 1024)
+FLOORS = ("read_f32", "copy_native", "convert_f64", "accountant_values")
 
 
-def make_run(mode: str | None, device: str):
-    """A training step closure for ``mode`` in (None, "values", "split", "values-async",
-    "split-async", "values-live", "split-live") or a reference hook ``read_f32`` / ``copy_native`` / ``convert_f64`` / ``accountant_values`` (see ``floors``)."""
+def make_mlp(widths: tuple[int, ...] = WIDTHS) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+class Block(nn.Module):
+    """A LLaMA-style pre-norm block: x + attn(norm(x)), then x + down(silu(gate) * up)."""
+
+    def __init__(self, d: int = 256, heads: int = 4, hidden: int = 688) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = nn.RMSNorm(d)
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], None], ConservationMonitor | None]:
+    """A training step closure and its monitor (``None`` for the plain run and the floors)."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(WIDTHS[0], WIDTHS[1]), nn.ReLU(), nn.Linear(WIDTHS[1], WIDTHS[2]), nn.ReLU(),
-        nn.Linear(WIDTHS[2], WIDTHS[3]),
-    ).to(device)
+    model = (make_mlp() if model_kind == "mlp" else Block()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = None
-    if mode in MONITORED:
-        monitor = ConservationMonitor(
-            model,
-            split=mode.startswith("split"),
-            every=1,
-            max_records=1000,
-            asynchronous="live" if mode.endswith("-live") else mode.endswith("-async"),
-        )
-        monitor.attach(opt)
-    elif mode is not None:
-        opt.register_step_post_hook(reference_hook(mode, model))
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, WIDTHS[0], generator=g).to(device)
-    y = torch.randint(0, WIDTHS[-1], (BATCH,), generator=g).to(device)
+    if model_kind == "mlp":
+        x = torch.randn(BATCH, WIDTHS[0], generator=g).to(device)
+        y = torch.randint(0, WIDTHS[-1], (BATCH,), generator=g).to(device)
+        loss = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    else:
+        x = torch.randn(8, 64, 256, generator=g).to(device)
+        y = torch.randn(8, 64, 256, generator=g).to(device)
+        loss = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    monitor = None
+    kwargs: dict | None = {
+        "plain": None,
+        "default": {},
+        "auto-budget": {"recording": "auto", "overhead_budget": 0.03},
+        "sync-values": {"every": 1, "recording": "sync", "split": False},
+        "sync-split": {"every": 1, "recording": "sync"},
+        "snapshot-split": {"every": 1, "recording": "snapshot"},
+        "live-values": {"every": 1, "recording": "live", "split": False},
+        "live-split": {"every": 1, "recording": "live"},
+    }.get(setting, "floor")  # type: ignore[arg-type]
+    if kwargs == "floor":
+        opt.register_step_post_hook(reference_hook(setting, model))
+    elif kwargs is not None:
+        monitor = ConservationMonitor(model, max_records=1000, **kwargs).attach(opt)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss().backward()
         opt.step()
 
     return step, monitor
@@ -93,7 +132,7 @@ def reference_hook(kind: str, model: nn.Module):
     acc = Accountant(build_groups(find_structure(model).pairs))
     params = dict(model.named_parameters())
     tensors = [params[n] for n in acc.names]
-    bufs = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
+    wide = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
     same = [torch.empty_like(t) for t in tensors]
 
     def hook(*_args) -> None:
@@ -105,7 +144,7 @@ def reference_hook(kind: str, model: nn.Module):
                 for b, t in zip(same, tensors):
                     b.copy_(t)
             elif kind == "convert_f64":
-                for b, t in zip(bufs, tensors):
+                for b, t in zip(wide, tensors):
                     b.copy_(t)
             elif kind == "accountant_values":
                 acc.values(params)
@@ -115,81 +154,130 @@ def reference_hook(kind: str, model: nn.Module):
     return hook
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=15, help="interleaved timing blocks")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per block")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noisy)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("figures"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    modes = {"plain": None} | {m: m for m in MONITORED}
-    runs = {name: make_run(mode, args.device) for name, mode in modes.items()}
-    floors = ("read_f32", "copy_native", "convert_f64", "accountant_values")
-    timed = {name: step for name, (step, _) in runs.items()} | {f: make_run(f, args.device)[0] for f in floors}
-    # asynchronous monitors: each timed block ends with flush() (waits for the worker), so
-    # a block's time contains all the recording work of its steps
-    ends = {name: m.flush for name, (_, m) in runs.items() if m is not None and name.endswith("-async")}
-    for name, step in timed.items():  # warm-up
-        for _ in range(5):
+def phase(model_kind: str, settings: list[str], threads: int, device: str, blocks: int, steps: int) -> dict:
+    """Interleaved timing of ``settings`` (plus the plain run) at ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    runs = {name: make_run(model_kind, name, device) for name in ["plain", *settings]}
+    ends = {n: m.flush for n, (_, m) in runs.items() if m is not None and m.recording == "snapshot"}
+    for name, (step, _) in runs.items():  # warm-up (the budget measures here too)
+        for _ in range(2 * steps):
             step()
         ends.get(name, lambda: None)()
-    times: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(args.blocks):
-        for name, step in timed.items():
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(blocks):
+        for name, (step, _) in runs.items():
             sync()
             t0 = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 step()
             ends.get(name, lambda: None)()
             sync()
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    for _, m in runs.values():
-        if m is not None:
-            m.flush()
-    ratio = {
-        name: statistics.median(t / b for t, b in zip(times[name], times["plain"]))
-        for name in timed
-        if name != "plain"
+            times[name].append((time.perf_counter() - t0) / steps)
+    out: dict = {"threads": threads, "plain_step_ms": 1e3 * statistics.median(times["plain"]), "overhead": {}, "recorded": {}}
+    for name in settings:
+        out["overhead"][name] = statistics.median(t / b for t, b in zip(times[name], times["plain"])) - 1
+        monitor = runs[name][1]
+        if monitor is not None:
+            monitor.flush()
+            out["recorded"][name] = {
+                "recording": monitor.recording,
+                "schedule": repr(monitor.schedule),
+                "recorded_steps": monitor.summary()[0]["recorded_steps"] if monitor.groups else 0,
+                "optimizer_steps": monitor.num_steps,
+            }
+    return out
+
+
+def memory_probe(mode: str, steps: int = 6) -> dict:
+    """Peak RSS of this process training the 25 M-parameter MLP (mode: none, split, values)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = make_mlp(LARGE_WIDTHS)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    if mode != "none":
+        ConservationMonitor(model, split=mode == "split", every=1, recording="sync").attach(opt)
+    x, y = torch.randn(4, LARGE_WIDTHS[0]), torch.randn(4, LARGE_WIDTHS[-1])
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"params": sum(p.numel() for p in model.parameters()), "peak_bytes": peak}
+
+
+def memory() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    probes = {}
+    for mode in ("none", "split", "values"):
+        done = subprocess.run([sys.executable, __file__, "--memory-probe", mode], env=env, capture_output=True, text=True, check=True)
+        probes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    param_bytes = 4 * probes["none"]["params"]
+    base = probes["none"]["peak_bytes"]
+    return {
+        "model": "-".join(map(str, LARGE_WIDTHS)) + " ReLU MLP",
+        "params": probes["none"]["params"],
+        "param_bytes_float32": param_bytes,
+        "peak_mib": {m: p["peak_bytes"] / 2**20 for m, p in probes.items()},
+        "overhead_split_x_params": (probes["split"]["peak_bytes"] - base) / param_bytes,
+        "overhead_values_x_params": (probes["values"]["peak_bytes"] - base) / param_bytes,
+        "targets": {"split": 1.25, "values": 0.01},
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=12, help="interleaved timing blocks per phase")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per block")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the 25 M-parameter memory probes")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe)))
+        return
+    # the 2-thread phases time snapshot/live recorders on purpose without a free core
+    warnings.filterwarnings("ignore", message=".*competes with training")
+    load = [os.getloadavg()[0]]
+    mlp_settings = ["default", "auto-budget", "sync-values", "sync-split", "snapshot-split", "live-split", *FLOORS]
     result = {
-        "model": "-".join(map(str, WIDTHS)) + " ReLU MLP",
-        "batch": BATCH,
-        "optimizer": "SGD lr=0.01",
-        "threads": args.threads,
+        "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
+        "mlp_1thread": phase(
+            "mlp", ["sync-values", "sync-split", "live-values", "live-split", "default", "auto-budget"], 1, args.device, args.blocks, args.steps
+        ),
+        "block_2threads": phase("block", ["default", "auto-budget", "sync-split"], 2, args.device, args.blocks, args.steps),
+    }
+    if not args.skip_memory:
+        result["memory"] = memory()
+    load.append(os.getloadavg()[0])
+    result |= {
+        "targets": {"default": 0.05, "every1_values": 0.04, "every1_split": 0.08, "block_default": 0.05, "block_every1": 0.15},
+        "load_average_start_end": load,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "blocks": args.blocks,
         "steps_per_block": args.steps,
-        "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-        "overhead_values_only": ratio["values"] - 1,
-        "overhead_with_split": ratio["split"] - 1,
-        "overhead_values_only_async": ratio["values-async"] - 1,
-        "overhead_with_split_async": ratio["split-async"] - 1,
-        "overhead_values_only_live": ratio["values-live"] - 1,
-        "overhead_with_split_live": ratio["split-live"] - 1,
-        "targets": {"values_only": 0.02, "with_split": 0.10},
-        "floors": {name: ratio[name] - 1 for name in floors},
-        "recorded_steps": {k: m.num_steps for k, (_, m) in runs.items() if m is not None},
-        "last_delivered_record": {k: int(m.history()["step"][-1]) for k, (_, m) in runs.items() if m is not None},
         "machine": platform.platform(),
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_monitor.json" if args.device == "cpu" else f"bench_monitor_{args.device.split(':')[0]}.json"
-    if args.threads != 1:
-        name = name.replace(".json", f"_{args.threads}threads.json")
     (args.out / name).write_text(json.dumps(result, indent=2))
-    print(f"plain step: {result['median_step_ms']['plain']:.3f} ms (median, {result['device']}, {args.threads} thread(s))")
-    print(f"overhead, recording every step, values only: {100 * result['overhead_values_only']:+.1f} % (target ≤ 2 %)")
-    print(f"overhead, recording every step, with split:  {100 * result['overhead_with_split']:+.1f} % (target ≤ 10 %)")
-    print(f"overhead, asynchronous, values only:         {100 * result['overhead_values_only_async']:+.1f} % (target ≤ 2 %)")
-    print(f"overhead, asynchronous, with split:          {100 * result['overhead_with_split_async']:+.1f} % (target ≤ 10 %)")
-    print(f"overhead, live reading, values only:         {100 * result['overhead_values_only_live']:+.1f} % (target ≤ 2 %)")
-    print(f"overhead, live reading, with split:          {100 * result['overhead_with_split_live']:+.1f} % (target ≤ 10 %)")
-    for name, r in result["floors"].items():
-        print(f"  reference, post-step hook doing only {name + ':':<19} {100 * r:+5.1f} %")
+    for key in ("mlp_2threads", "mlp_1thread", "block_2threads"):
+        r = result[key]
+        print(f"{key}: plain step {r['plain_step_ms']:.2f} ms")
+        for setting, x in r["overhead"].items():
+            rec = r["recorded"].get(setting)
+            extra = f"  ({rec['recording']}, {rec['recorded_steps']}/{rec['optimizer_steps']} steps recorded)" if rec else ""
+            print(f"  {setting:<18} {100 * x:+6.1f} %{extra}")
+    if "memory" in result:
+        m = result["memory"]
+        print(
+            f"memory, {m['params'] / 1e6:.1f} M params: split {m['overhead_split_x_params']:.2f}x the float32 "
+            f"parameter bytes (target ≤ 1.25x), values only {m['overhead_values_x_params']:.3f}x (target ≤ 0.01x)"
+        )
+    print(f"load average: {load[0]:.1f} → {load[1]:.1f} on {result['cores']} cores")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,9 @@ def _probe(mode: str, steps: int) -> dict:
     model = nn.Sequential(*layers)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     if mode != "none":
-        ConservationMonitor(model, split=mode == "split").attach(optimizer)
+        # the synchronous recorder (1 torch thread leaves a core free, where "auto" picks live
+        # reading, which keeps two native copies of θ with the split)
+        ConservationMonitor(model, split=mode == "split", recording="sync").attach(optimizer)
     x, y = torch.randn(4, LARGE_WIDTHS[0]), torch.randn(4, LARGE_WIDTHS[-1])
     peaks = []
     for _ in range(steps):

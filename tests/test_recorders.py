@@ -95,7 +95,7 @@ def test_asynchronous_is_a_deprecated_alias(legacy, name, one_torch_thread):
         mon = ConservationMonitor(_mlp(), asynchronous=legacy)
     assert mon.recording == name
     with pytest.raises(ValueError, match="not both"):
-        ConservationMonitor(_mlp(), asynchronous=legacy, recording="live")
+        ConservationMonitor(_mlp(), asynchronous=legacy, recording="auto")
 
 
 def test_a_bad_recording_is_refused():

@@ -120,19 +120,35 @@ class ConservationMonitor:
             output layer, which holds for that loss only (needs ``example_input``).
         split: also record the exact first-/second-order split of every change (costs a
             parameter snapshot before each recorded step).
-        every: record every ``every`` optimizer steps.
+        every: record every ``every`` optimizer steps (default: every step, unless
+            ``overhead_budget`` is given; ``every=1`` always records every step).
         log_spaced: record on a log-spaced grid of steps instead (then ``every`` must stay 1).
         max_records: bound on the stored history; older records are thinned evenly, the
             running maxima of :meth:`summary` stay exact.
         track_broken: also track the would-be laws of pairs whose activation is not
             positively homogeneous (GELU, tanh, ...), with ``expected_conserved=False``,
             to show how they break.
-        asynchronous: ``False`` (default), ``True`` / ``"snapshot"`` or ``"live"``: evaluate
-            the laws on a background thread (see *Asynchronous mode*).
-        async_buffers: with ``asynchronous=True``, how many parameter snapshots (each the
+        asynchronous: deprecated alias of ``recording`` (``False`` → ``"sync"``, ``True`` →
+            ``"snapshot"``, ``"live"``), with a ``DeprecationWarning``.
+        async_buffers: with ``recording="snapshot"``, how many parameter snapshots (each the
             size of the tracked parameters, in their own dtype) may be in flight.
+        recording: which recorder reads θ (:mod:`torch_conslaw.recorders`): ``"sync"`` (the
+            training thread), ``"snapshot"`` (a native copy, evaluated by a worker thread;
+            on CUDA on a side stream), ``"live"`` (the worker reads θ during the next
+            forward pass; CPU, :meth:`attach`), or ``"auto"``: sharded → sync, CUDA →
+            snapshot, CPU with a core torch leaves free → live from :meth:`attach` on,
+            otherwise sync. The default stays ``"sync"``: the worker recorders deliver
+            records, listener calls and non-finite warnings later (at the next hook or
+            :meth:`flush`), which code written for the synchronous monitor may not expect.
+            :attr:`recording` and :attr:`recording_reason` say which was chosen. Records are
+            bitwise the same whichever recorder runs.
+        overhead_budget: record as often as this fraction of the training step time allows
+            (e.g. ``0.03``; or a :class:`~torch_conslaw.OverheadBudget`), measured online
+            on the training thread (:mod:`torch_conslaw.budget`); every recorded step keeps
+            its exact split, and ``summary()`` / ``history()["step"]`` say which steps were
+            recorded. Exclusive with ``every`` / ``log_spaced``.
 
-    Asynchronous mode (``asynchronous=True``, opt-in): at a recorded step the training thread
+    Snapshot recording (``recording="snapshot"``, formerly ``asynchronous=True``): at a recorded step the training thread
     only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
     preallocated buffers; one daemon worker thread evaluates the laws and the split from these
     snapshots with the same float64 code, so the records are bitwise those of the synchronous
@@ -149,7 +165,7 @@ class ConservationMonitor:
     worker; on a fully loaded machine the work only moves to another thread. Not available
     for sharded (FSDP2) parameters.
 
-    Live reading (``asynchronous="live"``, CPU parameters, :meth:`attach` only): the training
+    Live reading (``recording="live"``, formerly ``asynchronous="live"``; CPU parameters, :meth:`attach` only): the training
     thread copies nothing. The worker reads the parameters themselves while the next forward
     and backward passes run (θ does not change between optimizer steps), starting at the
     model's next forward pass; the optimizer's pre-step hook waits until the read is over. Records are bitwise those of the synchronous mode when nothing
@@ -178,7 +194,7 @@ class ConservationMonitor:
         track_broken: bool = False,
         asynchronous: bool | str | None = None,
         async_buffers: int = 4,
-        recording: str = "auto",
+        recording: str = "sync",
         overhead_budget: float | OverheadBudget | None = None,
         loss: str | None = None,
     ) -> None:
@@ -257,7 +273,7 @@ class ConservationMonitor:
         self._live: LiveReader | None = None
         # --- recorder selection (torch_conslaw.recorders) ---
         if asynchronous is not None:
-            if recording != "auto":
+            if recording != "sync":
                 raise ValueError(
                     f"ConservationMonitor: pass recording={recording!r} or the deprecated "
                     f"asynchronous={asynchronous!r}, not both"

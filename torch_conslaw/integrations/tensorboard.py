@@ -101,6 +101,7 @@ class TensorBoardLogger:
         """Flush, and close the writer if the logger opened it."""
         if self.writer is None:
             return
+        self.monitor.flush()  # records a worker still holds (recording="live"/"snapshot") are logged first
         if self._owns_writer:
             self.writer.close()
         else:
