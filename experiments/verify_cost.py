@@ -82,7 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="results/verify_cost.md")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = [
         ("demo MLP 10-32-32-4", demo.make_mlp(dtype=torch.float32), torch.randn(64, 10)),

@@ -129,13 +129,7 @@ def verify_groups(
         )
     gen = torch.Generator().manual_seed(seed)
     losses = sorted({_loss(g) for g in groups}, key=str)
-    grads: dict[Any, list[dict[str, Tensor]]] = {}
     theta = {n: params[n].detach().to(F64) for n in names}
-    for loss in losses:
-        axes = {getattr(g, "class_axis", -1) for g in groups if _loss(g) == loss}
-        if len(axes) > 1:
-            raise ValueError(f"verify: groups of loss {loss!r} disagree on the class axis ({sorted(axes)})")
-        grads[loss] = _cotangent_gradients(model, example_input, cotangents, loss, axes.pop(), gen)
     # ⟨∇h_l, g⟩ for every law of every group: one jvp of all the law values per direction
     counts = [int(g.count) for g in groups]
 
@@ -150,7 +144,11 @@ def verify_groups(
     grad_norm = (sq / PROBES).sqrt()
     residual = torch.zeros(sum(counts), dtype=F64)
     for loss in losses:
-        for g_full in grads[loss]:
+        axes = {getattr(g, "class_axis", -1) for g in groups if _loss(g) == loss}
+        if len(axes) > 1:
+            raise ValueError(f"verify: groups of loss {loss!r} disagree on the class axis ({sorted(axes)})")
+        # one ∂fᵀu at a time (a generator): memory holds one gradient, not ``cotangents``
+        for g_full in _cotangent_gradients(model, example_input, cotangents, loss, axes.pop(), gen):
             norm = math.sqrt(sum(float(t.square().sum()) for t in g_full.values()))
             d = _directional(all_values, theta, {n: g_full[n] for n in names}).cpu().abs()
             denom = grad_norm * norm
@@ -247,8 +245,10 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
 
 def _cotangent_gradients(
     model: nn.Module, example_input: Any, k: int, loss: str | None, class_axis: int, gen: torch.Generator
-) -> list[dict[str, Tensor]]:
-    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter."""
+) -> Iterator[dict[str, Tensor]]:
+    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter,
+    one after the other (the forward graph is kept between them; the model's train flags and
+    the default dtype are restored when the generator is exhausted or closed)."""
     from ..structure import _split_input  # one definition of how an example input is called
 
     args, kwargs = _split_input(_to_float64(example_input))
@@ -273,7 +273,6 @@ def _cotangent_gradients(
             outs = f(params)
             if not outs:
                 raise ValueError(f"verify: {type(model).__name__} returned no floating tensor on the example input")
-            result = []
             for _ in range(k):
                 us = []
                 for o in outs:
@@ -282,14 +281,11 @@ def _cotangent_gradients(
                         u = u - u.mean(dim=class_axis, keepdim=True)
                     us.append(u)
                 grads = torch.autograd.grad(outs, list(params.values()), us, retain_graph=True, allow_unused=True)
-                result.append(
-                    {n: torch.zeros_like(p) if t is None else t.detach() for (n, p), t in zip(params.items(), grads)}
-                )
+                yield {n: torch.zeros_like(p) if t is None else t.detach() for (n, p), t in zip(params.items(), grads)}
     finally:
         torch.set_default_dtype(default)
         for m, flag in training.items():
             m.train(flag)
-    return result
 
 
 # --------------------------------------------------------------------------- for the monitor
