@@ -242,3 +242,38 @@ def test_no_warning_without_example_input_when_nothing_was_registered():
         warnings.simplefilter("error")
         monitor = tc.ConservationMonitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert "no example_input" in monitor.verification_note
+
+
+class Scaler(nn.Module):
+    """An unregistered module with parameters (a layer the finder does not know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+class Reshapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2)
+        self.s, self.e = Scaler(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x).view(-1, 2, 2).transpose(1, 2).reshape(-1, 4)  # a reshape the finder does not follow
+        g = self.c(self.b(h)[:, :4])  # indexing
+        return self.e(self.s(g)).sum() + self.d(g[:, :2]).sum()
+
+
+def test_skip_reasons_name_reshapes_indexing_and_unknown_layers_without_advising_activations():
+    reasons = [str(s) for s in tc.find_structure(Reshapes()).skipped]
+    text = " | ".join(reasons)
+    assert ".view() reshapes or permutes the tensor" in text
+    assert "selects entries (indexing" in text
+    assert ".sum() reduces over axes" in text
+    assert "register_activation" not in text  # never: a reshape, an index, a product or a reduction
+    layer = catalogue.barrier_reason(Scaler(), "s")  # reached when the forward is recorded with hooks
+    assert "s (Scaler) has parameters but is not a registered layer" in layer
+    assert "register_layer" in layer and "register_activation" not in layer
