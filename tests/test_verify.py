@@ -277,3 +277,15 @@ def test_skip_reasons_name_reshapes_indexing_and_unknown_layers_without_advising
     layer = catalogue.barrier_reason(Scaler(), "s")  # reached when the forward is recorded with hooks
     assert "s (Scaler) has parameters but is not a registered layer" in layer
     assert "register_layer" in layer and "register_activation" not in layer
+
+
+def test_a_model_built_in_eval_mode_gets_the_train_mode_only_bias_law_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3)).double()
+    x = torch.randn(4, 2, 6, 6, dtype=F64)
+    assert "0.bias→1" in {g.name for g in tc.ConservationMonitor(model, x).groups}
+    model.eval()  # running statistics: the bias before BatchNorm does reach the output
+    monitor = tc.ConservationMonitor(model, x)
+    assert "0.bias→1" not in {g.name for g in monitor.groups}
+    assert any("0.bias→1 fails the numerical check" in str(s) for s in monitor.skipped)
+    assert not model.training  # the mode is left as it was

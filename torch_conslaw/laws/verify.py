@@ -34,10 +34,12 @@ the logits always sums to zero over the classes). Approximate laws (``approximat
 invariance before a normalization, exact only at eps = 0) are checked against
 :data:`APPROXIMATE_THRESHOLD` instead, and their measured residual is reported.
 
-The forward pass runs in train mode (BatchNorm uses batch statistics, as in training), on
-float64 copies of the parameters and buffers (running statistics are updated on the copies),
-with the global RNG state restored afterwards and the train flags put back: the model and its
-training are untouched.
+The forward pass runs in the mode the model is in (``model.train()`` by default, so BatchNorm
+uses batch statistics as in training; a model built in eval mode is checked as it will run,
+so a law that holds in train mode only, like the bias before a BatchNorm, is refused there:
+build the monitor after ``model.train()``), on float64 copies of the parameters and buffers
+(running statistics are updated on the copies), with the global RNG state restored afterwards
+and the train flags put back: the model and its training are untouched.
 
 Example:
     >>> import torch
@@ -265,7 +267,6 @@ def _cotangent_gradients(
     training = {m: m.training for m in model.modules()}
     default = torch.get_default_dtype()
     try:
-        model.train()
         torch.set_default_dtype(F64)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             # plain reverse mode (torch.autograd.grad) rather than torch.func.vjp: BatchNorm's
