@@ -289,3 +289,29 @@ def test_a_model_built_in_eval_mode_gets_the_train_mode_only_bias_law_refused():
     assert "0.bias→1" not in {g.name for g in monitor.groups}
     assert any("0.bias→1 fails the numerical check" in str(s) for s in monitor.skipped)
     assert not model.training  # the mode is left as it was
+
+
+def test_closed_form_gradient_norms_equal_torch_func_jacobians():
+    """The check's ‖∇h_l‖ for every built-in kind, against full jacrev Jacobians of the values."""
+    from torch_conslaw.laws.verify import gradient_norms
+
+    torch.manual_seed(0)
+    models = [
+        (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4),
+                       nn.LayerNorm(4), nn.Linear(4, 3), nn.Linear(3, 2)).double(), torch.randn(4, 2, 6, 6, dtype=F64)),
+        (nn.Sequential(nn.Embedding(6, 4, padding_idx=1), nn.MultiheadAttention(4, 2, batch_first=True)).double(), None),
+    ]
+    kinds = set()
+    for model, x in models:
+        structure = tc.find_structure(model)
+        from torch_conslaw.lawgroups import build_groups
+        from torch_conslaw.laws.families import propose_laws
+
+        groups = build_groups(structure.pairs) + propose_laws(model, structure)[0]
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for g in groups:
+            jac = torch.func.jacrev(g.values)(theta)
+            exact = torch.cat([t.reshape(g.count, -1) for t in jac.values()], 1).square().sum(1).sqrt()
+            torch.testing.assert_close(gradient_norms(g, theta), exact, rtol=1e-12, atol=1e-14)
+            kinds.add(g.kind)
+    assert kinds == {"channel", "unit", "matrix", "linear", "approximate"}
