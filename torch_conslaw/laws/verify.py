@@ -277,9 +277,11 @@ def _reads_each_entry_once(readers: Any, theta: Mapping[str, Tensor]) -> bool:
         except Exception:  # a reader that cannot run on a probe: use the probes instead
             return False
         seen.setdefault(name, []).append(out.reshape(-1))
-    for outs in seen.values():
-        flat = torch.cat(outs)
-        if torch.unique(flat).numel() != flat.numel():
+    for name, outs in seen.items():  # count the reads of each entry (O(n), no sort)
+        hits = torch.zeros(theta[name].numel(), dtype=torch.int32)
+        for out in outs:
+            hits.index_add_(0, out.long(), torch.ones(out.numel(), dtype=torch.int32))
+        if int(hits.max()) > 1:
             return False
     return True
 
