@@ -147,9 +147,11 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     _trainer(tmp_path, model, callback, _TokenData(), max_steps=3, learning_rate=0.01).train()
     monitor = callback.monitor
     ffn = "bert.encoder.layer.0.intermediate.dense→bert.encoder.layer.0.output.dense"
-    assert [g.name for g in monitor.groups] == [ffn] and monitor.groups[0].count == 32
+    pad = "bert.embeddings.word_embeddings.weight[0]"  # padding row (linear law), verified on the input
+    assert [g.name for g in monitor.groups] == [ffn, pad] and monitor.groups[0].count == 32
     assert any("Tanh" in str(s) for s in monitor.skipped)  # the pooler → classifier pair, with its reason
-    (summary,) = monitor.summary()
+    summary, padding = monitor.summary()
+    assert padding["kind"] == "linear" and padding["verified"] and padding["max_abs_drift"] == 0.0
     assert monitor.num_steps == 3 and summary["expected_conserved"]
     assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
 

@@ -242,3 +242,76 @@ def test_no_warning_without_example_input_when_nothing_was_registered():
         warnings.simplefilter("error")
         monitor = tc.ConservationMonitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert "no example_input" in monitor.verification_note
+
+
+class Scaler(nn.Module):
+    """An unregistered module with parameters (a layer the finder does not know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+class Reshapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2)
+        self.s, self.e = Scaler(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x).view(-1, 2, 2).transpose(1, 2).reshape(-1, 4)  # a reshape the finder does not follow
+        g = self.c(self.b(h)[:, :4])  # indexing
+        return self.e(self.s(g)).sum() + self.d(g[:, :2]).sum()
+
+
+def test_skip_reasons_name_reshapes_indexing_and_unknown_layers_without_advising_activations():
+    reasons = [str(s) for s in tc.find_structure(Reshapes()).skipped]
+    text = " | ".join(reasons)
+    assert ".view() reshapes or permutes the tensor" in text
+    assert "selects entries (indexing" in text
+    assert ".sum() reduces over axes" in text
+    assert "register_activation" not in text  # never: a reshape, an index, a product or a reduction
+    layer = catalogue.barrier_reason(Scaler(), "s")  # reached when the forward is recorded with hooks
+    assert "s (Scaler) has parameters but is not a registered layer" in layer
+    assert "register_layer" in layer and "register_activation" not in layer
+
+
+def test_a_model_built_in_eval_mode_gets_the_train_mode_only_bias_law_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3)).double()
+    x = torch.randn(4, 2, 6, 6, dtype=F64)
+    assert "0.bias→1" in {g.name for g in tc.ConservationMonitor(model, x).groups}
+    model.eval()  # running statistics: the bias before BatchNorm does reach the output
+    monitor = tc.ConservationMonitor(model, x)
+    assert "0.bias→1" not in {g.name for g in monitor.groups}
+    assert any("0.bias→1 fails the numerical check" in str(s) for s in monitor.skipped)
+    assert not model.training  # the mode is left as it was
+
+
+def test_closed_form_gradient_norms_equal_torch_func_jacobians():
+    """The check's ‖∇h_l‖ for every built-in kind, against full jacrev Jacobians of the values."""
+    from torch_conslaw.laws.verify import gradient_norms
+
+    torch.manual_seed(0)
+    models = [
+        (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4),
+                       nn.LayerNorm(4), nn.Linear(4, 3), nn.Linear(3, 2)).double(), torch.randn(4, 2, 6, 6, dtype=F64)),
+        (nn.Sequential(nn.Embedding(6, 4, padding_idx=1), nn.MultiheadAttention(4, 2, batch_first=True)).double(), None),
+    ]
+    kinds = set()
+    for model, x in models:
+        structure = tc.find_structure(model)
+        from torch_conslaw.lawgroups import build_groups
+        from torch_conslaw.laws.families import propose_laws
+
+        groups = build_groups(structure.pairs) + propose_laws(model, structure)[0]
+        theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for g in groups:
+            jac = torch.func.jacrev(g.values)(theta)
+            exact = torch.cat([t.reshape(g.count, -1) for t in jac.values()], 1).square().sum(1).sqrt()
+            torch.testing.assert_close(gradient_norms(g, theta), exact, rtol=1e-12, atol=1e-14)
+            kinds.add(g.kind)
+    assert kinds == {"channel", "unit", "matrix", "linear", "approximate"}

@@ -408,6 +408,11 @@ def barrier_reason(target: Any, display: str) -> str:
                 "(only flatten(1) / view(N, -1) of whole channels is followed), so it cannot tell "
                 "which entries belong to which unit: no law crosses it"
             )
+        if target in _REDUCTIONS:
+            return (
+                f"{display} reduces over axes (a reduction, not an elementwise activation), so the "
+                "units do not reach a layer one by one: no law crosses it"
+            )
         if target in _INDEXING:
             return (
                 f"{display} selects entries (indexing / gather), which the finder does not follow "
@@ -443,6 +448,10 @@ _RESHAPES = {
     torch.squeeze, torch.unsqueeze, torch.movedim, torch.swapaxes, torch.t, torch.cat,
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "split",
     "chunk", "squeeze", "unsqueeze", "expand", "t", "movedim", "swapaxes", "view_as",
+}
+_REDUCTIONS = {
+    torch.sum, torch.mean, torch.amax, torch.amin, torch.max, torch.min, torch.norm, torch.logsumexp,
+    torch.prod, "sum", "mean", "amax", "amin", "max", "min", "norm", "logsumexp", "prod",
 }
 _INDEXING = {operator.getitem, torch.gather, torch.index_select, "__getitem__", "gather", "index_select"}
 

@@ -20,7 +20,8 @@ How it is computed (vectorized, no loop over laws):
   the retained graph) give ``g = ∂fᵀu`` for all parameters at once;
 * ⟨∇h_l, g⟩ for every law of every group is ONE :func:`torch.func.jvp` of the concatenated law
   values along ``g``;
-* ‖∇h_l‖ for every law is estimated from ``PROBES`` = 8 jvps along Gaussian directions z:
+* ‖∇h_l‖ has a closed form for every built-in kind (:func:`gradient_norms`); for any other
+  group it is estimated from ``PROBES`` = 8 jvps along Gaussian directions z:
   E[(∇h_l · z)²] = ‖∇h_l‖², and the estimate is a χ²₈/8 multiple of the true value. It
   overestimates ‖∇h_l‖ (which would shrink a residual) by more than √10 with probability
   P(χ²₈ > 80) ≈ 1e-13 per law, and underestimates it by more than √10 (which only inflates a
@@ -34,10 +35,12 @@ the logits always sums to zero over the classes). Approximate laws (``approximat
 invariance before a normalization, exact only at eps = 0) are checked against
 :data:`APPROXIMATE_THRESHOLD` instead, and their measured residual is reported.
 
-The forward pass runs in train mode (BatchNorm uses batch statistics, as in training), on
-float64 copies of the parameters and buffers (running statistics are updated on the copies),
-with the global RNG state restored afterwards and the train flags put back: the model and its
-training are untouched.
+The forward pass runs in the mode the model is in (``model.train()`` by default, so BatchNorm
+uses batch statistics as in training; a model built in eval mode is checked as it will run,
+so a law that holds in train mode only, like the bias before a BatchNorm, is refused there:
+build the monitor after ``model.train()``), on float64 copies of the parameters and buffers
+(running statistics are updated on the copies), with the global RNG state restored afterwards
+and the train flags put back: the model and its training are untouched.
 
 Example:
     >>> import torch
@@ -60,7 +63,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Verification", "verify_groups", "verify_laws", "THRESHOLD", "APPROXIMATE_THRESHOLD", "PROBES"]
+__all__ = [
+    "Verification", "verify_groups", "verify_laws", "gradient_norms", "THRESHOLD", "APPROXIMATE_THRESHOLD", "PROBES",
+]
 
 F64 = torch.float64
 THRESHOLD = 1e-10
@@ -129,28 +134,29 @@ def verify_groups(
         )
     gen = torch.Generator().manual_seed(seed)
     losses = sorted({_loss(g) for g in groups}, key=str)
-    grads: dict[Any, list[dict[str, Tensor]]] = {}
     theta = {n: params[n].detach().to(F64) for n in names}
-    for loss in losses:
-        axes = {getattr(g, "class_axis", -1) for g in groups if _loss(g) == loss}
-        if len(axes) > 1:
-            raise ValueError(f"verify: groups of loss {loss!r} disagree on the class axis ({sorted(axes)})")
-        grads[loss] = _cotangent_gradients(model, example_input, cotangents, loss, axes.pop(), gen)
     # ⟨∇h_l, g⟩ for every law of every group: one jvp of all the law values per direction
     counts = [int(g.count) for g in groups]
 
     def all_values(p: dict[str, Tensor]) -> Tensor:
         return torch.cat([g.values(p).reshape(-1) for g in groups])
 
-    sq = torch.zeros(sum(counts), dtype=F64)
-    device = next(iter(theta.values())).device
-    for _ in range(PROBES):
-        z = {n: torch.randn(t.shape, generator=gen, dtype=F64).to(device) for n, t in theta.items()}
-        sq += _directional(all_values, theta, z).cpu().square()
-    grad_norm = (sq / PROBES).sqrt()
+    # ‖∇h_l‖: closed form for the built-in kinds, Gaussian probes for any other group
+    norms = [gradient_norms(g, theta) for g in groups]
+    others = [g for g, n in zip(groups, norms) if n is None]
+    if others:
+        probed = _probed_norms(others, theta, {n for g in others for n in g.parameter_names}, gen)
+        for i, g in enumerate(groups):
+            if norms[i] is None:
+                norms[i] = probed[g.name]
+    grad_norm = torch.cat([n.reshape(-1).cpu() for n in norms])
     residual = torch.zeros(sum(counts), dtype=F64)
     for loss in losses:
-        for g_full in grads[loss]:
+        axes = {getattr(g, "class_axis", -1) for g in groups if _loss(g) == loss}
+        if len(axes) > 1:
+            raise ValueError(f"verify: groups of loss {loss!r} disagree on the class axis ({sorted(axes)})")
+        # one ∂fᵀu at a time (a generator): memory holds one gradient, not ``cotangents``
+        for g_full in _cotangent_gradients(model, example_input, cotangents, loss, axes.pop(), gen):
             norm = math.sqrt(sum(float(t.square().sum()) for t in g_full.values()))
             d = _directional(all_values, theta, {n: g_full[n] for n in names}).cpu().abs()
             denom = grad_norm * norm
@@ -212,6 +218,90 @@ def verify_laws(
 # ---------------------------------------------------------------------------------------------
 
 
+def gradient_norms(group: Any, theta: Mapping[str, Tensor]) -> Tensor | None:
+    """‖∇h_l(θ)‖ for every law of a built-in group in closed form, or ``None`` (then they are
+    probed). Valid when the readers of a quadratic group select entries and read each entry
+    once (probed on index tensors; true for the built-in rules; otherwise ``None``):
+
+    * unit law ‖in_j‖² − k‖out_j‖²: ∇ = 2(in_j, −k·out_j), norm 2·sqrt(‖in_j‖² + k²‖out_j‖²);
+    * matrix law Q_ij = ⟨I_i, I_j⟩ − ⟨O_i, O_j⟩: sqrt(‖I_i‖² + ‖I_j‖² + ‖O_i‖² + ‖O_j‖²) off
+      the diagonal, 2·sqrt(‖I_i‖² + ‖O_i‖²) on it;
+    * linear law cᵀθ (coefficients +1, one reader per law): sqrt(reader(ones));
+    * scale law Σ‖row_u‖²: 2·sqrt(h_u).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_conslaw.lawgroups import build_groups
+        >>> from torch_conslaw.structure import find_structure
+        >>> model = nn.Sequential(nn.Linear(2, 1), nn.ReLU(), nn.Linear(1, 1)).double()
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(1.0), model[0].bias.fill_(0.0), model[2].weight.fill_(2.0)
+        >>> theta = dict(model.named_parameters())
+        >>> gradient_norms(build_groups(find_structure(model).pairs)[0], theta).tolist()  # 2·sqrt(1 + 1 + 4)
+        [4.898979485566356]
+    """
+    from ..lawgroups import MatrixLaws, UnitLaws
+    from .groups import LinearLaws, NormScaleLaws
+
+    with torch.no_grad():
+        if isinstance(group, (UnitLaws, MatrixLaws)):
+            if not _reads_each_entry_once(group.pair.incoming + group.pair.outgoing, theta):
+                return None
+            if isinstance(group, UnitLaws):
+                a, b = group._sides(theta, theta)
+                return 2.0 * (a + group.degree**2 * b).clamp_min(0).sqrt()
+            rows_in, rows_out = group._rows(theta)
+            sq = rows_in.square().sum(1) + rows_out.square().sum(1)
+            i, j = group._rows_idx, group._cols_idx
+            off = (sq[i] + sq[j]).sqrt()
+            return torch.where(i == j, 2.0 * sq[i].sqrt(), off)
+        if isinstance(group, LinearLaws):
+            return torch.cat([fn(torch.ones_like(theta[n], dtype=F64)).reshape(-1) for n, fn in group.readers]).sqrt()
+        if isinstance(group, NormScaleLaws):
+            return 2.0 * group.values(theta).clamp_min(0).sqrt()
+    return None
+
+
+def _reads_each_entry_once(readers: Any, theta: Mapping[str, Tensor]) -> bool:
+    """True when every reader only selects entries (probed: shifting the input by one shifts
+    the output by one) and no entry of a parameter is read twice across all the readers."""
+    seen: dict[str, list[Tensor]] = {}
+    for name, fn in readers:
+        shape = theta[name].shape
+        idx = torch.arange(theta[name].numel(), dtype=F64).reshape(shape)
+        try:
+            out = fn(idx)
+            if not torch.equal(fn(idx + 1), out + 1):
+                return False
+        except Exception:  # a reader that cannot run on a probe: use the probes instead
+            return False
+        seen.setdefault(name, []).append(out.reshape(-1))
+    for name, outs in seen.items():  # count the reads of each entry (O(n), no sort)
+        hits = torch.zeros(theta[name].numel(), dtype=torch.int32)
+        for out in outs:
+            hits.index_add_(0, out.long(), torch.ones(out.numel(), dtype=torch.int32))
+        if int(hits.max()) > 1:
+            return False
+    return True
+
+
+def _probed_norms(groups: list[Any], theta: dict[str, Tensor], names: set[str], gen: torch.Generator) -> dict[str, Tensor]:
+    """‖∇h_l‖ estimated from :data:`PROBES` jvps along Gaussian directions (see the module docstring)."""
+    sub = {n: theta[n] for n in sorted(names)}
+
+    def values(p: dict[str, Tensor]) -> Tensor:
+        return torch.cat([g.values(p).reshape(-1) for g in groups])
+
+    counts = [int(g.count) for g in groups]
+    sq = torch.zeros(sum(counts), dtype=F64)
+    device = next(iter(sub.values())).device
+    for _ in range(PROBES):
+        z = {n: torch.randn(t.shape, generator=gen, dtype=F64).to(device) for n, t in sub.items()}
+        sq += _directional(values, sub, z).cpu().square()
+    return {g.name: n for g, n in zip(groups, (sq / PROBES).sqrt().split(counts))}
+
+
 def _loss(group: Any) -> str | None:
     return getattr(group, "loss", None)
 
@@ -247,8 +337,10 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
 
 def _cotangent_gradients(
     model: nn.Module, example_input: Any, k: int, loss: str | None, class_axis: int, gen: torch.Generator
-) -> list[dict[str, Tensor]]:
-    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter."""
+) -> Iterator[dict[str, Tensor]]:
+    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter,
+    one after the other (the forward graph is kept between them; the model's train flags and
+    the default dtype are restored when the generator is exhausted or closed)."""
     from ..structure.finder import _split_input  # one definition of how an example input is called
 
     args, kwargs = _split_input(_to_float64(example_input))
@@ -265,7 +357,6 @@ def _cotangent_gradients(
     training = {m: m.training for m in model.modules()}
     default = torch.get_default_dtype()
     try:
-        model.train()
         torch.set_default_dtype(F64)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             # plain reverse mode (torch.autograd.grad) rather than torch.func.vjp: BatchNorm's
@@ -273,7 +364,6 @@ def _cotangent_gradients(
             outs = f(params)
             if not outs:
                 raise ValueError(f"verify: {type(model).__name__} returned no floating tensor on the example input")
-            result = []
             for _ in range(k):
                 us = []
                 for o in outs:
@@ -282,14 +372,11 @@ def _cotangent_gradients(
                         u = u - u.mean(dim=class_axis, keepdim=True)
                     us.append(u)
                 grads = torch.autograd.grad(outs, list(params.values()), us, retain_graph=True, allow_unused=True)
-                result.append(
-                    {n: torch.zeros_like(p) if t is None else t.detach() for (n, p), t in zip(params.items(), grads)}
-                )
+                yield {n: torch.zeros_like(p) if t is None else t.detach() for (n, p), t in zip(params.items(), grads)}
     finally:
         torch.set_default_dtype(default)
         for m, flag in training.items():
             m.train(flag)
-    return result
 
 
 # --------------------------------------------------------------------------- for the monitor

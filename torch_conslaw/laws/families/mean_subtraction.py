@@ -6,8 +6,10 @@ nothing downstream, so ∂L/∂b_c = 0 for every loss and b_c is a (linear) law,
 GroupNorm subtracts the mean over the channels of a group and the positions: only adding the
 same t to every bias of a group is a symmetry, so the law is Σ_{c ∈ group} b_c.
 
-BatchNorm in eval mode uses its running statistics, so the law holds in training only (the
-verification runs the model in train mode, as training does).
+BatchNorm in eval mode uses its running statistics, so the law holds in train mode only; the
+numerical check runs the model in the mode it is in when the monitor is built, so a model
+built in eval mode gets this law refused (with the measured residual) rather than falsely
+claimed.
 
 Example:
     >>> from torch import nn
