@@ -717,7 +717,9 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                     assert cols is not None
                     out.append(_outgoing(use, cols))
                 pairs.append(_pair(site, uses, "matrix", degree, len(units), _incoming(site, idx), out,
-                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]"))
+                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]",
+                                   "only linear ops in between (e.g. value → output of one head): "
+                                   "matrix law [W b][W b]ᵀ − W_nextᵀ W_next of the block (upper triangle)"))
         else:
             idx = torch.tensor(blocks)  # [classes, members]
             out = []
@@ -726,7 +728,9 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                 out.append(_outgoing(use, cols))
             tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
             pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
-                               f"{site.name}→{_names(uses)}{tied}"))
+                               f"{site.name}→{_names(uses)}{tied}",
+                               f"positively {degree:g}-homogeneous ops between {site.name} and "
+                               f"{_names(uses)}: one law per {'unit' if idx.shape[1] == 1 else 'tie class'}"))
     return pairs, problems
 
 
@@ -735,10 +739,10 @@ def _names(uses: list[_Use]) -> str:
 
 
 def _pair(site: _Site, uses: list[_Use], kind: Any, degree: float, units: int,
-          incoming: list[RowReader], outgoing: list[RowReader], label: str) -> Pair:
+          incoming: list[RowReader], outgoing: list[RowReader], label: str, reason: str) -> Pair:
     consumers = tuple(dict.fromkeys(_module_of(u.param) for u in uses))
     return Pair(
-        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree,
+        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree, reason=reason,
         units=units, positions=1, incoming=tuple(incoming), outgoing=tuple(outgoing),
         op_kinds=(), consumers=consumers, consumer_positions=tuple(1 for _ in consumers), label=label,
     )
@@ -795,12 +799,13 @@ def _pairing_laws(
                       if _find(states[s].ties, v) == u) for s, u in units)
                   and len({st_a.blocks[u] for b in qs for u in b}) == 1
                   and len({st_b.blocks[u] for b in ks for u in b}) == 1)
-        label = f"{st_a.site.name}·{st_b.site.name} heads {qs[0][0]}.."
         if matrix:
             inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor(b))]
             out = [r for b in ks for r in _incoming(st_b.site, torch.tensor(b))]
             pairs.append(_pair_qk(st_a.site, st_b.site, "matrix", K, inc, out,
-                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}: q units {qs[0][0]}.., k units {ks[0][0]}..]"))
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}: q units {qs[0][0]}.., k units {ks[0][0]}..]",
+                                  f"attention scores: Σ Q̃_hQ̃_hᵀ − K̃_gK̃_gᵀ over {len(qs)} query head(s) sharing "
+                                  f"{len(ks)} key head (upper triangle)"))
             continue
         # per-unit scaling only: positions tied by the sites' tie classes (RoPE planes)
         pos_parent = list(range(K))
@@ -829,14 +834,16 @@ def _pairing_laws(
             out = [r for b in ks for r in _incoming(st_b.site, torch.tensor([[b[j] for j in c] for c in cls]))]
             what = f"planes of {size}" if size > 1 else "coordinates"
             pairs.append(_pair_qk(st_a.site, st_b.site, "unit", len(cls), inc, out,
-                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {what}]"))
-        del label
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {what}]",
+                                  f"attention scores with per-position rotations or scalings: ‖q rows‖² − ‖k rows‖² "
+                                  f"per {what[:-1] if what.endswith('s') else what}, over {len(qs)} query head(s)"))
     return pairs, claimed, None
 
 
-def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str) -> Pair:
+def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str,
+             reason: str) -> Pair:
     return Pair(
-        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1,
+        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1, reason=reason,
         incoming=tuple(inc), outgoing=tuple(out), consumers=(b.name,), consumer_positions=(1,), label=label,
     )
 
