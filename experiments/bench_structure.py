@@ -27,12 +27,14 @@ def peak_rss_mib() -> float:
 def main() -> None:
     import transformers
 
-    from torch_conslaw import ConservationMonitor
+    from torch_conslaw import ConservationMonitor, find_structure
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=args.layers)  # n_embd 768, 12 heads, vocab 50257
     model = transformers.GPT2LMHeadModel(cfg)
@@ -42,12 +44,18 @@ def main() -> None:
         model(input_ids=ids)  # warm up (lazy imports), so the numbers are the monitor's own
     before = peak_rss_mib()
     start = time.perf_counter()
+    structure = find_structure(model, {"input_ids": ids})
+    found = time.perf_counter() - start
+    mid = peak_rss_mib()
+    del structure
+    start = time.perf_counter()
     monitor = ConservationMonitor(model, {"input_ids": ids})
     seconds = time.perf_counter() - start
     after = peak_rss_mib()
     laws = sum(g.count for g in monitor.groups)
     print(f"GPT-2 config, {args.layers} layers, {params / 1e6:.1f}M parameters, {args.tokens} tokens")
-    print(f"monitor built in {seconds:.2f} s: {len(monitor.groups)} groups, {laws} laws")
+    print(f"structure (module finder + op graph) found in {found:.2f} s, peak RSS +{mid - before:.0f} MiB")
+    print(f"monitor built in {seconds:.2f} s (structure included): {len(monitor.groups)} groups, {laws} laws")
     print(f"peak RSS {before:.0f} MiB before construction, {after:.0f} MiB after (+{after - before:.0f} MiB)")
 
 

@@ -148,6 +148,22 @@ class _SiteState:
     blocks: list[tuple]
     kills: dict[int, str] = field(default_factory=dict)
     uses: list[_Use] = field(default_factory=list)
+    _roots: list[int] | None = None
+    _members: dict[int, list[int]] | None = None
+
+    def root(self, u: int) -> int:
+        """The tie class of unit ``u`` (ties are final once the propagation has run)."""
+        if self._roots is None:
+            self._roots = [_find(self.ties, v) for v in range(self.site.units)]
+        return self._roots[u]
+
+    def members(self, u: int) -> list[int]:
+        """Every unit tied to ``u`` (itself included)."""
+        if self._members is None:
+            self._members = defaultdict(list)
+            for v in range(self.site.units):
+                self._members[self.root(v)].append(v)
+        return self._members[self.root(u)]
 
 
 def _find(parent: list[int], i: int) -> int:
@@ -683,26 +699,23 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
             continue
         sig = tuple((x.op, int((x.fiber == u).sum())) for x in uses)
         matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0}
-        root = _find(st.ties, u)
-        classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else root)].append(u)
+        classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else st.root(u))].append(u)
     # a tie class must be whole and uniform, else drop it
-    members: dict[int, list[int]] = defaultdict(list)
-    for u in range(site.units):
-        members[_find(st.ties, u)].append(u)
     groups: dict[tuple, list[list[int]]] = defaultdict(list)
     for (sig, matrix, degree, key), units in classes.items():
         if matrix:
-            if any(len(members[_find(st.ties, u)]) > 1 for u in units):
+            if any(len(st.members(u)) > 1 for u in units):
                 matrix = False
             else:
                 groups[(sig, True, degree, key)].append(sorted(units))
                 continue
         if not matrix:
+            present = set(units)
             for u in units:
-                whole = members[_find(st.ties, u)]
+                whole = st.members(u)
                 if u != min(whole):
                     continue
-                if sorted(whole) != sorted(x for x in whole if x in units):
+                if any(x not in present for x in whole):
                     problems.append(f"units {whole} are tied but reach different consumers")
                     continue
                 groups[(sig, False, degree, len(whole))].append(sorted(whole))
@@ -794,9 +807,7 @@ def _pairing_laws(
         ks = sorted(k[2] for k in keys if k[0] == "B")
         units = [(sid_a, u) for b in qs for u in b] + [(sid_b, u) for b in ks for u in b]
         matrix = (sa.matrix and sb.matrix and st_a.site.mixing and st_b.site.mixing
-                  and all(_find(states[s].ties, u) == u and all(
-                      _find(states[s].ties, v) == v for v in range(states[s].site.units)
-                      if _find(states[s].ties, v) == u) for s, u in units)
+                  and all(len(states[s].members(u)) == 1 for s, u in units)
                   and len({st_a.blocks[u] for b in qs for u in b}) == 1
                   and len({st_b.blocks[u] for b in ks for u in b}) == 1)
         if matrix:
@@ -813,15 +824,15 @@ def _pairing_laws(
         for s, blocks in ((sid_a, qs), (sid_b, ks)):
             for b in blocks:
                 for j, u in enumerate(b):
-                    r = (s, _find(states[s].ties, u))
+                    r = (s, states[s].root(u))
                     if r in root_pos:
                         _union(pos_parent, root_pos[r], j)
                     else:
                         root_pos[r] = j
         inside = set(units)
         for s, u in units:  # a tie reaching outside the component would need the same scale there
-            for v in range(states[s].site.units):
-                if _find(states[s].ties, v) == _find(states[s].ties, u) and (s, v) not in inside:
+            for v in states[s].members(u):
+                if (s, v) not in inside:
                     return [], [], f"unit {u} is tied to unit {v}, which the score product does not pair alike"
         classes: dict[int, list[int]] = defaultdict(list)
         for j in range(K):
