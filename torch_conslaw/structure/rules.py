@@ -284,7 +284,7 @@ def _varying_axes(p: Tensor) -> list[int]:
 
 
 def _units(p: Tensor) -> list[int]:
-    return [int(u) for u in torch.unique(p[p >= 0])]
+    return torch.unique(p[p >= 0]).tolist()
 
 
 class _Propagation:
@@ -671,18 +671,24 @@ def _outgoing(use: _Use, idx: Tensor) -> RowReader:
 
 
 def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
-    """[units, positions] input positions of each unit; None when their counts differ."""
-    rows = [torch.nonzero(fiber == u).flatten() for u in units]
-    if len({len(r) for r in rows}) != 1:
+    """[units, positions] input positions of each unit (in increasing order); None when
+    their counts differ."""
+    u = torch.tensor(units, dtype=fiber.dtype)
+    counts = torch.bincount(fiber[fiber >= 0], minlength=int(u.max()) + 1)[u]
+    if counts.numel() == 0 or bool((counts != counts[0]).any()):
         return None
-    return torch.stack(rows)
+    order = torch.argsort(fiber, stable=True)
+    start = torch.searchsorted(fiber[order], u)
+    return order[start.unsqueeze(1) + torch.arange(int(counts[0]))]
 
 
 def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str]]:
     """Laws of the units of one site read by linear consumers only."""
     site = st.site
     by_unit: dict[int, list[_Use]] = defaultdict(list)
+    counts: dict[int, list[int]] = {}  # op → columns per unit
     for use in st.uses:
+        counts[use.op] = torch.bincount(use.fiber[use.fiber >= 0], minlength=site.units).tolist()
         for u in _units(use.fiber):
             by_unit[u].append(use)
     pairs: list[Pair] = []
@@ -697,7 +703,7 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
         if len(degrees) > 1:
             problems.append(f"unit {u} reaches consumers with different homogeneity degrees")
             continue
-        sig = tuple((x.op, int((x.fiber == u).sum())) for x in uses)
+        sig = tuple((x.op, counts[x.op][u]) for x in uses)
         matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0}
         classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else st.root(u))].append(u)
     # a tie class must be whole and uniform, else drop it
@@ -737,7 +743,9 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
             idx = torch.tensor(blocks)  # [classes, members]
             out = []
             for use in uses:
-                cols = torch.stack([_cols(use.fiber, b) for b in blocks])  # type: ignore[misc]
+                flat = _cols(use.fiber, [u for b in blocks for u in b])
+                assert flat is not None  # the units of one signature read equally many columns
+                cols = flat.reshape(len(blocks), len(blocks[0]), -1)
                 out.append(_outgoing(use, cols))
             tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
             pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
