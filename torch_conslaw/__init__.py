@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     # Conservation monitor
     "ConservationMonitor": "torch_conslaw.monitor",
     "find_structure": "torch_conslaw.structure",
+    "find_graph_laws": "torch_conslaw.structure",
     "analyze": "torch_conslaw.completeness",
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
@@ -67,4 +68,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .monitor import ConservationMonitor
     from .lie.numerics import RankDecision
     from .polynomial import polynomial_laws, polynomial_laws_of
-    from .structure import find_structure
+    from .structure import find_graph_laws, find_structure
