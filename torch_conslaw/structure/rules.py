@@ -890,7 +890,7 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
         >>> m = nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2))
         >>> pairs, skipped = find_graph_laws(m, torch.randn(5, 4))
         >>> pairs, skipped[0].reason
-        ([], '0: 3 unit(s): op 1 (gelu) after 0: gelu is not known to keep the rescaling of the units')
+        ([], 'after 0, 3 unit(s) stop at gelu in 1 (op 1): gelu is not known to keep the rescaling of the units')
     """
     g = capture(model, example_input)
     trainable: dict[str, bool] = {}
