@@ -136,7 +136,8 @@ class _TokenData(torch.utils.data.Dataset):
 
 def test_real_pretrained_model_from_a_config(tmp_path):
     """A tiny BERT built from its config (nothing downloaded): fx cannot trace it, so the
-    structure comes from forward hooks on ``example_input``; the FFN's ReLU units are found."""
+    structure comes from forward hooks and the op graph on ``example_input``; the FFN's ReLU
+    units, the attention heads and the [CLS] norm → pooler laws are found."""
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         hidden_act="relu", max_position_embeddings=16, num_labels=3,
@@ -147,11 +148,15 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     _trainer(tmp_path, model, callback, _TokenData(), max_steps=3, learning_rate=0.01).train()
     monitor = callback.monitor
     ffn = "bert.encoder.layer.0.intermediate.dense→bert.encoder.layer.0.output.dense"
-    assert [g.name for g in monitor.groups] == [ffn] and monitor.groups[0].count == 32
+    groups = {g.name: g.count for g in monitor.groups}
+    assert groups[ffn] == 32
+    # the op graph adds, per head (2 heads, d_h = 8), q·k and V/O matrix laws (36 entries each),
+    # and the last LayerNorm → pooler through the [CLS] token (16 units)
+    assert sum(groups.values()) == 32 + 2 * 2 * 36 + 16
     assert any("Tanh" in str(s) for s in monitor.skipped)  # the pooler → classifier pair, with its reason
-    (summary,) = monitor.summary()
-    assert monitor.num_steps == 3 and summary["expected_conserved"]
-    assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
+    rows = monitor.summary()
+    assert monitor.num_steps == 3 and all(r["expected_conserved"] for r in rows)
+    assert all(0 < r["max_rel_first_order"] < 1e-6 for r in rows)  # plain SGD: float32 rounding only
 
 
 def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path, one_torch_thread):
