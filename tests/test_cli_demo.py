@@ -15,14 +15,16 @@ def test_demo_prints_tables_and_writes_figures(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "40"]) == 0
     out = capsys.readouterr().out
     assert torch.get_num_threads() == threads
-    assert out.count("max rel drift") == 4 and "conv1→conv2" in out and "broken" in out
+    assert out.count("max rel drift") == 5 and "conv1→conv2" in out and "broken" in out
     assert "self_attn.h0 q·k" in out and "linear1→linear2" in out  # the transformer layer
+    # the LLaMA-style block: RoPE planes per K/V group, V/O per K/V group, SwiGLU up → down
+    assert "q_proj q·k k_proj [block 0, planes of 2]" in out and "up_proj→down_proj" in out
     assert "log-log slope" in out
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == sorted([
         "demo_mlp_laws.png", "demo_mlp_sgd_drift.png", "demo_mlp_sgd_split.png",
         "demo_mlp_adam_split.png", "demo_cnn_sgd_drift.png", "demo_transformer_sgd_drift.png",
-        "demo_drift_vs_lr.png",
+        "demo_drift_vs_lr.png", "demo_llama_sgd_drift.png", "demo_llama_sgd_split.png",
     ])
 
 

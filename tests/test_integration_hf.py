@@ -136,7 +136,8 @@ class _TokenData(torch.utils.data.Dataset):
 
 def test_real_pretrained_model_from_a_config(tmp_path):
     """A tiny BERT built from its config (nothing downloaded): fx cannot trace it, so the
-    structure comes from forward hooks on ``example_input``; the FFN's ReLU units are found."""
+    structure comes from forward hooks and the op graph on ``example_input``; the FFN's ReLU
+    units, the attention heads and the [CLS] norm → pooler laws are found."""
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         hidden_act="relu", max_position_embeddings=16, num_labels=3,
@@ -147,13 +148,20 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     _trainer(tmp_path, model, callback, _TokenData(), max_steps=3, learning_rate=0.01).train()
     monitor = callback.monitor
     ffn = "bert.encoder.layer.0.intermediate.dense→bert.encoder.layer.0.output.dense"
+    groups = {g.name: g for g in monitor.groups}
+    assert groups[ffn].count == 32
+    # the op graph adds, per head (2 heads, d_h = 8), q·k and V/O matrix laws (36 entries each),
+    # and the last LayerNorm → pooler through the [CLS] token (16 units)
+    quadratic = [g for g in monitor.groups if g.kind not in ("linear", "approximate")]
+    assert sum(g.count for g in quadratic) == 32 + 2 * 2 * 36 + 16
     pad = "bert.embeddings.word_embeddings.weight[0]"  # padding row (linear law), verified on the input
-    assert [g.name for g in monitor.groups] == [ffn, pad] and monitor.groups[0].count == 32
+    assert groups[pad].kind == "linear"
     assert any("Tanh" in str(s) for s in monitor.skipped)  # the pooler → classifier pair, with its reason
-    summary, padding = monitor.summary()
-    assert padding["kind"] == "linear" and padding["verified"] and padding["max_abs_drift"] == 0.0
-    assert monitor.num_steps == 3 and summary["expected_conserved"]
-    assert 0 < summary["max_rel_first_order"] < 1e-6  # plain SGD: float32 rounding only
+    rows = {r["name"]: r for r in monitor.summary()}
+    assert rows[pad]["verified"] and rows[pad]["max_abs_drift"] == 0.0
+    assert monitor.num_steps == 3
+    assert all(rows[g.name]["expected_conserved"] and rows[g.name]["verified"] for g in quadratic)
+    assert all(0 < rows[g.name]["max_rel_first_order"] < 1e-6 for g in quadratic)  # plain SGD: float32 rounding only
 
 
 def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path, one_torch_thread):

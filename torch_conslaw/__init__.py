@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     # Conservation monitor
     "ConservationMonitor": "torch_conslaw.monitor",
     "find_structure": "torch_conslaw.structure",
+    "find_graph_laws": "torch_conslaw.structure",
     "analyze": "torch_conslaw.completeness",
     "Analysis": "torch_conslaw.completeness",
     "register_activation": "torch_conslaw.catalogue",
@@ -80,5 +81,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .lie import RankGapWarning
     from .lie.modules import CountBudgetError, ModuleLieResult, count_laws
     from .polynomial import polynomial_laws, polynomial_laws_of
-    from .structure import find_structure
+    from .structure import find_graph_laws, find_structure
     from .laws.verify import Verification, verify_laws

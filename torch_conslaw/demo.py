@@ -23,6 +23,7 @@ __all__ = [
     "make_mlp",
     "make_cnn",
     "make_transformer",
+    "make_llama_block",
     "regression_data",
     "image_data",
     "sequence_data",
@@ -105,6 +106,89 @@ def make_transformer(
         d_model, heads, dim_feedforward=hidden, dropout=0.0, activation="relu", batch_first=True
     )
     return layer.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · γ, written out as LLaMA does."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) → (−x2, x1) on the two halves of the last axis: RoPE pairs i with i + d/2."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """A LLaMA-style decoder block in plain torch: input projection, RMSNorm → causal
+    self-attention with rotary embeddings and grouped-query attention (``kv_heads`` K/V heads
+    shared by ``heads`` query heads) → residual, RMSNorm → SwiGLU MLP → residual, final RMSNorm
+    → linear head."""
+
+    def __init__(self, d_in: int, d: int, heads: int, kv_heads: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        if d % heads or heads % kv_heads or (d // heads) % 2:
+            raise ValueError("LlamaBlock: heads must divide d, kv_heads must divide heads, d/heads must be even")
+        self.h, self.kv, self.dh = heads, kv_heads, d // heads
+        self.embed = nn.Linear(d_in, d)
+        self.attn_norm = RMSNorm(d)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * self.dh, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * self.dh, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = RMSNorm(d)
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, d_out)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.dh, 2, dtype=torch.float64) / self.dh)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, x: Tensor) -> Tensor:
+        t = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
+        angles = torch.outer(t, self.inv_freq.to(x.dtype))
+        angles = torch.cat((angles, angles), dim=-1)
+        return x * angles.cos() + rotate_half(x) * angles.sin()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        x = self.embed(x)
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, n, self.h, self.dh).transpose(1, 2)
+        k = self.k_proj(h).view(b, n, self.kv, self.dh).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, self.kv, self.dh).transpose(1, 2)
+        q, k = self.rope(q), self.rope(k)
+        groups = self.h // self.kv
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, n, -1))
+        h = self.mlp_norm(x)
+        x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.head(self.norm(x))
+
+
+def make_llama_block(
+    d_in: int = 8, d: int = 16, heads: int = 4, kv_heads: int = 2, hidden: int = 24, d_out: int = 4,
+    seed: int = 0, dtype: torch.dtype = torch.float64,
+) -> LlamaBlock:
+    """A small :class:`LlamaBlock`: RoPE-plane laws and V/O laws per K/V group, RMSNorm → q/k/v
+    and → gate/up, SwiGLU up → down, final norm → head (found from the op graph, so pass an
+    example input to the monitor).
+
+    Example:
+        >>> make_llama_block().k_proj.out_features
+        8
+    """
+    torch.manual_seed(seed)
+    return LlamaBlock(d_in, d, heads, kv_heads, hidden, d_out).to(dtype)
 
 
 def sequence_data(

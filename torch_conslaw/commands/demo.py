@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 from .. import plotting
-from ..demo import image_data, make_cnn, make_mlp, make_transformer, regression_data, sequence_data, train
+from ..demo import (
+    image_data,
+    make_cnn,
+    make_llama_block,
+    make_mlp,
+    make_transformer,
+    regression_data,
+    sequence_data,
+    train,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         runs["transformer encoder layer (2 heads), SGD (lr 0.02)"] = train(
             encoder, xs, ys, lr=0.02, steps=args.steps, example_input=xs[:2]
         )
+        # LLaMA-style block (RoPE, grouped-query attention, SwiGLU, RMSNorm): its laws are
+        # found from the op graph on the example input
+        llama = make_llama_block()
+        xl, yl = sequence_data(llama)
+        runs["LLaMA-style block (RoPE, GQA 4/2, SwiGLU, RMSNorm), SGD (lr 0.02)"] = train(
+            llama, xl, yl, lr=0.02, steps=args.steps, example_input=xl[:2]
+        )
         for title, monitor in runs.items():
             print(f"\n== {title}: {monitor.num_steps} steps ==")
             print(monitor.table())
@@ -74,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"η={e:g}: {d:.2e}" for e, d in zip(etas, drift))
               + f"  (log-log slope {slope:.2f}; a conservation law gives ≈ 1)")
     if not args.no_figures:
-        sgd, adam, cnn_run, encoder_run = runs.values()
+        sgd, adam, cnn_run, encoder_run, llama_run = runs.values()
         out = args.out
         figures.append(plotting.save(plotting.plot_laws(sgd.history()), out / "demo_mlp_laws.png"))
         figures.append(plotting.save(plotting.plot_relative_drift(sgd.history()), out / "demo_mlp_sgd_drift.png"))
@@ -84,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         figures.append(
             plotting.save(plotting.plot_relative_drift(encoder_run.history()), out / "demo_transformer_sgd_drift.png")
         )
+        figures.append(plotting.save(plotting.plot_relative_drift(llama_run.history()), out / "demo_llama_sgd_drift.png"))
+        figures.append(plotting.save(plotting.plot_split(llama_run.history()), out / "demo_llama_sgd_split.png"))
         fig, _ = plotting.plot_drift_vs_step_size(etas, {"ReLU MLP laws": drift}, title=f"T = η · steps = {total_time:g}")
         figures.append(plotting.save(fig, out / "demo_drift_vs_lr.png"))
         print("\nfigures:")

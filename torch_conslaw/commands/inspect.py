@@ -3,16 +3,18 @@
 Example:
     $ conslaw inspect models.py:make_model --input-shape 1,3,32,32
     $ conslaw inspect models.py:make_model --input-shape 2,3,32,32 --analyze   # completeness
+    $ conslaw inspect gpt.py:make_model --input-shape 1,16 --vocab-size 50257
+    $ conslaw inspect vit.py:make_model --input inputs.py:make_input
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
 from torch import nn
 
 from ..lawgroups import build_groups
+from ._inputs import add_input_arguments, example_from_args, parse_shape  # noqa: F401 (parse_shape re-exported)
 from ._target import load_target
 from ..structure import find_structure, unwrap_model
 
@@ -20,12 +22,7 @@ from ..structure import find_structure, unwrap_model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``conslaw inspect``."""
     parser.add_argument("target", help="FILE.py:NAME, where NAME is an nn.Module or a function returning one")
-    parser.add_argument(
-        "--input-shape",
-        default=None,
-        help="comma-separated shape of a random example input, e.g. 1,3,32,32 (needed when "
-        "torch.fx cannot trace the model)",
-    )
+    add_input_arguments(parser)  # --input-shape / --vocab-size / --input (commands/_inputs.py)
     # --- analyze options (completeness report, torch_conslaw.completeness) ---
     parser.add_argument(
         "--analyze",
@@ -61,29 +58,10 @@ def load_model(target: str) -> nn.Module:
     return unwrap_model(model)
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,32,32"`` → ``(1, 3, 32, 32)``.
-
-    Example:
-        >>> parse_shape("2, 5")
-        (2, 5)
-    """
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"--input-shape must be comma-separated integers, got {text!r}") from None
-    if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"--input-shape needs positive sizes, got {text!r}")
-    return shape
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the structure, every law group with its count, and the skipped pairs."""
     model = load_model(args.target)
-    example = None
-    if args.input_shape:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        example = torch.randn(parse_shape(args.input_shape), dtype=dtype)
+    example = example_from_args(args, model)  # tensor, token ids, dict or FILE.py:make_input
     structure = find_structure(model, example)
     groups = build_groups(structure.pairs)
     print(f"model: {type(model).__name__} from {args.target}")

@@ -277,8 +277,9 @@ def _with_graph_laws(
     """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
     ``example_input`` to those of the module-level finder. A law whose incoming parameters a
     module-level pair already reads is left to that pair; for every producer the op graph
-    saw, its reasons replace the module-level ones: they name the op that breaks the symmetry
-    and never advise registering a reshape or a product as an activation."""
+    saw, its reasons replace the module-level ones (they name the op that breaks the symmetry
+    and never advise registering a reshape or a product as an activation), except a skip that
+    carries a broken candidate law, which stays for ``track_broken``."""
     from .rules import find_graph_laws  # rules imports Pair / Skipped from here
 
     try:
@@ -292,8 +293,12 @@ def _with_graph_laws(
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
     seen |= {c for p in graph_pairs for c in p.consumers}
-    kept = [s for s in skipped if s.producer is None or s.producer not in seen]
-    covered = {p.producer for p in pairs}
+    found = {p.producer for p in added}
+    # a module-level skip with a candidate (a law broken by a non-homogeneous activation)
+    # stays, so that track_broken can still show the breaking
+    candidates = {s.producer for s in skipped if s.candidate is not None and s.producer not in found}
+    kept = [s for s in skipped if s.producer is None or s.producer not in seen or s.producer in candidates]
+    covered = {p.producer for p in pairs} | candidates
     return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered]
 
 

@@ -148,6 +148,22 @@ class _SiteState:
     blocks: list[tuple]
     kills: dict[int, str] = field(default_factory=dict)
     uses: list[_Use] = field(default_factory=list)
+    _roots: list[int] | None = None
+    _members: dict[int, list[int]] | None = None
+
+    def root(self, u: int) -> int:
+        """The tie class of unit ``u`` (ties are final once the propagation has run)."""
+        if self._roots is None:
+            self._roots = [_find(self.ties, v) for v in range(self.site.units)]
+        return self._roots[u]
+
+    def members(self, u: int) -> list[int]:
+        """Every unit tied to ``u`` (itself included)."""
+        if self._members is None:
+            self._members = defaultdict(list)
+            for v in range(self.site.units):
+                self._members[self.root(v)].append(v)
+        return self._members[self.root(u)]
 
 
 def _find(parent: list[int], i: int) -> int:
@@ -268,7 +284,7 @@ def _varying_axes(p: Tensor) -> list[int]:
 
 
 def _units(p: Tensor) -> list[int]:
-    return [int(u) for u in torch.unique(p[p >= 0])]
+    return torch.unique(p[p >= 0]).tolist()
 
 
 class _Propagation:
@@ -655,18 +671,24 @@ def _outgoing(use: _Use, idx: Tensor) -> RowReader:
 
 
 def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
-    """[units, positions] input positions of each unit; None when their counts differ."""
-    rows = [torch.nonzero(fiber == u).flatten() for u in units]
-    if len({len(r) for r in rows}) != 1:
+    """[units, positions] input positions of each unit (in increasing order); None when
+    their counts differ."""
+    u = torch.tensor(units, dtype=fiber.dtype)
+    counts = torch.bincount(fiber[fiber >= 0], minlength=int(u.max()) + 1)[u]
+    if counts.numel() == 0 or bool((counts != counts[0]).any()):
         return None
-    return torch.stack(rows)
+    order = torch.argsort(fiber, stable=True)
+    start = torch.searchsorted(fiber[order], u)
+    return order[start.unsqueeze(1) + torch.arange(int(counts[0]))]
 
 
 def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str]]:
     """Laws of the units of one site read by linear consumers only."""
     site = st.site
     by_unit: dict[int, list[_Use]] = defaultdict(list)
+    counts: dict[int, list[int]] = {}  # op → columns per unit
     for use in st.uses:
+        counts[use.op] = torch.bincount(use.fiber[use.fiber >= 0], minlength=site.units).tolist()
         for u in _units(use.fiber):
             by_unit[u].append(use)
     pairs: list[Pair] = []
@@ -681,28 +703,25 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
         if len(degrees) > 1:
             problems.append(f"unit {u} reaches consumers with different homogeneity degrees")
             continue
-        sig = tuple((x.op, int((x.fiber == u).sum())) for x in uses)
+        sig = tuple((x.op, counts[x.op][u]) for x in uses)
         matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0}
-        root = _find(st.ties, u)
-        classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else root)].append(u)
+        classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else st.root(u))].append(u)
     # a tie class must be whole and uniform, else drop it
-    members: dict[int, list[int]] = defaultdict(list)
-    for u in range(site.units):
-        members[_find(st.ties, u)].append(u)
     groups: dict[tuple, list[list[int]]] = defaultdict(list)
     for (sig, matrix, degree, key), units in classes.items():
         if matrix:
-            if any(len(members[_find(st.ties, u)]) > 1 for u in units):
+            if any(len(st.members(u)) > 1 for u in units):
                 matrix = False
             else:
                 groups[(sig, True, degree, key)].append(sorted(units))
                 continue
         if not matrix:
+            present = set(units)
             for u in units:
-                whole = members[_find(st.ties, u)]
+                whole = st.members(u)
                 if u != min(whole):
                     continue
-                if sorted(whole) != sorted(x for x in whole if x in units):
+                if any(x not in present for x in whole):
                     problems.append(f"units {whole} are tied but reach different consumers")
                     continue
                 groups[(sig, False, degree, len(whole))].append(sorted(whole))
@@ -717,16 +736,22 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                     assert cols is not None
                     out.append(_outgoing(use, cols))
                 pairs.append(_pair(site, uses, "matrix", degree, len(units), _incoming(site, idx), out,
-                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]"))
+                                   f"{site.name}→{_names(uses)}[{units[0]}..{units[-1]}]",
+                                   "only linear ops in between (e.g. value → output of one head): "
+                                   "matrix law [W b][W b]ᵀ − W_nextᵀ W_next of the block (upper triangle)"))
         else:
             idx = torch.tensor(blocks)  # [classes, members]
             out = []
             for use in uses:
-                cols = torch.stack([_cols(use.fiber, b) for b in blocks])  # type: ignore[misc]
+                flat = _cols(use.fiber, [u for b in blocks for u in b])
+                assert flat is not None  # the units of one signature read equally many columns
+                cols = flat.reshape(len(blocks), len(blocks[0]), -1)
                 out.append(_outgoing(use, cols))
             tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
             pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
-                               f"{site.name}→{_names(uses)}{tied}"))
+                               f"{site.name}→{_names(uses)}{tied}",
+                               f"positively {degree:g}-homogeneous ops between {site.name} and "
+                               f"{_names(uses)}: one law per {'unit' if idx.shape[1] == 1 else 'tie class'}"))
     return pairs, problems
 
 
@@ -735,10 +760,10 @@ def _names(uses: list[_Use]) -> str:
 
 
 def _pair(site: _Site, uses: list[_Use], kind: Any, degree: float, units: int,
-          incoming: list[RowReader], outgoing: list[RowReader], label: str) -> Pair:
+          incoming: list[RowReader], outgoing: list[RowReader], label: str, reason: str) -> Pair:
     consumers = tuple(dict.fromkeys(_module_of(u.param) for u in uses))
     return Pair(
-        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree,
+        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree, reason=reason,
         units=units, positions=1, incoming=tuple(incoming), outgoing=tuple(outgoing),
         op_kinds=(), consumers=consumers, consumer_positions=tuple(1 for _ in consumers), label=label,
     )
@@ -790,17 +815,16 @@ def _pairing_laws(
         ks = sorted(k[2] for k in keys if k[0] == "B")
         units = [(sid_a, u) for b in qs for u in b] + [(sid_b, u) for b in ks for u in b]
         matrix = (sa.matrix and sb.matrix and st_a.site.mixing and st_b.site.mixing
-                  and all(_find(states[s].ties, u) == u and all(
-                      _find(states[s].ties, v) == v for v in range(states[s].site.units)
-                      if _find(states[s].ties, v) == u) for s, u in units)
+                  and all(len(states[s].members(u)) == 1 for s, u in units)
                   and len({st_a.blocks[u] for b in qs for u in b}) == 1
                   and len({st_b.blocks[u] for b in ks for u in b}) == 1)
-        label = f"{st_a.site.name}·{st_b.site.name} heads {qs[0][0]}.."
         if matrix:
             inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor(b))]
             out = [r for b in ks for r in _incoming(st_b.site, torch.tensor(b))]
             pairs.append(_pair_qk(st_a.site, st_b.site, "matrix", K, inc, out,
-                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}: q units {qs[0][0]}.., k units {ks[0][0]}..]"))
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}: q units {qs[0][0]}.., k units {ks[0][0]}..]",
+                                  f"attention scores: Σ Q̃_hQ̃_hᵀ − K̃_gK̃_gᵀ over {len(qs)} query head(s) sharing "
+                                  f"{len(ks)} key head (upper triangle)"))
             continue
         # per-unit scaling only: positions tied by the sites' tie classes (RoPE planes)
         pos_parent = list(range(K))
@@ -808,15 +832,15 @@ def _pairing_laws(
         for s, blocks in ((sid_a, qs), (sid_b, ks)):
             for b in blocks:
                 for j, u in enumerate(b):
-                    r = (s, _find(states[s].ties, u))
+                    r = (s, states[s].root(u))
                     if r in root_pos:
                         _union(pos_parent, root_pos[r], j)
                     else:
                         root_pos[r] = j
         inside = set(units)
         for s, u in units:  # a tie reaching outside the component would need the same scale there
-            for v in range(states[s].site.units):
-                if _find(states[s].ties, v) == _find(states[s].ties, u) and (s, v) not in inside:
+            for v in states[s].members(u):
+                if (s, v) not in inside:
                     return [], [], f"unit {u} is tied to unit {v}, which the score product does not pair alike"
         classes: dict[int, list[int]] = defaultdict(list)
         for j in range(K):
@@ -829,14 +853,16 @@ def _pairing_laws(
             out = [r for b in ks for r in _incoming(st_b.site, torch.tensor([[b[j] for j in c] for c in cls]))]
             what = f"planes of {size}" if size > 1 else "coordinates"
             pairs.append(_pair_qk(st_a.site, st_b.site, "unit", len(cls), inc, out,
-                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {what}]"))
-        del label
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {what}]",
+                                  f"attention scores with per-position rotations or scalings: ‖q rows‖² − ‖k rows‖² "
+                                  f"per {what[:-1] if what.endswith('s') else what}, over {len(qs)} query head(s)"))
     return pairs, claimed, None
 
 
-def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str) -> Pair:
+def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str,
+             reason: str) -> Pair:
     return Pair(
-        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1,
+        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1, reason=reason,
         incoming=tuple(inc), outgoing=tuple(out), consumers=(b.name,), consumer_positions=(1,), label=label,
     )
 
@@ -864,7 +890,7 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
         >>> m = nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2))
         >>> pairs, skipped = find_graph_laws(m, torch.randn(5, 4))
         >>> pairs, skipped[0].reason
-        ([], '0: 3 unit(s): op 1 (gelu) after 0: gelu is not known to keep the rescaling of the units')
+        ([], 'after 0, 3 unit(s) stop at gelu in 1 (op 1): gelu is not known to keep the rescaling of the units')
     """
     g = capture(model, example_input)
     trainable: dict[str, bool] = {}
