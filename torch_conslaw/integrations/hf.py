@@ -54,7 +54,7 @@ class ConservationTrainerCallback(_transformers.TrainerCallback):
             ``checkpoint-<global_step>`` folder of ``args.output_dir`` when resuming.
         tensorboard_dir: also write each record's drift scalars to this TensorBoard log
             directory (needs the ``[tensorboard]`` extra).
-        **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records``, ``asynchronous`` of the monitor.
+        **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records``, ``recording``, ``overhead_budget``, ``loss`` of the monitor.
 
     Example:
         >>> callback = ConservationTrainerCallback(every=10)  # doctest: +SKIP

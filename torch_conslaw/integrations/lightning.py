@@ -44,7 +44,7 @@ class ConservationCallback(_pl.Callback):
         submodule: dotted name of the sub-module to monitor (e.g. ``"net"``); default: the
             whole ``LightningModule``.
         log: send each record's per-group drift to the trainer's loggers (global rank 0).
-        **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records``, ``asynchronous`` of the monitor.
+        **monitor_kwargs: ``split``, ``every``, ``log_spaced``, ``max_records``, ``recording``, ``overhead_budget``, ``loss`` of the monitor.
 
     Example:
         >>> callback = ConservationCallback(submodule="net", every=10)  # doctest: +SKIP
