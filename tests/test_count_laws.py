@@ -363,3 +363,33 @@ def test_bad_arguments_name_what_to_change():
         tc.count_laws(net, gaussian(8, 3), input_sizes=[4, 2])
     with pytest.raises(TypeError, match="nn.Module"):
         tc.count_laws(lambda x: x, gaussian(8, 3))
+
+
+class ResNetBN(nn.Module):
+    """conv · BN · ReLU, a residual block (conv · BN · ReLU · conv · BN) + skip, ReLU, conv head."""
+
+    def __init__(self, c: int, classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.branch = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        )
+        self.head = nn.Conv2d(c, classes, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.branch(h)))
+
+
+@pytest.mark.slow
+def test_matrix_free_complement_agrees_with_the_dense_method_on_a_resnet_with_batchnorm():
+    """Per channel: 3 biases before a BatchNorm, the branch's BN → ReLU → conv rescaling and the
+    stem's rescaling across the skip (5c exact laws); at eps = 0 the 3 convs before a BatchNorm
+    also keep their filter norms (8c). Exactly-zero gradients (the biases before BatchNorm) once
+    broke the Jacobi-scaled CG of the matrix-free method (6 laws instead of 10)."""
+    x = gaussian(4, 3, 5, 5).float()
+    counts = [
+        tc.count_laws(ResNetBN(2, 8), x, theta="random", input_sizes=[4], eps=1.0, method=method)
+        for method in ("dense", "complement")
+    ]
+    assert [(r.n_laws, r.n_laws_eps0) for r in counts] == [(10, 16), (10, 16)]

@@ -9,7 +9,9 @@ with few laws, even when D is large. It is found without forming G:
 2. For random R, solve Ĝ Y = Ĝ R by batched conjugate gradients (consistent, singular):
    R − Y lies in null Ĝ, and S (R − Y) in null G.
 3. Draw batches until one adds fewer directions than its size; the rank of all the null
-   vectors found (relative singular values, with the gap kept) is dim null G.
+   vectors of Ĝ found (relative singular values, with the gap kept) is dim null G. The rank
+   is decided on null Ĝ, before the scaling: S can span many decades (a parameter with tiny
+   gradients), and its image would crush the other null directions below the threshold.
 
 Example:
     >>> import torch
@@ -119,7 +121,7 @@ def gram_null_space(
             y, iters, worst = batched_cg(op, op(r), tol=cg_tol, progress=progress)
             info.cg_iterations.append(iters)
             info.worst_relative_residual = max(info.worst_relative_residual, worst)
-            v = scale * (r - y)
+            v = r - y  # in null Ĝ; the rank is decided there, where no coordinate dominates
             vectors.append(v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300))
         info.batches.append(batch)
         found = torch.cat([found, *vectors])
@@ -128,7 +130,8 @@ def gram_null_space(
         if progress is not None:
             progress.update(0, note=f"complement of W_1: {decision.rank} directions so far")
         if decision.rank < found.shape[0]:
-            return u[:, : decision.rank], decision, info
+            basis, _ = torch.linalg.qr(scale[:, None] * u[:, : decision.rank])  # null G = S null Ĝ
+            return basis, decision, info
         if found.shape[0] >= max_dim:
             raise ValueError(
                 f"the complement of W_1(θ) has at least {found.shape[0]} dimensions (D={D}), beyond "

@@ -263,11 +263,15 @@ class ModuleGenerators:
 
     def gram_diagonal(self, theta: Tensor, samples: int = 32) -> Tensor:
         """An estimate of diag(JᵀJ) from random cotangents (a Jacobi scaling: any positive one is exact
-        for the null space; entries are floored at 1e-6 of their tensor's mean)."""
+        for the null space; entries are floored at 1e-6 of their tensor's mean, and entries below
+        1e-20 of the largest are rounding noise, set to 0)."""
         _, pullback = vjp(self.outputs, theta)
         keys = self.sample_keys(samples, torch.Generator().manual_seed(4242))
         fields = torch.cat([vmap(pullback)(k)[0] for k in keys.split(self.matvec_chunk)])
         diag = (fields * fields).mean(0)
+        # rounding noise of an exactly zero gradient (a bias before BatchNorm) is ~1e-32 of the
+        # largest entry: counted as zero (scale 1), not scaled up into a non-PSD operator
+        diag[diag < 1e-20 * float(diag.max())] = 0.0
         for s in self.slots:
             part = diag[s.offset : s.offset + s.numel]
             part.clamp_(min=1e-6 * float(part.mean()))
