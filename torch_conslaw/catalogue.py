@@ -353,6 +353,9 @@ _NORM_FUNCTIONS = {
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", "__radd__"}
 
 
+UNKNOWN_OP = "is not in the catalogue of symmetry-preserving ops"  # marks a skip at an unknown op
+
+
 def barrier_reason(target: Any, display: str) -> str:
     """Why the op ``display`` (a module, function or method) blocks the laws across it."""
     if isinstance(target, nn.Module) and internal_laws_spec(target) is not None:
@@ -374,7 +377,7 @@ def barrier_reason(target: Any, display: str) -> str:
     except TypeError:
         pass
     return (
-        f"{display} is not in the catalogue of symmetry-preserving ops; if it is positively "
+        f"{display} {UNKNOWN_OP}; if it is positively "
         "homogeneous, declare it with torch_conslaw.register_activation(..., degree=k)"
     )
 
