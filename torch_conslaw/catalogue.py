@@ -377,6 +377,9 @@ _NORM_FUNCTIONS = {
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", "__radd__"}
 
 
+UNKNOWN_OP = "is not in the catalogue of symmetry-preserving ops"  # marks a skip at an unknown op
+
+
 def barrier_reason(target: Any, display: str) -> str:
     """Why the op ``display`` (a module, function or method) blocks the laws across it."""
     if isinstance(target, nn.Module) and internal_laws_spec(target) is not None:
@@ -429,7 +432,7 @@ def barrier_reason(target: Any, display: str) -> str:
             "input, describe it with torch_conslaw.register_layer"
         )
     return (
-        f"{display} is not in the catalogue, so the finder cannot tell whether it keeps the "
+        f"{display} {UNKNOWN_OP}, so the finder cannot tell whether it keeps the "
         "per-unit rescaling: no law crosses it. Only an elementwise function σ of each unit "
         "alone with σ(cz) = c^k σ(z) for c > 0 may be declared with "
         "torch_conslaw.register_activation(..., degree=k); the monitor checks every "

@@ -277,9 +277,9 @@ def _with_graph_laws(
     """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
     ``example_input`` to those of the module-level finder. A law whose incoming parameters a
     module-level pair already reads is left to that pair; for every producer the op graph
-    saw, its reasons replace the module-level ones (they name the op that breaks the symmetry
-    and never advise registering a reshape or a product as an activation), except a skip that
-    carries a broken candidate law, which stays for ``track_broken``."""
+    saw, a module-level skip that stopped at an op the catalogue does not know is replaced by
+    the op graph's reason (which names the op that breaks the symmetry and never advises
+    registering a reshape or a product as an activation); other module-level skips stay."""
     from .rules import find_graph_laws  # rules imports Pair / Skipped from here
 
     try:
@@ -294,11 +294,14 @@ def _with_graph_laws(
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
     seen |= {c for p in graph_pairs for c in p.consumers}
     found = {p.producer for p in added}
-    # a module-level skip with a candidate (a law broken by a non-homogeneous activation)
-    # stays, so that track_broken can still show the breaking
-    candidates = {s.producer for s in skipped if s.candidate is not None and s.producer not in found}
-    kept = [s for s in skipped if s.producer is None or s.producer not in seen or s.producer in candidates]
-    covered = {p.producer for p in pairs} | candidates
+
+    def superseded(s: Skipped) -> bool:
+        # the op graph found a law there, or the module-level finder stopped at an op it did
+        # not know (its advice to register that op is what the op graph replaces)
+        return s.producer in found or (s.producer in seen and catalogue.UNKNOWN_OP in s.reason)
+
+    kept = [s for s in skipped if s.producer is None or not superseded(s)]
+    covered = {p.producer for p in pairs} | {s.producer for s in kept}
     return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered]
 
 
