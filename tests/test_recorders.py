@@ -58,7 +58,9 @@ def test_every_recorder_gives_the_synchronous_records_bitwise(recording, split, 
     _same_history(sync.history(), rec.history())
     for p, q in zip(m_sync.parameters(), m_rec.parameters()):
         assert torch.equal(p, q)  # training unchanged
-    assert [r["recorded_steps"] for r in rec.summary()] == [12] * len(rec.groups)
+    rows = rec.summary()  # the law groups, then the identity groups of SGD with momentum
+    assert len(rows) == len(rec.groups) + len(rec.identity_groups)
+    assert [r["recorded_steps"] for r in rows] == [12] * len(rows)
 
 
 def test_auto_picks_live_with_a_free_core_and_sync_without():

@@ -305,7 +305,7 @@ def test_closed_form_gradient_norms_equal_torch_func_jacobians():
     for model, x in models:
         structure = tc.find_structure(model)
         from torch_conslaw.lawgroups import build_groups
-        from torch_conslaw.laws.families import propose_laws
+        from torch_conslaw.laws.families.proposals import propose_laws
 
         groups = build_groups(structure.pairs) + propose_laws(model, structure)[0]
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
