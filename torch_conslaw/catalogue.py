@@ -378,6 +378,10 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__ia
 
 
 UNKNOWN_OP = "is not in the catalogue of symmetry-preserving ops"  # marks a skip at an unknown op
+NOT_FOLLOWED = "the finder does not follow"  # marks a skip at a reshape or an indexing op
+PRODUCT_OP = "multiplies tensors"  # marks a skip at a product of two tensors
+STOPS_THE_OP_GRAPH_FOLLOWS = (UNKNOWN_OP, NOT_FOLLOWED, PRODUCT_OP)
+"""Markers of module-level skips at ops that the op-graph rules follow (their reasons replace these)."""
 
 
 def barrier_reason(target: Any, display: str) -> str:
@@ -401,13 +405,13 @@ def barrier_reason(target: Any, display: str) -> str:
         # --- skip reasons that name the op and the broken symmetry (issue 8) ----------------
         if target in _PRODUCTS:
             return (
-                f"{display} multiplies tensors (a product, not an activation): scaling a unit by c "
+                f"{display} {PRODUCT_OP} (a product, not an activation): scaling a unit by c "
                 "scales the product by c times whatever scales the other factor (c² for h·h, c for "
                 "h·g(x)), so no per-unit rescaling law is known across it"
             )
         if target in _RESHAPES:
             return (
-                f"{display} reshapes or permutes the tensor in a way the finder does not follow "
+                f"{display} reshapes or permutes the tensor in a way {NOT_FOLLOWED} "
                 "(only flatten(1) / view(N, -1) of whole channels is followed), so it cannot tell "
                 "which entries belong to which unit: no law crosses it"
             )
@@ -418,7 +422,7 @@ def barrier_reason(target: Any, display: str) -> str:
             )
         if target in _INDEXING:
             return (
-                f"{display} selects entries (indexing / gather), which the finder does not follow "
+                f"{display} selects entries (indexing / gather), which {NOT_FOLLOWED} "
                 "as a map of the units: no law crosses it"
             )
     except TypeError:

@@ -297,8 +297,10 @@ def _with_graph_laws(
 
     def superseded(s: Skipped) -> bool:
         # the op graph found a law there, or the module-level finder stopped at an op it did
-        # not know (its advice to register that op is what the op graph replaces)
-        return s.producer in found or (s.producer in seen and catalogue.UNKNOWN_OP in s.reason)
+        # not know or does not follow (a reshape, an indexing op, a product), which the op graph
+        # follows and explains
+        stopped = any(marker in s.reason for marker in catalogue.STOPS_THE_OP_GRAPH_FOLLOWS)
+        return s.producer in found or (s.producer in seen and stopped)
 
     kept = [s for s in skipped if s.producer is None or not superseded(s)]
     covered = {p.producer for p in pairs} | {s.producer for s in kept}
