@@ -404,3 +404,21 @@ def test_known_laws_certification_is_for_gradient_flow_only():
         tc.mlp_trace_dimension([2, 2, 2], ["linear"], flow="heavy_ball", known_laws=True)
     res = tc.mlp_trace_dimension([2, 2, 2], ["linear"], flow="heavy_ball")
     assert res.known_laws is None and res.certified is None
+
+
+def test_count_laws_takes_the_flow_of_any_module():
+    """count_laws(flow=...) on modules agrees with the calculator's MLP count under momentum."""
+    import torch_conslaw as tc
+    from torch import nn
+
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(2, 3, bias=False), nn.Linear(3, 2, bias=False))
+    x = torch.randn(16, 2)
+    heavy = tc.count_laws(linear, x, theta="random", flow="heavy_ball")
+    assert heavy.n_laws == tc.mlp_trace_dimension([2, 3, 2], ["linear"], bias=False, flow="heavy_ball").n_laws == 3
+    assert heavy.D == 2 * 12 + 1 and heavy.law_basis is None  # phase space (t, θ, v)
+    assert tc.count_laws(linear, x, theta="random").n_laws == 6  # gradient flow: r(r+1)/2
+    relu = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert tc.count_laws(relu, torch.randn(64, 2), theta="random", flow="nesterov").n_laws == 0
+    with pytest.raises(ValueError, match="unknown flow"):
+        tc.count_laws(linear, x, flow="adam")

@@ -587,3 +587,23 @@ def test_lightning_trainer_records_and_logs_the_velocity_laws(tmp_path):
     logger.save()
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "conslaw/0→1 velocity/max_rel_residual" in header
+
+
+@pytest.mark.parametrize("factory", ["gpt2", "llama"])
+def test_velocity_laws_of_the_attention_heads_found_in_hugging_face_models(factory):
+    """The op-graph attention groups (fused c_attn heads; RoPE planes and grouped queries in
+    LLaMA) get velocity laws too, and L⁺ = μL holds on them to rounding."""
+    pytest.importorskip("transformers")
+    import graph_models
+
+    model, example, pick, _ = graph_models.build(getattr(graph_models, factory), "eager")
+    monitor = tc.ConservationMonitor(model, example)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    monitor.attach(opt)
+    for _ in range(5):
+        opt.zero_grad()
+        out = model(**example) if isinstance(example, dict) else model(example)
+        (pick(out).double() ** 2).mean().backward()
+        opt.step()
+    velocity = [r for r in monitor.summary() if r["kind"] == "velocity"]
+    assert velocity and all(r["max_rel_residual"] <= 1e-13 for r in velocity)

@@ -31,6 +31,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from .elementary import EPS_ATTRIBUTES, ActivationRecorder, ConstantUnits, ElementaryOps
 from .engine import LieResult, RankGapWarning, lie_trace
+from .flows import flow_point, with_flow
 from .generators import DTYPE
 from .numerics import DEFAULT_RTOL
 
@@ -425,6 +426,9 @@ def count_laws(
     max_memory_gb: float = 8.0,
     law_basis_max_bytes: float = 2e8,
     progress: bool | None = False,
+    flow: str = "gradient",
+    tau: Any = None,
+    potential: Any = None,
 ) -> ModuleLieResult:
     """Number of independent conservation laws of ``model`` for every loss on ``inputs``.
 
@@ -463,6 +467,11 @@ def count_laws(
         max_seconds: time budget; :class:`CountBudgetError` when it is spent.
         max_memory_gb: memory budget of the count's arrays (dense basis, batched jvp/vjp work).
         law_basis_max_bytes: keep ``law_basis`` (D × n_laws floats) when it fits in this.
+        flow: "gradient" (default), or a flow with momentum or a mirror flow
+            (:func:`torch_conslaw.lie.flows.with_flow`: "heavy_ball", "nesterov" in phase
+            space (t, θ, v), where the count is 2D + 1 − dim; "mirror" with ``potential``).
+            Other flows keep no law basis (it would live in phase space).
+        tau, potential: the flow's friction and mirror potential (see ``with_flow``).
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -525,7 +534,11 @@ def count_laws(
             deadline=deadline,
             budget_note=budget_note,
         )
-        return _count(family, theta_flat, method, rtol, seed, progress, max_memory_gb, basis_bytes)
+        flowing = with_flow(family, flow, tau=tau, potential=potential)
+        if flowing is family:
+            return _count(family, theta_flat, method, rtol, seed, progress, max_memory_gb, basis_bytes)
+        point = flow_point(flowing, theta_flat, torch.Generator().manual_seed(seed))
+        return _count(flowing, point, method, rtol, seed, progress, max_memory_gb, 0.0)
 
     eps_modules = _eps_names(work)
     eps_counts: dict[str, int] = {}
