@@ -35,9 +35,9 @@ MODELS = [("GPT-2", gpt2), ("LLaMA (RoPE, GQA 4/2, SwiGLU, RMSNorm)", llama), ("
 def main() -> None:
     torch.set_num_threads(1)
     rows = ["| model | quadratic laws tracked | quadratic laws that exist (by hand) | linear laws tracked "
-            "| approximate laws tracked | build s (with the check) | max rel ⟨∇h, ∂fᵀu⟩ (exact laws) "
-            "| max SGD first order (exact laws) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| approximate laws tracked | build s (with the check) | monitor's check, worst exact law "
+            "| max rel ⟨∇h, ∂fᵀu⟩ (quadratic, eval) | max SGD first order (quadratic, eval) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, factory in MODELS:
         model, example, pick, expected = build(factory, "eager")
         start = time.perf_counter()
@@ -47,10 +47,16 @@ def main() -> None:
         exact = [g for g in monitor.groups if g.kind != "approximate"]
         quadratic = sum(g.count for g in exact if g.kind != "linear")
         linear, approximate = (sum(g.count for g in by_kind[k]) for k in ("linear", "approximate"))
-        resid = law_residuals(model, example, exact, pick)
-        first = sgd_first_order(model, example, exact, pick)
+        # the monitor's own check ran in the mode the model trains in (train: a bias before a
+        # BatchNorm has zero gradient only with batch statistics); the independent helpers run
+        # the model in eval mode, so they check the quadratic laws, which hold in both
+        checked = max(r["verification_residual"] for r in monitor.summary() if r["name"] in {g.name for g in exact})
+        quadratic_groups = [g for g in exact if g.kind != "linear"]
+        resid = law_residuals(model, example, quadratic_groups, pick)
+        first = sgd_first_order(model, example, quadratic_groups, pick)
         rows.append(
-            f"| {name} | {quadratic} | {expected} | {linear} | {approximate} | {seconds:.2f} | {resid:.1e} | {first:.1e} |"
+            f"| {name} | {quadratic} | {expected} | {linear} | {approximate} | {seconds:.2f} | {checked:.1e} "
+            f"| {resid:.1e} | {first:.1e} |"
         )
         print(rows[-1], flush=True)
     out = ROOT / "results" / "graph_laws.md"

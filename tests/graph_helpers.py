@@ -63,6 +63,6 @@ def sgd_first_order(model: nn.Module, example: Any, groups: list[LawGroup], pick
     delta = {n: -lr * g for n, g in loss_grad.items()}
     worst = 0.0
     for group in groups:
-        first = 2 * group.bilinear(params, delta)
+        first = group.first_order(params, delta)  # 2B(θ, Δ); cᵀΔ for a linear law
         worst = max(worst, float((first.abs() / group.scale(params)).max()))
     return worst
