@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
+from .graph import _flat  # one walk over nested outputs for both graph builders
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
@@ -394,17 +394,6 @@ class _Recorder(TorchFunctionMode):
                 target = repr(func)
             _record(self, target, None, args, kwargs, out)
         return out
-
-
-def _flat(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _flat(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _flat(o)
-    else:
-        yield obj
 
 
 def _record(rec: _Recorder, target: Any, module_path: str | None, args: tuple, kwargs: dict, out: Any) -> None:
