@@ -13,6 +13,8 @@ from torch.func import functional_call, jacrev
 
 import torch_conslaw as tc
 
+from graph_models import ResNet18  # the CIFAR ResNet-18 (11.2 M parameters at width 64)
+
 F64 = torch.float64
 
 
@@ -141,42 +143,6 @@ def test_layernorm_centering_laws_are_missing_located_and_given_as_polynomials()
     assert model[0].weight.grad.sum(0).abs().max() < 1e-6 and model[0].bias.grad.sum().abs() < 1e-6
     text = str(report)
     assert "INCOMPLETE" in text and "0.weight" in text and "polynomial laws of degree ≤ 1" in text
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """The CIFAR ResNet-18 (11.2 M parameters), plain torch."""
-
-    def __init__(self, width: int = 64, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        plan = [(1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)]
-        blocks, cin = [], width
-        for mult, stride in plan:
-            blocks.append(BasicBlock(cin, mult * width, stride))
-            cin = mult * width
-        self.layers = nn.Sequential(*blocks)
-        self.linear = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 def test_resnet18_gets_its_tracked_rank_and_says_why_it_was_not_counted():
