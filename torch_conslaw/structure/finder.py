@@ -150,13 +150,17 @@ class Link:
 @dataclass
 class Structure:
     """What :func:`find_structure` found: usable ``pairs``, ``skipped`` ones, the ``method``,
-    and the direct ``links`` from a layer to the one op that reads it (:class:`Link`)."""
+    the direct ``links`` from a layer to the one op that reads it (:class:`Link`), and
+    ``graph_laws``: the linear and approximate law groups the op-graph rules propose on the
+    example input (:class:`~torch_conslaw.structure.group_rules.GraphLawGroups`; None without
+    an example input)."""
 
     pairs: list[Pair]
     skipped: list[Skipped]
     method: Literal["fx", "hooks", "none"]
     ops: list[str]
     links: list[Link] = field(default_factory=list)
+    graph_laws: Any = None
 
     def __str__(self) -> str:
         lines = [f"structure found with {self.method}: {len(self.ops)} ops"]
@@ -236,8 +240,9 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     inner, inner_skipped = _internal_pairs(model, nodes)
     pairs += inner
     skipped += inner_skipped
+    graph_laws = None
     if example_input is not None:
-        pairs, skipped = _with_graph_laws(model, example_input, pairs, skipped)
+        pairs, skipped, graph_laws = _with_graph_laws(model, example_input, pairs, skipped)
     if not pairs and not skipped:
         skipped.append(
             Skipped(
@@ -249,7 +254,7 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
             )
         )
     ops = [n.name for n in nodes if n.kind not in ("input", "output")]
-    return Structure(pairs, skipped, method, ops, _direct_links(nodes))
+    return Structure(pairs, skipped, method, ops, _direct_links(nodes), graph_laws)
 
 
 def _direct_links(nodes: list[_Node]) -> list[Link]:
@@ -273,22 +278,24 @@ def _direct_links(nodes: list[_Node]) -> list[Link]:
 
 def _with_graph_laws(
     model: nn.Module, example_input: Any, pairs: list[Pair], skipped: list[Skipped]
-) -> tuple[list[Pair], list[Skipped]]:
+) -> tuple[list[Pair], list[Skipped], Any]:
     """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
     ``example_input`` to those of the module-level finder. A law whose incoming parameters a
     module-level pair already reads is left to that pair; for every producer the op graph
     saw, a module-level skip that stopped at an op the catalogue does not know is replaced by
     the op graph's reason (which names the op that breaks the symmetry and never advises
-    registering a reshape or a product as an activation); other module-level skips stay."""
-    from .rules import find_graph_laws  # rules imports Pair / Skipped from here
+    registering a reshape or a product as an activation); other module-level skips stay. The
+    law groups beyond pairs found on the same graph are returned as they are (the families
+    merge them with the module-level ones, :mod:`torch_conslaw.laws.families.proposals`)."""
+    from .rules import analyse_graph  # rules imports Pair / Skipped from here
 
     try:
-        graph_pairs, graph_skipped = find_graph_laws(model, example_input)
+        graph_pairs, graph_skipped, graph_laws = analyse_graph(model, example_input)
     except Exception as err:  # the model itself ran on this input in the hooks path
         return pairs, skipped + [Skipped(None, None, (
             f"the op graph of {type(model).__name__} could not be captured on example_input "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): only "
-            "module-level structure is used"))]
+            "module-level structure is used"))], None
     taken = {frozenset(n for n, _ in p.incoming) for p in pairs}
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
@@ -304,7 +311,7 @@ def _with_graph_laws(
 
     kept = [s for s in skipped if s.producer is None or not superseded(s)]
     covered = {p.producer for p in pairs} | {s.producer for s in kept}
-    return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered]
+    return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered], graph_laws
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,10 @@ from ..laws.families.rescaling import Columns, Rows
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
-__all__ = ["find_graph_laws"]
+if TYPE_CHECKING:
+    from .group_rules import GraphLawGroups
+
+__all__ = ["find_graph_laws", "analyse_graph"]
 
 # ---------------------------------------------------------------------------------------------
 # op tables
@@ -120,6 +123,7 @@ class _Carry:
     probe: Tensor
     matrix: bool
     degree: float
+    pure: bool = False  # only shape ops, casts, negation or numbers since the site: v ↦ v + b moves alike
 
 
 @dataclass
@@ -139,6 +143,7 @@ class _Side:
     fibers: Tensor  # [batch, K]: unit of this side at each contraction position, per slice
     matrix: bool
     degree: float
+    pure: bool = False  # the factor is the site's output moved by shape ops only (see _Carry)
 
 
 @dataclass
@@ -303,7 +308,7 @@ class _Propagation:
         view = [1] * len(shape)
         view[axis] = site.units
         probe = torch.arange(site.units).view(view).expand(shape).contiguous()
-        self.state[site.out] = _Carry(probe, site.mixing, 1.0)
+        self.state[site.out] = _Carry(probe, site.mixing, 1.0, True)
         start = g.ops.index(next(o for o in g.ops if site.out in o.outputs)) + 1
         for op in g.ops[start:]:
             if op.index not in g.live:
@@ -356,7 +361,7 @@ class _Propagation:
             return {k: self.sub(v) for k, v in obj.items()}
         return obj
 
-    def emit(self, op: Op, out: Any, matrix: bool, degree: float) -> None:
+    def emit(self, op: Op, out: Any, matrix: bool, degree: float, pure: bool = False) -> None:
         """Carry the probes of ``out`` (matching the op's outputs) onward."""
         probes = [out] if isinstance(out, Tensor) else [o for o in _flat(out) if isinstance(o, Tensor)]
         if len(probes) != len(op.outputs):
@@ -365,7 +370,7 @@ class _Propagation:
             if tuple(p.shape) != self.g.shapes[v]:
                 raise _Barrier("could not follow the units through it (shape mismatch)")
             if bool((p >= 0).any()):
-                self.state[v] = _Carry(p.contiguous(), matrix, degree)
+                self.state[v] = _Carry(p.contiguous(), matrix, degree, pure)
 
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
@@ -374,6 +379,7 @@ class _Propagation:
         cs = [self.state[v] for v in carried]
         matrix = all(c.matrix for c in cs)
         degree = cs[0].degree
+        pure = all(c.pure for c in cs)
         if name in _SHAPE_ONLY:
             return
         if name == "detach":
@@ -386,16 +392,16 @@ class _Propagation:
                 if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
                     raise _Barrier("the units are not its main input")
                 # dropout in training multiplies each element by its own mask: per-unit only
-                self.emit(op, first, matrix and name not in _DROPOUT, degree)
+                self.emit(op, first, matrix and name not in _DROPOUT, degree, pure and name not in _DROPOUT)
                 return
             try:
                 out = op.func(*self.sub(op.args), **self.sub(op.kwargs))
             except Exception as err:  # a replay that fails is a refusal, not a crash
                 raise _Barrier(f"could not replay it on the unit probe ({type(err).__name__})") from err
-            self.emit(op, out, matrix, degree)
+            self.emit(op, out, matrix, degree, pure)
             return
         if name in _LINEAR_UNARY:
-            self.emit(op, cs[0].probe, matrix, degree)
+            self.emit(op, cs[0].probe, matrix, degree, pure)
             return
         if name in _HOMOGENEOUS or name == "clamp" or name == "pow":
             k = self._homogeneous_degree(op)
@@ -481,7 +487,8 @@ class _Propagation:
                     matrix = False  # a factor that varies across the units: per-unit only
         elif not isinstance(other, (int, float)):
             raise _Barrier(f"multiplies the units by {type(other).__name__}")
-        self.emit(op, probe.contiguous(), matrix, carry.degree)
+        # a number scales a shift of the units alike at every position (a tensor may not)
+        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and isinstance(other, (int, float)))
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -613,7 +620,7 @@ class _Propagation:
 
     def _side(self, op: Op, which: str, c: _Carry, fibers: Tensor, batch: tuple[int, ...]) -> None:
         fibers = fibers.expand(*batch, fibers.shape[-1]).reshape(-1, fibers.shape[-1])
-        self.sides.setdefault(op.index, {}).setdefault(which, []).append((self.st.site.sid, _Side(fibers, c.matrix, c.degree)))
+        self.sides.setdefault(op.index, {}).setdefault(which, []).append((self.st.site.sid, _Side(fibers, c.matrix, c.degree, c.pure)))
 
     def _sdpa(self, op: Op, carried: list[int]) -> None:
         q, k, v = _arg(op, 0, "query"), _arg(op, 1, "key"), _arg(op, 2, "value")
@@ -868,15 +875,20 @@ def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], ou
 
 
 def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[str, list[str]], uses: dict[str, int]) -> str | None:
-    for name in dict.fromkeys(pair.parameter_names):
+    return _name_problem(pair.parameter_names, pair.name, trainable, names_of, uses)
+
+
+def _name_problem(names: tuple[str, ...], what: str, trainable: dict[str, bool], names_of: dict[str, list[str]],
+                  uses: dict[str, int]) -> str | None:
+    for name in dict.fromkeys(names):
         if not trainable.get(name, False):
-            return f"{name} is frozen (requires_grad=False): the {pair.name} law does not hold"
+            return f"{name} is frozen (requires_grad=False): the {what} law does not hold"
         others = [n for n in names_of.get(name, []) if n != name]
         if others:
-            return f"{name} is shared with {', '.join(others)}: the {pair.name} law does not hold"
+            return f"{name} is shared with {', '.join(others)}: the {what} law does not hold"
         if uses.get(name, 0) != 1:
             return (f"{name} is read by {uses.get(name, 0)} ops in forward (a tied or reused "
-                    f"parameter): the {pair.name} law does not hold")
+                    f"parameter): the {what} law does not hold")
     return None
 
 
@@ -892,6 +904,23 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
         >>> pairs, skipped[0].reason
         ([], 'after 0, 3 unit(s) stop at gelu in 1 (op 1): gelu is not known to keep the rescaling of the units')
     """
+    pairs, skipped, _ = analyse_graph(model, example_input)
+    return pairs, skipped
+
+
+def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], list[Skipped], GraphLawGroups]:
+    """:func:`find_graph_laws`, plus the law groups beyond pairs that the rules of
+    :mod:`torch_conslaw.structure.group_rules` find on the same graph (key biases, LayerNorm
+    centering across a residual addition, approximate scale laws before a normalization).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+        >>> _, _, extra = analyse_graph(m, torch.randn(5, 4))
+        >>> [(g.name, g.kind, g.count) for g in extra.groups]
+        [('0→1 centering', 'linear', 5), ('0→1 scale', 'approximate', 1)]
+    """
     g = capture(model, example_input)
     trainable: dict[str, bool] = {}
     by_param: dict[int, list[str]] = defaultdict(list)
@@ -902,6 +931,16 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
     sites, skipped = _find_sites(g, {n for n, t in trainable.items() if t})
     sides: dict[int, dict[str, list[tuple[int, _Side]]]] = {}
     states = {s.sid: _Propagation(g, s, sides).run() for s in sites}
+    uses = g.param_uses()
+
+    def problem(names: tuple[str, ...], what: str) -> str | None:
+        return _name_problem(names, what, trainable, names_of, uses)
+
+    # before the score products below add their own refusals to the units (the key-bias rule
+    # needs only the key side of a product, whatever the query is)
+    from .group_rules import find_law_groups  # group_rules reads this module's op tables
+
+    extra = find_law_groups(model, g, states, sides, problem)
     pairs: list[Pair] = []
     claimed: dict[tuple[int, int], int] = defaultdict(int)
     pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
@@ -939,7 +978,6 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
             reasons[r] += 1
         skipped.extend(Skipped(st.site.name, None, f"after {st.site.name}, {n} unit(s) stop at {r}")
                        for r, n in reasons.items() if r != _OUTPUT)
-    uses = g.param_uses()
     kept: list[Pair] = []
     for p in pairs:
         problem = _parameter_problem(p, trainable, names_of, uses)
@@ -947,4 +985,4 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
             kept.append(p)
         else:
             skipped.append(Skipped(p.producer, p.consumer, problem))
-    return kept, skipped
+    return kept, skipped, extra

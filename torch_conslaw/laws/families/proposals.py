@@ -16,6 +16,13 @@ groups its symmetry gives on ``model`` and the candidates it had to refuse, with
 * :mod:`.scale` — ‖w‖² + ‖b‖² of a layer right before a normalization (approximate: exact
   only at eps = 0).
 
+These families match module types. With an example input, the op-graph rules of
+:mod:`torch_conslaw.structure.group_rules` add the same kinds of laws wherever the ops show
+them (a fused ``Conv1D`` key bias, LayerNorm centering across a residual addition, the scale
+law before a hand-written RMSNorm): :func:`propose_laws` merges them, and a graph law that
+reads a parameter a module-level law of the same kind already reads is that same law, so it
+is not added again.
+
 Example:
     >>> from torch import nn
     >>> from torch_conslaw.structure import find_structure
@@ -84,4 +91,16 @@ def propose_laws(
         g, s = family.propose(model, structure, ctx)
         groups += g
         skipped += s
+    graph = getattr(structure, "graph_laws", None)
+    if graph is not None:
+        taken = {(g.kind, n) for g in groups for n in g.parameter_names}
+        for g in graph.groups:
+            if any((g.kind, n) in taken for n in g.parameter_names):
+                continue  # the module-level family found this law already
+            problem = ctx.problem(tuple(g.parameter_names), g.name)
+            if problem is not None:
+                skipped.append(Skipped(g.producer, g.consumer, problem))
+                continue
+            groups.append(g)
+        skipped += graph.skipped
     return groups, skipped

@@ -1,0 +1,405 @@
+"""Op-graph rules for the laws beyond layer pairs: linear (zero-gradient) and approximate laws.
+
+They run on the graph and the unit propagation of :mod:`torch_conslaw.structure.rules`, so they
+see every implementation alike (a fused GPT-2 ``Conv1D`` read by ``torch.addmm``, separate
+``nn.Linear`` projections, ``F.scaled_dot_product_attention``, a hand-written RMSNorm). One
+rule per family (SCIENCE.md §8), each with its law and a truthful reason for every near miss:
+
+* **key bias** (:func:`key_bias_rule`): the scores q·k_j with k_j = W_K x_j + b_K gain q·b_K,
+  the same for every key j, and a softmax over the keys removes it, so every entry of b_K has
+  zero gradient. Only for the key units whose sole use is the key factor of score products,
+  reached through shape ops alone (views, head splits, transposes, ``repeat_kv``, casts,
+  a number: the shift b_K must stay the same at every key position; a rotary embedding
+  multiplies it by position-dependent factors, so it is refused), and each product's scores
+  must reach a softmax over the key axis through ops that keep a per-query shift (a number
+  or a factor constant across keys, an additive mask or position bias, ``where`` /
+  ``masked_fill``, casts). SDPA applies that softmax itself.
+* **LayerNorm centering** (:func:`centering_rule`): a linear layer whose output reaches nothing
+  but ``F.layer_norm`` over its features, possibly through residual additions (post-norm
+  BERT computes LN(x + dense(h))): LN removes c·1, so the column sums Σ_i W[i, :] and Σ_i b_i
+  are linear laws, exact at any eps. A sum that also continues elsewhere (the residual stream
+  of a pre-norm block) gets none. Dropout in train mode multiplies each feature by its own mask
+  (c·1 is no longer removed): the law then holds only in eval mode or with p = 0, so it is
+  refused while the dropout module is in train mode.
+* **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
+  reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
+  a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
+  ``T5LayerNorm``): ‖W‖² + ‖b‖² is conserved at eps = 0 only, so the law is **approximate**.
+
+The groups are :class:`~torch_conslaw.laws.groups.LinearLaws` and
+:class:`~torch_conslaw.laws.groups.NormScaleLaws`; like every law, they are tracked only once
+the numerical check (:mod:`torch_conslaw.laws.verify`) passes.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch_conslaw.structure.rules import analyse_graph
+    >>> class Block(nn.Module):  # post-norm: LN(x + dense(x))
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.dense, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
+    ...     def forward(self, x):
+    ...         return self.ln(x + self.dense(x))
+    >>> _, _, extra = analyse_graph(Block(), torch.randn(3, 4))
+    >>> [(g.name, g.kind, g.count) for g in extra.groups]
+    [('dense→ln centering', 'linear', 5)]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .finder import Skipped
+from .graph import Op, OpGraph, Val
+from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
+
+__all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule"]
+
+Problem = Callable[[tuple[str, ...], str], "str | None"]
+_SOFTMAX = {"softmax", "log_softmax", "_softmax"}
+_KEEP = _CAST | {"contiguous", "clone"}  # elementwise identities on the values
+_RESHAPE = {"view", "reshape"}
+
+
+@dataclass
+class GraphLawGroups:
+    """Law groups the op-graph rules propose (``groups``: linear and approximate) and the near
+    misses they refuse, each with its reason (``skipped``)."""
+
+    groups: list[Any] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
+                    sides: dict[int, dict[str, list[tuple[int, _Side]]]], problem: Problem) -> GraphLawGroups:
+    """Run every rule of this module on the propagated sites of one graph."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = GraphLawGroups()
+    for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states)):
+        for item in rule:
+            if isinstance(item, Skipped):
+                out.skipped.append(item)
+                continue
+            build, names, what, where = item
+            why = problem(names, what)
+            if why is None:
+                out.groups.append(build(params))
+            else:
+                out.skipped.append(Skipped(where, None, why))
+    return out
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _linear_site(st: _SiteState, g: OpGraph) -> bool:
+    """A linear producer (Linear, Conv1D / addmm, x @ W) with its units on the last axis."""
+    site = st.site
+    return site.mixing and site.kind == "unit" and site.axis % len(g.shapes[site.out]) == len(g.shapes[site.out]) - 1
+
+
+def _where(op: Op) -> str:
+    return f"{op.name}{f' in {op.module}' if op.module else ''} (op {op.index})"
+
+
+# ---------------------------------------------------------------------------------------------
+# key bias
+# ---------------------------------------------------------------------------------------------
+
+
+def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
+    """None when the scores of the product ``op`` (keys on the last axis) reach a softmax over
+    the keys through ops that keep a per-query shift; else what breaks it."""
+    if op.name == "scaled_dot_product_attention":
+        return None  # softmax over the keys inside; the mask cannot carry the key units (rules)
+    v = op.outputs[0]
+    precision = _eps(g.dtypes[v])
+    while True:
+        users = g.users.get(v, [])
+        if len(users) != 1:
+            return f"its scores are read by {len(users)} ops, not by one softmax over the keys"
+        nxt = g.ops[users[0]]
+        low = [d for d in (g.dtypes[o] for o in nxt.outputs) if _eps(d) > precision]
+        if low:  # e.g. softmax(..., dtype=torch.float32) in a float64 model
+            return (f"{_where(nxt)} computes the scores in {low[0]}, below the precision of the keys: "
+                    "q·b_K is removed only up to that rounding, so the law cannot be claimed exact")
+        name, ndim = nxt.name, len(g.shapes[v])
+        others = [a for a in nxt.args if not (isinstance(a, Val) and a.vid == v)]
+        if name in _SOFTMAX:
+            dim = _arg(nxt, 1, "dim")
+            if isinstance(dim, int) and dim % ndim == ndim - 1 and isinstance(nxt.args[0], Val) and nxt.args[0].vid == v:
+                return None
+            return f"{_where(nxt)} normalizes the scores over another axis than the keys"
+        if name in _KEEP or name in _ADD or name in ("where", "masked_fill"):
+            if name in _ADD and len(others) == len(nxt.args):  # v reaches it only as a keyword
+                return f"{_where(nxt)} uses the scores in an unexpected way"
+            if name == "where" and _arg(nxt, 0, "condition") == Val(v):
+                return f"{_where(nxt)} uses the scores as a condition"
+            v = nxt.outputs[0]
+            continue
+        if name in _MUL or (name in _DIV and isinstance(nxt.args[0], Val) and nxt.args[0].vid == v):
+            factor = others[0] if others else None
+            if isinstance(factor, (int, float)) or (
+                isinstance(factor, Val) and (len(g.shapes[factor.vid]) == 0 or g.shapes[factor.vid][-1] == 1)
+            ):
+                v = nxt.outputs[0]
+                continue
+            return f"{_where(nxt)} multiplies the scores by a factor that varies across the keys"
+        return f"{_where(nxt)} acts on the scores before the softmax over the keys"
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, dict[str, list[tuple[int, _Side]]]]):
+    """Key-bias laws (see the module docstring): yields proposals and refusals."""
+    events: dict[int, dict[int, list[tuple[int, str, bool]]]] = defaultdict(lambda: defaultdict(list))
+    for op_index, entry in sides.items():
+        for which in ("A", "B"):
+            for sid, side in entry.get(which, []):
+                for u in _units(side.fibers):
+                    events[sid][u].append((op_index, which, side.pure))
+    for sid in sorted(events):
+        st = states[sid]
+        site = st.site
+        if not (_linear_site(st, g) and len(site.readers) == 2):
+            continue  # no bias: nothing to propose
+        bias = site.readers[1][0]
+        used = {u for use in st.uses for u in _units(use.fiber)}
+        good: list[int] = []
+        refused: dict[str, int] = defaultdict(int)
+        products: set[int] = set()
+        for u, evs in sorted(events[sid].items()):
+            if all(w == "A" for _, w, _ in evs):
+                continue  # a query unit: its bias has no law
+            reason = None
+            if any(w == "A" for _, w, _ in evs):
+                reason = "the unit is also a query factor"
+            elif u in st.kills:
+                reason = f"the key is also used elsewhere ({st.kills[u]})"
+            elif u in used:
+                reason = "the key is also read by a layer"
+            elif not all(pure for _, _, pure in evs):
+                reason = ("the keys are changed by ops other than reshapes before the score product (a rotary "
+                          "embedding or another position-dependent factor): q·b_K then differs between keys")
+            else:
+                for op_index, _, _ in evs:
+                    why = _scores_reach_softmax(g, g.ops[op_index])
+                    if why is not None:
+                        reason = f"score product op {op_index}: {why}"
+                        break
+            if reason is None:
+                good.append(u)
+                products.update(op for op, _, _ in evs)
+            else:
+                refused[reason] += 1
+        for reason, n in refused.items():
+            yield Skipped(site.name, None, f"no key-bias law for {n} key unit(s) of {site.name}: {reason}")
+        if not good:
+            continue
+        idx = torch.tensor(good)
+        consumer = g.ops[min(products)].module
+        name = f"{site.name} key bias"
+        reason = (f"the softmax over the keys in {consumer or 'the model'} removes q·b_K, the same for every key: "
+                  f"{bias}[{good[0]}..{good[-1]}] ({len(good)} entries) has zero gradient, each entry a linear law")
+
+        def build(params, name=name, bias=bias, idx=idx, site=site.name, consumer=consumer, reason=reason):
+            from ..laws.groups import LinearLaws
+
+            return LinearLaws(name, ((bias, lambda b, idx=idx: b[idx]),), params, producer=site, consumer=consumer,
+                              reason=reason)
+
+        yield build, (bias,), name, site.name
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm centering
+# ---------------------------------------------------------------------------------------------
+
+
+def _keeps_last_axis(g: OpGraph, op: Op, v: int) -> bool:
+    """A cast, copy or view of ``v`` (its first argument) that keeps the last axis as it is."""
+    if not (op.args and isinstance(op.args[0], Val) and op.args[0].vid == v and len(op.outputs) == 1):
+        return False
+    if op.name in _KEEP:
+        return True
+    return op.name in _RESHAPE and g.shapes[op.outputs[0]][-1:] == g.shapes[v][-1:]
+
+
+def _dropout_active(model: nn.Module, op: Op) -> bool:
+    p = _arg(op, 1, "p", 0.5)
+    try:
+        training = model.get_submodule(op.module).training
+    except AttributeError:
+        training = model.training
+    return training and not (isinstance(p, (int, float)) and p == 0)
+
+
+def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
+    """LayerNorm centering laws (see the module docstring): yields proposals and refusals."""
+    for st in states.values():
+        site = st.site
+        if not _linear_site(st, g):
+            continue
+        units, v = site.units, site.out
+        added, dropout = False, None
+        while True:
+            users = g.users.get(v, [])
+            if len(users) != 1:
+                if added and any(g.ops[u].name == "layer_norm" for u in users):
+                    yield Skipped(site.name, None, (
+                        f"no LayerNorm centering law for {site.name}: its output is added to a residual stream "
+                        f"that is read by {len(users)} ops (a pre-norm block: the stream continues past the "
+                        "LayerNorm), so a shift c·1 of its output is not removed everywhere"))
+                break
+            op = g.ops[users[0]]
+            if _keeps_last_axis(g, op, v):
+                v = op.outputs[0]
+                continue
+            if op.name in _DROPOUT and op.args and op.args[0] == Val(v):
+                if _dropout_active(model, op):
+                    dropout = op
+                v = op.outputs[0]
+                continue
+            if op.name in _ADD and len(op.outputs) == 1:
+                added, v = True, op.outputs[0]
+                continue
+            shape = _arg(op, 1, "normalized_shape")
+            if (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and shape is not None
+                    and tuple(shape) == (units,) and g.shapes[v][-1] == units):
+                if dropout is not None:
+                    yield Skipped(site.name, None, (
+                        f"no LayerNorm centering law for {site.name}: {_where(dropout)} is in train mode and "
+                        "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
+                        "does not stay c·1 (the law holds in eval mode or with p = 0)"))
+                    break
+                yield _centering(site, op)
+            break
+
+
+def _centering(site, norm: Op):
+    weight, layout = site.readers[0]
+    bias = site.readers[1][0] if len(site.readers) == 2 else None
+    axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
+    consumer = norm.module
+    name = f"{site.name}→{consumer} centering"
+    reason = (f"the LayerNorm of {consumer or 'the model'} (op {norm.index}) subtracts the mean over the features "
+              f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
+              + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
+    names = (weight,) + ((bias,) if bias else ())
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        readers = [(weight, lambda w, axis=axis: w.sum(axis))]
+        if bias:
+            readers.append((bias, lambda b: b.sum().reshape(1)))
+        return LinearLaws(name, tuple(readers), params, producer=site.name, consumer=consumer, reason=reason)
+
+    return build, names, name, site.name
+
+
+# ---------------------------------------------------------------------------------------------
+# approximate scale laws
+# ---------------------------------------------------------------------------------------------
+
+
+def _hand_rms(g: OpGraph, v: int) -> tuple[Op, float | None] | None:
+    """``(the op that divides by the root mean square, eps)`` when ``v`` is normalized by a
+    hand-written RMSNorm over its last axis: v · rsqrt(mean(v², -1) + eps) or
+    v / sqrt(mean(v², -1) + eps), the statistic possibly computed after a cast."""
+    users = [g.ops[u] for u in g.users.get(v, [])]
+    if len(users) != 2:
+        return None
+    ndim = len(g.shapes[v])
+    for stat, scale in (users, users[::-1]):
+        if scale.name not in _MUL | _DIV or Val(v) not in scale.args:
+            continue
+        cur, op = v, stat
+        squared = averaged = False
+        root, eps = None, None
+        while True:
+            if op is scale:
+                break
+            name = op.name
+            if name in _KEEP and op.args and op.args[0] == Val(cur):
+                pass
+            elif name in ("pow", "square", "__pow__") and not squared and (name == "square" or _arg(op, 1, "exponent") == 2):
+                squared = True
+            elif name == "mean" and squared and not averaged:
+                dim = _arg(op, 1, "dim")
+                dims = [dim] if isinstance(dim, int) else list(dim or [])
+                if [d % ndim for d in dims] != [ndim - 1] or not _arg(op, 2, "keepdim", False):
+                    return None
+                averaged = True
+            elif name in _ADD and averaged and root is None and any(isinstance(a, (int, float)) for a in op.args):
+                eps = next(float(a) for a in op.args if isinstance(a, (int, float)))
+            elif name in ("rsqrt", "sqrt") and averaged and root is None:
+                root = name
+            else:
+                return None
+            users_next = g.users.get(op.outputs[0], []) if len(op.outputs) == 1 else []
+            if len(users_next) != 1:
+                return None
+            cur, op = op.outputs[0], g.ops[users_next[0]]
+        if not (squared and averaged) or Val(cur) not in scale.args:
+            return None
+        if (scale.name in _MUL and root == "rsqrt") or (scale.name in _DIV and root == "sqrt" and scale.args[0] == Val(v)):
+            return scale, eps
+        return None
+    return None
+
+
+def norm_scale_rule(g: OpGraph, states: dict[int, _SiteState]):
+    """Approximate scale laws (see the module docstring): yields proposals."""
+    for st in states.values():
+        site = st.site
+        if not _linear_site(st, g):
+            continue
+        units, v = site.units, site.out
+        while True:
+            users = g.users.get(v, [])
+            op = g.ops[users[0]] if len(users) == 1 else None
+            if op is not None and (_keeps_last_axis(g, op, v) or (op.name in _DROPOUT and op.args and op.args[0] == Val(v))):
+                v = op.outputs[0]  # dropout scales with its input: D(cv) = c·D(v)
+                continue
+            break
+        if g.shapes[v][-1] != units:
+            continue
+        if op is not None and op.name in ("layer_norm", "rms_norm") and op.args and op.args[0] == Val(v):
+            shape = _arg(op, 1, "normalized_shape")
+            if shape is None or tuple(shape) != (units,):
+                continue
+            eps = _arg(op, 4 if op.name == "layer_norm" else 3, "eps")
+            yield _scale(site, op, eps, op.name)
+            continue
+        found = _hand_rms(g, v)
+        if found is not None:
+            yield _scale(site, found[0], found[1], "x·rsqrt(mean(x²) + eps)")
+
+
+def _scale(site, norm: Op, eps: Any, what: str):
+    consumer = norm.module
+    name = f"{site.name}→{consumer} scale"
+    names = tuple(n for n, _ in site.readers)
+    eps_text = f"{eps:g}" if isinstance(eps, (int, float)) else "its default"
+    reason = (f"approximate: {what} in {consumer or 'the model'} (op {norm.index}) normalizes the outputs of "
+              f"{site.name} over their features, so ‖W‖² + ‖b‖² of the whole layer would be conserved at "
+              f"eps = 0; eps = {eps_text} breaks it at first order (∝ eps), so it is never reported as exactly "
+              "conserved")
+
+    def build(params):
+        from ..laws.groups import NormScaleLaws
+
+        readers = tuple((n, lambda t: t.reshape(1, -1)) for n in names)
+        return NormScaleLaws(name, readers, params, producer=site.name, consumer=consumer, reason=reason)
+
+    return build, names, name, site.name
