@@ -70,6 +70,42 @@ class Attn(nn.Module):
         return self.mha(x, x, x, need_weights=False)[0]
 
 
+class FusedAttn(nn.Module):
+    """Two heads from one fused qkv projection (GPT-2 style), matmul → softmax over the keys."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 12), nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, 2, 2).transpose(1, 2) for t in self.qkv(x).split(4, -1))
+        att = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, n, 4))
+
+
+class PostLN(nn.Module):
+    """Post-norm: LN(x + dense(x)) → head (the sum reaches only the LayerNorm)."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dense, self.ln, self.head = nn.Linear(4, 4), nn.LayerNorm(4, eps=eps), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ln(x + self.dense(x)))
+
+
+class HandRMSNorm(nn.Module):
+    """RMSNorm written with ops (as LlamaRMSNorm): weight · x · rsqrt(mean(x²) + eps)."""
+
+    def __init__(self, n: int, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(n)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
 def seq(*layers: Callable[[float], nn.Module]) -> Callable[[float], nn.Module]:
     return lambda eps: nn.Sequential(*(f(eps) for f in layers))
 
@@ -309,6 +345,15 @@ CASES: dict[str, Case] = {
         lambda eps: Attn(), x_seq, "mha key bias", "linear", lambda p: p["mha.in_proj_bias"][4:8] * 1.0,
         shift("mha.in_proj_bias", slice(4, 8)),
     ),
+    "key bias of a fused qkv projection (op graph)": Case(
+        lambda eps: FusedAttn(), x_seq, "qkv key bias", "linear", lambda p: p["qkv.bias"][4:8] * 1.0,
+        shift("qkv.bias", slice(4, 8)),
+    ),
+    "LayerNorm centering across a residual addition (op graph)": Case(
+        lambda eps: PostLN(eps), x_vec4, "dense→ln centering", "linear",
+        lambda p: torch.cat([p["dense.weight"].sum(0), p["dense.bias"].sum().reshape(1)]),
+        shift_columns("dense"),
+    ),
     "softmax cross-entropy translation": Case(
         LOGITS, x_vec, "2 translation", "linear",
         lambda p: torch.cat([p["2.weight"].sum(0), p["2.bias"].sum().reshape(1)]),
@@ -322,6 +367,11 @@ CASES: dict[str, Case] = {
     ),
     "scale before LayerNorm (approximate)": Case(
         LIN_LN, x_vec, "0→1 scale", "approximate",
+        lambda p: (p["0.weight"].square().sum() + p["0.bias"].square().sum()).reshape(1),
+        scale_group(["0.weight", "0.bias"], slice(None)), approximate=True,
+    ),
+    "scale before a hand-written RMSNorm (approximate, op graph)": Case(
+        seq(lin(3, 4), lambda eps: HandRMSNorm(4, eps), RELU, lin(4, 2)), x_vec, "0→1 scale", "approximate",
         lambda p: (p["0.weight"].square().sum() + p["0.bias"].square().sum()).reshape(1),
         scale_group(["0.weight", "0.bias"], slice(None)), approximate=True,
     ),

@@ -186,7 +186,7 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
             elif u in st.kills:
                 reason = f"the key is also used elsewhere ({st.kills[u]})"
             elif u in used:
-                reason = "the key is also read by a layer"
+                reason = "the key also reaches a layer (it is used beyond the score product, e.g. as the value)"
             elif not all(pure for _, _, pure in evs):
                 reason = ("the keys are changed by ops other than reshapes before the score product (a rotary "
                           "embedding or another position-dependent factor): q·b_K then differs between keys")
