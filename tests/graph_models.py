@@ -161,3 +161,54 @@ def build(factory, impl):
     torch.manual_seed(0)
     model, example, pick, expected = factory(impl)
     return model.double(), example, pick, expected
+
+
+# ------------------------------------------------------------------ linear and approximate laws, by hand
+def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
+    """Linear (zero-gradient) laws that exist, counted by hand from the config (SCIENCE.md §8):
+    key biases, LayerNorm centering (column sums + bias sum of a layer, row sums of an embedding
+    table, whose output reaches only a LayerNorm over the features), padding rows, biases right
+    before a BatchNorm. ``train``: dropout is active (it ends centering across it) and
+    BatchNorm uses batch statistics (the bias law needs them)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind == "gpt2":
+        # key third of c_attn's bias per layer; pre-norm: only the last mlp.c_proj's residual sum
+        # reaches ln_f alone (dropout before it in train mode); wte is tied to lm_head
+        key = cfg.n_layer * cfg.n_embd
+        return key if train else key + (cfg.n_inner or 4 * cfg.n_embd) + 1
+    if kind in ("bert", "distilbert"):
+        # post-norm: per layer the key bias and LN(x + dense(h)) after the attention output and
+        # the FFN output (columns + bias sum; dropout before the add in train mode, except
+        # DistilBERT's attention output, which has none); the embeddings reach only their
+        # LayerNorm: row sums of every table (the padding row counted entry by entry instead)
+        layers, hidden, inner = ((cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) if kind == "bert"
+                                 else (cfg.n_layers, cfg.dim, cfg.hidden_dim))
+        dense = (hidden + 1) + (inner + 1)
+        if train:
+            dense = (hidden + 1) if kind == "distilbert" else 0
+        tables = (cfg.vocab_size - 1) + cfg.max_position_embeddings + getattr(cfg, "type_vocab_size", 0)
+        return layers * (hidden + dense) + hidden + tables
+    if kind == "vit":
+        # key bias (eager computes the softmax in float32: not exact in float64, so not counted);
+        # pre-norm: the last fc2's residual sum reaches only the final layernorm (no dropout there)
+        key = cfg.num_hidden_layers * cfg.hidden_size if impl == "sdpa" else 0
+        return key + cfg.intermediate_size + 1
+    if kind in ("llama", "t5"):
+        return 0  # no biases, RMS norms (no mean subtracted), no padding_idx
+    if isinstance(model, ResNet18):
+        return 0  # convolutions without bias
+    # VGG-11-BN: the bias of every conv right before its BatchNorm (batch statistics: train mode)
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) if train else 0
+
+
+def approximate_laws(model: nn.Module) -> int:
+    """Approximate laws (scale invariance, exact only at eps = 0) that exist, by hand: one per
+    normalized group of a layer whose output reaches nothing but the normalization."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in ("bert", "distilbert"):
+        return 1  # the word + position (+ type) embeddings jointly, before the embeddings' LayerNorm
+    if kind is not None:
+        return 0  # every other norm reads a residual stream
+    # CNNs: every convolution right before a BatchNorm, per channel
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))

@@ -18,7 +18,7 @@ from torch_conslaw.laws.groups import LinearLaws
 from torch_conslaw.laws.verify import verify_groups
 
 from graph_helpers import law_residuals
-from graph_models import bert, build, distilbert, gpt2, vit
+from graph_models import bert, build, distilbert, gpt2, linear_laws, vit
 
 pytest.importorskip("transformers")
 
@@ -28,41 +28,6 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     yield
-
-
-# ----------------------------------------------------------------------------- by-hand counts
-def gpt2_linear(cfg, train: bool) -> int:
-    """The key bias of every layer (the K third of c_attn's bias); in eval mode also the column
-    sums + bias sum of the last block's mlp.c_proj, whose residual sum reaches only ln_f (every
-    other residual sum also continues in the stream: pre-norm). Dropout in train mode ends
-    the latter."""
-    key = cfg.n_layer * cfg.n_embd
-    return key if train else key + (cfg.n_inner or 4 * cfg.n_embd) + 1
-
-
-def post_norm_linear(layers: int, hidden: int, inner: int) -> int:
-    """Post-norm (BERT, DistilBERT), eval mode: per layer the key bias (hidden), the attention
-    output dense and the FFN output dense before LN(x + dense(h)) (columns + bias sum), and the
-    padding row of the word embeddings (pad_token_id = 0)."""
-    return layers * (hidden + (hidden + 1) + (inner + 1)) + hidden
-
-
-def vit_linear(cfg, impl: str) -> int:
-    """Pre-norm: the key bias of every layer (not in eager mode, whose softmax runs in float32:
-    below the float64 check) and the last fc2, whose residual sum reaches only the final norm."""
-    key = cfg.num_hidden_layers * cfg.hidden_size if impl == "sdpa" else 0
-    return key + cfg.intermediate_size + 1
-
-
-def _expected(factory, model, impl: str, train: bool) -> int:
-    cfg = model.config
-    if factory is gpt2:
-        return gpt2_linear(cfg, train)
-    if factory is bert:
-        return post_norm_linear(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-    if factory is distilbert:
-        return post_norm_linear(cfg.n_layers, cfg.dim, cfg.hidden_dim)
-    return vit_linear(cfg, impl)
 
 
 # ----------------------------------------------------------------------------- independent checks
@@ -90,10 +55,10 @@ CASES = [(gpt2, "eager"), (bert, "eager"), (distilbert, "sdpa"), (vit, "sdpa"), 
 @pytest.mark.parametrize("factory,impl", CASES, ids=[f"{f.__name__}-{i}" for f, i in CASES])
 def test_linear_laws_of_hugging_face_models_match_the_config_and_stay_constant(factory, impl):
     model, example, pick, quadratic = build(factory, impl)
-    model.eval()  # dropout off: LayerNorm centering across a residual holds (see gpt2_linear)
+    model.eval()  # dropout off: LayerNorm centering across a residual holds (see linear_laws)
     monitor = ConservationMonitor(model, example)
     linear = [g for g in monitor.groups if g.kind == "linear"]
-    assert sum(g.count for g in linear) == _expected(factory, model, impl, train=False)
+    assert sum(g.count for g in linear) == linear_laws(model, impl, train=False)
     assert sum(g.count for g in monitor.groups if g.kind not in ("linear", "approximate")) == quadratic
     rows = {r["name"]: r for r in monitor.summary()}
     assert all(rows[g.name]["verified"] and rows[g.name]["expected_conserved"] for g in linear)
@@ -117,7 +82,7 @@ def test_gpt2_in_train_mode_keeps_the_key_bias_and_refuses_centering_after_dropo
     model, example, _, _ = build(gpt2, "eager")  # train mode, dropout 0.1
     monitor = ConservationMonitor(model, example)
     linear = [g for g in monitor.groups if g.kind == "linear"]
-    assert sum(g.count for g in linear) == gpt2_linear(model.config, train=True)
+    assert sum(g.count for g in linear) == linear_laws(model, "eager", train=True)
     reasons = [str(s) for s in monitor.skipped]
     assert any("transformer.h.1.mlp.c_proj" in r and "train mode" in r for r in reasons)
     # pre-norm: the residual stream continues past ln_2 / the next ln_1

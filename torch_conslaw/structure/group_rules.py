@@ -17,7 +17,8 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
 * **LayerNorm centering** (:func:`centering_rule`): a linear layer whose output reaches nothing
   but ``F.layer_norm`` over its features, possibly through residual additions (post-norm
   BERT computes LN(x + dense(h))): LN removes c·1, so the column sums Σ_i W[i, :] and Σ_i b_i
-  are linear laws, exact at any eps. A sum that also continues elsewhere (the residual stream
+  are linear laws, exact at any eps. The same holds for an embedding table whose lookups reach
+  only a LayerNorm (BERT's word + position + type embeddings): every row sum is a law. A sum that also continues elsewhere (the residual stream
   of a pre-norm block) gets none. Dropout in train mode multiplies each feature by its own mask
   (c·1 is no longer removed): the law then holds only in eval mode or with p = 0, so it is
   refused while the dropout module is in train mode.
@@ -243,46 +244,87 @@ def _dropout_active(model: nn.Module, op: Op) -> bool:
     return training and not (isinstance(p, (int, float)) and p == 0)
 
 
+def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -> Op | Skipped | None:
+    """The ``F.layer_norm`` over the last axis (``units`` wide) that ``v`` reaches and nothing
+    else, through casts, views keeping the last axis, dropout and additions; a refusal when
+    it reaches one but a shift c·1 would not stay removed; None when it reaches none."""
+    added, dropout = False, None
+    while True:
+        users = g.users.get(v, [])
+        if len(users) != 1:
+            if added and any(g.ops[u].name == "layer_norm" for u in users):
+                return Skipped(who, None, (
+                    f"no LayerNorm centering law for {who}: its output is added to a residual stream "
+                    f"that is read by {len(users)} ops (a pre-norm block: the stream continues past the "
+                    "LayerNorm), so a shift c·1 of its output is not removed everywhere"))
+            return None
+        op = g.ops[users[0]]
+        if _keeps_last_axis(g, op, v):
+            v = op.outputs[0]
+            continue
+        if op.name in _DROPOUT and op.args and op.args[0] == Val(v):
+            if _dropout_active(model, op):
+                dropout = op
+            v = op.outputs[0]
+            continue
+        if op.name in _ADD and len(op.outputs) == 1:
+            added, v = True, op.outputs[0]
+            continue
+        shape = _arg(op, 1, "normalized_shape")
+        if not (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and shape is not None
+                and tuple(shape) == (units,) and g.shapes[v][-1] == units):
+            return None
+        if dropout is not None:
+            return Skipped(who, None, (
+                f"no LayerNorm centering law for {who}: {_where(dropout)} is in train mode and "
+                "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
+                "does not stay c·1 (the law holds in eval mode or with p = 0)"))
+        return op
+
+
 def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
     """LayerNorm centering laws (see the module docstring): yields proposals and refusals."""
     for st in states.values():
         site = st.site
         if not _linear_site(st, g):
             continue
-        units, v = site.units, site.out
-        added, dropout = False, None
-        while True:
-            users = g.users.get(v, [])
-            if len(users) != 1:
-                if added and any(g.ops[u].name == "layer_norm" for u in users):
-                    yield Skipped(site.name, None, (
-                        f"no LayerNorm centering law for {site.name}: its output is added to a residual stream "
-                        f"that is read by {len(users)} ops (a pre-norm block: the stream continues past the "
-                        "LayerNorm), so a shift c·1 of its output is not removed everywhere"))
-                break
-            op = g.ops[users[0]]
-            if _keeps_last_axis(g, op, v):
-                v = op.outputs[0]
-                continue
-            if op.name in _DROPOUT and op.args and op.args[0] == Val(v):
-                if _dropout_active(model, op):
-                    dropout = op
-                v = op.outputs[0]
-                continue
-            if op.name in _ADD and len(op.outputs) == 1:
-                added, v = True, op.outputs[0]
-                continue
-            shape = _arg(op, 1, "normalized_shape")
-            if (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and shape is not None
-                    and tuple(shape) == (units,) and g.shapes[v][-1] == units):
-                if dropout is not None:
-                    yield Skipped(site.name, None, (
-                        f"no LayerNorm centering law for {site.name}: {_where(dropout)} is in train mode and "
-                        "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
-                        "does not stay c·1 (the law holds in eval mode or with p = 0)"))
-                    break
-                yield _centering(site, op)
-            break
+        found = _to_layer_norm(model, g, site.out, site.units, site.name)
+        if isinstance(found, Skipped):
+            yield found
+        elif found is not None:
+            yield _centering(site, found)
+    for op in g.ops:  # embeddings: a shift t_v·1 of row v moves every token v by t_v·1
+        weight = _arg(op, 1, "weight")
+        if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
+            continue
+        rows, width = g.shapes[weight.vid]
+        name = g.params[weight.vid]
+        found = _to_layer_norm(model, g, op.outputs[0], width, _module(name))
+        if isinstance(found, Skipped):
+            yield found
+        elif found is not None:
+            yield _embedding_centering(name, rows, _arg(op, 2, "padding_idx"), found)
+
+
+def _embedding_centering(weight: str, rows: int, padding: Any, norm: Op):
+    """Row sums of an embedding table whose lookups reach only a LayerNorm (the padding row
+    is a law entry by entry already: its sum would repeat it)."""
+    keep = [r for r in range(rows) if not (isinstance(padding, int) and r == padding % rows)]
+    idx = torch.tensor(keep)
+    producer, consumer = _module(weight), norm.module
+    name = f"{producer}→{consumer} centering"
+    reason = (f"the LayerNorm of {consumer or 'the model'} (op {norm.index}) subtracts the mean over the features "
+              f"of the lookups of {weight}, and they reach nothing else: adding t_v·1 to row v changes nothing, "
+              "so every row sum Σ_i E[v, i] is a linear law, exact at any eps"
+              + (f" (the padding row {padding} is tracked entry by entry already)" if len(keep) < rows else ""))
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        return LinearLaws(name, ((weight, lambda w: w.sum(1)[idx]),), params, producer=producer, consumer=consumer,
+                          reason=reason)
+
+    return build, (weight,), name, producer
 
 
 def _centering(site, norm: Op):

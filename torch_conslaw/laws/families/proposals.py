@@ -19,9 +19,9 @@ groups its symmetry gives on ``model`` and the candidates it had to refuse, with
 These families match module types. With an example input, the op-graph rules of
 :mod:`torch_conslaw.structure.group_rules` add the same kinds of laws wherever the ops show
 them (a fused ``Conv1D`` key bias, LayerNorm centering across a residual addition, the scale
-law before a hand-written RMSNorm): :func:`propose_laws` merges them, and a graph law that
-reads a parameter a module-level law of the same kind already reads is that same law, so it
-is not added again.
+law before a hand-written RMSNorm): :func:`propose_laws` merges them, and a graph group with the kind, parameters and
+count of a module-level group is that same group (a ``Linear`` right before a ``LayerNorm``
+is seen by both), so it is not added again.
 
 Example:
     >>> from torch import nn
@@ -93,9 +93,9 @@ def propose_laws(
         skipped += s
     graph = getattr(structure, "graph_laws", None)
     if graph is not None:
-        taken = {(g.kind, n) for g in groups for n in g.parameter_names}
+        taken = {(g.kind, frozenset(g.parameter_names), g.count) for g in groups}
         for g in graph.groups:
-            if any((g.kind, n) in taken for n in g.parameter_names):
+            if (g.kind, frozenset(g.parameter_names), g.count) in taken:
                 continue  # the module-level family found this law already
             problem = ctx.problem(tuple(g.parameter_names), g.name)
             if problem is not None:
