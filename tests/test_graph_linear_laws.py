@@ -70,6 +70,13 @@ def test_linear_laws_of_hugging_face_models_match_the_config_and_stay_constant(f
     assert max(_linear_step_change(g, before, after) for g in linear) <= 1e-12
 
 
+@pytest.mark.parametrize("factory,impl", [(bert, "sdpa"), (distilbert, "eager")], ids=["bert-sdpa", "distilbert-eager"])
+def test_train_mode_counts_match_the_config(factory, impl):
+    model, example, _, _ = build(factory, impl)  # train mode: dropout 0.1 before the residual adds
+    monitor = ConservationMonitor(model, example)
+    assert sum(g.count for g in monitor.groups if g.kind == "linear") == linear_laws(model, impl, train=True)
+
+
 def test_key_bias_and_centering_names_say_where_they_live():
     model, example, _, _ = build(bert, "eager")
     model.eval()

@@ -5,7 +5,9 @@
 * :mod:`.graph` — op-graph capture on an example input (every torch function, modules seen
   through the ops they run);
 * :mod:`.rules` — symmetry rules over the captured graph → rescaling, gated, norm-affine and
-  attention (heads, RoPE planes, grouped queries) laws, every refusal with a reason.
+  attention (heads, RoPE planes, grouped queries) laws, every refusal with a reason;
+* :mod:`.group_rules` — rules over the same graph for the laws beyond pairs: key biases,
+  LayerNorm centering (across residual additions), approximate scale before a normalization.
 
 Example:
     >>> from torch import nn
