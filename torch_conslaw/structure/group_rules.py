@@ -297,6 +297,8 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
         weight = _arg(op, 1, "weight")
         if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
             continue
+        if _arg(op, 3, "max_norm") is not None:
+            continue  # the lookup renormalizes the rows it reads (in place): no shift symmetry
         rows, width = g.shapes[weight.vid]
         name = g.params[weight.vid]
         found = _to_layer_norm(model, g, op.outputs[0], width, _module(name))
