@@ -146,6 +146,44 @@ def test_attention_head_laws_are_the_rank_of_its_matrix_laws(d_model, d_head):
     assert res.stable
 
 
+class TorchMHA(nn.Module):
+    """``nn.MultiheadAttention`` self-attention without biases, on its fused SDPA path."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d_model, heads, bias=False, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def mha_law_rank(net: TorchMHA, theta: torch.Tensor) -> int:
+    """Rank at θ of every head's Q̃ᵀQ̃ − K̃ᵀK̃ and ṼᵀṼ − O Oᵀ entries (in_proj rows, out_proj columns)."""
+    d, heads = net.mha.embed_dim, net.mha.num_heads
+    d_h = d // heads
+    iu = torch.triu_indices(d_h, d_h)
+
+    def laws(t: torch.Tensor) -> torch.Tensor:
+        wq, wk, wv = t[: 3 * d * d].reshape(3 * d, d).split(d)
+        wo = t[3 * d * d :].reshape(d, d)
+        out = []
+        for h in range(heads):
+            rows = slice(h * d_h, (h + 1) * d_h)
+            qk = wq[rows] @ wq[rows].T - wk[rows] @ wk[rows].T
+            vo = wv[rows] @ wv[rows].T - wo[:, rows].T @ wo[:, rows]
+            out += [qk[iu[0], iu[1]], vo[iu[0], iu[1]]]
+        return torch.cat(out)
+
+    s = torch.linalg.svdvals(jacrev(laws)(theta))
+    return int((s > 1e-9 * s[0]).sum())
+
+
+def test_torch_multihead_attention_laws_are_its_heads_matrix_laws():
+    net = TorchMHA(4, 2)
+    res = tc.count_laws(net, gaussian(8, 3, 4), theta="random")
+    assert res.n_laws == mha_law_rank(net, res.theta) == 2 * (3 + 3)
+
+
 def test_gelu_mlp_has_no_law():
     net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
     res = tc.count_laws(net, gaussian(64, 3), theta="random")
