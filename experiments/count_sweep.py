@@ -2,14 +2,19 @@
 
 For every architecture of ``shared/paper_sweep_architectures.json`` it builds the
 ``nn.Sequential`` (Linear + ReLU/Identity, biases on hidden layers only, as in the sweep),
-counts its laws from data fields with :func:`torch_conslaw.count_laws` (rich Gaussian inputs,
-a well-conditioned random θ, no expected count used) and compares with
-:func:`torch_conslaw.mlp_trace_dimension` (gated path-lifting surrogates).
+counts its laws from data fields with :func:`torch_conslaw.count_laws` (a well-conditioned
+random θ, no expected count used) and compares with :func:`torch_conslaw.mlp_trace_dimension`
+(gated path-lifting surrogates).
+
+Rich inputs: Gaussian directions with a log-uniform radius (e^-3 … e^5), so that thin cones
+and regions far from the origin are reached. The input set grows ×4 (nested) from
+``n_inputs`` until the count has not changed over two successive growths (at most
+``MAX_GROWTHS``); every count on the way is kept.
 
 Data fields are path-lifting fields at the 0/1 gate patterns the inputs realize, so the data
-count is never below the path-lifting count; they agree for linear nets and one-hidden-layer
-ReLU nets, and deeper ReLU nets on low-dimensional inputs keep data-dependent laws (too few
-joint activation patterns), however many inputs are drawn.
+count is never below the path-lifting count. Deeper ReLU nets whose first layers are narrow
+realize few joint activation patterns on R^n0 and can keep data-dependent laws however many
+inputs are drawn.
 
     python experiments/count_sweep.py [--archs PATH] [--out results/count_sweep.json]
 """
@@ -46,15 +51,40 @@ def n_inputs(widths: list[int], D: int) -> int:
     return max(256, 32 * D // widths[-1])
 
 
+MAX_GROWTHS = 4
+
+
+def heavy_tailed_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
+    """n Gaussian directions scaled by a log-uniform radius e^U, U ~ U(-3, 5) (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return x * torch.empty(n, 1, dtype=torch.float64).uniform_(-3.0, 5.0, generator=g).exp()
+
+
+def count_until_stable(model: nn.Module, n: int, dim: int, seed: int):
+    """count_laws on ×4-growing nested input sets until two growths leave the count unchanged."""
+    x = heavy_tailed_inputs(n * 4**MAX_GROWTHS, dim, seed)
+    history: list[dict] = []
+    for k in range(MAX_GROWTHS + 1):
+        res = count_laws(model, x[: n * 4**k], theta="random", seed=seed)
+        history.append({"n_inputs": n * 4**k, "n_laws": res.n_laws, "levels": res.levels})
+        if len(history) >= 3 and history[-1]["n_laws"] == history[-2]["n_laws"] == history[-3]["n_laws"]:
+            break
+    stable = len(history) >= 3 and history[-1]["n_laws"] == history[-2]["n_laws"] == history[-3]["n_laws"]
+    return res, history, stable
+
+
 def run(archs: list[dict]) -> list[dict]:
     rows = []
     for i, arch in enumerate(archs):
         widths, act, bias = arch["widths"], arch["activation"], arch["bias"]
         n = n_inputs(widths, arch["D"])
-        x = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = count_laws(sequential(widths, act, bias), x, theta="random", seed=i, input_sizes=[n // 2, n])
+            res, history, stable = count_until_stable(sequential(widths, act, bias), n, widths[0], i)
+        seconds = time.perf_counter() - start
+        n = history[-1]["n_inputs"]
         ref = mlp_trace_dimension(widths, [act] * (len(widths) - 2), bias=bias, output_bias=False, seed=i)
         if res.D != arch["D"]:
             raise RuntimeError(f"architecture {i}: D={res.D} but the sweep lists D={arch['D']}")
@@ -70,16 +100,17 @@ def run(archs: list[dict]) -> list[dict]:
                 "n_laws": res.n_laws,
                 "path_lifting_laws": ref.n_laws,
                 "agrees": res.n_laws == ref.n_laws,
-                "stable": res.stable,
-                "input_counts": res.input_counts,
+                "stable": stable,
+                "input_counts": history,
                 "gap": res.evidence,
-                "warnings": [str(w.message) for w in caught],
-                "seconds": res.seconds,
+                "warnings": sorted({str(w.message) for w in caught if "jit" not in str(w.message)}),
+                "seconds": round(seconds, 2),
             }
         )
         print(
             f"{i:3d} {rows[-1]['widths']:>14} {act:6} bias={bias!s:5} D={res.D:4} N={n:5}: "
-            f"count_laws {res.n_laws:3d}, path lifting {ref.n_laws:3d} ({res.seconds:.2f} s)",
+            f"count_laws {res.n_laws:3d}, path lifting {ref.n_laws:3d} ({seconds:.2f} s; "
+            f"counts {[h['n_laws'] for h in history]})",
             flush=True,
         )
     return rows

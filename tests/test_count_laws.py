@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import jacfwd, jacrev
 
 import torch_conslaw as tc
+from torch_conslaw.lie.kronecker import kronecker_blocks
 
 F64 = torch.float64
 SWEEP = Path(
@@ -431,3 +432,31 @@ def test_matrix_free_complement_agrees_with_the_dense_method_on_a_resnet_with_ba
         for method in ("dense", "complement")
     ]
     assert [(r.n_laws, r.n_laws_eps0) for r in counts] == [(10, 16), (10, 16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kronecker-factored preconditioner of the matrix-free count
+
+
+def test_kronecker_factors_of_a_linear_layer_are_its_input_second_moments():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = gaussian(16, 3)
+    blocks = kronecker_blocks(net, {n: p.detach() for n, p in net.named_parameters()}, (x,), {})
+    first = {b.name: b for b in blocks}["0.weight"]
+    torch.testing.assert_close(first.a, x.T @ x, rtol=1e-12, atol=0)
+    hidden = torch.relu(net[0](x)).detach()
+    torch.testing.assert_close({b.name: b for b in blocks}["2.weight"].a, hidden.T @ hidden, rtol=1e-12, atol=0)
+    assert all(torch.linalg.eigvalsh(b.b).min() >= -1e-12 for b in blocks)
+
+
+def test_kronecker_preconditioned_count_is_the_same_with_fewer_cg_iterations():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 6, 3))
+    x = gaussian(3, 2, 5, 5)
+    runs = {
+        pc: tc.count_laws(net, x, theta="random", input_sizes=[3], method="complement", preconditioner=pc)
+        for pc in ("kronecker", "jacobi")
+    }
+    assert runs["kronecker"].n_laws == runs["jacobi"].n_laws == 3  # one law per hidden channel
+    assert sum(runs["kronecker"].null_space.cg_iterations) < sum(runs["jacobi"].null_space.cg_iterations)
+    with pytest.raises(ValueError, match="preconditioner"):
+        tc.count_laws(net, x, preconditioner="ilu")
