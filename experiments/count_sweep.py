@@ -6,10 +6,10 @@ counts its laws from data fields with :func:`torch_conslaw.count_laws` (a well-c
 random θ, no expected count used) and compares with :func:`torch_conslaw.mlp_trace_dimension`
 (gated path-lifting surrogates).
 
-Rich inputs: Gaussian directions with a log-uniform radius (e^-3 … e^5), so that thin cones
-and regions far from the origin are reached. The input set grows ×4 (nested) from
-``n_inputs`` until the count has not changed over two successive growths (at most
-``MAX_GROWTHS``); every count on the way is kept.
+Inputs: by default N = ``n_inputs`` Gaussian inputs, counted on N/2 and N. With ``--rich``:
+Gaussian directions with a log-uniform radius (e^-3 … e^5), so that thin cones and regions far
+from the origin are reached, and the input set grows ×4 (nested) from N until the count has
+not changed over two successive growths (at most ``--max-growths``); every count is kept.
 
 Data fields are path-lifting fields at the 0/1 gate patterns the inputs realize, so the data
 count is never below the path-lifting count. Deeper ReLU nets whose first layers are narrow
@@ -17,6 +17,7 @@ realize few joint activation patterns on R^n0 and can keep data-dependent laws h
 inputs are drawn.
 
     python experiments/count_sweep.py [--archs PATH] [--out results/count_sweep.json]
+    python experiments/count_sweep.py --rich --only 51,52,... --out results/count_sweep_rich.json
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ def n_inputs(widths: list[int], D: int) -> int:
     return max(256, 32 * D // widths[-1])
 
 
-MAX_GROWTHS = 4
-
-
 def heavy_tailed_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
     """n Gaussian directions scaled by a log-uniform radius e^U, U ~ U(-3, 5) (float64)."""
     g = torch.Generator().manual_seed(seed)
@@ -61,11 +59,11 @@ def heavy_tailed_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
     return x * torch.empty(n, 1, dtype=torch.float64).uniform_(-3.0, 5.0, generator=g).exp()
 
 
-def count_until_stable(model: nn.Module, n: int, dim: int, seed: int):
+def count_until_stable(model: nn.Module, n: int, dim: int, seed: int, max_growths: int):
     """count_laws on ×4-growing nested input sets until two growths leave the count unchanged."""
-    x = heavy_tailed_inputs(n * 4**MAX_GROWTHS, dim, seed)
+    x = heavy_tailed_inputs(n * 4**max_growths, dim, seed)
     history: list[dict] = []
-    for k in range(MAX_GROWTHS + 1):
+    for k in range(max_growths + 1):
         res = count_laws(model, x[: n * 4**k], theta="random", seed=seed)
         history.append({"n_inputs": n * 4**k, "n_laws": res.n_laws, "levels": res.levels})
         if len(history) >= 3 and history[-1]["n_laws"] == history[-2]["n_laws"] == history[-3]["n_laws"]:
@@ -74,15 +72,28 @@ def count_until_stable(model: nn.Module, n: int, dim: int, seed: int):
     return res, history, stable
 
 
-def run(archs: list[dict]) -> list[dict]:
+def gaussian_count(model: nn.Module, n: int, dim: int, seed: int):
+    """count_laws on N Gaussian inputs, with the count on N/2 as evidence."""
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    res = count_laws(model, x, theta="random", seed=seed, input_sizes=[n // 2, n])
+    return res, res.input_counts, res.stable
+
+
+def run(archs: list[dict], rich: bool = False, only: set[int] | None = None, max_growths: int = 3) -> list[dict]:
     rows = []
     for i, arch in enumerate(archs):
+        if only is not None and i not in only:
+            continue
         widths, act, bias = arch["widths"], arch["activation"], arch["bias"]
         n = n_inputs(widths, arch["D"])
+        model = sequential(widths, act, bias)
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res, history, stable = count_until_stable(sequential(widths, act, bias), n, widths[0], i)
+            if rich:
+                res, history, stable = count_until_stable(model, n, widths[0], i, max_growths)
+            else:
+                res, history, stable = gaussian_count(model, n, widths[0], i)
         seconds = time.perf_counter() - start
         n = history[-1]["n_inputs"]
         ref = mlp_trace_dimension(widths, [act] * (len(widths) - 2), bias=bias, output_bias=False, seed=i)
@@ -120,13 +131,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", type=Path, default=DEFAULT_ARCHS)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "count_sweep.json")
+    parser.add_argument("--rich", action="store_true", help="heavy-tailed inputs, grown ×4 until the count is stable")
+    parser.add_argument("--max-growths", type=int, default=3)
+    parser.add_argument("--only", type=str, default=None, help="comma-separated architecture indices")
     args = parser.parse_args()
     archs = json.loads(args.archs.read_text())
+    only = None if args.only is None else {int(i) for i in args.only.split(",")}
     start = time.perf_counter()
-    rows = run(archs)
+    rows = run(archs, rich=args.rich, only=only, max_growths=args.max_growths)
     total = time.perf_counter() - start
     summary = {
         "architectures": len(rows),
+        "inputs": "heavy-tailed, grown x4 until stable" if args.rich else "Gaussian, N/2 and N",
         "agree": sum(r["agrees"] for r in rows),
         "agree_linear": sum(r["agrees"] for r in rows if r["activation"] == "linear"),
         "linear": sum(r["activation"] == "linear" for r in rows),
