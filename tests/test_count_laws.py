@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import jacfwd, jacrev
 
 import torch_conslaw as tc
+from torch_conslaw.lie.kronecker import kronecker_blocks
 
 F64 = torch.float64
 SWEEP = Path(
@@ -144,6 +145,44 @@ def test_attention_head_laws_are_the_rank_of_its_matrix_laws(d_model, d_head):
     res = tc.count_laws(head, gaussian(6, 4, d_model), theta="random")
     assert res.n_laws == head_law_rank(head, res.theta) > 0
     assert res.stable
+
+
+class TorchMHA(nn.Module):
+    """``nn.MultiheadAttention`` self-attention without biases, on its fused SDPA path."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d_model, heads, bias=False, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def mha_law_rank(net: TorchMHA, theta: torch.Tensor) -> int:
+    """Rank at θ of every head's Q̃ᵀQ̃ − K̃ᵀK̃ and ṼᵀṼ − O Oᵀ entries (in_proj rows, out_proj columns)."""
+    d, heads = net.mha.embed_dim, net.mha.num_heads
+    d_h = d // heads
+    iu = torch.triu_indices(d_h, d_h)
+
+    def laws(t: torch.Tensor) -> torch.Tensor:
+        wq, wk, wv = t[: 3 * d * d].reshape(3 * d, d).split(d)
+        wo = t[3 * d * d :].reshape(d, d)
+        out = []
+        for h in range(heads):
+            rows = slice(h * d_h, (h + 1) * d_h)
+            qk = wq[rows] @ wq[rows].T - wk[rows] @ wk[rows].T
+            vo = wv[rows] @ wv[rows].T - wo[:, rows].T @ wo[:, rows]
+            out += [qk[iu[0], iu[1]], vo[iu[0], iu[1]]]
+        return torch.cat(out)
+
+    s = torch.linalg.svdvals(jacrev(laws)(theta))
+    return int((s > 1e-9 * s[0]).sum())
+
+
+def test_torch_multihead_attention_laws_are_its_heads_matrix_laws():
+    net = TorchMHA(4, 2)
+    res = tc.count_laws(net, gaussian(8, 3, 4), theta="random")
+    assert res.n_laws == mha_law_rank(net, res.theta) == 2 * (3 + 3)
 
 
 def test_gelu_mlp_has_no_law():
@@ -393,3 +432,31 @@ def test_matrix_free_complement_agrees_with_the_dense_method_on_a_resnet_with_ba
         for method in ("dense", "complement")
     ]
     assert [(r.n_laws, r.n_laws_eps0) for r in counts] == [(10, 16), (10, 16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kronecker-factored preconditioner of the matrix-free count
+
+
+def test_kronecker_factors_of_a_linear_layer_are_its_input_second_moments():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = gaussian(16, 3)
+    blocks = kronecker_blocks(net, {n: p.detach() for n, p in net.named_parameters()}, (x,), {})
+    first = {b.name: b for b in blocks}["0.weight"]
+    torch.testing.assert_close(first.a, x.T @ x, rtol=1e-12, atol=0)
+    hidden = torch.relu(net[0](x)).detach()
+    torch.testing.assert_close({b.name: b for b in blocks}["2.weight"].a, hidden.T @ hidden, rtol=1e-12, atol=0)
+    assert all(torch.linalg.eigvalsh(b.b).min() >= -1e-12 for b in blocks)
+
+
+def test_kronecker_preconditioned_count_is_the_same_with_fewer_cg_iterations():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 6, 3))
+    x = gaussian(3, 2, 5, 5)
+    runs = {
+        pc: tc.count_laws(net, x, theta="random", input_sizes=[3], method="complement", preconditioner=pc)
+        for pc in ("kronecker", "jacobi")
+    }
+    assert runs["kronecker"].n_laws == runs["jacobi"].n_laws == 3  # one law per hidden channel
+    assert sum(runs["kronecker"].null_space.cg_iterations) < sum(runs["jacobi"].null_space.cg_iterations)
+    with pytest.raises(ValueError, match="preconditioner"):
+        tc.count_laws(net, x, preconditioner="ilu")

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .lawgroups import LawGroup, build_groups
 from .lie import mlp_trace_dimension
+from .lie.elementary import ElementaryOps
 from .lie.numerics import DEFAULT_RTOL, RankDecision
 from .missing_laws import MissingSpace, SubmapFields, missing_space
 from .structure import Structure, find_structure, unwrap_model
@@ -258,34 +258,6 @@ def analyze(
     return report
 
 
-class _ExplicitAttention(TorchFunctionMode):
-    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``,
-    ``nn.TransformerEncoderLayer``) through its explicit-softmax branch, without dropout.
-
-    Its ``need_weights=False`` branch calls the fused ``scaled_dot_product_attention``, which has
-    no forward-mode derivative, and the count's own mode
-    (:class:`~torch_conslaw.lie.elementary.ElementaryOps`) is switched off while it handles the
-    composite call, so it cannot reroute that nested call. Entered *below* the count's mode, this
-    one receives the composite call and runs the branch that computes softmax(q kᵀ) v with
-    elementary ops (same outputs). A workaround on this side; the fix belongs in
-    lie/elementary.py.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        import inspect
-
-        import torch.nn.functional as F
-
-        if func is not F.multi_head_attention_forward:
-            return func(*args, **(kwargs or {}))
-        bound = inspect.signature(func).bind(*args, **(kwargs or {}))
-        wanted = bound.arguments.get("need_weights", True)
-        bound.arguments["need_weights"] = True
-        bound.arguments["dropout_p"] = 0.0
-        out, weights = func(*bound.args, **bound.kwargs)
-        return out, (weights if wanted else None)
-
-
 def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
     from .lie.modules import ParameterSlot, random_theta
 
@@ -414,7 +386,7 @@ def _module_count(
         inputs = random_inputs_like(example, n, seed)
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-9)
         try:
-            with warnings.catch_warnings(), _ExplicitAttention():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the count's caveats are kept in result.warnings
                 result = count_laws(model, inputs, theta=flat, seed=seed, rtol=rtol, max_seconds=left,
                                     max_memory_gb=max_memory_gb)
@@ -496,7 +468,7 @@ def _polynomial_search(
         args, kwargs = (cast(inputs),), {}
     sampler = SubmapFields(work, result.parameters, names, args, kwargs)
     gen = torch.Generator().manual_seed(0)
-    with warnings.catch_warnings(), _ExplicitAttention():
+    with warnings.catch_warnings(), ElementaryOps():
         warnings.simplefilter("ignore", RuntimeWarning)
         if not sampler.sample(sampler.random_point(gen), 4, gen).any():
             report.polynomial_note = (

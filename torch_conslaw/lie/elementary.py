@@ -9,7 +9,8 @@ active:
 * ``batch_norm``, ``instance_norm``, ``layer_norm``, ``group_norm``, ``rms_norm`` to
   mean/variance/sqrt written with elementary ops (batch statistics in training mode, running
   statistics otherwise; the running statistics are never updated);
-* ``scaled_dot_product_attention`` to softmax(q kᵀ · scale + mask) v;
+* ``scaled_dot_product_attention`` to softmax(q kᵀ · scale + mask) v, and
+  ``multi_head_attention_forward`` (``nn.MultiheadAttention``) to its explicit bmm path;
 * every dropout to the identity (random masks have no fixed derivatives; the count is for the
   network without dropout).
 
@@ -28,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +147,24 @@ def scaled_dot_product_attention(
     return torch.softmax(scores, dim=-1) @ value
 
 
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def multi_head_attention_forward(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """``F.multi_head_attention_forward`` on its explicit path: softmax(q kᵀ) v by bmm.
+
+    Its ``need_weights=False`` path calls the fused attention kernel from inside, where this
+    mode no longer reroutes (no forward AD on CPU). The explicit path computes the same output;
+    the weights are returned only if the caller asked for them, and attention dropout is off.
+    """
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    asked = bound.arguments.get("need_weights", True)
+    bound.arguments["need_weights"] = True
+    bound.arguments["dropout_p"] = 0.0
+    output, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return output, (weights if asked else None)
+
+
 def _identity_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return input
 
@@ -155,6 +175,7 @@ _REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: layer_norm,
     F.group_norm: group_norm,
     F.scaled_dot_product_attention: scaled_dot_product_attention,
+    F.multi_head_attention_forward: multi_head_attention_forward,
     torch.batch_norm: batch_norm,
     torch.layer_norm: layer_norm,
     torch.group_norm: group_norm,

@@ -33,6 +33,7 @@ from .elementary import EPS_ATTRIBUTES, ActivationRecorder, ConstantUnits, Eleme
 from .engine import LieResult, RankGapWarning, lie_trace
 from .flows import flow_point, with_flow
 from .generators import DTYPE
+from .kronecker import kronecker_blocks, kronecker_preconditioner
 from .numerics import DEFAULT_RTOL
 
 __all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError"]
@@ -214,8 +215,10 @@ class ModuleGenerators:
         work_bytes: float = WORK_BYTES,
         deadline: float | None = None,
         budget_note: str = "",
+        preconditioner: str = "kronecker",
     ):
         self.module = module
+        self.preconditioner = preconditioner
         self.slots = list(slots)
         self.batch = batch
         self.D = sum(s.numel for s in slots)
@@ -261,6 +264,17 @@ class ModuleGenerators:
             return torch.cat([pull(push(chunk)) for chunk in v.split(self.matvec_chunk)])
 
         return apply
+
+    def gram_preconditioner(self, theta: Tensor, diag: Tensor, scale: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """Kronecker-factored blocks for every Linear/Conv2d weight (:mod:`~torch_conslaw.lie.kronecker`),
+        or None (``preconditioner="jacobi"``, or no such layer)."""
+        if self.preconditioner != "kronecker":
+            return None
+        params = {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
+        blocks = kronecker_blocks(
+            self.module, params, self.batch.args, self.batch.kwargs, generator=torch.Generator().manual_seed(4243)
+        )
+        return kronecker_preconditioner(blocks, {s.name: (s.offset, s.shape) for s in self.slots}, diag, scale)
 
     def gram_diagonal(self, theta: Tensor, samples: int = 32) -> Tensor:
         """An estimate of diag(JᵀJ) from random cotangents (a Jacobi scaling: any positive one is exact
@@ -429,6 +443,7 @@ def count_laws(
     flow: str = "gradient",
     tau: Any = None,
     potential: Any = None,
+    preconditioner: str = "kronecker",
 ) -> ModuleLieResult:
     """Number of independent conservation laws of ``model`` for every loss on ``inputs``.
 
@@ -473,6 +488,10 @@ def count_laws(
             Other flows keep no law basis (it would live in phase space).
         tau, potential: the flow's friction and mirror potential (see ``with_flow``).
         progress: show a progress bar (None: only on a terminal).
+        preconditioner: for ``method="complement"``, "kronecker" (default: Kronecker-factored
+            blocks per Linear/Conv2d weight, :mod:`~torch_conslaw.lie.kronecker`) or "jacobi"
+            (the diagonal scaling only). Both give the same null space; only the number of CG
+            iterations (``null_space.cg_iterations``) differs.
 
     Returns:
         a :class:`ModuleLieResult` (a LieResult; see its attributes).
@@ -495,6 +514,8 @@ def count_laws(
         )
     if max_seconds is not None and max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    if preconditioner not in ("kronecker", "jacobi"):
+        raise ValueError(f"preconditioner must be 'kronecker' or 'jacobi', got {preconditioner!r}")
     start = time.perf_counter()
     deadline = None if max_seconds is None else start + max_seconds
     batch = _as_batch(inputs)
@@ -533,6 +554,7 @@ def count_laws(
             work_bytes=work_bytes,
             deadline=deadline,
             budget_note=budget_note,
+            preconditioner=preconditioner,
         )
         flowing = with_flow(family, flow, tau=tau, potential=potential)
         if flowing is family:
