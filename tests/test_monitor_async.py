@@ -18,7 +18,7 @@ from torch import nn
 
 import torch_conslaw.monitor as monitor_module
 from torch_conslaw import ConservationMonitor
-from torch_conslaw.accounting import Record
+from torch_conslaw.monitor import Record
 
 
 def _mlp() -> nn.Module:

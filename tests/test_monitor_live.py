@@ -18,7 +18,7 @@ from torch import nn
 
 from torch_conslaw import ConservationMonitor
 from torch_conslaw.accounting import Accountant
-from torch_conslaw.live_reading import _InertHook
+from torch_conslaw.monitor.recorders.live import _InertHook
 
 from test_monitor_async import _assert_same_monitors, _mlp, _same, _same_parameters, _train
 

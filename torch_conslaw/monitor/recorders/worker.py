@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accounting import Accountant
-from .cuda_recording import SideStreams
+from ...accounting import Accountant
+from .cuda import SideStreams
 
 __all__ = ["AsyncRecorder"]
 

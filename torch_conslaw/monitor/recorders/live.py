@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .async_recording import AsyncRecorder, _Job
+from .worker import AsyncRecorder, _Job
 
 __all__ = ["LiveReader"]
 

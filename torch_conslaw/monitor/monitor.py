@@ -5,7 +5,7 @@ them at construction (θ₀), and at each recorded optimizer step stores the law
 with ``split=True``, the exact split of each change into its first-order (symmetry-breaking)
 and second-order (discretization) parts (SCIENCE.md §6). It only reads parameters: training
 is bitwise identical with and without it. Under FSDP2 (``fully_shard``) the laws are summed
-from each rank's local shards with one all-reduce per recording (:mod:`torch_conslaw.sharding`).
+from each rank's local shards with one all-reduce per recording (:mod:`torch_conslaw.monitor.sharded`).
 
 Example:
     >>> import torch
@@ -36,18 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .accounting import Accountant, Record, RecordStore
-from .async_recording import AsyncRecorder
+from ..accounting import Accountant
+from ..catalogue import user_registrations
+from ..lawgroups import LawGroup, build_groups
+from ..laws.verify import Verification, propose_and_check
+from ..structure import Skipped, Structure, find_structure, unwrap_model
+from ..velocity_tracking import IdentityGroup, VelocityTracker
 from .budget import OverheadBudget
 from .recorders import choose_recording, recording_from_legacy
-from .live_reading import LiveReader
-from .lawgroups import LawGroup, build_groups
+from .recorders.live import LiveReader
+from .recorders.worker import AsyncRecorder
 from .schedule import Schedule
-from .sharding import ShardedLaws, has_sharded_parameters
-from .structure import Skipped, Structure, find_structure, unwrap_model
-from .catalogue import user_registrations
-from .laws.verify import Verification, propose_and_check
-from .velocity_tracking import IdentityGroup, VelocityTracker
+from .sharded import ShardedLaws, has_sharded_parameters
+from .store import Record, RecordStore
 
 __all__ = ["ConservationMonitor", "Record", "optimizer_breaking_reasons"]
 
@@ -104,7 +105,7 @@ class ConservationMonitor:
             unwrapped; :attr:`model` is the inner module). Sharded parameters (FSDP2
             ``fully_shard``: ``DTensor`` with ``Shard(0)``) are supported inside an initialized
             process group: each rank sums its local rows and one all-reduce per recording gives
-            every rank the exact global laws (:mod:`torch_conslaw.sharding`; matrix laws of
+            every rank the exact global laws (:mod:`torch_conslaw.monitor.sharded`; matrix laws of
             linear hidden layers with a sharded parameter are excluded, with the reason in
             :attr:`skipped`). Build it on every rank and record on every rank.
         example_input: what ``model(...)`` takes (a tensor, a tuple of positional arguments or
@@ -132,7 +133,7 @@ class ConservationMonitor:
             ``"snapshot"``, ``"live"``), with a ``DeprecationWarning``.
         async_buffers: with ``recording="snapshot"``, how many parameter snapshots (each the
             size of the tracked parameters, in their own dtype) may be in flight.
-        recording: which recorder reads θ (:mod:`torch_conslaw.recorders`): ``"sync"`` (the
+        recording: which recorder reads θ (:mod:`torch_conslaw.monitor.recorders`): ``"sync"`` (the
             training thread), ``"snapshot"`` (a native copy, evaluated by a worker thread;
             on CUDA on a side stream), ``"live"`` (the worker reads θ during the next
             forward pass; CPU, :meth:`attach`), or ``"auto"``: sharded → sync, CUDA →
@@ -144,7 +145,7 @@ class ConservationMonitor:
             bitwise the same whichever recorder runs.
         overhead_budget: record as often as this fraction of the training step time allows
             (e.g. ``0.03``; or a :class:`~torch_conslaw.OverheadBudget`), measured online
-            on the training thread (:mod:`torch_conslaw.budget`); every recorded step keeps
+            on the training thread (:mod:`torch_conslaw.monitor.budget`); every recorded step keeps
             its exact split, and ``summary()`` / ``history()["step"]`` say which steps were
             recorded. Exclusive with ``every`` / ``log_spaced``.
 
@@ -175,7 +176,7 @@ class ConservationMonitor:
     exactly first + second order. With ``optimizer.step(closure)`` (Lightning, L-BFGS) the
     forward pass runs inside the step: the pre-step hook wraps the closure and waits after it.
     In-place edits through ``.data`` during a training step are not seen (see
-    :mod:`torch_conslaw.live_reading`). Records reach the history and the listeners in batches
+    :mod:`torch_conslaw.monitor.recorders.live`). Records reach the history and the listeners in batches
     of 16 (and at :meth:`flush`, :meth:`summary`, ...). It adds a forward pre-hook to the
     model while attached, and to every tracked layer once a step passes without the model's
     own forward pass (:meth:`detach` removes them; a copied or pickled model keeps an inert
@@ -237,7 +238,7 @@ class ConservationMonitor:
         self._base_skipped = list(self.skipped)
         self._identities = VelocityTracker(self._params, self.groups)
         self.split = bool(split)
-        # --- recording schedule (torch_conslaw.budget) ---
+        # --- recording schedule (torch_conslaw.monitor.budget) ---
         self.schedule: Schedule | OverheadBudget = _schedule(every, log_spaced, overhead_budget)
         self._budget = self.schedule if isinstance(self.schedule, OverheadBudget) else None
         # --- end recording schedule ---
@@ -271,7 +272,7 @@ class ConservationMonitor:
         self._accountant = Accountant(self.groups)
         self._async: AsyncRecorder | None = None
         self._live: LiveReader | None = None
-        # --- recorder selection (torch_conslaw.recorders) ---
+        # --- recorder selection (torch_conslaw.monitor.recorders) ---
         if asynchronous is not None:
             if recording != "sync":
                 raise ValueError(
@@ -850,7 +851,7 @@ class ConservationMonitor:
                 }
             )
         out += self._identities.summary_rows(self.split, latest)
-        # --- which steps were recorded (recording schedule, torch_conslaw.budget) ---
+        # --- which steps were recorded (recording schedule, torch_conslaw.monitor.budget) ---
         for row in out:
             row["recorded_steps"] = self._store.seen - 1  # θ₀ is not a step
             row["last_recorded_step"] = latest.step if latest else 0
