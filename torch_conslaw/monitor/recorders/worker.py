@@ -1,4 +1,4 @@
-"""Asynchronous recording for :class:`~torch_conslaw.ConservationMonitor` (``asynchronous=True``).
+"""The worker of the snapshot and live recorders (:mod:`.snapshot`, :mod:`.live`).
 
 The training thread only copies the tracked parameters, in their own dtype, into one buffer of
 a small ring (a plain ``copy_``: no float64 conversion, no law evaluation) and enqueues the
