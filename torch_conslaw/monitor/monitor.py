@@ -149,6 +149,11 @@ class ConservationMonitor:
     model while attached, and to every tracked layer once a step passes without the model's
     own forward pass (:meth:`detach` removes them; a copied or pickled model keeps an inert
     one).
+
+    :attr:`evaluator` is what every recorder calls to evaluate the laws, ``values(params)`` and
+    ``split(before, after)`` (float64): an :class:`~torch_conslaw.accounting.Accountant`, or the
+    sharded evaluator under FSDP2. Wrapping its methods observes each evaluation, on the
+    thread that runs it (tests use it to hold the worker and check back-pressure).
     """
 
     def __init__(
@@ -227,10 +232,7 @@ class ConservationMonitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        #: evaluates the laws: ``values(params)`` and ``split(before, after)``, float64 (an
-        #: :class:`~torch_conslaw.accounting.Accountant`, or the sharded evaluator under FSDP2).
-        #: Every recorder calls it, on its own thread; wrapping its methods observes (or slows
-        #: down) each evaluation, e.g. to test back-pressure.
+        # evaluates the laws for every recorder (see the class doc)
         self.evaluator: Accountant | ShardedLaws = Accountant(self.groups) if self._sharded is None else self._sharded
         # --- recorder selection (torch_conslaw.monitor.recorders) ---
         if asynchronous is not None:
