@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from torch_conslaw.accounting import Record, RecordStore, split_change
+from torch_conslaw.accounting import split_change
+from torch_conslaw.monitor.store import Record, RecordStore
 from torch_conslaw.lawgroups import build_groups
-from torch_conslaw.schedule import Schedule
+from torch_conslaw.monitor.schedule import Schedule
 from torch_conslaw.structure import find_structure
 
 

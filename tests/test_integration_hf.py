@@ -166,11 +166,11 @@ def test_real_pretrained_model_from_a_config(tmp_path):
 
 def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path, one_torch_thread):
     histories = {}
-    for mode in (False, "live"):
-        callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", asynchronous=mode)
+    for mode in ("sync", "live"):
+        callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", recording=mode)
         _trainer(tmp_path / str(mode), TinyRegressor(), callback, max_steps=5).train()
         histories[mode] = callback.monitor.history()
-    for key, value in histories[False].items():
+    for key, value in histories["sync"].items():
         assert np.array_equal(value, histories["live"][key], equal_nan=True), key
     # records reach the listeners in batches in live mode: all of them by the end of training
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

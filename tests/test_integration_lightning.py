@@ -153,14 +153,30 @@ def test_live_reading_gives_the_synchronous_records(tmp_path, one_torch_thread):
     """Lightning steps with a closure (forward and backward inside optimizer.step()): live
     reading waits for the worker after the closure and records what the synchronous mode does."""
     histories, monitors = {}, {}
-    for mode in (False, "live"):
-        callback = ConservationCallback(submodule="net", asynchronous=mode)
+    for mode in ("sync", "live"):
+        callback = ConservationCallback(submodule="net", recording=mode)
         trainer = _trainer(tmp_path, 6, callback)
-        trainer.fit(TinyModule(), _loader())
+        module = TinyModule()
+        layer_hooks = _forward_pre_hook_counter(module.net[0])  # torch's public hook API
+        trainer.fit(module, _loader())
         monitors[mode] = callback.monitor
         histories[mode] = callback.monitor.history()
-    assert histories[False].keys() == histories["live"].keys()
-    for key, value in histories[False].items():
+    assert histories["sync"].keys() == histories["live"].keys()
+    for key, value in histories["sync"].items():
         assert np.array_equal(value, histories["live"][key], equal_nan=True), key
     assert histories["live"]["step"].tolist() == list(range(7))
-    assert not monitors["live"]._live._on_layers  # each read started at the forward pass
+    assert layer_hooks() == 0  # each read started at the model's forward pass: no layer hooks
+
+
+def _forward_pre_hook_counter(layer: torch.nn.Module):
+    """A function that says how many forward pre-hooks other code registered on ``layer``
+    (through ``register_forward_pre_hook``) so far."""
+    registered = []
+    register = layer.register_forward_pre_hook
+
+    def counting(*args, **kwargs):
+        registered.append(args)
+        return register(*args, **kwargs)
+
+    layer.register_forward_pre_hook = counting  # type: ignore[method-assign]
+    return lambda: len(registered)

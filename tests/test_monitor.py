@@ -359,8 +359,8 @@ def test_linear_conv_block_keeps_its_matrix_law_through_pooling_and_flatten():
     assert min(s["max_rel_second_order"] for s in mon.summary()) > 1e-10
 
 
-@pytest.mark.parametrize("asynchronous", [False, True, "live"])
-def test_an_optimizer_subclass_calling_super_step_is_one_step(asynchronous, one_torch_thread):
+@pytest.mark.parametrize("recording", ["sync", "snapshot", "live"])
+def test_an_optimizer_subclass_calling_super_step_is_one_step(recording, one_torch_thread):
     """torch hooks both MySGD.step and SGD.step, so the hooks run twice per step."""
     torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # SGD.step is hooked from now on
 
@@ -372,7 +372,7 @@ def test_an_optimizer_subclass_calling_super_step_is_one_step(asynchronous, one_
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
         opt = optimizer_class(model.parameters(), lr=0.1)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         x, y = torch.randn(8, 3), torch.randn(8, 1)
         for _ in range(3):
             opt.zero_grad()

@@ -1,14 +1,15 @@
-"""ConservationMonitor(asynchronous=True / "live"): the same records as the synchronous mode,
-bitwise, with the law evaluation on a worker thread and everything user-visible on the
-training thread. Tests that hold for both asynchronous modes are parametrized over ``MODES``;
-the snapshot ring (back-pressure, manual loops) and live reading have tests of their own (see
-also test_monitor_live.py)."""
+"""ConservationMonitor(recording="snapshot" / "live"): the same records as the synchronous
+recorder, bitwise, with the law evaluation on a worker thread and everything user-visible on
+the training thread. Tests that hold for both worker recorders are parametrized over
+``MODES``; the snapshot ring (back-pressure, manual loops) and live reading have tests of their
+own (see also test_monitor_live.py). Everything goes through the public API: ``history()``,
+``summary()``, ``state_dict()``, listeners, and ``monitor.evaluator`` (wrapped to observe or hold
+evaluations, with events, never sleeps)."""
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 import warnings
 
 import numpy as np
@@ -16,9 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-import torch_conslaw.monitor as monitor_module
 from torch_conslaw import ConservationMonitor
-from torch_conslaw.accounting import Record
+from torch_conslaw.monitor import Record
 
 
 def _mlp() -> nn.Module:
@@ -34,7 +34,7 @@ def _cnn() -> nn.Module:
     )
 
 
-MODES = [True, "live"]  # snapshot ring, live reading
+MODES = ["snapshot", "live"]  # snapshot ring, live reading
 
 # the asynchronous modes want a free core for their worker (otherwise they warn)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,7 +88,7 @@ def _assert_same_monitors(sync: ConservationMonitor, asyn: ConservationMonitor) 
     assert sync.num_steps == asyn.num_steps
     assert _same(sync.history(), asyn.history())
     assert _same(sync.summary(), asyn.summary())
-    assert _same(sync._store.records(), asyn._store.records())
+    assert _same(sync.state_dict(), asyn.state_dict())  # every stored record, the maxima, θ₀
     assert sync.table() == asyn.table()
 
 
@@ -103,7 +103,7 @@ def _same_parameters(m1: nn.Module, m2: nn.Module) -> bool:
 def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split, mode):
     plain, _ = _train(kind, opt, monitor=False)
     m_sync, sync = _train(kind, opt, split=split)
-    m_async, asyn = _train(kind, opt, split=split, asynchronous=mode)
+    m_async, asyn = _train(kind, opt, split=split, recording=mode)
     _assert_same_monitors(sync, asyn)
     assert asyn.num_steps == 12 and asyn.history()["step"][-1] == 12
     assert _same_parameters(plain, m_sync) and _same_parameters(plain, m_async)  # training unchanged
@@ -116,7 +116,7 @@ def test_records_equal_the_synchronous_mode_bitwise(kind, opt, split, mode):
 @pytest.mark.parametrize("split", [False, True])
 def test_schedules_give_the_same_records(schedule, split, mode):
     _, sync = _train("mlp", "adam", steps=25, split=split, **schedule)
-    _, asyn = _train("mlp", "adam", steps=25, split=split, asynchronous=mode, **schedule)
+    _, asyn = _train("mlp", "adam", steps=25, split=split, recording=mode, **schedule)
     _assert_same_monitors(sync, asyn)
     steps = list(asyn.history()["step"])
     assert steps == list(sync.history()["step"]) and len(steps) > 3
@@ -125,7 +125,7 @@ def test_schedules_give_the_same_records(schedule, split, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_bounded_history_gives_the_same_records_and_maxima(mode):
     _, sync = _train("cnn", "adam", steps=30, max_records=4)
-    _, asyn = _train("cnn", "adam", steps=30, max_records=4, asynchronous=mode)
+    _, asyn = _train("cnn", "adam", steps=30, max_records=4, recording=mode)
     _assert_same_monitors(sync, asyn)
 
 
@@ -134,7 +134,7 @@ def test_listeners_run_on_the_training_thread(mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, asynchronous=mode).attach(opt)
+    mon = ConservationMonitor(model, recording=mode).attach(opt)
     seen: list[tuple[int, int]] = []
     mon.add_listener(lambda r: seen.append((r.step, threading.get_ident())))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
@@ -148,65 +148,116 @@ def test_listeners_run_on_the_training_thread(mode):
     assert any(t.name == "torch_conslaw-monitor" for t in threading.enumerate())
 
 
-def _slow_worker(monkeypatch, mon: ConservationMonitor, seconds: float, worker_ids: set | None = None):
-    acc = mon._accountant
-    values, split = acc.values, acc.split
+def _observe_evaluations(monkeypatch, mon: ConservationMonitor, before_each=None) -> list[int]:
+    """Wrap ``mon.evaluator`` (the documented hook): returns the list of thread ids that ran
+    each evaluation; ``before_each(k)`` runs first in the k-th evaluation (k = 1, 2, ...)."""
+    threads: list[int] = []
+    values, split = mon.evaluator.values, mon.evaluator.split
 
-    def slow_values(params):
-        time.sleep(seconds)
-        if worker_ids is not None:
-            worker_ids.add(threading.get_ident())
+    def enter():
+        threads.append(threading.get_ident())
+        if before_each is not None:
+            before_each(len(threads))
+
+    def observed_values(params):
+        enter()
         return values(params)
 
-    def slow_split(before, after):
-        time.sleep(seconds)
-        if worker_ids is not None:
-            worker_ids.add(threading.get_ident())
+    def observed_split(before, after):
+        enter()
         return split(before, after)
 
-    monkeypatch.setattr(acc, "values", slow_values)
-    monkeypatch.setattr(acc, "split", slow_split)
+    monkeypatch.setattr(mon.evaluator, "values", observed_values)
+    monkeypatch.setattr(mon.evaluator, "split", observed_split)
+    return threads
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_back_pressure_with_a_tiny_ring_drops_nothing(monkeypatch, split):
-    torch.manual_seed(0)
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, split=split, asynchronous=True, async_buffers=2).attach(opt)
-    workers: set[int] = set()
-    _slow_worker(monkeypatch, mon, 0.01, workers)
-    in_flight = []
-    submit = mon._async.submit
+class _StepGates:
+    """Events set by an optimizer post-step hook (register it before attaching the monitor, so
+    that it runs before the monitor's): ``entered(s)``
+    is set once the training thread has finished step s and entered its post-step hooks
+    (where the monitor takes the snapshot, or waits for a free buffer); ``returned`` counts the
+    ``optimizer.step()`` calls that returned."""
 
-    def counting_submit(*args):
-        submit(*args)
-        in_flight.append(mon._async.pending)
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        self._entered = [threading.Event() for _ in range(steps + 2)]
+        self.returned = 0
+        self._step = 0
+        optimizer.register_step_post_hook(self._post)
 
-    monkeypatch.setattr(mon._async, "submit", counting_submit)
-    x, y = torch.randn(16, 6), torch.randn(16, 3)
-    for _ in range(15):
+    def _post(self, optimizer, args, kwargs) -> None:
+        self._step += 1
+        self._entered[self._step].set()
+
+    def entered(self, step: int) -> threading.Event:
+        return self._entered[step]
+
+
+def _train_with_back_pressure(monkeypatch, model, opt, mon, steps, ring, x, y):
+    """Attach ``mon`` and train ``steps`` steps while the worker holds the k-th evaluation until
+    the training thread has entered the post-step hook of step k + ring, where a full ring makes
+    it wait for that evaluation. Returns, per evaluation, how many steps had returned when it ran."""
+    gates = _StepGates(opt, steps)
+    mon.attach(opt)
+    returned_at: list[int] = []
+
+    def hold(k):
+        if k + ring <= steps:
+            assert gates.entered(k + ring).wait(60), "the training thread never reached the full ring"
+        returned_at.append(gates.returned)
+
+    threads = _observe_evaluations(monkeypatch, mon, hold)
+    for _ in range(steps):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    assert max(in_flight) <= 2  # never more jobs than buffers
-    assert workers and threading.get_ident() not in workers
+        gates.returned += 1
+    mon.flush()
+    assert threads and threading.get_ident() not in threads
+    return returned_at
+
+
+def test_back_pressure_with_a_tiny_ring_drops_nothing(monkeypatch):
+    """Values only: each record holds one snapshot until the worker has evaluated it. With a
+    ring of 2 the training thread enters the post-step hook of step k + 2 and waits there for
+    evaluation k: exactly k + 1 steps have returned when evaluation k runs, never more."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = ConservationMonitor(model, split=False, recording="snapshot", async_buffers=2)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    returned_at = _train_with_back_pressure(monkeypatch, model, opt, mon, 15, 2, x, y)
+    assert returned_at[:13] == [k + 1 for k in range(1, 14)]  # the training thread waited
     assert list(mon.history()["step"]) == list(range(16))  # every step recorded, in order
 
 
-def test_back_pressure_records_equal_the_synchronous_ones(monkeypatch):
+def test_back_pressure_with_the_split_drops_nothing_and_equals_the_synchronous_records(monkeypatch):
+    """With the split a record holds two snapshots (before, after) of a ring of 2, so the
+    training thread waits in the post-step hook of step k + 1 for evaluation k: exactly k steps
+    have returned when evaluation k runs, and the records are the synchronous ones."""
     _, sync = _train("cnn", "adam", steps=10)
     torch.manual_seed(0)
     model = _cnn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, asynchronous=True, async_buffers=2).attach(opt)
-    _slow_worker(monkeypatch, mon, 0.005)
+    mon = ConservationMonitor(model, recording="snapshot", async_buffers=2)
+    gates = _StepGates(opt, 10)
+    mon.attach(opt)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(*_INPUT["cnn"], generator=g), torch.randn(8, 3, generator=g)
+    returned_at: list[int] = []
+
+    def hold(k):
+        if k < 10:
+            assert gates.entered(k + 1).wait(60)  # the next step is done: the ring is full now
+        returned_at.append(gates.returned)
+
+    _observe_evaluations(monkeypatch, mon, hold)
     for _ in range(10):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+        gates.returned += 1
+    assert returned_at[:9] == list(range(1, 10))  # the training thread waited for each one
     _assert_same_monitors(sync, mon)
 
 
@@ -222,14 +273,15 @@ def test_non_finite_warning_is_emitted_on_the_training_thread(monkeypatch):
     threads: list[int] = []
     warn = warnings.warn
 
-    def recording_warn(*args, **kwargs):
-        threads.append(threading.get_ident())
-        return warn(*args, **kwargs)
+    def recording_warn(message, *args, **kwargs):
+        if "non-finite" in str(message):
+            threads.append(threading.get_ident())
+        return warn(message, *args, **kwargs)
 
-    monkeypatch.setattr(monitor_module.warnings, "warn", recording_warn)
+    monkeypatch.setattr(warnings, "warn", recording_warn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m_async, asyn = _train("mlp", "sgd", steps=8, between=poison, asynchronous=True)
+        m_async, asyn = _train("mlp", "sgd", steps=8, between=poison, recording="snapshot")
         asyn.flush()
     messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     assert messages and messages == [str(w.message) for w in caught_sync if "non-finite" in str(w.message)]
@@ -245,12 +297,12 @@ def test_worker_exception_surfaces_on_the_training_thread(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, split=False, asynchronous=mode).attach(opt)
+    mon = ConservationMonitor(model, split=False, recording=mode).attach(opt)
 
     def boom(params):
         raise ValueError("boom in the worker")
 
-    monkeypatch.setattr(mon._accountant, "values", boom)
+    monkeypatch.setattr(mon.evaluator, "values", boom)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     with pytest.raises(ValueError, match="boom in the worker") as info:
         for _ in range(5):
@@ -264,11 +316,11 @@ def test_worker_exception_surfaces_on_the_training_thread(monkeypatch, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_state_dict_after_async_training_equals_the_synchronous_one(mode):
     _, sync = _train("cnn", "adam", steps=9, every=2)
-    _, asyn = _train("cnn", "adam", steps=9, every=2, asynchronous=mode)
+    _, asyn = _train("cnn", "adam", steps=9, every=2, recording=mode)
     assert _same(sync.state_dict(), asyn.state_dict())
     # and resuming an asynchronous monitor from it continues identically
     torch.manual_seed(0)
-    fresh = ConservationMonitor(_cnn(), asynchronous=mode)
+    fresh = ConservationMonitor(_cnn(), recording=mode)
     fresh.load_state_dict(asyn.state_dict())
     assert _same(fresh.state_dict(), sync.state_dict())
 
@@ -278,8 +330,7 @@ def test_detach_drains_the_worker(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, asynchronous=mode).attach(opt)
-    _slow_worker(monkeypatch, mon, 0.02)
+    mon = ConservationMonitor(model, recording=mode).attach(opt)
     seen = []
     mon.add_listener(lambda r: seen.append(r.step))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
@@ -287,10 +338,12 @@ def test_detach_drains_the_worker(monkeypatch, mode):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-    assert mon._async.pending > 0  # the slow worker is behind (live: the last read is due)
+    # records reach the listeners at a later hook: step 4's is pending (snapshot: submitted
+    # after the hook's delivery; live: its read waits for the next forward pass)
+    assert 4 not in seen
     mon.detach()
-    assert mon._async.pending == 0 and seen == [1, 2, 3, 4]
-    assert mon._store.latest.step == 4
+    assert seen == [1, 2, 3, 4]
+    assert mon.summary()[0]["last_recorded_step"] == 4
 
 
 def test_parameters_edited_between_steps_take_a_fresh_before_snapshot():
@@ -300,7 +353,7 @@ def test_parameters_edited_between_steps_take_a_fresh_before_snapshot():
                 model[3].weight.mul_(1.5)
 
     _, sync = _train("mlp", "sgd", steps=10, between=edit)
-    _, asyn = _train("mlp", "sgd", steps=10, between=edit, asynchronous=True)
+    _, asyn = _train("mlp", "sgd", steps=10, between=edit, recording="snapshot")
     _assert_same_monitors(sync, asyn)
     # the edit is not a step: under SGD the first-order part stays at rounding level
     assert all(s["max_rel_first_order"] < 1e-6 for s in asyn.summary())  # float32 rounding
@@ -308,11 +361,11 @@ def test_parameters_edited_between_steps_take_a_fresh_before_snapshot():
 
 @pytest.mark.parametrize("split", [False, True])
 def test_manual_step_loop_gives_the_same_records(split):
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _cnn()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        mon = ConservationMonitor(model, split=split, every=2, asynchronous=asynchronous)
+        mon = ConservationMonitor(model, split=split, every=2, recording=recording)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(*_INPUT["cnn"], generator=g), torch.randn(8, 3, generator=g)
         for _ in range(9):
@@ -322,15 +375,15 @@ def test_manual_step_loop_gives_the_same_records(split):
             mon.step()
         return mon
 
-    _assert_same_monitors(run(False), run(True))
+    _assert_same_monitors(run("sync"), run("snapshot"))
 
 
 def test_attach_detach_cycles_give_the_same_records():
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, asynchronous=asynchronous)
+        mon = ConservationMonitor(model, recording=recording)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         for cycle in range(3):
             if cycle != 1:
@@ -345,29 +398,29 @@ def test_attach_detach_cycles_give_the_same_records():
                 mon.detach()
         return mon
 
-    _assert_same_monitors(run(False), run(True))
+    _assert_same_monitors(run("sync"), run("snapshot"))
 
 
 def test_bad_ring_size_is_rejected():
     with pytest.raises(ValueError, match="async_buffers"):
-        ConservationMonitor(_mlp(), asynchronous=True, async_buffers=1)
+        ConservationMonitor(_mlp(), recording="snapshot", async_buffers=1)
 
 
 def test_synchronous_mode_starts_no_thread():
     before = {t.ident for t in threading.enumerate()}
     _, mon = _train("mlp", "sgd", steps=3)
-    assert mon._async is None
+    assert mon.recording == "sync"
     assert not any(t.name == "torch_conslaw-monitor" and t.ident not in before for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_low_and_double_precision_parameters_give_the_same_records(dtype, mode):
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp().to(dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         x, y = torch.randn(16, 6, dtype=dtype), torch.randn(16, 3, dtype=dtype)
         for _ in range(6):
             opt.zero_grad()
@@ -375,18 +428,18 @@ def test_low_and_double_precision_parameters_give_the_same_records(dtype, mode):
             opt.step()
         return mon
 
-    _assert_same_monitors(run(False), run(mode))
+    _assert_same_monitors(run("sync"), run(mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_skipped_optimizer_steps_keep_the_before_snapshot_valid(mode):
     """As under a GradScaler that skips a step: no hooks run, the parameters do not change."""
 
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         for i in range(12):
             opt.zero_grad()
@@ -395,6 +448,6 @@ def test_skipped_optimizer_steps_keep_the_before_snapshot_valid(mode):
                 opt.step()
         return mon
 
-    sync, asyn = run(False), run(mode)
+    sync, asyn = run("sync"), run(mode)
     _assert_same_monitors(sync, asyn)
     assert asyn.num_steps == 9

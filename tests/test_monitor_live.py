@@ -1,7 +1,8 @@
-"""ConservationMonitor(asynchronous="live"): the worker reads the live parameters during the
+"""ConservationMonitor(recording="live"): the worker reads the live parameters during the
 next forward/backward pass; the optimizer waits for it. Behaviour that differs from the
-snapshot mode (edits between steps, re-reads, hooks, refusals) is tested here; what both
-asynchronous modes share is in test_monitor_async.py."""
+snapshot recorder (edits between steps, re-reads, hooks, refusals) is tested here; what both
+worker recorders share is in test_monitor_async.py. Through the public API only (history(),
+summary(), listeners, ``monitor.evaluator``, torch's hook and function-mode APIs)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import copy
 import os
 import io
 import threading
-import time
 import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from torch_conslaw import ConservationMonitor
 from torch_conslaw.accounting import Accountant
-from torch_conslaw.live_reading import _InertHook
 
 from test_monitor_async import _assert_same_monitors, _mlp, _same, _same_parameters, _train
 
@@ -51,48 +51,99 @@ def _fresh(split=True, opt="adam", **kw):
     return model, optimizer, mon
 
 
-def test_the_training_thread_copies_nothing(monkeypatch):
-    model, opt, mon = _fresh(asynchronous="live")
+class _ParameterCopies(TorchFunctionMode):
+    """Counts, on the thread that enters it (torch function modes are per thread), the
+    ``Tensor.copy_`` calls whose source shares storage with one of ``params``."""
 
-    def refuse(*args):
-        raise AssertionError("live reading must not take snapshots on the training thread")
+    def __init__(self, params) -> None:
+        super().__init__()
+        self._storages = {p.untyped_storage().data_ptr() for p in params}
+        self.copies = 0
 
-    monkeypatch.setattr(mon._async, "snapshot", refuse)
-    _loop(model, opt, 6)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        source = args[1] if func is torch.Tensor.copy_ and len(args) > 1 else None
+        if isinstance(source, torch.Tensor) and source.untyped_storage().data_ptr() in self._storages:
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recording", ["sync", "snapshot", "live"])
+def test_the_training_thread_copies_nothing(recording):
+    """Live reading takes no snapshot on the training thread; the other recorders do (so the
+    probe sees copies when there are some)."""
+    model, opt, mon = _fresh(recording=recording)
+    with _ParameterCopies(list(model.parameters())) as probe:
+        _loop(model, opt, 6)
     assert [int(s) for s in mon.history()["step"]] == list(range(7))
-    assert all(buf is None for buf in mon._async._ring)
+    assert (probe.copies == 0) == (recording == "live")
+
+
+def _forward_pre_hook_counter(layer: nn.Module):
+    """A function that says how many forward pre-hooks were registered on ``layer`` (through
+    ``register_forward_pre_hook``) from now on."""
+    registered = []
+    register = layer.register_forward_pre_hook
+
+    def counting(*args, **kwargs):
+        registered.append(args)
+        return register(*args, **kwargs)
+
+    layer.register_forward_pre_hook = counting
+    return lambda: len(registered)
+
+
+def _hold_evaluations(monkeypatch, mon, before_each):
+    """Wrap ``mon.evaluator`` (the documented hook): ``before_each(k)`` runs first in the k-th
+    evaluation; returns the list of the threads that evaluated."""
+    threads: list[int] = []
+    values, split = mon.evaluator.values, mon.evaluator.split
+
+    def enter():
+        threads.append(threading.get_ident())
+        before_each(len(threads))
+
+    def held_values(params):
+        enter()
+        return values(params)
+
+    def held_split(before, after):
+        enter()
+        return split(before, after)
+
+    monkeypatch.setattr(mon.evaluator, "values", held_values)
+    monkeypatch.setattr(mon.evaluator, "split", held_split)
+    return threads
 
 
 @pytest.mark.parametrize("split", [False, True])
 def test_the_optimizer_waits_for_a_slow_read(monkeypatch, split):
-    """If the pre-step hook did not wait, Adam would change θ while the worker sleeps."""
+    """Each read is held until the training thread has reached the optimizer's pre-step hook
+    of the next step (registered before the monitor's): if that hook did not wait for the read,
+    Adam would change θ while the worker reads."""
     _, sync = _train("mlp", "adam", steps=6, split=split)
-    model, opt, mon = _fresh(split=split, asynchronous="live")
-    acc = mon._accountant
-    values, split_fn = acc.values, acc.split
-    seen_threads: set[int] = set()
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reached = [threading.Event() for _ in range(8)]
+    calls = [0]
 
-    def late_values(params):
-        seen_threads.add(threading.get_ident())
-        time.sleep(0.02)
-        return values(params)
+    def pre(optimizer, args, kwargs):
+        calls[0] += 1
+        reached[calls[0]].set()
 
-    def late_split(before, after):
-        seen_threads.add(threading.get_ident())
-        time.sleep(0.02)
-        return split_fn(before, after)
-
-    monkeypatch.setattr(acc, "values", late_values)
-    monkeypatch.setattr(acc, "split", late_split)
+    opt.register_step_pre_hook(pre)
+    mon = ConservationMonitor(model, split=split, recording="live").attach(opt)
+    # read k (of step k) starts at the forward pass after step k; hold it until step k + 1
+    threads = _hold_evaluations(monkeypatch, mon, lambda k: k < 6 and reached[k + 1].wait(60))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
     _loop(model, opt, 6, x=x, y=y)
     _assert_same_monitors(sync, mon)
-    assert seen_threads and threading.get_ident() not in seen_threads
+    assert len(threads) == 6 and threading.get_ident() not in threads
 
 
 def test_an_edit_between_step_and_forward_belongs_to_that_record():
-    model, opt, mon = _fresh(opt="sgd", asynchronous="live")
+    model, opt, mon = _fresh(opt="sgd", recording="live")
     reference = Accountant(mon.groups)
     expected = {}
 
@@ -120,8 +171,8 @@ def test_an_edit_between_step_and_forward_belongs_to_that_record():
 def test_an_in_place_edit_during_the_read_is_read_again(monkeypatch):
     """A no_grad edit while the worker reads moves the version counter: the worker reads again
     and the record holds the edited parameters, not a mix."""
-    model, opt, mon = _fresh(split=False, opt="sgd", asynchronous="live")
-    acc = mon._accountant
+    model, opt, mon = _fresh(split=False, opt="sgd", recording="live")
+    acc = mon.evaluator
     values = acc.values
     reads: list[int] = []
     started, edited = threading.Event(), threading.Event()
@@ -159,7 +210,7 @@ def test_an_in_place_edit_during_the_read_is_read_again(monkeypatch):
 
 
 def test_a_replaced_layer_raises_at_the_next_step():
-    model, opt, mon = _fresh(asynchronous="live")
+    model, opt, mon = _fresh(recording="live")
     _loop(model, opt, 2)
     model[3] = nn.Linear(12, 10)
     with pytest.raises(RuntimeError, match=r"parameter 3\.(weight|bias) was replaced"):
@@ -176,11 +227,14 @@ class _Stacked(nn.Module):
 
 
 def test_a_loop_that_calls_submodules_directly_still_reads_during_the_forward_pass():
-    def run(asynchronous):
+    layer_hooks = {}
+
+    def run(recording):
         torch.manual_seed(0)
         model = _Stacked()
+        layer_hooks[recording] = _forward_pre_hook_counter(model.fc2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
         for _ in range(8):
@@ -190,17 +244,17 @@ def test_a_loop_that_calls_submodules_directly_still_reads_during_the_forward_pa
             opt.step()
         return mon
 
-    sync, live = run(False), run("live")
+    sync, live = run("sync"), run("live")
     _assert_same_monitors(sync, live)
-    assert live._live._on_layers  # the first step found no forward of the model: layer hooks
+    assert layer_hooks["live"]() == 1  # the first step found no forward of the model: layer hooks
 
 
 def test_steps_without_a_forward_pass_in_between_are_read_by_the_optimizer_hook():
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -208,24 +262,22 @@ def test_steps_without_a_forward_pass_in_between_are_read_by_the_optimizer_hook(
             opt.step()
         return mon
 
-    _assert_same_monitors(run(False), run("live"))
+    _assert_same_monitors(run("sync"), run("live"))
 
 
-def test_gradient_accumulation_reads_once_per_step():
+def test_gradient_accumulation_reads_once_per_step(monkeypatch):
     plain_model, plain_opt = _mlp(), None
     torch.manual_seed(0)
     plain_model = _mlp()
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
     sync = ConservationMonitor(plain_model).attach(plain_opt)
     _loop(plain_model, plain_opt, 5, forwards=3)
-    model, opt, mon = _fresh(asynchronous="live")
-    submits = []
-    submit = mon._async.submit_live
-    mon._async.submit_live = lambda *a: submits.append(a[0]) or submit(*a)
+    model, opt, mon = _fresh(recording="live")
+    threads = _hold_evaluations(monkeypatch, mon, lambda k: None)
     _loop(model, opt, 5, forwards=3)
     _assert_same_monitors(sync, mon)
     assert _same_parameters(plain_model, model)
-    assert submits == [None, 1, 2, 3, 4, 5]  # θ before step 1, then one read per step
+    assert len(threads) == 5  # one evaluation per step, not one per forward pass
 
 
 def test_non_finite_parameters_are_reported_on_the_training_thread():
@@ -236,7 +288,7 @@ def test_non_finite_parameters_are_reported_on_the_training_thread():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, mon = _train("mlp", "sgd", steps=8, between=poison, asynchronous="live")
+        model, mon = _train("mlp", "sgd", steps=8, between=poison, recording="live")
         mon.flush()
     messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     assert messages and "step 5" in messages[0]  # later steps spread the NaN to other laws
@@ -246,10 +298,11 @@ def test_non_finite_parameters_are_reported_on_the_training_thread():
 
 
 def test_hooks_are_removed_on_detach_and_inert_in_copies():
-    model, opt, mon = _fresh(asynchronous="live")
+    model, opt, mon = _fresh(recording="live")
     assert len(model._forward_pre_hooks) == 1
     twin = copy.deepcopy(model)  # e.g. an EMA copy made while training
-    assert [type(h) for h in twin._forward_pre_hooks.values()] == [_InertHook]
+    (trigger,), (copied,) = model._forward_pre_hooks.values(), twin._forward_pre_hooks.values()
+    assert type(copied) is not type(trigger)  # the copy keeps an inert hook, not the read trigger
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -266,11 +319,11 @@ def test_hooks_are_removed_on_detach_and_inert_in_copies():
 
 
 def test_attach_detach_cycles_give_the_same_records():
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, asynchronous=asynchronous, every=2)
+        mon = ConservationMonitor(model, recording=recording, every=2)
         for cycle in range(3):
             mon.attach(opt)
             _loop(model, opt, 3)
@@ -279,11 +332,11 @@ def test_attach_detach_cycles_give_the_same_records():
                 _loop(model, opt, 1)  # a step the monitor does not see
         return mon
 
-    _assert_same_monitors(run(False), run("live"))
+    _assert_same_monitors(run("sync"), run("live"))
 
 
 def test_a_manual_loop_is_refused_with_a_clear_error():
-    mon = ConservationMonitor(_mlp(), asynchronous="live")
+    mon = ConservationMonitor(_mlp(), recording="live")
     with pytest.raises(RuntimeError, match=r"recording='live'.*attach\(optimizer\).*recording='snapshot'"):
         mon.step()
 
@@ -299,11 +352,14 @@ def test_a_closure_step_reads_during_its_forward_pass(as_keyword):
     """step(closure) runs forward and backward inside step(), after the pre-step hook: the
     monitor waits for the read after the closure (Lightning's automatic optimization)."""
 
-    def run(asynchronous):
+    layer_hooks = {}
+
+    def run(recording):
         torch.manual_seed(0)
         model = _Stacked()
+        layer_hooks[recording] = _forward_pre_hook_counter(model.fc2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
         losses = []
@@ -318,19 +374,19 @@ def test_a_closure_step_reads_during_its_forward_pass(as_keyword):
             losses.append(opt.step(closure=closure) if as_keyword else opt.step(closure))
         return model, mon, losses
 
-    m_sync, sync, l_sync = run(False)
+    m_sync, sync, l_sync = run("sync")
     m_live, live, l_live = run("live")
     _assert_same_monitors(sync, live)
     assert _same_parameters(m_sync, m_live) and all(torch.equal(a, b) for a, b in zip(l_sync, l_live))
-    assert not live._live._on_layers  # every read started at the model's forward pass
+    assert layer_hooks["live"]() == 0  # every read started at the model's forward pass
 
 
 def test_lbfgs_which_moves_theta_between_closure_calls_gives_the_synchronous_records():
-    def run(asynchronous):
+    def run(recording):
         torch.manual_seed(0)
         model = _mlp().eval()  # no dropout: L-BFGS needs a deterministic closure
         opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
-        mon = ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+        mon = ConservationMonitor(model, recording=recording).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
 
@@ -344,7 +400,7 @@ def test_lbfgs_which_moves_theta_between_closure_calls_gives_the_synchronous_rec
             opt.step(closure)
         return model, mon
 
-    m_sync, sync = run(False)
+    m_sync, sync = run("sync")
     m_live, live = run("live")
     _assert_same_monitors(sync, live)
     assert _same_parameters(m_sync, m_live)
@@ -384,12 +440,11 @@ def test_a_closure_the_optimizer_never_evaluates_is_reported_not_silently_droppe
     torch.manual_seed(0)
     model = _mlp()
     opt = IgnoresClosure(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, asynchronous="live").attach(opt)
+    mon = ConservationMonitor(model, recording="live").attach(opt)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()
     opt.step(lambda: None)  # the forward pass above started the read of θ before step 1
-    assert mon._live._job is None  # ... and the pre-step hook waited for it
     with pytest.warns(RuntimeWarning, match="record of step 1 is missing"):
         opt.step(lambda: None)  # no forward pass since step 1, and the closure is ignored
     assert 1 not in mon.history()["step"].tolist()

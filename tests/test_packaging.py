@@ -114,7 +114,8 @@ def test_wheel_from_a_clean_copy_ships_code_types_extras_and_cli(tmp_path):
         metadata = archive.read(meta_name).decode()
         entry_points = archive.read(meta_name.replace("METADATA", "entry_points.txt")).decode()
     for path in ("py.typed", "integrations/__init__.py", "integrations/lightning.py", "integrations/hf.py",
-                 "integrations/tensorboard.py", "integrations/export.py", "distributed.py", "monitor.py"):
+                 "integrations/tensorboard.py", "integrations/export.py", "distributed.py", "monitor/monitor.py",
+                 "monitor/recorders/live.py"):
         assert f"torch_conslaw/{path}" in names, path
     assert f"Version: {torch_conslaw.__version__}" in metadata
     assert EXTRAS <= set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))

@@ -375,19 +375,19 @@ def test_checkpoint_round_trip_and_resume_continue_the_identities():
     assert any(s["kind"] == "velocity" and s["max_rel_residual"] > 0 for s in full.summary())
 
 
-@pytest.mark.parametrize("mode", [True, "live"])
+@pytest.mark.parametrize("mode", ["snapshot", "live"])
 def test_asynchronous_modes_record_the_synchronous_identities(mode, one_torch_thread):
-    def run(asynchronous):
+    def run(recording):
         model = _attn_net()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the free-core advice
-            monitor = tc.ConservationMonitor(model, asynchronous=asynchronous).attach(opt)
+            monitor = tc.ConservationMonitor(model, recording=recording).attach(opt)
         _train(model, opt, 12)
         monitor.detach()
         return monitor
 
-    sync, other = run(False), run(mode)
+    sync, other = run("sync"), run(mode)
     _same_history(sync.history(), other.history())
     assert sync.summary() == other.summary()
 

@@ -49,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     "register_activation": "torch_conslaw.catalogue",
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
-    "OverheadBudget": "torch_conslaw.budget",
+    "OverheadBudget": "torch_conslaw.monitor.budget",
     "verify_laws": "torch_conslaw.laws.verify",
     "Verification": "torch_conslaw.laws.verify",
 }
@@ -71,7 +71,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .budget import OverheadBudget
+    from .monitor.budget import OverheadBudget
     from .completeness import Analysis, analyze
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension

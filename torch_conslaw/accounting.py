@@ -1,4 +1,4 @@
-"""Exact accounting of a step: law values, the first/second-order split, bounded history.
+"""Exact accounting of a step: law values and the first/second-order split.
 
 For a quadratic law h(θ) = B(θ, θ) and a step Δ = θ⁺ − θ (SCIENCE.md §6)::
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,25 +33,9 @@ from torch import Tensor
 
 from .lawgroups import LawGroup, UnitLaws, rearrangement_plan
 
-__all__ = ["Accountant", "Record", "RecordStore", "split_change", "evaluate", "as_float64"]
+__all__ = ["Accountant", "split_change", "evaluate", "as_float64"]
 
 F64 = torch.float64
-
-
-@dataclass
-class Record:
-    """The laws at one recorded step.
-
-    ``values``, ``first_order`` and ``second_order`` map each group name to a float64 vector
-    (one entry per law); the split is ``None`` when the monitor runs with ``split=False``.
-    ``rel_drift`` is, per group, max over its valid laws of |h − h(θ₀)| / scale(θ₀).
-    """
-
-    step: int
-    values: dict[str, Tensor]
-    first_order: dict[str, Tensor] | None
-    second_order: dict[str, Tensor] | None
-    rel_drift: dict[str, float]
 
 
 def as_float64(params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
@@ -447,67 +430,3 @@ class Accountant:
             second[g.name] = g.second_order(delta)  # B(Δ, Δ); 0 for linear laws
             del b64, a64, delta
         return values, first, second
-
-
-class RecordStore:
-    """At most ``max_records`` records, evenly thinned: when full, every other stored record is
-    dropped (the first one always stays) and later records are kept at twice the stride.
-    The latest record is always available as :attr:`latest`.
-
-    Example:
-        >>> store = RecordStore(max_records=4)
-        >>> for s in range(10):
-        ...     store.add(Record(s, {}, None, None, {}))
-        >>> [r.step for r in store.records()]
-        [0, 4, 8, 9]
-    """
-
-    def __init__(self, max_records: int) -> None:
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 2:
-            raise ValueError(f"max_records must be an integer ≥ 2, got {max_records!r}")
-        self.max_records = max_records
-        self._stored: list[Record] = []
-        self._stride = 1
-        self._seen = 0
-        self.latest: Record | None = None
-
-    def add(self, record: Record) -> None:
-        """Add a record; it is stored if it falls on the current stride."""
-        if self._seen % self._stride == 0:
-            if len(self._stored) >= self.max_records:
-                self._stored = self._stored[::2]
-                self._stride *= 2
-            if self._seen % self._stride == 0:
-                self._stored.append(record)
-        self._seen += 1
-        self.latest = record
-
-    @property
-    def seen(self) -> int:
-        """How many records were added (stored or thinned out)."""
-        return self._seen
-
-    def records(self) -> list[Record]:
-        """Stored records in order, with the latest one appended if it was not stored."""
-        out = list(self._stored)
-        if self.latest is not None and (not out or out[-1] is not self.latest):
-            out.append(self.latest)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data state (records as dicts of tensors)."""
-        return {
-            "stored": [vars(r).copy() for r in self._stored],
-            "latest": None if self.latest is None else vars(self.latest).copy(),
-            "stride": self._stride,
-            "seen": self._seen,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._stored = [Record(**r) for r in state["stored"]]
-        self.latest = None if state["latest"] is None else Record(**state["latest"])
-        if self._stored and self.latest is not None and self._stored[-1].step == self.latest.step:
-            self.latest = self._stored[-1]
-        self._stride = int(state["stride"])
-        self._seen = int(state["seen"])

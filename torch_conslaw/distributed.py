@@ -3,7 +3,7 @@
 Under ``DistributedDataParallel`` every rank holds the same parameters, so every rank
 computes the same law values without any communication (the monitor unwraps DDP's
 ``.module``); only the main rank (rank 0) writes logs and files. Sharded parameters
-(FSDP2 ``fully_shard``) are handled by :mod:`torch_conslaw.sharding`: each rank sums its
+(FSDP2 ``fully_shard``) are handled by :mod:`torch_conslaw.monitor.sharded`: each rank sums its
 local rows and one all-reduce per recording gives every rank the global law values.
 
 Example:

@@ -1,4 +1,4 @@
-"""Asynchronous recording for :class:`~torch_conslaw.ConservationMonitor` (``asynchronous=True``).
+"""The worker of the snapshot and live recorders (:mod:`.snapshot`, :mod:`.live`).
 
 The training thread only copies the tracked parameters, in their own dtype, into one buffer of
 a small ring (a plain ``copy_``: no float64 conversion, no law evaluation) and enqueues the
@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accounting import Accountant
-from .cuda_recording import SideStreams
+from ...accounting import Accountant
+from .cuda import SideStreams
 
 __all__ = ["AsyncRecorder"]
 

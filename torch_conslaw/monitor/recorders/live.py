@@ -1,4 +1,4 @@
-"""Live reading for :class:`~torch_conslaw.ConservationMonitor` (``asynchronous="live"``).
+"""Live reading for :class:`~torch_conslaw.ConservationMonitor` (``recording="live"``).
 
 θ does not change between two optimizer steps, so the worker thread can read the parameters
 themselves while the next forward and backward passes run: the training thread copies
@@ -20,7 +20,7 @@ version counter moved while it read (an in-place edit through the parameter itse
 ``torch.no_grad()`` edits, ``load_state_dict``), until a read ran undisturbed; the pre-step
 hook only waits. In-place edits through ``.data`` after the forward pass has started cannot
 be seen (``.data`` has its own version counter): do not edit parameters through ``.data`` in
-the middle of a training step with this mode, or use ``asynchronous=True``.
+the middle of a training step with this mode, or use ``recording="snapshot"``.
 
 Example:
     >>> import torch
@@ -30,7 +30,7 @@ Example:
     >>> torch.set_num_threads(max(threads - 1, 1))  # leave the worker a core
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    >>> monitor = ConservationMonitor(model, asynchronous="live").attach(opt)
+    >>> monitor = ConservationMonitor(model, recording="live").attach(opt)
     >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
     >>> for _ in range(3):
     ...     opt.zero_grad()
@@ -52,9 +52,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .async_recording import AsyncRecorder, _Job
+from .base import RecordingContext
+from .worker import AsyncRecorder, _Job
 
-__all__ = ["LiveReader"]
+__all__ = ["LiveReader", "LiveRecorder"]
+
+# finished records reach the history and the listeners in batches of this many (one pass
+# over warm code instead of one cold pass per training step)
+_DELIVERY_BATCH = 16
 
 
 class _InertHook:
@@ -149,10 +154,10 @@ class LiveReader:
         if self._due is not None:  # only when step(closure) never evaluated its closure
             missed = self._due[0]
             warnings.warn(
-                "ConservationMonitor(asynchronous='live'): optimizer.step(closure) changed the "
+                "ConservationMonitor(recording='live'): optimizer.step(closure) changed the "
                 "parameters without evaluating its closure, so θ after the previous step was "
                 f"never read{'' if missed is None else f' and the record of step {missed} is missing'}; "
-                "use asynchronous=True with this optimizer",
+                "use recording='snapshot' with this optimizer",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -225,3 +230,66 @@ class LiveReader:
                 for n in self._names
             }
         return bufs
+
+
+class LiveRecorder:
+    """``recording="live"``: the worker reads θ during the next forward pass (see the module
+    doc); the :class:`LiveReader` schedules the reads around the optimizer's hooks."""
+
+    name = "live"
+    manual_step_error = (
+        "ConservationMonitor.step: recording='live' reads the parameters during the "
+        "next forward pass and needs the optimizer's pre-step hook to know when the read "
+        "must end; call attach(optimizer), or build the monitor with recording='snapshot' "
+        "for a manual loop"
+    )
+
+    def __init__(self, ctx: RecordingContext, worker: AsyncRecorder, root: nn.Module, modules: Sequence[nn.Module]) -> None:
+        devices = sorted({str(ctx.params[n].device) for n in ctx.names if ctx.params[n].device.type != "cpu"})
+        if devices:
+            raise ValueError(
+                f"ConservationMonitor: recording='live' reads CPU parameters during the "
+                f"forward pass; the tracked parameters live on {', '.join(devices)}. Use "
+                "recording='snapshot' (or 'auto') there"
+            )
+        self._ctx = ctx
+        self._rec = worker
+        self._reader = LiveReader(worker, ctx.params, ctx.names, root, modules, ctx.statistics_job, ctx.guard)
+
+    def _capture_for(self, step: int) -> int | None:
+        """``step`` if θ before it must be kept for its split."""
+        return step if self._ctx.split and self._ctx.due(step) else None
+
+    def start(self, next_step: int) -> None:
+        self._reader.start(self._capture_for(next_step))
+
+    def stop(self) -> None:
+        self._reader.stop()
+
+    def detached(self) -> None:
+        return None  # the reads need the optimizer's hooks: nothing to keep by hand
+
+    def forget(self, attached: bool) -> None:
+        return None  # the pre-step hook reads θ again when the step counter moved
+
+    def defer_to_closure(self) -> bool:
+        self._reader.wait_in_flight()  # a read a forward pass before step() started
+        return True
+
+    def before_step(self, step: int) -> None:
+        self._rec.collect(min_ready=_DELIVERY_BATCH)
+        # the structure check runs on the worker, with each read
+        self._reader.before_step(step, self._capture_for(step) is not None)
+
+    def after_step(self, count: Callable[[], int], attached: bool) -> None:
+        step = count()
+        self._reader.after_step(step if self._ctx.due(step) else None, self._capture_for(step + 1))
+
+    def manual_step(self, count: Callable[[], int]) -> None:
+        raise RuntimeError(self.manual_step_error)
+
+    def flush(self) -> None:
+        self._reader.settle()
+
+    def close(self) -> None:
+        self._rec.close()

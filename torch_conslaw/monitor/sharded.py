@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lawgroups import LawGroup, MatrixLaws
-from .structure import Skipped
+from ..lawgroups import LawGroup, MatrixLaws
+from ..structure import Skipped
 
 __all__ = ["ShardingNotSupported", "ShardedLaws", "has_sharded_parameters"]
 

@@ -1,7 +1,7 @@
 """CUDA side of the snapshot recorder: the worker evaluates on a side stream.
 
 On CUDA the training thread only enqueues work: the snapshot copy runs on its current stream
-and an event is recorded after it (:meth:`~torch_conslaw.async_recording.AsyncRecorder.submit`).
+and an event is recorded after it (:meth:`~torch_conslaw.monitor.recorders.worker.AsyncRecorder.submit`).
 The worker thread makes a side stream wait for that event (a device-side wait, the host
 does not block) and queues the law evaluation there, so it overlaps with the next training
 kernels; only the worker blocks, on the small result vectors it copies to the host. The

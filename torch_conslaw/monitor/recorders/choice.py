@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RECORDINGS", "choose_recording", "recording_from_legacy", "free_cores"]
+__all__ = ["RECORDINGS", "choose_recording", "recording_from_legacy", "free_cores", "warn_without_a_free_core"]
 
 RECORDINGS = ("auto", "sync", "snapshot", "live")
 
@@ -77,3 +77,22 @@ def choose_recording(recording: str, tensors: Sequence[Tensor], *, sharded: bool
     if free_cores() >= 1:
         return "live", f"a free core ({torch.get_num_threads()} torch thread(s))"
     return "sync", f"torch uses every core ({torch.get_num_threads()} thread(s)): a worker would compete with training"
+
+
+def warn_without_a_free_core(recording: str, tensors: Sequence[Tensor]) -> None:
+    """A worker recorder needs a core that CPU training leaves free; say so when torch uses
+    them all (the warning points at the caller's caller: the monitor's constructor)."""
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    if threads >= cores:
+        warnings.warn(
+            f"ConservationMonitor: recording={recording!r} evaluates the laws on a worker "
+            f"thread, but torch already uses {threads} threads on {cores} core(s), so the worker "
+            "competes with training and recording costs more than in the synchronous mode; call "
+            f"torch.set_num_threads({max(cores - 1, 1)}) to leave it a core, or use "
+            "recording='sync'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
