@@ -8,19 +8,22 @@ Two models, float32 parameters:
   RMSNorm, RoPE, grouped-query attention, SwiGLU) scaled to d = 3072, 24 heads / 8 K/V heads,
   hidden 8192 (100.9M parameters), on one sequence of ``--tokens`` vectors.
 
-Each phase runs on its own, after the previous one, so that its time and memory are its own:
+One construction of :class:`~torch_conslaw.ConservationMonitor` is timed with every phase
+wrapped (exclusive times: a phase's own time, without the phases it calls), so the phases add
+up to the whole:
 
-* ``capture``: the op graph on the example input (:func:`torch_conslaw.structure.graph.capture`);
-* ``rules``: the op-graph rules (:func:`~torch_conslaw.structure.rules.find_graph_laws`, minus capture);
-* ``finder``: the module-level finder (:func:`~torch_conslaw.find_structure`, minus the two above);
-* ``families``: the laws beyond layer pairs (:func:`~torch_conslaw.laws.families.proposals.propose_laws`);
-* ``verify``: the float64 check of every claimed law (:func:`~torch_conslaw.laws.verify.verify_groups`);
-* ``monitor``: the whole :class:`~torch_conslaw.ConservationMonitor` construction (all the above
-  plus the accountant's plan and initial values); ``monitor init`` is its part not in the phases above.
+* ``capture``: the op graph on the example input (``structure.graph.capture``);
+* ``rules``: the op-graph rules (``structure.rules.find_graph_laws``, capture excluded);
+* ``finder``: the module-level finder (``find_structure``, the two above excluded);
+* ``families``: the laws beyond layer pairs (``laws.families.proposals.propose_laws``);
+* ``verify``: the float64 check of every claimed law (``laws.verify.verify_groups``);
+* ``accountant``: the accountant's plan and initial law values (``Accountant.initial``);
+* ``monitor (rest)``: everything else in the constructor (groups, the first θ snapshot, ...).
 
-Memory: ``rss`` is the growth of the process's peak resident set during the phase (the peak is
-reset before each phase through ``/proc/self/clear_refs``; torch's CPU tensors are in it),
-``py`` the peak of Python-heap allocations during a second run of the phase under
+Memory per phase: ``rss`` is the growth of the process's peak resident set over the resident
+set at the phase's start (the kernel's peak is reset at every phase boundary through
+``/proc/self/clear_refs``; torch's CPU tensors are in it; a phase's peak includes the phases
+it calls); ``py`` is the same for Python-heap allocations, from a second construction under
 ``tracemalloc`` (tensor storage is not Python heap and is not in it).
 
 Run: PYTHONPATH=$PWD python experiments/bench_structure.py [--models gpt2 llama] [--tokens 16]
@@ -34,6 +37,9 @@ import gc
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -64,24 +70,80 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(fn: Callable[[], Any], python_heap: bool) -> tuple[Any, dict[str, float]]:
-    """Run ``fn`` once for seconds and peak RSS growth, once more under tracemalloc."""
+class Phases:
+    """Exclusive seconds and peak-memory growth of nested, named phases (see the module docstring)."""
+
+    def __init__(self, traced: bool) -> None:
+        self.traced = traced
+        self.rows: dict[str, dict[str, float]] = {}
+        self.stack: list[list] = []  # [name, start time, child seconds, start memory, running peak]
+
+    def _memory(self) -> tuple[float, float]:
+        """(current, peak since the last reset), MiB."""
+        if self.traced:
+            now, peak = tracemalloc.get_traced_memory()
+            return now / MIB, peak / MIB
+        return _rss_kib("VmRSS") / 1024, _rss_kib("VmHWM") / 1024
+
+    def _reset(self) -> None:
+        if self.traced:
+            tracemalloc.reset_peak()
+        else:
+            _reset_peak()
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _, peak = self._memory()
+            if self.stack:
+                self.stack[-1][4] = max(self.stack[-1][4], peak)
+            self._reset()
+            now, _ = self._memory()
+            self.stack.append([name, time.perf_counter(), 0.0, now, now])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _, peak = self._memory()
+                _, start, children, mem0, running = self.stack.pop()
+                total = time.perf_counter() - start
+                row = self.rows.setdefault(name, {"seconds": 0.0, "peak_mib": 0.0})
+                row["seconds"] += total - children
+                row["peak_mib"] = max(row["peak_mib"], max(peak, running) - mem0)
+                if self.stack:
+                    self.stack[-1][2] += total
+                    self.stack[-1][4] = max(self.stack[-1][4], peak, running)
+                self._reset()
+
+        return timed
+
+
+def run_phases(model: torch.nn.Module, example: Any, traced: bool) -> tuple[Any, dict[str, dict[str, float]]]:
+    """One monitor construction with every phase wrapped; returns the monitor and the phases."""
+    import torch_conslaw.accounting as accounting
+    import torch_conslaw.laws.families.proposals as proposals
+    import torch_conslaw.laws.verify as verify
+    import torch_conslaw.monitor as monitor_module
+    import torch_conslaw.structure.rules as rules
+
+    phases = Phases(traced)
+    targets = [
+        (rules, "capture", "capture"), (rules, "find_graph_laws", "rules"), (monitor_module, "find_structure", "finder"),
+        (proposals, "propose_laws", "families"), (verify, "verify_groups", "verify"),
+        (accounting.Accountant, "initial", "accountant"),
+    ]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in targets]
     gc.collect()
-    resettable = _reset_peak()
-    start_rss = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak = _rss_kib("VmHWM")
-    row = {"seconds": seconds, "rss_peak_mib": (peak - start_rss) / 1024 if resettable else float("nan")}
-    if python_heap:
-        del result
-        gc.collect()
-        tracemalloc.start()
-        result = fn()
-        row["py_peak_mib"] = tracemalloc.get_traced_memory()[1] / MIB
-        tracemalloc.stop()
-    return result, row
+    try:
+        for obj, attr, name in targets:
+            setattr(obj, attr, phases.wrap(name, getattr(obj, attr)))
+        if traced:
+            tracemalloc.start()
+        monitor = phases.wrap("monitor (rest)", lambda: monitor_module.ConservationMonitor(model, example))()
+    finally:
+        if traced:
+            tracemalloc.stop()
+        for obj, attr, fn in saved:
+            setattr(obj, attr, fn)
+    return monitor, phases.rows
 
 
 def gpt2(tokens: int) -> tuple[torch.nn.Module, Any, str]:
@@ -105,44 +167,39 @@ MODELS = {"gpt2": gpt2, "llama": llama}
 
 
 def bench(name: str, tokens: int, python_heap: bool) -> dict[str, Any]:
-    from torch_conslaw import ConservationMonitor, find_structure
-    from torch_conslaw.lawgroups import build_groups
-    from torch_conslaw.laws.families.proposals import propose_laws
-    from torch_conslaw.laws.verify import verify_groups
-    from torch_conslaw.structure.graph import capture
-    from torch_conslaw.structure.rules import find_graph_laws
-
     torch.manual_seed(0)
     model, example, label = MODELS[name](tokens)
     params = sum(p.numel() for p in model.parameters())
     param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
     with torch.no_grad():  # warm up (lazy imports, first-call allocations): the numbers are the monitor's own
         model(**example) if isinstance(example, dict) else model(example)
-    phases: dict[str, dict[str, float]] = {}
-    _, phases["capture"] = measure(lambda: capture(model, example), python_heap)
-    _, rules = measure(lambda: find_graph_laws(model, example), python_heap)
-    structure, finder = measure(lambda: find_structure(model, example), python_heap)
-    groups = build_groups(list(structure.pairs))
-    families, phases["families"] = measure(lambda: propose_laws(model, structure)[0], python_heap)
-    claimed = [g for g in groups + families if g.expected_conserved or getattr(g, "approximate", False)]
-    checks, phases["verify"] = measure(lambda: verify_groups(model, example, claimed), python_heap)
-    monitor, whole = measure(lambda: ConservationMonitor(model, example), python_heap)
-    phases["rules"] = dict(rules, seconds=rules["seconds"] - phases["capture"]["seconds"])
-    phases["finder"] = dict(finder, seconds=finder["seconds"] - rules["seconds"])
-    parts = sum(phases[p]["seconds"] for p in ("capture", "rules", "finder", "families", "verify"))
-    phases["monitor init"] = {"seconds": whole["seconds"] - parts}
-    phases["monitor (whole)"] = whole
-    order = ["capture", "rules", "finder", "families", "verify", "monitor init", "monitor (whole)"]
+    rss_before = _rss_kib("VmRSS") / 1024
+    start = time.perf_counter()
+    monitor, rows = run_phases(model, example, traced=False)
+    whole = time.perf_counter() - start
+    groups, laws = len(monitor.groups), sum(g.count for g in monitor.groups)
+    worst = max((v.residual for v in monitor.verification.values() if v.threshold < 1e-6), default=0.0)
+    del monitor
+    if python_heap:
+        _, traced = run_phases(model, example, traced=True)
+        for phase, row in traced.items():
+            rows[phase]["py_peak_mib"] = row["peak_mib"]
+    order = ["capture", "rules", "finder", "families", "verify", "accountant", "monitor (rest)"]
+    phases = {p: {"seconds": rows[p]["seconds"], "rss_peak_mib": rows[p]["peak_mib"],
+                  **({"py_peak_mib": rows[p]["py_peak_mib"]} if "py_peak_mib" in rows[p] else {})}
+              for p in order if p in rows}
     return {
         "model": label,
         "parameters": params,
         "parameters_mib_float32": param_mib,
         "tokens": tokens,
-        "groups": len(monitor.groups),
-        "laws": sum(g.count for g in monitor.groups),
-        "claimed_groups_checked": len(checks),
-        "worst_residual_exact": max((c.residual for c in checks if c.threshold < 1e-6), default=0.0),
-        "phases": {p: phases[p] for p in order},
+        "groups": groups,
+        "laws": laws,
+        "worst_residual_exact": worst,
+        "seconds_whole": whole,
+        "rss_before_mib": rss_before,
+        "rss_peak_growth_whole_mib": phases["monitor (rest)"]["rss_peak_mib"],
+        "phases": phases,
     }
 
 
@@ -157,11 +214,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        row = bench(name, args.tokens, not args.no_tracemalloc)
+        if len(args.models) > 1:  # each model in a fresh process: memory freed by one is not reused by the next
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "row.json"
+                command = [sys.executable, __file__, "--models", name, "--tokens", str(args.tokens),
+                           "--threads", str(args.threads), "--out", str(out)]
+                subprocess.run(command + (["--no-tracemalloc"] if args.no_tracemalloc else []),
+                               check=True, stdout=subprocess.DEVNULL)
+                row = json.loads(out.read_text())["models"][0]
+        else:
+            row = bench(name, args.tokens, not args.no_tracemalloc)
         rows.append(row)
         print(f"\n{row['model']}: {row['parameters'] / 1e6:.1f}M parameters ({row['parameters_mib_float32']:.0f} MiB), "
               f"{row['tokens']} tokens; {row['groups']} groups, {row['laws']} laws, worst exact residual "
               f"{row['worst_residual_exact']:.1e}")
+        print(f"  whole construction {row['seconds_whole']:.2f} s, peak RSS +{row['rss_peak_growth_whole_mib']:.0f} MiB")
         print(f"  {'phase':<16} {'seconds':>8} {'peak RSS +MiB':>14} {'Python heap MiB':>16}")
         for phase, m in row["phases"].items():
             rss = f"{m['rss_peak_mib']:.0f}" if "rss_peak_mib" in m else "-"
