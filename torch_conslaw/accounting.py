@@ -123,6 +123,25 @@ def view_plan(reader: Any, shape: tuple[int, ...], units: int) -> tuple[int, int
     return (n // (units * b), units, b)
 
 
+def _as_view(reader: Any, shape: tuple[int, ...], units: int) -> Any:
+    """The view that a ``Rows`` / ``Columns`` reader of every row / column in order equals
+    (``w`` or ``w.movedim(1, 0)``, unit axis split as the reader's indices), so that
+    :func:`view_plan` reads its plan off the strides instead of probing it with data;
+    ``None`` for any other reader."""
+    from .laws.families.rescaling import Columns, Rows
+
+    if not isinstance(reader, (Rows, Columns)) or reader.idx.dim() < 1 or reader.idx.shape[0] != units:
+        return None
+    idx, axis = reader.idx, 0 if isinstance(reader, Rows) else 1
+    if len(shape) <= axis or shape[axis] != idx.numel() or not torch.equal(idx.reshape(-1).cpu(), torch.arange(idx.numel())):
+        return None
+    if isinstance(reader, Columns):
+        return lambda w: w.movedim(1, 0).unflatten(0, tuple(idx.shape))
+    if len(shape) == 1:
+        return lambda w: w.unflatten(0, tuple(idx.shape)).unsqueeze(-1)
+    return lambda w: w.unflatten(0, tuple(idx.shape))
+
+
 class _Use:
     """One reader of a fast group: parameter elements ``i`` go to row ``(i // B) % U``.
 
@@ -229,7 +248,7 @@ class _FastPlan:
         for readers in (g.pair.incoming, g.pair.outgoing):
             side = []
             for name, fn in readers:
-                plan = view_plan(fn, tuple(shape_of[name]), g.count)
+                plan = view_plan(_as_view(fn, tuple(shape_of[name]), g.count) or fn, tuple(shape_of[name]), g.count)
                 if plan is None:
                     plan = rearrangement_plan(fn, tuple(shape_of[name]), g.count)
                 if plan is None:
@@ -380,12 +399,15 @@ class Accountant:
                         scales[g.name] = res
                 for (g, _, _, _), res in zip(fast.fast, results):
                     out[g.name] = res[0]
+            last: dict[str, Tensor] = {}  # initial: the previous group's copies (neighbours share parameters)
             for g in generic:
-                p64 = as_float64(params, g.parameter_names)
+                p64 = {n: last[n] if n in last else params[n].detach().to(F64) for n in g.parameter_names}
                 out[g.name] = g.values(p64)
                 if with_scales:
                     scales[g.name] = g.scale(p64)
+                    last = p64
                 del p64
+            del last
             order = [g.name for g in self.groups]
             return {k: out[k] for k in order}, ({k: scales[k] for k in order} if with_scales else None)
 

@@ -6,28 +6,41 @@ This module measures, in float64, for a few random cotangents u and every law l 
 
     residual_l = |⟨∇h_l(θ), ∂_θ f(θ, x)ᵀu⟩| / (‖∇h_l(θ)‖ · ‖∂_θ f(θ, x)ᵀu‖)
 
-(a cosine in the space of all trainable parameters) and reports the largest over laws and
-cotangents. For a true law it is float64 rounding, ≈ 1e-17 … 1e-15; a registration error or a
-rule applied where its symmetry does not hold gives 1e-4 … 1 (measured in the README section
-*Verify before claiming*). The default threshold 1e-10 sits five orders of magnitude above the
-rounding level and six below the smallest false residual we measured (a unit law spread over a
-100M-parameter gradient would still be ≈ 1e-3).
+(a cosine in the space of the parameters that the checked laws read: ∇h_l is zero on every
+other parameter, so ⟨∇h_l, ∂fᵀu⟩ needs no other entry, and leaving the other entries out of
+‖∂fᵀu‖ only makes the residual larger, never smaller). For a true law it is float64
+rounding, ≈ 1e-17 … 1e-15; a registration error or a rule applied where its symmetry does not
+hold gives 1e-4 … 1 (measured in the README section *Verify before claiming*). The default
+threshold 1e-10 sits five orders of magnitude above the rounding level and six below the
+smallest false residual we measured.
 
-How it is computed (vectorized, no loop over laws):
+How it is computed (no loop over laws):
 
-* one forward pass of a float64 copy of the parameters through :func:`torch.func.functional_call`
-  and one vector-Jacobian product per cotangent (reverse mode, :func:`torch.autograd.grad` on
-  the retained graph) give ``g = ∂fᵀu`` for all parameters at once;
-* ⟨∇h_l, g⟩ for every law of every group is ONE :func:`torch.func.jvp` of the concatenated law
-  values along ``g``;
-* ‖∇h_l‖ has a closed form for every built-in kind (:func:`gradient_norms`); for any other
-  group it is estimated from ``PROBES`` = 8 jvps along Gaussian directions z:
+* one forward pass of float64 copies of the parameters and buffers through
+  :func:`torch.func.functional_call` and one backward pass per cotangent
+  (:func:`torch.autograd.backward` on the retained graph) give ``g = ∂fᵀu`` for the parameters
+  the laws read (the others take part as constants, with no gradient);
+* each parameter's gradient is used as soon as the backward pass has completed it, and freed:
+  for the built-in quadratic kinds (unit, matrix and scale laws) whose readers select entries,
+  ⟨∇h_l, g⟩ and ‖∇h_l‖ are sums of one term per (parameter, reader), read off the parameter in
+  its own dtype (selecting entries commutes with the exact cast to float64), so nothing
+  parameter-sized is kept; for any other group (linear laws, registrations whose readers
+  compute), ⟨∇h_l, g⟩ is one :func:`torch.func.jvp` of its law values along ``g`` on float64
+  copies of that group's parameters, and ‖∇h_l‖ has a closed form for every built-in kind
+  (:func:`gradient_norms`) or is estimated from ``PROBES`` = 8 jvps along Gaussian directions z:
   E[(∇h_l · z)²] = ‖∇h_l‖², and the estimate is a χ²₈/8 multiple of the true value. It
   overestimates ‖∇h_l‖ (which would shrink a residual) by more than √10 with probability
   P(χ²₈ > 80) ≈ 1e-13 per law, and underestimates it by more than √10 (which only inflates a
   rounding-level residual from 1e-16 to ~1e-15) with probability ≈ 1e-3. The threshold sits
   five orders of magnitude from both sides, so this is enough, and it avoids one backward pass
   per law.
+
+Cost: one float64 forward and ``cotangents`` float64 backward passes of the model on the
+example input. Memory: the float64 copies of the parameters and buffers used by the forward
+pass (2 bytes per float32 byte), its activations, and a float64 buffer of the largest
+parameter read (plus, for groups outside the built-in kinds, float64 copies of their
+parameters and their gradients); no float64 gradient of the whole model is held
+(``experiments/bench_structure.py`` measures it on ~100M-parameter models).
 
 Loss-specific laws (softmax cross-entropy translation, :attr:`loss` ``"cross_entropy"``) are
 checked with cotangents projected on Σ_class u = 0 (the gradient of that loss with respect to
@@ -56,7 +69,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,35 +148,70 @@ def verify_groups(
         )
     gen = torch.Generator().manual_seed(seed)
     losses = sorted({_loss(g) for g in groups}, key=str)
-    theta = {n: params[n].detach().to(F64) for n in names}
-    # ⟨∇h_l, g⟩ for every law of every group: one jvp of all the law values per direction
     counts = [int(g.count) for g in groups]
-
-    def all_values(p: dict[str, Tensor]) -> Tensor:
-        return torch.cat([g.values(p).reshape(-1) for g in groups])
-
-    # ‖∇h_l‖: closed form for the built-in kinds, Gaussian probes for any other group
-    norms = [gradient_norms(g, theta) for g in groups]
-    others = [g for g, n in zip(groups, norms) if n is None]
-    if others:
-        probed = _probed_norms(others, theta, {n for g in others for n in g.parameter_names}, gen)
-        for i, g in enumerate(groups):
-            if norms[i] is None:
-                norms[i] = probed[g.name]
-    grad_norm = torch.cat([n.reshape(-1).cpu() for n in norms])
+    # built-in kinds whose readers select entries: closed forms read off the parameters in their
+    # own dtype (selection commutes with the exact cast to float64), term by term; any other
+    # group: the torch.func path on float64 copies of that group's parameters only
+    fast = _FastGroups(groups, params)
+    generic = [i for i in range(len(groups)) if i not in fast.members]
+    norms: list[Tensor | None] = [None] * len(groups)
+    for i, n in fast.norms(params).items():
+        norms[i] = n
+    if generic:
+        theta = {n: params[n].detach().to(F64) for g in (groups[i] for i in generic) for n in g.parameter_names}
+        for i in generic:
+            norms[i] = gradient_norms(groups[i], theta)
+        others = [groups[i] for i in generic if norms[i] is None]
+        if others:
+            probed = _probed_norms(others, theta, {n for g in others for n in g.parameter_names}, gen)
+            for i in generic:
+                if norms[i] is None:
+                    norms[i] = probed[groups[i].name]
+    grad_norm = torch.cat([n.reshape(-1).cpu() for n in norms])  # type: ignore[union-attr]
     residual = torch.zeros(sum(counts), dtype=F64)
     for loss in losses:
         axes = {getattr(g, "class_axis", -1) for g in groups if _loss(g) == loss}
         if len(axes) > 1:
             raise ValueError(f"verify: groups of loss {loss!r} disagree on the class axis ({sorted(axes)})")
-        # one ∂fᵀu at a time (a generator): memory holds one gradient, not ``cotangents``
-        for g_full in _cotangent_gradients(model, example_input, cotangents, loss, axes.pop(), gen):
-            norm = math.sqrt(sum(float(t.square().sum()) for t in g_full.values()))
-            d = _directional(all_values, theta, {n: g_full[n] for n in names}).cpu().abs()
+        mine_idx = [i for i, g in enumerate(groups) if _loss(g) == loss]
+        mine_fast = [i for i in mine_idx if i in fast.members]
+        mine_generic = [i for i in mine_idx if i not in fast.members]
+        keep = {n for i in mine_generic for n in groups[i].parameter_names}
+        # one ∂fᵀu at a time, and within it one parameter at a time: each gradient is folded
+        # into the fast groups' dot products as soon as it is complete, then freed; only the
+        # parameters of the other groups keep theirs until the end of the pass
+        chosen = set(mine_fast)
+
+        def fold(name: str, grad: Tensor, chosen: set[int] = chosen) -> None:
+            fast.accumulate(name, grad, params, chosen)
+
+        for grads, norm_sq in _cotangent_gradients(
+            model, example_input, cotangents, loss, axes.pop(), gen, names, fold, keep
+        ):
+            dots = fast.dots(mine_fast)
+            norm = math.sqrt(norm_sq)
+            if mine_generic:
+                sub = [groups[i] for i in mine_generic]
+                gnames = sorted({n for g in sub for n in g.parameter_names})
+                theta = {n: params[n].detach().to(F64) for n in gnames}
+                direction = {n: grads[n] if n in grads else torch.zeros_like(theta[n]) for n in gnames}
+
+                def sub_values(p: dict[str, Tensor], sub: list[Any] = sub) -> Tensor:
+                    return torch.cat([g.values(p).reshape(-1) for g in sub])
+
+                d_generic = _directional(sub_values, theta, direction).cpu()
+                for i, d in zip(mine_generic, d_generic.split([counts[i] for i in mine_generic])):
+                    dots[i] = d
+            del grads
+            d = torch.cat([dots[i].reshape(-1).cpu() if i in dots else torch.zeros(counts[i], dtype=F64)
+                           for i in range(len(groups))]).abs()
             denom = grad_norm * norm
             r = torch.where(denom > 0, d / denom.clamp_min(1e-300), torch.where(d > 0, math.inf, 0.0))
-            mine = torch.tensor([_loss(g) == loss for g in groups for _ in range(int(g.count))])
+            mine = torch.repeat_interleave(
+                torch.tensor([_loss(g) == loss for g in groups]), torch.tensor(counts, dtype=torch.long)
+            )
             residual = torch.where(mine, torch.maximum(residual, r), residual)
+    fast.release()
     out = []
     for g, r in zip(groups, residual.split(counts)):
         worst = float(r.max()) if r.numel() else 0.0
@@ -263,6 +312,180 @@ def gradient_norms(group: Any, theta: Mapping[str, Tensor]) -> Tensor | None:
     return None
 
 
+class _FastGroups:
+    """The built-in quadratic kinds (:class:`~torch_conslaw.lawgroups.UnitLaws`,
+    :class:`~torch_conslaw.lawgroups.MatrixLaws`, :class:`~torch_conslaw.laws.groups.NormScaleLaws`)
+    whose readers all select entries (a ``Rows`` / ``Columns`` reader, or a reader that returns
+    a non-overlapping view of its input) and read no entry twice: their ‖∇h_l‖ and
+    ⟨∇h_l, g⟩ are sums of one term per (parameter, reader), computed from that parameter
+    alone, in its own dtype (a selection commutes with the exact cast to float64). Nothing
+    parameter-sized is copied, and a gradient is folded in as soon as it is complete.
+
+    With reader rows r(·) (one row per law, or per unit of a matrix law) and coefficient c
+    (+1 incoming, −k outgoing for a unit law; +1 / −1 for a matrix law; +1 for a scale law):
+    a unit or scale law h_l = Σ c ‖r_l(θ)‖² has ∇h_l · g = 2 Σ c ⟨r_l(θ), r_l(g)⟩ and
+    ‖∇h_l‖ = 2 sqrt(Σ c² ‖r_l(θ)‖²); a matrix law Q_ij = Σ c ⟨r_i(θ), r_j(θ)⟩ has
+    ∇Q_ij · g = (M + Mᵀ)_ij with M = Σ c r(θ) r(g)ᵀ, and the norms of :func:`gradient_norms`.
+    """
+
+    def __init__(self, groups: Sequence[Any], params: Mapping[str, Tensor]) -> None:
+        self.groups = list(groups)
+        self.terms: dict[str, list[tuple[int, Any, float]]] = defaultdict(list)
+        self.members: set[int] = set()
+        self._acc: dict[int, Tensor] = {}
+        self._scratch: Tensor | None = None  # float64, as large as the largest parameter read
+        for i, g in enumerate(self.groups):
+            terms = _selection_terms(g, params)
+            if terms is None:
+                continue
+            self.members.add(i)
+            for name, fn, c in terms:
+                self.terms[name].append((i, fn, c))
+
+    def _float64(self, w: Tensor) -> Tensor:
+        """``w`` in float64 in a reused buffer (no fresh parameter-sized allocation per call)."""
+        if self._scratch is None or self._scratch.numel() < w.numel() or self._scratch.device != w.device:
+            self._scratch = torch.empty(w.numel(), dtype=F64, device=w.device)
+        return self._scratch[: w.numel()].view(w.shape).copy_(w)
+
+    def release(self) -> None:
+        self._scratch = None
+
+    def _is_matrix(self, i: int) -> bool:
+        from ..lawgroups import MatrixLaws
+
+        return type(self.groups[i]) is MatrixLaws
+
+    def norms(self, params: Mapping[str, Tensor]) -> dict[int, Tensor]:
+        """‖∇h_l‖ of every law of every fast group, by group index."""
+        sq: dict[int, Tensor] = {}
+        with torch.no_grad():
+            for name, terms in self.terms.items():
+                squares = self._float64(params[name].detach()).square_()  # one parameter at a time
+                for i, fn, c in terms:
+                    term = _row_sums(fn(squares)).mul_(c * c)
+                    sq[i] = term if i not in sq else sq[i] + term
+        out = {}
+        for i, s in sq.items():
+            if self._is_matrix(i):
+                g = self.groups[i]
+                a, b = g._rows_idx.to(s.device), g._cols_idx.to(s.device)
+                out[i] = torch.where(a == b, 2.0 * s[a].sqrt(), (s[a] + s[b]).sqrt())
+            else:
+                out[i] = 2.0 * s.clamp_min(0).sqrt()
+        return out
+
+    def accumulate(self, name: str, grad: Tensor, params: Mapping[str, Tensor], chosen: set[int]) -> None:
+        """Fold the gradient of one parameter into the dot products of the ``chosen`` groups."""
+        with torch.no_grad():
+            w = params[name].detach()
+            products: Tensor | None = None  # θ ∘ g in float64, shared by the per-row terms
+            for i, fn, c in self.terms.get(name, ()):
+                if i not in chosen:
+                    continue
+                if self._is_matrix(i):
+                    term = torch.mm(_rows_of(fn(w).to(F64)), _rows_of(fn(grad).to(F64)).T).mul_(c)
+                else:
+                    if products is None:
+                        products = self._float64(w).mul_(grad)
+                    term = _row_sums(fn(products)).mul_(2.0 * c)
+                if i in self._acc:
+                    self._acc[i].add_(term)
+                else:
+                    self._acc[i] = term
+
+    def dots(self, chosen: Sequence[int]) -> dict[int, Tensor]:
+        """⟨∇h_l, g⟩ of the ``chosen`` groups for the gradients folded in since the last call."""
+        out = {}
+        for i in chosen:
+            g = self.groups[i]
+            acc = self._acc.pop(i, None)
+            if acc is None:
+                out[i] = torch.zeros(int(g.count), dtype=F64)
+            elif self._is_matrix(i):
+                out[i] = (acc + acc.T)[g._rows_idx.to(acc.device), g._cols_idx.to(acc.device)]
+            else:
+                out[i] = acc
+        self._acc.clear()
+        return out
+
+
+def _rows_of(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _row_sums(x: Tensor) -> Tensor:
+    """Sum over every axis but the first (any strides, no copy)."""
+    return x.sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x.clone()
+
+
+def _selection_terms(group: Any, params: Mapping[str, Tensor]) -> list[tuple[str, Any, float]] | None:
+    """``(parameter, reader, coefficient)`` of a fast group (see :class:`_FastGroups`), or ``None``."""
+    from ..lawgroups import MatrixLaws, UnitLaws
+    from .groups import NormScaleLaws
+
+    if type(group) is UnitLaws:
+        terms = [(n, fn, 1.0) for n, fn in group.pair.incoming]
+        terms += [(n, fn, -float(group.degree)) for n, fn in group.pair.outgoing]
+    elif type(group) is MatrixLaws:
+        terms = [(n, fn, 1.0) for n, fn in group.pair.incoming] + [(n, fn, -1.0) for n, fn in group.pair.outgoing]
+    elif type(group) is NormScaleLaws:
+        terms = [(n, fn, 1.0) for n, fn in group.readers]
+    else:
+        return None
+    by_name: dict[str, list[Any]] = defaultdict(list)
+    for name, fn, _ in terms:
+        if name not in params or not _selects(fn, tuple(params[name].shape)):
+            return None
+        by_name[name].append(fn)
+    for name, fns in by_name.items():
+        if len(fns) > 1 and not _disjoint(fns):
+            return None
+    return [(name, _without_gather(fn, tuple(params[name].shape)), c) for name, fn, c in terms]
+
+
+def _without_gather(fn: Any, shape: tuple[int, ...]) -> Any:
+    """A ``Rows`` / ``Columns`` reader of every row / column in order is a view: use it."""
+    from ..accounting import _as_view
+
+    idx = getattr(fn, "idx", None)
+    view = _as_view(fn, shape, int(idx.shape[0])) if isinstance(idx, Tensor) and idx.dim() else None
+    return fn if view is None else view
+
+
+def _selects(fn: Any, shape: tuple[int, ...]) -> bool:
+    """True when ``fn`` only selects entries of its input, each at most once: a ``Rows`` /
+    ``Columns`` reader with distinct indices, or a reader that returns its input or a view of
+    it (same dtype, no entry twice), tried on a ``meta`` tensor (no data)."""
+    from .families.rescaling import Columns, Rows
+
+    if isinstance(fn, (Rows, Columns)):
+        return int(fn.idx.numel()) == int(torch.unique(fn.idx).numel())
+    w = torch.empty(shape, device="meta")
+    version = w._version
+    try:
+        out = fn(w)
+    except Exception:  # not runnable on meta tensors: the generic path decides
+        return False
+    if not isinstance(out, Tensor) or out.dtype != w.dtype or w._version != version:
+        return False
+    if not (out is w or (out._is_view() and out._base is w)):
+        return False
+    return int(torch._debug_has_internal_overlap(out)) == 0
+
+
+def _disjoint(fns: list[Any]) -> bool:
+    """Several readers of one parameter in one group read disjoint entries (all ``Rows`` or
+    all ``Columns``, with distinct indices over all of them); anything else: not known."""
+    from .families.rescaling import Columns, Rows
+
+    for kind in (Rows, Columns):
+        if all(type(fn) is kind for fn in fns):
+            idx = torch.cat([fn.idx.reshape(-1) for fn in fns])
+            return int(idx.numel()) == int(torch.unique(idx).numel())
+    return False
+
+
 def _reads_each_entry_once(readers: Any, theta: Mapping[str, Tensor]) -> bool:
     """True when every reader only selects entries (probed: shifting the input by one shifts
     the output by one) and no entry of a parameter is read twice across all the readers."""
@@ -336,19 +559,49 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
 
 
 def _cotangent_gradients(
-    model: nn.Module, example_input: Any, k: int, loss: str | None, class_axis: int, gen: torch.Generator
-) -> Iterator[dict[str, Tensor]]:
-    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, by parameter,
-    one after the other (the forward graph is kept between them; the model's train flags and
-    the default dtype are restored when the generator is exhausted or closed)."""
+    model: nn.Module,
+    example_input: Any,
+    k: int,
+    loss: str | None,
+    class_axis: int,
+    gen: torch.Generator,
+    names: Sequence[str],
+    on_gradient: Callable[[str, Tensor], None],
+    keep: set[str],
+) -> Iterator[tuple[dict[str, Tensor], float]]:
+    """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, one after the
+    other (the forward graph is kept between them; the model's train flags and the default
+    dtype are restored when the generator is exhausted or closed).
+
+    Gradients are taken with respect to the parameters ``names`` only (those the laws read:
+    ∇h is zero elsewhere, so ⟨∇h, ∂fᵀu⟩ needs no other entry; the other parameters still
+    take part in the float64 forward and backward passes, as constants). Each parameter's
+    gradient is handed to ``on_gradient(name, grad)`` as soon as the backward pass has
+    completed it, and then freed, except for the parameters in ``keep``, whose gradients are
+    yielded with ‖∂fᵀu‖² over ``names``.
+    """
     from ..structure.finder import _split_input  # one definition of how an example input is called
 
     args, kwargs = _split_input(_to_float64(example_input))
-    params = {n: p.detach().to(F64).requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
-    fixed = {n: p.detach().to(F64) for n, p in model.named_parameters() if not p.requires_grad}
+    wanted = set(names)
+    params = {n: p.detach().to(F64).requires_grad_() for n, p in model.named_parameters() if n in wanted}
+    fixed = {n: p.detach().to(F64) for n, p in model.named_parameters() if n not in wanted}
     fixed.update(
         {n: (b.detach().to(F64) if b.is_floating_point() else b.detach().clone()) for n, b in model.named_buffers()}
     )
+    kept: dict[str, Tensor] = {}
+    norm_sq = [0.0]
+
+    def on_accumulated(name: str) -> Callable[[Tensor], None]:
+        def hook(leaf: Tensor) -> None:
+            grad, leaf.grad = leaf.grad, None
+            assert grad is not None
+            norm_sq[0] += float(torch.linalg.vector_norm(grad)) ** 2
+            on_gradient(name, grad)
+            if name in keep:
+                kept[name] = grad
+
+        return hook
 
     def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
         out = torch.func.functional_call(model, {**p, **fixed}, args, kwargs)
@@ -356,10 +609,11 @@ def _cotangent_gradients(
 
     training = {m: m.training for m in model.modules()}
     default = torch.get_default_dtype()
+    handles = [p.register_post_accumulate_grad_hook(on_accumulated(n)) for n, p in params.items()]
     try:
         torch.set_default_dtype(F64)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            # plain reverse mode (torch.autograd.grad) rather than torch.func.vjp: BatchNorm's
+            # plain reverse mode (torch.autograd.backward) rather than torch.func.vjp: BatchNorm's
             # in-place running-statistics update on the buffer copies is fine here
             outs = f(params)
             if not outs:
@@ -371,9 +625,19 @@ def _cotangent_gradients(
                     if loss == "cross_entropy":
                         u = u - u.mean(dim=class_axis, keepdim=True)
                     us.append(u)
-                grads = torch.autograd.grad(outs, list(params.values()), us, retain_graph=True, allow_unused=True)
-                yield {n: torch.zeros_like(p) if t is None else t.detach() for (n, p), t in zip(params.items(), grads)}
+                reached = [(o, u) for o, u in zip(outs, us) if o.requires_grad]
+                kept.clear()
+                norm_sq[0] = 0.0
+                if reached and params:
+                    torch.autograd.backward(
+                        [o for o, _ in reached], [u for _, u in reached], retain_graph=True,
+                        inputs=list(params.values()),
+                    )
+                yield dict(kept), norm_sq[0]
+                kept.clear()
     finally:
+        for handle in handles:
+            handle.remove()
         torch.set_default_dtype(default)
         for m, flag in training.items():
             m.train(flag)

@@ -98,6 +98,64 @@ def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
     return op.kwargs.get(name, default)
 
 
+def _matmul_form(eq: str, operands: int) -> tuple[list[int], list[int], str, str] | str:
+    """An einsum equation of two operands read as a batched matrix product ``A @ B``: the axis
+    orders that bring A to (batch…, row, k) and B to (batch…, k, column), the output's letters
+    and the canonical output letters (batch…, row, column); or why it is not one (a string)."""
+    if operands != 2:
+        return f"has {operands} operand(s), not 2"
+    if "->" not in eq or "." in eq:
+        return "has no explicit output or uses an ellipsis"
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2 or not all(p.isalpha() for p in parts) or not (out.isalpha() or out == ""):
+        return "is not of the form ab,cd->ef"
+    la, lb = parts
+    if any(len(set(x)) != len(x) for x in (la, lb, out)):
+        return "repeats an index within one operand (a diagonal or a trace)"
+    if set(out) - set(la) - set(lb):
+        return "has an output index that no operand has"
+    summed = [ch for ch in (la + lb) if ch not in out]
+    contracted = [ch for ch in la if ch in lb and ch not in out]
+    if set(summed) != set(contracted) or len(contracted) != 1:
+        return "does not contract exactly one index shared by both operands (sums or contracts others)"
+    k = contracted[0]
+    batch = [ch for ch in out if ch in la and ch in lb]
+    rows = [ch for ch in out if ch in la and ch not in lb]
+    cols = [ch for ch in out if ch in lb and ch not in la]
+    if len(rows) > 1 or len(cols) > 1:
+        return "keeps several free indices of one operand (not a matrix product)"
+    if not rows and not cols:
+        return "is a dot product (no free index)"
+    if not rows or not cols:
+        return "is a matrix-vector product (one operand has no free index)"
+    order_a, order_b = batch + [rows[0], k], batch + [k, cols[0]]
+    canon = "".join(batch + [rows[0], cols[0]])
+    return [la.index(ch) for ch in order_a], [lb.index(ch) for ch in order_b], out, canon
+
+
+def _linear_form(eq: str, param: int) -> tuple[int, str] | str:
+    """An einsum of units x and a parameter matrix W (operand ``param``) that is the linear map
+    ``x @ W`` or ``x @ Wᵀ`` along one axis of x (``bti,io->bto``, ``bti,oi->bto``): the
+    contracted axis of x and the layout of W (``rows``: W is [in, out], ``cols``: [out, in]);
+    or why it is not one (a string)."""
+    if "->" not in eq or "." in eq or eq.count(",") != 1:
+        return "is not of the form ab,cd->ef"
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    lw, lx = parts[param], parts[1 - param]
+    if any(len(set(t)) != len(t) for t in (lx, lw, out)) or len(lw) != 2:
+        return "does not read the units with a parameter matrix"
+    shared = [ch for ch in lw if ch in lx]
+    if len(shared) != 1 or shared[0] in out:
+        return "does not contract the units with exactly one axis of the parameter"
+    k = shared[0]
+    o = lw.replace(k, "")
+    if o in lx or sorted(out) != sorted(lx.replace(k, "") + o):
+        return "is not a linear map of the units along one axis"
+    return lx.index(k), "rows" if lw.index(k) == 0 else "cols"
+
+
 # ---------------------------------------------------------------------------------------------
 # sites, carries, events
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +485,9 @@ class _Propagation:
         if name in _MATMUL:
             self._matmul(op, carried)
             return
+        if name == "einsum":
+            self._einsum(op)
+            return
         if name == "scaled_dot_product_attention":
             self._sdpa(op, carried)
             return
@@ -585,9 +646,17 @@ class _Propagation:
             raise _Barrier("a parameter multiplies the units from the left")
         sa = self.state.get(a.vid) if isinstance(a, Val) else None
         sb = self.state.get(b.vid) if isinstance(b, Val) else None
+        emitted = self._product(op, sa, sb, g.shapes[op.outputs[0]])
+        if emitted is not None:
+            self.emit(op, emitted[0], emitted[1], emitted[2])
+
+    def _product(
+        self, op: Op, sa: _Carry | None, sb: _Carry | None, out_shape: tuple[int, ...]
+    ) -> tuple[Tensor, bool, float] | None:
+        """``A @ B`` (batch axes first) for the carried factors: passing units, or one side of a
+        pairing; returns what the product emits (probe, matrix, degree), if anything."""
         if (sa is not None and sa.probe.dim() < 2) or (sb is not None and sb.probe.dim() < 2):
             raise _Barrier("a vector product")
-        out_shape = g.shapes[op.outputs[0]]
         batch = out_shape[:-2]
         emitted = None
         if sa is not None:
@@ -608,10 +677,54 @@ class _Propagation:
                 self._side(op, "B", sb, sb.probe[..., :, 0], batch)
             else:
                 raise _Barrier("the units lie on both axes of a matrix product")
+        if emitted is not None and op.index in self.sides:
+            raise _Barrier("a product of passing units with paired units")
+        return emitted
+
+    # -- einsum (a matrix product written as an equation) --------------------------------------
+
+    def _einsum(self, op: Op) -> None:
+        """``torch.einsum`` of two operands that is a (batched) matrix product: one contracted
+        index, every other index kept; followed as ``A @ B`` with the operands' axes moved to
+        (batch, row, contraction) / (batch, contraction, column), so ``bhqd,bhkd->bhqk`` and
+        ``bhqk,bhkd->bhqd`` give the same pairings and blocks as ``q @ kᵀ`` and ``P @ V``. A
+        parameter operand is a consumer (``bti,io->bto``). Anything else is refused, naming
+        the equation."""
+        eq = op.args[0] if op.args else op.kwargs.get("equation")
+        operands = list(op.args[1:])
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        if not isinstance(eq, str):
+            raise _Barrier("einsum without an equation string")
+        eq = eq.replace(" ", "")
+        g = self.g
+        if len(operands) == 2:
+            for x, w, which in ((operands[0], operands[1], 1), (operands[1], operands[0], 0)):
+                if isinstance(w, Val) and w.vid in g.params and isinstance(x, Val) and x.vid in self.state:
+                    form = _linear_form(eq, which)
+                    if isinstance(form, str):
+                        raise _Barrier(f"einsum '{eq}' {form}")
+                    self._use(op, self.state[x.vid], g.params[w.vid], form[1], form[0])
+                    return
+        spec = _matmul_form(eq, len(operands))
+        if isinstance(spec, str):
+            raise _Barrier(f"einsum '{eq}' {spec}")
+        perm_a, perm_b, out_letters, canon = spec
+        a, b = operands
+        sa = self.state.get(a.vid) if isinstance(a, Val) else None
+        sb = self.state.get(b.vid) if isinstance(b, Val) else None
+        shape_a = g.shapes[a.vid] if isinstance(a, Val) else None
+        shape_b = g.shapes[b.vid] if isinstance(b, Val) else None
+        if shape_a is None or shape_b is None:
+            raise _Barrier(f"einsum '{eq}' with an operand that is not a tensor")
+        ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree)
+        cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree)
+        out_shape = g.shapes[op.outputs[0]]
+        canon_shape = tuple(out_shape[out_letters.index(ch)] for ch in canon)
+        emitted = self._product(op, ca, cb, canon_shape)
         if emitted is not None:
-            if op.index in self.sides:
-                raise _Barrier("a product of passing units with paired units")
-            self.emit(op, emitted[0], emitted[1], emitted[2])
+            back = [canon.index(ch) for ch in out_letters]
+            self.emit(op, emitted[0].permute(back), emitted[1], emitted[2])
 
     def _pass_through(self, c: _Carry, base: Tensor, out_shape: tuple[int, ...], nbatch: int) -> tuple[Tensor, bool, float]:
         probe = base.expand(out_shape)

@@ -42,7 +42,8 @@ class Rows:
         self.idx = idx.to(torch.long)
 
     def __call__(self, w: Tensor) -> Tensor:
-        out = w[self.idx.to(w.device)]
+        idx = self.idx.to(w.device)  # index_select: the same gather as w[idx], several times faster
+        out = w.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *w.shape[1:])
         return out.unsqueeze(-1) if w.dim() == 1 else out
 
     def __repr__(self) -> str:
@@ -56,7 +57,8 @@ class Columns:
         self.idx = idx.to(torch.long)
 
     def __call__(self, w: Tensor) -> Tensor:
-        out = w[:, self.idx.to(w.device)]
+        idx = self.idx.to(w.device)  # index_select: the same gather as w[:, idx], several times faster
+        out = w.index_select(1, idx.reshape(-1)).reshape(w.shape[0], *idx.shape, *w.shape[2:])
         return out.movedim(0, self.idx.dim())
 
     def __repr__(self) -> str:
