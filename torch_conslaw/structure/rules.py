@@ -717,8 +717,8 @@ class _Propagation:
         shape_b = g.shapes[b.vid] if isinstance(b, Val) else None
         if shape_a is None or shape_b is None:
             raise _Barrier(f"einsum '{eq}' with an operand that is not a tensor")
-        ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree)
-        cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree)
+        ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree, sa.pure)
+        cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree, sb.pure)
         out_shape = g.shapes[op.outputs[0]]
         canon_shape = tuple(out_shape[out_letters.index(ch)] for ch in canon)
         emitted = self._product(op, ca, cb, canon_shape)
