@@ -147,6 +147,11 @@ class ConservationMonitor:
             on the training thread (:mod:`torch_conslaw.budget`); every recorded step keeps
             its exact split, and ``summary()`` / ``history()["step"]`` say which steps were
             recorded. Exclusive with ``every`` / ``log_spaced``.
+        evaluation: how the per-unit laws are evaluated (:class:`~torch_conslaw.accounting.Accountant`):
+            ``"eager"`` (chunked torch operations, needs nothing) or ``"compiled"`` (one fused
+            TorchInductor kernel per record, compiled at the first record, seconds; equal to
+            the eager records up to float64 summation order; falls back to eager with a
+            warning where no compiler is found). Every recorder uses the same evaluator.
 
     Snapshot recording (``recording="snapshot"``, formerly ``asynchronous=True``): at a recorded step the training thread
     only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
@@ -197,6 +202,7 @@ class ConservationMonitor:
         recording: str = "sync",
         overhead_budget: float | OverheadBudget | None = None,
         loss: str | None = None,
+        evaluation: str = "eager",  # fused evaluation (torch_conslaw.evaluation)
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -268,7 +274,7 @@ class ConservationMonitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._accountant = Accountant(self.groups)
+        self._accountant = Accountant(self.groups, evaluation)  # fused evaluation (torch_conslaw.evaluation)
         self._async: AsyncRecorder | None = None
         self._live: LiveReader | None = None
         # --- recorder selection (torch_conslaw.recorders) ---
