@@ -174,14 +174,14 @@ class CompiledLaws:
 
 
 def _compile(fn: Callable[..., Tensor], tensors: Sequence[Tensor]) -> Callable[..., Tensor]:
-    """``fn`` traced to ATen ops on empty tensors of the layout of ``tensors`` and compiled by
-    TorchInductor (no Dynamo: no guards at call time)."""
+    """``fn`` traced to ATen ops on fake tensors of the layout of ``tensors`` (no memory, no
+    arithmetic) and compiled by TorchInductor (no Dynamo: no guards at call time)."""
     from torch._inductor import compile as inductor_compile
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in tensors]
+    examples = [t.detach() for t in tensors]  # only their layout is used: traced on fake tensors
     with torch.no_grad():
-        graph = make_fx(fn)(*examples)
+        graph = make_fx(fn, tracing_mode="fake")(*examples)
         compiled = inductor_compile(graph, examples)
 
     def run(*inputs: Tensor) -> Tensor:
