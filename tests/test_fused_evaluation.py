@@ -137,7 +137,8 @@ def _train(recording: str, split: bool) -> dict:
 @needs_compiler
 @pytest.mark.slow
 @pytest.mark.parametrize("split", [True, False])
-def test_compiled_records_are_bitwise_the_same_for_every_recorder(split, one_torch_thread):
+def test_compiled_records_are_bitwise_the_same_for_every_recorder(split):
+    # default threads: the workers run with one torch thread of their own, the kernels not
     sync = _train("sync", split)
     for recording in ("snapshot", "live"):
         other = _train(recording, split)

@@ -367,6 +367,8 @@ class Accountant:
     products are the same; only the summation order differs (bound in
     :mod:`torch_conslaw.evaluation`). Without a compiler, or when compiling fails, it warns
     and stays on the eager path. :meth:`initial` (values and scales, once) always runs eagerly.
+    The kernels use the torch thread count of the thread that built the accountant, whichever
+    thread calls them (a recorder's worker too), so records stay bitwise equal across recorders.
 
     Example:
         >>> import torch
@@ -388,6 +390,7 @@ class Accountant:
         self.names = sorted({n for g in self.groups for n in g.parameter_names})
         self._fast: _FastPlan | None = None
         self.evaluation = evaluation
+        self._threads = torch.get_num_threads()  # the compiled kernels' (the constructing thread's)
         self._compiled: CompiledLaws | None = None
         self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
 
@@ -403,7 +406,7 @@ class Accountant:
             if not compiler_available(fast.device.type):
                 self._give_up(f"no compiler for {fast.device.type} tensors was found")
                 return None
-            self._compiled = CompiledLaws(fast.spec, len(fast.fast_names))
+            self._compiled = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
             self._compiled_for = fast
         return self._compiled
 

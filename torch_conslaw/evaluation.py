@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -137,8 +138,9 @@ class CompiledLaws:
     ``[3, laws]`` float64 tensor (h(θ⁺), first order, second order). A kernel is compiled on
     the first call with a given layout of the inputs (shapes, strides, dtypes, device;
     seconds, cached on disk by Inductor) and reused for every later call with that layout.
-    The kernels are plain functions of their inputs: results are bitwise the same whichever
-    thread calls them, with the same torch thread count.
+    CPU kernels run on ``threads`` OpenMP threads, fixed at construction: how a reduction is
+    split depends on it, so it is part of the kernel, and results are bitwise the same
+    whichever thread calls (or compiled) them.
 
     Example:
         >>> import torch
@@ -148,9 +150,10 @@ class CompiledLaws:
         [1.0, 1.0, 1.0]
     """
 
-    def __init__(self, spec: Sequence[GroupSpec], count: int) -> None:
+    def __init__(self, spec: Sequence[GroupSpec], count: int, threads: int = 1) -> None:
         self.spec = list(spec)
         self.count = count
+        self.threads = threads
         self.reference_values = _values_fn(self.spec, count)
         self.reference_split = _split_fn(self.spec, count)
         self._kernels: dict[tuple, Callable[..., Tensor]] = {}
@@ -160,7 +163,7 @@ class CompiledLaws:
         kernel = self._kernels.get(key)
         if kernel is None:
             fn = self.reference_values if kind == "values" else self.reference_split
-            kernel = self._kernels[key] = _compile(fn, tensors)
+            kernel = self._kernels[key] = _compile(fn, tensors, self.threads)
         return kernel
 
     def values(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -173,16 +176,19 @@ class CompiledLaws:
         return self._kernel("split", tensors)(*tensors)
 
 
-def _compile(fn: Callable[..., Tensor], tensors: Sequence[Tensor]) -> Callable[..., Tensor]:
+def _compile(fn: Callable[..., Tensor], tensors: Sequence[Tensor], threads: int) -> Callable[..., Tensor]:
     """``fn`` traced to ATen ops on fake tensors of the layout of ``tensors`` (no memory, no
     arithmetic) and compiled by TorchInductor (no Dynamo: no guards at call time)."""
     from torch._inductor import compile as inductor_compile
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = [t.detach() for t in tensors]  # only their layout is used: traced on fake tensors
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's own, inside the compiler
         graph = make_fx(fn, tracing_mode="fake")(*examples)
-        compiled = inductor_compile(graph, examples)
+        # the thread count is part of the kernel (how reductions are split): fixed here, not
+        # taken from whichever thread compiles, so every caller gets the same bits
+        compiled = inductor_compile(graph, examples, options={"cpp.threads": threads})
 
     def run(*inputs: Tensor) -> Tensor:
         out = compiled(*inputs)
