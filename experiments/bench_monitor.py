@@ -8,31 +8,37 @@ time(monitored) / time(plain)):
 * ``mlp_2threads`` — the 784-512-512-10 ReLU MLP at batch 128 (SGD), 2 torch threads:
   ``default`` (``ConservationMonitor(model)``: synchronous, every step, split),
   ``auto-budget`` (``recording="auto", overhead_budget=0.03``: what "bounded by default"
-  would be), ``sync-values`` / ``sync-split`` (``every=1``,
-  ``recording="sync"``), ``snapshot-split``, ``live-split``, and reference post-step hooks
-  doing only part of the work (``floors``: one float32 read of θ, a native copy, a float64
-  conversion, the law values alone);
+  would be), ``sync-values`` / ``sync-split`` (``every=1``, ``recording="sync"``, the eager
+  evaluation), ``sync-values-compiled`` / ``sync-split-compiled`` (the same with
+  ``evaluation="compiled"``: one fused kernel per record), ``snapshot-split``, ``live-split``,
+  and reference post-step hooks doing only part of the work (``floors``: one float32 read
+  of θ, a native copy, a float64 conversion, the law values alone);
 * ``mlp_1thread`` — the same model, 1 torch thread (a core left free): ``sync-values``,
-  ``sync-split``, ``live-values``, ``live-split``, ``default``, ``auto-budget``;
+  ``sync-split`` and their ``-compiled`` rows, ``live-values``, ``live-split``, ``default``,
+  ``auto-budget``;
 * ``block_2threads`` — a LLaMA-style pre-norm transformer block in plain torch (RMSNorm,
   q/k/v/o projections with causal attention, RMSNorm, SwiGLU MLP, residuals; d=256, 4 heads,
-  sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-split``;
-* ``memory`` — peak RSS of a fresh process training a 1024-4096-4096-1024 ReLU MLP (25.2 M
-  parameters) for 6 steps without the monitor, with it (split) and values only; the
-  overhead over the parameters' float32 bytes.
+  sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-split``,
+  ``sync-values-compiled``, ``sync-split-compiled``;
+* ``memory`` — the monitor's extra peak memory on a 1024-4096-4096-1024 ReLU MLP (25.2 M
+  float32 parameters): in a fresh process per mode, the rise of the peak RSS when the
+  monitor is built and attached after 3 plain training steps and 6 more steps run
+  (``none``: the noise of the probe; ``split``, ``values`` and their ``-compiled`` modes),
+  as a ratio of the parameters' native bytes.
 
 The ``-async``/``-live`` monitors are flushed after the timing (a ``snapshot`` block ends
 with ``flush()`` inside its timing, so its worker does not run into another training's
-block). Results go to ``<out>/bench_monitor.json``; the load average at the start and end is
-recorded with them (the machine may be shared).
+block). Results go to ``<out>/bench_monitor.json`` (default ``results/``); the load average
+at the start and end is recorded with them (the machine may be shared).
 
 Usage:
-    python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out figures] [--skip-memory]
+    python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out results] [--skip-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -110,6 +116,8 @@ def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], N
         "auto-budget": {"recording": "auto", "overhead_budget": 0.03},
         "sync-values": {"every": 1, "recording": "sync", "split": False},
         "sync-split": {"every": 1, "recording": "sync"},
+        "sync-values-compiled": {"every": 1, "recording": "sync", "split": False, "evaluation": "compiled"},
+        "sync-split-compiled": {"every": 1, "recording": "sync", "evaluation": "compiled"},
         "snapshot-split": {"every": 1, "recording": "snapshot"},
         "live-values": {"every": 1, "recording": "live", "split": False},
         "live-split": {"every": 1, "recording": "live"},
@@ -190,37 +198,71 @@ def phase(model_kind: str, settings: list[str], threads: int, device: str, block
 
 
 def memory_probe(mode: str, steps: int = 6) -> dict:
-    """Peak RSS of this process training the 25 M-parameter MLP (mode: none, split, values)."""
+    """The monitor's extra peak memory on the 25 M-parameter MLP, in this (fresh) process:
+    train 3 plain steps (the peak of training alone: parameters, gradients, activations),
+    then build and attach the monitor (``mode``: ``none``, ``split``, ``values``, or either
+    with ``-compiled``) and train ``steps`` more; the extra is the rise of the peak RSS.
+    Before the baseline, a monitor with the same options records two steps of a tiny MLP:
+    code, lazy imports and caches (the compiler's, for ``-compiled``) do not grow with θ and
+    are not counted; what a new kernel's compilation allocates still is."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = make_mlp(LARGE_WIDTHS)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if mode != "none":
-        ConservationMonitor(model, split=mode == "split", every=1, recording="sync").attach(opt)
     x, y = torch.randn(4, LARGE_WIDTHS[0]), torch.randn(4, LARGE_WIDTHS[-1])
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"params": sum(p.numel() for p in model.parameters()), "peak_bytes": peak}
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    compiled = mode.endswith("-compiled")
+    options = {
+        "split": mode.removesuffix("-compiled") == "split",
+        "every": 1,
+        "recording": "sync",
+        "evaluation": "compiled" if compiled else "eager",
+    }
+    if mode != "none":  # code, lazy imports and caches that do not grow with the model
+        small = make_mlp((8, 16, 16, 4))
+        warm = torch.optim.SGD(small.parameters(), lr=1e-3)
+        ConservationMonitor(small, **options).attach(warm)
+        for _ in range(2):
+            warm.zero_grad()
+            small(torch.randn(2, 8)).sum().backward()
+            warm.step()
+    train(3)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    monitor = None
+    if mode != "none":
+        monitor = ConservationMonitor(model, **options).attach(opt)
+    train(steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    native = sum(p.numel() * p.element_size() for p in model.parameters())
+    recorded = monitor.num_steps if monitor is not None else 0
+    return {"params": sum(p.numel() for p in model.parameters()), "param_bytes": native, "extra_bytes": peak - base, "recorded": recorded}
+
+
+MEMORY_MODES = ("none", "split", "values", "split-compiled", "values-compiled")
 
 
 def memory() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """Each mode in a fresh process (peak RSS is per process); ratios to the native bytes."""
+    # a fixed mmap threshold: every large buffer is mapped and returned when freed, so the
+    # peak RSS follows the live tensors instead of glibc's adaptive heap (noise ~0.2x here)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     probes = {}
-    for mode in ("none", "split", "values"):
+    for mode in MEMORY_MODES:
         done = subprocess.run([sys.executable, __file__, "--memory-probe", mode], env=env, capture_output=True, text=True, check=True)
         probes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    param_bytes = 4 * probes["none"]["params"]
-    base = probes["none"]["peak_bytes"]
+    native = probes["none"]["param_bytes"]
     return {
-        "model": "-".join(map(str, LARGE_WIDTHS)) + " ReLU MLP",
+        "model": "-".join(map(str, LARGE_WIDTHS)) + " ReLU MLP, float32",
         "params": probes["none"]["params"],
-        "param_bytes_float32": param_bytes,
-        "peak_mib": {m: p["peak_bytes"] / 2**20 for m, p in probes.items()},
-        "overhead_split_x_params": (probes["split"]["peak_bytes"] - base) / param_bytes,
-        "overhead_values_x_params": (probes["values"]["peak_bytes"] - base) / param_bytes,
+        "param_bytes_native": native,
+        "extra_mib": {m: p["extra_bytes"] / 2**20 for m, p in probes.items()},
+        "extra_x_params": {m: p["extra_bytes"] / native for m, p in probes.items()},
         "targets": {"split": 1.25, "values": 0.01},
     }
 
@@ -230,7 +272,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12, help="interleaved timing blocks per phase")
     parser.add_argument("--steps", type=int, default=20, help="training steps per block")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("figures"))
+    parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--skip-memory", action="store_true", help="leave out the 25 M-parameter memory probes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,13 +282,20 @@ def main() -> None:
     # the 2-thread phases time snapshot/live recorders on purpose without a free core
     warnings.filterwarnings("ignore", message=".*competes with training")
     load = [os.getloadavg()[0]]
-    mlp_settings = ["default", "auto-budget", "sync-values", "sync-split", "snapshot-split", "live-split", *FLOORS]
+    mlp_settings = [
+        "default", "auto-budget", "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled",
+        "snapshot-split", "live-split", *FLOORS,
+    ]
     result = {
         "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
         "mlp_1thread": phase(
-            "mlp", ["sync-values", "sync-split", "live-values", "live-split", "default", "auto-budget"], 1, args.device, args.blocks, args.steps
+            "mlp",
+            ["sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "live-values", "live-split", "default", "auto-budget"],
+            1, args.device, args.blocks, args.steps,
         ),
-        "block_2threads": phase("block", ["default", "auto-budget", "sync-split"], 2, args.device, args.blocks, args.steps),
+        "block_2threads": phase(
+            "block", ["default", "auto-budget", "sync-split", "sync-values-compiled", "sync-split-compiled"], 2, args.device, args.blocks, args.steps
+        ),
     }
     if not args.skip_memory:
         result["memory"] = memory()
@@ -273,10 +322,8 @@ def main() -> None:
             print(f"  {setting:<18} {100 * x:+6.1f} %{extra}")
     if "memory" in result:
         m = result["memory"]
-        print(
-            f"memory, {m['params'] / 1e6:.1f} M params: split {m['overhead_split_x_params']:.2f}x the float32 "
-            f"parameter bytes (target ≤ 1.25x), values only {m['overhead_values_x_params']:.3f}x (target ≤ 0.01x)"
-        )
+        ratios = ", ".join(f"{k} {v:.3f}x" for k, v in m["extra_x_params"].items())
+        print(f"memory, {m['params'] / 1e6:.1f} M params, extra peak / native parameter bytes: {ratios} (targets: split ≤ 1.25x, values ≤ 0.01x)")
     print(f"load average: {load[0]:.1f} → {load[1]:.1f} on {result['cores']} cores")
 
 

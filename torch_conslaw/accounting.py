@@ -25,17 +25,20 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .evaluation import CompiledLaws, GroupSpec, compiler_available
 from .lawgroups import LawGroup, UnitLaws, rearrangement_plan
 
-__all__ = ["Accountant", "split_change", "evaluate", "as_float64"]
+__all__ = ["Accountant", "split_change", "evaluate", "as_float64", "EVALUATIONS"]
 
 F64 = torch.float64
+EVALUATIONS = ("eager", "compiled")  # how Accountant evaluates the per-unit groups
 
 
 def as_float64(params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
@@ -71,13 +74,14 @@ def split_change(
 
 _CHUNK = 2**16  # CPU: elements per chunk, 512 KiB per float64 row, so the work stays in cache
 _CHUNK_ACCELERATOR = 2**24  # GPU: few, large launches (cache blocking matters less than launches)
-_SCRATCH_SHARE = 32  # the scratch rows hold at most 1/32 of the tracked elements each
+_SCRATCH_SHARE = 8  # the scratch rows hold at most 1/8 of the tracked elements each
 
 
 def _chunk_length(device: torch.device, total: int) -> int:
     """Elements per chunk: cache-sized on CPUs, launch-sized on accelerators, and never more
-    than ``total / _SCRATCH_SHARE`` (so the float64 scratch, 3 rows with the split, stays
-    under a tenth of the parameters' float32 bytes whatever the model)."""
+    than ``total / _SCRATCH_SHARE`` (so the float64 scratch stays under the parameters'
+    float32 bytes whatever the model; from 2**19 tracked elements on, it is the fixed
+    512 KiB per row of ``_CHUNK``: fewer, larger chunks cost fewer tensor operations)."""
     base = _CHUNK if device.type == "cpu" else _CHUNK_ACCELERATOR
     return max(1024, min(base, total // _SCRATCH_SHARE))
 
@@ -225,16 +229,26 @@ class _FastPlan:
         self.fast: list[tuple[LawGroup, list[_Use], list[_Use], float]] = []
         self.generic: list[LawGroup] = []
         uses_of: dict[str, list[_Use]] = {}
+        readers: list[tuple[list[tuple[str, _Use]], list[tuple[str, _Use]], float]] = []
         for g in groups:
             sides = self._plan(g, shape_of)
             if sides is None:
                 self.generic.append(g)
                 continue
             self.fast.append((g, [u for _, u in sides[0]], [u for _, u in sides[1]], float(g.degree)))
+            readers.append((sides[0], sides[1], float(g.degree)))
             for name, use in sides[0] + sides[1]:
                 uses_of.setdefault(name, []).append(use)
         chunk = _chunk_length(self.device, sum(shape_of[n].numel() for n in uses_of))
         self.work = [_ParamWork(n, shape_of[n].numel(), uses_of[n], chunk) for n in names if n in uses_of]
+        # the same evaluation as data, for the fused kernel (torch_conslaw.evaluation)
+        self.fast_names = [w.name for w in self.work]
+        index = {n: i for i, n in enumerate(self.fast_names)}
+        self.spec: list[GroupSpec] = [
+            tuple([(index[n], (u.a, u.u, u.b)) for n, u in side] for side in (inc, out)) + (degree,)  # type: ignore[misc]
+            for inc, out, degree in readers
+        ]
+        self.counts = [g.count for g, *_ in self.fast]
         self.generic_names = sorted({n for g in self.generic for n in g.parameter_names})
         self.longest = max((e - s for w in self.work for s, e in w.chunks), default=0)
         # rows → per parameter: [(start, end, rows of the scratch, reader steps)]
@@ -300,10 +314,10 @@ class _FastPlan:
             flat_b = before[w.name].detach().reshape(-1)
             whole = len(chunks) == 1
             for s, e, (_, theta, cross, delta), steps in chunks:
-                b = flat_b if whole else flat_b[s:e]
                 theta.copy_(flat_a if whole else flat_a[s:e])
-                torch.sub(theta, b, out=delta)  # Δ = θ⁺ − θ
-                torch.mul(b, delta, out=cross)  # θ∘Δ
+                cross.copy_(flat_b if whole else flat_b[s:e])  # exact; float64 ops below vectorize
+                torch.sub(theta, cross, out=delta)  # Δ = θ⁺ − θ
+                cross.mul_(delta)  # θ∘Δ
                 theta.mul_(theta)
                 delta.mul_(delta)
                 _run(steps)
@@ -348,6 +362,16 @@ class Accountant:
     parameters, made when the group is evaluated and freed right after (work memory: the
     largest such group, never all parameters).
 
+    ``evaluation="compiled"`` evaluates the fast groups instead with one fused kernel per
+    record (:class:`~torch_conslaw.evaluation.CompiledLaws`: TorchInductor, compiled on the
+    first call with a given input layout, seconds): each parameter is read once in its own
+    dtype, converted, multiplied and summed in registers, with no scratch at all. The float64
+    products are the same; only the summation order differs (bound in
+    :mod:`torch_conslaw.evaluation`). Without a compiler, or when compiling fails, it warns
+    and stays on the eager path. :meth:`initial` (values and scales, once) always runs eagerly.
+    The kernels use the torch thread count of the thread that built the accountant, whichever
+    thread calls them (a recorder's worker too), so records stay bitwise equal across recorders.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -359,10 +383,59 @@ class Accountant:
         torch.float64
     """
 
-    def __init__(self, groups: Sequence[LawGroup]) -> None:
+    def __init__(self, groups: Sequence[LawGroup], evaluation: str = "eager") -> None:
+        if evaluation not in EVALUATIONS:
+            raise ValueError(
+                f"Accountant: evaluation must be one of {', '.join(map(repr, EVALUATIONS))}, got {evaluation!r}"
+            )
         self.groups = list(groups)
         self.names = sorted({n for g in self.groups for n in g.parameter_names})
         self._fast: _FastPlan | None = None
+        self.evaluation = evaluation
+        self._threads = torch.get_num_threads()  # the compiled kernels' (the constructing thread's)
+        self._compiled: CompiledLaws | None = None
+        self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
+
+    def _kernel(self, fast: _FastPlan, tensors: list[Tensor]) -> CompiledLaws | None:
+        """The fused kernels of the fast groups (``evaluation="compiled"``), or ``None`` for
+        the chunked eager path: no compiler for the device, a failed compilation (then the
+        accountant stays eager, with a warning), or non-contiguous inputs."""
+        if self.evaluation != "compiled" or not fast.fast:
+            return None
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        if self._compiled is None or self._compiled_for is not fast:
+            if not compiler_available(fast.device.type):
+                self._give_up(f"no compiler for {fast.device.type} tensors was found")
+                return None
+            self._compiled = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
+            self._compiled_for = fast
+        return self._compiled
+
+    def _give_up(self, why: str) -> None:
+        warnings.warn(
+            f"Accountant: evaluation='compiled' is not available ({why}); the laws are evaluated "
+            "by the chunked eager path instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.evaluation = "eager"
+        self._compiled = None
+
+    def _fused(self, fast: _FastPlan, kind: str, *sides: Mapping[str, Tensor]) -> list[Tensor] | None:
+        """The fast groups' results from the fused kernel (``[laws]`` for values, ``[3, laws]``
+        for the split, split per group), or ``None`` when the eager path must run."""
+        tensors = [side[n].detach() for side in sides for n in fast.fast_names]
+        kernel = self._kernel(fast, tensors)
+        if kernel is None:
+            return None
+        try:
+            count = len(fast.fast_names)
+            flat = kernel.values(tensors) if kind == "values" else kernel.split(tensors[:count], tensors[count:])
+        except Exception as error:  # a compiler that cannot build the kernel: eager from now on
+            self._give_up(f"{type(error).__name__}: {error}")
+            return None
+        return list(flat.split(fast.counts, dim=-1))
 
     def _plan(self, tensors: list[Tensor], params: Mapping[str, Tensor]) -> _FastPlan | None:
         """The fast-path plan for these tensors (rebuilt when a shape or device changes);
@@ -392,7 +465,11 @@ class Accountant:
             out: dict[str, Tensor] = {}
             scales: dict[str, Tensor] = {}
             generic = self.groups if fast is None else fast.generic
-            if fast is not None and fast.fast:
+            fused = None if fast is None or with_scales else self._fused(fast, "values", params)
+            if fused is not None:
+                for (g, _, _, _), res in zip(fast.fast, fused):  # type: ignore[union-attr]
+                    out[g.name] = res
+            elif fast is not None and fast.fast:
                 results = fast.values(params)
                 if with_scales:
                     for (g, _, _, _), res in zip(fast.fast, fast.scales()):
@@ -423,7 +500,11 @@ class Accountant:
             values: dict[str, Tensor] = {}
             first: dict[str, Tensor] = {}
             second: dict[str, Tensor] = {}
-            if fast.fast:
+            fused = self._fused(fast, "split", before, after)
+            if fused is not None:
+                for (g, _, _, _), res in zip(fast.fast, fused):
+                    values[g.name], first[g.name], second[g.name] = res.unbind(0)
+            elif fast.fast:
                 for (g, _, _, _), res in zip(fast.fast, fast.split(before, after)):
                     values[g.name] = res[0]
                     first[g.name] = res[1].mul_(2.0)

@@ -116,6 +116,11 @@ class ConservationMonitor:
             on the training thread (:mod:`torch_conslaw.monitor.budget`); every recorded step keeps
             its exact split, and ``summary()`` / ``history()["step"]`` say which steps were
             recorded. Exclusive with ``every`` / ``log_spaced``.
+        evaluation: how the per-unit laws are evaluated (:class:`~torch_conslaw.accounting.Accountant`):
+            ``"eager"`` (chunked torch operations, needs nothing) or ``"compiled"`` (one fused
+            TorchInductor kernel per record, compiled at the first record, seconds; equal to
+            the eager records up to float64 summation order; falls back to eager with a
+            warning where no compiler is found). Every recorder uses the same evaluator.
 
     Snapshot recording (``recording="snapshot"``, formerly ``asynchronous=True``): at a recorded step the training thread
     only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
@@ -171,6 +176,7 @@ class ConservationMonitor:
         recording: str = "sync",
         overhead_budget: float | OverheadBudget | None = None,
         loss: str | None = None,
+        evaluation: str = "eager",
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -233,7 +239,7 @@ class ConservationMonitor:
                 stacklevel=2,
             )
         # evaluates the laws for every recorder (see the class doc)
-        self.evaluator: Accountant | ShardedLaws = Accountant(self.groups) if self._sharded is None else self._sharded
+        self.evaluator: Accountant | ShardedLaws = Accountant(self.groups, evaluation) if self._sharded is None else self._sharded
         # --- recorder selection (torch_conslaw.monitor.recorders) ---
         if asynchronous is not None:
             if recording != "sync":
