@@ -27,7 +27,7 @@ def run(eps: float) -> dict[str, dict]:
         nn.Linear(75, 8), nn.LayerNorm(8, eps=eps), nn.ReLU(), nn.Linear(8, 2),
     ).double()
     x, y = torch.randn(16, 2, 5, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
-    monitor = tc.ConservationMonitor(model, x)
+    monitor = tc.ConservationMonitor(model, x, every=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor.attach(opt)
     for _ in range(20):

@@ -44,7 +44,7 @@ def predicted_change(group, setup: dict, theta: dict, grad: dict, v_prev: dict, 
 
 def run(name: str, model: nn.Module, x: Tensor, y: Tensor, setup: dict, steps: int, lr: float) -> dict:
     opt = make_optimizer(model, setup["optimizer"], lr, setup.get("momentum", 0.0), setup.get("weight_decay", 0.0))
-    monitor = ConservationMonitor(model, track_broken=True).attach(opt)
+    monitor = ConservationMonitor(model, track_broken=True, every=1).attach(opt)
     records: list = []
     monitor.add_listener(records.append)  # the observed h(θ⁺) is the monitor's own record
     params = dict(model.named_parameters())

@@ -69,7 +69,7 @@ def main() -> None:
         train = not hasattr(model, "config")
         model.train(train)
         start = time.perf_counter()
-        monitor = ConservationMonitor(model, example)
+        monitor = ConservationMonitor(model, example, every=1)
         seconds = time.perf_counter() - start
         exact = [g for g in monitor.groups if g.kind != "approximate"]
         quadratic_groups = [g for g in exact if g.kind != "linear"]

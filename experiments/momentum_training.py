@@ -78,7 +78,7 @@ def train(name: str, lr: float, steps: int, initial_velocity: float = 0.0) -> tc
             opt.state[p]["momentum_buffer"] = initial_velocity * torch.randn(p.shape, generator=gen, dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the attention read-out is not a pair
-        monitor = tc.ConservationMonitor(model).attach(opt)
+        monitor = tc.ConservationMonitor(model, every=1).attach(opt)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x, y = batch(name, gen)
@@ -118,7 +118,7 @@ def relu_drift(h: float, heavy_ball: bool, total_time: float) -> float:
         opt = torch.optim.SGD(model.parameters(), lr=h * h, momentum=1.0 - h)
     else:  # gradient flow with step h: T = n h
         opt = torch.optim.SGD(model.parameters(), lr=h)
-    monitor = tc.ConservationMonitor(model, split=False).attach(opt)
+    monitor = tc.ConservationMonitor(model, split=False, every=1).attach(opt)
     for _ in range(round(total_time / h)):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()

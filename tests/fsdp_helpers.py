@@ -34,7 +34,7 @@ def train_monitored(
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     monitor.attach(optimizer)
     gen = torch.Generator().manual_seed(7)

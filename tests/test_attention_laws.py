@@ -117,7 +117,7 @@ def test_sgd_first_order_vanishes_and_drift_halves_with_the_step(name):
     drifts = []
     for lr, steps in ((4e-3, 10), (2e-3, 20)):
         model = _model(name)
-        monitor = ConservationMonitor(model)
+        monitor = ConservationMonitor(model, every=1, recording="sync")
         _train(model, monitor, lr, steps)
         rows = [r for r in monitor.summary() if r["name"].startswith("attn.h")]
         assert len(rows) == 2 * H
@@ -198,7 +198,7 @@ def test_bias_kv_must_be_in_the_law_and_zero_attn_keeps_it():
 def test_training_is_bitwise_identical_with_and_without_the_monitor():
     plain, watched = _model("kdim_vdim"), _model("kdim_vdim")
     _train(plain, None, 1e-2, 5)
-    monitor = ConservationMonitor(watched)
+    monitor = ConservationMonitor(watched, every=1, recording="sync")
     _train(watched, monitor, 1e-2, 5)
     assert monitor.num_steps == 5
     for (n, p), (_, q) in zip(plain.named_parameters(), watched.named_parameters()):
@@ -214,7 +214,7 @@ def test_frozen_or_untrained_parameters_break_the_expectation():
     assert any("out_proj.weight is frozen" in str(x) for x in s.skipped)
 
     model = _model("self_seq_first")
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if n != "attn.out_proj.weight"], lr=1e-2)
     with pytest.warns(RuntimeWarning, match="does not update attn.out_proj.weight;"):
         monitor.attach(opt)
@@ -227,7 +227,7 @@ def test_transformer_encoder_layer_and_downstream_consumers(tmp_path, capsys):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, 12, dropout=0.0, batch_first=True).to(F64)
     x = torch.randn(4, 5, E, dtype=F64)
-    monitor = ConservationMonitor(layer, x)
+    monitor = ConservationMonitor(layer, x, every=1, recording="sync")
     names = [g.name for g in monitor.groups]
     assert [n for n in names if n.startswith("self_attn.")] == [
         f"self_attn.h{h} {w}" for h in range(H) for w in ("q·k", "v·o")
@@ -274,7 +274,7 @@ def test_tensorboard_tags_of_attention_groups(tmp_path):
     tb = pytest.importorskip("torch_conslaw.integrations.tensorboard")
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     model = _model("self_batch_first")
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     logger = tb.TensorBoardLogger(monitor, tmp_path / "tb")
     _train(model, monitor, 1e-2, 2)
     logger.close()

@@ -151,7 +151,7 @@ def test_branch_pairs_are_found_and_the_law_equals_a_by_hand_loop(case):
     s = find_structure(model)
     branches = {p.name: p for p in s.pairs if p.branch}
     assert sorted(branches) == sorted(expected)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     params = dict(model.named_parameters())
     for name, (producer, consumers) in expected.items():
         pair = branches[name]
@@ -199,7 +199,7 @@ def test_sgd_conserves_the_branch_laws_exactly_at_first_order(case):
     cls, shape, expected = EXPECTED[case]
     model = _make(cls)
     x, y = _data(model, shape)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor.attach(opt)
     for _ in range(15):
@@ -214,7 +214,7 @@ def test_sgd_conserves_the_branch_laws_exactly_at_first_order(case):
         assert row["max_rel_second_order"] > 0 and row["last_rel_drift"] > 1e-9
     # control: momentum breaks the laws, and the first-order part shows it
     model = _make(cls)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor.attach(opt)
     for _ in range(15):
@@ -249,7 +249,7 @@ def test_monitor_never_changes_training_bitwise_on_the_llama_block():
         x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         if with_monitor:
-            monitor = ConservationMonitor(model, x, split=True).attach(opt)
+            monitor = ConservationMonitor(model, x, split=True, every=1, recording="sync").attach(opt)
             # with the example input the op graph adds q·k, V/O and the SwiGLU up → down laws
             assert {g.name for g in monitor.groups} == {ATTN, MLP} | set(GRAPH)
         for _ in range(6):
@@ -277,7 +277,7 @@ def test_hooks_fallback_finds_the_same_branch_pairs():
     assert s.method == "hooks"
     key = lambda st: sorted((p.name, p.kind, p.units, p.consumers, tuple(n for n, _ in p.outgoing)) for p in st.pairs)
     assert key(s) == key(ref) and {p.name for p in s.pairs} == {ATTN, MLP} | set(GRAPH)
-    monitor = ConservationMonitor(model, x)
+    monitor = ConservationMonitor(model, x, every=1, recording="sync")
     torch.testing.assert_close(
         monitor.initial[ATTN], _law_by_hand(model, "attn_norm", ("q_proj", "k_proj", "v_proj")), rtol=0, atol=1e-13
     )
@@ -463,7 +463,7 @@ def test_linear_hidden_layer_feeding_several_layers_gives_the_summed_matrix_law(
         for c in (m.a, m.b):
             c.weight.copy_(c.weight @ torch.linalg.inv(a_mat))
         torch.testing.assert_close(m(x), model(x), rtol=1e-12, atol=1e-12)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor.attach(opt)
     for _ in range(10):

@@ -39,7 +39,7 @@ def test_relu_squared_registered_with_degree_two_is_conserved_by_sgd():
     model = relu2_model()
     (pair,) = find_structure(model).pairs
     assert pair.degree == 2.0 and pair.kind == "unit"
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     w1, b1, w2 = model[0].weight, model[0].bias, model[2].weight
     by_hand = torch.stack(
         [w1[j].square().sum() + b1[j] ** 2 - 2 * w2[:, j].square().sum() for j in range(4)]
@@ -55,7 +55,7 @@ def test_relu_squared_registered_with_degree_two_is_conserved_by_sgd():
     # with the k = 2 weighting the symmetry-breaking part vanishes; with k = 1 it would not
     assert monitor.summary()[0]["max_rel_first_order"] < 1e-12
     catalogue.register_activation(ReLU2, degree=1)
-    wrong = ConservationMonitor(relu2_model())
+    wrong = ConservationMonitor(relu2_model(), every=1, recording="sync")
     wrong.attach(opt2 := torch.optim.SGD(wrong.model.parameters(), lr=1e-2))
     for _ in range(5):
         opt2.zero_grad()
@@ -98,7 +98,7 @@ def test_register_layer_for_a_custom_layer_type():
     model = nn.Sequential(Dense(3, 4), nn.ReLU(), Dense(4, 2))
     (pair,) = find_structure(model).pairs
     assert pair.name == "0→2" and pair.units == 4
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     k1, k2 = model[0].kernel.detach(), model[2].kernel.detach()
     torch.testing.assert_close(monitor.initial["0→2"], k1.square().sum(0) - k2.square().sum(1))
     with pytest.raises(ValueError, match="out_axis must be 'last' or 'channel'"):

@@ -48,7 +48,7 @@ def _worker(phase: str, folder: str) -> None:
         state = torch.load(checkpoint, weights_only=True)  # torch's safe default must do
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    monitor = ConservationMonitor(model, torch.randn(2, 5)).attach(optimizer)
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync").attach(optimizer)
     if phase == "resume":
         monitor.load_state_dict(state["monitor"])
     first, last = {"full": (0, STEPS), "first": (0, CUT), "resume": (CUT, STEPS)}[phase]

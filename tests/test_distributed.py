@@ -56,7 +56,7 @@ def _ddp_train(rank: int, folder: str, with_tensorboard: bool) -> None:
 
     inner = _model()
     model = DistributedDataParallel(inner)
-    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync")
     assert monitor.model is inner, "the monitor must unwrap DDP's .module"
     tensorboard = None
     if with_tensorboard:
@@ -132,7 +132,7 @@ def _train(kind: str, mesh=None, with_monitor: bool = True):
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    monitor = ConservationMonitor(model) if with_monitor else None
+    monitor = ConservationMonitor(model, every=1, recording="sync") if with_monitor else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # nonzero 1st order
     if monitor is not None:
         monitor.attach(optimizer)
@@ -185,7 +185,7 @@ def _fsdp_checks(rank: int, folder: str, status: dict) -> None:
         odd = _fsdp_mlp()
         odd[0].weight = nn.Parameter(distribute_tensor(odd[0].weight.detach(), mesh, [Shard(1)]))
         try:
-            ConservationMonitor(odd)
+            ConservationMonitor(odd, every=1, recording="sync")
             status["shard1"] = None
         except NotImplementedError as err:
             status["shard1"] = f"{type(err).__name__}: {err}"

@@ -48,8 +48,8 @@ def build(einsum: bool) -> tuple[nn.Module, Tensor]:
 
 def test_einsum_attention_gets_the_head_laws_of_matmul_attention_verified_and_counted_by_hand():
     model, x = build(einsum=True)
-    monitor = tc.ConservationMonitor(model, x)
-    reference = tc.ConservationMonitor(*build(einsum=False))
+    monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
+    reference = tc.ConservationMonitor(*build(einsum=False), every=1, recording="sync")
     found = sorted((g.kind, g.count) for g in monitor.groups)
     assert found == sorted((g.kind, g.count) for g in reference.groups)
     # by hand: per head, the q·k matrix law and the V/O matrix law, on d_h + 1 rows ([W b]);
@@ -103,7 +103,7 @@ class EinsumConsumer(nn.Module):
 def test_a_weight_applied_with_einsum_consumes_the_units(equation):
     torch.manual_seed(0)
     model = EinsumConsumer(equation).double()
-    monitor = tc.ConservationMonitor(model, torch.randn(2, 4, 3, dtype=F64))
+    monitor = tc.ConservationMonitor(model, torch.randn(2, 4, 3, dtype=F64), every=1, recording="sync")
     (group,) = monitor.groups
     assert (group.kind, group.count, group.parameter_names) == ("unit", 5, ("fc1.weight", "fc1.bias", "w2"))
     assert monitor.verification[group.name].residual < 1e-14

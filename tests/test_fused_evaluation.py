@@ -116,7 +116,7 @@ def test_without_a_compiler_the_accountant_warns_and_evaluates_eagerly(monkeypat
 
 def test_a_bad_evaluation_is_refused():
     with pytest.raises(ValueError, match="evaluation must be one of"):
-        tc.ConservationMonitor(mlp(0), evaluation="fast")
+        tc.ConservationMonitor(mlp(0), evaluation="fast", every=1, recording="sync")
 
 
 def _train(recording: str, split: bool) -> dict:
@@ -125,7 +125,7 @@ def _train(recording: str, split: bool) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a worker without a free core
-        monitor = tc.ConservationMonitor(model, evaluation="compiled", recording=recording, split=split).attach(opt)
+        monitor = tc.ConservationMonitor(model, evaluation="compiled", recording=recording, split=split, every=1).attach(opt)
     x, y = torch.randn(32, 37), torch.randint(0, 5, (32,))
     for _ in range(5):
         opt.zero_grad()

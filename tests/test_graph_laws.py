@@ -153,7 +153,7 @@ def test_monitor_on_gpt2_keeps_training_bitwise_and_reports_first_order_zero():
         torch.manual_seed(0)
         model, example, _, expected = build(gpt2, "eager")
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        monitor = ConservationMonitor(model, example).attach(opt) if with_monitor else None
+        monitor = ConservationMonitor(model, example, every=1, recording="sync").attach(opt) if with_monitor else None
         for _ in range(3):
             opt.zero_grad()
             model(**example, labels=example["input_ids"]).loss.backward()

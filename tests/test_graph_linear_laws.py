@@ -56,7 +56,7 @@ CASES = [(gpt2, "eager"), (bert, "eager"), (distilbert, "sdpa"), (vit, "sdpa"), 
 def test_linear_laws_of_hugging_face_models_match_the_config_and_stay_constant(factory, impl):
     model, example, pick, quadratic = build(factory, impl)
     model.eval()  # dropout off: LayerNorm centering across a residual holds (see linear_laws)
-    monitor = ConservationMonitor(model, example)
+    monitor = ConservationMonitor(model, example, every=1, recording="sync")
     linear = [g for g in monitor.groups if g.kind == "linear"]
     assert sum(g.count for g in linear) == linear_laws(model, impl, train=False)
     assert sum(g.count for g in monitor.groups if g.kind not in ("linear", "approximate")) == quadratic
@@ -73,21 +73,21 @@ def test_linear_laws_of_hugging_face_models_match_the_config_and_stay_constant(f
 @pytest.mark.parametrize("factory,impl", [(bert, "sdpa"), (distilbert, "eager")], ids=["bert-sdpa", "distilbert-eager"])
 def test_train_mode_counts_match_the_config(factory, impl):
     model, example, _, _ = build(factory, impl)  # train mode: dropout 0.1 before the residual adds
-    monitor = ConservationMonitor(model, example)
+    monitor = ConservationMonitor(model, example, every=1, recording="sync")
     assert sum(g.count for g in monitor.groups if g.kind == "linear") == linear_laws(model, impl, train=True)
 
 
 def test_key_bias_and_centering_names_say_where_they_live():
     model, example, _, _ = build(bert, "eager")
     model.eval()
-    names = {g.name for g in ConservationMonitor(model, example).groups if g.kind == "linear"}
+    names = {g.name for g in ConservationMonitor(model, example, every=1, recording="sync").groups if g.kind == "linear"}
     assert "bert.encoder.layer.0.attention.self.key key bias" in names
     assert ("bert.encoder.layer.1.output.dense→bert.encoder.layer.1.output.LayerNorm centering") in names
 
 
 def test_gpt2_in_train_mode_keeps_the_key_bias_and_refuses_centering_after_dropout():
     model, example, _, _ = build(gpt2, "eager")  # train mode, dropout 0.1
-    monitor = ConservationMonitor(model, example)
+    monitor = ConservationMonitor(model, example, every=1, recording="sync")
     linear = [g for g in monitor.groups if g.kind == "linear"]
     assert sum(g.count for g in linear) == linear_laws(model, "eager", train=True)
     reasons = [str(s) for s in monitor.skipped]
@@ -98,7 +98,7 @@ def test_gpt2_in_train_mode_keeps_the_key_bias_and_refuses_centering_after_dropo
 
 def test_vit_eager_float32_softmax_refuses_the_key_bias_with_its_reason():
     model, example, pick, _ = build(vit, "eager")
-    monitor = ConservationMonitor(model, example)
+    monitor = ConservationMonitor(model, example, every=1, recording="sync")
     reason = next(str(s) for s in monitor.skipped if "no key-bias law" in str(s))
     assert "torch.float32" in reason and "below the precision" in reason
     # and the refusal is right: the law measured in float64 is off by float32 rounding
@@ -140,7 +140,7 @@ def test_fused_key_bias_is_the_k_slice(manual):
     torch.manual_seed(0)
     model = Attention(manual=manual).double()
     x = torch.randn(2, 5, 8, dtype=F64)
-    monitor = ConservationMonitor(model, x)
+    monitor = ConservationMonitor(model, x, every=1, recording="sync")
     group = next(g for g in monitor.groups if g.kind == "linear")
     assert group.name == "qkv key bias" and group.count == 8
     torch.testing.assert_close(group.values(dict(model.named_parameters())), model.qkv.bias[8:16].detach())
@@ -153,7 +153,7 @@ def test_key_bias_refused_when_the_shift_reaches_more_than_the_softmax(what, rea
     torch.manual_seed(0)
     model = Attention(**{what: True}).double()
     x = torch.randn(2, 5, 8, dtype=F64)
-    monitor = ConservationMonitor(model, x)
+    monitor = ConservationMonitor(model, x, every=1, recording="sync")
     assert not [g for g in monitor.groups if g.kind == "linear"]
     assert any("no key-bias law for" in str(s) and reason in str(s) for s in monitor.skipped)
     # the refusal is right: the would-be law fails the numerical check
@@ -180,12 +180,12 @@ def test_centering_across_a_residual_only_when_the_sum_reaches_only_the_norm():
     torch.manual_seed(0)
     x = torch.randn(7, 6, dtype=F64)
     post = PostNorm().double()
-    monitor = ConservationMonitor(post, x)
+    monitor = ConservationMonitor(post, x, every=1, recording="sync")
     (group,) = [g for g in monitor.groups if g.kind == "linear"]
     assert group.name == "dense→ln centering" and group.count == 10 + 1
     assert law_residuals(post, x, [group], lambda y: y) <= 1e-10
     pre = PostNorm(pre=True).double()
-    monitor = ConservationMonitor(pre, x)
+    monitor = ConservationMonitor(pre, x, every=1, recording="sync")
     assert not [g for g in monitor.groups if g.kind == "linear"]
     assert any("no LayerNorm centering law for dense" in str(s) for s in monitor.skipped)
 
@@ -202,7 +202,7 @@ def test_scale_before_a_hand_written_rms_norm_is_approximate(norm):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), norm(), nn.Linear(5, 3)).double()
     x = torch.randn(9, 4, dtype=F64)
-    monitor = ConservationMonitor(model, x)
+    monitor = ConservationMonitor(model, x, every=1, recording="sync")
     rows = [r for r in monitor.summary() if r["kind"] == "approximate"]
     assert [(r["name"], r["count"], r["expected_conserved"], r["approximate"]) for r in rows] == [
         ("0→1 scale", 1, False, True)]
@@ -219,7 +219,7 @@ def test_conv1d_before_layer_norm_gets_centering_and_scale_once():
     nn.init.normal_(conv1d.weight)  # its default std 0.02 gives outputs so small that eps/var ≈ 1e-2
     for first in (conv1d, nn.Linear(4, 5)):  # Conv1D: op graph only; Linear: both paths
         model = nn.Sequential(first, nn.LayerNorm(5), nn.Linear(5, 3)).double()
-        monitor = ConservationMonitor(model, x)
+        monitor = ConservationMonitor(model, x, every=1, recording="sync")
         kinds = sorted((g.kind, g.count) for g in monitor.groups if g.kind in ("linear", "approximate"))
         assert kinds == [("approximate", 1), ("linear", 4 + 1)]
         (group,) = [g for g in monitor.groups if g.kind == "linear"]

@@ -48,7 +48,7 @@ def _assert_changes_are_accounted(monitor: ConservationMonitor) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_parameters_give_float64_laws(dtype):
     model = _mlp().to(dtype)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     (group,) = monitor.groups
     assert monitor.initial[group.name].dtype == torch.float64
     torch.testing.assert_close(monitor.initial[group.name], _by_hand_unit_laws(model), rtol=1e-13, atol=0)
@@ -72,7 +72,7 @@ def test_low_precision_parameters_give_float64_laws(dtype):
 def test_amp_gradscaler_skipped_steps_are_not_recorded():
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = ConservationMonitor(model).attach(optimizer)
+    monitor = ConservationMonitor(model, every=1, recording="sync").attach(optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     skipped_at = 2
     for step in range(5):
@@ -101,7 +101,7 @@ def test_amp_gradscaler_skipped_steps_are_not_recorded():
 def _train_with_nan(monitor_it: bool) -> tuple[nn.Module, ConservationMonitor | None]:
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = ConservationMonitor(model).attach(optimizer) if monitor_it else None
+    monitor = ConservationMonitor(model, every=1, recording="sync").attach(optimizer) if monitor_it else None
     for step in range(3):
         x, y = _batch(step)
         optimizer.zero_grad()
@@ -144,7 +144,7 @@ def _resize_in_place(model: nn.Sequential) -> None:
 def test_model_edited_after_attaching_is_a_clear_error(edit):
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = ConservationMonitor(model).attach(optimizer)
+    monitor = ConservationMonitor(model, every=1, recording="sync").attach(optimizer)
     optimizer.step()
     edit(model)
     with pytest.raises(RuntimeError, match="after the monitor was built.*new ConservationMonitor"):
@@ -169,7 +169,7 @@ class _TiedNet(nn.Module):
 
 def test_tied_weights_exclude_their_laws_with_the_reason():
     model = _TiedNet()
-    monitor = ConservationMonitor(model, torch.randn(2, 6))
+    monitor = ConservationMonitor(model, torch.randn(2, 6), every=1, recording="sync")
     assert [g.name for g in monitor.groups] == ["c→d"]
     reasons = " | ".join(str(s) for s in monitor.skipped)
     assert "a→b" in reasons and "b→c" in reasons and "shared" in reasons
@@ -189,7 +189,7 @@ def test_tied_weights_exclude_their_laws_with_the_reason():
 def test_gradient_accumulation_gives_one_record_per_optimizer_step():
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = ConservationMonitor(model).attach(optimizer)
+    monitor = ConservationMonitor(model, every=1, recording="sync").attach(optimizer)
     micro = 0
     for _ in range(3):
         optimizer.zero_grad()
@@ -208,8 +208,8 @@ def test_gradient_accumulation_gives_one_record_per_optimizer_step():
 def test_history_memory_is_bounded_and_maxima_stay_exact():
     bounded, full = _mlp(), _mlp()
     opt_b, opt_f = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (bounded, full))
-    mon_b = ConservationMonitor(bounded, max_records=16).attach(opt_b)
-    mon_f = ConservationMonitor(full).attach(opt_f)
+    mon_b = ConservationMonitor(bounded, max_records=16, every=1, recording="sync").attach(opt_b)
+    mon_f = ConservationMonitor(full, every=1, recording="sync").attach(opt_f)
     for step in range(200):
         x, y = _batch(step)
         for model, opt in ((bounded, opt_b), (full, opt_f)):
@@ -238,7 +238,7 @@ def _probe(mode: str, steps: int) -> dict:
     if mode != "none":
         # the synchronous recorder (1 torch thread leaves a core free, where "auto" picks live
         # reading, which keeps two native copies of θ with the split)
-        ConservationMonitor(model, split=mode == "split", recording="sync").attach(optimizer)
+        ConservationMonitor(model, split=mode == "split", recording="sync", every=1).attach(optimizer)
     x, y = torch.randn(4, LARGE_WIDTHS[0]), torch.randn(4, LARGE_WIDTHS[-1])
     peaks = []
     for _ in range(steps):

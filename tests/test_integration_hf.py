@@ -68,7 +68,7 @@ def _trainer(out, model, callback, dataset=None, **kwargs):
 
 def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     model = TinyRegressor()
-    callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / "tb")
+    callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / "tb", every=1, recording="sync")
     _trainer(tmp_path, model, callback, max_steps=3, gradient_accumulation_steps=2).train()
     monitor = callback.monitor
     assert monitor is not None and monitor.model is model
@@ -89,11 +89,11 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
 
 
 def test_resume_from_checkpoint_keeps_theta0_and_history(tmp_path):
-    reference = ConservationTrainerCallback()
+    reference = ConservationTrainerCallback(every=1, recording="sync")
     _trainer(tmp_path, TinyRegressor(), reference, max_steps=6, save_strategy="steps", save_steps=3).train()
     assert (tmp_path / "checkpoint-3" / STATE_FILE).is_file()
 
-    resumed = ConservationTrainerCallback()
+    resumed = ConservationTrainerCallback(every=1, recording="sync")
     trainer = _trainer(tmp_path, TinyRegressor(seed=99), resumed, max_steps=6)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
@@ -110,14 +110,14 @@ def test_resume_from_checkpoint_keeps_theta0_and_history(tmp_path):
 
 def test_resume_without_monitor_state_warns(tmp_path):
     _trainer(tmp_path, TinyRegressor(), transformers.TrainerCallback(), max_steps=2, save_strategy="steps", save_steps=2).train()
-    callback = ConservationTrainerCallback()
+    callback = ConservationTrainerCallback(every=1, recording="sync")
     with pytest.warns(RuntimeWarning, match="not the original"):
         _trainer(tmp_path, TinyRegressor(), callback, max_steps=3).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert callback.monitor.num_steps == 1
 
 
 def test_missing_checkpoint_state_is_a_clear_error(tmp_path):
-    callback = ConservationTrainerCallback(resume_from=str(tmp_path / "nowhere"))
+    callback = ConservationTrainerCallback(resume_from=str(tmp_path / "nowhere"), every=1, recording="sync")
     with pytest.raises(FileNotFoundError, match=STATE_FILE):
         _trainer(tmp_path, TinyRegressor(), callback, max_steps=1).train()
 
@@ -144,7 +144,7 @@ def test_real_pretrained_model_from_a_config(tmp_path):
     )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
-    callback = ConservationTrainerCallback(example_input={"input_ids": torch.randint(0, 50, (2, 8))})
+    callback = ConservationTrainerCallback(example_input={"input_ids": torch.randint(0, 50, (2, 8))}, every=1, recording="sync")
     _trainer(tmp_path, model, callback, _TokenData(), max_steps=3, learning_rate=0.01).train()
     monitor = callback.monitor
     ffn = "bert.encoder.layer.0.intermediate.dense→bert.encoder.layer.0.output.dense"
@@ -167,7 +167,7 @@ def test_real_pretrained_model_from_a_config(tmp_path):
 def test_live_reading_gives_the_synchronous_records_and_every_tensorboard_point(tmp_path, one_torch_thread):
     histories = {}
     for mode in ("sync", "live"):
-        callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", recording=mode)
+        callback = ConservationTrainerCallback(tensorboard_dir=tmp_path / f"tb_{mode}", recording=mode, every=1)
         _trainer(tmp_path / str(mode), TinyRegressor(), callback, max_steps=5).train()
         histories[mode] = callback.monitor.history()
     for key, value in histories["sync"].items():

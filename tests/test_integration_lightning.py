@@ -57,7 +57,7 @@ def test_one_record_per_optimizer_step_and_metrics_in_tensorboard(tmp_path):
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    callback = ConservationCallback(submodule="net")
+    callback = ConservationCallback(submodule="net", every=1, recording="sync")
     module = TinyModule()
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     trainer = _trainer(tmp_path, 6, callback, logger=logger, log_every_n_steps=1)
@@ -77,7 +77,7 @@ def test_one_record_per_optimizer_step_and_metrics_in_tensorboard(tmp_path):
 
 
 def test_gradient_accumulation_gives_one_record_per_optimizer_step(tmp_path):
-    callback = ConservationCallback(submodule="net")
+    callback = ConservationCallback(submodule="net", every=1, recording="sync")
     trainer = _trainer(tmp_path, 2, callback, accumulate_grad_batches=2)
     trainer.fit(TinyModule(), _loader())
     assert callback.monitor.num_steps == 2
@@ -85,7 +85,7 @@ def test_gradient_accumulation_gives_one_record_per_optimizer_step(tmp_path):
 
 
 def test_bad_submodule_name_is_a_clear_error(tmp_path):
-    trainer = _trainer(tmp_path, 1, ConservationCallback(submodule="encoder"))
+    trainer = _trainer(tmp_path, 1, ConservationCallback(submodule="encoder", every=1, recording="sync"))
     with pytest.raises(ValueError, match="no such sub-module"):
         trainer.fit(TinyModule(), _loader())
 
@@ -93,17 +93,17 @@ def test_bad_submodule_name_is_a_clear_error(tmp_path):
 def test_checkpoint_resume_keeps_theta0_and_history(tmp_path):
     # uninterrupted reference: two epochs
     # (whole epochs: Lightning replays data differently after a mid-epoch checkpoint)
-    reference = ConservationCallback(submodule="net")
+    reference = ConservationCallback(submodule="net", every=1, recording="sync")
     _trainer(tmp_path / "ref", -1, reference, max_epochs=2).fit(TinyModule(), _loader())
 
     # first epoch, checkpoint, then resume into a module initialised differently
-    first = ConservationCallback(submodule="net")
+    first = ConservationCallback(submodule="net", every=1, recording="sync")
     trainer = _trainer(tmp_path / "a", -1, first, max_epochs=1)
     trainer.fit(TinyModule(), _loader())
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    resumed = ConservationCallback(submodule="net")
+    resumed = ConservationCallback(submodule="net", every=1, recording="sync")
     _trainer(tmp_path / "b", -1, resumed, max_epochs=2).fit(TinyModule(seed=123), _loader(), ckpt_path=ckpt)
 
     ref, got = reference.monitor, resumed.monitor
@@ -121,7 +121,7 @@ def test_checkpoint_resume_keeps_theta0_and_history(tmp_path):
 
 
 def test_whole_module_under_bf16_mixed_precision(tmp_path):
-    callback = ConservationCallback()  # monitor the LightningModule itself
+    callback = ConservationCallback(every=1, recording="sync")  # monitor the LightningModule itself
     module = TinyModule()
     _trainer(tmp_path, 3, callback, precision="bf16-mixed").fit(module, _loader())
     monitor = callback.monitor
@@ -143,7 +143,7 @@ class UntraceableModule(TinyModule):
 
 
 def test_example_input_array_is_used_for_untraceable_modules(tmp_path):
-    callback = ConservationCallback()
+    callback = ConservationCallback(every=1, recording="sync")
     _trainer(tmp_path, 2, callback).fit(UntraceableModule(), _loader())
     assert [g.name for g in callback.monitor.groups] == ["net.0→net.2"]
     assert callback.monitor.num_steps == 2
@@ -154,7 +154,7 @@ def test_live_reading_gives_the_synchronous_records(tmp_path, one_torch_thread):
     reading waits for the worker after the closure and records what the synchronous mode does."""
     histories, monitors = {}, {}
     for mode in ("sync", "live"):
-        callback = ConservationCallback(submodule="net", recording=mode)
+        callback = ConservationCallback(submodule="net", recording=mode, every=1)
         trainer = _trainer(tmp_path, 6, callback)
         module = TinyModule()
         layer_hooks = _forward_pre_hook_counter(module.net[0])  # torch's public hook API

@@ -400,7 +400,7 @@ def forward(model: nn.Module, p: P, x: Any) -> Tensor:
 
 
 def monitor_of(case: Case, model: nn.Module, x: Any) -> tc.ConservationMonitor:
-    return tc.ConservationMonitor(model, x, loss=case.loss)
+    return tc.ConservationMonitor(model, x, loss=case.loss, every=1, recording="sync")
 
 
 def row(monitor: tc.ConservationMonitor, group: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from torch_conslaw.monitor import ConservationMonitor
+from monitor_defaults import every_step
 
 F64 = torch.float64
 
@@ -64,7 +65,7 @@ def matrix_law_by_hand(w_in, b_in, w_out):
 
 def test_initial_values_equal_a_by_hand_loop_on_an_mlp():
     model = mlp()
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     assert [(g.name, g.kind, g.count) for g in mon.groups] == [("0→2", "unit", 6), ("2→3", "matrix", 15)]
     w = [model[i].weight.detach() for i in (0, 2, 3)]
     b = [model[i].bias.detach() for i in (0, 2, 3)]
@@ -75,7 +76,7 @@ def test_initial_values_equal_a_by_hand_loop_on_an_mlp():
 def test_conv_and_flatten_mappings_equal_a_by_hand_loop():
     torch.manual_seed(0)
     model = ConvNet().double()
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     assert [(g.name, g.count) for g in mon.groups] == [("c1→c2", 3), ("c2→fc", 4)]
     c1w, c1b, c2w, c2b = (t.detach() for t in (model.c1.weight, model.c1.bias, model.c2.weight, model.c2.bias))
     fcw = model.fc.weight.detach()
@@ -93,7 +94,7 @@ def test_conv_and_flatten_mappings_equal_a_by_hand_loop():
 def test_sgd_change_of_every_law_is_eta_squared_gAg():
     model, eta = mlp(), 0.05
     opt = torch.optim.SGD(model.parameters(), lr=eta)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     grads = sgd_steps(model, opt, *data(), steps=4)
     hist = mon.history()
     for t, g in enumerate(grads):
@@ -113,7 +114,7 @@ def test_conv_sgd_change_matches_eta_squared_gAg_and_first_order_vanishes():
     torch.manual_seed(0)
     model, eta = ConvNet().double(), 0.1
     opt = torch.optim.SGD(model.parameters(), lr=eta)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     x = torch.randn(8, 2, 8, 8, dtype=F64)
     y = torch.randn(8, 3, dtype=F64)
     grads = sgd_steps(model, opt, x, y, steps=3)
@@ -133,7 +134,7 @@ def test_conv_sgd_change_matches_eta_squared_gAg_and_first_order_vanishes():
 def test_split_is_exact_and_first_order_reveals_adam():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     sgd_steps(model, opt, *data(), steps=3)
     hist = mon.history()
     for g in mon.groups:
@@ -148,7 +149,7 @@ def test_split_is_exact_and_first_order_reveals_adam():
 def test_weight_decay_follows_the_exact_shrink_formula():
     model, eta, lam = mlp(), 0.05, 0.1
     opt = torch.optim.SGD(model.parameters(), lr=eta, weight_decay=lam)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     grads = sgd_steps(model, opt, *data(), steps=2)
     g = grads[-1]  # grads hold ∇E only; the decay term λθ is added inside the optimizer
     hist = mon.history()
@@ -164,7 +165,7 @@ def test_monitoring_never_changes_training_bitwise():
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         if with_monitor:
-            ConservationMonitor(model, split=True).attach(opt)
+            ConservationMonitor(model, split=True, every=1, recording="sync").attach(opt)
         x, y = torch.randn(16, 4), torch.randn(16, 2)
         for _ in range(10):
             opt.zero_grad()
@@ -178,7 +179,7 @@ def test_monitoring_never_changes_training_bitwise():
 
 def test_float32_parameters_are_evaluated_in_float64():
     model = mlp(dtype=torch.float32)
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     assert all(v.dtype == F64 for v in mon.initial.values())
     w1, b1, w2 = (t.detach().double() for t in (model[0].weight, model[0].bias, model[2].weight))
     torch.testing.assert_close(mon.initial["0→2"], unit_law_by_hand(w1, b1, w2), rtol=0, atol=1e-14)
@@ -187,7 +188,7 @@ def test_float32_parameters_are_evaluated_in_float64():
 def test_non_finite_parameter_marks_only_the_affected_laws_invalid():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     x, y = data()
     sgd_steps(model, opt, x, y, steps=1)
     mon.step()
@@ -205,7 +206,7 @@ def test_training_into_nan_is_unaffected_by_the_monitor():
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         if with_monitor:
-            ConservationMonitor(model).attach(opt)
+            ConservationMonitor(model, every=1, recording="sync").attach(opt)
         x, y = data()
         sgd_steps(model, opt, x, y, steps=1)
         with torch.no_grad():
@@ -222,14 +223,14 @@ def test_training_into_nan_is_unaffected_by_the_monitor():
 def test_frozen_parameters_exclude_the_group_with_the_reason():
     model = mlp()
     model[2].bias.requires_grad_(False)  # incoming side of 2→3; the consumer bias of 0→2 is no part of it
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     assert [g.name for g in mon.groups] == ["0→2"]
     assert [str(s) for s in mon.skipped] == ["2.bias is frozen (requires_grad=False): the 2→3 law does not hold"]
 
 
 def test_no_usable_pair_gives_zero_laws_and_an_explanation():
     with pytest.warns(RuntimeWarning, match="no conservation law is tracked"):
-        mon = ConservationMonitor(nn.Linear(3, 2))
+        mon = ConservationMonitor(nn.Linear(3, 2), every=1, recording="sync")
     assert mon.groups == [] and mon.summary() == []
     assert "no two registered layers" in str(mon.skipped[0])
     opt = torch.optim.SGD(mon.model.parameters(), lr=0.1)
@@ -241,7 +242,7 @@ def test_no_usable_pair_gives_zero_laws_and_an_explanation():
 def test_attach_rejects_a_foreign_optimizer_and_warns_on_a_partial_one():
     model = mlp()
     other = torch.optim.SGD(mlp(1).parameters(), lr=0.1)
-    mon = ConservationMonitor(model)
+    mon = ConservationMonitor(model, every=1, recording="sync")
     with pytest.raises(ValueError, match="owns none of the parameters of Sequential"):
         mon.attach(other)
     with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
@@ -255,7 +256,7 @@ def test_attach_rejects_a_foreign_optimizer_and_warns_on_a_partial_one():
 def test_manual_step_uses_the_last_record_and_refuses_when_attached():
     model, eta = mlp(), 0.05
     opt = torch.optim.SGD(model.parameters(), lr=eta)
-    mon = ConservationMonitor(model, every=2)
+    mon = ConservationMonitor(model, every=2, recording="sync")
     seen = []
     mon.add_listener(lambda r: seen.append(r.step))
     x, y = data()
@@ -279,7 +280,7 @@ def test_log_spaced_schedule_and_bounded_history_keep_exact_maxima():
     def run(**kw):
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
-        mon = ConservationMonitor(model, **kw).attach(opt)
+        mon = ConservationMonitor(model, **every_step(kw)).attach(opt)
         sgd_steps(model, opt, *data(), steps=40)
         return mon
 
@@ -297,18 +298,18 @@ def test_state_dict_resume_measures_drift_against_the_original_theta0():
     x, y = data()
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    straight = ConservationMonitor(model).attach(opt)
+    straight = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     sgd_steps(model, opt, x, y, steps=6)
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    first = ConservationMonitor(model).attach(opt)
+    first = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     sgd_steps(model, opt, x, y, steps=3)
     state = first.state_dict()
     resumed_model = mlp(seed=5)
     resumed_model.load_state_dict(model.state_dict())
     opt2 = torch.optim.SGD(resumed_model.parameters(), lr=0.1)
-    resumed = ConservationMonitor(resumed_model)
+    resumed = ConservationMonitor(resumed_model, every=1, recording="sync")
     resumed.load_state_dict(state)
     resumed.attach(opt2)
     sgd_steps(resumed_model, opt2, x, y, steps=3)
@@ -320,13 +321,13 @@ def test_state_dict_resume_measures_drift_against_the_original_theta0():
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="tracks groups"):
-        ConservationMonitor(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))).load_state_dict(state)
+        ConservationMonitor(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), every=1, recording="sync").load_state_dict(state)
 
 
 def test_split_false_records_values_only():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = ConservationMonitor(model, split=False).attach(opt)
+    mon = ConservationMonitor(model, split=False, every=1, recording="sync").attach(opt)
     sgd_steps(model, opt, *data(), steps=2)
     hist = mon.history()
     assert "0→2/first_order" not in hist and hist["0→2/values"].shape == (3, 6)
@@ -337,7 +338,7 @@ def test_track_broken_follows_a_gelu_pair_and_shows_the_breaking():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, track_broken=True).attach(opt)
+    mon = ConservationMonitor(model, track_broken=True, every=1, recording="sync").attach(opt)
     assert mon.skipped == [] and not mon.groups[0].expected_conserved
     sgd_steps(model, opt, *data(), steps=3)
     (s,) = mon.summary()
@@ -350,7 +351,7 @@ def test_linear_conv_block_keeps_its_matrix_law_through_pooling_and_flatten():
         nn.Conv2d(2, 3, 3), nn.AvgPool2d(2), nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)
     ).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     assert [(g.name, g.kind, g.count) for g in mon.groups] == [("0→2", "matrix", 6), ("2→4", "matrix", 10)]
     x, y = torch.randn(8, 2, 8, 8, dtype=F64), torch.randn(8, 2, dtype=F64)
     sgd_steps(model, opt, x, y, steps=3)
@@ -372,7 +373,7 @@ def test_an_optimizer_subclass_calling_super_step_is_one_step(recording, one_tor
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
         opt = optimizer_class(model.parameters(), lr=0.1)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         x, y = torch.randn(8, 3), torch.randn(8, 1)
         for _ in range(3):
             opt.zero_grad()
@@ -390,7 +391,7 @@ def test_a_step_that_raises_does_not_stop_the_recording():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
 
     def failing_closure():

@@ -19,6 +19,7 @@ from torch import nn
 
 from torch_conslaw import ConservationMonitor
 from torch_conslaw.monitor import Record
+from monitor_defaults import every_step
 
 
 def _mlp() -> nn.Module:
@@ -51,7 +52,7 @@ def _train(kind="mlp", opt="sgd", steps=12, monitor=True, between=None, **kw):
     torch.manual_seed(0)
     model = _MODELS[kind]()
     optimizer = _OPTIMIZERS[opt](model.parameters())
-    mon = ConservationMonitor(model, **kw).attach(optimizer) if monitor else None
+    mon = ConservationMonitor(model, **every_step(kw)).attach(optimizer) if monitor else None
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*_INPUT[kind], generator=g)
     y = torch.randn(_INPUT[kind][0], 3, generator=g)
@@ -134,7 +135,7 @@ def test_listeners_run_on_the_training_thread(mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, recording=mode).attach(opt)
+    mon = ConservationMonitor(model, recording=mode, every=1).attach(opt)
     seen: list[tuple[int, int]] = []
     mon.add_listener(lambda r: seen.append((r.step, threading.get_ident())))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
@@ -224,7 +225,7 @@ def test_back_pressure_with_a_tiny_ring_drops_nothing(monkeypatch):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, split=False, recording="snapshot", async_buffers=2)
+    mon = ConservationMonitor(model, split=False, recording="snapshot", async_buffers=2, every=1)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     returned_at = _train_with_back_pressure(monkeypatch, model, opt, mon, 15, 2, x, y)
     assert returned_at[:13] == [k + 1 for k in range(1, 14)]  # the training thread waited
@@ -239,7 +240,7 @@ def test_back_pressure_with_the_split_drops_nothing_and_equals_the_synchronous_r
     torch.manual_seed(0)
     model = _cnn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, recording="snapshot", async_buffers=2)
+    mon = ConservationMonitor(model, recording="snapshot", async_buffers=2, every=1)
     gates = _StepGates(opt, 10)
     mon.attach(opt)
     g = torch.Generator().manual_seed(1)
@@ -297,7 +298,7 @@ def test_worker_exception_surfaces_on_the_training_thread(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, split=False, recording=mode).attach(opt)
+    mon = ConservationMonitor(model, split=False, recording=mode, every=1).attach(opt)
 
     def boom(params):
         raise ValueError("boom in the worker")
@@ -320,7 +321,7 @@ def test_state_dict_after_async_training_equals_the_synchronous_one(mode):
     assert _same(sync.state_dict(), asyn.state_dict())
     # and resuming an asynchronous monitor from it continues identically
     torch.manual_seed(0)
-    fresh = ConservationMonitor(_cnn(), recording=mode)
+    fresh = ConservationMonitor(_cnn(), recording=mode, every=1)
     fresh.load_state_dict(asyn.state_dict())
     assert _same(fresh.state_dict(), sync.state_dict())
 
@@ -330,7 +331,7 @@ def test_detach_drains_the_worker(monkeypatch, mode):
     torch.manual_seed(0)
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    mon = ConservationMonitor(model, recording=mode).attach(opt)
+    mon = ConservationMonitor(model, recording=mode, every=1).attach(opt)
     seen = []
     mon.add_listener(lambda r: seen.append(r.step))
     x, y = torch.randn(16, 6), torch.randn(16, 3)
@@ -383,7 +384,7 @@ def test_attach_detach_cycles_give_the_same_records():
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, recording=recording)
+        mon = ConservationMonitor(model, recording=recording, every=1)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         for cycle in range(3):
             if cycle != 1:
@@ -403,7 +404,7 @@ def test_attach_detach_cycles_give_the_same_records():
 
 def test_bad_ring_size_is_rejected():
     with pytest.raises(ValueError, match="async_buffers"):
-        ConservationMonitor(_mlp(), recording="snapshot", async_buffers=1)
+        ConservationMonitor(_mlp(), recording="snapshot", async_buffers=1, every=1)
 
 
 def test_synchronous_mode_starts_no_thread():
@@ -420,7 +421,7 @@ def test_low_and_double_precision_parameters_give_the_same_records(dtype, mode):
         torch.manual_seed(0)
         model = _mlp().to(dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         x, y = torch.randn(16, 6, dtype=dtype), torch.randn(16, 3, dtype=dtype)
         for _ in range(6):
             opt.zero_grad()
@@ -439,7 +440,7 @@ def test_skipped_optimizer_steps_keep_the_before_snapshot_valid(mode):
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         for i in range(12):
             opt.zero_grad()

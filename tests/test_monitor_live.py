@@ -21,6 +21,7 @@ from torch_conslaw import ConservationMonitor
 from torch_conslaw.accounting import Accountant
 
 from test_monitor_async import _assert_same_monitors, _mlp, _same, _same_parameters, _train
+from monitor_defaults import every_step
 
 # the asynchronous modes want a free core for their worker (otherwise they warn)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,7 +48,7 @@ def _fresh(split=True, opt="adam", **kw):
     optimizer = (
         torch.optim.Adam(model.parameters(), lr=1e-2) if opt == "adam" else torch.optim.SGD(model.parameters(), lr=0.05)
     )
-    mon = ConservationMonitor(model, split=split, **kw).attach(optimizer)
+    mon = ConservationMonitor(model, split=split, **every_step(kw)).attach(optimizer)
     return model, optimizer, mon
 
 
@@ -132,7 +133,7 @@ def test_the_optimizer_waits_for_a_slow_read(monkeypatch, split):
         reached[calls[0]].set()
 
     opt.register_step_pre_hook(pre)
-    mon = ConservationMonitor(model, split=split, recording="live").attach(opt)
+    mon = ConservationMonitor(model, split=split, recording="live", every=1).attach(opt)
     # read k (of step k) starts at the forward pass after step k; hold it until step k + 1
     threads = _hold_evaluations(monkeypatch, mon, lambda k: k < 6 and reached[k + 1].wait(60))
     g = torch.Generator().manual_seed(1)
@@ -234,7 +235,7 @@ def test_a_loop_that_calls_submodules_directly_still_reads_during_the_forward_pa
         model = _Stacked()
         layer_hooks[recording] = _forward_pre_hook_counter(model.fc2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
         for _ in range(8):
@@ -254,7 +255,7 @@ def test_steps_without_a_forward_pass_in_between_are_read_by_the_optimizer_hook(
         torch.manual_seed(0)
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         x, y = torch.randn(16, 6), torch.randn(16, 3)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -270,7 +271,7 @@ def test_gradient_accumulation_reads_once_per_step(monkeypatch):
     torch.manual_seed(0)
     plain_model = _mlp()
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-2)
-    sync = ConservationMonitor(plain_model).attach(plain_opt)
+    sync = ConservationMonitor(plain_model, every=1, recording="sync").attach(plain_opt)
     _loop(plain_model, plain_opt, 5, forwards=3)
     model, opt, mon = _fresh(recording="live")
     threads = _hold_evaluations(monkeypatch, mon, lambda k: None)
@@ -336,7 +337,7 @@ def test_attach_detach_cycles_give_the_same_records():
 
 
 def test_a_manual_loop_is_refused_with_a_clear_error():
-    mon = ConservationMonitor(_mlp(), recording="live")
+    mon = ConservationMonitor(_mlp(), recording="live", every=1)
     with pytest.raises(RuntimeError, match=r"recording='live'.*attach\(optimizer\).*recording='snapshot'"):
         mon.step()
 
@@ -344,7 +345,7 @@ def test_a_manual_loop_is_refused_with_a_clear_error():
 @pytest.mark.parametrize("bad", ["yes", 1])
 def test_a_bad_asynchronous_value_is_refused(bad):
     with pytest.raises(ValueError, match="asynchronous must be False, True .* or 'live'"):
-        ConservationMonitor(_mlp(), asynchronous=bad)
+        ConservationMonitor(_mlp(), asynchronous=bad, every=1)
 
 
 @pytest.mark.parametrize("as_keyword", [False, True])
@@ -359,7 +360,7 @@ def test_a_closure_step_reads_during_its_forward_pass(as_keyword):
         model = _Stacked()
         layer_hooks[recording] = _forward_pre_hook_counter(model.fc2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
         losses = []
@@ -386,7 +387,7 @@ def test_lbfgs_which_moves_theta_between_closure_calls_gives_the_synchronous_rec
         torch.manual_seed(0)
         model = _mlp().eval()  # no dropout: L-BFGS needs a deterministic closure
         opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
 
@@ -413,12 +414,12 @@ def test_a_missing_free_core_is_reported(mode):
     try:
         torch.set_num_threads(cores)
         with pytest.warns(RuntimeWarning, match=r"torch\.set_num_threads\(.*recording='sync'"):
-            ConservationMonitor(_mlp(), recording=mode)
+            ConservationMonitor(_mlp(), recording=mode, every=1)
         if cores > 1:
             torch.set_num_threads(cores - 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                ConservationMonitor(_mlp(), recording=mode)
+                ConservationMonitor(_mlp(), recording=mode, every=1)
     finally:
         torch.set_num_threads(threads)
 
@@ -440,7 +441,7 @@ def test_a_closure_the_optimizer_never_evaluates_is_reported_not_silently_droppe
     torch.manual_seed(0)
     model = _mlp()
     opt = IgnoresClosure(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model, recording="live").attach(opt)
+    mon = ConservationMonitor(model, recording="live", every=1).attach(opt)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     opt.zero_grad()
     nn.functional.mse_loss(model(x), y).backward()

@@ -136,7 +136,7 @@ def test_sgd_first_order_part_vanishes_on_the_benchmark_model():
     # real first-order change (~1e-8 relative), which the exact accounting rightly reports
     model = bench_mlp(F64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = ConservationMonitor(model, split=True).attach(opt)
+    monitor = ConservationMonitor(model, split=True, every=1, recording="sync").attach(opt)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 784, generator=g, dtype=F64), torch.randint(0, 10, (128,), generator=g)
     for _ in range(4):
@@ -218,7 +218,7 @@ def test_training_is_bitwise_identical_with_the_fast_monitor():
         model = bench_mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         if mode is not None:
-            ConservationMonitor(model, split=mode == "split").attach(opt)
+            ConservationMonitor(model, split=mode == "split", every=1, recording="sync").attach(opt)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(32, 784, generator=g), torch.randint(0, 10, (32,), generator=g)
         for _ in range(3):

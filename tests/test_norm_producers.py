@@ -144,7 +144,7 @@ def test_pair_found_and_law_equals_a_by_hand_loop(case):
     assert len(before) == 1 and "renormalizes the units" in before[0].reason
     assert before[0].reason.startswith(f"between 0 ({type(model[0]).__name__}) and {ni} ({type(model[ni]).__name__}): ")
     by_hand = _law_by_hand(model[ni], model[ci], positions)
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     torch.testing.assert_close(monitor.initial[name], by_hand, rtol=0, atol=1e-13)
     # the vectorized group and the Accountant's strided fast path agree with the loop
     params = dict(model.named_parameters())
@@ -160,7 +160,7 @@ def _train(
 ) -> ConservationMonitor:
     x, y = _data(model, shape)
     model.train()  # batch statistics
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     monitor.attach(opt)
     for _ in range(steps):
@@ -232,7 +232,7 @@ def test_monitor_never_changes_training_bitwise_with_batchnorm():
         x, y = torch.randn(8, 2, 5, 5), torch.randn(8, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         if with_monitor:  # with example_input: the finder's quiet forward must leave no trace
-            monitor = ConservationMonitor(model, x, split=True).attach(opt)
+            monitor = ConservationMonitor(model, x, split=True, every=1, recording="sync").attach(opt)
             pairs = {g.name for g in monitor.groups if g.kind in ("unit", "channel", "matrix")}
             assert pairs == {"1→5", "6→8"}  # + the verified linear / approximate families
         for _ in range(6):
@@ -280,7 +280,7 @@ def test_norm_without_affine_parameters_is_skipped_with_a_reason():
         assert any(r == f"{text}: no law goes through it" for r in reasons), reasons
         assert any("between inp and bn1: bn1" in r and "renormalizes the units" in r for r in reasons), reasons
         with pytest.warns(RuntimeWarning, match="no conservation law is tracked"):
-            monitor = ConservationMonitor(model)
+            monitor = ConservationMonitor(model, every=1, recording="sync")
         assert monitor.groups == [] and len(monitor.skipped) == 2
 
 
@@ -292,7 +292,7 @@ def test_multi_axis_layernorm_is_skipped_with_a_reason():
         for r in reasons
     ), reasons
     with pytest.warns(RuntimeWarning):
-        ConservationMonitor(model)
+        ConservationMonitor(model, every=1, recording="sync")
     assert analyze(model, torch.randn(2, 4, 5)).tracked_laws == 0
 
 
@@ -346,7 +346,7 @@ def test_relu_squared_after_batchnorm_gives_the_degree_two_law():
     model = make()
     (pair,) = find_structure(model).pairs
     assert (pair.name, pair.degree, pair.kind) == ("1→3", 2.0, "unit")
-    monitor = ConservationMonitor(model)
+    monitor = ConservationMonitor(model, every=1, recording="sync")
     by_hand = _law_by_hand(model[1], model[3], 1, degree=2.0)
     torch.testing.assert_close(monitor.initial["1→3"], by_hand, rtol=0, atol=1e-13)
     assert not torch.allclose(monitor.initial["1→3"], _law_by_hand(model[1], model[3], 1, degree=1.0))

@@ -15,7 +15,7 @@ def history():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4), nn.Linear(4, 1)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = ConservationMonitor(model).attach(opt)
+    mon = ConservationMonitor(model, every=1, recording="sync").attach(opt)
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
     for _ in range(8):
         opt.zero_grad()

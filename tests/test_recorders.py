@@ -17,6 +17,7 @@ from torch import nn
 
 import torch_conslaw as tc
 from torch_conslaw import ConservationMonitor
+from monitor_defaults import every_step
 
 RECORDERS = ["sync", "snapshot", "live"]
 
@@ -29,7 +30,7 @@ def _mlp() -> nn.Module:
 def _train(monitor_kwargs: dict, steps: int = 12, clock=None, step_seconds: float = 1.0, record_seconds: float = 0.0):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-    mon = ConservationMonitor(model, **monitor_kwargs).attach(opt)
+    mon = ConservationMonitor(model, **every_step(monitor_kwargs)).attach(opt)
     if clock is not None:  # the fake cost of each record, spent inside the monitor's hook
         mon.add_listener(lambda record: clock.advance(record_seconds))
     g = torch.Generator().manual_seed(1)
@@ -68,11 +69,11 @@ def test_auto_picks_live_with_a_free_core_and_sync_without():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(cores)
-        assert ConservationMonitor(_mlp(), recording="auto").recording == "sync"
+        assert ConservationMonitor(_mlp(), recording="auto", every=1).recording == "sync"
         if cores > 1:
             torch.set_num_threads(cores - 1)
             model = _mlp()
-            mon = ConservationMonitor(model, recording="auto")
+            mon = ConservationMonitor(model, recording="auto", every=1)
             assert mon.recording == "sync" and "free core" in mon.recording_reason
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             assert mon.attach(opt).recording == "live"  # live reading needs the optimizer hooks
@@ -94,15 +95,15 @@ def test_auto_records_like_sync(one_torch_thread):
 @pytest.mark.parametrize(("legacy", "name"), [(False, "sync"), (True, "snapshot"), ("live", "live")])
 def test_asynchronous_is_a_deprecated_alias(legacy, name, one_torch_thread):
     with pytest.warns(DeprecationWarning, match=f"recording={name!r}"):
-        mon = ConservationMonitor(_mlp(), asynchronous=legacy)
+        mon = ConservationMonitor(_mlp(), asynchronous=legacy, every=1)
     assert mon.recording == name
     with pytest.raises(ValueError, match="not both"):
-        ConservationMonitor(_mlp(), asynchronous=legacy, recording="auto")
+        ConservationMonitor(_mlp(), asynchronous=legacy, recording="auto", every=1)
 
 
 def test_a_bad_recording_is_refused():
     with pytest.raises(ValueError, match="recording must be one of 'auto', 'sync'"):
-        ConservationMonitor(_mlp(), recording="fast")
+        ConservationMonitor(_mlp(), recording="fast", every=1)
 
 
 class FakeClock:
@@ -155,7 +156,7 @@ def test_the_interval_is_capped_and_every_wins_when_asked_for():
     _, mon = _train({"overhead_budget": budget}, steps=12, clock=clock, record_seconds=5.0)
     assert mon.history()["step"].tolist() == [0, 1, 2, 5, 8, 11]
     with pytest.raises(ValueError, match="not both"):
-        ConservationMonitor(_mlp(), every=1, overhead_budget=0.03)
+        ConservationMonitor(_mlp(), every=1, overhead_budget=0.03, recording="sync")
     _, every = _train({"every": 1})
     assert every.history()["step"].tolist() == list(range(13))
     with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
@@ -168,7 +169,7 @@ def test_snapshot_recording_on_cuda_gives_the_synchronous_records():
         torch.manual_seed(0)
         model = _mlp().cuda()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = ConservationMonitor(model, recording=recording).attach(opt)
+        mon = ConservationMonitor(model, recording=recording, every=1).attach(opt)
         x, y = torch.randn(16, 6, device="cuda"), torch.randn(16, 2, device="cuda")
         for _ in range(8):
             opt.zero_grad()

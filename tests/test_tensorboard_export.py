@@ -44,7 +44,7 @@ def _model() -> nn.Module:
 
 def test_tensorboard_scalars_equal_the_monitor(tmp_path):
     model = _model()
-    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync")
     assert monitor.groups, "the ReLU MLP must have law groups"
     logger = tb.TensorBoardLogger(monitor, tmp_path / "tb")
     records = _train(monitor, model)
@@ -75,7 +75,7 @@ def test_tensorboard_scalars_equal_the_monitor(tmp_path):
 
 
 def test_tag_names_keep_one_level_per_group_and_quantities_are_checked():
-    monitor = ConservationMonitor(_model(), torch.randn(2, 5))
+    monitor = ConservationMonitor(_model(), torch.randn(2, 5), every=1, recording="sync")
     logger = tb.TensorBoardLogger(monitor, _NullWriter())
     assert logger.tag("net.0→net/2", "max_rel_drift") == "conslaw/net.0→net_2/max_rel_drift"
     with pytest.raises(ValueError, match="unknown quantity"):
@@ -95,7 +95,7 @@ class _NullWriter:
 
 def test_only_rank_zero_logs_and_exports(tmp_path, monkeypatch):
     model = _model()
-    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync")
     monkeypatch.setattr(tb, "is_main_process", lambda: False)
     monkeypatch.setattr(export, "is_main_process", lambda: False)
     logger = tb.TensorBoardLogger(monitor, tmp_path / "tb")
@@ -107,7 +107,7 @@ def test_only_rank_zero_logs_and_exports(tmp_path, monkeypatch):
 
 def test_csv_and_jsonl_hold_the_full_history(tmp_path):
     model = _model()
-    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync")
     _train(monitor, model)
     history = monitor.history()
     # under momentum the identity groups (momentum recurrences) are exported like the laws
@@ -140,7 +140,7 @@ def test_csv_and_jsonl_hold_the_full_history(tmp_path):
 
 def test_non_finite_laws_are_null_in_jsonl_and_skipped_by_logged_maxima(tmp_path):
     model = _model()
-    monitor = ConservationMonitor(model, torch.randn(2, 5))
+    monitor = ConservationMonitor(model, torch.randn(2, 5), every=1, recording="sync")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor.attach(optimizer)
     records: list = []

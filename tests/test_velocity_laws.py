@@ -132,7 +132,7 @@ def test_velocity_laws_obey_l_next_equals_mu_l_over_1000_steps(lr):
     gen = torch.Generator().manual_seed(3)
     for p in model.parameters():  # start from a velocity set by hand: L₀ ≠ 0 (it decays as μ^k)
         opt.state[p]["momentum_buffer"] = 0.1 * torch.randn(p.shape, generator=gen, dtype=F64)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 1000)
     rows = _rows(monitor)
     velocity = {name: r for name, r in rows.items() if r["kind"] == "velocity"}
@@ -158,7 +158,7 @@ def test_velocity_laws_obey_l_next_equals_mu_l_over_1000_steps(lr):
 def test_from_rest_the_velocity_laws_stay_zero_and_no_optimizer_state_is_created():
     model = _attn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     assert len(opt.state) == 0  # the monitor reads the state with .get: nothing is created
     scale = []
     for _ in range(50):
@@ -179,7 +179,7 @@ def test_from_a_nonzero_velocity_l_k_equals_mu_to_the_k_l_0():
     for p in model.parameters():  # a velocity set by hand, as after a resume
         opt.state[p]["momentum_buffer"] = torch.randn(p.shape, generator=gen, dtype=F64)
     L0 = {g: _velocity_by_hand(model, opt, g).numpy() for g in ("fc1→fc2", "attn.h0 q·k", "attn.h0 v·o")}
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 100)
     history = monitor.history()
     k = history["step"][1:].astype(float)
@@ -195,7 +195,7 @@ def test_from_a_nonzero_velocity_l_k_equals_mu_to_the_k_l_0():
 def test_dampening_and_coupled_weight_decay_keep_the_identity():
     model = _attn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 300)
     rows = _rows(monitor)
     assert sum(r["kind"] == "velocity" for r in rows.values()) == 3
@@ -210,7 +210,7 @@ def test_a_symmetric_scaling_generator_does_not_obey_the_identity():
     model = _attn_net()
     mu = 0.9
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=mu)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 100)
     history = monitor.history()
     group = next(g for g in monitor.groups if g.name == "fc1→fc2")
@@ -231,7 +231,7 @@ def test_momentum_recurrence_of_h_and_q_matches_a_by_hand_loop():
     model = _relu_net()
     mu, lr = 0.8, 0.05
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mu, dampening=0.2, weight_decay=1e-2)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
     by_hand = []
     for _ in range(30):
@@ -264,7 +264,7 @@ def test_the_recurrence_residual_can_fail_when_the_symmetry_is_broken():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    monitor = tc.ConservationMonitor(model, track_broken=True).attach(opt)
+    monitor = tc.ConservationMonitor(model, track_broken=True, every=1, recording="sync").attach(opt)
     assert monitor.groups and not monitor.identity_groups
     x, y = torch.randn(8, 3, dtype=F64), torch.randn(8, 2, dtype=F64)
 
@@ -288,7 +288,7 @@ def test_weight_decay_without_momentum_splits_after_removing_the_decay_factor():
     model = _attn_net()
     lr, wd = 0.05, 0.1
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     x, y = _data()
     _train(model, opt, 20, (x, y))
     # one more step, by hand: h⁺ = (1 − ηλ)² h + η² gᵀAg on the fc1 → fc2 matrix law
@@ -321,7 +321,7 @@ def test_training_is_bitwise_identical_with_and_without_the_monitor():
         model = _attn_net()
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)
         if monitored:
-            tc.ConservationMonitor(model).attach(opt)
+            tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
         _train(model, opt, 20)
         return model, opt
 
@@ -350,10 +350,10 @@ def test_checkpoint_round_trip_and_resume_continue_the_identities():
         return model, opt
 
     model, opt = fresh(0)
-    full = tc.ConservationMonitor(model).attach(opt)
+    full = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 20, (x, y))
     model, opt = fresh(0)
-    first = tc.ConservationMonitor(model).attach(opt)
+    first = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 10, (x, y))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "monitor": first.state_dict()}, buffer)
@@ -363,7 +363,7 @@ def test_checkpoint_round_trip_and_resume_continue_the_identities():
         model2, opt2 = fresh(7)
         model2.load_state_dict(saved["model"])
         opt2.load_state_dict(saved["opt"])
-        resumed = tc.ConservationMonitor(model2)
+        resumed = tc.ConservationMonitor(model2, every=1, recording="sync")
         if load_first:
             resumed.load_state_dict(saved["monitor"])
             resumed.attach(opt2)
@@ -382,7 +382,7 @@ def test_asynchronous_modes_record_the_synchronous_identities(mode, one_torch_th
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the free-core advice
-            monitor = tc.ConservationMonitor(model, recording=recording).attach(opt)
+            monitor = tc.ConservationMonitor(model, recording=recording, every=1).attach(opt)
         _train(model, opt, 12)
         monitor.detach()
         return monitor
@@ -395,7 +395,7 @@ def test_asynchronous_modes_record_the_synchronous_identities(mode, one_torch_th
 def test_exports_and_loggers_carry_the_identity_groups(tmp_path):
     model = _attn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     records: list = []
     monitor.add_listener(records.append)
     _train(model, opt, 3)
@@ -436,7 +436,7 @@ def test_nesterov_is_refused_for_the_velocity_laws_and_would_fail():
     model = _attn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     with pytest.warns(RuntimeWarning, match="Nesterov"):
-        monitor = tc.ConservationMonitor(model).attach(opt)
+        monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     assert not monitor.identity_groups
     assert any("Nesterov" in str(s) for s in monitor.skipped)
     # why: the same by-hand check holds to rounding for heavy ball and misses under Nesterov
@@ -475,7 +475,7 @@ def test_an_optimizer_of_unknown_layout_gets_no_identity(make, match):
     model = _attn_net()
     opt = make(model.parameters())
     with pytest.warns(RuntimeWarning, match=match):
-        monitor = tc.ConservationMonitor(model).attach(opt)
+        monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     assert not monitor.identity_groups
     assert any(match in str(s) for s in monitor.skipped)
     _train(model, opt, 2)
@@ -486,7 +486,7 @@ def test_an_optimizer_of_unknown_layout_gets_no_identity(make, match):
 def test_unknown_state_keys_missing_gradients_and_changed_settings_give_nan_with_a_warning():
     model = _attn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    monitor = tc.ConservationMonitor(model).attach(opt)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     _train(model, opt, 2)
     x, y = _data()
     # a parameter without gradient is skipped by SGD: its velocity is not decayed
@@ -520,14 +520,14 @@ def test_parameters_in_param_groups_with_different_settings_are_refused():
         [{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}], lr=0.05, momentum=0.9
     )
     with pytest.warns(RuntimeWarning, match="different lr/momentum/dampening/weight_decay"):
-        monitor = tc.ConservationMonitor(model).attach(opt)
+        monitor = tc.ConservationMonitor(model, every=1, recording="sync").attach(opt)
     assert not monitor.identity_groups
     assert sum("different" in str(s) for s in monitor.skipped) == 3
 
 
 def test_sharded_parameters_are_refused():
     model = _attn_net()
-    monitor = tc.ConservationMonitor(model)
+    monitor = tc.ConservationMonitor(model, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = VelocityTracker(dict(model.named_parameters()), monitor.groups)
     with pytest.warns(RuntimeWarning, match="FSDP2 sharded parameters are not supported"):
@@ -573,7 +573,7 @@ def test_lightning_trainer_records_and_logs_the_velocity_laws(tmp_path):
 
     gen = torch.Generator().manual_seed(7)
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, generator=gen), torch.randn(32, 2, generator=gen))
-    callback = ConservationCallback(submodule="net")
+    callback = ConservationCallback(submodule="net", every=1, recording="sync")
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = pl.Trainer(
         max_steps=6, accelerator="cpu", devices=1, precision="64-true", logger=logger, log_every_n_steps=1,
@@ -597,7 +597,7 @@ def test_velocity_laws_of_the_attention_heads_found_in_hugging_face_models(facto
     import graph_models
 
     model, example, pick, _ = graph_models.build(getattr(graph_models, factory), "eager")
-    monitor = tc.ConservationMonitor(model, example)
+    monitor = tc.ConservationMonitor(model, example, every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor.attach(opt)
     for _ in range(5):

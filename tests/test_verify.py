@@ -63,7 +63,7 @@ def test_a_wrong_registration_of_mul_is_caught_and_never_reported_as_conserved(t
     (pair,) = tc.find_structure(model).pairs  # the finder believes the registration
     assert pair.name == "fc1→fc2"
     with pytest.warns(RuntimeWarning, match="no conservation law is tracked"):
-        monitor = tc.ConservationMonitor(model, x3())
+        monitor = tc.ConservationMonitor(model, x3(), every=1, recording="sync")
     assert monitor.summary() == []
     (skip,) = [s for s in monitor.skipped if "fc1→fc2" in str(s)]
     text = str(skip)
@@ -77,7 +77,7 @@ def test_without_the_check_the_same_registration_would_be_a_false_claim():
     catalogue.register_activation(operator.mul, degree=1, name="mul")
     model = square_model()
     with pytest.warns(RuntimeWarning, match="You registered mul"):
-        monitor = tc.ConservationMonitor(model)  # no example input: nothing can be verified
+        monitor = tc.ConservationMonitor(model, every=1, recording="sync")  # no example input: nothing can be verified
     (row,) = monitor.summary()
     assert row["verified"] is False and "(unverified)" in monitor.table()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -92,7 +92,7 @@ def test_without_the_check_the_same_registration_would_be_a_false_claim():
 
 def test_the_right_degree_passes_the_check():
     catalogue.register_activation(operator.mul, degree=2, name="mul")  # (ch)·(ch) = c²·h·h
-    monitor = tc.ConservationMonitor(square_model(), x3())
+    monitor = tc.ConservationMonitor(square_model(), x3(), every=1, recording="sync")
     (row,) = monitor.summary()
     assert row["verified"] is True and row["verification_residual"] < 1e-14
 
@@ -110,7 +110,7 @@ def test_a_wrong_register_layer_is_caught():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Doubled(4, 2)).double()
     with pytest.warns(RuntimeWarning, match="no conservation law"):
-        monitor = tc.ConservationMonitor(model, x3())
+        monitor = tc.ConservationMonitor(model, x3(), every=1, recording="sync")
     assert monitor.groups == [] and "fails the numerical check" in str(monitor.skipped[-1])
 
 
@@ -131,7 +131,7 @@ def test_a_wrong_register_internal_laws_is_caught_and_a_right_one_passes():
 
     tc.register_internal_laws(Bilinear, laws)
     torch.manual_seed(0)
-    monitor = tc.ConservationMonitor(Bilinear().double(), x3())
+    monitor = tc.ConservationMonitor(Bilinear().double(), x3(), every=1, recording="sync")
     assert [g.name for g in monitor.groups] == ["Bilinear.a·b"]
     assert any("Bilinear.a·a fails the numerical check" in str(s) for s in monitor.skipped)
 
@@ -146,7 +146,7 @@ def test_verify_laws_is_public_and_takes_groups_a_monitor_or_nothing():
     by_name = {v.group: v for v in proposed}
     assert by_name["1→3"].residual < 1e-14 and by_name["0.bias→1"].residual < 1e-14
     assert 1e-10 < by_name["0→1 scale"].residual < 1e-3  # approximate: the eps term, measured
-    monitor = tc.ConservationMonitor(model, x)
+    monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
     assert [v.group for v in tc.verify_laws(model, x, monitor)] == [g.name for g in monitor.groups]
     assert "passed" in str(proposed[0])
     with pytest.raises(ValueError, match="needs an example input"):
@@ -158,22 +158,22 @@ def test_verify_laws_is_public_and_takes_groups_a_monitor_or_nothing():
 def test_translation_law_needs_the_loss_named_and_an_example_input():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5)).double()
-    plain = tc.ConservationMonitor(model, x3())
+    plain = tc.ConservationMonitor(model, x3(), every=1, recording="sync")
     assert "2 translation" not in {g.name for g in plain.groups}
-    ce = tc.ConservationMonitor(model, x3(), loss="cross_entropy")
+    ce = tc.ConservationMonitor(model, x3(), loss="cross_entropy", every=1, recording="sync")
     (row,) = [s for s in ce.summary() if s["name"] == "2 translation"]
     assert row["loss"] == "cross_entropy" and "this loss only" in row["reason"]
     with pytest.raises(ValueError, match="pass example_input"):
-        tc.ConservationMonitor(model, loss="cross_entropy")
+        tc.ConservationMonitor(model, loss="cross_entropy", every=1, recording="sync")
     with pytest.raises(ValueError, match="loss must be one of"):
-        tc.ConservationMonitor(model, x3(), loss="mse")
+        tc.ConservationMonitor(model, x3(), loss="mse", every=1, recording="sync")
 
 
 def test_translation_law_is_false_for_another_loss():
     """MSE reads every logit: the column sums move at first order under SGD."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5)).double()
-    monitor = tc.ConservationMonitor(model, x3(), loss="cross_entropy")
+    monitor = tc.ConservationMonitor(model, x3(), loss="cross_entropy", every=1, recording="sync")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor.attach(opt)
     x = x3()
@@ -188,7 +188,7 @@ def test_translation_law_is_false_for_another_loss():
 def test_approximate_laws_are_never_counted_as_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2)).double()
-    monitor = tc.ConservationMonitor(model, x3())
+    monitor = tc.ConservationMonitor(model, x3(), every=1, recording="sync")
     (row,) = [s for s in monitor.summary() if s["approximate"]]
     assert row["kind"] == "approximate" and row["expected_conserved"] is False
     assert "approximate" in row["reason"] and "eps" in row["reason"]
@@ -207,7 +207,7 @@ def test_the_check_leaves_training_bitwise_identical_with_batchnorm_and_dropout(
         x, y = torch.randn(8, 2, 5, 5), torch.randn(8, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         if with_monitor:
-            monitor = tc.ConservationMonitor(model, x).attach(opt)
+            monitor = tc.ConservationMonitor(model, x, every=1, recording="sync").attach(opt)
             assert all(s["verified"] for s in monitor.summary())
         for _ in range(4):
             opt.zero_grad()
@@ -231,7 +231,7 @@ def test_a_check_that_cannot_run_is_reported_and_adds_no_family():
             return self.out(torch.relu(self.bn(self.fc(x))))
 
     with pytest.warns(RuntimeWarning, match="failed to run"):
-        monitor = tc.ConservationMonitor(NoFloat64(), torch.randn(5, 3))
+        monitor = tc.ConservationMonitor(NoFloat64(), torch.randn(5, 3), every=1, recording="sync")
     assert [s["kind"] for s in monitor.summary()] == ["unit"]
     assert monitor.summary()[0]["verified"] is False
     assert "float32 only" in monitor.verification_note
@@ -240,7 +240,7 @@ def test_a_check_that_cannot_run_is_reported_and_adds_no_family():
 def test_no_warning_without_example_input_when_nothing_was_registered():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monitor = tc.ConservationMonitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+        monitor = tc.ConservationMonitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), every=1, recording="sync")
     assert "no example_input" in monitor.verification_note
 
 
@@ -283,9 +283,9 @@ def test_a_model_built_in_eval_mode_gets_the_train_mode_only_bias_law_refused():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3)).double()
     x = torch.randn(4, 2, 6, 6, dtype=F64)
-    assert "0.bias→1" in {g.name for g in tc.ConservationMonitor(model, x).groups}
+    assert "0.bias→1" in {g.name for g in tc.ConservationMonitor(model, x, every=1, recording="sync").groups}
     model.eval()  # running statistics: the bias before BatchNorm does reach the output
-    monitor = tc.ConservationMonitor(model, x)
+    monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
     assert "0.bias→1" not in {g.name for g in monitor.groups}
     assert any("0.bias→1 fails the numerical check" in str(s) for s in monitor.skipped)
     assert not model.training  # the mode is left as it was

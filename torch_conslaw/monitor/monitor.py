@@ -60,7 +60,10 @@ from .sharded import ShardedLaws, has_sharded_parameters
 from .statistics import group_columns, group_rows, table_text
 from .store import DriftStatistics, Record, RecordStore
 
-__all__ = ["ConservationMonitor"]
+__all__ = ["ConservationMonitor", "DEFAULT_OVERHEAD_BUDGET", "DEFAULT_RECORDING"]
+
+DEFAULT_OVERHEAD_BUDGET = 0.03  # fraction of the training step time the monitor may take by default
+DEFAULT_RECORDING = "auto"  # the cheapest recorder the setup allows (recorders.choice)
 
 _STATE_FORMAT = "torch_conslaw.ConservationMonitor/1"
 
@@ -89,8 +92,10 @@ class ConservationMonitor:
             output layer, which holds for that loss only (needs ``example_input``).
         split: also record the exact first-/second-order split of every change (costs a
             parameter snapshot before each recorded step).
-        every: record every ``every`` optimizer steps (default: every step, unless
-            ``overhead_budget`` is given; ``every=1`` always records every step).
+        every: record every ``every`` optimizer steps; ``every=1`` records every step. Without
+            ``every`` / ``log_spaced`` the monitor is **bounded by default**: it records as often
+            as ``overhead_budget`` (default :data:`DEFAULT_OVERHEAD_BUDGET` = 3 % of the training
+            step time) allows.
         log_spaced: record on a log-spaced grid of steps instead (then ``every`` must stay 1).
         max_records: bound on the stored history; older records are thinned evenly, the
             running maxima of :meth:`summary` stay exact.
@@ -104,18 +109,19 @@ class ConservationMonitor:
         recording: which recorder reads θ (:mod:`torch_conslaw.monitor.recorders`): ``"sync"`` (the
             training thread), ``"snapshot"`` (a native copy, evaluated by a worker thread;
             on CUDA on a side stream), ``"live"`` (the worker reads θ during the next
-            forward pass; CPU, :meth:`attach`), or ``"auto"``: sharded → sync, CUDA →
-            snapshot, CPU with a core torch leaves free → live from :meth:`attach` on,
-            otherwise sync. The default stays ``"sync"``: the worker recorders deliver
-            records, listener calls and non-finite warnings later (at the next hook or
-            :meth:`flush`), which code written for the synchronous monitor may not expect.
-            :attr:`recording` and :attr:`recording_reason` say which was chosen. Records are
-            bitwise the same whichever recorder runs.
+            forward pass; CPU, :meth:`attach`), or ``"auto"`` (the default): sharded → sync,
+            CUDA → snapshot, CPU with a core torch leaves free → live from :meth:`attach` on,
+            otherwise sync. The worker recorders deliver records, listener calls and
+            non-finite warnings later (at the next hook or :meth:`flush`); pass
+            ``recording="sync"`` for code that needs them at once. :attr:`recording` and
+            :attr:`recording_reason` say which was chosen. Records are bitwise the same
+            whichever recorder runs.
         overhead_budget: record as often as this fraction of the training step time allows
-            (e.g. ``0.03``; or a :class:`~torch_conslaw.OverheadBudget`), measured online
-            on the training thread (:mod:`torch_conslaw.monitor.budget`); every recorded step keeps
-            its exact split, and ``summary()`` / ``history()["step"]`` say which steps were
-            recorded. Exclusive with ``every`` / ``log_spaced``.
+            (default 0.03 when neither ``every`` nor ``log_spaced`` is given; or a
+            :class:`~torch_conslaw.OverheadBudget`), measured online on the training thread
+            (:mod:`torch_conslaw.monitor.budget`); every recorded step keeps its exact split,
+            and ``summary()`` / ``history()["step"]`` say which steps were recorded.
+            Exclusive with ``every`` / ``log_spaced``.
         evaluation: how the per-unit laws are evaluated (:class:`~torch_conslaw.accounting.Accountant`):
             ``"eager"`` (chunked torch operations, needs nothing) or ``"compiled"`` (one fused
             TorchInductor kernel per record, compiled at the first record, seconds; equal to
@@ -173,7 +179,7 @@ class ConservationMonitor:
         track_broken: bool = False,
         asynchronous: bool | str | None = None,
         async_buffers: int = 4,
-        recording: str = "sync",
+        recording: str | None = None,
         overhead_budget: float | OverheadBudget | None = None,
         loss: str | None = None,
         evaluation: str = "eager",
@@ -242,12 +248,13 @@ class ConservationMonitor:
         self.evaluator: Accountant | ShardedLaws = Accountant(self.groups, evaluation) if self._sharded is None else self._sharded
         # --- recorder selection (torch_conslaw.monitor.recorders) ---
         if asynchronous is not None:
-            if recording != "sync":
+            if recording is not None:
                 raise ValueError(
                     f"ConservationMonitor: pass recording={recording!r} or the deprecated "
                     f"asynchronous={asynchronous!r}, not both"
                 )
             recording = recording_from_legacy(asynchronous)
+        recording = DEFAULT_RECORDING if recording is None else recording
         tracked = [self._params[n] for n in self._names]
         self.recording, self.recording_reason = choose_recording(recording, tracked, sharded=self._sharded is not None)
         # "auto" → live: synchronous until attach() (a manual loop stays synchronous)
@@ -520,8 +527,10 @@ class ConservationMonitor:
 
 def _schedule(every: int | None, log_spaced: bool, budget: float | OverheadBudget | None) -> Schedule | OverheadBudget:
     """The recording schedule: ``every`` / ``log_spaced`` when given, else the overhead
-    budget when given, else every step."""
+    budget (:data:`DEFAULT_OVERHEAD_BUDGET` when none is given)."""
     if budget is None:
+        if every is None and not log_spaced:
+            return OverheadBudget(DEFAULT_OVERHEAD_BUDGET)
         return Schedule(1 if every is None else every, log_spaced)
     if every is not None or log_spaced:
         raise ValueError(

@@ -30,7 +30,7 @@ Example:
     >>> torch.set_num_threads(max(threads - 1, 1))  # leave the worker a core
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    >>> monitor = ConservationMonitor(model, recording="live").attach(opt)
+    >>> monitor = ConservationMonitor(model, recording="live", every=1).attach(opt)
     >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
     >>> for _ in range(3):
     ...     opt.zero_grad()

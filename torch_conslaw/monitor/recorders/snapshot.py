@@ -18,7 +18,7 @@ Example:
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> with warnings.catch_warnings():  # on a machine without a free core it says so
     ...     warnings.simplefilter("ignore")
-    ...     monitor = ConservationMonitor(model, recording="snapshot", async_buffers=2).attach(opt)
+    ...     monitor = ConservationMonitor(model, recording="snapshot", async_buffers=2, every=1).attach(opt)
     >>> for _ in range(3):
     ...     model(torch.randn(2, 3)).sum().backward()
     ...     opt.step()
