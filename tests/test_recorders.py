@@ -180,3 +180,16 @@ def test_snapshot_recording_on_cuda_gives_the_synchronous_records():
     auto = run("auto")
     assert auto.recording == "snapshot"
     _same_history(run("sync").history(), auto.history())
+
+
+def test_the_monitor_is_bounded_by_default():
+    """No schedule given: the default overhead budget decides, with recording='auto'; every=1
+    records every step."""
+    default = ConservationMonitor(_mlp())
+    assert isinstance(default.schedule, tc.OverheadBudget)
+    assert default.schedule.fraction == tc.DEFAULT_OVERHEAD_BUDGET == 0.03
+    assert "OverheadBudget" in default.summary()[0]["schedule"]
+    assert default.recording in ("sync", "snapshot", "live") and default.recording_reason
+    _, every = _train({"every": 1})
+    assert every.history()["step"].tolist() == list(range(13))
+    assert not isinstance(every.schedule, tc.OverheadBudget)

@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "register_layer": "torch_conslaw.catalogue",
     "register_internal_laws": "torch_conslaw.catalogue",
     "OverheadBudget": "torch_conslaw.monitor.budget",
+    "DEFAULT_OVERHEAD_BUDGET": "torch_conslaw.monitor.monitor",
     "verify_laws": "torch_conslaw.laws.verify",
     "Verification": "torch_conslaw.laws.verify",
 }
@@ -72,6 +73,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .monitor.budget import OverheadBudget
+    from .monitor.monitor import DEFAULT_OVERHEAD_BUDGET
     from .completeness import Analysis, analyze
     from .catalogue import register_activation, register_internal_laws, register_layer
     from .lie import LieResult, mlp_trace_dimension, trace_dimension
