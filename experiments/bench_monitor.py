@@ -197,6 +197,20 @@ def phase(model_kind: str, settings: list[str], threads: int, device: str, block
     return out
 
 
+def _peak_rss_bytes() -> int:
+    """This process image's peak RSS: VmHWM of /proc/self/status where there is one.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` survives ``execve`` on Linux: a probe started by a
+    bench process that had grown larger would see the parent's peak and measure 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def memory_probe(mode: str, steps: int = 6) -> dict:
     """The monitor's extra peak memory on the 25 M-parameter MLP, in this (fresh) process:
     train 3 plain steps (the peak of training alone: parameters, gradients, activations),
@@ -233,12 +247,12 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
             small(torch.randn(2, 8)).sum().backward()
             warm.step()
     train(3)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    base = _peak_rss_bytes()
     monitor = None
     if mode != "none":
         monitor = ConservationMonitor(model, **options).attach(opt)
     train(steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     native = sum(p.numel() * p.element_size() for p in model.parameters())
     recorded = monitor.num_steps if monitor is not None else 0
     return {"params": sum(p.numel() for p in model.parameters()), "param_bytes": native, "extra_bytes": peak - base, "recorded": recorded}
