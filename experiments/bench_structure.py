@@ -121,7 +121,7 @@ def run_phases(model: torch.nn.Module, example: Any, traced: bool) -> tuple[Any,
     import torch_conslaw.accounting as accounting
     import torch_conslaw.laws.families.proposals as proposals
     import torch_conslaw.laws.verify as verify
-    import torch_conslaw.monitor as monitor_module
+    import torch_conslaw.monitor.monitor as monitor_module
     import torch_conslaw.structure.rules as rules
 
     phases = Phases(traced)
