@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch_conslaw.catalogue import scoped_registrations
+
+
+@pytest.fixture(autouse=True)
+def _registrations_stay_in_their_test():
+    """register_* calls of a test do not leak into the next ones (or into the doctests)."""
+    with scoped_registrations():
+        yield
+
 
 @pytest.fixture
 def one_torch_thread():

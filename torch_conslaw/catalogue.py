@@ -33,9 +33,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ __all__ = [
     "register_internal_laws",
     "internal_laws_spec",
     "user_registrations",
+    "scoped_registrations",
 ]
 
 Axis = Literal["last", "channel"]
@@ -287,6 +289,31 @@ def user_registrations() -> list[str]:
             if key not in builtin or builtin[key] is not value:
                 out.append(_target_name(key))
     return out
+
+
+_ALL_TABLES = (*_USER_TABLES, "_PASS_MODULES", "_PASS_FUNCTIONS", "_PASS_METHODS")
+
+
+@contextlib.contextmanager
+def scoped_registrations() -> Iterator[None]:
+    """Undo every ``register_*`` made inside the block when it exits (tests, experiments).
+
+    Example:
+        >>> import torch
+        >>> with scoped_registrations():
+        ...     register_activation(torch.nn.Softplus, degree=1)
+        ...     "Softplus" in user_registrations()
+        True
+        >>> "Softplus" in user_registrations()
+        False
+    """
+    saved = {name: dict(globals()[name]) for name in _ALL_TABLES}
+    try:
+        yield
+    finally:
+        for name, table in saved.items():
+            globals()[name].clear()
+            globals()[name].update(table)
 
 
 def internal_laws_spec(module: nn.Module) -> Callable[[nn.Module], list[InternalLaw]] | None:
