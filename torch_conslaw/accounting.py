@@ -396,6 +396,32 @@ class Accountant:
         self._compiled: CompiledLaws | None = None
         self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
 
+    @property
+    def paths(self) -> dict[str, Any] | None:
+        """How the last evaluation ran (None before the first): the groups on the fused
+        row/column-sum path (``"fast"``), those evaluated group by group in float64
+        (``"generic"``, readers that are not a rearrangement of the parameter), and the largest
+        number of chunks a parameter was read in (``"chunks"``).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch_conslaw.lawgroups import build_groups
+            >>> from torch_conslaw.structure import find_structure
+            >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+            >>> acc = Accountant(build_groups(find_structure(model).pairs))
+            >>> _ = acc.values(dict(model.named_parameters()))
+            >>> acc.paths
+            {'fast': ['0→2'], 'generic': [], 'chunks': 1}
+        """
+        if self._fast is None:
+            return None
+        return {
+            "fast": [g.name for g, *_ in self._fast.fast],
+            "generic": [g.name for g in self._fast.generic],
+            "chunks": max((len(w.chunks) for w in self._fast.work), default=0),
+        }
+
     def _kernel(self, fast: _FastPlan, tensors: list[Tensor]) -> CompiledLaws | None:
         """The fused kernels of the fast groups (``evaluation="compiled"``), or ``None`` for
         the chunked eager path: no compiler for the device, a failed compilation (then the
