@@ -441,7 +441,7 @@ def test_matrix_free_complement_agrees_with_the_dense_method_on_a_resnet_with_ba
 def test_kronecker_factors_of_a_linear_layer_are_its_input_second_moments():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
     x = gaussian(16, 3)
-    blocks = kronecker_blocks(net, {n: p.detach() for n, p in net.named_parameters()}, (x,), {})
+    blocks = kronecker_blocks(net, lambda: net(x).reshape(-1), [n for n, _ in net.named_parameters()])
     first = {b.name: b for b in blocks}["0.weight"]
     torch.testing.assert_close(first.a, x.T @ x, rtol=1e-12, atol=0)
     hidden = torch.relu(net[0](x)).detach()

@@ -270,9 +270,10 @@ class ModuleGenerators:
         or None (``preconditioner="jacobi"``, or no such layer)."""
         if self.preconditioner != "kronecker":
             return None
-        params = {s.name: theta[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
+        point = theta.detach().requires_grad_(True)
         blocks = kronecker_blocks(
-            self.module, params, self.batch.args, self.batch.kwargs, generator=torch.Generator().manual_seed(4243)
+            self.module, lambda: self.outputs(point), [s.name for s in self.slots],
+            generator=torch.Generator().manual_seed(4243),
         )
         return kronecker_preconditioner(blocks, {s.name: (s.offset, s.shape) for s in self.slots}, diag, scale)
 
