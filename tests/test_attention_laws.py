@@ -64,7 +64,7 @@ def _by_hand(m: nn.MultiheadAttention, h: int) -> tuple[torch.Tensor, torch.Tens
     """M_QK and M_VO of head h, written out from the parameters."""
     e, d = m.embed_dim, m.head_dim
     s = slice(h * d, (h + 1) * d)
-    if m._qkv_same_embed_dim:
+    if m.in_proj_weight is not None:  # one fused in_proj (same embed dims)
         wq, wk, wv = m.in_proj_weight[:e], m.in_proj_weight[e : 2 * e], m.in_proj_weight[2 * e :]
     else:
         wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
@@ -136,7 +136,7 @@ def _transform_head(m: nn.MultiheadAttention, h: int, a: torch.Tensor, b: torch.
     s = slice(h * d, (h + 1) * d)
     ait, bi = torch.linalg.inv(a).T, torch.linalg.inv(b)
     with torch.no_grad():
-        if m._qkv_same_embed_dim:
+        if m.in_proj_weight is not None:  # one fused in_proj (same embed dims)
             ws = [(m.in_proj_weight, 0), (m.in_proj_weight, e), (m.in_proj_weight, 2 * e)]
         else:
             ws = [(m.q_proj_weight, 0), (m.k_proj_weight, 0), (m.v_proj_weight, 0)]
