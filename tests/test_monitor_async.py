@@ -68,7 +68,7 @@ def _train(kind="mlp", opt="sgd", steps=12, monitor=True, between=None, **kw):
 def _same(a, b) -> bool:
     """Bitwise equality of nested results (tensors, arrays, floats with NaN, records)."""
     if isinstance(a, Record):
-        return isinstance(b, Record) and _same(vars(a), vars(b))
+        return isinstance(b, Record) and _same(a.as_dict(), b.as_dict())
     if isinstance(a, torch.Tensor):
         return (
             isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape

@@ -164,10 +164,9 @@ class _Use:
 
     def steps(self, x: Tensor, start: int) -> tuple[int, Tensor, Tensor, Tensor | None]:
         """(kind, input view, output, partial) that accumulate chunk ``x`` ([rows, m]) of the
-        elements ``start … start + m − 1`` (views built once, see :meth:`_FastPlan.bind`)."""
+        elements ``start … start + m − 1`` into ``results[rows]`` (a ``[rows, U]`` view of the
+        plan's lanes, see :meth:`_FastPlan.bind`; views built once)."""
         rows, m = x.shape
-        if rows not in self.results:
-            self.results[rows] = torch.empty(rows, self.u, dtype=F64, device=x.device)
         res = self.results[rows]
         if self.a == 1:
             u0 = start // self.b
@@ -253,6 +252,12 @@ class _FastPlan:
         self.longest = max((e - s for w in self.work for s, e in w.chunks), default=0)
         # rows → per parameter: [(start, end, rows of the scratch, reader steps)]
         self.views: dict[int, list[list[tuple[int, int, tuple[Tensor, ...], list]]]] = {}
+        # the flat layout of the fast groups: group i owns columns offsets[i] … + counts[i];
+        # reader j of a side writes lane j of that side (absent readers leave zeros)
+        self.offsets = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        self.lane_count = tuple(max((len(f[k]) for f in self.fast), default=0) for k in (1, 2))
+        self.degrees = torch.tensor([f[3] for f in self.fast for _ in range(f[0].count)], dtype=F64, device=self.device)
+        self.lanes: dict[int, tuple[Tensor, Tensor]] = {}  # rows → (incoming, outgoing) [lanes, rows, laws]
 
     @staticmethod
     def _plan(g: LawGroup, shape_of: dict[str, torch.Size]) -> tuple[list, list] | None:
@@ -284,6 +289,13 @@ class _FastPlan:
         """The views for ``rows`` product rows (1: values, 3: split), built on first use."""
         views = self.views.get(rows)
         if views is None:
+            total = sum(self.counts)
+            lanes = tuple(torch.zeros(n, rows, total, dtype=F64, device=self.device) for n in self.lane_count)
+            for (_, inc, out, _), start, count in zip(self.fast, self.offsets, self.counts):
+                for side, uses in zip(lanes, (inc, out)):
+                    for j, use in enumerate(uses):
+                        use.results[rows] = side[j, :, start : start + count]
+            self.lanes[rows] = lanes  # type: ignore[assignment]
             scratch = torch.empty(rows, self.longest, dtype=F64, device=self.device)
             views = []
             for w in self.work:
@@ -296,8 +308,8 @@ class _FastPlan:
             self.views[rows] = views
         return views
 
-    def values(self, params: Mapping[str, Tensor]) -> list[Tensor]:
-        """Per fast group, ``[1, count]``: h(θ)."""
+    def values(self, params: Mapping[str, Tensor]) -> Tensor:
+        """``[1, laws]``: h(θ) of the fast groups, in their order."""
         for w, chunks in zip(self.work, self.bind(1)):
             flat = params[w.name].detach().reshape(-1)
             whole = len(chunks) == 1
@@ -307,8 +319,8 @@ class _FastPlan:
                 _run(steps)
         return self._combine(1)
 
-    def split(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> list[Tensor]:
-        """Per fast group, ``[3, count]``: h(θ⁺), B(θ, Δ) (not yet doubled) and B(Δ, Δ)."""
+    def split(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ) of the fast groups, in their order."""
         for w, chunks in zip(self.work, self.bind(3)):
             flat_a = after[w.name].detach().reshape(-1)
             flat_b = before[w.name].detach().reshape(-1)
@@ -321,28 +333,28 @@ class _FastPlan:
                 theta.mul_(theta)
                 delta.mul_(delta)
                 _run(steps)
-        return self._combine(3)
+        table = self._combine(3)
+        table[1].mul_(2.0)
+        return table
 
-    def scales(self) -> list[Tensor]:
-        """Per fast group, ``[count]``: incoming + k · outgoing of the last :meth:`values` call
-        (the natural scale ‖w_in‖² + b² + k‖w_out‖²)."""
-        return [t[0] for t in self._combine(1, sign=1.0)]
+    def scales(self) -> Tensor:
+        """``[laws]``: incoming + k · outgoing of the last :meth:`values` call (the natural
+        scale ‖w_in‖² + b² + k‖w_out‖²)."""
+        return self._combine(1, sign=1.0)[0]
 
-    def _combine(self, rows: int, sign: float = -1.0) -> list[Tensor]:
-        """incoming − k · outgoing (``sign=+1``: incoming + k · outgoing) per fast group, as fresh
-        tensors (results belong to the caller)."""
-        out = []
-        for _, inc_uses, out_uses, degree in self.fast:
-            total = []
-            for uses in (inc_uses, out_uses):
-                acc = uses[0].results[rows]
-                if len(uses) > 1:
-                    acc = acc + uses[1].results[rows]
-                    for use in uses[2:]:
-                        acc.add_(use.results[rows])
-                total.append(acc)
-            out.append(torch.add(total[0], total[1], alpha=sign * degree))
-        return out
+    def _combine(self, rows: int, sign: float = -1.0) -> Tensor:
+        """``[rows, laws]``: incoming − k · outgoing (``sign=+1``: incoming + k · outgoing) of
+        every fast group, a fresh tensor (it belongs to the caller): a few tensor operations
+        whatever the number of groups."""
+        totals = []
+        for lanes in self.lanes[rows]:
+            acc = lanes[0]
+            if len(lanes) > 1:
+                acc = acc + lanes[1]
+                for lane in lanes[2:]:
+                    acc.add_(lane)
+            totals.append(acc)
+        return torch.addcmul(totals[0], totals[1], self.degrees, value=sign)
 
 
 class Accountant:
@@ -395,6 +407,7 @@ class Accountant:
         self._threads = torch.get_num_threads()  # the compiled kernels' (the constructing thread's)
         self._compiled: CompiledLaws | None = None
         self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
+        self._order: Tensor | None = None  # group order of the fast block + generic columns
 
     @property
     def paths(self) -> dict[str, Any] | None:
@@ -448,20 +461,21 @@ class Accountant:
         self.evaluation = "eager"
         self._compiled = None
 
-    def _fused(self, fast: _FastPlan, kind: str, *sides: Mapping[str, Tensor]) -> list[Tensor] | None:
-        """The fast groups' results from the fused kernel (``[laws]`` for values, ``[3, laws]``
-        for the split, split per group), or ``None`` when the eager path must run."""
+    def _fused(self, fast: _FastPlan, kind: str, *sides: Mapping[str, Tensor]) -> Tensor | None:
+        """The fast groups' table from the fused kernel (``[1, laws]`` for values, ``[3, laws]``
+        for the split), or ``None`` when the eager path must run."""
         tensors = [side[n].detach() for side in sides for n in fast.fast_names]
         kernel = self._kernel(fast, tensors)
         if kernel is None:
             return None
         try:
             count = len(fast.fast_names)
-            flat = kernel.values(tensors) if kind == "values" else kernel.split(tensors[:count], tensors[count:])
+            if kind == "values":
+                return kernel.values(tensors).view(1, -1)
+            return kernel.split(tensors[:count], tensors[count:])
         except Exception as error:  # a compiler that cannot build the kernel: eager from now on
             self._give_up(f"{type(error).__name__}: {error}")
             return None
-        return list(flat.split(fast.counts, dim=-1))
 
     def _plan(self, tensors: list[Tensor], params: Mapping[str, Tensor]) -> _FastPlan | None:
         """The fast-path plan for these tensors (rebuilt when a shape or device changes);
@@ -473,75 +487,95 @@ class Accountant:
             self._fast = None
             return None
         self._fast = _FastPlan(self.groups, self.names, params)
+        self._order = _order(self.groups, self._fast)
         return self._fast
 
+    def values_table(self, params: Mapping[str, Tensor]) -> Tensor:
+        """``[1, laws]``: h(θ) of every law, float64, groups in order (:attr:`counts`): one
+        tensor per record, a few tensor operations whatever the number of groups.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from torch_conslaw.lawgroups import build_groups
+            >>> from torch_conslaw.structure import find_structure
+            >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+            >>> acc = Accountant(build_groups(find_structure(model).pairs))
+            >>> acc.values_table(dict(model.named_parameters())).shape, acc.counts
+            (torch.Size([1, 2]), [2])
+        """
+        with torch.no_grad():
+            fast = self._plan([params[n] for n in self.names], params)
+            pieces: list[Tensor] = []
+            if fast is not None and fast.fast:
+                fused = self._fused(fast, "values", params)
+                pieces.append(fused if fused is not None else fast.values(params))
+            for g in self.groups if fast is None else fast.generic:
+                p64 = {n: params[n].detach().to(F64) for n in g.parameter_names}
+                pieces.append(g.values(p64).reshape(1, -1))
+                del p64
+            return self._in_order(fast, pieces, 1)
+
+    def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+        """``[3, laws]``: h(θ⁺), the first order 2 B(θ, Δ) and the second order B(Δ, Δ) of
+        every law, float64, groups in order; the same numbers as :func:`split_change` up to
+        float64 summation order."""
+        with torch.no_grad():
+            fast = self._plan([after[n] for n in self.names], after)
+            if fast is None or not fast.matches([before[n] for n in self.names]):
+                return _table(self._split_generic(before, after, self.groups), self.groups)
+            pieces: list[Tensor] = []
+            if fast.fast:
+                fused = self._fused(fast, "split", before, after)
+                pieces.append(fused if fused is not None else fast.split(before, after))
+            if fast.generic:
+                pieces.append(_table(self._split_generic(before, after, fast.generic), fast.generic))
+            return self._in_order(fast, pieces, 3)
+
+    def _in_order(self, fast: _FastPlan | None, pieces: list[Tensor], rows: int) -> Tensor:
+        """The fast groups' block and then the generic groups' columns, in group order."""
+        if not pieces:
+            return torch.zeros(rows, 0, dtype=F64)
+        table = pieces[0] if len(pieces) == 1 else torch.cat([p.to(pieces[0].device) for p in pieces], dim=1)
+        if fast is None or self._order is None:
+            return table
+        return table.index_select(1, self._order.to(table.device))
+
+    @property
+    def counts(self) -> list[int]:
+        """How many laws each group has, in order: the columns of the tables."""
+        return [g.count for g in self.groups]
+
     def values(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """h(θ) of every group, float64."""
-        return self._values(params, with_scales=False)[0]
+        """h(θ) of every group, float64 (views into :meth:`values_table`)."""
+        return _per_group(self.groups, self.values_table(params)[0])
 
     def initial(self, params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """h(θ) and the natural scale (:meth:`LawGroup.scale`) of every group, float64, in one
         pass and without a float64 copy of θ (the monitor's θ₀)."""
-        return self._values(params, with_scales=True)  # type: ignore[return-value]
-
-    def _values(self, params: Mapping[str, Tensor], with_scales: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         with torch.no_grad():
-            tensors = [params[n] for n in self.names]
-            fast = self._plan(tensors, params)
-            out: dict[str, Tensor] = {}
+            fast = self._plan([params[n] for n in self.names], params)
+            values: dict[str, Tensor] = {}
             scales: dict[str, Tensor] = {}
-            generic = self.groups if fast is None else fast.generic
-            fused = None if fast is None or with_scales else self._fused(fast, "values", params)
-            if fused is not None:
-                for (g, _, _, _), res in zip(fast.fast, fused):  # type: ignore[union-attr]
-                    out[g.name] = res
-            elif fast is not None and fast.fast:
-                results = fast.values(params)
-                if with_scales:
-                    for (g, _, _, _), res in zip(fast.fast, fast.scales()):
-                        scales[g.name] = res
-                for (g, _, _, _), res in zip(fast.fast, results):
-                    out[g.name] = res[0]
-            last: dict[str, Tensor] = {}  # initial: the previous group's copies (neighbours share parameters)
-            for g in generic:
+            if fast is not None and fast.fast:
+                values.update(_per_group([g for g, *_ in fast.fast], fast.values(params)[0]))
+                scales.update(_per_group([g for g, *_ in fast.fast], fast.scales()))
+            last: dict[str, Tensor] = {}  # the previous group's copies (neighbours share parameters)
+            for g in self.groups if fast is None else fast.generic:
                 p64 = {n: last[n] if n in last else params[n].detach().to(F64) for n in g.parameter_names}
-                out[g.name] = g.values(p64)
-                if with_scales:
-                    scales[g.name] = g.scale(p64)
-                    last = p64
-                del p64
-            del last
+                values[g.name], scales[g.name] = g.values(p64), g.scale(p64)
+                last = p64
             order = [g.name for g in self.groups]
-            return {k: out[k] for k in order}, ({k: scales[k] for k in order} if with_scales else None)
+            return {k: values[k] for k in order}, {k: scales[k] for k in order}
 
     def split(
         self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """Same result as :func:`split_change` (up to float64 summation order)."""
-        with torch.no_grad():
-            tensors = [after[n] for n in self.names]
-            fast = self._plan(tensors, after)
-            if fast is None or not fast.matches([before[n] for n in self.names]):
-                return self._split_generic(before, after, self.groups)
-            values: dict[str, Tensor] = {}
-            first: dict[str, Tensor] = {}
-            second: dict[str, Tensor] = {}
-            fused = self._fused(fast, "split", before, after)
-            if fused is not None:
-                for (g, _, _, _), res in zip(fast.fast, fused):
-                    values[g.name], first[g.name], second[g.name] = res.unbind(0)
-            elif fast.fast:
-                for (g, _, _, _), res in zip(fast.fast, fast.split(before, after)):
-                    values[g.name] = res[0]
-                    first[g.name] = res[1].mul_(2.0)
-                    second[g.name] = res[2]
-            if fast.generic:
-                v, f, s = self._split_generic(before, after, fast.generic)
-                values.update(v)
-                first.update(f)
-                second.update(s)
-            order = [g.name for g in self.groups]
-            return ({k: values[k] for k in order}, {k: first[k] for k in order}, {k: second[k] for k in order})
+        """Same result as :func:`split_change` (up to float64 summation order), per group
+        (views into :meth:`split_table`)."""
+        table = self.split_table(before, after)
+        values, first, second = (_per_group(self.groups, row) for row in table)
+        return values, first, second
 
     @staticmethod
     def _split_generic(
@@ -559,3 +593,29 @@ class Accountant:
             second[g.name] = g.second_order(delta)  # B(Δ, Δ); 0 for linear laws
             del b64, a64, delta
         return values, first, second
+
+
+def _per_group(groups: Sequence[LawGroup], flat: Tensor) -> dict[str, Tensor]:
+    """The columns of each group in ``flat`` (``[laws]``), as views."""
+    return dict(zip((g.name for g in groups), flat.split([g.count for g in groups])))
+
+
+def _table(per_group: tuple[dict[str, Tensor], ...], groups: Sequence[LawGroup]) -> Tensor:
+    """``[len(per_group), laws]``: the per-group vectors of each dict, groups in order."""
+    if not groups:
+        return torch.zeros(len(per_group), 0, dtype=F64)
+    return torch.stack([torch.cat([part[g.name].reshape(-1) for g in groups]) for part in per_group])
+
+
+def _order(groups: Sequence[LawGroup], fast: _FastPlan) -> Tensor | None:
+    """The columns, in group order, of the fast block followed by the generic groups; ``None``
+    when that is already the group order."""
+    where: dict[str, tuple[int, int]] = {}
+    start = 0
+    for g in [g for g, *_ in fast.fast] + list(fast.generic):
+        where[g.name] = (start, g.count)
+        start += g.count
+    index = [i for g in groups for i in range(where[g.name][0], where[g.name][0] + g.count)]
+    if index == list(range(len(index))):
+        return None
+    return torch.tensor(index, dtype=torch.long)

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -58,7 +57,8 @@ from .recorders import (
 from .schedule import Schedule
 from .sharded import ShardedLaws, has_sharded_parameters
 from .statistics import group_columns, group_rows, table_text
-from .store import DriftStatistics, Record, RecordStore
+from .evaluator import LawTable
+from .store import DriftStatistics, LawLayout, Record, RecordStore
 
 __all__ = ["ConservationMonitor", "DEFAULT_OVERHEAD_BUDGET", "DEFAULT_RECORDING"]
 
@@ -161,10 +161,12 @@ class ConservationMonitor:
     own forward pass (:meth:`detach` removes them; a copied or pickled model keeps an inert
     one).
 
-    :attr:`evaluator` is what every recorder calls to evaluate the laws, ``values(params)`` and
-    ``split(before, after)`` (float64): an :class:`~torch_conslaw.accounting.Accountant`, or the
-    sharded evaluator under FSDP2. Wrapping its methods observes each evaluation, on the
-    thread that runs it (tests use it to hold the worker and check back-pressure).
+    :attr:`evaluator` is what every recorder calls to evaluate the laws, ``values(params)``
+    (``[1, laws]``) and ``split(before, after)`` (``[3, laws]``), float64 tables with the
+    groups' columns in order (:class:`~torch_conslaw.monitor.evaluator.LawTable`, around an
+    :class:`~torch_conslaw.accounting.Accountant`, or the sharded evaluator under FSDP2).
+    Wrapping its methods observes each evaluation, on the thread that runs it (tests use it to
+    hold the worker and check back-pressure).
     """
 
     def __init__(
@@ -245,7 +247,7 @@ class ConservationMonitor:
                 stacklevel=2,
             )
         # evaluates the laws for every recorder (see the class doc)
-        self.evaluator: Accountant | ShardedLaws = Accountant(self.groups, evaluation) if self._sharded is None else self._sharded
+        self.evaluator = LawTable(Accountant(self.groups, evaluation) if self._sharded is None else self._sharded)
         # --- recorder selection (torch_conslaw.monitor.recorders) ---
         if asynchronous is not None:
             if recording is not None:
@@ -278,7 +280,8 @@ class ConservationMonitor:
             self.initial: dict[str, Tensor] = {k: v.cpu() for k, v in values0.items()}
         else:  # one all-reduce: values and scales summed from the local shards
             self.initial, scales = self._sharded.initial(self._params)
-        self._stats = DriftStatistics([g.name for g in self.groups], [g.count for g in self.groups], self.initial, scales)
+        layout = LawLayout([g.name for g in self.groups], [g.count for g in self.groups])
+        self._stats = DriftStatistics(layout, self.initial, scales, self.split)
         zeros = {name: torch.zeros_like(v) for name, v in self.initial.items()}
         first = zeros if self.split else None
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
@@ -295,7 +298,6 @@ class ConservationMonitor:
             due=lambda step: self.schedule.due(step),
             guard=self._guard.check,
             deliver=self._deliver,
-            statistics_job=lambda: self._stats.job(),
         )
         modules = self._guard.modules(self._names)
         return make_recorder(name, ctx, buffers=self._async_buffers, root=self.model, modules=modules)
@@ -390,25 +392,19 @@ class ConservationMonitor:
         self._listeners.append(fn)
 
     # ------------------------------------------------------------------ recording
-    def _deliver(
-        self,
-        step: int,
-        values: dict[str, Tensor],
-        first: dict[str, Tensor] | None,
-        second: dict[str, Tensor] | None,
-        precomputed: Any = None,
-    ) -> None:
-        """Statistics, history and listeners for the evaluated laws of ``step`` (always on the
-        training thread; with a worker recorder called when the worker's result is collected)."""
-        rel = self._stats.update(values, first, second, step, precomputed)
-        if self.split and first is None:  # no snapshot to split against (post_step alone)
-            first = second = {k: torch.full_like(v, math.nan) for k, v in values.items()}
+    def _deliver(self, step: int, table: Tensor) -> None:
+        """Statistics, history and listeners for the evaluated laws of ``step`` (``table``:
+        ``[1, laws]``, or ``[3, laws]`` with the split; always on the training thread; with a
+        worker recorder called when the worker's result is collected)."""
+        extra = None
         if self._identities.groups:  # velocity laws, recurrences: entries of their own
-            values, rel = dict(values), dict(rel)
-            if first is not None and second is not None:
-                first, second = dict(first), dict(second)
+            values: dict[str, Tensor] = {}
+            rel: dict[str, float] = {}
+            first: dict[str, Tensor] | None = {} if self.split else None
+            second: dict[str, Tensor] | None = {} if self.split else None
             self._identities.complete(step, values, first, second, rel)
-        record = Record(step, values, first, second, rel)
+            extra = (values, first, second, rel) if values else None
+        record = self._stats.record(step, table, extra)
         self._store.add(record)
         for fn in self._listeners:
             fn(record)

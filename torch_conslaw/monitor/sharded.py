@@ -168,10 +168,19 @@ class ShardedLaws:
 
     def values(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """h(θ) of every group, from the local shards and one all-reduce."""
+        return dict(zip((g.name for g in self.groups), self.values_table(params)[0].split(self._counts)))
+
+    def values_table(self, params: Mapping[str, Tensor]) -> Tensor:
+        """``[1, laws]``: h(θ) of every law, groups in order (one all-reduce)."""
         with torch.no_grad():
             p64 = self._load("after", _locals(params, self.names))
             flat = self._reduce([self._bilinear(g, plan, p64, p64) for g, plan in zip(self.groups, self._plans)])
-        return dict(zip((g.name for g in self.groups), flat.split(self._counts)))
+        return flat.view(1, -1)
+
+    def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ) of every law, groups in order."""
+        values, first, second = self.split(before, after)
+        return torch.stack([torch.cat([part[g.name] for g in self.groups]) for part in (values, first, second)])
 
     def split(
         self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]

@@ -36,9 +36,10 @@ def group_rows(
     """One summary dict per law group (the keys of :meth:`ConservationMonitor.summary`
     before the recorded-steps keys)."""
     invalid = stats.invalid_counts()
+    maxima = stats.maxima()
     out = []
     for g in groups:
-        m = stats.maxima[g.name]
+        m = maxima[g.name]
         out.append(
             {
                 "name": g.name,

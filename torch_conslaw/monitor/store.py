@@ -1,18 +1,23 @@
 """What the monitor keeps: records, a bounded history, running maxima and invalid marks.
 
-:class:`Record` holds the law values (and the first/second-order split) of one recorded step;
-:class:`RecordStore` keeps at most ``max_records`` of them, evenly thinned, with the latest one
-always available; :class:`DriftStatistics` keeps θ₀, the natural scales, the running maxima of
-every group (exact over every recorded step, whatever was thinned) and the laws marked invalid
-(non-finite).
+A record is one float64 *table* per recorded step, ``[1, laws]`` (h) or ``[3, laws]`` (h, the
+first and the second order of the split), the columns laid out group after group
+(:class:`LawLayout`). :class:`Record` shows it per group, computed when first read;
+:class:`RecordStore` keeps at most ``max_records`` records, evenly thinned, with the latest
+one always available; :class:`DriftStatistics` keeps θ₀, the natural scales, the running
+maxima of every law (exact over every recorded step, whatever was thinned) and the laws marked
+invalid (non-finite). Folding a record in costs a few tensor operations whatever the number of
+groups; per-group numbers are formed only when read.
 
 Example:
     >>> import torch
-    >>> stats = DriftStatistics(["g"], [2], {"g": torch.tensor([1.0, 2.0], dtype=torch.float64)},
+    >>> layout = LawLayout(["g"], [2])
+    >>> stats = DriftStatistics(layout, {"g": torch.tensor([1.0, 2.0], dtype=torch.float64)},
     ...                         {"g": torch.tensor([1.0, 1.0], dtype=torch.float64)})
-    >>> stats.update({"g": torch.tensor([1.5, 2.0], dtype=torch.float64)}, None, None, step=1)
-    {'g': 0.5}
-    >>> stats.maxima["g"]["max_abs_drift"]
+    >>> record = stats.record(1, torch.tensor([[1.5, 2.0]], dtype=torch.float64))
+    >>> record.values["g"].tolist(), record.rel_drift
+    ([1.5, 2.0], {'g': 0.5})
+    >>> stats.maxima()["g"]["max_abs_drift"]
     0.5
 """
 
@@ -20,32 +25,139 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Record", "RecordStore", "DriftStatistics"]
+__all__ = ["Record", "RecordStore", "DriftStatistics", "LawLayout"]
 
 MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
+PARTS = ("values", "first_order", "second_order")
 
 
-@dataclass
+class LawLayout:
+    """The columns of each law group in a record's table: group ``names[i]`` owns
+    ``counts[i]`` consecutive columns, in order.
+
+    Example:
+        >>> layout = LawLayout(["a", "b"], [2, 1])
+        >>> {k: v.tolist() for k, v in layout.split(torch.arange(3.0)).items()}
+        {'a': [0.0, 1.0], 'b': [2.0]}
+    """
+
+    def __init__(self, names: Sequence[str], counts: Sequence[int]) -> None:
+        self.names = list(names)
+        self.counts = [int(c) for c in counts]
+        self.size = sum(self.counts)
+        self._lengths = torch.tensor(self.counts, dtype=torch.long)  # the segments of group_max
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Each group's columns of ``flat`` (``[laws]``), as views."""
+        return dict(zip(self.names, flat.split(self.counts)))
+
+    def flat(self, per_group: Mapping[str, Tensor]) -> Tensor:
+        """The per-group vectors concatenated in group order."""
+        if not self.names:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([per_group[k].reshape(-1) for k in self.names])
+
+    def group_max(self, rows: Tensor, skip: Tensor | None = None) -> Tensor:
+        """``[rows, groups]``: per group, the largest entry of each row of ``rows``
+        (``[rows, laws]``) over its columns not in ``skip``; −inf where none is left."""
+        if not self.names:
+            return rows.new_zeros(rows.shape[0], 0)
+        if skip is not None:
+            rows = rows.masked_fill(skip, -math.inf)
+        return torch.segment_reduce(rows.T, "max", lengths=self._lengths, axis=0).T
+
+
 class Record:
     """The laws at one recorded step.
 
     ``values``, ``first_order`` and ``second_order`` map each group name to a float64 vector
     (one entry per law); the split is ``None`` when the monitor runs with ``split=False``.
-    ``rel_drift`` is, per group, max over its valid laws of |h − h(θ₀)| / scale(θ₀).
+    ``rel_drift`` is, per group, max over its valid laws of |h − h(θ₀)| / scale(θ₀) (NaN when
+    every law of the group is invalid). A record built by the monitor holds one table and forms
+    these dicts when first read (:meth:`DriftStatistics.record`); ``Record(step, values,
+    first_order, second_order, rel_drift)`` builds one from the dicts themselves.
     """
 
-    step: int
-    values: dict[str, Tensor]
-    first_order: dict[str, Tensor] | None
-    second_order: dict[str, Tensor] | None
-    rel_drift: dict[str, float]
+    def __init__(
+        self,
+        step: int,
+        values: dict[str, Tensor],
+        first_order: dict[str, Tensor] | None,
+        second_order: dict[str, Tensor] | None,
+        rel_drift: dict[str, float],
+    ) -> None:
+        self.step = step
+        self._parts: list[dict[str, Tensor] | None] | None = [values, first_order, second_order]
+        self._rel: dict[str, float] | None = rel_drift
+        self._table: Tensor | None = None
+        self._source: tuple | None = None  # (layout, θ₀ values, scales, invalid marks) of a table
+        self._extra: tuple | None = None  # identity groups' entries (values, first, second, rel)
+
+    @classmethod
+    def of_table(cls, step: int, table: Tensor, split: bool, source: tuple, extra: tuple | None = None) -> "Record":
+        """A record of ``table`` (``[3, laws]`` with the split, else ``[1, laws]``) laid out by
+        ``source[0]``; ``extra``: more groups' ``(values, first, second, rel_drift)`` dicts."""
+        record = cls.__new__(cls)
+        record.step, record._table, record._source, record._extra = step, table, source, extra
+        record._parts = None if split else [None, None, None]
+        record._rel = None
+        return record
+
+    def _part(self, i: int) -> dict[str, Tensor] | None:
+        if self._parts is None or (self._parts[i] is None and i == 0):
+            layout = self._source[0]  # type: ignore[index]
+            table = self._table
+            assert table is not None
+            parts: list[dict[str, Tensor] | None] = [layout.split(row) for row in table]
+            if self._parts is not None:  # values only
+                parts += [None, None]
+            if self._extra is not None:
+                for part, more in zip(parts, self._extra):
+                    if part is not None and more is not None:
+                        part.update(more)
+            self._parts = parts
+        return self._parts[i]
+
+    @property
+    def values(self) -> dict[str, Tensor]:
+        out = self._part(0)
+        assert out is not None
+        return out
+
+    @property
+    def first_order(self) -> dict[str, Tensor] | None:
+        return self._part(1)
+
+    @property
+    def second_order(self) -> dict[str, Tensor] | None:
+        return self._part(2)
+
+    @property
+    def rel_drift(self) -> dict[str, float]:
+        if self._rel is None:
+            layout, init, scale, invalid = self._source  # type: ignore[misc]
+            drift = (self._table[0] - init).abs_().div_(scale)  # type: ignore[index]
+            top = layout.group_max(drift.unsqueeze(0), invalid)[0].tolist()
+            self._rel = {k: (math.nan if x == -math.inf else x) for k, x in zip(layout.names, top)}
+            if self._extra is not None:
+                self._rel.update(self._extra[3])
+        return self._rel
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data: ``step``, the three parts and ``rel_drift`` (dicts of tensors)."""
+        return {
+            "step": self.step, "values": self.values, "first_order": self.first_order,
+            "second_order": self.second_order, "rel_drift": self.rel_drift,
+        }
+
+    def __repr__(self) -> str:
+        return f"Record(step={self.step}, groups={list(self.values)})"
 
 
 class RecordStore:
@@ -96,8 +208,8 @@ class RecordStore:
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (records as dicts of tensors)."""
         return {
-            "stored": [vars(r).copy() for r in self._stored],
-            "latest": None if self.latest is None else vars(self.latest).copy(),
+            "stored": [r.as_dict() for r in self._stored],
+            "latest": None if self.latest is None else self.latest.as_dict(),
             "stride": self._stride,
             "seen": self._seen,
         }
@@ -113,116 +225,68 @@ class RecordStore:
 
 
 class DriftStatistics:
-    """θ₀ law values, natural scales, invalid marks and running maxima of the law groups
-    ``names`` (with ``counts`` laws each), flattened into one float64 vector in group order.
+    """θ₀ law values, natural scales, invalid marks and the running maxima of every law, in
+    the columns of ``layout``.
 
-    :meth:`update` folds the values (and split) of one record into the running maxima and
-    returns the record's relative drift per group; a law that becomes non-finite is marked
-    invalid (with a ``RuntimeWarning``) and left out of every statistic from then on. The
-    tensors :attr:`init_flat`, :attr:`scale_flat` and :attr:`invalid` are replaced, never
-    modified in place, so a worker thread may read them while the training thread updates.
+    :meth:`record` folds one record's table into the running maxima (per law: max |h − h₀|,
+    max |first order|, max |second order|) with a few tensor operations, and returns the
+    :class:`Record`; a law that becomes non-finite is marked invalid (with a
+    ``RuntimeWarning``) and left out of every statistic from then on. Per-group maxima are
+    formed when read (:meth:`maxima`): max over steps and laws commute, and dividing by a
+    positive scale keeps the order of float64 numbers, so they equal the maxima of every
+    record's per-group statistics bit for bit. The tensors :attr:`init_flat`,
+    :attr:`scale_flat` and :attr:`invalid` are replaced, never modified in place: a record
+    keeps the ones of its step.
     """
 
     def __init__(
-        self, names: Sequence[str], counts: Sequence[int], initial: Mapping[str, Tensor], scales: Mapping[str, Tensor]
+        self, layout: LawLayout, initial: Mapping[str, Tensor], scales: Mapping[str, Tensor], split: bool = False
     ) -> None:
-        self.names = list(names)
-        self.counts = list(counts)
-        self.group_index = torch.repeat_interleave(
-            torch.arange(len(self.names)), torch.tensor(self.counts, dtype=torch.long)
-        ).unsqueeze(0)
-        self.init_flat: Tensor = self.flat(initial)  # type: ignore[assignment]
-        self.scale_flat: Tensor = self.flat({k: floor_scale(scales[k]).cpu() for k in self.names})  # type: ignore[assignment]
-        self.invalid = torch.zeros(sum(self.counts), dtype=torch.bool)
-        self.maxima: dict[str, dict[str, float]] = {k: dict.fromkeys(MAXIMA, 0.0) for k in self.names}
-        self._job: tuple[tuple[Tensor, ...], Callable[..., Any]] | None = None
-        self.mark_invalid(0, self.init_flat, None, None)
+        self.layout = layout
+        self.split = split
+        rows = 3 if split else 1
+        self.base = torch.zeros(rows, layout.size, dtype=torch.float64)  # [θ₀ values; 0; 0]
+        self.base[0] = layout.flat(initial)
+        self.init_flat: Tensor = self.base[0]
+        self.scale_flat: Tensor = layout.flat({k: floor_scale(scales[k]).cpu() for k in layout.names})
+        self.invalid = torch.zeros(layout.size, dtype=torch.bool)
+        self._any_invalid = False
+        self.running = torch.zeros(rows, layout.size, dtype=torch.float64)
+        self._scratch = torch.empty(rows, layout.size, dtype=torch.float64)
+        # per-group maxima restored from a checkpoint of an earlier format (without per-law maxima)
+        self._floor: dict[str, dict[str, float]] = {}
+        self._mark_invalid(0, self.init_flat.unsqueeze(0))
 
-    def flat(self, per_group: Mapping[str, Tensor] | None) -> Tensor | None:
-        """The per-group vectors concatenated in group order (``None`` stays ``None``)."""
-        if per_group is None:
-            return None
-        if not self.names:
-            return torch.zeros(0, dtype=torch.float64)
-        return torch.cat([per_group[k] for k in self.names])
+    def source(self) -> tuple:
+        """What a record of the current state needs to form its relative drift."""
+        return (self.layout, self.init_flat, self.scale_flat, self.invalid)
 
-    def invalid_counts(self) -> dict[str, int]:
-        """How many laws of each group are marked invalid."""
-        return {k: int(c.sum()) for k, c in zip(self.names, self.invalid.split(self.counts))}
+    def record(self, step: int, table: Tensor, extra: tuple | None = None) -> Record:
+        """Fold ``table`` (``[1, laws]`` values, or ``[3, laws]`` with the split) of ``step``
+        into the running maxima and return its :class:`Record` (NaN split rows when a split
+        monitor had no θ to split against); ``extra``: identity groups' entries."""
+        if self.layout.size:
+            rows = table.shape[0]
+            scratch = self._scratch[:rows]
+            torch.sub(table, self.base[:rows], out=scratch).abs_()
+            if not math.isfinite(float(scratch.sum())):
+                self._mark_invalid(step, table)
+            if self._any_invalid:
+                scratch.masked_fill_(self.invalid, 0.0)
+            torch.maximum(self.running[:rows], scratch, out=self.running[:rows])
+        if self.split and table.shape[0] == 1:  # no snapshot to split against (post_step alone)
+            table = torch.cat([table, torch.full((2, table.shape[1]), math.nan, dtype=table.dtype)])
+        return Record.of_table(step, table, self.split, self.source(), extra)
 
-    def _table(self, v: Tensor, f: Tensor | None, s: Tensor | None) -> list[list[float]]:
-        return maxima_table(v, f, s, self.init_flat, self.scale_flat, self.invalid, self.group_index, len(self.names))
-
-    def job(self) -> Callable[..., Any] | None:
-        """For a worker thread: ``(values, first, second) →`` the flat vectors and the maxima
-        table under the current θ₀ values, scales and invalid marks (tensors that are replaced,
-        never modified in place, so the worker may read them). :meth:`update` uses the table
-        only if these three are still the current ones."""
-        if not self.names:
-            return None
-        cached = self._job
-        if cached is not None:  # once per record on the training thread: no generator here
-            init, scale, invalid = cached[0]
-            if init is self.init_flat and scale is self.scale_flat and invalid is self.invalid:
-                return cached[1]
-        key = (self.init_flat, self.scale_flat, self.invalid)
-        names = list(self.names)
-        index, n = self.group_index, len(self.names)
-
-        def run(values: dict[str, Tensor], first: dict[str, Tensor] | None, second: dict[str, Tensor] | None) -> Any:
-            v = torch.cat([values[k] for k in names])
-            f = None if first is None else torch.cat([first[k] for k in names])
-            s = None if second is None else torch.cat([second[k] for k in names])
-            return key, v, f, s, maxima_table(v, f, s, *key, index, n)
-
-        self._job = (key, run)
-        return run
-
-    def update(
-        self,
-        values: dict[str, Tensor],
-        first: dict[str, Tensor] | None,
-        second: dict[str, Tensor] | None,
-        step: int,
-        precomputed: Any = None,
-    ) -> dict[str, float]:
-        """Fold one record into the running maxima; returns its relative drift per group
-        (NaN for a group whose laws are all invalid). ``precomputed``: what :meth:`job`
-        returned on a worker for these values."""
-        if not self.names:
-            return {}
-        key = precomputed[0] if precomputed is not None else None
-        if key is not None and key[0] is self.init_flat and key[1] is self.scale_flat and key[2] is self.invalid:
-            _, v, f, s, table = precomputed  # computed by the worker
-        else:
-            v, f, s = self.flat(values), self.flat(first), self.flat(second)
-            assert v is not None
-            table = self._table(v, f, s)
-        if any(math.isnan(x) or x == math.inf for row in table for x in row):
-            self.mark_invalid(step, v, f, s)
-            table = self._table(v, f, s)
-        rel: dict[str, float] = {}
-        for i, name in enumerate(self.names):
-            column = [row[i] for row in table]
-            if column[0] == -math.inf:  # every law of the group is invalid
-                rel[name] = math.nan
-                continue
-            m = self.maxima[name]
-            for k, x in zip(MAXIMA, column):
-                m[k] = max(m[k], x)
-            rel[name] = column[1]
-        return rel
-
-    def mark_invalid(self, step: int, v: Tensor, f: Tensor | None, s: Tensor | None) -> None:
-        """Mark the laws that are non-finite in ``v`` (or the split) invalid, with a warning."""
-        bad = ~torch.isfinite(v)
-        if f is not None and s is not None:
-            bad |= ~torch.isfinite(f) | ~torch.isfinite(s)
+    def _mark_invalid(self, step: int, table: Tensor) -> None:
+        """Mark the laws that are non-finite in any row of ``table`` invalid, with a warning."""
+        bad = ~torch.isfinite(table).all(0)
         new = bad & ~self.invalid
         if not bool(new.any()):
             return
-        self.invalid = self.invalid | bad  # a new tensor: a worker may read the old one
-        for name, count in zip(self.names, new.split(self.counts)):
+        self.invalid = self.invalid | bad  # a new tensor: earlier records keep theirs
+        self._any_invalid = True
+        for name, count in zip(self.layout.names, new.split(self.layout.counts)):
             n = int(count.sum())
             if n:
                 warnings.warn(
@@ -233,41 +297,52 @@ class DriftStatistics:
                     stacklevel=5,
                 )
 
+    def invalid_counts(self) -> dict[str, int]:
+        """How many laws of each group are marked invalid."""
+        return {k: int(c.sum()) for k, c in zip(self.layout.names, self.invalid.split(self.layout.counts))}
+
+    def maxima(self) -> dict[str, dict[str, float]]:
+        """Per group: max |h − h₀|, max relative drift and, with the split, max relative first
+        and second order, over every recorded step (0.0 before any)."""
+        if not self.layout.size:
+            return {}
+        running = self.running
+        rows = torch.cat([running[:1], running / self.scale_flat])
+        keys = MAXIMA[: rows.shape[0]]
+        table = self.layout.group_max(rows).clamp_min_(0.0).tolist()
+        out = {}
+        for i, name in enumerate(self.layout.names):
+            group = dict.fromkeys(MAXIMA, 0.0) | {k: table[j][i] for j, k in enumerate(keys)}
+            for k, x in self._floor.get(name, {}).items():
+                group[k] = max(group[k], x)
+            out[name] = group
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Scales, invalid marks and running maxima (θ₀ is saved by the monitor)."""
+        """Scales, invalid marks, the per-law running maxima and the per-group maxima (θ₀ is
+        saved by the monitor)."""
         return {
             "scale": self.scale_flat.clone(),
             "invalid": self.invalid.clone(),
-            "maxima": {k: dict(v) for k, v in self.maxima.items()},
+            "running": self.running.clone(),
+            "maxima": self.maxima(),
         }
 
     def load_state_dict(self, initial: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
-        """Restore θ₀ and what :meth:`state_dict` returned."""
-        self.init_flat = self.flat(initial)  # type: ignore[assignment]
+        """Restore θ₀ and what :meth:`state_dict` returned (a state without per-law maxima
+        keeps its per-group maxima as a floor)."""
+        self.base = self.base.clone()
+        self.base[0] = self.layout.flat(initial)
+        self.init_flat = self.base[0]
         self.scale_flat = state["scale"].clone()
         self.invalid = state["invalid"].clone()
-        self.maxima = {k: dict(v) for k, v in state["maxima"].items()}
-
-
-def maxima_table(
-    v: Tensor,
-    f: Tensor | None,
-    s: Tensor | None,
-    init_flat: Tensor,
-    scale_flat: Tensor,
-    invalid: Tensor,
-    group_index: Tensor,
-    n_groups: int,
-) -> list[list[float]]:
-    """Per group: max |h − h₀|, max rel. drift (+ max rel. first/second order), valid laws only."""
-    drift = (v - init_flat).abs_()
-    rows = [drift, drift / scale_flat]
-    if f is not None and s is not None:
-        rows += [f.abs() / scale_flat, s.abs() / scale_flat]
-    table = torch.stack(rows).masked_fill_(invalid, -math.inf)
-    out = torch.full((len(rows), n_groups), -math.inf, dtype=torch.float64)
-    out.scatter_reduce_(1, group_index.expand(len(rows), -1), table, "amax")
-    return out.tolist()
+        self._any_invalid = bool(self.invalid.any())
+        if "running" in state and state["running"].shape == self.running.shape:
+            self.running = state["running"].clone()
+            self._floor = {}
+        else:
+            self.running = torch.zeros_like(self.running)
+            self._floor = {k: dict(v) for k, v in state["maxima"].items()}
 
 
 def floor_scale(scale: Tensor) -> Tensor:

@@ -11,9 +11,10 @@ All follow :class:`~.base.Recorder`; :func:`make_recorder` builds one, :func:`ch
 Example:
     >>> import torch
     >>> from torch_conslaw.accounting import Accountant
+    >>> from torch_conslaw.monitor.evaluator import LawTable
     >>> params = {"w": torch.ones(2, 2)}
-    >>> ctx = RecordingContext(params, ["w"], Accountant([]), None, True, lambda s: True,
-    ...                        lambda: None, lambda *r: None, lambda: None)
+    >>> ctx = RecordingContext(params, ["w"], LawTable(Accountant([])), None, True, lambda s: True,
+    ...                        lambda: None, lambda step, table: None)
     >>> make_recorder("sync", ctx).name
     'sync'
 """

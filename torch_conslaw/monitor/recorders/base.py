@@ -12,8 +12,9 @@ and decides on which thread the laws are evaluated. The monitor calls it at fixe
   after ``load_state_dict``;
 * :meth:`Recorder.flush` before results are read.
 
-Every recorder hands each evaluated record to ``deliver(step, values, first, second,
-precomputed)`` on the training thread, so records are bitwise the same whichever one runs.
+Every recorder hands each evaluated record to ``deliver(step, table)`` on the training thread
+(the evaluator's float64 table: ``[1, laws]``, or ``[3, laws]`` with the split), so records
+are bitwise the same whichever one runs.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ class RecordingContext:
     """What every recorder is given by the monitor.
 
     ``params``: name → parameter (the live tensors); ``names``: the tracked ones;
-    ``evaluator``: ``values(params)`` and ``split(before, after)`` of the laws (float64);
+    ``evaluator``: ``values(params)`` (``[1, laws]``) and ``split(before, after)``
+    (``[3, laws]``) of the laws, float64 (:class:`~..evaluator.LawTable`);
     ``local``: the tensors this rank holds (sharded parameters) or ``None``; ``split``: record
     the first/second-order split; ``due(step)``: whether a step is recorded; ``guard()``:
-    raises when the model's structure changed; ``deliver``: hands a record to the monitor;
-    ``statistics_job()``: the statistics a worker computes with each record (or ``None``).
+    raises when the model's structure changed; ``deliver(step, table)``: hands a record to the
+    monitor (on the training thread).
     """
 
     params: Mapping[str, Tensor]
@@ -46,8 +48,7 @@ class RecordingContext:
     split: bool
     due: Callable[[int], bool]
     guard: Callable[[], None]
-    deliver: Callable[..., None]
-    statistics_job: Callable[[], Callable[..., Any] | None]
+    deliver: Callable[[int, Tensor], None]
 
 
 class Recorder(Protocol):

@@ -92,8 +92,7 @@ class LiveReader:
 
     Called from the training thread only: :meth:`after_step` by the optimizer's post-step
     hook, :meth:`before_step` by its pre-step hook, :meth:`settle` before results are read.
-    ``post()`` gives the statistics job the worker runs after each evaluation; ``check()``
-    raises when the model's structure changed.
+    ``check()`` raises when the model's structure changed.
     """
 
     def __init__(
@@ -103,7 +102,6 @@ class LiveReader:
         names: Sequence[str],
         root: nn.Module,
         modules: Sequence[nn.Module],
-        post: Callable[[], Callable[..., Any] | None],
         check: Callable[[], None],
     ) -> None:
         self._rec = recorder
@@ -114,7 +112,6 @@ class LiveReader:
         self._root = root
         self._modules = list({id(m): m for m in modules if m is not root}.values())
         self._on_layers = False  # hooks on the tracked layers too (see the module doc)
-        self._post = post
         self._check = check
         self._buffers: list[dict[str, Tensor] | None] = [None, None]
         self._prev: tuple[int, int] | None = None  # (buffer, s): the buffer holds θ before step s
@@ -207,7 +204,6 @@ class LiveReader:
             before,
             capture,
             self._busy,
-            None if record is None else self._post(),
             self._check,
         )
 
@@ -254,7 +250,7 @@ class LiveRecorder:
             )
         self._ctx = ctx
         self._rec = worker
-        self._reader = LiveReader(worker, ctx.params, ctx.names, root, modules, ctx.statistics_job, ctx.guard)
+        self._reader = LiveReader(worker, ctx.params, ctx.names, root, modules, ctx.guard)
 
     def _capture_for(self, step: int) -> int | None:
         """``step`` if θ before it must be kept for its split."""

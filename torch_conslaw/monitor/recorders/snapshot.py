@@ -101,7 +101,7 @@ class SnapshotRecorder:
             if before is not None:
                 rec.retain(before)
         after = rec.snapshot()
-        rec.submit(step, before, after, ctx.statistics_job())
+        rec.submit(step, before, after)
         rec.release(before)
         if ctx.split and attached and ctx.due(step + 1):
             old, self._reuse = self._reuse, (after, rec.versions())
@@ -117,7 +117,7 @@ class SnapshotRecorder:
         step = count()
         if ctx.due(step):
             after = rec.snapshot()
-            rec.submit(step, self._last, after, ctx.statistics_job())
+            rec.submit(step, self._last, after)
             if ctx.split:
                 self._drop_last()
                 self._last = after

@@ -105,15 +105,8 @@ class SyncRecorder:
 
     def _record(self, step: int, before: dict[str, Tensor] | None) -> None:
         ctx = self._ctx
-        first: dict[str, Tensor] | None = None
-        second: dict[str, Tensor] | None = None
         if ctx.split and before is not None:
-            values, first, second = ctx.evaluator.split(before, ctx.params)
+            table = ctx.evaluator.split(before, ctx.params)
         else:
-            values = ctx.evaluator.values(ctx.params)
-        values = {k: v.cpu() for k, v in values.items()}  # small vectors; history lives on the CPU
-        ctx.deliver(step, values, _to_cpu(first), _to_cpu(second))
-
-
-def _to_cpu(per_group: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    return None if per_group is None else {k: v.cpu() for k, v in per_group.items()}
+            table = ctx.evaluator.values(ctx.params)
+        ctx.deliver(step, table.cpu())  # a small table; the history lives on the CPU

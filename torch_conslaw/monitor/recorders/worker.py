@@ -3,7 +3,7 @@
 The training thread only copies the tracked parameters, in their own dtype, into one buffer of
 a small ring (a plain ``copy_``: no float64 conversion, no law evaluation) and enqueues the
 step. One daemon worker thread evaluates the laws (and the first/second-order split between
-two snapshots) with the monitor's :class:`~torch_conslaw.accounting.Accountant`, in float64,
+two snapshots) with the monitor's evaluator (:class:`~..evaluator.LawTable`), in float64,
 exactly as the synchronous path does; the float32 → float64 conversion is exact, so the
 records are bitwise those of the synchronous mode.
 
@@ -19,18 +19,19 @@ Example:
     >>> from torch import nn
     >>> from torch_conslaw.accounting import Accountant
     >>> from torch_conslaw.lawgroups import build_groups
+    >>> from torch_conslaw.monitor.evaluator import LawTable
     >>> from torch_conslaw.structure import find_structure
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     >>> params = dict(model.named_parameters())
     >>> acc = Accountant(build_groups(find_structure(model).pairs))
     >>> out = []
-    >>> rec = AsyncRecorder(params, acc.names, acc, ring_size=2, deliver=lambda *r: out.append(r))
+    >>> rec = AsyncRecorder(params, acc.names, LawTable(acc), ring_size=2, deliver=lambda *r: out.append(r))
     >>> after = rec.snapshot()
     >>> rec.submit(1, None, after)
     >>> rec.release(after)
     >>> rec.drain()
-    >>> out[0][0], out[0][1]["0→2"].dtype, out[0][2] is None
-    (1, torch.float64, True)
+    >>> out[0][0], out[0][1].shape, out[0][1].dtype
+    (1, torch.Size([1, 4]), torch.float64)
     >>> rec.close()
 """
 
@@ -47,7 +48,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...accounting import Accountant
 from .cuda import SideStreams
 
 __all__ = ["AsyncRecorder"]
@@ -73,7 +73,6 @@ class _Job:
     before: Mapping[str, Tensor] | None
     after: Mapping[str, Tensor]
     event: Any = None  # CUDA event of the snapshot copy
-    post: Callable[..., Any] | None = None
     capture: Mapping[str, Tensor] | None = None
     read_done: threading.Lock | None = None
     check: Callable[[], None] | None = None
@@ -82,21 +81,21 @@ class _Job:
     ring: tuple[int | None, int | None] = (None, None)
 
 
-def _read(job: _Job, accountant: Accountant) -> tuple[Any, Any, Any]:
+def _read(job: _Job, evaluator: Any) -> Tensor | None:
     """Evaluate the job's step (if any) and capture ``after`` (if asked)."""
-    values = first = second = None
+    table = None
     if job.step is not None and job.before is not None:
-        values, first, second = accountant.split(job.before, job.after)
+        table = evaluator.split(job.before, job.after)
     elif job.step is not None:
-        values = accountant.values(job.after)
+        table = evaluator.values(job.after)
     if job.capture is not None:
         with torch.no_grad():
             for n, buf in job.capture.items():
                 buf.copy_(job.after[n].detach())
-    return values, first, second
+    return table
 
 
-def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", accountant: Accountant) -> None:
+def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", evaluator: Any) -> None:
     """The worker loop: evaluate each job, in order, until the ``None`` sentinel.
 
     Holds no reference to the monitor or the recorder, so both can be garbage collected.
@@ -114,25 +113,19 @@ def _worker(jobs: "queue.SimpleQueue[Any]", results: "queue.SimpleQueue[Any]", a
             # blocks this worker only, on that stream
             with streams.after(job.event, job.after):
                 if job.versions is None:
-                    values, first, second = _read(job, accountant)
+                    table = _read(job, evaluator)
                 else:  # live parameters: read again if one was modified in place meanwhile
                     while True:
                         seen = job.versions()
-                        values, first, second = _read(job, accountant)
+                        table = _read(job, evaluator)
                         if job.versions() == seen:
                             break
-                if values is not None:
-                    values = {k: v.cpu() for k, v in values.items()}
-                    if first is not None and second is not None:
-                        first = {k: v.cpu() for k, v in first.items()}
-                        second = {k: v.cpu() for k, v in second.items()}
-            extra = None
-            if values is not None:
-                extra = job.post(values, first, second) if job.post is not None else None
-            results.put((job.step, values, first, second, extra, None))
+                if table is not None:
+                    table = table.cpu()
+            results.put((job.step, table, None))
         except BaseException as exc:  # re-raised on the training thread
             job.failed = True
-            results.put((job.step, None, None, None, None, exc))
+            results.put((job.step, None, exc))
         finally:
             if job.read_done is not None:
                 # after the whole job: the worker is idle while the optimizer and the
@@ -156,7 +149,7 @@ class AsyncRecorder:
     Every method is called from the training thread. Snapshots are named by their index in
     the ring; :meth:`snapshot` returns one with one reference, :meth:`retain` /
     :meth:`release` count references, :meth:`submit` holds its snapshots until the result
-    is collected. ``deliver(step, values, first, second, extra)`` is called by :meth:`collect` /
+    is collected. ``deliver(step, table)`` is called by :meth:`collect` /
     :meth:`drain` for each finished job, in submission order.
     """
 
@@ -164,7 +157,7 @@ class AsyncRecorder:
         self,
         params: Mapping[str, Tensor],
         names: Sequence[str],
-        accountant: Accountant,
+        evaluator: Any,
         ring_size: int,
         deliver: Deliver,
     ) -> None:
@@ -173,7 +166,7 @@ class AsyncRecorder:
         self._params = params
         self._names = list(names)
         self._tensors = [params[n] for n in self._names]
-        self._accountant = accountant
+        self._evaluator = evaluator
         self._deliver = deliver
         # allocated on first use: a worker that keeps up needs only 2 (values) or 3 (split)
         self._ring: list[dict[str, Tensor] | None] = [None] * ring_size
@@ -226,7 +219,7 @@ class AsyncRecorder:
         if not self._threads:
             thread = threading.Thread(
                 target=_worker,
-                args=(self._jobs, self._results, self._accountant),
+                args=(self._jobs, self._results, self._evaluator),
                 name="torch_conslaw-monitor",
                 daemon=True,
             )
@@ -238,11 +231,9 @@ class AsyncRecorder:
         step: int,
         before: int | None,
         after: int,
-        post: Callable[..., Any] | None = None,
     ) -> None:
         """Queue the evaluation of step ``step`` from ring snapshots (``before`` given: with
-        the split); ``post(values, first, second)``, if given, also runs on the worker and its
-        result is passed to ``deliver`` as a fifth argument."""
+        the split)."""
         self._start()
         self.retain(after)
         if before is not None:
@@ -251,7 +242,7 @@ class AsyncRecorder:
         if self._cuda:
             event = torch.cuda.Event()
             event.record()
-        job = _Job(step, None if before is None else self._ring[before], self._ring[after], event, post)
+        job = _Job(step, None if before is None else self._ring[before], self._ring[after], event)
         job.ring = (before, after)
         self._pending.append(job)
         self._jobs.put(job)
@@ -262,7 +253,6 @@ class AsyncRecorder:
         before: Mapping[str, Tensor] | None,
         capture: Mapping[str, Tensor] | None,
         read_done: threading.Lock,
-        post: Callable[..., Any] | None,
         check: Callable[[], None],
     ) -> _Job:
         """Queue a job that reads the parameters themselves (live reading, CPU only): first
@@ -273,7 +263,7 @@ class AsyncRecorder:
         parameters."""
         if not self._threads:
             self._start()
-        job = _Job(step, before, self._params, None, post, capture, read_done, check, self.versions)
+        job = _Job(step, before, self._params, None, capture, read_done, check, self.versions)
         self._pending.append(job)
         self._jobs.put(job)
         return job
@@ -289,7 +279,7 @@ class AsyncRecorder:
                 item = self._results.get(block=block)
             except queue.Empty:
                 return
-            step, values, first, second, extra, exc = item
+            step, table, exc = item
             done = self._pending.popleft()
             self.release(done.ring[0])
             self.release(done.ring[1])
@@ -298,7 +288,7 @@ class AsyncRecorder:
                 exc.add_note(f"(raised on the ConservationMonitor worker thread while evaluating {what})")
                 raise exc
             if step is not None:
-                self._deliver(step, values, first, second, extra)
+                self._deliver(step, table)
             if block:
                 return
 
