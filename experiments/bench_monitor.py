@@ -6,25 +6,26 @@ processes hits all of them alike; a ratio is the median over blocks of
 time(monitored) / time(plain)):
 
 * ``mlp_2threads`` — the 784-512-512-10 ReLU MLP at batch 128 (SGD), 2 torch threads:
-  ``default`` (``ConservationMonitor(model)``: synchronous, every step, split),
-  ``auto-budget`` (``recording="auto", overhead_budget=0.03``: what "bounded by default"
-  would be), ``sync-values`` / ``sync-split`` (``every=1``, ``recording="sync"``, the eager
-  evaluation), ``sync-values-compiled`` / ``sync-split-compiled`` (the same with
-  ``evaluation="compiled"``: one fused kernel per record), ``snapshot-split``, ``live-split``,
-  and reference post-step hooks doing only part of the work (``floors``: one float32 read
-  of θ, a native copy, a float64 conversion, the law values alone);
+  ``default`` (``ConservationMonitor(model)``: budget 3 %, ``evaluation="auto"``, which
+  compiles here: 669 k tracked elements ≥ 2¹⁸), ``default-eager`` (the same with the eager
+  fallback), ``auto-budget`` (``recording="auto", overhead_budget=0.03``), ``sync-values`` /
+  ``sync-split`` (``every=1``, ``recording="sync"``, default evaluation) and their
+  ``-eager`` rows (``evaluation="eager"``: what a machine without a compiler gets),
+  ``snapshot-split``, ``live-split``, and reference post-step hooks doing only part of the
+  work (``floors``: one float32 read of θ, a native copy, a float64 conversion, the eager law
+  values alone);
 * ``mlp_1thread`` — the same model, 1 torch thread (a core left free): ``sync-values``,
-  ``sync-split`` and their ``-compiled`` rows, ``live-values``, ``live-split``, ``default``,
+  ``sync-split`` and their ``-eager`` rows, ``live-values``, ``live-split``, ``default``,
   ``auto-budget``;
 * ``block_2threads`` — a LLaMA-style pre-norm transformer block in plain torch (RMSNorm,
   q/k/v/o projections with causal attention, RMSNorm, SwiGLU MLP, residuals; d=256, 4 heads,
-  sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-split``,
-  ``sync-values-compiled``, ``sync-split-compiled``;
+  sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-values``,
+  ``sync-split``, ``sync-split-eager``;
 * ``memory`` — the monitor's extra peak memory on a 1024-4096-4096-1024 ReLU MLP (25.2 M
   float32 parameters): in a fresh process per mode, the rise of the peak RSS when the
   monitor is built and attached after 3 plain training steps and 6 more steps run
-  (``none``: the noise of the probe; ``split``, ``values`` and their ``-compiled`` modes),
-  as a ratio of the parameters' native bytes.
+  (``none``: the noise of the probe; ``split``, ``values`` with the default evaluation, and
+  their ``-eager`` modes), as a ratio of the parameters' native bytes.
 
 The ``-async``/``-live`` monitors are flushed after the timing (a ``snapshot`` block ends
 with ``flush()`` inside its timing, so its worker does not run into another training's
@@ -116,8 +117,9 @@ def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], N
         "auto-budget": {"recording": "auto", "overhead_budget": 0.03},
         "sync-values": {"every": 1, "recording": "sync", "split": False},
         "sync-split": {"every": 1, "recording": "sync"},
-        "sync-values-compiled": {"every": 1, "recording": "sync", "split": False, "evaluation": "compiled"},
-        "sync-split-compiled": {"every": 1, "recording": "sync", "evaluation": "compiled"},
+        "sync-values-eager": {"every": 1, "recording": "sync", "split": False, "evaluation": "eager"},
+        "sync-split-eager": {"every": 1, "recording": "sync", "evaluation": "eager"},
+        "default-eager": {"evaluation": "eager"},
         "snapshot-split": {"every": 1, "recording": "snapshot"},
         "live-values": {"every": 1, "recording": "live", "split": False},
         "live-split": {"every": 1, "recording": "live"},
@@ -215,9 +217,9 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
     """The monitor's extra peak memory on the 25 M-parameter MLP, in this (fresh) process:
     train 3 plain steps (the peak of training alone: parameters, gradients, activations),
     then build and attach the monitor (``mode``: ``none``, ``split``, ``values``, or either
-    with ``-compiled``) and train ``steps`` more; the extra is the rise of the peak RSS.
+    with ``-eager``) and train ``steps`` more; the extra is the rise of the peak RSS.
     Before the baseline, a monitor with the same options records two steps of a tiny MLP:
-    code, lazy imports and caches (the compiler's, for ``-compiled``) do not grow with θ and
+    code, lazy imports and caches (the compiler's, for the default evaluation) do not grow with θ and
     are not counted; what a new kernel's compilation allocates still is."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -231,17 +233,17 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
 
-    compiled = mode.endswith("-compiled")
+    eager = mode.endswith("-eager")
     options = {
-        "split": mode.removesuffix("-compiled") == "split",
+        "split": mode.removesuffix("-eager") == "split",
         "every": 1,
         "recording": "sync",
-        "evaluation": "compiled" if compiled else "eager",
+        "evaluation": "eager" if eager else "auto",
     }
     if mode != "none":  # code, lazy imports and caches that do not grow with the model
         small = make_mlp((8, 16, 16, 4))
         warm = torch.optim.SGD(small.parameters(), lr=1e-3)
-        ConservationMonitor(small, **options).attach(warm)
+        ConservationMonitor(small, **(options if eager else options | {"evaluation": "compiled"})).attach(warm)
         for _ in range(2):
             warm.zero_grad()
             small(torch.randn(2, 8)).sum().backward()
@@ -258,7 +260,7 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "param_bytes": native, "extra_bytes": peak - base, "recorded": recorded}
 
 
-MEMORY_MODES = ("none", "split", "values", "split-compiled", "values-compiled")
+MEMORY_MODES = ("none", "split", "values", "split-eager", "values-eager")
 
 
 def memory() -> dict:
@@ -297,18 +299,18 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*competes with training")
     load = [os.getloadavg()[0]]
     mlp_settings = [
-        "default", "auto-budget", "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled",
+        "default", "default-eager", "auto-budget", "sync-values", "sync-split", "sync-values-eager", "sync-split-eager",
         "snapshot-split", "live-split", *FLOORS,
     ]
     result = {
         "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
         "mlp_1thread": phase(
             "mlp",
-            ["sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "live-values", "live-split", "default", "auto-budget"],
+            ["sync-values", "sync-split", "sync-values-eager", "sync-split-eager", "live-values", "live-split", "default", "auto-budget"],
             1, args.device, args.blocks, args.steps,
         ),
         "block_2threads": phase(
-            "block", ["default", "auto-budget", "sync-split", "sync-values-compiled", "sync-split-compiled"], 2, args.device, args.blocks, args.steps
+            "block", ["default", "auto-budget", "sync-values", "sync-split", "sync-split-eager"], 2, args.device, args.blocks, args.steps
         ),
     }
     if not args.skip_memory:

@@ -145,3 +145,47 @@ def test_compiled_records_are_bitwise_the_same_for_every_recorder(split):
         assert sync.keys() == other.keys()
         for key in sync:
             assert np.array_equal(sync[key], other[key], equal_nan=True), (recording, key)
+
+
+def test_auto_stays_eager_on_small_models_and_says_why():
+    model = mlp(4)
+    monitor = tc.ConservationMonitor(model, torch.randn(8, 37), every=1, recording="sync")
+    assert monitor.evaluation == "eager"
+    assert "tracked elements <" in monitor.evaluation_reason
+
+
+def test_auto_without_a_compiler_stays_eager_without_a_warning(monkeypatch):
+    monkeypatch.setattr(accounting, "AUTO_COMPILE_ELEMENTS", 1)
+    monkeypatch.setattr(accounting, "compiler_available", lambda device_type: False)
+    model = mlp(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        monitor = tc.ConservationMonitor(model, torch.randn(8, 37), every=1, recording="sync")
+    assert monitor.evaluation == "eager" and "no compiler" in monitor.evaluation_reason
+
+
+@needs_compiler
+def test_auto_compiles_large_per_unit_laws_when_the_monitor_is_built(monkeypatch):
+    """Above the threshold (lowered here: compiling takes seconds) ``auto`` compiles at
+    construction, and its records stay within the rounding bound of the eager ones."""
+    monkeypatch.setattr(accounting, "AUTO_COMPILE_ELEMENTS", 1)
+    histories = {}
+    for evaluation in ("auto", "eager"):
+        torch.manual_seed(6)
+        model = mlp(6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = tc.ConservationMonitor(model, torch.randn(8, 37), every=1, recording="sync", evaluation=evaluation)
+        assert monitor.evaluation == ("compiled" if evaluation == "auto" else "eager")
+        monitor.attach(opt)
+        x, y = torch.randn(16, 37), torch.randn(16, 5)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        histories[evaluation] = monitor.history()
+    for key, auto in histories["auto"].items():
+        eager = histories["eager"][key]
+        if key == "step":
+            assert np.array_equal(auto, eager)
+        else:
+            assert np.allclose(auto, eager, rtol=1e-12, atol=1e-15)

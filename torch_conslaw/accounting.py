@@ -38,7 +38,10 @@ from .lawgroups import LawGroup, UnitLaws, rearrangement_plan
 __all__ = ["Accountant", "split_change", "evaluate", "as_float64", "EVALUATIONS"]
 
 F64 = torch.float64
-EVALUATIONS = ("eager", "compiled")  # how Accountant evaluates the per-unit groups
+EVALUATIONS = ("auto", "eager", "compiled")  # how Accountant evaluates the per-unit groups
+#: ``evaluation="auto"`` compiles from this many tracked elements of per-unit laws on (below,
+#: an eager record costs well under a millisecond and a compile would not pay off)
+AUTO_COMPILE_ELEMENTS = 2**18
 
 
 def as_float64(params: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
@@ -308,6 +311,15 @@ class _FastPlan:
             self.views[rows] = views
         return views
 
+    def release(self) -> None:
+        """Free the scratch rows and lanes of the eager path (built again on its next use)."""
+        self.views.clear()
+        self.lanes.clear()
+        for _, inc, out, _ in self.fast:
+            for use in inc + out:
+                use.results.clear()
+                use.partials.clear()
+
     def values(self, params: Mapping[str, Tensor]) -> Tensor:
         """``[1, laws]``: h(θ) of the fast groups, in their order."""
         for w, chunks in zip(self.work, self.bind(1)):
@@ -381,6 +393,10 @@ class Accountant:
     products are the same; only the summation order differs (bound in
     :mod:`torch_conslaw.evaluation`). Without a compiler, or when compiling fails, it warns
     and stays on the eager path. :meth:`initial` (values and scales, once) always runs eagerly.
+    ``evaluation="auto"`` compiles where a compiler is found and the per-unit laws read at
+    least :data:`AUTO_COMPILE_ELEMENTS` elements, and stays eager otherwise, without a warning
+    (:attr:`evaluation` then says which one runs, :attr:`evaluation_reason` why);
+    :meth:`prepare` compiles ahead of the first record.
     The kernels use the torch thread count of the thread that built the accountant, whichever
     thread calls them (a recorder's worker too), so records stay bitwise equal across recorders.
 
@@ -403,7 +419,9 @@ class Accountant:
         self.groups = list(groups)
         self.names = sorted({n for g in self.groups for n in g.parameter_names})
         self._fast: _FastPlan | None = None
-        self.evaluation = evaluation
+        self.requested = evaluation
+        self.evaluation = "eager" if evaluation == "auto" else evaluation  # resolved with the plan
+        self.evaluation_reason = "requested" if evaluation != "auto" else "auto: not resolved yet (no evaluation ran)"
         self._threads = torch.get_num_threads()  # the compiled kernels' (the constructing thread's)
         self._compiled: CompiledLaws | None = None
         self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
@@ -452,6 +470,11 @@ class Accountant:
         return self._compiled
 
     def _give_up(self, why: str) -> None:
+        self.evaluation_reason = f"compiled evaluation not available: {why}"
+        if self.requested == "auto":  # auto: stay eager without a warning (the reason says why)
+            self.evaluation = "eager"
+            self._compiled = None
+            return
         warnings.warn(
             f"Accountant: evaluation='compiled' is not available ({why}); the laws are evaluated "
             "by the chunked eager path instead",
@@ -488,7 +511,34 @@ class Accountant:
             return None
         self._fast = _FastPlan(self.groups, self.names, params)
         self._order = _order(self.groups, self._fast)
+        if self.requested == "auto":
+            self._resolve_auto(self._fast)
         return self._fast
+
+    def _resolve_auto(self, fast: _FastPlan) -> None:
+        """``evaluation="auto"``: compiled for large per-unit laws where a compiler is found."""
+        elements = sum(w.numel for w in fast.work)
+        if not fast.fast:
+            self.evaluation, self.evaluation_reason = "eager", "auto: no per-unit law to fuse"
+        elif elements < AUTO_COMPILE_ELEMENTS:
+            self.evaluation = "eager"
+            self.evaluation_reason = f"auto: {elements:,} tracked elements < {AUTO_COMPILE_ELEMENTS:,}"
+        elif not compiler_available(fast.device.type):
+            self.evaluation = "eager"
+            self.evaluation_reason = f"auto: no compiler for {fast.device.type} tensors was found"
+        else:
+            self.evaluation = "compiled"
+            self.evaluation_reason = f"auto: {elements:,} tracked elements ≥ {AUTO_COMPILE_ELEMENTS:,} and a compiler"
+
+    def prepare(self, params: Mapping[str, Tensor], split: bool) -> None:
+        """Build the plan and, for the compiled evaluation, compile the kernels a record needs
+        now (values, and the split when ``split``) instead of at the first record: seconds,
+        outside the training step."""
+        self.values_table(params)
+        if self.evaluation == "compiled" and self._fast is not None:
+            if split:
+                self.split_table(params, params)
+            self._fast.release()  # the eager path's buffers (rebuilt if it ever runs again)
 
     def values_table(self, params: Mapping[str, Tensor]) -> Tensor:
         """``[1, laws]``: h(θ) of every law, float64, groups in order (:attr:`counts`): one

@@ -123,10 +123,14 @@ class ConservationMonitor:
             and ``summary()`` / ``history()["step"]`` say which steps were recorded.
             Exclusive with ``every`` / ``log_spaced``.
         evaluation: how the per-unit laws are evaluated (:class:`~torch_conslaw.accounting.Accountant`):
-            ``"eager"`` (chunked torch operations, needs nothing) or ``"compiled"`` (one fused
-            TorchInductor kernel per record, compiled at the first record, seconds; equal to
-            the eager records up to float64 summation order; falls back to eager with a
-            warning where no compiler is found). Every recorder uses the same evaluator.
+            ``"eager"`` (chunked torch operations, needs nothing), ``"compiled"`` (one fused
+            TorchInductor kernel per record; equal to the eager records up to float64
+            summation order; falls back to eager with a warning where no compiler is found)
+            or ``"auto"`` (default: compiled when a compiler is found and the per-unit laws
+            read at least ``AUTO_COMPILE_ELEMENTS`` = 2¹⁸ elements, else eager). A compiled
+            evaluation is compiled when the monitor is built (seconds; Inductor caches it on
+            disk). :attr:`evaluation` says which one runs and :attr:`evaluation_reason` why.
+            Every recorder uses the same evaluator.
 
     Snapshot recording (``recording="snapshot"``, formerly ``asynchronous=True``): at a recorded step the training thread
     only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
@@ -184,7 +188,7 @@ class ConservationMonitor:
         recording: str | None = None,
         overhead_budget: float | OverheadBudget | None = None,
         loss: str | None = None,
-        evaluation: str = "eager",
+        evaluation: str = "auto",
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
@@ -278,6 +282,7 @@ class ConservationMonitor:
         if self._sharded is None:  # chunked, in float64 from the native tensors (no float64 θ)
             values0, scales = self.evaluator.initial(self._params)
             self.initial: dict[str, Tensor] = {k: v.cpu() for k, v in values0.items()}
+            self.evaluator.inner.prepare(self._params, self.split)  # compiles now, not in a step
         else:  # one all-reduce: values and scales summed from the local shards
             self.initial, scales = self._sharded.initial(self._params)
         layout = LawLayout([g.name for g in self.groups], [g.count for g in self.groups])
@@ -420,6 +425,17 @@ class ConservationMonitor:
         weight-decay recurrences (:mod:`torch_conslaw.velocity_tracking`); empty under plain
         SGD or before :meth:`attach`."""
         return list(self._identities.groups)
+
+    @property
+    def evaluation(self) -> str:
+        """Which evaluation runs the per-unit laws: ``"eager"`` or ``"compiled"``
+        (``"sharded"`` under FSDP2: local shards and one all-reduce)."""
+        return getattr(self.evaluator.inner, "evaluation", "sharded")
+
+    @property
+    def evaluation_reason(self) -> str:
+        """Why :attr:`evaluation` runs (the ``"auto"`` decision, or a compiler that failed)."""
+        return getattr(self.evaluator.inner, "evaluation_reason", "sharded parameters")
 
     # ------------------------------------------------------------------ results
     def summary(self) -> list[dict[str, Any]]:
