@@ -36,7 +36,7 @@ from torch_conslaw.lie import lie_trace
 from torch_conslaw.lie.generators import MLPGenerators
 from torch_conslaw.lie.modules import ParameterSlot, random_theta
 
-from relu_regions import enumerate_regions, pattern_outputs, patterns_of, region_inputs, relu_layers  # experiments/
+from relu_regions import RegionWalk, pattern_outputs, patterns_of, region_inputs, relu_layers  # experiments/
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHS = ROOT.parent / "shared" / "paper_sweep_architectures.json"
@@ -167,20 +167,52 @@ def extra_law_check(model: nn.Module, x: torch.Tensor, theta: torch.Tensor, extr
     return {"vectors": data.shape[0], "data_residual": worst(data), "path_lifting_overlap": worst(lifted)}
 
 
+FIRST_REGIONS = 1000
+"""Regions mode: the walk first stops at this many regions, then ×4 until it settles the count."""
+
+
 def region_count(arch: dict, i: int, seed: int, verify: bool) -> tuple[dict, object]:
-    """count_laws on inputs inside every activation region (relu_regions) at a fixed θ."""
+    """count_laws on inputs inside the activation regions (relu_regions) at a fixed θ.
+
+    The region walk stops at 1000 regions, then ×4, until the count equals the path-lifting
+    count at the same θ (more regions can only lower the count, which never goes below the
+    path lifting: agreement settled) or every region is found (the count is the count of
+    every input: a remaining gap is genuine).
+    """
     widths, act, bias = arch["widths"], arch["activation"], arch["bias"]
     model = sequential(widths, act, bias).to(torch.float64)
-    times = {}
+    family = MLPGenerators(widths, [act] * (len(widths) - 2), bias, output_bias=False)
+    times = {"regions": 0.0, "count_laws": 0.0}
+    walk_log: list[dict] = []
     start = time.perf_counter()
     if act == "relu":
         theta, draw = regions_theta(model, seed)
+    else:
+        theta, draw = random_theta(model, slots_of(model), torch.Generator().manual_seed(seed)), 0
+        load_theta(model, theta)
+    same_theta = lie_trace(family, theta, seed=seed, law_basis_max_bytes=1e8)
+    times["path_lifting"] = time.perf_counter() - start
+    if act == "relu":
         layers = relu_layers(model)
-        regions = enumerate_regions(layers, seed=seed)
-        x = torch.from_numpy(region_inputs(layers, regions))
-        n_regions = len(regions.patterns)
+        walk = RegionWalk(layers, seed=seed)
+        budget = FIRST_REGIONS
+        while True:
+            start = time.perf_counter()
+            regions = walk.grow(budget)
+            x = torch.from_numpy(region_inputs(layers, regions))
+            times["regions"] += time.perf_counter() - start
+            start = time.perf_counter()
+            n_regions = len(regions.patterns)
+            res = count_laws(model, x, theta=theta, seed=seed, input_sizes=[n_regions, x.shape[0]])
+            times["count_laws"] += time.perf_counter() - start
+            walk_log.append({"regions": n_regions, "complete": walk.complete, "n_laws": res.n_laws})
+            if walk.complete or res.n_laws == same_theta.n_laws:
+                break
+            budget *= 4
         region_info = {
             "regions": n_regions,
+            "walk_complete": walk.complete,
+            "walk": walk_log,
             "hidden_units": int(regions.patterns.shape[1]),
             "lp_solved": regions.n_lp,
             "regions_certified": regions.certified,
@@ -189,32 +221,23 @@ def region_count(arch: dict, i: int, seed: int, verify: bool) -> tuple[dict, obj
             "constant_units_on_Rn0": regions.constant_units,
             "theta_draw": draw,
         }
-        sizes = [n_regions, x.shape[0]] if x.shape[0] > n_regions else None
+        start = time.perf_counter()
+        phi = pattern_outputs(widths, bias, regions.patterns)
+        at_patterns = trace_dimension(phi, res.D, theta=theta, seed=seed).n_laws
+        times["path_lifting"] += time.perf_counter() - start
     else:  # a linear net is one region: Gaussian inputs, counted on N/2 and N
-        slots = slots_of(model)
-        theta = random_theta(model, slots, torch.Generator().manual_seed(seed))
-        load_theta(model, theta)
         n = max(64, 2 * (widths[0] + 1))
         x = torch.randn(n, widths[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        regions, region_info, sizes = None, {"regions": 1, "theta_draw": 0}, [n // 2, n]
-    times["regions"] = time.perf_counter() - start
-    start = time.perf_counter()
-    res = count_laws(model, x, theta=theta, seed=seed, input_sizes=sizes)
-    times["count_laws"] = time.perf_counter() - start
-    start = time.perf_counter()
-    family = MLPGenerators(widths, [act] * (len(widths) - 2), bias, output_bias=False)
-    same_theta = lie_trace(family, theta, seed=seed, law_basis_max_bytes=1e8)
-    at_patterns = None
-    if regions is not None:
-        at_patterns = trace_dimension(pattern_outputs(widths, bias, regions.patterns), res.D, theta=theta, seed=seed).n_laws
-    times["path_lifting"] = time.perf_counter() - start
-    row = {**region_info, "n_inputs": int(x.shape[0]), "count_laws": res, "same_theta_all_patterns": same_theta.n_laws, "realizable_patterns_count": at_patterns}
-    if verify and regions is not None and res.n_laws > same_theta.n_laws and res.law_basis is not None and same_theta.law_basis is not None:
+        start = time.perf_counter()
+        res = count_laws(model, x, theta=theta, seed=seed, input_sizes=[n // 2, n])
+        times["count_laws"] += time.perf_counter() - start
+        region_info, at_patterns = {"regions": 1, "walk_complete": True, "theta_draw": draw}, None
+    row = {**region_info, "n_inputs": int(x.shape[0]), "same_theta_all_patterns": same_theta.n_laws, "realizable_patterns_count": at_patterns}
+    if verify and act == "relu" and res.n_laws > same_theta.n_laws and res.law_basis is not None and same_theta.law_basis is not None:
         start = time.perf_counter()
         q_s, q_all = res.law_basis, same_theta.law_basis
-        inside = float((q_all - q_s @ (q_s.T @ q_all)).norm() / max(1.0, q_all.norm()))
-        rest = q_s - q_all @ (q_all.T @ q_s)
-        u, sv, _ = torch.linalg.svd(rest, full_matrices=False)
+        inside = float((q_all - q_s @ (q_s.T @ q_all)).norm() / max(1.0, float(q_all.norm())))
+        u, sv, _ = torch.linalg.svd(q_s - q_all @ (q_all.T @ q_s), full_matrices=False)
         extra = u[:, : res.n_laws - same_theta.n_laws]
         check = extra_law_check(model, x, theta, extra, family, seed)
         check.update({"all_pattern_laws_inside": inside, "extra_laws": extra.shape[1], "extra_singular_values": [float(v) for v in sv[: extra.shape[1] + 1]]})
@@ -251,7 +274,6 @@ def run(archs: list[dict], rich: bool = False, only: set[int] | None = None, max
         ref = mlp_trace_dimension(widths, [act] * (len(widths) - 2), bias=bias, output_bias=False, seed=seed)
         if res.D != arch["D"]:
             raise RuntimeError(f"architecture {i}: D={res.D} but the sweep lists D={arch['D']}")
-        extra.pop("count_laws", None)
         rows.append(
             {
                 "index": i,
@@ -291,26 +313,70 @@ def run(archs: list[dict], rich: bool = False, only: set[int] | None = None, max
 
 
 def regions_summary(rows: list[dict]) -> dict:
-    """Regions mode: how the data count compares with the path lifting restricted to the realizable patterns."""
+    """Regions mode: agreement settled, genuine gaps (every region found), and the cross-checks."""
     relu = [r for r in rows if r["activation"] == "relu"]
-    gaps = [r for r in relu if r["n_laws"] > r["path_lifting_laws"]]
+    gaps = [r for r in rows if r["n_laws"] > r["same_theta_all_patterns"]]
     return {
-        "seed_offset": rows[0].get("seed_offset", 0) if rows else 0,
-        "agree_with_realizable_patterns_count": sum(r["n_laws"] == r.get("realizable_patterns_count", r["n_laws"]) for r in rows),
-        "same_theta_all_patterns_equals_path_lifting": sum(r["same_theta_all_patterns"] == r["path_lifting_laws"] for r in rows),
-        "regions_certified": sum(bool(r.get("regions_certified")) for r in relu),
-        "relu": len(relu),
+        "agree_same_theta_path_lifting": sum(r["n_laws"] == r["same_theta_all_patterns"] for r in rows),
         "genuine_gaps": [
             {"index": r["index"], "widths": r["widths"], "bias": r["bias"], "regions": r["regions"], "count_laws": r["n_laws"],
-             "realizable_patterns": r["realizable_patterns_count"], "path_lifting": r["path_lifting_laws"]}
-            for r in gaps
+             "realizable_patterns": r["realizable_patterns_count"], "path_lifting_same_theta": r["same_theta_all_patterns"],
+             "path_lifting": r["path_lifting_laws"]}
+            for r in gaps if r["walk_complete"]
         ],
+        "unsettled": [r["index"] for r in gaps if not r["walk_complete"]],
+        "relu_count_equals_realizable_patterns_count": sum(r["n_laws"] == r["realizable_patterns_count"] for r in relu),
+        "same_theta_path_lifting_equals_mlp_trace_dimension": sum(r["same_theta_all_patterns"] == r["path_lifting_laws"] for r in rows),
+        "relu": len(relu),
+        "relu_walks_complete": sum(r["walk_complete"] for r in relu),
+        "relu_walks_certified": sum(bool(r["regions_certified"]) for r in relu),
         "regions_total": sum(r["regions"] for r in relu),
-        "lp_solved": sum(r.get("lp_solved", 0) for r in relu),
+        "lp_solved": sum(r["lp_solved"] for r in relu),
         "seconds_regions": round(sum(r["times"]["regions"] for r in rows), 1),
         "seconds_count_laws": round(sum(r["times"]["count_laws"] for r in rows), 1),
         "seconds_path_lifting_checks": round(sum(r["times"]["path_lifting"] for r in rows), 1),
+        "seconds_verify": round(sum(r["times"].get("verify", 0.0) for r in rows), 1),
     }
+
+
+def regions_table(summary: dict, rows: list[dict], command: str) -> str:
+    """results/count_sweep_regions.md: the summary and one line per ReLU net with more than one hidden layer."""
+    lines = [
+        "# count_laws on inputs inside every activation region (the authors' 100 architectures)",
+        "",
+        f"`{command}`",
+        "",
+        f"- count_laws = path lifting (mlp_trace_dimension): **{summary['agree']}/{summary['architectures']}**; "
+        f"= path lifting at the same θ: {summary['agree_same_theta_path_lifting']}/{summary['architectures']}",
+        f"- genuine gaps (every region found, count_laws = path lifting restricted to the realizable patterns > path lifting): "
+        f"{len(summary['genuine_gaps'])}; unsettled: {summary['unsettled'] or 'none'}",
+        f"- ReLU nets: count_laws = the path-lifting count at exactly the patterns found: "
+        f"{summary['relu_count_equals_realizable_patterns_count']}/{summary['relu']}; walks complete "
+        f"{summary['relu_walks_complete']}/{summary['relu']}, certified {summary['relu_walks_certified']}/{summary['relu']} "
+        f"({summary['regions_total']} regions, {summary['lp_solved']} LPs)",
+        f"- worst rank gap of count_laws: smallest accepted {summary['worst_smallest_accepted']:.1e}, "
+        f"largest rejected {summary['worst_largest_rejected']:.1e}",
+        f"- time: {summary['total_seconds']} s in all (regions {summary['seconds_regions']} s, count_laws "
+        f"{summary['seconds_count_laws']} s, path-lifting counts {summary['seconds_path_lifting_checks']} s, "
+        f"extra-law checks {summary['seconds_verify']} s), {summary['torch_threads']} torch thread, nice 19, shared 2-core machine",
+        "",
+        "Deeper ReLU nets (hidden patterns 2^H; regions found; walk = regions → laws at each stop; "
+        "extra-law check: max |<v, F>|/|F| over fresh data fields and brackets, and over path-lifting ones):",
+        "",
+        "| # | widths | bias | D | 2^H | regions | walk | count_laws | at realizable patterns | path lifting (same θ) | mlp_trace_dimension | extra laws: data residual / path-lifting overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["activation"] != "relu" or r["widths"].count("-") < 3:
+            continue
+        walk = ", ".join(f"{w['regions']}→{w['n_laws']}" for w in r["walk"]) + ("" if r["walk_complete"] else " (cut)")
+        c = r.get("extra_law_check")
+        check = f"{c['data_residual']:.0e} / {c['path_lifting_overlap']:.2f}" if c else ""
+        lines.append(
+            f"| {r['index']} | {r['widths']} | {'yes' if r['bias'] else 'no'} | {r['D']} | 2^{r['hidden_units']} | {r['regions']} | {walk} | "
+            f"{r['n_laws']} | {r['realizable_patterns_count']} | {r['same_theta_all_patterns']} | {r['path_lifting_laws']} | {check} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -357,6 +423,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.regions:
+        command = "python " + " ".join(["experiments/count_sweep.py", *__import__("sys").argv[1:]])
+        args.out.with_suffix(".md").write_text(regions_table(summary, rows, command))
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
 

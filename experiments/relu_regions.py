@@ -93,7 +93,8 @@ class Regions:
         largest_rejected: the largest t* of a pattern rejected (−inf when none).
         certified: every accepted centre has exactly its pattern in a plain forward pass, and
             the walk finished (no ``max_regions`` cut).
-        constant_units: hidden units with the same bit in every region (dead or always active on R^n0).
+        constant_units: hidden units with the same bit in every region (dead or always active
+            on R^n0; empty while the walk is not complete).
     """
 
     patterns: np.ndarray
@@ -130,58 +131,89 @@ def _chebyshev(layers, pattern: np.ndarray) -> tuple[float, np.ndarray | None]:
     return float(res.x[-1]), res.x[:-1]
 
 
+class RegionWalk:
+    """The breadth-first walk of :func:`enumerate_regions`, resumable: ``grow(n)`` walks on until
+    n regions are found or none is left (``complete``), so that a caller can stop early.
+
+    Args:
+        layers: :func:`relu_layers` of the network.
+        starts: Gaussian inputs whose regions seed the walk.
+        seed: seeds those inputs.
+    """
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 64, seed: int = 0):
+        self.layers = layers
+        n0 = layers[0][0].shape[1]
+        self._cone = not any(np.any(b != 0) for _, b in layers[:-1])
+        self._seen: set[bytes] = set()
+        self._queue: deque[np.ndarray] = deque()
+        self._patterns: list[np.ndarray] = []
+        self._centres: list[np.ndarray] = []
+        self._radii: list[float] = []
+        self._verified = True
+        self.n_lp = 0
+        self.smallest_accepted, self.largest_rejected = float("inf"), float("-inf")
+        start_bits, _ = patterns_of(layers, np.random.default_rng(seed).standard_normal((starts, n0)))
+        for p in start_bits:
+            self._visit(p)
+
+    @property
+    def complete(self) -> bool:
+        """True when every region found has had all its single-bit flips tested."""
+        return not self._queue
+
+    def _visit(self, p: np.ndarray) -> None:
+        key = p.tobytes()
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        t, x = _chebyshev(self.layers, p)
+        self.n_lp += 1
+        if t <= INTERIOR_TOL:
+            self.largest_rejected = max(self.largest_rejected, t)
+            return
+        self.smallest_accepted = min(self.smallest_accepted, t)
+        r = t
+        if self._cone:  # a cone: the centre direction, with its radius, at norm 1
+            norm = float(np.linalg.norm(x))
+            x, r = x / norm, t / norm
+        bits, _ = patterns_of(self.layers, x[None])
+        self._verified = self._verified and bool(np.array_equal(bits[0], p))
+        self._patterns.append(p)
+        self._centres.append(x)
+        self._radii.append(r)
+        self._queue.append(p)
+
+    def grow(self, max_regions: int) -> Regions:
+        """Walk on until ``max_regions`` regions are found or the walk is complete; the regions so far."""
+        while self._queue and len(self._patterns) < max_regions:
+            p = self._queue.popleft()
+            for j in range(p.size):
+                q = p.copy()
+                q[j] = not q[j]
+                self._visit(q)
+        patterns = np.array(self._patterns)
+        constant = [j for j in range(patterns.shape[1]) if patterns[:, j].all() or not patterns[:, j].any()]
+        return Regions(
+            patterns,
+            np.array(self._centres),
+            np.array(self._radii),
+            n_lp=self.n_lp,
+            smallest_accepted=self.smallest_accepted,
+            largest_rejected=self.largest_rejected,
+            certified=self._verified and self.complete,
+            constant_units=constant if self.complete else [],
+        )
+
+
 def enumerate_regions(
     layers: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 64, seed: int = 0, max_regions: int = 200_000
 ) -> Regions:
-    """All full-dimensional activation regions, by a breadth-first walk over single-bit flips (module docstring)."""
-    n0 = layers[0][0].shape[1]
-    has_bias = any(np.any(b != 0) for _, b in layers[:-1])
-    rng = np.random.default_rng(seed)
-    start_bits, _ = patterns_of(layers, rng.standard_normal((starts, n0)))
-    seen: set[bytes] = set()
-    queue: deque[np.ndarray] = deque()
-    patterns, centres, radii = [], [], []
-    out = Regions(np.zeros((0, 0), bool), np.zeros((0, n0)), np.zeros(0))
-    certified = True
+    """All full-dimensional activation regions, by a breadth-first walk over single-bit flips (module docstring).
 
-    def visit(p: np.ndarray) -> None:
-        nonlocal certified
-        key = p.tobytes()
-        if key in seen:
-            return
-        seen.add(key)
-        t, x = _chebyshev(layers, p)
-        out.n_lp += 1
-        if t <= INTERIOR_TOL:
-            out.largest_rejected = max(out.largest_rejected, t)
-            return
-        out.smallest_accepted = min(out.smallest_accepted, t)
-        r = t
-        if not has_bias:  # a cone: the centre direction, with its radius, at norm 1
-            norm = float(np.linalg.norm(x))
-            x, r = x / norm, t / norm
-        bits, _ = patterns_of(layers, x[None])
-        certified = certified and bool(np.array_equal(bits[0], p))
-        patterns.append(p)
-        centres.append(x)
-        radii.append(r)
-        queue.append(p)
-
-    for p in start_bits:
-        visit(p)
-    while queue:
-        if len(patterns) >= max_regions:
-            certified = False
-            break
-        p = queue.popleft()
-        for j in range(p.size):
-            q = p.copy()
-            q[j] = not q[j]
-            visit(q)
-    out.patterns, out.centres, out.radii = np.array(patterns), np.array(centres), np.array(radii)
-    out.certified = certified
-    out.constant_units = [j for j in range(out.patterns.shape[1]) if out.patterns[:, j].all() or not out.patterns[:, j].any()]
-    return out
+    ``certified`` is False when ``max_regions`` cut the walk short.
+    """
+    return RegionWalk(layers, starts=starts, seed=seed).grow(max_regions)
 
 
 def _ray_step(a: np.ndarray, c: np.ndarray, pattern: np.ndarray, x: np.ndarray, d: np.ndarray) -> float:
