@@ -360,8 +360,11 @@ def regions_table(summary: dict, rows: list[dict], command: str) -> str:
         f"{summary['seconds_count_laws']} s, path-lifting counts {summary['seconds_path_lifting_checks']} s, "
         f"extra-law checks {summary['seconds_verify']} s), {summary['torch_threads']} torch thread, nice 19, shared 2-core machine",
         "",
-        "Deeper ReLU nets (hidden patterns 2^H; regions found; walk = regions → laws at each stop; "
-        "extra-law check: max |<v, F>|/|F| over fresh data fields and brackets, and over path-lifting ones):",
+        "Deeper ReLU nets (hidden patterns 2^H; regions found; walk = regions → laws at each stop, "
+        "(cut): stopped once the count met the path lifting, which more regions cannot lower; "
+        "extra-law check: max |<v, F>|/|F| over fresh data fields and brackets, and over path-lifting ones). "
+        "In regions mode the first count of `input_counts` is on the region centres only (one input per region) "
+        "and may differ from the count on all n0 + 1 inputs per region; the latter is exact (the fields of a region are affine in x).",
         "",
         "| # | widths | bias | D | 2^H | regions | walk | count_laws | at realizable patterns | path lifting (same θ) | mlp_trace_dimension | extra laws: data residual / path-lifting overlap |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
