@@ -11,13 +11,20 @@ Gaussian directions with a log-uniform radius (e^-3 … e^5), so that thin cones
 from the origin are reached, and the input set grows ×4 (nested) from N until the count has
 not changed over two successive growths (at most ``--max-growths``); every count is kept.
 
+With ``--regions``: a fixed θ and n0 + 1 inputs inside every activation region
+(:mod:`relu_regions`, a walk over the regions by linear programs), stopped early once the
+count meets the path lifting at the same θ; each ReLU net is also counted by
+:func:`torch_conslaw.trace_dimension` on the gated surrogate at exactly the patterns found, and
+``--verify`` checks every law beyond the path lifting with fresh torch.func fields and brackets.
+
 Data fields are path-lifting fields at the 0/1 gate patterns the inputs realize, so the data
 count is never below the path-lifting count. Deeper ReLU nets whose first layers are narrow
-realize few joint activation patterns on R^n0 and can keep data-dependent laws however many
-inputs are drawn.
+realize few joint activation patterns on R^n0 and keep data-dependent laws for every input
+set (``--regions`` finds them all and proves it).
 
     python experiments/count_sweep.py [--archs PATH] [--out results/count_sweep.json]
     python experiments/count_sweep.py --rich --only 51,52,... --out results/count_sweep_rich.json
+    python experiments/count_sweep.py --regions --verify --out results/count_sweep_regions.json
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch import nn
 from torch_conslaw import count_laws, mlp_trace_dimension, trace_dimension
 from torch_conslaw.lie import lie_trace
 from torch_conslaw.lie.generators import MLPGenerators
-from torch_conslaw.lie.modules import ParameterSlot, random_theta
+from torch_conslaw.lie.modules import ModuleLieResult, ParameterSlot, random_theta
 
 from relu_regions import RegionWalk, pattern_outputs, patterns_of, region_inputs, relu_layers  # experiments/
 
@@ -171,7 +178,7 @@ FIRST_REGIONS = 1000
 """Regions mode: the walk first stops at this many regions, then ×4 until it settles the count."""
 
 
-def region_count(arch: dict, i: int, seed: int, verify: bool) -> tuple[dict, object]:
+def region_count(arch: dict, seed: int, verify: bool) -> tuple[dict, ModuleLieResult]:
     """count_laws on inputs inside the activation regions (relu_regions) at a fixed θ.
 
     The region walk stops at 1000 regions, then ×4, until the count equals the path-lifting
@@ -255,13 +262,13 @@ def run(archs: list[dict], rich: bool = False, only: set[int] | None = None, max
         widths, act, bias = arch["widths"], arch["activation"], arch["bias"]
         seed = i + seed_offset
         n = n_inputs(widths, arch["D"])
-        model = sequential(widths, act, bias)
+        model = None if regions else sequential(widths, act, bias)
         start = time.perf_counter()
         extra: dict = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if regions:
-                extra, res = region_count(arch, i, seed, verify)
+                extra, res = region_count(arch, seed, verify)
                 history, stable = res.input_counts, res.stable
             elif rich:
                 res, history, stable = count_until_stable(model, n, widths[0], i, max_growths)
