@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_conslaw.accounting import split_change
+from torch_conslaw.accounting import Accountant, evaluate, split_change
 from torch_conslaw.monitor.store import Record, RecordStore
 from torch_conslaw.lawgroups import build_groups
 from torch_conslaw.monitor.schedule import Schedule
@@ -74,3 +74,28 @@ def test_schedules():
         Schedule(every=0)
     with pytest.raises(ValueError, match="every=5 would be ignored"):
         Schedule(every=5, log_spaced=True)
+
+
+def test_tables_put_every_group_in_its_columns_when_fast_and_generic_groups_interleave():
+    """Matrix laws (generic path) between per-unit laws (fused path): the table's columns
+    follow the groups' order and equal the float64 definition group by group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 4), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)
+    )
+    groups = build_groups(find_structure(model).pairs)
+    assert [g.kind for g in groups] == ["matrix", "unit", "matrix", "unit"]
+    acc = Accountant(groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = {n: p + 0.01 * torch.randn_like(p) for n, p in before.items()}
+    values = acc.values_table(after)
+    table = acc.split_table(before, after)
+    reference = split_change(groups, before, after)
+    assert values.shape == (1, sum(acc.counts)) and table.shape == (3, sum(acc.counts))
+    start = 0
+    for g, count in zip(groups, acc.counts):
+        columns = slice(start, start + count)
+        for row, part in zip(table, reference):
+            assert torch.allclose(row[columns], part[g.name], rtol=1e-12, atol=1e-15)
+        assert torch.allclose(values[0, columns], evaluate([g], after)[g.name], rtol=1e-12, atol=1e-15)
+        start += count

@@ -91,3 +91,23 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_a_state_without_per_law_maxima_resumes_with_its_group_maxima():
+    """A checkpoint written before the monitor kept per-law maxima (only the per-group ones)
+    restores them as a floor: the summary after resuming is never below the saved maxima."""
+    from torch_conslaw import ConservationMonitor
+
+    model = _model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # breaks the laws: drift
+    monitor = ConservationMonitor(model, every=1, recording="sync").attach(opt)
+    _train(model, opt, 0, 6)
+    state = monitor.state_dict()
+    saved = {g: dict(m) for g, m in state["maxima"].items()}
+    del state["running"]
+    resumed = ConservationMonitor(model, every=1, recording="sync")
+    resumed.load_state_dict(state)
+    for row in resumed.summary():
+        for key, value in saved[row["name"]].items():
+            if row[key] is not None:
+                assert row[key] == value

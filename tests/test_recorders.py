@@ -193,3 +193,22 @@ def test_the_monitor_is_bounded_by_default():
     _, every = _train({"every": 1})
     assert every.history()["step"].tolist() == list(range(13))
     assert not isinstance(every.schedule, tc.OverheadBudget)
+
+
+@pytest.mark.parametrize("slower_after_record, gap", [(0.0, 2), (0.4, 10)])
+def test_the_budget_charges_what_a_record_costs_the_next_step(slower_after_record, gap):
+    """A record's hooks take 0.1 s and a step 1 s (budget 5 %: a record every 2 steps); when
+    the step after a record is also 0.4 s slower (caches refilled), that counts as the record's
+    cost and records come about 10 steps apart."""
+    t = [0.0]
+    budget = tc.OverheadBudget(0.05, clock=lambda: t[0])
+    recorded: list[int] = []
+    for step in range(1, 120):
+        t[0] += 1.0 + (slower_after_record if recorded and recorded[-1] == step - 1 else 0.0)
+        budget.step_ended(step)
+        if budget.due(step):
+            recorded.append(step)
+            with budget.timing():
+                t[0] += 0.1
+    gaps = np.diff(recorded[-5:])
+    assert set(gaps.tolist()) == {gap}

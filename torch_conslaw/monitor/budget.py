@@ -8,9 +8,11 @@ monitor's time under ``fraction`` of the plain step time::
     k = ceil(cost of one record / (fraction × plain step time)),   1 ≤ k ≤ max_every
 
 where the cost of one record is the monitor's time over the last recording cycle (all hooks
-between two records) and the plain step time is the step time without it. Both are medians
-over the last few cycles, so one slow step (a garbage collection, a checkpoint) does not
-change the schedule. The first two steps are always recorded (they measure). Every recorded
+between two records) plus what the record costs the training step after it (its caches were
+refilled with θ and the law tables: the step after a record takes longer than the other steps
+of the cycle; the excess over their median is charged to the record), and the plain step time
+is the step time without the monitor's hooks. Both are medians over the last few cycles, so
+one slow step (a garbage collection, a checkpoint) does not change the schedule. The first two steps are always recorded (they measure). Every recorded
 step keeps the exact split: θ before a recorded step is known to be needed before the step.
 
 The clock is injectable, so the schedule is deterministic in tests.
@@ -70,6 +72,7 @@ class OverheadBudget:
         self._cycle_monitor = 0.0  # monitor time over the current recording cycle
         self._cycle_plain = 0.0  # plain training time over the current recording cycle
         self._cycle_steps = 0
+        self._cycle_plains: list[float] = []  # plain time of each step of the current cycle
         self._costs: deque[float] = deque(maxlen=_WINDOW)
         self._plain: deque[float] = deque(maxlen=_WINDOW)
 
@@ -89,17 +92,20 @@ class OverheadBudget:
         now = self.clock()
         if self._last_end is not None:
             total = now - self._last_end
+            plain = max(total - self._spent, 0.0)
             self._cycle_monitor += self._spent
-            self._cycle_plain += max(total - self._spent, 0.0)
+            self._cycle_plain += plain
+            self._cycle_plains.append(plain)
             self._cycle_steps += 1
         self._last_end, self._spent = now, 0.0
         if step < self._next:
             return
         if self._cycle_steps:
-            self._costs.append(self._cycle_monitor)
+            self._costs.append(self._cycle_monitor + _after_record_excess(self._cycle_plains))
             self._plain.append(self._cycle_plain / self._cycle_steps)
         self._cycle_monitor = self._cycle_plain = 0.0
         self._cycle_steps = 0
+        self._cycle_plains = []
         self._current = step
         if len(self._costs) < 1:
             self.interval = 1  # the first two steps are recorded: they measure
@@ -117,3 +123,11 @@ class OverheadBudget:
 
     def __repr__(self) -> str:
         return f"OverheadBudget({self.fraction:g}, interval={self.interval})"
+
+
+def _after_record_excess(plains: list[float]) -> float:
+    """How much longer the first step after a record took than the median of the cycle's
+    other steps (0 when there are none to compare with: every step is recorded)."""
+    if len(plains) < 2:
+        return 0.0
+    return max(plains[0] - statistics.median(plains[1:]), 0.0)
