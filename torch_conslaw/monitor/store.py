@@ -34,7 +34,6 @@ from torch import Tensor
 __all__ = ["Record", "RecordStore", "DriftStatistics", "LawLayout"]
 
 MAXIMA = ("max_abs_drift", "max_rel_drift", "max_rel_first_order", "max_rel_second_order")
-PARTS = ("values", "first_order", "second_order")
 
 
 class LawLayout:
@@ -100,23 +99,20 @@ class Record:
         self._extra: tuple | None = None  # identity groups' entries (values, first, second, rel)
 
     @classmethod
-    def of_table(cls, step: int, table: Tensor, split: bool, source: tuple, extra: tuple | None = None) -> "Record":
-        """A record of ``table`` (``[3, laws]`` with the split, else ``[1, laws]``) laid out by
-        ``source[0]``; ``extra``: more groups' ``(values, first, second, rel_drift)`` dicts."""
+    def of_table(cls, step: int, table: Tensor, source: tuple, extra: tuple | None = None) -> "Record":
+        """A record of ``table`` (``[3, laws]`` with the split, ``[1, laws]`` without) laid
+        out by ``source[0]``; ``extra``: more groups' ``(values, first, second, rel_drift)``."""
         record = cls.__new__(cls)
         record.step, record._table, record._source, record._extra = step, table, source, extra
-        record._parts = None if split else [None, None, None]
-        record._rel = None
+        record._parts, record._rel = None, None
         return record
 
     def _part(self, i: int) -> dict[str, Tensor] | None:
-        if self._parts is None or (self._parts[i] is None and i == 0):
-            layout = self._source[0]  # type: ignore[index]
-            table = self._table
-            assert table is not None
-            parts: list[dict[str, Tensor] | None] = [layout.split(row) for row in table]
-            if self._parts is not None:  # values only
-                parts += [None, None]
+        """Part ``i`` (values, first order, second order) per group, formed on first read."""
+        if self._parts is None:
+            assert self._table is not None and self._source is not None
+            parts: list[dict[str, Tensor] | None] = [self._source[0].split(row) for row in self._table]
+            parts += [None] * (3 - len(parts))  # values only: no split
             if self._extra is not None:
                 for part, more in zip(parts, self._extra):
                     if part is not None and more is not None:
@@ -276,7 +272,7 @@ class DriftStatistics:
             torch.maximum(self.running[:rows], scratch, out=self.running[:rows])
         if self.split and table.shape[0] == 1:  # no snapshot to split against (post_step alone)
             table = torch.cat([table, torch.full((2, table.shape[1]), math.nan, dtype=table.dtype)])
-        return Record.of_table(step, table, self.split, self.source(), extra)
+        return Record.of_table(step, table, self.source(), extra)
 
     def _mark_invalid(self, step: int, table: Tensor) -> None:
         """Mark the laws that are non-finite in any row of ``table`` invalid, with a warning."""
