@@ -533,11 +533,13 @@ class Accountant:
     def prepare(self, params: Mapping[str, Tensor], split: bool) -> None:
         """Build the plan and, for the compiled evaluation, compile the kernels a record needs
         now (values, and the split when ``split``) instead of at the first record: seconds,
-        outside the training step."""
+        outside the training step. Nothing to do for the eager evaluation."""
+        if self._plan([params[n] for n in self.names], params) is None or self.evaluation != "compiled":
+            return
         self.values_table(params)
-        if self.evaluation == "compiled" and self._fast is not None:
-            if split:
-                self.split_table(params, params)
+        if split and self.evaluation == "compiled":  # still compiled: the values kernel built
+            self.split_table(params, params)
+        if self._fast is not None:
             self._fast.release()  # the eager path's buffers (rebuilt if it ever runs again)
 
     def values_table(self, params: Mapping[str, Tensor]) -> Tensor:
@@ -561,7 +563,7 @@ class Accountant:
                 fused = self._fused(fast, "values", params)
                 pieces.append(fused if fused is not None else fast.values(params))
             for g in self.groups if fast is None else fast.generic:
-                p64 = {n: params[n].detach().to(F64) for n in g.parameter_names}
+                p64 = as_float64(params, g.parameter_names)
                 pieces.append(g.values(p64).reshape(1, -1))
                 del p64
             return self._in_order(fast, pieces, 1)

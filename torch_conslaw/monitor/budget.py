@@ -70,9 +70,7 @@ class OverheadBudget:
         self._last_end: float | None = None  # clock at the previous step_ended
         self._spent = 0.0  # monitor time since the last step_ended
         self._cycle_monitor = 0.0  # monitor time over the current recording cycle
-        self._cycle_plain = 0.0  # plain training time over the current recording cycle
-        self._cycle_steps = 0
-        self._cycle_plains: list[float] = []  # plain time of each step of the current cycle
+        self._cycle_plains: list[float] = []  # plain training time of each step of the cycle
         self._costs: deque[float] = deque(maxlen=_WINDOW)
         self._plain: deque[float] = deque(maxlen=_WINDOW)
 
@@ -94,17 +92,14 @@ class OverheadBudget:
             total = now - self._last_end
             plain = max(total - self._spent, 0.0)
             self._cycle_monitor += self._spent
-            self._cycle_plain += plain
             self._cycle_plains.append(plain)
-            self._cycle_steps += 1
         self._last_end, self._spent = now, 0.0
         if step < self._next:
             return
-        if self._cycle_steps:
+        if self._cycle_plains:
             self._costs.append(self._cycle_monitor + _after_record_excess(self._cycle_plains))
-            self._plain.append(self._cycle_plain / self._cycle_steps)
-        self._cycle_monitor = self._cycle_plain = 0.0
-        self._cycle_steps = 0
+            self._plain.append(sum(self._cycle_plains) / len(self._cycle_plains))
+        self._cycle_monitor = 0.0
         self._cycle_plains = []
         self._current = step
         if len(self._costs) < 1:

@@ -178,15 +178,9 @@ class ShardedLaws:
         return flat.view(1, -1)
 
     def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
-        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ) of every law, groups in order."""
-        values, first, second = self.split(before, after)
-        return torch.stack([torch.cat([part[g.name] for g in self.groups]) for part in (values, first, second)])
-
-    def split(
-        self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """h(after), 2B(before, Δ) and B(Δ, Δ) of every group; ``before`` holds local float64
-        snapshots (:meth:`local` shapes), ``after`` the live parameters. One all-reduce."""
+        """``[3, laws]``: h(after), 2B(before, Δ) and B(Δ, Δ) of every law, groups in order;
+        ``before`` holds local float64 snapshots (:meth:`local` shapes), ``after`` the live
+        parameters. One all-reduce."""
         with torch.no_grad():
             a64 = self._load("after", _locals(after, self.names))
             b64 = {n: before[n] for n in self.names}
@@ -199,12 +193,17 @@ class ShardedLaws:
                     self._bilinear(g, plan, delta, delta),
                 ]
             flat = self._reduce(parts)
-        k = len(self.groups)
-        chunks = flat.split([c for c in self._counts for _ in range(3)])
+        chunks = flat.split([c for c in self._counts for _ in range(3)])  # per group: h, first, second
+        if not chunks:
+            return flat.new_zeros(3, 0)
+        return torch.stack([torch.cat(chunks[i::3]) for i in range(3)])
+
+    def split(
+        self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """h(after), 2B(before, Δ) and B(Δ, Δ) of every group (views into :meth:`split_table`)."""
         names = [g.name for g in self.groups]
-        values = {names[i]: chunks[3 * i] for i in range(k)}
-        first = {names[i]: chunks[3 * i + 1] for i in range(k)}
-        second = {names[i]: chunks[3 * i + 2] for i in range(k)}
+        values, first, second = (dict(zip(names, row.split(self._counts))) for row in self.split_table(before, after))
         return values, first, second
 
     # ------------------------------------------------------------------ internals
