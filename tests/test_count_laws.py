@@ -4,6 +4,7 @@ second and third derivatives, SVD ranks), and bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -453,10 +454,57 @@ def test_kronecker_preconditioned_count_is_the_same_with_fewer_cg_iterations():
     net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 6, 3))
     x = gaussian(3, 2, 5, 5)
     runs = {
-        pc: tc.count_laws(net, x, theta="random", input_sizes=[3], method="complement", preconditioner=pc)
+        pc: tc.count_laws(
+            net, x, theta="random", input_sizes=[3], method="complement", preconditioner=pc, eliminate_output_layer=False
+        )
         for pc in ("kronecker", "jacobi")
     }
     assert runs["kronecker"].n_laws == runs["jacobi"].n_laws == 3  # one law per hidden channel
     assert sum(runs["kronecker"].null_space.cg_iterations) < sum(runs["jacobi"].null_space.cg_iterations)
     with pytest.raises(ValueError, match="preconditioner"):
         tc.count_laws(net, x, preconditioner="ilu")
+
+
+@pytest.mark.parametrize(
+    "net,x",
+    [
+        # a segmentation-style CNN: most parameters in the output conv
+        (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 16, 3, padding=1, bias=False)), gaussian(4, 2, 5, 5)),
+        # fewer inputs than output-layer columns: the output weight's input patches have a null space
+        (nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 30)), gaussian(5, 5)),
+    ],
+)
+def test_eliminating_the_output_layer_gives_the_cg_and_dense_counts(net, x):
+    kwargs = dict(theta="random", input_sizes=[x.shape[0]])
+    schur = tc.count_laws(net, x, method="complement", **kwargs)
+    cg = tc.count_laws(net, x, method="complement", eliminate_output_layer=False, **kwargs)
+    dense = tc.count_laws(net, x, method="dense", **kwargs)
+    assert schur.null_space.eliminated == f"{len(net) - 1}.weight" and schur.null_space.cg_iterations == []
+    assert cg.null_space.eliminated is None and cg.null_space.cg_iterations
+    assert schur.levels == cg.levels == dense.levels and schur.n_laws == dense.n_laws
+    assert all(d.clear for ds in schur.decisions for d in ds)
+    # the laws' gradients are orthogonal to the explicit Jacobian (jacrev, outside the count)
+    work = copy.deepcopy(net).double()
+
+    def outputs(flat: torch.Tensor) -> torch.Tensor:
+        p = {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in schur.parameters}
+        return torch.func.functional_call(work, p, (x.double(),)).reshape(-1)
+
+    jac = jacrev(outputs)(schur.theta)
+    assert (jac @ schur.law_basis).abs().max() <= 1e-10 * jac.abs().max()
+
+
+def test_the_schur_count_of_a_segmentation_cnn_is_one_law_per_hidden_channel():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 64, 3, padding=1, bias=False)
+    )
+    res = tc.count_laws(net, gaussian(12, 3, 6, 6), theta="random", input_sizes=[6, 12])
+    assert res.method == "complement" and res.null_space.eliminated == "4.weight"
+    assert res.n_laws == 8 and res.stable and not res.constant_units
+
+
+def test_no_output_layer_is_eliminated_after_a_nonlinearity():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 6), nn.Tanh())
+    res = tc.count_laws(net, gaussian(32, 3), theta="random", input_sizes=[32], method="complement")
+    assert res.null_space.eliminated is None
+    assert res.n_laws == tc.count_laws(net, gaussian(32, 3), theta="random", input_sizes=[32], method="dense").n_laws

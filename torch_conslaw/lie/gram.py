@@ -10,8 +10,10 @@ with few laws, even when D is large. It is found without forming G:
    preconditioned CG: the same solutions, fewer iterations.
 2. For random R, solve Ĝ Y = Ĝ R by batched conjugate gradients (consistent, singular):
    R − Y lies in null Ĝ, and S (R − Y) in null G.
-3. Draw batches until one adds fewer directions than its size; the rank of all the null
-   vectors of Ĝ found (relative singular values, with the gap kept) is dim null G. The rank
+3. Draw batches until one adds fewer directions than its size (after a full batch, the
+   next has half as many rows as found so far, at least 8: each row costs a whole CG solve);
+   the rank of all the null vectors of Ĝ found (relative singular values, with the gap
+   kept) is dim null G. The rank
    is decided on null Ĝ, before the scaling: S can span many decades (a parameter with tiny
    gradients), and its image would crush the other null directions below the threshold.
 
@@ -27,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,16 +40,38 @@ from .generators import GeneratorFamily
 from .numerics import DEFAULT_RTOL, RankDecision, decide_rank
 from ..progress import ProgressBar
 
-__all__ = ["gram_null_space", "NullSpaceInfo", "batched_cg"]
+__all__ = ["gram_null_space", "schur_null_space", "NullSpaceInfo", "ExactBlock", "batched_cg"]
 
 
 @dataclass
 class NullSpaceInfo:
-    """How the null space was found: CG iterations per batch and the worst final residual."""
+    """How the null space was found: CG iterations per batch and the worst final residual, or
+    (``eliminated`` set) the parameter block eliminated exactly and the size of the dense Schur
+    complement left (:func:`schur_null_space`: no CG)."""
 
     batches: list[int]
     cg_iterations: list[int]
     worst_relative_residual: float
+    eliminated: str | None = None
+    schur_size: int = 0
+
+
+@dataclass(frozen=True)
+class ExactBlock:
+    """A parameter block on which the Gram operator is exactly ``I_out ⊗ PᵀP`` (checked):
+    ``θ[offset : offset + out · K]`` viewed row-major as a matrix W (out × K), P the
+    ``rows × K`` matrix of its layer's input patches. This holds for a ``Linear`` or
+    ``Conv2d`` layer whose outputs are the model's outputs: output o at position p is
+    ⟨W_o, a_p⟩, so ∂f/∂W is a on row o and 0 elsewhere."""
+
+    name: str
+    offset: int
+    out: int
+    patches: Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.out * self.patches.shape[1]
 
 
 def batched_cg(
@@ -115,6 +140,10 @@ def gram_null_space(
     Raises ValueError when the complement exceeds ``max_dim`` (the matrix-free method is
     meant for factorizations with a small complement, e.g. ReLU networks).
     """
+    exact_block = getattr(family, "gram_exact_block", None)
+    block = exact_block(theta) if exact_block is not None else None
+    if block is not None:
+        return schur_null_space(family, theta, block, rtol=rtol, max_dim=max_dim, progress=progress)
     D = family.D
     gen = torch.Generator().manual_seed(seed + 7919)
     diag = family.gram_diagonal(theta)
@@ -151,4 +180,110 @@ def gram_null_space(
                 f"max_dim={max_dim}: the matrix-free method is meant for small complements (e.g. ReLU "
                 "networks); use method='dense' for this size or raise max_dim"
             )
-        batch = min(2 * batch, max_dim - found.shape[0])
+        # the next batch only has to show whether directions remain: half of those found
+        # (≥ 8) keeps the total at ≤ 1.5 × dim null G + 8 rows (doubling costs up to 3 ×)
+        batch = min(max(8, found.shape[0] // 2), max_dim - found.shape[0])
+
+
+CANDIDATE_SIGMA = 1e-4
+"""Schur eigenvalues whose square root (relative) is below this are rechecked unsquared."""
+
+
+def schur_null_space(
+    family: GeneratorFamily,
+    theta: Tensor,
+    block: ExactBlock,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    max_dim: int = 4096,
+    progress: ProgressBar | None = None,
+) -> tuple[Tensor, RankDecision, NullSpaceInfo]:
+    """null G = W_1(θ)^⊥ by eliminating an exact block H (G_HH = I ⊗ PᵀP) and solving the rest densely.
+
+    With B the other coordinates (n_B of them), G v = 0 iff v_H = −G_HH⁺ G_HB v_B (plus the
+    null space of G_HH: null P on every row of W) and S v_B = 0, where
+    S = G_BB − G_BH G_HH⁺ G_HB = J_Bᵀ (I − P_H) J_B is n_B × n_B. It costs n_B Gram products
+    (the columns G e_j, j in B) and one symmetric eigendecomposition, instead of a CG solve of
+    hundreds of iterations per null vector: the way to count a model whose parameters sit
+    mostly in its output layer. The family must offer ``jacobian_matvec(θ)`` (v ↦ J v).
+
+    The rank is decided on relative singular values (SCIENCE.md §9): for S, σ_i =
+    sqrt(λ_i / λ_max), λ eigenvalues of the Jacobi-scaled S and λ_max of the scaled G_BB; S
+    squares the rounding noise (~1e-8 after the square root), so every σ_i below
+    :data:`CANDIDATE_SIGMA` is recomputed unsquared as ‖J v_i‖ / sqrt(λ_max) from its full
+    null-vector candidate v_i (one jvp each). For P, its singular values relative to the largest.
+    """
+    D = family.D
+    h0, h1 = block.offset, block.offset + block.numel
+    out, K = block.out, block.patches.shape[1]
+    body = torch.cat([torch.arange(h0), torch.arange(h1, D)])
+    n_body = body.numel()
+    matvec = family.gram_matvec(theta)
+    step = int(getattr(family, "matvec_chunk", 64))
+    columns = theta.new_empty(n_body, D)  # row j: G e_j, j in B
+    for start in range(0, n_body, step):
+        idx = body[start : start + step]
+        unit = theta.new_zeros(idx.numel(), D)
+        unit[torch.arange(idx.numel()), idx] = 1.0
+        columns[start : start + idx.numel()] = matvec(unit)
+        if progress is not None:
+            progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} Gram columns")
+    g_bb = columns[:, body]
+    g_bh = columns[:, h0:h1].reshape(n_body, out, K)  # G_BH, W's layout per row
+    del columns
+    patches = block.patches
+    if patches.shape[0] < K:  # fewer patches than columns: pad, so that vh spans all of R^K
+        patches = torch.cat([patches, patches.new_zeros(K - patches.shape[0], K)])
+    _, sv_p, vh_p = torch.linalg.svd(patches, full_matrices=False)
+    patch_sigma = sv_p / sv_p[0].clamp_min(1e-300)
+    patch = decide_rank(patch_sigma, rtol, K)
+    w = vh_p[: patch.rank].T / sv_p[: patch.rank]  # G_HH⁺ = I_out ⊗ w wᵀ
+    t = (g_bh @ w).reshape(n_body, -1)
+    schur = g_bb - t @ t.T
+    del t
+    d = torch.diagonal(g_bb).clone()
+    scale = torch.where(d > 0, d.clamp_min(1e-300).rsqrt(), torch.ones_like(d))
+    scaled = scale[:, None] * schur * scale[None, :]
+    lam_max = float(torch.linalg.eigvalsh(scale[:, None] * g_bb * scale[None, :])[-1]) if n_body else 1.0
+    lam, vecs = torch.linalg.eigh((scaled + scaled.T) / 2)
+    sigma = (lam.clamp_min(0.0) / max(lam_max, 1e-300)).sqrt()
+    candidates = (sigma < CANDIDATE_SIGMA).nonzero().flatten()
+    v_body = scale[:, None] * vecs[:, candidates]  # n_B × c
+    v_head = -torch.einsum("jok,jc->cok", g_bh, v_body) @ (w @ w.T)
+    full = theta.new_zeros(candidates.numel(), D)
+    full[:, body] = v_body.T
+    full[:, h0:h1] = v_head.reshape(candidates.numel(), -1)
+    if candidates.numel():
+        push = family.jacobian_matvec(theta)
+        residual = torch.cat([push(chunk).norm(dim=1) for chunk in full.split(step)])
+        sigma[candidates] = residual / math.sqrt(max(lam_max, 1e-300))
+    schur_decision = decide_rank(sigma, rtol, n_body)
+    null_body = full[sigma[candidates] <= rtol]
+    per_row = K - patch.rank  # W rows along null P leave every output unchanged
+    n_null = null_body.shape[0] + out * per_row
+    if n_null > max_dim:
+        raise ValueError(
+            f"the complement of W_1(θ) has {n_null} dimensions (D={D}), beyond max_dim={max_dim}: "
+            "the matrix-free method is meant for small complements (e.g. ReLU networks); use "
+            "method='dense' for this size or raise max_dim"
+        )
+    null_head = theta.new_zeros(out * per_row, D)
+    if per_row:
+        rows = torch.arange(out)
+        head = theta.new_zeros(out, per_row, out, K)
+        head[rows, :, rows, :] = vh_p[patch.rank :]
+        null_head[:, h0:h1] = head.reshape(out * per_row, out * K)
+    null = torch.cat([null_body, null_head])
+    basis, _ = torch.linalg.qr(null.T) if null.shape[0] else (theta.new_zeros(D, 0), None)
+    rejected = [x for x in (schur_decision.largest_rejected, patch.largest_rejected) if not math.isnan(x)]
+    accepted = [x for x in (schur_decision.smallest_accepted, patch.smallest_accepted) if not math.isnan(x)]
+    decision = RankDecision(
+        rank=D - null.shape[0],
+        candidates=D,
+        largest_rejected=max(rejected) if rejected else math.nan,
+        smallest_accepted=min(accepted) if accepted else math.nan,
+        rtol=rtol,
+    )
+    if progress is not None:
+        progress.update(0, note=f"complement of W_1: {null.shape[0]} directions (Schur, {n_body} × {n_body})")
+    return basis, decision, NullSpaceInfo([], [], 0.0, eliminated=block.name, schur_size=n_body)

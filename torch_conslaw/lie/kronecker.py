@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["KroneckerBlock", "kronecker_blocks", "kronecker_preconditioner"]
+__all__ = ["KroneckerBlock", "kronecker_blocks", "kronecker_preconditioner", "layer_calls", "input_patches"]
 
 DAMPING = 1e-3
 
@@ -79,6 +79,44 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
+def layer_calls(
+    module: nn.Module, forward: Callable[[], Tensor], weights: Iterable[str]
+) -> tuple[Tensor, dict[str, tuple[nn.Module, Tensor, Tensor]]]:
+    """Run ``forward()`` once with hooks on every ``Linear`` / ``Conv2d`` (groups = 1) whose
+    weight is named in ``weights``; returns its flat outputs and, per layer called exactly once
+    (shared weights are left out), ``(layer, its input, its output)``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+        >>> flat, calls = layer_calls(net, lambda: net(torch.ones(5, 3, dtype=torch.float64)).reshape(-1), ["2.weight"])
+        >>> sorted(calls), tuple(calls["2"][1].shape)
+        (['2'], (5, 4))
+    """
+    names = {id(m): n for n, m in module.named_modules()}
+    wanted = {n[: -len(".weight")] if n.endswith(".weight") else None for n in weights}
+    seen: dict[str, list[tuple[nn.Module, Tensor, Any]]] = {}
+
+    def record(mod: nn.Module, inputs: tuple, output: Any) -> None:
+        seen.setdefault(names[id(mod)], []).append((mod, inputs[0].detach(), output))
+
+    hooks = [m.register_forward_hook(record) for n, m in module.named_modules() if n in wanted and _eligible(m)]
+    try:
+        with torch.enable_grad():
+            flat = forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = {n: calls[0] for n, calls in seen.items() if len(calls) == 1 and isinstance(calls[0][2], Tensor)}
+    return flat, layers
+
+
+def input_patches(layer: nn.Module, x: Tensor) -> Tensor:
+    """The rows a of a ``Linear`` / ``Conv2d`` input ``x`` (one per sample and output position,
+    K = in · kh · kw entries in the weight's column order): the layer computes W aᵀ per row."""
+    return _patches(layer, x)
+
+
 def kronecker_blocks(
     module: nn.Module,
     forward: Callable[[], Tensor],
@@ -90,29 +128,11 @@ def kronecker_blocks(
     """K-FAC factors of every ``Linear`` / ``Conv2d`` (groups = 1) weight named in ``weights``.
 
     ``forward()`` runs ``module`` once and returns all its outputs, flat, differentiable (the
-    count passes its own forward at θ); hooks record each layer's inputs and outputs on the way,
-    and ``samples`` backward passes with random cotangents estimate B. A layer called more than
-    once (shared weights) is left to the Jacobi scaling.
+    count passes its own forward at θ); hooks record each layer's inputs and outputs on the way
+    (:func:`layer_calls`), and ``samples`` backward passes with random cotangents estimate B. A
+    layer called more than once (shared weights) is left to the Jacobi scaling.
     """
-    names = {id(m): n for n, m in module.named_modules()}
-    wanted = {n[: -len(".weight")] if n.endswith(".weight") else None for n in weights}
-    seen: dict[str, list[tuple[nn.Module, Tensor, Tensor]]] = {}
-
-    def record(mod: nn.Module, inputs: tuple, output: Any) -> None:
-        seen.setdefault(names[id(mod)], []).append((mod, inputs[0].detach(), output))
-
-    hooks = [
-        m.register_forward_hook(record)
-        for n, m in module.named_modules()
-        if n in wanted and _eligible(m)
-    ]
-    try:
-        with torch.enable_grad():
-            flat = forward()
-    finally:
-        for h in hooks:
-            h.remove()
-    layers = {n: calls[0] for n, calls in seen.items() if len(calls) == 1 and isinstance(calls[0][2], Tensor)}
+    flat, layers = layer_calls(module, forward, weights)
     if not layers:
         return []
     order = sorted(layers)

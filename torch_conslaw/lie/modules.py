@@ -33,7 +33,8 @@ from .elementary import EPS_ATTRIBUTES, ActivationRecorder, ConstantUnits, Eleme
 from .engine import LieResult, RankGapWarning, lie_trace
 from .flows import flow_point, with_flow
 from .generators import DTYPE
-from .kronecker import kronecker_blocks, kronecker_preconditioner
+from .gram import ExactBlock
+from .kronecker import input_patches, kronecker_blocks, kronecker_preconditioner, layer_calls
 from .numerics import DEFAULT_RTOL
 
 __all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError"]
@@ -216,9 +217,12 @@ class ModuleGenerators:
         deadline: float | None = None,
         budget_note: str = "",
         preconditioner: str = "kronecker",
+        eliminate_output_layer: bool = True,
     ):
         self.module = module
         self.preconditioner = preconditioner
+        self.eliminate_output_layer = eliminate_output_layer
+        self.work_bytes = work_bytes
         self.slots = list(slots)
         self.batch = batch
         self.D = sum(s.numel for s in slots)
@@ -264,6 +268,47 @@ class ModuleGenerators:
             return torch.cat([pull(push(chunk)) for chunk in v.split(self.matvec_chunk)])
 
         return apply
+
+    def jacobian_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """Rows v ↦ J v (all outputs of the batch), one jvp per row, in chunks."""
+        push = vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+        return lambda v: torch.cat([push(chunk) for chunk in v.split(self.matvec_chunk)])
+
+    def gram_exact_block(self, theta: Tensor) -> ExactBlock | None:
+        """The largest ``Linear``/``Conv2d`` weight on which G = JᵀJ is exactly I ⊗ PᵀP (an output
+        layer, :class:`~torch_conslaw.lie.gram.ExactBlock`), checked on two random vectors to
+        1e-10, when the dense Schur complement on the other parameters fits the work memory;
+        else None (no such layer, ``eliminate_output_layer=False``, or too many other parameters)."""
+        if not self.eliminate_output_layer:
+            return None
+        slot_of = {s.name: s for s in self.slots}
+        _, layers = layer_calls(self.module, lambda: self.outputs(theta), list(slot_of))
+        candidates = sorted(
+            (
+                (slot_of[weight], layer, x)
+                for name, (layer, x, _) in layers.items()
+                if (weight := f"{name}.weight" if name else "weight") in slot_of
+            ),
+            key=lambda c: -c[0].numel,
+        )
+        matvec = self.gram_matvec(theta)
+        gen = torch.Generator().manual_seed(4244)
+        for slot, layer, x in candidates[:2]:
+            others = self.D - slot.numel
+            if others == 0 or 2 * 8.0 * others * self.D > self.work_bytes:
+                continue
+            patches = input_patches(layer, x)
+            out = slot.shape[0]
+            if patches.shape[1] * out != slot.numel:
+                continue
+            probe = torch.zeros(2, self.D, dtype=DTYPE)
+            part = torch.randn(2, out, patches.shape[1], dtype=DTYPE, generator=gen)
+            probe[:, slot.offset : slot.offset + slot.numel] = part.reshape(2, -1)
+            got = matvec(probe)[:, slot.offset : slot.offset + slot.numel]
+            expected = (part @ (patches.T @ patches)).reshape(2, -1)
+            if bool(((got - expected).norm(dim=1) <= 1e-10 * expected.norm(dim=1)).all()):
+                return ExactBlock(slot.name, slot.offset, out, patches)
+        return None
 
     def gram_preconditioner(self, theta: Tensor, diag: Tensor, scale: Tensor) -> Callable[[Tensor], Tensor] | None:
         """Kronecker-factored blocks for every Linear/Conv2d weight (:mod:`~torch_conslaw.lie.kronecker`),
@@ -445,6 +490,7 @@ def count_laws(
     tau: Any = None,
     potential: Any = None,
     preconditioner: str = "kronecker",
+    eliminate_output_layer: bool = True,
 ) -> ModuleLieResult:
     """Number of independent conservation laws of ``model`` for every loss on ``inputs``.
 
@@ -493,6 +539,13 @@ def count_laws(
             blocks per Linear/Conv2d weight, :mod:`~torch_conslaw.lie.kronecker`) or "jacobi"
             (the diagonal scaling only). Both give the same null space; only the number of CG
             iterations (``null_space.cg_iterations``) differs.
+        eliminate_output_layer: for ``method="complement"``, when an output layer (a
+            ``Linear``/``Conv2d`` whose outputs are the model's) holds most parameters, find the
+            complement of W_1(θ) without CG: its Gram block is exactly I ⊗ PᵀP (P its input
+            patches; checked), so it is eliminated and the Schur complement on the other
+            parameters is solved densely (:func:`~torch_conslaw.lie.gram.schur_null_space`;
+            ``null_space.eliminated`` names the layer). Used when that dense part fits the work
+            memory; False always uses CG.
 
     Returns:
         a :class:`ModuleLieResult` (a LieResult; see its attributes).
@@ -556,6 +609,7 @@ def count_laws(
             deadline=deadline,
             budget_note=budget_note,
             preconditioner=preconditioner,
+            eliminate_output_layer=eliminate_output_layer,
         )
         flowing = with_flow(family, flow, tau=tau, potential=potential)
         if flowing is family:
