@@ -110,6 +110,8 @@ def bench(name: str, model: nn.Module, n_inputs: int, size: int, seed: int = 0, 
         "evidence": res.evidence,
         "cg_iterations": None if res.null_space is None else res.null_space.cg_iterations,
         "cg_worst_relative_residual": None if res.null_space is None else res.null_space.worst_relative_residual,
+        "eliminated": None if res.null_space is None else res.null_space.eliminated,
+        "schur_size": None if res.null_space is None else res.null_space.schur_size,
         "warnings": [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)],
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(peak_rss_gb(), 2),
@@ -152,20 +154,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     scale = dict(channels=4, classes=64, head_kernel=3, n_inputs=6, size=6) if args.quick else dict(
-        channels=8, classes=512, head_kernel=5, n_inputs=12, size=8
+        channels=8, classes=512, head_kernel=5, n_inputs=48, size=8
     )
     n, size = scale.pop("n_inputs"), scale.pop("size")
-    # one input size (the growth evidence doubles the cost); BatchNorm counted at eps = 1 (the exact
-    # count is the same for every eps > 0, and eps = 1e-5 blurs the gaps) and at eps = 0
+    # two input sizes (n/2, n: the evidence that n is enough); BatchNorm counted at eps = 1 (the
+    # exact count is the same for every eps > 0, and eps = 1e-5 blurs the gaps), not at eps = 0
     rows = []
     if args.only in (None, "cnn"):
-        rows.append(bench("ReLU CNN", ReluCNN(**scale), n, size, input_sizes=[n]))
+        rows.append(bench("ReLU CNN", ReluCNN(**scale), n, size, input_sizes=[n // 2, n]))
     if args.only in (None, "resnet"):
-        rows.append(bench("ResNet + BatchNorm", ResNetBN(**scale), n, size, input_sizes=[n], eps=1.0))
+        rows.append(bench("ResNet + BatchNorm", ResNetBN(**scale), n, size, input_sizes=[n // 2, n], eps=1.0, eps_zero=False))
     for row in rows:
         row["scale"] = "quick" if args.quick else "full"
     out = ROOT / "results" / "bench_count.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():  # keep the other model's row of an earlier run
+        kept = [r for r in json.loads(out.read_text()) if r["model"] not in {row["model"] for row in rows}]
+        rows = [r for r in kept if r.get("scale") == rows[0]["scale"]] + rows
     out.write_text(json.dumps(rows, indent=1))
     figure(rows, ROOT / "figures" / "bench_count.png")
     print(f"wrote {out} and figures/bench_count.png")

@@ -242,6 +242,7 @@ def schur_null_space(
     schur = g_bb - t @ t.T
     del t
     d = torch.diagonal(g_bb).clone()
+    d[d < 1e-20 * float(d.max())] = 0.0  # rounding noise of an exactly zero gradient: not scaled up
     scale = torch.where(d > 0, d.clamp_min(1e-300).rsqrt(), torch.ones_like(d))
     scaled = scale[:, None] * schur * scale[None, :]
     lam_max = float(torch.linalg.eigvalsh(scale[:, None] * g_bb * scale[None, :])[-1]) if n_body else 1.0
