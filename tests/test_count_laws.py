@@ -433,6 +433,7 @@ def test_matrix_free_complement_agrees_with_the_dense_method_on_a_resnet_with_ba
         for method in ("dense", "complement")
     ]
     assert [(r.n_laws, r.n_laws_eps0) for r in counts] == [(10, 16), (10, 16)]
+    assert counts[1].null_space.eliminated == "head.weight"  # the Schur route, zero gradients and all
 
 
 # ---------------------------------------------------------------------------------------------
