@@ -13,8 +13,7 @@ with few laws, even when D is large. It is found without forming G:
 3. Draw batches until one adds fewer directions than its size (after a full batch, the
    next has half as many rows as found so far, at least 8: each row costs a whole CG solve);
    the rank of all the null vectors of Ĝ found (relative singular values, with the gap
-   kept) is dim null G. The rank
-   is decided on null Ĝ, before the scaling: S can span many decades (a parameter with tiny
+   kept) is dim null G. The rank is decided on null Ĝ, before the scaling: S can span many decades (a parameter with tiny
    gradients), and its image would crush the other null directions below the threshold.
 
 Example:
@@ -72,6 +71,11 @@ class ExactBlock:
     @property
     def numel(self) -> int:
         return self.out * self.patches.shape[1]
+
+
+def _jacobi_scale(diag: Tensor) -> Tensor:
+    """S = diag^(-1/2) where the diagonal is positive, 1 where it is zero (an exactly zero gradient)."""
+    return torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), torch.ones_like(diag))
 
 
 def batched_cg(
@@ -147,7 +151,7 @@ def gram_null_space(
     D = family.D
     gen = torch.Generator().manual_seed(seed + 7919)
     diag = family.gram_diagonal(theta)
-    scale = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), torch.ones_like(diag))
+    scale = _jacobi_scale(diag)
     matvec = family.gram_matvec(theta)
     op = lambda v: scale * matvec(scale * v)
     make_preconditioner = getattr(family, "gram_preconditioner", None)
@@ -243,7 +247,7 @@ def schur_null_space(
     del t
     d = torch.diagonal(g_bb).clone()
     d[d < 1e-20 * float(d.max())] = 0.0  # rounding noise of an exactly zero gradient: not scaled up
-    scale = torch.where(d > 0, d.clamp_min(1e-300).rsqrt(), torch.ones_like(d))
+    scale = _jacobi_scale(d)
     scaled = scale[:, None] * schur * scale[None, :]
     lam_max = float(torch.linalg.eigvalsh(scale[:, None] * g_bb * scale[None, :])[-1]) if n_body else 1.0
     lam, vecs = torch.linalg.eigh((scaled + scaled.T) / 2)

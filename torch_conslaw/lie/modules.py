@@ -261,7 +261,7 @@ class ModuleGenerators:
     def gram_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """v ↦ Jᵀ(J v), J = ∂_θ f(θ, batch): one jvp and one vjp per row of v, in chunks."""
         _, pullback = vjp(self.outputs, theta)
-        push = vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+        push = self._push(theta)
         pull = vmap(lambda u: pullback(u)[0])
 
         def apply(v: Tensor) -> Tensor:
@@ -269,9 +269,13 @@ class ModuleGenerators:
 
         return apply
 
+    def _push(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """Rows v ↦ J v, batched jvps (one chunk at a time)."""
+        return vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+
     def jacobian_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """Rows v ↦ J v (all outputs of the batch), one jvp per row, in chunks."""
-        push = vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+        push = self._push(theta)
         return lambda v: torch.cat([push(chunk) for chunk in v.split(self.matvec_chunk)])
 
     def gram_exact_block(self, theta: Tensor) -> ExactBlock | None:
