@@ -473,6 +473,10 @@ def test_kronecker_preconditioned_count_is_the_same_with_fewer_cg_iterations():
         (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 16, 3, padding=1, bias=False)), gaussian(4, 2, 5, 5)),
         # fewer inputs than output-layer columns: the output weight's input patches have a null space
         (nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 30)), gaussian(5, 5)),
+        # tokens: a Linear output layer on (batch, tokens, features)
+        (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 24)), gaussian(3, 4, 3)),
+        # a strided, dilated output convolution
+        (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 20, 2, stride=2, dilation=2, padding=1, bias=False)), gaussian(4, 2, 6, 6)),
     ],
 )
 def test_eliminating_the_output_layer_gives_the_cg_and_dense_counts(net, x):
@@ -480,8 +484,11 @@ def test_eliminating_the_output_layer_gives_the_cg_and_dense_counts(net, x):
     schur = tc.count_laws(net, x, method="complement", **kwargs)
     cg = tc.count_laws(net, x, method="complement", eliminate_output_layer=False, **kwargs)
     dense = tc.count_laws(net, x, method="dense", **kwargs)
-    assert schur.null_space.eliminated == f"{len(net) - 1}.weight" and schur.null_space.cg_iterations == []
+    last = len(net) - 1
+    assert schur.null_space.eliminated in (f"{last}.weight", f"{last}.weight, {last}.bias") and schur.null_space.cg_iterations == []
+    assert schur.null_space.schur_route == "factored"  # through the output layer's input, checked against G
     assert cg.null_space.eliminated is None and cg.null_space.cg_iterations
+    assert cg.null_space.not_eliminated == "eliminate_output_layer=False"
     assert schur.levels == cg.levels == dense.levels and schur.n_laws == dense.n_laws
     assert all(d.clear for ds in schur.decisions for d in ds)
     # the laws' gradients are orthogonal to the explicit Jacobian (jacrev, outside the count)
@@ -504,8 +511,41 @@ def test_the_schur_count_of_a_segmentation_cnn_is_one_law_per_hidden_channel():
     assert res.n_laws == 8 and res.stable and not res.constant_units
 
 
+class SegmentationWithSideOutput(nn.Module):
+    """A segmentation CNN that also returns its hidden features' mean: the output conv is still
+    an exact block, but the other parameters reach an output it does not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.head(h), h.mean((2, 3))
+
+
+def test_a_model_with_outputs_beside_its_output_layer_takes_the_gram_columns_route():
+    net, x = SegmentationWithSideOutput(), gaussian(4, 2, 5, 5)
+    kwargs = dict(theta="random", input_sizes=[4])
+    schur = tc.count_laws(net, x, method="complement", **kwargs)
+    dense = tc.count_laws(net, x, method="dense", **kwargs)
+    assert schur.null_space.eliminated == "head.weight"
+    assert schur.null_space.schur_route == "streamed"  # the factored route misses h.mean: its check fails
+    assert schur.levels == dense.levels and schur.n_laws == dense.n_laws
+
+
+def test_the_count_says_why_no_output_layer_was_eliminated():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 16, 3, padding=1, bias=False))
+    x = gaussian(4, 2, 5, 5)
+    small = tc.count_laws(net, x, theta="random", input_sizes=[4], method="complement", max_memory_gb=1e-4)
+    assert small.null_space.eliminated is None and "max_memory_gb" in small.null_space.not_eliminated
+    assert small.n_laws == 3
+
+
 def test_no_output_layer_is_eliminated_after_a_nonlinearity():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 6), nn.Tanh())
     res = tc.count_laws(net, gaussian(32, 3), theta="random", input_sizes=[32], method="complement")
     assert res.null_space.eliminated is None
+    assert "not an output layer" in res.null_space.not_eliminated
     assert res.n_laws == tc.count_laws(net, gaussian(32, 3), theta="random", input_sizes=[32], method="dense").n_laws

@@ -46,31 +46,43 @@ __all__ = ["gram_null_space", "schur_null_space", "NullSpaceInfo", "ExactBlock",
 class NullSpaceInfo:
     """How the null space was found: CG iterations per batch and the worst final residual, or
     (``eliminated`` set) the parameter block eliminated exactly and the size of the dense Schur
-    complement left (:func:`schur_null_space`: no CG)."""
+    complement left (:func:`schur_null_space`: no CG); ``not_eliminated`` says why no block was
+    eliminated on the CG route ("" when the family offers none); ``schur_route`` is "factored"
+    (through the block's input) or "streamed" (one Gram product per column)."""
 
     batches: list[int]
     cg_iterations: list[int]
     worst_relative_residual: float
     eliminated: str | None = None
     schur_size: int = 0
+    not_eliminated: str = ""
+    schur_route: str = ""
 
 
 @dataclass(frozen=True)
 class ExactBlock:
     """A parameter block on which the Gram operator is exactly ``I_out ⊗ PᵀP`` (checked):
-    ``θ[offset : offset + out · K]`` viewed row-major as a matrix W (out × K), P the
-    ``rows × K`` matrix of its layer's input patches. This holds for a ``Linear`` or
-    ``Conv2d`` layer whose outputs are the model's outputs: output o at position p is
-    ⟨W_o, a_p⟩, so ∂f/∂W is a on row o and 0 elsewhere."""
+    ``θ[index]`` viewed row-major as a matrix W (out × K), P the ``rows × K`` matrix of its
+    layer's input patches. This holds for a ``Linear`` or ``Conv2d`` layer whose outputs are the
+    model's outputs: output o at position p is ⟨W_o, a_p⟩, so ∂f/∂W is a on row o and 0
+    elsewhere. With a bias, W is [weight | bias] and every patch ends with a 1.
+
+    Optionally, the layer's input a(θ) as a map, for :func:`schur_null_space`'s factored route:
+    ``input_tangents`` takes rows v (c × D, zero on the block) to the tangents of a (c × |a|, one
+    jvp each), ``unfold`` takes such tangents to their patches (c × rows × K, the bias column 0)
+    and ``fold`` is its adjoint (c × rows × K → c × |a|)."""
 
     name: str
-    offset: int
+    index: Tensor
     out: int
     patches: Tensor
+    input_tangents: Callable[[Tensor], Tensor] | None = None
+    unfold: Callable[[Tensor], Tensor] | None = None
+    fold: Callable[[Tensor], Tensor] | None = None
 
     @property
     def numel(self) -> int:
-        return self.out * self.patches.shape[1]
+        return self.index.numel()
 
 
 def _jacobi_scale(diag: Tensor) -> Tensor:
@@ -145,9 +157,11 @@ def gram_null_space(
     meant for factorizations with a small complement, e.g. ReLU networks).
     """
     exact_block = getattr(family, "gram_exact_block", None)
-    block = exact_block(theta) if exact_block is not None else None
+    block, not_eliminated = exact_block(theta) if exact_block is not None else (None, "")
     if block is not None:
         return schur_null_space(family, theta, block, rtol=rtol, max_dim=max_dim, progress=progress)
+    if progress is not None and not_eliminated:
+        progress.update(0, note=f"no layer eliminated ({not_eliminated}): CG")
     D = family.D
     gen = torch.Generator().manual_seed(seed + 7919)
     diag = family.gram_diagonal(theta)
@@ -158,7 +172,7 @@ def gram_null_space(
     precondition = make_preconditioner(theta, diag, scale) if make_preconditioner is not None else None
 
     found = theta.new_zeros(0, D)
-    info = NullSpaceInfo([], [], 0.0)
+    info = NullSpaceInfo([], [], 0.0, not_eliminated=not_eliminated)
     batch = first_batch
     while True:
         vectors = []
@@ -218,46 +232,41 @@ def schur_null_space(
     null-vector candidate v_i (one jvp each). For P, its singular values relative to the largest.
     """
     D = family.D
-    h0, h1 = block.offset, block.offset + block.numel
+    head_index = block.index
     out, K = block.out, block.patches.shape[1]
-    body = torch.cat([torch.arange(h0), torch.arange(h1, D)])
+    in_body = torch.ones(D, dtype=torch.bool)
+    in_body[head_index] = False
+    body = in_body.nonzero().flatten()
     n_body = body.numel()
-    matvec = family.gram_matvec(theta)
-    step = int(getattr(family, "matvec_chunk", 64))
-    columns = theta.new_empty(n_body, D)  # row j: G e_j, j in B
-    for start in range(0, n_body, step):
-        idx = body[start : start + step]
-        unit = theta.new_zeros(idx.numel(), D)
-        unit[torch.arange(idx.numel()), idx] = 1.0
-        columns[start : start + idx.numel()] = matvec(unit)
-        if progress is not None:
-            progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} Gram columns")
-    g_bb = columns[:, body]
-    g_bh = columns[:, h0:h1].reshape(n_body, out, K)  # G_BH, W's layout per row
-    del columns
     patches = block.patches
     if patches.shape[0] < K:  # fewer patches than columns: pad, so that vh spans all of R^K
         patches = torch.cat([patches, patches.new_zeros(K - patches.shape[0], K)])
-    _, sv_p, vh_p = torch.linalg.svd(patches, full_matrices=False)
+    u_p, sv_p, vh_p = torch.linalg.svd(patches, full_matrices=False)
     patch_sigma = sv_p / sv_p[0].clamp_min(1e-300)
     patch = decide_rank(patch_sigma, rtol, K)
     w = vh_p[: patch.rank].T / sv_p[: patch.rank]  # G_HH⁺ = I_out ⊗ w wᵀ
-    t = (g_bh @ w).reshape(n_body, -1)
-    schur = g_bb - t @ t.T
-    del t
+    u = u_p[: block.patches.shape[0], : patch.rank]  # P w = u (orthonormal columns: range P)
+    step = int(getattr(family, "matvec_chunk", 64))
+    matvec = family.gram_matvec(theta)
+    routes = [_factored_schur] if block.input_tangents is not None else []
+    for route in [*routes, _streamed_schur]:
+        g_bb, schur, head_part = route(block, theta, body, w, u, matvec, step, progress)
+        if route is _streamed_schur or _agrees_with_gram(theta, body, head_index, w, g_bb, head_part, matvec):
+            break
     d = torch.diagonal(g_bb).clone()
     d[d < 1e-20 * float(d.max())] = 0.0  # rounding noise of an exactly zero gradient: not scaled up
     scale = _jacobi_scale(d)
     scaled = scale[:, None] * schur * scale[None, :]
+    del schur
     lam_max = float(torch.linalg.eigvalsh(scale[:, None] * g_bb * scale[None, :])[-1]) if n_body else 1.0
     lam, vecs = torch.linalg.eigh((scaled + scaled.T) / 2)
     sigma = (lam.clamp_min(0.0) / max(lam_max, 1e-300)).sqrt()
     candidates = (sigma < CANDIDATE_SIGMA).nonzero().flatten()
     v_body = scale[:, None] * vecs[:, candidates]  # n_B × c
-    v_head = -torch.einsum("jok,jc->cok", g_bh, v_body) @ (w @ w.T)
+    v_head = -head_part(v_body) @ w.T  # −G_HH⁺ G_HB v_B = −(G_HB v_B) w wᵀ
     full = theta.new_zeros(candidates.numel(), D)
     full[:, body] = v_body.T
-    full[:, h0:h1] = v_head.reshape(candidates.numel(), -1)
+    full[:, head_index] = v_head.reshape(candidates.numel(), out * K)
     if candidates.numel():
         push = family.jacobian_matvec(theta)
         residual = torch.cat([push(chunk).norm(dim=1) for chunk in full.split(step)])
@@ -277,7 +286,7 @@ def schur_null_space(
         rows = torch.arange(out)
         head = theta.new_zeros(out, per_row, out, K)
         head[rows, :, rows, :] = vh_p[patch.rank :]
-        null_head[:, h0:h1] = head.reshape(out * per_row, out * K)
+        null_head[:, head_index] = head.reshape(out * per_row, out * K)
     null = torch.cat([null_body, null_head])
     basis, _ = torch.linalg.qr(null.T) if null.shape[0] else (theta.new_zeros(D, 0), None)
     rejected = [x for x in (schur_decision.largest_rejected, patch.largest_rejected) if not math.isnan(x)]
@@ -291,4 +300,94 @@ def schur_null_space(
     )
     if progress is not None:
         progress.update(0, note=f"complement of W_1: {null.shape[0]} directions (Schur, {n_body} × {n_body})")
-    return basis, decision, NullSpaceInfo([], [], 0.0, eliminated=block.name, schur_size=n_body)
+    return basis, decision, NullSpaceInfo(
+        [], [], 0.0, eliminated=block.name, schur_size=n_body, schur_route=route.__name__.strip("_").split("_")[0]
+    )
+
+
+HeadPart = Callable[[Tensor], Tensor]
+"""v_B (n_B × c) ↦ (G_HB v_B) w (c × out × rank P), G_HB v_B viewed out × K per column: G_HH⁺ G_HB v_B = that · wᵀ."""
+
+
+def _streamed_schur(
+    block: ExactBlock, theta: Tensor, body: Tensor, w: Tensor, u: Tensor, matvec: Callable[[Tensor], Tensor],
+    step: int, progress: ProgressBar | None,
+) -> tuple[Tensor, Tensor, HeadPart]:
+    """G_BB and S from the Gram columns G e_j (j in B), one Gram product each, streamed: only
+    G_BB and T = G_BH (I ⊗ w) are kept (n_B × (n_B + out · rank P) numbers); S = G_BB − T Tᵀ."""
+    D, n_body = theta.numel(), body.numel()
+    g_bb = theta.new_empty(n_body, n_body)
+    t = theta.new_empty(n_body, block.out, w.shape[1])
+    for start in range(0, n_body, step):
+        idx = body[start : start + step]
+        unit = theta.new_zeros(idx.numel(), D)
+        unit[torch.arange(idx.numel()), idx] = 1.0
+        columns = matvec(unit)
+        g_bb[start : start + idx.numel()] = columns[:, body]
+        t[start : start + idx.numel()] = columns[:, block.index].reshape(idx.numel(), block.out, -1) @ w
+        del columns
+        if progress is not None:
+            progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} Gram columns")
+    flat_t = t.reshape(n_body, -1)
+    return g_bb, g_bb - flat_t @ flat_t.T, lambda v: torch.einsum("jor,jc->cor", t, v)
+
+
+def _factored_schur(
+    block: ExactBlock, theta: Tensor, body: Tensor, w: Tensor, u: Tensor, matvec: Callable[[Tensor], Tensor],
+    step: int, progress: ProgressBar | None,
+) -> tuple[Tensor, Tensor, HeadPart]:
+    """G_BB and S through the eliminated layer's input a: J_B v = unfold(J_a v) Wᵀ, so with
+    G_W = WᵀW and Π = u uᵀ the projector on range P,
+
+        G_BB = J_aᵀ fold(unfold(J_a) G_W),   S = J_aᵀ fold((I − Π) unfold(J_a) G_W),
+
+    from the n_B tangents of a (jvps through the layers before the block only) and dense
+    products of rows × K × K: no jvp or vjp through the block, whose outputs are most of the cost."""
+    D, n_body = theta.numel(), body.numel()
+    weight = theta[block.index].view(block.out, -1)
+    g_w = weight.T @ weight
+    tangents = []
+    for start in range(0, n_body, step):
+        idx = body[start : start + step]
+        unit = theta.new_zeros(idx.numel(), D)
+        unit[torch.arange(idx.numel()), idx] = 1.0
+        tangents.append(block.input_tangents(unit))
+        if progress is not None:
+            progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} input tangents")
+    jac = torch.cat(tangents)  # n_B × |a|
+    del tangents
+    g_bb = theta.new_empty(n_body, n_body)
+    proj = theta.new_empty(n_body, n_body)
+    rows, K = block.patches.shape
+    chunk = max(1, int(step * max(1, jac.shape[1]) // max(1, rows * K)))
+    for start in range(0, n_body, chunk):
+        e = block.unfold(jac[start : start + chunk]) @ g_w  # c × rows × K
+        g_bb[start : start + e.shape[0]] = block.fold(e) @ jac.T
+        e = u @ (u.T @ e)
+        proj[start : start + e.shape[0]] = block.fold(e) @ jac.T
+        del e
+        if progress is not None:
+            progress.update(0, note=f"Schur complement: {start + chunk}/{n_body} rows (factored)")
+
+    def head_part(v: Tensor) -> Tensor:
+        patches = block.unfold(v.T @ jac)  # c × rows × K: the tangent of P along v
+        return weight @ (patches.transpose(1, 2) @ u)  # G_HB v = W dPᵀ P, and P w = u
+
+    return g_bb, g_bb - proj, head_part
+
+
+def _agrees_with_gram(
+    theta: Tensor, body: Tensor, head: Tensor, w: Tensor, g_bb: Tensor, head_part: HeadPart,
+    matvec: Callable[[Tensor], Tensor], tol: float = 1e-10,
+) -> bool:
+    """G_BB and G_HB of a route against two Gram products G v (v random on B, zero on H)."""
+    gen = torch.Generator().manual_seed(4245)
+    v_body = torch.randn(body.numel(), 2, dtype=theta.dtype, generator=gen)
+    probe = theta.new_zeros(2, theta.numel())
+    probe[:, body] = v_body.T
+    gram = matvec(probe)
+    got_b, want_b = (g_bb @ v_body).T, gram[:, body]
+    got_h = head_part(v_body).reshape(2, -1)
+    want_h = (gram[:, head].reshape(2, -1, w.shape[0]) @ w).reshape(2, -1)
+    close = lambda a, b: bool(((a - b).norm(dim=1) <= tol * b.norm(dim=1).clamp_min(1e-300)).all())
+    return close(got_b, want_b) and close(got_h, want_h)

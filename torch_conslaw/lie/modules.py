@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -278,41 +279,113 @@ class ModuleGenerators:
         push = self._push(theta)
         return lambda v: torch.cat([push(chunk) for chunk in v.split(self.matvec_chunk)])
 
-    def gram_exact_block(self, theta: Tensor) -> ExactBlock | None:
+    def gram_exact_block(self, theta: Tensor) -> tuple[ExactBlock | None, str]:
         """The largest ``Linear``/``Conv2d`` weight on which G = JᵀJ is exactly I ⊗ PᵀP (an output
         layer, :class:`~torch_conslaw.lie.gram.ExactBlock`), checked on two random vectors to
-        1e-10, when the dense Schur complement on the other parameters fits the work memory;
-        else None (no such layer, ``eliminate_output_layer=False``, or too many other parameters)."""
+        1e-10, when the dense Schur complement on the other parameters fits the work memory, with
+        "" — or None and why not (``eliminate_output_layer=False``, no such layer, or too many
+        other parameters)."""
         if not self.eliminate_output_layer:
-            return None
+            return None, "eliminate_output_layer=False"
         slot_of = {s.name: s for s in self.slots}
         _, layers = layer_calls(self.module, lambda: self.outputs(theta), list(slot_of))
         candidates = sorted(
             (
-                (slot_of[weight], layer, x)
-                for name, (layer, x, _) in layers.items()
+                (slot_of[weight], layer, x, output)
+                for name, (layer, x, output) in layers.items()
                 if (weight := f"{name}.weight" if name else "weight") in slot_of
             ),
             key=lambda c: -c[0].numel,
         )
         matvec = self.gram_matvec(theta)
         gen = torch.Generator().manual_seed(4244)
-        for slot, layer, x in candidates[:2]:
-            others = self.D - slot.numel
-            if others == 0 or 2 * 8.0 * others * self.D > self.work_bytes:
+        reasons = []
+        for slot, layer, x, output in candidates[:2]:
+            bias = slot_of.get(slot.name[: -len("weight")] + "bias")
+            block_numel = slot.numel + (bias.numel if bias is not None else 0)
+            others = self.D - block_numel
+            need = 8.0 * others * (block_numel + 3 * others)  # G_BB, G_BH (I ⊗ w), the eigensolver's copies
+            if others == 0:
+                reasons.append(f"{slot.name} holds every parameter")
+                continue
+            if need > self.work_bytes:
+                reasons.append(
+                    f"eliminating {slot.name} needs {need / 1e9:.1f} GB for the Schur complement on the "
+                    f"{others} other parameters, beyond a quarter of max_memory_gb ({self.work_bytes / 1e9:.1f} GB)"
+                )
                 continue
             patches = input_patches(layer, x)
             out = slot.shape[0]
             if patches.shape[1] * out != slot.numel:
+                reasons.append(f"{slot.name}: its input patches do not match the weight's shape (e.g. a grouped convolution)")
                 continue
+            index = torch.arange(slot.offset, slot.offset + slot.numel).view(out, -1)
+            if bias is not None:  # [W | b] acts on patches [a | 1]
+                patches = torch.cat([patches, patches.new_ones(patches.shape[0], 1)], 1)
+                index = torch.cat([index, torch.arange(bias.offset, bias.offset + out)[:, None]], 1)
+            index = index.reshape(-1)
             probe = torch.zeros(2, self.D, dtype=DTYPE)
             part = torch.randn(2, out, patches.shape[1], dtype=DTYPE, generator=gen)
-            probe[:, slot.offset : slot.offset + slot.numel] = part.reshape(2, -1)
-            got = matvec(probe)[:, slot.offset : slot.offset + slot.numel]
+            probe[:, index] = part.reshape(2, -1)
+            got = matvec(probe)[:, index]
             expected = (part @ (patches.T @ patches)).reshape(2, -1)
             if bool(((got - expected).norm(dim=1) <= 1e-10 * expected.norm(dim=1)).all()):
-                return ExactBlock(slot.name, slot.offset, out, patches)
-        return None
+                name = slot.name if bias is None else f"{slot.name}, {bias.name}"
+                block = ExactBlock(name, index, out, patches)
+                if 8.0 * others * (x.numel() + 3 * others) <= self.work_bytes:
+                    block = self._through_layer_input(block, layer, x, output, theta, bias is not None)
+                return block, ""
+            reasons.append(f"{slot.name} is not an output layer (its Gram block is not I ⊗ PᵀP)")
+        return None, "; ".join(reasons) or "no Linear/Conv2d weight"
+
+    def _through_layer_input(
+        self, block: ExactBlock, layer: nn.Module, x: Tensor, output: Tensor, theta: Tensor, bias: bool
+    ) -> ExactBlock:
+        """``block`` with the map θ ↦ (the layer's input) and its patch maps, for the factored
+        Schur route: the model runs with the layer's forward replaced by a constant of its output's
+        shape (the layer's input is captured on the way), so no jvp goes through the layer."""
+        template = torch.zeros_like(output.detach())
+
+        def layer_input(point: Tensor) -> Tensor:
+            captured: list[Tensor] = []
+            handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+            layer.forward = lambda *_args, **_kwargs: template
+            try:
+                self.outputs(point)
+            finally:
+                handle.remove()
+                del layer.forward
+            return captured[0].reshape(-1)
+
+        push = vmap(lambda v: jvp(layer_input, (theta,), (v,))[1])
+        shape = tuple(x.shape)
+        if isinstance(layer, nn.Linear):
+            patches_of = lambda t: t.reshape(t.shape[0], -1, shape[-1])  # noqa: E731
+            adjoint = lambda e: e.reshape(e.shape[0], -1)  # noqa: E731
+        else:
+            conv = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+
+            def patches_of(t: Tensor) -> Tensor:
+                cols = torch.nn.functional.unfold(t.reshape(-1, *shape[1:]), **conv)  # (c·N) × K × L
+                return cols.transpose(1, 2).reshape(t.shape[0], -1, cols.shape[1])
+
+            def adjoint(e: Tensor) -> Tensor:
+                cols = e.reshape(e.shape[0] * shape[0], -1, e.shape[2]).transpose(1, 2)
+                return torch.nn.functional.fold(cols, shape[2:], **conv).reshape(e.shape[0], -1)
+
+        def unfold(t: Tensor) -> Tensor:  # the bias column of a tangent is 0: a does not move it
+            p = patches_of(t)
+            return torch.cat([p, p.new_zeros(*p.shape[:2], 1)], 2) if bias else p
+
+        def fold(e: Tensor) -> Tensor:
+            return adjoint(e[..., :-1].contiguous() if bias else e)
+
+        return dataclasses.replace(
+            block,
+            input_tangents=lambda rows: torch.cat([push(chunk) for chunk in rows.split(self.matvec_chunk)]),
+            unfold=unfold,
+            fold=fold,
+        )
 
     def gram_preconditioner(self, theta: Tensor, diag: Tensor, scale: Tensor) -> Callable[[Tensor], Tensor] | None:
         """Kronecker-factored blocks for every Linear/Conv2d weight (:mod:`~torch_conslaw.lie.kronecker`),
