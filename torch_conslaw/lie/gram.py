@@ -220,10 +220,17 @@ def schur_null_space(
 
     With B the other coordinates (n_B of them), G v = 0 iff v_H = −G_HH⁺ G_HB v_B (plus the
     null space of G_HH: null P on every row of W) and S v_B = 0, where
-    S = G_BB − G_BH G_HH⁺ G_HB = J_Bᵀ (I − P_H) J_B is n_B × n_B. It costs n_B Gram products
-    (the columns G e_j, j in B) and one symmetric eigendecomposition, instead of a CG solve of
-    hundreds of iterations per null vector: the way to count a model whose parameters sit
-    mostly in its output layer. The family must offer ``jacobian_matvec(θ)`` (v ↦ J v).
+    S = G_BB − G_BH G_HH⁺ G_HB = J_Bᵀ (I − P_H) J_B is n_B × n_B: one symmetric
+    eigendecomposition instead of a CG solve of hundreds of iterations per null vector, the way
+    to count a model whose parameters sit mostly in its output layer. G_BB and S come from one
+    of two routes, each giving the same matrices:
+
+    * factored (when the block carries its layer's input map): n_B jvps through the layers
+      before the block only, then dense products (:func:`_factored_schur`); checked against two
+      Gram products G v (to 1e-10) and else dropped for
+    * streamed: n_B Gram products G e_j, j in B (:func:`_streamed_schur`).
+
+    The family must offer ``gram_matvec(θ)`` and ``jacobian_matvec(θ)`` (v ↦ J v).
 
     The rank is decided on relative singular values (SCIENCE.md §9): for S, σ_i =
     sqrt(λ_i / λ_max), λ eigenvalues of the Jacobi-scaled S and λ_max of the scaled G_BB; S

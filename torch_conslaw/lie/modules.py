@@ -619,10 +619,11 @@ def count_laws(
         eliminate_output_layer: for ``method="complement"``, when an output layer (a
             ``Linear``/``Conv2d`` whose outputs are the model's) holds most parameters, find the
             complement of W_1(θ) without CG: its Gram block is exactly I ⊗ PᵀP (P its input
-            patches; checked), so it is eliminated and the Schur complement on the other
-            parameters is solved densely (:func:`~torch_conslaw.lie.gram.schur_null_space`;
-            ``null_space.eliminated`` names the layer). Used when that dense part fits the work
-            memory; False always uses CG.
+            patches; checked; its bias with it), so it is eliminated and the Schur complement on
+            the other parameters is solved densely (:func:`~torch_conslaw.lie.gram.schur_null_space`;
+            ``null_space.eliminated`` names the layer, ``null_space.schur_route`` how S was
+            formed). Used when that dense part fits a quarter of ``max_memory_gb``; otherwise, or
+            with False, CG (``null_space.not_eliminated`` says why).
 
     Returns:
         a :class:`ModuleLieResult` (a LieResult; see its attributes).
