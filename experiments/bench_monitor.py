@@ -2,8 +2,10 @@
 
 Phases (each with its own torch thread count; within a phase every training runs from the
 same initialization and the steps are timed in interleaved blocks, so load from other
-processes hits all of them alike; a ratio is the median over blocks of
-time(monitored) / time(plain)):
+processes hits all of them alike; the order of the trainings is shuffled in every block (a
+fixed order, the plain run always first, biased every ratio by a few percent here); a ratio is
+the median over blocks of time(monitored) / time(plain); ``plain-again``, a second plain run,
+is the null ratio: what the method reads when nothing differs):
 
 * ``mlp_2threads`` — the 784-512-512-10 ReLU MLP at batch 128 (SGD), 2 torch threads:
   ``default`` (``ConservationMonitor(model)``: budget 3 %, ``evaluation="auto"``, which
@@ -43,6 +45,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -113,6 +116,7 @@ def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], N
     monitor = None
     kwargs: dict | None = {
         "plain": None,
+        "plain-again": None,
         "default": {},
         "auto-budget": {"recording": "auto", "overhead_budget": 0.03},
         "sync-values": {"every": 1, "recording": "sync", "split": False},
@@ -168,15 +172,16 @@ def phase(model_kind: str, settings: list[str], threads: int, device: str, block
     """Interleaved timing of ``settings`` (plus the plain run) at ``threads`` torch threads."""
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    runs = {name: make_run(model_kind, name, device) for name in ["plain", *settings]}
+    runs = {name: make_run(model_kind, name, device) for name in ["plain", "plain-again", *settings]}
     ends = {n: m.flush for n, (_, m) in runs.items() if m is not None and m.recording == "snapshot"}
     for name, (step, _) in runs.items():  # warm-up (the budget measures here too)
         for _ in range(2 * steps):
             step()
         ends.get(name, lambda: None)()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order = random.Random(0)
     for _ in range(blocks):
-        for name, (step, _) in runs.items():
+        for name, (step, _) in order.sample(list(runs.items()), len(runs)):
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -185,7 +190,7 @@ def phase(model_kind: str, settings: list[str], threads: int, device: str, block
             sync()
             times[name].append((time.perf_counter() - t0) / steps)
     out: dict = {"threads": threads, "plain_step_ms": 1e3 * statistics.median(times["plain"]), "overhead": {}, "recorded": {}}
-    for name in settings:
+    for name in ["plain-again", *settings]:
         out["overhead"][name] = statistics.median(t / b for t, b in zip(times[name], times["plain"])) - 1
         monitor = runs[name][1]
         if monitor is not None:
