@@ -374,7 +374,7 @@ def _factored_schur(
         proj[start : start + e.shape[0]] = block.fold(e) @ jac.T
         del e
         if progress is not None:
-            progress.update(0, note=f"Schur complement: {start + chunk}/{n_body} rows (factored)")
+            progress.update(0, note=f"Schur complement: {min(start + chunk, n_body)}/{n_body} rows (factored)")
 
     def head_part(v: Tensor) -> Tensor:
         patches = block.unfold(v.T @ jac)  # c × rows × K: the tangent of P along v
