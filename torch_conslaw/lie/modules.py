@@ -336,7 +336,7 @@ class ModuleGenerators:
                     block = self._through_layer_input(block, layer, x, output, theta, bias is not None)
                 return block, ""
             reasons.append(f"{slot.name} is not an output layer (its Gram block is not I ⊗ PᵀP)")
-        return None, "; ".join(reasons) or "no Linear/Conv2d weight"
+        return None, "; ".join(reasons) or "no Linear or Conv2d layer (groups = 1, numeric zero padding) called once"
 
     def _through_layer_input(
         self, block: ExactBlock, layer: nn.Module, x: Tensor, output: Tensor, theta: Tensor, bias: bool
