@@ -322,14 +322,12 @@ def _streamed_schur(
 ) -> tuple[Tensor, Tensor, HeadPart]:
     """G_BB and S from the Gram columns G e_j (j in B), one Gram product each, streamed: only
     G_BB and T = G_BH (I ⊗ w) are kept (n_B × (n_B + out · rank P) numbers); S = G_BB − T Tᵀ."""
-    D, n_body = theta.numel(), body.numel()
+    n_body = body.numel()
     g_bb = theta.new_empty(n_body, n_body)
     t = theta.new_empty(n_body, block.out, w.shape[1])
     for start in range(0, n_body, step):
         idx = body[start : start + step]
-        unit = theta.new_zeros(idx.numel(), D)
-        unit[torch.arange(idx.numel()), idx] = 1.0
-        columns = matvec(unit)
+        columns = matvec(_unit_rows(theta, idx))
         g_bb[start : start + idx.numel()] = columns[:, body]
         t[start : start + idx.numel()] = columns[:, block.index].reshape(idx.numel(), block.out, -1) @ w
         del columns
@@ -337,6 +335,13 @@ def _streamed_schur(
             progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} Gram columns")
     flat_t = t.reshape(n_body, -1)
     return g_bb, g_bb - flat_t @ flat_t.T, lambda v: torch.einsum("jor,jc->cor", t, v)
+
+
+def _unit_rows(theta: Tensor, idx: Tensor) -> Tensor:
+    """The unit vectors e_j (rows, length D) of the coordinates ``idx``."""
+    unit = theta.new_zeros(idx.numel(), theta.numel())
+    unit[torch.arange(idx.numel()), idx] = 1.0
+    return unit
 
 
 def _factored_schur(
@@ -350,15 +355,13 @@ def _factored_schur(
 
     from the n_B tangents of a (jvps through the layers before the block only) and dense
     products of rows × K × K: no jvp or vjp through the block, whose outputs are most of the cost."""
-    D, n_body = theta.numel(), body.numel()
+    n_body = body.numel()
     weight = theta[block.index].view(block.out, -1)
     g_w = weight.T @ weight
     tangents = []
     for start in range(0, n_body, step):
         idx = body[start : start + step]
-        unit = theta.new_zeros(idx.numel(), D)
-        unit[torch.arange(idx.numel()), idx] = 1.0
-        tangents.append(block.input_tangents(unit))
+        tangents.append(block.input_tangents(_unit_rows(theta, idx)))
         if progress is not None:
             progress.update(0, note=f"Schur complement: {start + idx.numel()}/{n_body} input tangents")
     jac = torch.cat(tangents)  # n_B × |a|
