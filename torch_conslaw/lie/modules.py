@@ -349,12 +349,16 @@ class ModuleGenerators:
         def layer_input(point: Tensor) -> Tensor:
             captured: list[Tensor] = []
             handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+            own = layer.__dict__.get("forward")  # an instance's own forward, if it has one
             layer.forward = lambda *_args, **_kwargs: template
             try:
                 self.outputs(point)
             finally:
                 handle.remove()
-                del layer.forward
+                if own is None:
+                    del layer.forward
+                else:
+                    layer.forward = own
             return captured[0].reshape(-1)
 
         try:  # the model may not run with its output layer replaced by a constant
