@@ -511,6 +511,18 @@ def test_the_schur_count_of_a_segmentation_cnn_is_one_law_per_hidden_channel():
     assert res.n_laws == 8 and res.stable and not res.constant_units
 
 
+def test_the_factored_route_leaves_the_model_as_it_was():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 16, 3, padding=1)).double()
+    x = gaussian(4, 2, 5, 5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = net(x)
+    res = tc.count_laws(net, x, theta="random", input_sizes=[4], method="complement")
+    assert res.null_space.schur_route == "factored"
+    assert "forward" not in vars(net[2])  # its forward was replaced only inside the count's copy
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert torch.equal(net(x), out)
+
+
 class SegmentationWithSideOutput(nn.Module):
     """A segmentation CNN that also returns its hidden features' mean: the output conv is still
     an exact block, but the other parameters reach an output it does not see."""
