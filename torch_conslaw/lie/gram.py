@@ -255,11 +255,13 @@ def schur_null_space(
     u = u_p[: block.patches.shape[0], : patch.rank]  # P w = u (orthonormal columns: range P)
     step = int(getattr(family, "matvec_chunk", 64))
     matvec = family.gram_matvec(theta)
-    routes = [_factored_schur] if block.input_tangents is not None else []
-    for route in [*routes, _streamed_schur]:
-        g_bb, schur, head_part = route(block, theta, body, w, u, matvec, step, progress)
-        if route is _streamed_schur or _agrees_with_gram(theta, body, head_index, w, g_bb, head_part, matvec):
-            break
+    route = "streamed"
+    if block.input_tangents is not None:
+        g_bb, schur, head_part = _factored_schur(block, theta, body, w, u, matvec, step, progress)
+        if _agrees_with_gram(theta, body, head_index, w, g_bb, head_part, matvec):
+            route = "factored"
+    if route == "streamed":
+        g_bb, schur, head_part = _streamed_schur(block, theta, body, w, matvec, step, progress)
     d = torch.diagonal(g_bb).clone()
     d[d < 1e-20 * float(d.max())] = 0.0  # rounding noise of an exactly zero gradient: not scaled up
     scale = _jacobi_scale(d)
@@ -308,7 +310,7 @@ def schur_null_space(
     if progress is not None:
         progress.update(0, note=f"complement of W_1: {null.shape[0]} directions (Schur, {n_body} × {n_body})")
     return basis, decision, NullSpaceInfo(
-        [], [], 0.0, eliminated=block.name, schur_size=n_body, schur_route=route.__name__.strip("_").split("_")[0]
+        [], [], 0.0, eliminated=block.name, schur_size=n_body, schur_route=route
     )
 
 
@@ -317,7 +319,7 @@ HeadPart = Callable[[Tensor], Tensor]
 
 
 def _streamed_schur(
-    block: ExactBlock, theta: Tensor, body: Tensor, w: Tensor, u: Tensor, matvec: Callable[[Tensor], Tensor],
+    block: ExactBlock, theta: Tensor, body: Tensor, w: Tensor, matvec: Callable[[Tensor], Tensor],
     step: int, progress: ProgressBar | None,
 ) -> tuple[Tensor, Tensor, HeadPart]:
     """G_BB and S from the Gram columns G e_j (j in B), one Gram product each, streamed: only

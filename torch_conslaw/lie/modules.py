@@ -373,21 +373,18 @@ class ModuleGenerators:
         push = vmap(lambda v: jvp(layer_input, (theta,), (v,))[1])
         shape = tuple(x.shape)
         if isinstance(layer, nn.Linear):
-            patches_of = lambda t: t.reshape(t.shape[0], -1, shape[-1])  # noqa: E731
             adjoint = lambda e: e.reshape(e.shape[0], -1)  # noqa: E731
         else:
             conv = dict(kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
 
-            def patches_of(t: Tensor) -> Tensor:
-                cols = torch.nn.functional.unfold(t.reshape(-1, *shape[1:]), **conv)  # (c·N) × K × L
-                return cols.transpose(1, 2).reshape(t.shape[0], -1, cols.shape[1])
-
-            def adjoint(e: Tensor) -> Tensor:
+            def adjoint(e: Tensor) -> Tensor:  # F.fold is the adjoint of the patches' F.unfold
                 cols = e.reshape(e.shape[0] * shape[0], -1, e.shape[2]).transpose(1, 2)
                 return torch.nn.functional.fold(cols, shape[2:], **conv).reshape(e.shape[0], -1)
 
+        k = block.patches.shape[1] - int(bias)  # the layer's own patch length
+
         def unfold(t: Tensor) -> Tensor:  # the bias column of a tangent is 0: a does not move it
-            p = patches_of(t)
+            p = input_patches(layer, t.reshape(-1, *shape[1:])).reshape(t.shape[0], -1, k)
             return torch.cat([p, p.new_zeros(*p.shape[:2], 1)], 2) if bias else p
 
         def fold(e: Tensor) -> Tensor:
