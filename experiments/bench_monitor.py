@@ -123,6 +123,8 @@ def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], N
         "sync-split": {"every": 1, "recording": "sync"},
         "sync-values-eager": {"every": 1, "recording": "sync", "split": False, "evaluation": "eager"},
         "sync-split-eager": {"every": 1, "recording": "sync", "evaluation": "eager"},
+        "sync-values-compiled": {"every": 1, "recording": "sync", "split": False, "evaluation": "compiled"},
+        "sync-split-compiled": {"every": 1, "recording": "sync", "evaluation": "compiled"},
         "default-eager": {"evaluation": "eager"},
         "snapshot-split": {"every": 1, "recording": "snapshot"},
         "live-values": {"every": 1, "recording": "live", "split": False},

@@ -1,6 +1,7 @@
-"""The fused (compiled) evaluation equals the float64 definition up to a stated rounding bound.
+"""The fused evaluations equal the float64 definition up to a stated rounding bound.
 
-``evaluation="compiled"`` forms the same float64 products as the reference definition
+``evaluation="compiled"`` (TorchInductor) and ``evaluation="native"`` (the C kernel of
+:mod:`torch_conslaw.native`) form the same float64 products as the reference definition
 (:func:`~torch_conslaw.accounting.evaluate`, :func:`~torch_conslaw.accounting.split_change`)
 and only sums them in another order. For a law made of ``n`` products ``p_i`` both sums lie
 within ``γ_n Σ|p_i|`` of the exact sum (``γ_n = n u / (1 − n u)``, ``u = 2⁻⁵³``), so they differ
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import torch_conslaw as tc
-from torch_conslaw import accounting
+from torch_conslaw import accounting, native
 from torch_conslaw.accounting import Accountant, evaluate, split_change
 from torch_conslaw.evaluation import compiler_available
 from torch_conslaw.lawgroups import UnitLaws, build_groups
@@ -28,6 +29,9 @@ F64 = torch.float64
 U = 2.0**-53
 
 needs_compiler = pytest.mark.skipif(not compiler_available("cpu"), reason="no C++ compiler for TorchInductor")
+needs_native = pytest.mark.skipif(not native.native_status()[0], reason="the native kernel did not build here")
+# every fused evaluation; compiling with Inductor takes seconds, the native kernel is built once
+FUSED = [pytest.param("compiled", marks=needs_compiler), pytest.param("native", marks=needs_native)]
 
 
 def mlp(seed: int) -> nn.Module:
@@ -57,18 +61,31 @@ def gamma(n: int) -> float:
     return n * U / (1 - n * U)
 
 
-@needs_compiler
-@pytest.mark.parametrize("make", [mlp, pytest.param(cnn, marks=pytest.mark.slow)])  # compiling takes seconds
-def test_compiled_values_and_split_are_within_the_rounding_bound(make):
-    model = make(0)
+@pytest.mark.parametrize(
+    "evaluation, make, dtype",
+    [
+        pytest.param("compiled", mlp, torch.float32, marks=needs_compiler),
+        pytest.param("compiled", cnn, torch.float32, marks=[needs_compiler, pytest.mark.slow]),  # seconds
+        *[
+            pytest.param("native", make, dtype, marks=needs_native)
+            for make in (mlp, cnn)
+            for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        ],
+    ],
+)
+def test_fused_values_and_split_are_within_the_rounding_bound(evaluation, make, dtype):
+    model = make(0).to(dtype)
     groups = build_groups(find_structure(model).pairs)
     assert groups and all(isinstance(g, UnitLaws) for g in groups)
-    compiled = Accountant(groups, evaluation="compiled")
+    fused = Accountant(groups, evaluation=evaluation)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(7)
-    after = {n: p + 0.05 * torch.randn(p.shape, generator=g) for n, p in before.items()}
-    values = compiled.values(after)
-    v, f, s = compiled.split(before, after)
+    after = {n: p + (0.05 * torch.randn(p.shape, generator=g)).to(dtype) for n, p in before.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the eager path
+        values = fused.values(after)
+        v, f, s = fused.split(before, after)
+    assert fused.evaluation == evaluation
     reference = evaluate(groups, {n: p.to(F64) for n, p in after.items()})
     rv, rf, rs = split_change(groups, before, after)
     a64 = {n: t.to(F64) for n, t in after.items()}
@@ -87,20 +104,24 @@ def test_compiled_values_and_split_are_within_the_rounding_bound(make):
         assert not torch.equal(v[grp.name], torch.zeros_like(v[grp.name]))
 
 
-@needs_compiler
-def test_compiled_laws_of_non_finite_parameters_are_non_finite_and_the_others_exact():
+@pytest.mark.parametrize("evaluation", FUSED)
+def test_fused_laws_of_non_finite_parameters_are_non_finite_and_the_others_exact(evaluation):
     model = mlp(1)
     groups = build_groups(find_structure(model).pairs)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     params["0.weight"][3, 5] = float("nan")
     params["2.weight"][7, 1] = float("inf")
-    values = Accountant(groups, evaluation="compiled").values(params)
+    values = Accountant(groups, evaluation=evaluation).values(params)
     reference = Accountant(groups).values(params)
     for name in values:
         assert torch.equal(torch.isfinite(values[name]), torch.isfinite(reference[name]))
     assert values["0→2"][3].isnan() and values["0→2"][1].isinf() and values["2→4"][7].isinf()
-    finite = torch.isfinite(values["0→2"])
-    assert torch.allclose(values["0→2"][finite], reference["0→2"][finite], rtol=1e-14, atol=0)
+    p64 = {n: t.to(F64) for n, t in params.items()}
+    for grp in groups:  # the finite laws within the rounding bound
+        squares, n = abs_sums(grp, p64, p64)
+        finite = torch.isfinite(values[grp.name])
+        diff = (values[grp.name] - reference[grp.name])[finite].abs()
+        assert torch.all(diff <= 2 * gamma(n + 2) * squares[finite])
 
 
 def test_without_a_compiler_the_accountant_warns_and_evaluates_eagerly(monkeypatch):
@@ -114,18 +135,47 @@ def test_without_a_compiler_the_accountant_warns_and_evaluates_eagerly(monkeypat
     assert all(torch.equal(values[k], eager[k]) for k in eager)
 
 
+def test_without_the_native_kernel_the_accountant_warns_and_evaluates_eagerly(monkeypatch):
+    monkeypatch.setattr(accounting, "native_status", lambda: (False, "no C compiler found"))
+    model = mlp(2)
+    groups = build_groups(find_structure(model).pairs)
+    params = dict(model.named_parameters())
+    with pytest.warns(RuntimeWarning, match=r"evaluation='native' is not available \(no C compiler found\)"):
+        values = Accountant(groups, evaluation="native").values(params)
+    eager = Accountant(groups).values(params)
+    assert all(torch.equal(values[k], eager[k]) for k in eager)
+
+
+@needs_native
+def test_native_reads_every_half_precision_value_exactly():
+    """With one product per side (plans (1, U, 1)) a law is w_in² − w_out², exact in float64
+    but for the one rounding of the difference: the native kernel must equal the float64
+    definition bit for bit on every float16 and bfloat16 bit pattern (subnormals, infinities
+    and NaN included), in both halves of its work split."""
+    for dtype in (torch.float16, torch.bfloat16):
+        w_in = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        w_out = w_in.flip(0).contiguous()
+        spec = [([(0, (1, w_in.numel(), 1))], [(1, (1, w_in.numel(), 1))], 1.0)]
+        values = native.NativeLaws(spec, 2, threads=2).values([w_in, w_out])
+        a, b = w_in.to(F64), w_out.to(F64)
+        reference = a * a - b * b
+        assert torch.equal(values.isnan(), reference.isnan()), dtype
+        assert torch.equal(values[~reference.isnan()], reference[~reference.isnan()]), dtype
+
+
 def test_a_bad_evaluation_is_refused():
     with pytest.raises(ValueError, match="evaluation must be one of"):
         tc.ConservationMonitor(mlp(0), evaluation="fast", every=1, recording="sync")
 
 
-def _train(recording: str, split: bool) -> dict:
+def _train(recording: str, split: bool, evaluation: str = "compiled") -> dict:
     torch.manual_seed(3)
     model = mlp(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a worker without a free core
-        monitor = tc.ConservationMonitor(model, evaluation="compiled", recording=recording, split=split, every=1).attach(opt)
+        monitor = tc.ConservationMonitor(model, evaluation=evaluation, recording=recording, split=split, every=1).attach(opt)
+    assert monitor.evaluation == evaluation
     x, y = torch.randn(32, 37), torch.randint(0, 5, (32,))
     for _ in range(5):
         opt.zero_grad()
@@ -134,14 +184,15 @@ def _train(recording: str, split: bool) -> dict:
     return monitor.history()
 
 
-@needs_compiler
-@pytest.mark.slow
 @pytest.mark.parametrize("split", [True, False])
-def test_compiled_records_are_bitwise_the_same_for_every_recorder(split):
+@pytest.mark.parametrize(
+    "evaluation", [pytest.param("compiled", marks=[needs_compiler, pytest.mark.slow]), pytest.param("native", marks=needs_native)]
+)
+def test_fused_records_are_bitwise_the_same_for_every_recorder(evaluation, split):
     # default threads: the workers run with one torch thread of their own, the kernels not
-    sync = _train("sync", split)
+    sync = _train("sync", split, evaluation)
     for recording in ("snapshot", "live"):
-        other = _train(recording, split)
+        other = _train(recording, split, evaluation)
         assert sync.keys() == other.keys()
         for key in sync:
             assert np.array_equal(sync[key], other[key], equal_nan=True), (recording, key)
@@ -157,6 +208,7 @@ def test_auto_stays_eager_on_small_models_and_says_why():
 def test_auto_without_a_compiler_stays_eager_without_a_warning(monkeypatch):
     monkeypatch.setattr(accounting, "AUTO_COMPILE_ELEMENTS", 1)
     monkeypatch.setattr(accounting, "compiler_available", lambda device_type: False)
+    monkeypatch.setattr(accounting, "native_status", lambda: (False, "no C compiler found"))
     model = mlp(5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -164,18 +216,27 @@ def test_auto_without_a_compiler_stays_eager_without_a_warning(monkeypatch):
     assert monitor.evaluation == "eager" and "no compiler" in monitor.evaluation_reason
 
 
-@needs_compiler
-def test_auto_compiles_large_per_unit_laws_when_the_monitor_is_built(monkeypatch):
-    """Above the threshold (lowered here: compiling takes seconds) ``auto`` compiles at
-    construction, and its records stay within the rounding bound of the eager ones."""
+@pytest.mark.parametrize(
+    "native_builds, expected",
+    [pytest.param(True, "native", marks=needs_native), pytest.param(False, "compiled", marks=needs_compiler)],
+)
+def test_auto_fuses_large_per_unit_laws_when_the_monitor_is_built(monkeypatch, native_builds, expected):
+    """Above the threshold (lowered here) ``auto`` picks the native kernel on the CPU, or
+    Inductor where the native kernel does not build, when the monitor is built; its records
+    stay within the rounding bound of the eager ones."""
     monkeypatch.setattr(accounting, "AUTO_COMPILE_ELEMENTS", 1)
+    if not native_builds:
+        monkeypatch.setattr(accounting, "native_status", lambda: (False, "no C compiler found"))
     histories = {}
     for evaluation in ("auto", "eager"):
         torch.manual_seed(6)
         model = mlp(6)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         monitor = tc.ConservationMonitor(model, torch.randn(8, 37), every=1, recording="sync", evaluation=evaluation)
-        assert monitor.evaluation == ("compiled" if evaluation == "auto" else "eager")
+        assert monitor.evaluation == (expected if evaluation == "auto" else "eager")
+        if evaluation == "auto":
+            assert ("native kernel" in monitor.evaluation_reason) and (
+                "no C compiler found" in monitor.evaluation_reason) != native_builds
         monitor.attach(opt)
         x, y = torch.randn(16, 37), torch.randn(16, 5)
         for _ in range(3):
@@ -189,3 +250,48 @@ def test_auto_compiles_large_per_unit_laws_when_the_monitor_is_built(monkeypatch
             assert np.array_equal(auto, eager)
         else:
             assert np.allclose(auto, eager, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("evaluation", ["eager", *FUSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_split_that_advances_leaves_theta_after_in_before_and_the_same_table(evaluation, dtype):
+    model = cnn(8).to(dtype)
+    groups = build_groups(find_structure(model).pairs)
+    accountant = Accountant(groups, evaluation=evaluation)
+    g = torch.Generator().manual_seed(9)
+    after = {n: p.detach() + (0.1 * torch.randn(p.shape, generator=g)).to(dtype) for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    table = accountant.split_table(before, after)
+    advanced = accountant.split_table(before, after, advance=True)
+    assert torch.equal(table, advanced)
+    assert all(torch.equal(before[n], after[n]) and before[n].dtype == dtype for n in accountant.names)
+    assert torch.all(accountant.split_table(before, after)[1:] == 0)  # θ⁺ against itself: Δ = 0
+
+
+@pytest.mark.parametrize("invalid", [None, "some"])
+def test_the_native_fold_of_running_maxima_equals_the_torch_one(monkeypatch, invalid):
+    g = torch.Generator().manual_seed(4)
+    table, base = torch.randn(3, 50, generator=g, dtype=F64), torch.randn(3, 50, generator=g, dtype=F64)
+    mask = None if invalid is None else torch.rand(50, generator=g) < 0.3
+    results = {}
+    for kind in ("native", "torch"):
+        if kind == "torch":
+            monkeypatch.setattr(native, "_library", lambda: (None, "no C compiler found"))
+        elif not native.native_status()[0]:
+            continue
+        running = torch.rand(3, 50, generator=torch.Generator().manual_seed(5), dtype=F64)
+        assert native.fold_abs_max(table, base, running, mask)
+        bad = table.clone()
+        bad[1, 7] = float("nan")
+        unchanged = running.clone()
+        if mask is not None and mask[7]:
+            assert native.fold_abs_max(bad, base, running, mask)  # a marked law is left out
+        else:
+            assert not native.fold_abs_max(bad, base, running, mask) and torch.equal(running, unchanged)
+        results[kind] = running
+    start = torch.rand(3, 50, generator=torch.Generator().manual_seed(5), dtype=F64)
+    gap = (table - base).abs()
+    expected = torch.maximum(start, gap if mask is None else gap.masked_fill(mask, 0.0))
+    assert "torch" in results
+    for running in results.values():
+        assert torch.equal(running, expected)

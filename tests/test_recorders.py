@@ -17,6 +17,7 @@ from torch import nn
 
 import torch_conslaw as tc
 from torch_conslaw import ConservationMonitor
+from torch_conslaw.native import native_status
 from monitor_defaults import every_step
 
 RECORDERS = ["sync", "snapshot", "live"]
@@ -50,11 +51,17 @@ def _same_history(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
 
 
+NATIVE = pytest.param(
+    "native", marks=pytest.mark.skipif(not native_status()[0], reason="the native kernel did not build here")
+)
+
+
+@pytest.mark.parametrize("evaluation", ["auto", NATIVE])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("recording", RECORDERS)
-def test_every_recorder_gives_the_synchronous_records_bitwise(recording, split, one_torch_thread):
-    m_sync, sync = _train({"recording": "sync", "split": split})
-    m_rec, rec = _train({"recording": recording, "split": split})
+def test_every_recorder_gives_the_synchronous_records_bitwise(recording, split, evaluation, one_torch_thread):
+    m_sync, sync = _train({"recording": "sync", "split": split, "evaluation": evaluation})
+    m_rec, rec = _train({"recording": recording, "split": split, "evaluation": evaluation})
     assert rec.recording == recording
     _same_history(sync.history(), rec.history())
     for p, q in zip(m_sync.parameters(), m_rec.parameters()):
@@ -62,6 +69,40 @@ def test_every_recorder_gives_the_synchronous_records_bitwise(recording, split, 
     rows = rec.summary()  # the law groups, then the identity groups of SGD with momentum
     assert len(rows) == len(rec.groups) + len(rec.identity_groups)
     assert [r["recorded_steps"] for r in rows] == [12] * len(rows)
+
+
+@pytest.mark.parametrize("evaluation", ["auto", NATIVE])
+@pytest.mark.parametrize("recording", RECORDERS)
+@pytest.mark.parametrize("change", ["in place", "new storage", "none"])
+def test_the_split_of_a_step_is_taken_against_theta_just_before_it(recording, evaluation, change, one_torch_thread):
+    """θ after a recorded step serves as θ before the next one only while no parameter changed
+    in between: a change made between two steps (in place under ``no_grad``, or a new tensor
+    assigned to ``.data``) is not part of the next step's split. Checked against θ copied by
+    hand right before each step: h(θ⁺) − h(θ) = first + second order, to float64 rounding."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = ConservationMonitor(model, recording=recording, evaluation=evaluation, every=1, split=True).attach(opt)
+    g = torch.Generator().manual_seed(2)
+    before = []
+    for i in range(6):
+        if i == 3 and change == "in place":
+            with torch.no_grad():
+                model[0].weight.mul_(0.5)
+        elif i == 3 and change == "new storage":
+            model[2].weight.data = model[2].weight.data * 2.0
+        before.append({n: p.detach().to(torch.float64) for n, p in model.named_parameters()})
+        opt.zero_grad()
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    history = mon.history()
+    assert history["step"].tolist() == list(range(7))
+    for group in mon.groups:
+        for step in range(1, 7):
+            h_before = group.values(before[step - 1]).numpy()
+            values, first, second = (history[f"{group.name}/{k}"][step] for k in ("values", "first_order", "second_order"))
+            scale = np.abs(values).max() + np.abs(h_before).max()
+            assert np.allclose(values - h_before, first + second, rtol=0, atol=1e-13 * scale), (group.name, step)
 
 
 def test_auto_picks_live_with_a_free_core_and_sync_without():

@@ -34,13 +34,14 @@ from torch import Tensor
 
 from .evaluation import CompiledLaws, GroupSpec, compiler_available
 from .lawgroups import LawGroup, UnitLaws, rearrangement_plan
+from .native import NativeLaws, native_status
 
 __all__ = ["Accountant", "split_change", "evaluate", "as_float64", "EVALUATIONS"]
 
 F64 = torch.float64
-EVALUATIONS = ("auto", "eager", "compiled")  # how Accountant evaluates the per-unit groups
-#: ``evaluation="auto"`` compiles from this many tracked elements of per-unit laws on (below,
-#: an eager record costs well under a millisecond and a compile would not pay off)
+EVALUATIONS = ("auto", "eager", "compiled", "native")  # how Accountant evaluates the per-unit groups
+#: ``evaluation="auto"`` fuses from this many tracked elements of per-unit laws on (below, an
+#: eager record costs well under a millisecond and a build would not pay off)
 AUTO_COMPILE_ELEMENTS = 2**18
 
 
@@ -393,10 +394,13 @@ class Accountant:
     products are the same; only the summation order differs (bound in
     :mod:`torch_conslaw.evaluation`). Without a compiler, or when compiling fails, it warns
     and stays on the eager path. :meth:`initial` (values and scales, once) always runs eagerly.
-    ``evaluation="auto"`` compiles where a compiler is found and the per-unit laws read at
-    least :data:`AUTO_COMPILE_ELEMENTS` elements, and stays eager otherwise, without a warning
+    ``evaluation="native"`` uses :class:`~torch_conslaw.native.NativeLaws` instead (CPU: a C
+    kernel built once per machine that reads each parameter once, contiguously, for all its
+    readers; the same products and bound). ``evaluation="auto"``, where the per-unit laws read
+    at least :data:`AUTO_COMPILE_ELEMENTS` elements, picks native on the CPU and compiled on
+    GPUs where they are available, and stays eager otherwise, without a warning
     (:attr:`evaluation` then says which one runs, :attr:`evaluation_reason` why);
-    :meth:`prepare` compiles ahead of the first record.
+    :meth:`prepare` builds the kernels ahead of the first record.
     The kernels use the torch thread count of the thread that built the accountant, whichever
     thread calls them (a recorder's worker too), so records stay bitwise equal across recorders.
 
@@ -423,9 +427,11 @@ class Accountant:
         self.evaluation = "eager" if evaluation == "auto" else evaluation  # resolved with the plan
         self.evaluation_reason = "requested" if evaluation != "auto" else "auto: not resolved yet (no evaluation ran)"
         self._threads = torch.get_num_threads()  # the compiled kernels' (the constructing thread's)
-        self._compiled: CompiledLaws | None = None
-        self._compiled_for: _FastPlan | None = None  # the plan the kernels were built for
+        self._fused_laws: CompiledLaws | NativeLaws | None = None
+        self._fused_for: _FastPlan | None = None  # the plan the kernels were built for
         self._order: Tensor | None = None  # group order of the fast block + generic columns
+        # (kernel, names, shapes) when the native kernel alone gives every table in group order
+        self._direct: tuple[NativeLaws, list[str], list[torch.Size]] | None = None
 
     @property
     def paths(self) -> dict[str, Any] | None:
@@ -453,36 +459,47 @@ class Accountant:
             "chunks": max((len(w.chunks) for w in self._fast.work), default=0),
         }
 
-    def _kernel(self, fast: _FastPlan, tensors: list[Tensor]) -> CompiledLaws | None:
-        """The fused kernels of the fast groups (``evaluation="compiled"``), or ``None`` for
-        the chunked eager path: no compiler for the device, a failed compilation (then the
-        accountant stays eager, with a warning), or non-contiguous inputs."""
-        if self.evaluation != "compiled" or not fast.fast:
+    def _kernel(self, fast: _FastPlan, tensors: list[Tensor]) -> CompiledLaws | NativeLaws | None:
+        """The fused kernels of the fast groups (``evaluation="compiled"`` or ``"native"``), or
+        ``None`` for the chunked eager path: no compiler for the device, a failed build (then
+        the accountant stays eager, with a warning), or inputs the kernel cannot read as they
+        are (non-contiguous; for the native kernel also another device or dtype)."""
+        if self.evaluation not in ("compiled", "native") or not fast.fast:
             return None
         if not all(t.is_contiguous() for t in tensors):
             return None
-        if self._compiled is None or self._compiled_for is not fast:
-            if not compiler_available(fast.device.type):
+        if self._fused_laws is None or self._fused_for is not fast:
+            if self.evaluation == "native":
+                ok, how = native_status()
+                if not ok or fast.device.type != "cpu":
+                    self._give_up(how if not ok else f"it reads CPU tensors, not {fast.device.type} ones")
+                    return None
+                self._fused_laws = NativeLaws(fast.spec, len(fast.fast_names), self._threads)
+            elif not compiler_available(fast.device.type):
                 self._give_up(f"no compiler for {fast.device.type} tensors was found")
                 return None
-            self._compiled = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
-            self._compiled_for = fast
-        return self._compiled
+            else:
+                self._fused_laws = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
+            self._fused_for = fast
+            direct = isinstance(self._fused_laws, NativeLaws) and not fast.generic and self._order is None
+            self._direct = (self._fused_laws, fast.fast_names, [t.shape for t in tensors]) if direct else None  # type: ignore[assignment]
+        return self._fused_laws
 
     def _give_up(self, why: str) -> None:
-        self.evaluation_reason = f"compiled evaluation not available: {why}"
+        self._direct = None
+        self.evaluation_reason = f"{self.evaluation} evaluation not available: {why}"
         if self.requested == "auto":  # auto: stay eager without a warning (the reason says why)
             self.evaluation = "eager"
-            self._compiled = None
+            self._fused_laws = None
             return
         warnings.warn(
-            f"Accountant: evaluation='compiled' is not available ({why}); the laws are evaluated "
-            "by the chunked eager path instead",
+            f"Accountant: evaluation={self.evaluation!r} is not available ({why}); the laws are "
+            "evaluated by the chunked eager path instead",
             RuntimeWarning,
             stacklevel=4,
         )
         self.evaluation = "eager"
-        self._compiled = None
+        self._fused_laws = None
 
     def _fused(self, fast: _FastPlan, kind: str, *sides: Mapping[str, Tensor]) -> Tensor | None:
         """The fast groups' table from the fused kernel (``[1, laws]`` for values, ``[3, laws]``
@@ -491,8 +508,10 @@ class Accountant:
         kernel = self._kernel(fast, tensors)
         if kernel is None:
             return None
+        count = len(fast.fast_names)
+        if isinstance(kernel, NativeLaws):  # None: not readable as they are (eager this time)
+            return kernel.table(tensors[:count] if kind == "split" else None, tensors[-count:])
         try:
-            count = len(fast.fast_names)
             if kind == "values":
                 return kernel.values(tensors).view(1, -1)
             return kernel.split(tensors[:count], tensors[count:])
@@ -507,37 +526,44 @@ class Accountant:
         if fast is not None and fast.matches(tensors):
             return fast
         if not tensors or len({t.device for t in tensors}) != 1:
-            self._fast = None
+            self._fast = self._direct = None
             return None
         self._fast = _FastPlan(self.groups, self.names, params)
         self._order = _order(self.groups, self._fast)
+        self._direct = None
         if self.requested == "auto":
             self._resolve_auto(self._fast)
         return self._fast
 
     def _resolve_auto(self, fast: _FastPlan) -> None:
-        """``evaluation="auto"``: compiled for large per-unit laws where a compiler is found."""
+        """``evaluation="auto"``: for large per-unit laws, native on the CPU where the C kernel
+        builds, else compiled where a compiler is found, else eager."""
         elements = sum(w.numel for w in fast.work)
+        enough = f"{elements:,} tracked elements ≥ {AUTO_COMPILE_ELEMENTS:,}"
+        native, how = native_status() if fast.device.type == "cpu" else (False, "not on the CPU")
         if not fast.fast:
             self.evaluation, self.evaluation_reason = "eager", "auto: no per-unit law to fuse"
         elif elements < AUTO_COMPILE_ELEMENTS:
             self.evaluation = "eager"
             self.evaluation_reason = f"auto: {elements:,} tracked elements < {AUTO_COMPILE_ELEMENTS:,}"
+        elif native:
+            self.evaluation = "native"
+            self.evaluation_reason = f"auto: {enough} on the CPU and the native kernel ({how})"
         elif not compiler_available(fast.device.type):
             self.evaluation = "eager"
             self.evaluation_reason = f"auto: no compiler for {fast.device.type} tensors was found"
         else:
             self.evaluation = "compiled"
-            self.evaluation_reason = f"auto: {elements:,} tracked elements ≥ {AUTO_COMPILE_ELEMENTS:,} and a compiler"
+            self.evaluation_reason = f"auto: {enough} and a compiler (native kernel: {how})"
 
     def prepare(self, params: Mapping[str, Tensor], split: bool) -> None:
         """Build the plan and, for the compiled evaluation, compile the kernels a record needs
         now (values, and the split when ``split``) instead of at the first record: seconds,
         outside the training step. Nothing to do for the eager evaluation."""
-        if self._plan([params[n] for n in self.names], params) is None or self.evaluation != "compiled":
+        if self._plan([params[n] for n in self.names], params) is None or self.evaluation not in ("compiled", "native"):
             return
         self.values_table(params)
-        if split and self.evaluation == "compiled":  # still compiled: the values kernel built
+        if split and self.evaluation in ("compiled", "native"):  # the values kernel built
             self.split_table(params, params)
         if self._fast is not None:
             self._fast.release()  # the eager path's buffers (rebuilt if it ever runs again)
@@ -556,6 +582,13 @@ class Accountant:
             >>> acc.values_table(dict(model.named_parameters())).shape, acc.counts
             (torch.Size([1, 2]), [2])
         """
+        direct = self._direct
+        if direct is not None:  # the native kernel alone: no autograd, no reordering
+            tensors = [params[n] for n in direct[1]]
+            if [t.shape for t in tensors] == direct[2]:
+                table = direct[0].table(None, tensors)
+                if table is not None:
+                    return table
         with torch.no_grad():
             fast = self._plan([params[n] for n in self.names], params)
             pieces: list[Tensor] = []
@@ -568,21 +601,37 @@ class Accountant:
                 del p64
             return self._in_order(fast, pieces, 1)
 
-    def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+    def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor], advance: bool = False) -> Tensor:
         """``[3, laws]``: h(θ⁺), the first order 2 B(θ, Δ) and the second order B(Δ, Δ) of
         every law, float64, groups in order; the same numbers as :func:`split_change` up to
-        float64 summation order."""
+        float64 summation order. ``advance``: also copy θ⁺ (``after``) into the tensors of
+        ``before`` (buffers of the caller, then θ before the next step; the native kernel
+        writes each chunk while it is in cache)."""
+        direct = self._direct
+        if direct is not None:  # the native kernel alone: no autograd, no reordering
+            tensors = [after[n] for n in direct[1]]
+            if [t.shape for t in tensors] == direct[2]:
+                table = direct[0].table([before[n] for n in direct[1]], tensors, advance)
+                if table is not None:
+                    return table
         with torch.no_grad():
-            fast = self._plan([after[n] for n in self.names], after)
-            if fast is None or not fast.matches([before[n] for n in self.names]):
-                return _table(self._split_generic(before, after, self.groups), self.groups)
-            pieces: list[Tensor] = []
-            if fast.fast:
-                fused = self._fused(fast, "split", before, after)
-                pieces.append(fused if fused is not None else fast.split(before, after))
-            if fast.generic:
-                pieces.append(_table(self._split_generic(before, after, fast.generic), fast.generic))
-            return self._in_order(fast, pieces, 3)
+            table = self._split_in_order(before, after)
+            if advance:
+                for n in self.names:
+                    before[n].copy_(after[n])
+            return table
+
+    def _split_in_order(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+        fast = self._plan([after[n] for n in self.names], after)
+        if fast is None or not fast.matches([before[n] for n in self.names]):
+            return _table(self._split_generic(before, after, self.groups), self.groups)
+        pieces: list[Tensor] = []
+        if fast.fast:
+            fused = self._fused(fast, "split", before, after)
+            pieces.append(fused if fused is not None else fast.split(before, after))
+        if fast.generic:
+            pieces.append(_table(self._split_generic(before, after, fast.generic), fast.generic))
+        return self._in_order(fast, pieces, 3)
 
     def _in_order(self, fast: _FastPlan | None, pieces: list[Tensor], rows: int) -> Tensor:
         """The fast groups' block and then the generic groups' columns, in group order."""

@@ -40,8 +40,11 @@ class LawTable:
         """``[1, laws]``: h(θ), float64."""
         return self.inner.values_table(params)
 
-    def split(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
-        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ), float64."""
+    def split(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor], advance: bool = False) -> Tensor:
+        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ), float64. ``advance`` (one process
+        only): also copy θ⁺ into ``before`` (the caller's buffers, then θ before the next step)."""
+        if advance:
+            return self.inner.split_table(before, after, advance=True)
         return self.inner.split_table(before, after)
 
     def initial(self, params: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

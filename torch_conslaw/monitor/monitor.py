@@ -123,14 +123,15 @@ class ConservationMonitor:
             and ``summary()`` / ``history()["step"]`` say which steps were recorded.
             Exclusive with ``every`` / ``log_spaced``.
         evaluation: how the per-unit laws are evaluated (:class:`~torch_conslaw.accounting.Accountant`):
-            ``"eager"`` (chunked torch operations, needs nothing), ``"compiled"`` (one fused
-            TorchInductor kernel per record; equal to the eager records up to float64
-            summation order; falls back to eager with a warning where no compiler is found)
-            or ``"auto"`` (default: compiled when a compiler is found and the per-unit laws
-            read at least ``AUTO_COMPILE_ELEMENTS`` = 2¹⁸ elements, else eager). A compiled
-            evaluation is compiled when the monitor is built (seconds; Inductor caches it on
-            disk). :attr:`evaluation` says which one runs and :attr:`evaluation_reason` why.
-            Every recorder uses the same evaluator.
+            ``"eager"`` (chunked torch operations, needs nothing), ``"native"`` (CPU: one
+            pass of a small C kernel per record, built once per machine by its C compiler,
+            :mod:`torch_conslaw.native`), ``"compiled"`` (one fused TorchInductor kernel per
+            record; Triton on GPUs) or ``"auto"`` (default: where the per-unit laws read at
+            least ``AUTO_COMPILE_ELEMENTS`` = 2¹⁸ elements, native on the CPU and compiled on
+            GPUs, else eager). The fused ones equal the eager records up to float64 summation
+            order, and fall back to eager with a warning where they cannot be built. They are
+            built when the monitor is (cached on disk). :attr:`evaluation` says which one runs
+            and :attr:`evaluation_reason` why. Every recorder uses the same evaluator.
 
     Snapshot recording (``recording="snapshot"``, formerly ``asynchronous=True``): at a recorded step the training thread
     only copies the tracked parameters, in their own dtype, into one of ``async_buffers``
@@ -428,7 +429,7 @@ class ConservationMonitor:
 
     @property
     def evaluation(self) -> str:
-        """Which evaluation runs the per-unit laws: ``"eager"`` or ``"compiled"``
+        """Which evaluation runs the per-unit laws: ``"eager"``, ``"native"`` or ``"compiled"``
         (``"sharded"`` under FSDP2: local shards and one all-reduce)."""
         return getattr(self.evaluator.inner, "evaluation", "sharded")
 

@@ -6,8 +6,9 @@ first and the second order of the split), the columns laid out group after group
 :class:`RecordStore` keeps at most ``max_records`` records, evenly thinned, with the latest
 one always available; :class:`DriftStatistics` keeps θ₀, the natural scales, the running
 maxima of every law (exact over every recorded step, whatever was thinned) and the laws marked
-invalid (non-finite). Folding a record in costs a few tensor operations whatever the number of
-groups; per-group numbers are formed only when read.
+invalid (non-finite). Folding a record in costs one native call (or a few tensor operations
+where the native kernel is not built: :func:`~torch_conslaw.native.fold_abs_max`) whatever
+the number of groups; per-group numbers are formed only when read.
 
 Example:
     >>> import torch
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..native import fold_abs_max
 
 __all__ = ["Record", "RecordStore", "DriftStatistics", "LawLayout"]
 
@@ -225,7 +228,7 @@ class DriftStatistics:
     the columns of ``layout``.
 
     :meth:`record` folds one record's table into the running maxima (per law: max |h − h₀|,
-    max |first order|, max |second order|) with a few tensor operations, and returns the
+    max |first order|, max |second order|) in one native call, and returns the
     :class:`Record`; a law that becomes non-finite is marked invalid (with a
     ``RuntimeWarning``) and left out of every statistic from then on. Per-group maxima are
     formed when read (:meth:`maxima`): max over steps and laws commute, and dividing by a
@@ -246,9 +249,8 @@ class DriftStatistics:
         self.init_flat: Tensor = self.base[0]
         self.scale_flat: Tensor = layout.flat({k: floor_scale(scales[k]).cpu() for k in layout.names})
         self.invalid = torch.zeros(layout.size, dtype=torch.bool)
-        self._any_invalid = False
         self.running = torch.zeros(rows, layout.size, dtype=torch.float64)
-        self._scratch = torch.empty(rows, layout.size, dtype=torch.float64)
+        self._invalid_bytes: Tensor | None = None  # ``invalid`` as bytes once a law is marked
         # per-group maxima restored from a checkpoint of an earlier format (without per-law maxima)
         self._floor: dict[str, dict[str, float]] = {}
         self._mark_invalid(0, self.init_flat.unsqueeze(0))
@@ -263,13 +265,10 @@ class DriftStatistics:
         monitor had no θ to split against); ``extra``: identity groups' entries."""
         if self.layout.size:
             rows = table.shape[0]
-            scratch = self._scratch[:rows]
-            torch.sub(table, self.base[:rows], out=scratch).abs_()
-            if not math.isfinite(float(scratch.sum())):
-                self._mark_invalid(step, table)
-            if self._any_invalid:
-                scratch.masked_fill_(self.invalid, 0.0)
-            torch.maximum(self.running[:rows], scratch, out=self.running[:rows])
+            base, running = self.base[:rows], self.running[:rows]
+            if not fold_abs_max(table, base, running, self._invalid_bytes):
+                self._mark_invalid(step, table)  # non-finite laws: marked, then left out
+                fold_abs_max(table, base, running, self._invalid_bytes)
         if self.split and table.shape[0] == 1:  # no snapshot to split against (post_step alone)
             table = torch.cat([table, torch.full((2, table.shape[1]), math.nan, dtype=table.dtype)])
         return Record.of_table(step, table, self.source(), extra)
@@ -281,7 +280,7 @@ class DriftStatistics:
         if not bool(new.any()):
             return
         self.invalid = self.invalid | bad  # a new tensor: earlier records keep theirs
-        self._any_invalid = True
+        self._invalid_bytes = self.invalid.to(torch.uint8)
         for name, count in zip(self.layout.names, new.split(self.layout.counts)):
             n = int(count.sum())
             if n:
@@ -332,7 +331,7 @@ class DriftStatistics:
         self.init_flat = self.base[0]
         self.scale_flat = state["scale"].clone()
         self.invalid = state["invalid"].clone()
-        self._any_invalid = bool(self.invalid.any())
+        self._invalid_bytes = self.invalid.to(torch.uint8) if bool(self.invalid.any()) else None
         if "running" in state and state["running"].shape == self.running.shape:
             self.running = state["running"].clone()
             self._floor = {}

@@ -2,8 +2,12 @@
 the laws in the optimizer's hooks.
 
 With the split, θ before a recorded step is copied in its own dtype (exact; the evaluator
-converts chunk by chunk) into buffers reused from step to step; in a manual loop the split of
-a recorded change is taken against θ at the previous record.
+converts chunk by chunk) into buffers reused from step to step. When the next step is
+recorded too, the evaluation of a split leaves θ⁺ in those buffers (the native kernel writes
+each chunk while it is in cache), and they serve as θ before the next step unless a parameter
+was modified in between (its version counter or storage changed; then θ is copied before the
+step, as the snapshot recorder does). In a manual loop the split of a recorded change is
+taken against θ at the previous record.
 
 Example:
     >>> import torch
@@ -41,12 +45,14 @@ class SyncRecorder:
         self._before: dict[str, Tensor] | None = None  # θ before the step being taken
         self._spare: dict[str, Tensor] | None = None  # reused buffers for the pre-step snapshot
         self._last: dict[str, Tensor] | None = None  # θ at the last record (manual loops)
+        # θ after the last step, left by its split, and the parameters' versions then
+        self._reuse: tuple[dict[str, Tensor], list[tuple[int, int]]] | None = None
 
     def start(self, next_step: int) -> None:
         self._last = None
 
     def stop(self) -> None:
-        self._before = None
+        self._before = self._reuse = None
         self.detached()
 
     def detached(self) -> None:
@@ -54,7 +60,7 @@ class SyncRecorder:
             self._last = self._snapshot()
 
     def forget(self, attached: bool) -> None:
-        self._before = None
+        self._before = self._reuse = None
         if not attached:
             self.detached()
 
@@ -63,13 +69,24 @@ class SyncRecorder:
 
     def before_step(self, step: int) -> None:
         self._ctx.guard()
+        reuse, self._reuse = self._reuse, None
         if self._ctx.split and self._ctx.due(step):
-            self._before = self._snapshot(self._spare)
+            if reuse is not None and reuse[1] == self._versions():
+                self._before = reuse[0]  # θ after the last step, unchanged since
+            else:
+                self._before = self._snapshot(reuse[0] if reuse is not None else self._spare)
+        elif reuse is not None:
+            self._spare = reuse[0]
 
     def after_step(self, count: Callable[[], int], attached: bool) -> None:
         step = count()
-        if self._ctx.due(step):
+        ctx = self._ctx
+        if ctx.due(step):
             before, self._before = self._before, None
+            if before is not None and attached and ctx.local is None and ctx.due(step + 1):
+                self._record(step, before, advance=True)  # before now holds θ⁺
+                self._reuse = (before, self._versions())
+                return
             self._record(step, before if before is not None else self._last)
             if before is not None:
                 self._spare = before
@@ -78,9 +95,13 @@ class SyncRecorder:
         self._ctx.guard()
         step = count()
         if self._ctx.due(step):
-            self._record(step, self._last)
+            last = self._last
+            if self._ctx.split and last is not None and self._ctx.local is None:
+                self._record(step, last, advance=True)  # last now holds θ at this record
+                return
+            self._record(step, last)
             if self._ctx.split:
-                self._last = self._snapshot(self._last)
+                self._last = self._snapshot(last)
 
     def flush(self) -> None:
         return None
@@ -103,10 +124,16 @@ class SyncRecorder:
                 into[n].copy_(params[n].detach())
             return into
 
-    def _record(self, step: int, before: dict[str, Tensor] | None) -> None:
+    def _versions(self) -> list[tuple[int, int]]:
+        """The tracked parameters' version counters and storages (any in-place change or new
+        storage changes them)."""
+        params = self._ctx.params
+        return [(params[n]._version, params[n].data_ptr()) for n in self._ctx.names]
+
+    def _record(self, step: int, before: dict[str, Tensor] | None, advance: bool = False) -> None:
         ctx = self._ctx
         if ctx.split and before is not None:
-            table = ctx.evaluator.split(before, ctx.params)
+            table = ctx.evaluator.split(before, ctx.params, advance=True) if advance else ctx.evaluator.split(before, ctx.params)
         else:
             table = ctx.evaluator.values(ctx.params)
         ctx.deliver(step, table.cpu())  # a small table; the history lives on the CPU

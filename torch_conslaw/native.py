@@ -1,0 +1,295 @@
+"""Native evaluation of per-unit laws: one pass over the parameters, in C, on the CPU.
+
+:class:`NativeLaws` does what :class:`~torch_conslaw.evaluation.CompiledLaws` does (the values
+h(θ) and the split h(θ⁺), 2 B(θ, Δ), B(Δ, Δ) of every per-unit law, accumulated in float64)
+with a small C kernel (``native_laws.c``) built once by the machine's C compiler and called
+through :mod:`ctypes`. Where Inductor's kernel reads a weight once for its row sums and again,
+with a strided walk, for its column sums, this kernel reads each parameter once, contiguously,
+and adds every element's float64 product to the rows of every reader of that parameter: a
+record costs about one read of θ (measured in ``experiments/record_costs_in_step.py``).
+
+The build is cached (``$TORCH_CONSLAW_CACHE``, else ``~/.cache/torch_conslaw``) under a key of
+the source, the compiler and the CPU, so it runs once per machine (a fraction of a second).
+:func:`native_status` says whether the kernel is available and why not; the
+:class:`~torch_conslaw.accounting.Accountant` then uses Inductor or its eager path instead.
+
+Exactness: the same float64 products as the reference; only the order of the float64 sums
+differs, so each law is within the bound of :mod:`torch_conslaw.evaluation`
+(``2 γ_n Σ|products|``). The work is cut into ``parts`` fixed ranges (the thread count when
+the kernel was set up), summed in order: records are the same bits whichever thread calls.
+
+Example:
+    >>> import torch
+    >>> w1, w2 = torch.ones(3, 2), torch.ones(1, 3)
+    >>> spec = [([(0, (1, 3, 2))], [(1, (1, 3, 1))], 1.0)]  # ‖w_in‖² − ‖w_out‖² per unit
+    >>> native_status()[0] in (True, False)
+    True
+    >>> NativeLaws(spec, 2).values([w1, w2]).tolist() if native_status()[0] else [1.0, 1.0, 1.0]
+    [1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .evaluation import GroupSpec
+
+__all__ = ["NativeLaws", "native_status", "fold_abs_max"]
+
+SOURCE = Path(__file__).with_name("native_laws.c")
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC", ""), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_key() -> str:
+    """What ``-march=native`` depends on: the CPU's flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TORCH_CONSLAW_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "torch_conslaw"
+
+
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compile the kernel to ``target`` (atomically); the compiler's complaint, or ``None``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).strip()[-500:] or f"exit status {done.returncode}"
+        os.replace(out, target)  # concurrent builders (ranks) each write a whole file
+    return None
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang)"
+    source = SOURCE.read_bytes()
+    errors = []
+    # OpenMP and the CPU's own instructions where the compiler has them; plainer builds else
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        flags = _FLAGS + extra
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_key().encode()])).hexdigest()[:20]
+        target = _cache_dir() / f"native_laws-{key}{'.dll' if os.name == 'nt' else '.so'}"
+        try:
+            if not target.exists():
+                error = _build(cc, flags, target)
+                if error is not None:
+                    errors.append(f"{' '.join(extra) or 'plain'}: {error}")
+                    continue
+            lib = ctypes.CDLL(str(target))
+        except OSError as error:
+            errors.append(f"{' '.join(extra) or 'plain'}: {error}")
+            continue
+        lib.tcl_laws.restype = lib.tcl_fold.restype = ctypes.c_int64
+        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.tcl_laws.argtypes = [pointer, pointer, i64, pointer, pointer, pointer, i64, pointer, pointer, i64]
+        lib.tcl_fold.argtypes = [i64, i64, pointer, pointer, pointer, pointer]
+        return lib, f"built with {cc} {' '.join(flags)} ({target})"
+    return None, "the C kernel did not build: " + "; ".join(errors)
+
+
+def native_status() -> tuple[bool, str]:
+    """Whether the native kernel is available here, and how it was built or why not.
+
+    Example:
+        >>> ok, how = native_status()
+        >>> isinstance(how, str)
+        True
+    """
+    lib, how = _library()
+    return lib is not None, how
+
+
+def _i64(values: Sequence[int]) -> Tensor:
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+class NativeLaws:
+    """The fused values and split of fixed per-unit groups, by the native kernel.
+
+    ``spec`` as for :class:`~torch_conslaw.evaluation.CompiledLaws`: per group, its incoming
+    and outgoing readers ``(tensor index, (A, U, B))`` and its degree; ``count`` tensors.
+    :meth:`values` returns ``[laws]``, :meth:`split` ``[3, laws]`` (h(θ⁺), 2 B(θ, Δ),
+    B(Δ, Δ)), float64. ``threads``: the fixed number of parts (and threads) of the work.
+    :meth:`supports` says whether a set of tensors can be read by it (CPU, contiguous, float32,
+    float64, bfloat16 or float16, sizes of the spec).
+    """
+
+    def __init__(self, spec: Sequence[GroupSpec], count: int, threads: int = 1) -> None:
+        lib, how = _library()
+        if lib is None:
+            raise RuntimeError(f"NativeLaws: {how}")
+        self._fn = lib.tcl_laws
+        readers: list[list[tuple[int, int, int]]] = [[] for _ in range(count)]  # per tensor: (U, B, offset)
+        width = 0
+        in_rows: list[list[int]] = []
+        out_rows: list[list[int]] = []
+        degrees: list[float] = []
+        numel = [0] * count
+        for incoming, outgoing, degree in spec:
+            laws = None
+            sides = []
+            for side in (incoming, outgoing):
+                rows = []
+                for index, (a, u, b) in side:
+                    readers[index].append((u, b, width))
+                    numel[index] = a * u * b
+                    rows.append(width)
+                    width += u
+                    laws = u
+                sides.append(rows)
+            assert laws is not None
+            for j in range(laws):
+                in_rows.append([start + j for start in sides[0]])
+                out_rows.append([start + j for start in sides[1]])
+                degrees.append(float(degree))
+        self.count = count
+        self.laws = len(degrees)
+        self.numel = numel
+        self.width = width
+        self.parts = max(1, int(threads))
+        chunks = []
+        for plans in readers:
+            runs = [b if b > 1 else u for u, b, _ in plans]
+            chunks.append(math.gcd(*runs) if runs else 1)
+        flat = [r for plans in readers for r in plans]
+        starts = [0]
+        for plans in readers:
+            starts.append(starts[-1] + len(plans))
+        in_ptr, out_ptr = [0], [0]
+        for rows in in_rows:
+            in_ptr.append(in_ptr[-1] + len(rows))
+        for rows in out_rows:
+            out_ptr.append(out_ptr[-1] + len(rows))
+        sections = [
+            numel, chunks, starts, [u for u, _, _ in flat], [b for _, b, _ in flat], [o for _, _, o in flat],
+            in_ptr, [r for rows in in_rows for r in rows], out_ptr, [r for rows in out_rows for r in rows],
+        ]
+        header = [count, width, self.parts, self.laws]
+        at = len(header) + len(sections)
+        for section in sections:
+            header.append(at)
+            at += len(section)
+        self._plan = _i64(header + [x for section in sections for x in section])
+        self._degrees = torch.tensor(degrees, dtype=torch.float64)
+        self._fixed = (self._plan.data_ptr(), self._degrees.data_ptr())
+        self._scratch = {rows: torch.empty(self.parts * rows * width, dtype=torch.float64) for rows in (1, 3)}
+        self._codes = torch.zeros(count, dtype=torch.int64)  # the dtype codes of the checked tensors
+        self._before = (ctypes.c_void_p * count)()
+        self._after = (ctypes.c_void_p * count)()
+        self._checked: list[int] = []  # the data pointers of the last tensors found readable
+
+    def supports(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether the kernel reads these tensors as they are (else the caller falls back)."""
+        return len(tensors) % self.count == 0 and all(
+            t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() and t.numel() == self.numel[i % self.count]
+            for i, t in enumerate(tensors)
+        )
+
+    def table(self, before: Sequence[Tensor] | None, after: Sequence[Tensor], advance: bool = False) -> Tensor | None:
+        """``[1, laws]`` values (``before`` None) or the ``[3, laws]`` split; ``None`` when the
+        kernel cannot read these tensors as they are (the caller falls back). ``advance``: the
+        split also copies θ⁺ into ``before``, chunk by chunk while it is in cache (θ before the
+        next step, at the cost of a write). A repeated call on the same storage checks only
+        that every tensor is still contiguous."""
+        pointers = [x.data_ptr() for x in after]
+        rows = 1
+        if before is not None:
+            pointers += [x.data_ptr() for x in before]
+            rows = 3
+        if pointers != self._checked:  # new storage: check dtypes, layout and sizes again
+            both = list(after) if before is None else [*after, *before]
+            if not self.supports(both) or (before is not None and any(b.dtype != a.dtype for b, a in zip(before, after))):
+                self._checked = []
+                return None
+            self._codes = _i64(DTYPES[x.dtype] for x in after)
+            self._checked = pointers
+        elif not all(x.is_contiguous() for x in after) or (before is not None and not all(x.is_contiguous() for x in before)):
+            self._checked = []
+            return None
+        self._after[:] = pointers[: self.count]
+        if rows == 3:
+            self._before[:] = pointers[self.count :]
+        out = torch.empty(rows, self.laws, dtype=torch.float64)
+        done = self._fn(
+            *self._fixed, rows, self._before, self._after, self._codes.data_ptr(), self.parts,
+            self._scratch[rows].data_ptr(), out.data_ptr(), int(advance and before is not None),
+        )
+        if done != 0:
+            raise TypeError("NativeLaws: a tensor has a dtype the kernel does not read")
+        return out
+
+    def values(self, tensors: Sequence[Tensor]) -> Tensor:
+        """h(θ) of every law, float64 (``[laws]``)."""
+        return self._readable(self.table(None, tensors))[0]
+
+    def split(self, before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
+        """``[3, laws]``: h(θ⁺), 2 B(θ, Δ) and B(Δ, Δ), float64."""
+        return self._readable(self.table(before, after))
+
+    @staticmethod
+    def _readable(table: Tensor | None) -> Tensor:
+        if table is None:
+            raise TypeError("NativeLaws: the kernel cannot read these tensors as they are (see supports())")
+        return table
+
+
+def fold_abs_max(table: Tensor, base: Tensor, running: Tensor, invalid: Tensor | None) -> bool:
+    """``running = max(running, |table − base|)``, with 0 for the laws marked in ``invalid``
+    (``[laws]``, or ``None``): the running maxima of a record (``[rows, laws]`` float64, CPU).
+    Returns ``False`` and changes nothing when a law not marked has a non-finite entry. One
+    native call where the kernel is built (a record's statistics then cost microseconds inside
+    a training step), the same result from torch operations otherwise.
+
+    Example:
+        >>> running = torch.zeros(1, 2, dtype=torch.float64)
+        >>> fold_abs_max(torch.tensor([[1.0, -3.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), running, None)
+        True
+        >>> running.tolist()
+        [[1.0, 3.0]]
+    """
+    lib, _ = _library()
+    ready = all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous() for t in (table, base, running))
+    if lib is not None and ready and table.shape == base.shape == running.shape:
+        mask = None if invalid is None else invalid.to(torch.uint8).contiguous()
+        rows, laws = table.shape
+        pointer = None if mask is None else mask.data_ptr()
+        return lib.tcl_fold(rows, laws, table.data_ptr(), base.data_ptr(), running.data_ptr(), pointer) == 0
+    gap = torch.sub(table, base).abs_()
+    if invalid is not None:
+        gap.masked_fill_(invalid.bool(), 0.0)
+    if not bool(torch.isfinite(gap).all()):
+        return False
+    torch.maximum(running, gap, out=running)
+    return True
