@@ -61,6 +61,7 @@ from torch import nn
 from torch_conslaw import ConservationMonitor
 from torch_conslaw.accounting import Accountant
 from torch_conslaw.lawgroups import build_groups
+from torch_conslaw.native import native_status
 from torch_conslaw.structure import find_structure
 
 WIDTHS = (784, 512, 512, 10)
@@ -226,8 +227,9 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
     then build and attach the monitor (``mode``: ``none``, ``split``, ``values``, or either
     with ``-eager``) and train ``steps`` more; the extra is the rise of the peak RSS.
     Before the baseline, a monitor with the same options records two steps of a tiny MLP:
-    code, lazy imports and caches (the compiler's, for the default evaluation) do not grow with θ and
-    are not counted; what a new kernel's compilation allocates still is."""
+    code, lazy imports and caches (the native library or the compiler's, for the default
+    evaluation) do not grow with θ and are not counted; what a new kernel's compilation
+    allocates still is. ``record_bytes``: what each stored record adds (its float64 table)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = make_mlp(LARGE_WIDTHS)
@@ -250,7 +252,8 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
     if mode != "none":  # code, lazy imports and caches that do not grow with the model
         small = make_mlp((8, 16, 16, 4))
         warm = torch.optim.SGD(small.parameters(), lr=1e-3)
-        ConservationMonitor(small, **(options if eager else options | {"evaluation": "compiled"})).attach(warm)
+        fused = "native" if native_status()[0] else "compiled"  # what "auto" picks on the large MLP
+        ConservationMonitor(small, **(options if eager else options | {"evaluation": fused})).attach(warm)
         for _ in range(2):
             warm.zero_grad()
             small(torch.randn(2, 8)).sum().backward()
@@ -264,28 +267,43 @@ def memory_probe(mode: str, steps: int = 6) -> dict:
     peak = _peak_rss_bytes()
     native = sum(p.numel() * p.element_size() for p in model.parameters())
     recorded = monitor.num_steps if monitor is not None else 0
-    return {"params": sum(p.numel() for p in model.parameters()), "param_bytes": native, "extra_bytes": peak - base, "recorded": recorded}
+    laws = sum(g.count for g in monitor.groups) if monitor is not None else 0
+    return {
+        "params": sum(p.numel() for p in model.parameters()), "param_bytes": native, "extra_bytes": peak - base,
+        "recorded": recorded, "evaluation": monitor.evaluation if monitor is not None else None,
+        "record_bytes": 8 * laws * (3 if options["split"] else 1),
+    }
 
 
 MEMORY_MODES = ("none", "split", "values", "split-eager", "values-eager")
 
 
-def memory() -> dict:
-    """Each mode in a fresh process (peak RSS is per process); ratios to the native bytes."""
+def memory(repeats: int = 5) -> dict:
+    """Each mode in ``repeats`` fresh processes (peak RSS is per process): the median extra
+    bytes (the rise moves by ~0.3 MiB from run to run: the Python and glibc heaps), and every
+    run's, as ratios to the parameters' native bytes."""
     # a fixed mmap threshold: every large buffer is mapped and returned when freed, so the
     # peak RSS follows the live tensors instead of glibc's adaptive heap (noise ~0.2x here)
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    probes = {}
-    for mode in MEMORY_MODES:
-        done = subprocess.run([sys.executable, __file__, "--memory-probe", mode], env=env, capture_output=True, text=True, check=True)
-        probes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for mode in MEMORY_MODES:
+            done = subprocess.run([sys.executable, __file__, "--memory-probe", mode], env=env, capture_output=True, text=True, check=True)
+            runs.setdefault(mode, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    probes = {m: r[0] for m, r in runs.items()}
+    extra = {m: statistics.median(p["extra_bytes"] for p in r) for m, r in runs.items()}
     native = probes["none"]["param_bytes"]
     return {
         "model": "-".join(map(str, LARGE_WIDTHS)) + " ReLU MLP, float32",
         "params": probes["none"]["params"],
         "param_bytes_native": native,
-        "extra_mib": {m: p["extra_bytes"] / 2**20 for m, p in probes.items()},
-        "extra_x_params": {m: p["extra_bytes"] / native for m, p in probes.items()},
+        "repeats": repeats,
+        "extra_mib": {m: x / 2**20 for m, x in extra.items()},
+        "extra_x_params": {m: x / native for m, x in extra.items()},
+        "extra_x_params_runs": {m: [p["extra_bytes"] / native for p in r] for m, r in runs.items()},
+        "evaluation": {m: p["evaluation"] for m, p in probes.items()},
+        "records_stored": {m: p["recorded"] + 1 for m, p in probes.items()},  # with θ₀'s
+        "record_x_params": {m: p["record_bytes"] / native for m, p in probes.items()},
         "targets": {"split": 1.25, "values": 0.01},
     }
 

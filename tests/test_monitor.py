@@ -294,6 +294,31 @@ def test_log_spaced_schedule_and_bounded_history_keep_exact_maxima():
     assert list(run(log_spaced=True).history()["step"]) == [0, *grid]
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_the_history_is_bounded_in_bytes_too(split):
+    """``max_history_bytes`` caps the stored records at that many bytes of float64 law values
+    (and split): a model with many laws cannot grow a history larger than asked for."""
+    def run(**kw):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        mon = ConservationMonitor(model, split=split, **every_step(kw)).attach(opt)
+        sgd_steps(model, opt, *data(), steps=40)
+        return mon
+
+    full = run()
+    laws = sum(g.count for g in full.groups)
+    record_bytes = 8 * laws * (3 if split else 1)
+    small = run(max_history_bytes=4 * record_bytes + 1)
+    steps = small.history()["step"]
+    assert 2 <= len(steps) <= 5 and steps[0] == 0 and steps[-1] == 40  # 4 stored + the latest
+    assert np.all(np.diff(steps) > 0)
+    for a, b in zip(full.summary(), small.summary()):
+        assert a["max_rel_drift"] == b["max_rel_drift"]
+    assert len(run(max_history_bytes=1).history()["step"]) <= 3  # at least two records stay
+    with pytest.raises(ValueError, match="max_history_bytes must be a positive integer"):
+        ConservationMonitor(mlp(), max_history_bytes=0)
+
+
 def test_state_dict_resume_measures_drift_against_the_original_theta0():
     x, y = data()
     model = mlp()

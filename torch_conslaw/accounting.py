@@ -260,8 +260,8 @@ class _FastPlan:
         # reader j of a side writes lane j of that side (absent readers leave zeros)
         self.offsets = [sum(self.counts[:i]) for i in range(len(self.counts))]
         self.lane_count = tuple(max((len(f[k]) for f in self.fast), default=0) for k in (1, 2))
-        self.degrees = torch.tensor([f[3] for f in self.fast for _ in range(f[0].count)], dtype=F64, device=self.device)
         self.lanes: dict[int, tuple[Tensor, Tensor]] = {}  # rows → (incoming, outgoing) [lanes, rows, laws]
+        self.degrees: Tensor | None = None  # k of each law, made on the eager path's first use
 
     @staticmethod
     def _plan(g: LawGroup, shape_of: dict[str, torch.Size]) -> tuple[list, list] | None:
@@ -367,6 +367,10 @@ class _FastPlan:
                 for lane in lanes[2:]:
                     acc.add_(lane)
             totals.append(acc)
+        if self.degrees is None:  # per law, for the eager path only
+            counts = torch.tensor([g.count for g, *_ in self.fast], device=self.device)
+            degrees = torch.tensor([f[3] for f in self.fast], dtype=F64, device=self.device)
+            self.degrees = degrees.repeat_interleave(counts)
         return torch.addcmul(totals[0], totals[1], self.degrees, value=sign)
 
 
@@ -659,8 +663,10 @@ class Accountant:
             values: dict[str, Tensor] = {}
             scales: dict[str, Tensor] = {}
             if fast is not None and fast.fast:
-                values.update(_per_group([g for g, *_ in fast.fast], fast.values(params)[0]))
-                scales.update(_per_group([g for g, *_ in fast.fast], fast.scales()))
+                fused = self._native_initial(fast, params)
+                value_row, scale_row = fused if fused is not None else (fast.values(params)[0], fast.scales())
+                values.update(_per_group([g for g, *_ in fast.fast], value_row))
+                scales.update(_per_group([g for g, *_ in fast.fast], scale_row))
             last: dict[str, Tensor] = {}  # the previous group's copies (neighbours share parameters)
             for g in self.groups if fast is None else fast.generic:
                 p64 = {n: last[n] if n in last else params[n].detach().to(F64) for n in g.parameter_names}
@@ -668,6 +674,20 @@ class Accountant:
                 last = p64
             order = [g.name for g in self.groups]
             return {k: values[k] for k in order}, {k: scales[k] for k in order}
+
+    def _native_initial(self, fast: _FastPlan, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """The fast groups' values and natural scales from the native kernel (the same
+        evaluation as the records that follow, and no chunk buffers), or ``None``."""
+        if self.evaluation != "native":
+            return None
+        tensors = [params[n].detach() for n in fast.fast_names]
+        kernel = self._kernel(fast, tensors)
+        if not isinstance(kernel, NativeLaws):
+            return None
+        values, scales = kernel.table(None, tensors), kernel.table(None, tensors, sign=1.0)
+        if values is None or scales is None:
+            return None
+        return values[0], scales[0]
 
     def split(
         self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]
@@ -711,12 +731,12 @@ def _table(per_group: tuple[dict[str, Tensor], ...], groups: Sequence[LawGroup])
 def _order(groups: Sequence[LawGroup], fast: _FastPlan) -> Tensor | None:
     """The columns, in group order, of the fast block followed by the generic groups; ``None``
     when that is already the group order."""
+    computed = [g for g, *_ in fast.fast] + list(fast.generic)
+    if [g.name for g in computed] == [g.name for g in groups]:
+        return None
     where: dict[str, tuple[int, int]] = {}
     start = 0
-    for g in [g for g, *_ in fast.fast] + list(fast.generic):
+    for g in computed:
         where[g.name] = (start, g.count)
         start += g.count
-    index = [i for g in groups for i in range(where[g.name][0], where[g.name][0] + g.count)]
-    if index == list(range(len(index))):
-        return None
-    return torch.tensor(index, dtype=torch.long)
+    return torch.cat([torch.arange(where[g.name][0], where[g.name][0] + g.count) for g in groups])

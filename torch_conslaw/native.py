@@ -152,30 +152,23 @@ class NativeLaws:
             raise RuntimeError(f"NativeLaws: {how}")
         self._fn = lib.tcl_laws
         readers: list[list[tuple[int, int, int]]] = [[] for _ in range(count)]  # per tensor: (U, B, offset)
-        width = 0
-        in_rows: list[list[int]] = []
-        out_rows: list[list[int]] = []
-        degrees: list[float] = []
         numel = [0] * count
+        groups: list[int] = []  # per group: first law, laws, incoming, outgoing, row offsets
+        degrees: list[float] = []
+        width = laws = 0
         for incoming, outgoing, degree in spec:
-            laws = None
-            sides = []
-            for side in (incoming, outgoing):
-                rows = []
-                for index, (a, u, b) in side:
-                    readers[index].append((u, b, width))
-                    numel[index] = a * u * b
-                    rows.append(width)
-                    width += u
-                    laws = u
-                sides.append(rows)
-            assert laws is not None
-            for j in range(laws):
-                in_rows.append([start + j for start in sides[0]])
-                out_rows.append([start + j for start in sides[1]])
-                degrees.append(float(degree))
+            starts = []
+            for index, (a, u, b) in [*incoming, *outgoing]:
+                readers[index].append((u, b, width))
+                numel[index] = a * u * b
+                starts.append(width)
+                width += u
+            units = incoming[0][1][1]
+            groups += [laws, units, len(incoming), len(outgoing), *starts]
+            degrees.append(float(degree))
+            laws += units
         self.count = count
-        self.laws = len(degrees)
+        self.laws = laws
         self.numel = numel
         self.width = width
         self.parts = max(1, int(threads))
@@ -187,24 +180,16 @@ class NativeLaws:
         starts = [0]
         for plans in readers:
             starts.append(starts[-1] + len(plans))
-        in_ptr, out_ptr = [0], [0]
-        for rows in in_rows:
-            in_ptr.append(in_ptr[-1] + len(rows))
-        for rows in out_rows:
-            out_ptr.append(out_ptr[-1] + len(rows))
-        sections = [
-            numel, chunks, starts, [u for u, _, _ in flat], [b for _, b, _ in flat], [o for _, _, o in flat],
-            in_ptr, [r for rows in in_rows for r in rows], out_ptr, [r for rows in out_rows for r in rows],
-        ]
-        header = [count, width, self.parts, self.laws]
+        sections = [numel, chunks, starts, [u for u, _, _ in flat], [b for _, b, _ in flat], [o for _, _, o in flat], groups]
+        header = [count, width, self.parts, laws, len(spec)]
         at = len(header) + len(sections)
         for section in sections:
             header.append(at)
             at += len(section)
         self._plan = _i64(header + [x for section in sections for x in section])
-        self._degrees = torch.tensor(degrees, dtype=torch.float64)
-        self._fixed = (self._plan.data_ptr(), self._degrees.data_ptr())
-        self._scratch = {rows: torch.empty(self.parts * rows * width, dtype=torch.float64) for rows in (1, 3)}
+        # law = incoming − degree · outgoing; the natural scale is incoming + degree · outgoing
+        self._degrees = {sign: torch.tensor([-sign * d for d in degrees], dtype=torch.float64) for sign in (-1.0, 1.0)}
+        self._scratch: dict[int, Tensor] = {}  # per number of rows, made on first use
         self._codes = torch.zeros(count, dtype=torch.int64)  # the dtype codes of the checked tensors
         self._before = (ctypes.c_void_p * count)()
         self._after = (ctypes.c_void_p * count)()
@@ -217,12 +202,15 @@ class NativeLaws:
             for i, t in enumerate(tensors)
         )
 
-    def table(self, before: Sequence[Tensor] | None, after: Sequence[Tensor], advance: bool = False) -> Tensor | None:
+    def table(
+        self, before: Sequence[Tensor] | None, after: Sequence[Tensor], advance: bool = False, sign: float = -1.0
+    ) -> Tensor | None:
         """``[1, laws]`` values (``before`` None) or the ``[3, laws]`` split; ``None`` when the
         kernel cannot read these tensors as they are (the caller falls back). ``advance``: the
         split also copies θ⁺ into ``before``, chunk by chunk while it is in cache (θ before the
-        next step, at the cost of a write). A repeated call on the same storage checks only
-        that every tensor is still contiguous."""
+        next step, at the cost of a write). ``sign=+1``: incoming + k · outgoing instead (the
+        natural scales of the values). A repeated call on the same storage checks only that
+        every tensor is still contiguous."""
         pointers = [x.data_ptr() for x in after]
         rows = 1
         if before is not None:
@@ -241,10 +229,13 @@ class NativeLaws:
         self._after[:] = pointers[: self.count]
         if rows == 3:
             self._before[:] = pointers[self.count :]
+        scratch = self._scratch.get(rows)
+        if scratch is None:
+            scratch = self._scratch[rows] = torch.empty(self.parts * rows * self.width, dtype=torch.float64)
         out = torch.empty(rows, self.laws, dtype=torch.float64)
         done = self._fn(
-            *self._fixed, rows, self._before, self._after, self._codes.data_ptr(), self.parts,
-            self._scratch[rows].data_ptr(), out.data_ptr(), int(advance and before is not None),
+            self._plan.data_ptr(), self._degrees[sign].data_ptr(), rows, self._before, self._after,
+            self._codes.data_ptr(), self.parts, scratch.data_ptr(), out.data_ptr(), int(advance and before is not None),
         )
         if done != 0:
             raise TypeError("NativeLaws: a tensor has a dtype the kernel does not read")

@@ -131,12 +131,13 @@ static void chunk_range(int64_t e0, int64_t n, int64_t C, int64_t lo, int64_t hi
     *c1 = b < len ? b : len;
 }
 
-/* The plan of a record, one int64 array: [tensors, width, parts, laws, then at these offsets
- * from the start: n, C, rs, U, B, off, in_ptr, in_idx, out_ptr, out_idx]. Tensor t: numel n[t],
- * chunk C[t], readers rs[t] .. rs[t+1]. Reader r: plan rows U[r], run B[r], its rows at off[r]
- * in an accumulator of `width` doubles. Law l = sum of acc[in_idx[in_ptr[l] .. in_ptr[l+1]]]
- * - degree[l] * (the same over out_*). */
-enum { P_NT, P_WIDTH, P_PARTS, P_LAWS, P_N, P_C, P_RS, P_U, P_B, P_OFF, P_INP, P_INI, P_OUTP, P_OUTI };
+/* The plan of a record, one int64 array: [tensors, width, parts, laws, groups, then at these
+ * offsets from the start: n, C, rs, U, B, off, G]. Tensor t: numel n[t], chunk C[t], readers
+ * rs[t] .. rs[t+1]. Reader r: plan rows U[r], run B[r], its rows at off[r] in an accumulator of
+ * `width` doubles. G: per group [first law, laws, incoming readers, outgoing readers, their row
+ * offsets...]; its law j = sum over incoming of acc[offset + j] - degree[group] * (the same over
+ * outgoing). */
+enum { P_NT, P_WIDTH, P_PARTS, P_LAWS, P_GROUPS, P_N, P_C, P_RS, P_U, P_B, P_OFF, P_G };
 
 /* One record. rows = 1 (values; `before` unused) or 3 (split; with `advance`, `before` holds
  * θ⁺ afterwards). dtype[t]: the tensors' dtype codes. scratch: parts * rows * width doubles.
@@ -148,8 +149,6 @@ int64_t tcl_laws(const int64_t *plan, const double *degree, int64_t rows, void *
     const int64_t nt = plan[P_NT], width = plan[P_WIDTH], parts = plan[P_PARTS], laws = plan[P_LAWS];
     const int64_t *n = plan + plan[P_N], *C = plan + plan[P_C], *rs = plan + plan[P_RS];
     const int64_t *U = plan + plan[P_U], *B = plan + plan[P_B], *off = plan + plan[P_OFF];
-    const int64_t *in_ptr = plan + plan[P_INP], *in_idx = plan + plan[P_INI];
-    const int64_t *out_ptr = plan + plan[P_OUTP], *out_idx = plan + plan[P_OUTI];
     for (int64_t t = 0; t < nt; t++)
         if (dtype[t] < TCL_F32 || dtype[t] > TCL_F16) return 1;
     int64_t total = 0;
@@ -189,11 +188,17 @@ int64_t tcl_laws(const int64_t *plan, const double *degree, int64_t rows, void *
     for (int64_t k = 0; k < rows; k++) {
         const double *acc = scratch + k * width;
         const double scale = k == 1 ? 2.0 : 1.0;
-        for (int64_t l = 0; l < laws; l++) {
-            double inc = 0.0, outg = 0.0;
-            for (int64_t j = in_ptr[l]; j < in_ptr[l + 1]; j++) inc += acc[in_idx[j]];
-            for (int64_t j = out_ptr[l]; j < out_ptr[l + 1]; j++) outg += acc[out_idx[j]];
-            out[k * laws + l] = scale * (inc - degree[l] * outg);
+        const int64_t *g = plan + plan[P_G];
+        for (int64_t i = 0; i < plan[P_GROUPS]; i++) {
+            const int64_t first = g[0], count = g[1], n_in = g[2], n_out = g[3];
+            const int64_t *starts = g + 4;
+            for (int64_t j = 0; j < count; j++) {
+                double inc = 0.0, outg = 0.0;
+                for (int64_t r = 0; r < n_in; r++) inc += acc[starts[r] + j];
+                for (int64_t r = n_in; r < n_in + n_out; r++) outg += acc[starts[r] + j];
+                out[k * laws + first + j] = scale * (inc - degree[i] * outg);
+            }
+            g = starts + n_in + n_out;
         }
     }
     return 0;

@@ -99,6 +99,10 @@ class ConservationMonitor:
         log_spaced: record on a log-spaced grid of steps instead (then ``every`` must stay 1).
         max_records: bound on the stored history; older records are thinned evenly, the
             running maxima of :meth:`summary` stay exact.
+        max_history_bytes: bound on the memory of the stored history (default 64 MiB): at
+            most ``max_history_bytes`` // (the bytes of one record: 8 per law, 24 with the
+            split) records are kept (at least 2), thinned the same way, so that the history of
+            a model with many laws stays bounded whatever ``max_records``.
         track_broken: also track the would-be laws of pairs whose activation is not
             positively homogeneous (GELU, tanh, ...), with ``expected_conserved=False``,
             to show how they break.
@@ -183,6 +187,7 @@ class ConservationMonitor:
         every: int | None = None,
         log_spaced: bool = False,
         max_records: int = 10_000,
+        max_history_bytes: int = 64 * 2**20,
         track_broken: bool = False,
         asynchronous: bool | str | None = None,
         async_buffers: int = 4,
@@ -234,7 +239,7 @@ class ConservationMonitor:
         self.schedule: Schedule | OverheadBudget = _schedule(every, log_spaced, overhead_budget)
         self._budget = self.schedule if isinstance(self.schedule, OverheadBudget) else None
         # --- end recording schedule ---
-        self._store = RecordStore(max_records)
+        self._store = RecordStore(max_records, max_history_bytes)
         self._listeners: list[Callable[[Record], None]] = []
         self._hooks = StepHooks(
             self.pre_step, self.post_step, self._defer_to_closure, self._budget, lambda: self.num_steps + 1

@@ -124,6 +124,13 @@ class Record:
         return self._parts[i]
 
     @property
+    def nbytes(self) -> int:
+        """The bytes of this record's law values (and split)."""
+        if self._table is not None:
+            return self._table.numel() * self._table.element_size()
+        return sum(t.numel() * t.element_size() for part in self._parts or [] if part for t in part.values())
+
+    @property
     def values(self) -> dict[str, Tensor]:
         out = self._part(0)
         assert out is not None
@@ -162,7 +169,8 @@ class Record:
 class RecordStore:
     """At most ``max_records`` records, evenly thinned: when full, every other stored record is
     dropped (the first one always stays) and later records are kept at twice the stride.
-    The latest record is always available as :attr:`latest`.
+    ``max_bytes``: also at most that many bytes of records (their float64 tables), at least
+    two records. The latest record is always available as :attr:`latest`.
 
     Example:
         >>> store = RecordStore(max_records=4)
@@ -172,10 +180,14 @@ class RecordStore:
         [0, 4, 8, 9]
     """
 
-    def __init__(self, max_records: int) -> None:
+    def __init__(self, max_records: int, max_bytes: int | None = None) -> None:
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 2:
             raise ValueError(f"max_records must be an integer ≥ 2, got {max_records!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_history_bytes must be a positive integer (bytes), got {max_bytes!r}")
         self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._cap: int | None = None  # records kept: max_records, or fewer for large records
         self._stored: list[Record] = []
         self._stride = 1
         self._seen = 0
@@ -183,8 +195,12 @@ class RecordStore:
 
     def add(self, record: Record) -> None:
         """Add a record; it is stored if it falls on the current stride."""
+        if self._cap is None:
+            self._cap = self.max_records
+            if self.max_bytes is not None and record.nbytes:
+                self._cap = max(2, min(self.max_records, self.max_bytes // record.nbytes))
         if self._seen % self._stride == 0:
-            if len(self._stored) >= self.max_records:
+            if len(self._stored) >= self._cap:
                 self._stored = self._stored[::2]
                 self._stride *= 2
             if self._seen % self._stride == 0:
