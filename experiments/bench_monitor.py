@@ -9,10 +9,11 @@ is the null ratio: what the method reads when nothing differs):
 
 * ``mlp_2threads`` — the 784-512-512-10 ReLU MLP at batch 128 (SGD), 2 torch threads:
   ``default`` (``ConservationMonitor(model)``: budget 3 %, ``evaluation="auto"``, which
-  compiles here: 669 k tracked elements ≥ 2¹⁸), ``default-eager`` (the same with the eager
-  fallback), ``auto-budget`` (``recording="auto", overhead_budget=0.03``), ``sync-values`` /
-  ``sync-split`` (``every=1``, ``recording="sync"``, default evaluation) and their
-  ``-eager`` rows (``evaluation="eager"``: what a machine without a compiler gets),
+  takes the native kernel here: 669 k tracked elements ≥ 2¹⁸), ``default-eager`` (the same
+  with the eager fallback), ``auto-budget`` (``recording="auto", overhead_budget=0.03``),
+  ``sync-values`` / ``sync-split`` (``every=1``, ``recording="sync"``, default evaluation),
+  their ``-compiled`` rows (TorchInductor) and ``-eager`` rows (``evaluation="eager"``: what
+  a machine without a compiler gets),
   ``snapshot-split``, ``live-split``, and reference post-step hooks doing only part of the
   work (``floors``: one float32 read of θ, a native copy, a float64 conversion, the eager law
   values alone);
@@ -27,7 +28,8 @@ is the null ratio: what the method reads when nothing differs):
   float32 parameters): in a fresh process per mode, the rise of the peak RSS when the
   monitor is built and attached after 3 plain training steps and 6 more steps run
   (``none``: the noise of the probe; ``split``, ``values`` with the default evaluation, and
-  their ``-eager`` modes), as a ratio of the parameters' native bytes.
+  their ``-eager`` modes), as a ratio of the parameters' native bytes: the median of 5 fresh
+  processes per mode (every run's ratio is kept), and what each stored record adds.
 
 The ``-async``/``-live`` monitors are flushed after the timing (a ``snapshot`` block ends
 with ``flush()`` inside its timing, so its worker does not run into another training's
@@ -324,7 +326,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*competes with training")
     load = [os.getloadavg()[0]]
     mlp_settings = [
-        "default", "default-eager", "auto-budget", "sync-values", "sync-split", "sync-values-eager", "sync-split-eager",
+        "default", "default-eager", "auto-budget", "sync-values", "sync-split", "sync-values-compiled",
+        "sync-split-compiled", "sync-values-eager", "sync-split-eager",
         "snapshot-split", "live-split", *FLOORS,
     ]
     result = {

@@ -7,7 +7,9 @@ from inside such a hook (one part per training, every step) and the same part ca
 a loop (warm caches):
 
 * ``read_f32``: one float32 read of θ (``p.sum()`` per tensor), the issue's floor;
-* ``law_values``: ``monitor.evaluator.values(params)``, the fused evaluation of every law;
+* ``law_values``: ``monitor.evaluator.values(params)``, the default evaluation of every law
+  (``"auto"``: the native kernel where it builds); ``law_values_compiled``: the same with
+  ``evaluation="compiled"`` (TorchInductor);
 * ``one_small_op``: one float64 subtraction of two law-sized vectors (what the statistics do
   four times per record);
 * ``record``: the whole post-step hook of a ``ConservationMonitor(every=1, split=False,
@@ -89,11 +91,13 @@ def main() -> None:
     reference = make_mlp()
     params = dict(reference.named_parameters())
     evaluator = ConservationMonitor(reference, every=1, split=False, recording="sync").evaluator
+    compiled = ConservationMonitor(reference, every=1, split=False, recording="sync", evaluation="compiled").evaluator
     laws = evaluator.values(params).shape[1]
     a, b, out = (torch.randn(1, laws, dtype=torch.float64) for _ in range(3))
     parts: dict[str, Callable[[], object]] = {
         "read_f32": lambda: [p.sum() for p in params.values()],
         "law_values": lambda: evaluator.values(params),
+        "law_values_compiled": lambda: compiled.values(params),
         "one_small_op": lambda: torch.sub(a, b, out=out),
     }
     in_step: dict[str, list[float]] = {name: [] for name in parts}
@@ -119,6 +123,7 @@ def main() -> None:
         "model": "784-512-512-10 ReLU MLP, batch 128, SGD",
         "threads": args.threads,
         "laws": laws,
+        "evaluation": evaluator.inner.evaluation,
         "plain_step_us": us(plain_step),
         "in_step_us": {name: us(statistics.median(t)) for name, t in in_step.items()},
         "alone_us": {name: us(alone(fn, 500)) for name, fn in parts.items()},

@@ -397,7 +397,8 @@ class Accountant:
     dtype, converted, multiplied and summed in registers, with no scratch at all. The float64
     products are the same; only the summation order differs (bound in
     :mod:`torch_conslaw.evaluation`). Without a compiler, or when compiling fails, it warns
-    and stays on the eager path. :meth:`initial` (values and scales, once) always runs eagerly.
+    and stays on the eager path. :meth:`initial` (values and scales, once) runs eagerly, or
+    through the native kernel when that is the evaluation (the same sums as its records).
     ``evaluation="native"`` uses :class:`~torch_conslaw.native.NativeLaws` instead (CPU: a C
     kernel built once per machine that reads each parameter once, contiguously, for all its
     readers; the same products and bound). ``evaluation="auto"``, where the per-unit laws read
@@ -486,7 +487,8 @@ class Accountant:
                 self._fused_laws = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
             self._fused_for = fast
             direct = isinstance(self._fused_laws, NativeLaws) and not fast.generic and self._order is None
-            self._direct = (self._fused_laws, fast.fast_names, [t.shape for t in tensors]) if direct else None  # type: ignore[assignment]
+            shapes = [t.shape for t in tensors[-len(fast.fast_names) :]]  # θ (after), not θ before
+            self._direct = (self._fused_laws, fast.fast_names, shapes) if direct else None  # type: ignore[assignment]
         return self._fused_laws
 
     def _give_up(self, why: str) -> None:

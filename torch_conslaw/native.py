@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .evaluation import GroupSpec
 
-__all__ = ["NativeLaws", "native_status", "fold_abs_max"]
+__all__ = ["NativeLaws", "native_status", "fold_abs_max", "RunningMax"]
 
 SOURCE = Path(__file__).with_name("native_laws.c")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -223,7 +223,7 @@ class NativeLaws:
                 return None
             self._codes = _i64(DTYPES[x.dtype] for x in after)
             self._checked = pointers
-        elif not all(x.is_contiguous() for x in after) or (before is not None and not all(x.is_contiguous() for x in before)):
+        elif not all(map(Tensor.is_contiguous, after)) or (before is not None and not all(map(Tensor.is_contiguous, before))):
             self._checked = []
             return None
         self._after[:] = pointers[: self.count]
@@ -270,17 +270,39 @@ def fold_abs_max(table: Tensor, base: Tensor, running: Tensor, invalid: Tensor |
         >>> running.tolist()
         [[1.0, 3.0]]
     """
-    lib, _ = _library()
-    ready = all(t.dtype == torch.float64 and t.device.type == "cpu" and t.is_contiguous() for t in (table, base, running))
-    if lib is not None and ready and table.shape == base.shape == running.shape:
-        mask = None if invalid is None else invalid.to(torch.uint8).contiguous()
-        rows, laws = table.shape
-        pointer = None if mask is None else mask.data_ptr()
-        return lib.tcl_fold(rows, laws, table.data_ptr(), base.data_ptr(), running.data_ptr(), pointer) == 0
-    gap = torch.sub(table, base).abs_()
-    if invalid is not None:
-        gap.masked_fill_(invalid.bool(), 0.0)
-    if not bool(torch.isfinite(gap).all()):
-        return False
-    torch.maximum(running, gap, out=running)
-    return True
+    return RunningMax(base, running)(table, invalid)
+
+
+class RunningMax:
+    """:func:`fold_abs_max` bound to fixed ``base`` and ``running`` tensors (float64, CPU,
+    contiguous, ``[rows, laws]``): a call checks only the record's table.
+
+    Example:
+        >>> fold = RunningMax(torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64))
+        >>> fold(torch.tensor([[2.0, float("nan")]], dtype=torch.float64), None)
+        False
+    """
+
+    def __init__(self, base: Tensor, running: Tensor) -> None:
+        self.base, self.running = base, running
+        lib, _ = _library()
+        fixed = all(t.dtype == torch.float64 and t.is_cpu and t.is_contiguous() for t in (base, running))
+        self._fn = lib.tcl_fold if lib is not None and fixed and base.shape == running.shape else None
+        self._pointers = (base.data_ptr(), running.data_ptr())
+
+    def __call__(self, table: Tensor, invalid: Tensor | None) -> bool:
+        """Fold ``table`` in; ``invalid``: ``[laws]`` uint8 or bool marks (or ``None``)."""
+        fn = self._fn
+        if fn is not None and table.dtype == torch.float64 and table.is_cpu and table.is_contiguous() and table.shape == self.base.shape:
+            rows, laws = table.shape
+            if invalid is None:
+                return fn(rows, laws, table.data_ptr(), *self._pointers, None) == 0
+            mask = invalid if invalid.dtype == torch.uint8 and invalid.is_contiguous() else invalid.to(torch.uint8).contiguous()
+            return fn(rows, laws, table.data_ptr(), *self._pointers, mask.data_ptr()) == 0
+        gap = torch.sub(table, self.base).abs_()
+        if invalid is not None:
+            gap.masked_fill_(invalid.bool(), 0.0)
+        if not bool(torch.isfinite(gap).all()):
+            return False
+        torch.maximum(self.running, gap, out=self.running)
+        return True

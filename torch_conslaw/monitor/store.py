@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..native import fold_abs_max
+from ..native import RunningMax
 
 __all__ = ["Record", "RecordStore", "DriftStatistics", "LawLayout"]
 
@@ -267,9 +267,14 @@ class DriftStatistics:
         self.invalid = torch.zeros(layout.size, dtype=torch.bool)
         self.running = torch.zeros(rows, layout.size, dtype=torch.float64)
         self._invalid_bytes: Tensor | None = None  # ``invalid`` as bytes once a law is marked
+        self._bind_folds()
         # per-group maxima restored from a checkpoint of an earlier format (without per-law maxima)
         self._floor: dict[str, dict[str, float]] = {}
         self._mark_invalid(0, self.init_flat.unsqueeze(0))
+
+    def _bind_folds(self) -> None:
+        """The running-maxima folds of a table of 1, 2 or 3 rows (views of base and running)."""
+        self._folds = [RunningMax(self.base[:r], self.running[:r]) for r in range(1, self.base.shape[0] + 1)]
 
     def source(self) -> tuple:
         """What a record of the current state needs to form its relative drift."""
@@ -280,11 +285,10 @@ class DriftStatistics:
         into the running maxima and return its :class:`Record` (NaN split rows when a split
         monitor had no θ to split against); ``extra``: identity groups' entries."""
         if self.layout.size:
-            rows = table.shape[0]
-            base, running = self.base[:rows], self.running[:rows]
-            if not fold_abs_max(table, base, running, self._invalid_bytes):
+            fold = self._folds[table.shape[0] - 1]
+            if not fold(table, self._invalid_bytes):
                 self._mark_invalid(step, table)  # non-finite laws: marked, then left out
-                fold_abs_max(table, base, running, self._invalid_bytes)
+                fold(table, self._invalid_bytes)
         if self.split and table.shape[0] == 1:  # no snapshot to split against (post_step alone)
             table = torch.cat([table, torch.full((2, table.shape[1]), math.nan, dtype=table.dtype)])
         return Record.of_table(step, table, self.source(), extra)
@@ -354,6 +358,7 @@ class DriftStatistics:
         else:
             self.running = torch.zeros_like(self.running)
             self._floor = {k: dict(v) for k, v in state["maxima"].items()}
+        self._bind_folds()
 
 
 def floor_scale(scale: Tensor) -> Tensor:

@@ -136,4 +136,4 @@ class SyncRecorder:
             table = ctx.evaluator.split(before, ctx.params, advance=True) if advance else ctx.evaluator.split(before, ctx.params)
         else:
             table = ctx.evaluator.values(ctx.params)
-        ctx.deliver(step, table.cpu())  # a small table; the history lives on the CPU
+        ctx.deliver(step, table if table.is_cpu else table.cpu())  # the history lives on the CPU
