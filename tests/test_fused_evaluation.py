@@ -295,3 +295,21 @@ def test_the_native_fold_of_running_maxima_equals_the_torch_one(monkeypatch, inv
     assert "torch" in results
     for running in results.values():
         assert torch.equal(running, expected)
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [({"TORCH_CONSLAW_NATIVE": "0"}, "turned off by TORCH_CONSLAW_NATIVE=0"), ({"CC": "", "PATH": ""}, "no C compiler found")],
+)
+def test_without_the_native_kernel_auto_says_why(monkeypatch, env, reason):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(accounting, "AUTO_COMPILE_ELEMENTS", 1)
+    native._library.cache_clear()
+    try:
+        built, why = native.native_status()
+        assert not built and reason in why
+        monitor = tc.ConservationMonitor(mlp(7), torch.randn(8, 37), every=1, recording="sync")
+        assert monitor.evaluation in ("compiled", "eager") and reason in monitor.evaluation_reason
+    finally:
+        native._library.cache_clear()

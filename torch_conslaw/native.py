@@ -8,9 +8,10 @@ with a strided walk, for its column sums, this kernel reads each parameter once,
 and adds every element's float64 product to the rows of every reader of that parameter: a
 record costs about one read of θ (measured in ``experiments/record_costs_in_step.py``).
 
-The build is cached (``$TORCH_CONSLAW_CACHE``, else ``~/.cache/torch_conslaw``) under a key of
-the source, the compiler and the CPU, so it runs once per machine (a fraction of a second).
-:func:`native_status` says whether the kernel is available and why not; the
+The build is cached (``$TORCH_CONSLAW_CACHE``, else ``~/.cache/torch_conslaw``, else a private
+directory under the temporary directory) under a key of the source, the compiler, the flags
+and the CPU, so it runs once per machine (a fraction of a second). ``TORCH_CONSLAW_NATIVE=0``
+turns it off. :func:`native_status` says whether the kernel is available and why not; the
 :class:`~torch_conslaw.accounting.Accountant` then uses Inductor or its eager path instead.
 
 Exactness: the same float64 products as the reference; only the order of the float64 sums
@@ -72,17 +73,33 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the built kernel may live: ``$TORCH_CONSLAW_CACHE``, else ``~/.cache``, else a
+    directory of this user's own under the temporary directory."""
     root = os.environ.get("TORCH_CONSLAW_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "torch_conslaw"
+    if root:
+        return [Path(root)]
+    return [Path.home() / ".cache" / "torch_conslaw", Path(tempfile.gettempdir()) / f"torch_conslaw-{os.getuid() if hasattr(os, 'getuid') else 'user'}"]
+
+
+def _private(directory: Path) -> bool:
+    """Create ``directory`` (mode 0700) where needed; whether it is this user's alone (a
+    library is loaded from it)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not hasattr(os, "getuid"):
+        return True
+    info = directory.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _build(cc: str, flags: list[str], target: Path) -> str | None:
     """Compile the kernel to ``target`` (atomically); the compiler's complaint, or ``None``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return "the compiler ran for over 300 s"
         if done.returncode != 0:
             return (done.stderr or done.stdout).strip()[-500:] or f"exit status {done.returncode}"
         os.replace(out, target)  # concurrent builders (ranks) each write a whole file
@@ -91,16 +108,28 @@ def _build(cc: str, flags: list[str], target: Path) -> str | None:
 
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("TORCH_CONSLAW_NATIVE", "1") == "0":
+        return None, "turned off by TORCH_CONSLAW_NATIVE=0"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
+    cache = None
+    for directory in _cache_dirs():
+        try:
+            if _private(directory):
+                cache = directory
+                break
+        except OSError:
+            continue
+    if cache is None:
+        return None, f"no private cache directory could be made ({', '.join(map(str, _cache_dirs()))})"
     source = SOURCE.read_bytes()
     errors = []
     # OpenMP and the CPU's own instructions where the compiler has them; plainer builds else
     for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
         flags = _FLAGS + extra
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_key().encode()])).hexdigest()[:20]
-        target = _cache_dir() / f"native_laws-{key}{'.dll' if os.name == 'nt' else '.so'}"
+        target = cache / f"native_laws-{key}{'.dll' if os.name == 'nt' else '.so'}"
         try:
             if not target.exists():
                 error = _build(cc, flags, target)
