@@ -6,7 +6,8 @@ with a small C kernel (``native_laws.c``) built once by the machine's C compiler
 through :mod:`ctypes`. Where Inductor's kernel reads a weight once for its row sums and again,
 with a strided walk, for its column sums, this kernel reads each parameter once, contiguously,
 and adds every element's float64 product to the rows of every reader of that parameter: a
-record costs about one read of θ (measured in ``experiments/record_costs_in_step.py``).
+record is one pass over θ, bound by the float64 arithmetic rather than by memory (measured
+in ``experiments/record_costs_in_step.py`` and ``experiments/bench_monitor.py``).
 
 The build is cached (``$TORCH_CONSLAW_CACHE``, else ``~/.cache/torch_conslaw``, else a private
 directory under the temporary directory) under a key of the source, the compiler, the flags
