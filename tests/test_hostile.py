@@ -152,6 +152,21 @@ def test_model_edited_after_attaching_is_a_clear_error(edit):
     assert monitor.num_steps == 1
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_an_edit_is_refused_at_the_next_recorded_step(split):
+    """The model is checked before every step the monitor reads (not on the others, which it
+    does not read): with every=3 an edit after step 1 passes step 2 and is refused at step 3."""
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = ConservationMonitor(model, every=3, split=split, recording="sync").attach(optimizer)
+    optimizer.step()
+    _swap_layer(model)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="after the monitor was built.*new ConservationMonitor"):
+        optimizer.step()
+    assert monitor.num_steps == 2 and list(monitor.history()["step"]) == [0]
+
+
 # ---------------------------------------------------------------- tied weights
 class _TiedNet(nn.Module):
     """a and b share one weight matrix; c → ReLU → d is an untouched pair."""

@@ -68,9 +68,11 @@ class SyncRecorder:
         return False
 
     def before_step(self, step: int) -> None:
-        self._ctx.guard()
+        due = self._ctx.due(step)
+        if due:  # the model is checked before every step that reads it
+            self._ctx.guard()
         reuse, self._reuse = self._reuse, None
-        if self._ctx.split and self._ctx.due(step):
+        if self._ctx.split and due:
             if reuse is not None and reuse[1] == self._versions():
                 self._before = reuse[0]  # θ after the last step, unchanged since
             else:
