@@ -18,8 +18,8 @@ is the null ratio: what the method reads when nothing differs):
   work (``floors``: one float32 read of θ, a native copy, a float64 conversion, the eager law
   values alone);
 * ``mlp_1thread`` — the same model, 1 torch thread (a core left free): ``sync-values``,
-  ``sync-split`` and their ``-eager`` rows, ``live-values``, ``live-split``, ``default``,
-  ``auto-budget``;
+  ``sync-split`` and their ``-compiled`` and ``-eager`` rows, ``live-values``, ``live-split``,
+  ``default``, ``auto-budget``;
 * ``block_2threads`` — a LLaMA-style pre-norm transformer block in plain torch (RMSNorm,
   q/k/v/o projections with causal attention, RMSNorm, SwiGLU MLP, residuals; d=256, 4 heads,
   sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-values``,
@@ -33,11 +33,12 @@ is the null ratio: what the method reads when nothing differs):
 
 The ``-async``/``-live`` monitors are flushed after the timing (a ``snapshot`` block ends
 with ``flush()`` inside its timing, so its worker does not run into another training's
-block). Results go to ``<out>/bench_monitor.json`` (default ``results/``); the load average
-at the start and end is recorded with them (the machine may be shared).
+block). Results go to ``<out>/bench_monitor.json`` (default ``results/``) and, on the CPU,
+``figures/bench_monitor.png`` (``--replot FILE`` redraws it from a JSON); the load average at
+the start and end is recorded with them (the machine may be shared).
 
 Usage:
-    python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out results] [--skip-memory]
+    python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out results] [--skip-memory] [--replot FILE]
 """
 
 from __future__ import annotations
@@ -310,6 +311,58 @@ def memory(repeats: int = 5) -> dict:
     }
 
 
+TARGET_OF = {  # per phase, the issue's target key of the rows that have one
+    "mlp_2threads": {"default": "default", "sync-values": "every1_values", "sync-split": "every1_split"},
+    "mlp_1thread": {"sync-values": "every1_values", "sync-split": "every1_split"},
+    "block_2threads": {"default": "block_default", "sync-values": "block_every1", "sync-split": "block_every1"},
+}
+
+
+def figure(result: dict, path: Path) -> None:
+    """One panel per phase: the overhead of every row (per training step, against the plain
+    run), the null row in grey, the rows with a target marked by it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [k for k in ("mlp_2threads", "mlp_1thread", "block_2threads") if k in result]
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.2 * len(phases), 5.4), squeeze=False)
+    targets = result.get("targets", {})
+    for ax, key in zip(axes[0], phases):
+        rows = result[key]["overhead"]
+        names = list(rows)[::-1]
+        values = [100 * rows[n] for n in names]
+        colors = []
+        for n in names:
+            if n == "plain-again":
+                colors.append("0.6")
+            elif n in FLOORS:
+                colors.append("tab:gray")
+            elif n.endswith("-eager"):
+                colors.append("tab:red")
+            elif n.endswith("-compiled"):
+                colors.append("tab:orange")
+            else:
+                colors.append("tab:blue")
+        ax.barh(range(len(names)), values, color=colors)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i, n in enumerate(names):
+            goal = targets.get(TARGET_OF[key].get(n, ""))
+            if goal is not None:
+                ax.plot([100 * goal] * 2, [i - 0.4, i + 0.4], color="k", lw=2)
+        ax.axvline(0, color="k", lw=0.5)
+        ax.set_xlabel("extra time per training step (%)")
+        ax.set_title(f"{key}: plain step {result[key]['plain_step_ms']:.2f} ms", fontsize=9)
+    fig.suptitle(
+        "ConservationMonitor overhead (blue: default evaluation, orange: compiled, red: eager, "
+        "grey: reference hooks and the null row; black ticks: targets)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12, help="interleaved timing blocks per phase")
@@ -318,7 +371,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--skip-memory", action="store_true", help="leave out the 25 M-parameter memory probes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--replot", type=Path, help="only draw figures/bench_monitor.png from this JSON")
     args = parser.parse_args()
+    if args.replot:
+        figure(json.loads(args.replot.read_text()), Path(__file__).resolve().parents[1] / "figures" / "bench_monitor.png")
+        return
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe)))
         return
@@ -334,7 +391,10 @@ def main() -> None:
         "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
         "mlp_1thread": phase(
             "mlp",
-            ["sync-values", "sync-split", "sync-values-eager", "sync-split-eager", "live-values", "live-split", "default", "auto-budget"],
+            [
+                "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "sync-values-eager",
+                "sync-split-eager", "live-values", "live-split", "default", "auto-budget",
+            ],
             1, args.device, args.blocks, args.steps,
         ),
         "block_2threads": phase(
@@ -357,6 +417,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_monitor.json" if args.device == "cpu" else f"bench_monitor_{args.device.split(':')[0]}.json"
     (args.out / name).write_text(json.dumps(result, indent=2))
+    if args.device == "cpu":
+        figure(result, Path(__file__).resolve().parents[1] / "figures" / "bench_monitor.png")
     for key in ("mlp_2threads", "mlp_1thread", "block_2threads"):
         r = result[key]
         print(f"{key}: plain step {r['plain_step_ms']:.2f} ms")
