@@ -171,7 +171,9 @@ class NativeLaws:
     ``spec`` as for :class:`~torch_conslaw.evaluation.CompiledLaws`: per group, its incoming
     and outgoing readers ``(tensor index, (A, U, B))`` and its degree; ``count`` tensors.
     :meth:`values` returns ``[laws]``, :meth:`split` ``[3, laws]`` (h(θ⁺), 2 B(θ, Δ),
-    B(Δ, Δ)), float64. ``threads``: the fixed number of parts (and threads) of the work.
+    B(Δ, Δ)), float64. ``threads``: the most parts (and threads) of the work; fewer where
+    their accumulators would take more than 1 MiB or 1 % of θ. Fixed here: results depend on
+    it, never on the thread that calls.
     :meth:`supports` says whether a set of tensors can be read by it (CPU, contiguous, float32,
     float64, bfloat16 or float16, sizes of the spec).
     """
@@ -201,7 +203,10 @@ class NativeLaws:
         self.laws = laws
         self.numel = numel
         self.width = width
-        self.parts = max(1, int(threads))
+        # each part has its own accumulators (``rows × width`` doubles): at most ``threads``
+        # parts, and together at most 1 MiB or 1 % of θ (at 4 bytes an element) for the split
+        room = max(2**20, sum(numel) * 4 // 100) // (3 * 8 * max(width, 1))
+        self.parts = max(1, min(int(threads), room))
         chunks = []
         for plans in readers:
             runs = [b if b > 1 else u for u, b, _ in plans]
