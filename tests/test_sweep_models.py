@@ -133,6 +133,47 @@ def test_model_without_trainable_parameters_gets_a_reason_not_a_crash():
     assert "no trainable parameters" in tc.analyze(frozen, torch.randn(2, 4)).lie_note
 
 
+@pytest.mark.parametrize("cls,gates_summed", [(nn.RNN, 1), (nn.GRU, 2), (nn.LSTM, 4)])
+def test_monitor_tracks_the_summed_recurrent_biases_verified_and_conserved(cls, gates_summed):
+    torch.manual_seed(0)
+    model = _RecurrentClassifier(cls).to(F64)
+    x = torch.randn(3, 5, 4, dtype=F64)
+    monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor.attach(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    rows = {r["name"]: r for r in monitor.summary()}
+    bias = rows["rnn.bias_ih_l0−bias_hh_l0"]
+    assert bias["count"] == gates_summed * 6 and bias["kind"] == "linear" and bias["verified"]
+    assert bias["expected_conserved"] and bias["max_rel_drift"] <= 1e-12
+    assert all(v.passed for v in tc.verify_laws(model, x, monitor))
+    # independent: the two biases get the same gradient exactly on the summed gates, not beyond
+    model.zero_grad()
+    model(x).square().mean().backward()
+    g_ih, g_hh = model.rnn.bias_ih_l0.grad, model.rnn.bias_hh_l0.grad
+    n = gates_summed * 6
+    assert (g_ih[:n] - g_hh[:n]).abs().max() <= 1e-12 * g_ih.abs().max()
+    if n < g_ih.numel():
+        assert (g_ih[n:] - g_hh[n:]).abs().max() > 1e-6 * g_ih.abs().max()
+
+
+def test_recurrent_bias_laws_of_every_layer_and_direction_and_refusals():
+    model = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    expected = sorted(f"bias_ih_l{k}{s}−bias_hh_l{k}{s}" for k in (0, 1) for s in ("", "_reverse"))
+    checks = {v.group: v for v in tc.verify_laws(model, x)}
+    assert all(checks[name].passed for name in expected)
+    monitor = tc.ConservationMonitor(model, x)
+    assert sorted(g.name for g in monitor.groups) == expected
+    model.bias_hh_l1.requires_grad_(False)
+    monitor = tc.ConservationMonitor(model, x)
+    assert "bias_ih_l1−bias_hh_l1" not in [g.name for g in monitor.groups]
+    assert any("bias_hh_l1 is frozen" in str(s) for s in monitor.skipped)
+
+
 class _GroupedExperts(nn.Module):
     """Two experts run by ``torch._grouped_mm`` (as Hugging Face MoE layers do) between two
     ReLU layers; tokens are split between the experts by fixed offsets."""
