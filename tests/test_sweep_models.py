@@ -258,3 +258,14 @@ def test_random_ops_in_the_forward_are_a_clear_error_of_the_count_and_a_note_of_
     report = tc.analyze(model, torch.randn(2, 3), theta="random")  # counted on inputs, not as an MLP
     assert report.lie_laws is None and "draws random numbers" in report.lie_note
     assert tc.count_laws(model.eval(), x, theta="random").n_laws == 4  # one per ReLU unit
+
+
+def test_tracked_rank_of_a_wide_linear_hidden_layer_uses_the_small_gram_matrix(one_torch_thread):
+    """A linear hidden layer of u = 224 units (Whisper's classifier projector has 256) gives
+    u(u+1)/2 = 25,200 matrix laws on 5u entries: decided on the 1,120 × 1,120 Gram matrix, not a
+    25,200 × 25,200 one (5 GB). Closed form: Q = M S Mᵀ with M = [W₁ | b₁ | W₂ᵀ] (u × k, k = 5,
+    rank k at generic θ) has tangent space {Y Mᵀ + M Yᵀ} of dimension k·u − k(k−1)/2 = 1110."""
+    torch.manual_seed(0)
+    report = tc.analyze(nn.Sequential(nn.Linear(2, 224), nn.Linear(224, 2)), lie=False)
+    assert report.tracked_laws == 224 * 225 // 2
+    assert report.tracked_rank == 5 * 224 - 10 and report.rank_decision.clear
