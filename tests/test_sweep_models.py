@@ -306,3 +306,43 @@ def test_grouped_and_transposed_convolutions_carry_verified_channel_laws_and_are
     assert max(r["max_rel_first_order"] for r in monitor.summary()) <= 1e-12
     report = tc.analyze(model, x, theta="random")
     assert report.tracked_rank == report.lie_laws == sum(n for _, n in expected) and report.complete
+
+
+class _EmbeddingMLP(nn.Module):
+    def __init__(self, **embedding_options):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, **embedding_options)
+        self.fc, self.out = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(F.relu(self.fc(self.emb(ids)))).mean(1)
+
+
+def test_embedding_is_a_producer_its_laws_are_verified_and_complete():
+    """nn.Embedding is one_hot(ids) @ E, a Linear layer with weight Eᵀ: followed by a Linear
+    layer without activation, EᵀE − WᵀW is a matrix law (8·9/2 = 36 laws); with the ReLU units
+    after fc (6 laws) the tracked rank equals the Lie count."""
+    torch.manual_seed(0)
+    model = _EmbeddingMLP().to(F64)
+    ids = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0))
+    monitor = tc.ConservationMonitor(model, ids, every=1, recording="sync")
+    assert [(g.name, g.kind, g.count) for g in monitor.groups] == [("emb→fc", "matrix", 36), ("fc→out", "unit", 6)]
+    assert all(v.passed and v.residual <= 1e-14 for v in monitor.verification.values())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor.attach(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids).square().mean().backward()
+        opt.step()
+    assert max(r["max_rel_first_order"] for r in monitor.summary()) <= 1e-12
+    report = tc.analyze(model, ids)
+    assert report.tracked_rank == report.lie_laws == 42 and report.complete
+
+
+@pytest.mark.parametrize("option,reason", [
+    ({"padding_idx": 0}, "padding_idx=0"), ({"max_norm": 1.0}, "max_norm=1.0"), ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+])
+def test_embedding_options_that_change_its_gradient_are_refused_with_the_reason(option, reason):
+    monitor = tc.ConservationMonitor(_EmbeddingMLP(**option), torch.randint(0, 20, (4, 5)))
+    assert "emb→fc" not in [g.name for g in monitor.groups]
+    assert any(reason in str(s) and "emb" in str(s) for s in monitor.skipped)

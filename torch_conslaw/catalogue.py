@@ -623,6 +623,33 @@ for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         in_axis="channel",
     )
 
+def _embedding_incoming(module: nn.Module) -> list[RowReader]:
+    """``nn.Embedding`` is ``one_hot(ids) @ E``, a Linear layer with weight Eᵀ and no bias: unit
+    (feature) j is produced by column j of E. Options whose gradient is not the gradient of that
+    map break the laws, so they are refused."""
+    for attr, why in (
+        ("padding_idx", "its padding row gets no gradient although the forward reads it"),
+        ("max_norm", "the forward renormalizes the rows it reads, in place"),
+    ):
+        if getattr(module, attr, None) is not None:
+            raise ValueError(f"has {attr}={getattr(module, attr)}: {why}, so no rescaling law starts at it")
+    if getattr(module, "scale_grad_by_freq", False):
+        raise ValueError("has scale_grad_by_freq=True: its gradient is rescaled per token, so no rescaling law starts at it")
+    return [("weight", lambda w: w.T)]
+
+
+def _embedding_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    raise ValueError("an embedding takes token indices, not units")
+
+
+register_layer(
+    nn.Embedding,
+    out_units=lambda m: m.embedding_dim,
+    in_units=lambda m: m.num_embeddings,
+    incoming=_embedding_incoming,
+    outgoing=_embedding_outgoing,
+)
+
 _register_norm(nn.BatchNorm1d, "channel", flat_input=True)  # (N, C) or (N, C, L)
 _register_norm(nn.BatchNorm2d, "channel", flat_input=False)
 _register_norm(nn.BatchNorm3d, "channel", flat_input=False)
