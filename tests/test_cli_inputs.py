@@ -61,3 +61,11 @@ def test_inspect_input_errors_name_the_option(target, capsys):
     for options, message in bad:
         assert main(["inspect", f"{target}:make_model", *options]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_inspect_of_a_model_that_cannot_run_on_the_input_names_the_input_and_the_options(target, capsys):
+    """Float ids for a token model (the embedding refuses them): an input error, not a traceback."""
+    assert main(["inspect", f"{target}:make_model", "--input-shape", "2,7"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run on the example input (a float32 tensor of shape (2, 7))" in err
+    assert "--vocab-size" in err and "Traceback" not in err

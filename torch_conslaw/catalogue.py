@@ -521,14 +521,35 @@ def _linear_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
     return [("weight", rows)]
 
 
+def _grouped_rows(groups: int) -> Callable[[Tensor], Tensor]:
+    """Rows of a weight ``(A, B/groups, *kernel)`` indexed by the B axis: entry (G·b_g + j)
+    holds ``w[G·a_g:(G+1)·a_g, j]`` (group G, a_g = A/groups), the weights that touch channel
+    G·b_g + j of the B side (for ``groups == 1``, ``w[:, j]``)."""
+
+    def rows(w: Tensor) -> Tensor:
+        a_g, b_g = w.shape[0] // groups, w.shape[1]
+        return w.reshape(groups, a_g, b_g, -1).transpose(1, 2).reshape(groups * b_g, -1)
+
+    return rows
+
+
 def _conv_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
-    if module.groups != 1:
-        raise ValueError(
-            f"a grouped convolution (groups={module.groups}) as consumer is not supported"
-        )
+    """Weight ``(out, in/groups, *k)``: input channel c is read by the out channels of its group."""
     if positions != 1:
         raise ValueError("a convolution cannot consume a flattened tensor")
-    return [("weight", lambda w: w.transpose(0, 1).flatten(1))]
+    return [("weight", _grouped_rows(module.groups))]
+
+
+def _conv_transpose_incoming(module: nn.Module) -> list[RowReader]:
+    """Weight ``(in, out/groups, *k)``: output channel o is written by the in channels of its group."""
+    return _with_bias(module, _grouped_rows(module.groups))
+
+
+def _conv_transpose_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    """Input channel c is read by ``weight[c]`` (all out channels of its group)."""
+    if positions != 1:
+        raise ValueError("a transposed convolution cannot consume a flattened tensor")
+    return [("weight", lambda w: w.flatten(1))]
 
 
 def _norm_units(module: nn.Module) -> int:
@@ -590,6 +611,44 @@ for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         out_axis="channel",
         in_axis="channel",
     )
+
+for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(
+        _conv,
+        out_units=lambda m: m.out_channels,
+        in_units=lambda m: m.in_channels,
+        incoming=_conv_transpose_incoming,
+        outgoing=_conv_transpose_outgoing,
+        out_axis="channel",
+        in_axis="channel",
+    )
+
+def _embedding_incoming(module: nn.Module) -> list[RowReader]:
+    """``nn.Embedding`` is ``one_hot(ids) @ E``, a Linear layer with weight Eᵀ and no bias: unit
+    (feature) j is produced by column j of E. Options whose gradient is not the gradient of that
+    map break the laws, so they are refused."""
+    for attr, why in (
+        ("padding_idx", "its padding row gets no gradient although the forward reads it"),
+        ("max_norm", "the forward renormalizes the rows it reads, in place"),
+    ):
+        if getattr(module, attr, None) is not None:
+            raise ValueError(f"has {attr}={getattr(module, attr)}: {why}, so no rescaling law starts at it")
+    if getattr(module, "scale_grad_by_freq", False):
+        raise ValueError("has scale_grad_by_freq=True: its gradient is rescaled per token, so no rescaling law starts at it")
+    return [("weight", lambda w: w.T)]
+
+
+def _embedding_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    raise ValueError("an embedding takes token indices, not units")
+
+
+register_layer(
+    nn.Embedding,
+    out_units=lambda m: m.embedding_dim,
+    in_units=lambda m: m.num_embeddings,
+    incoming=_embedding_incoming,
+    outgoing=_embedding_outgoing,
+)
 
 _register_norm(nn.BatchNorm1d, "channel", flat_input=True)  # (N, C) or (N, C, L)
 _register_norm(nn.BatchNorm2d, "channel", flat_input=False)

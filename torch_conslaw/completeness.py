@@ -236,6 +236,12 @@ def analyze(
     if not lie:
         return report
     arch = _mlp_architecture(model, structure, trainable)
+    if num_parameters == 0:
+        report.lie_note = (
+            f"{type(model).__name__} has no trainable parameters (none, or every one has "
+            "requires_grad=False): there is nothing to count; unfreeze the parameters whose laws you want"
+        )
+        return report
     if num_parameters > max_lie_parameters:
         report.lie_note = (
             f"{num_parameters} trainable parameters > max_lie_parameters={max_lie_parameters}: raise "
@@ -393,10 +399,11 @@ def _module_count(
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
             return
-        except NotImplementedError as err:  # an op of the model has no forward-mode derivative
+        except NotImplementedError as err:  # an op without a forward-mode derivative or a vmap rule
             report.lie_note = (
-                f"not computed: the count differentiates the model in forward mode (jvp), and an op "
-                f"of {type(model).__name__} does not support it ({str(err).splitlines()[0]})"
+                f"not computed: the count differentiates the model in forward mode (jvp) and batches "
+                f"it with vmap, and an op of {type(model).__name__} does not support it "
+                f"({str(err).splitlines()[0]})"
             )
             return
         # a count that still falls with the number of inputs is for too few of them (ReLU units

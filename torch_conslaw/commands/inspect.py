@@ -10,13 +10,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..lawgroups import build_groups
 from ._inputs import add_input_arguments, example_from_args, parse_shape  # noqa: F401 (parse_shape re-exported)
 from ._target import load_target
 from ..structure import find_structure, unwrap_model
+from ..structure.finder import _quiet_forward, _split_input
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the structure, every law group with its count, and the skipped pairs."""
     model = load_model(args.target)
     example = example_from_args(args, model)  # tensor, token ids, dict or FILE.py:make_input
+    if example is not None:
+        _check_runs(model, example, args.target)
     structure = find_structure(model, example)
     groups = build_groups(structure.pairs)
     print(f"model: {type(model).__name__} from {args.target}")
@@ -75,3 +80,26 @@ def run(args: argparse.Namespace) -> int:
         theta = None if args.theta == "model" else args.theta
         print(analyze(model, example, theta=theta, max_lie_parameters=args.max_lie_parameters))
     return 0
+
+
+def _describe(example: Any) -> str:
+    if isinstance(example, torch.Tensor):
+        return f"a {str(example.dtype).replace('torch.', '')} tensor of shape {tuple(example.shape)}"
+    if isinstance(example, dict):
+        return "keyword inputs " + ", ".join(f"{k}={_describe(v)}" for k, v in example.items())
+    return "positional inputs (" + ", ".join(_describe(v) for v in example) + ")"
+
+
+def _check_runs(model: nn.Module, example: Any, target: str) -> None:
+    """One plain forward pass on the example input; a failure is an input error that names the
+    input given and the options that describe other inputs, not a traceback from deep inside."""
+    args, kwargs = _split_input(example)
+    try:
+        _quiet_forward(model, args, kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{target} cannot run on the example input ({_describe(example)}): {first}. Describe the "
+            "input it takes: --vocab-size N for token ids, --input-shape NAME=SHAPE[:N] (repeated) "
+            "for keyword inputs, or --input FILE.py:NAME for anything else"
+        ) from err

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..lawgroups import LawGroup
 
-__all__ = ["LinearLaws", "NormScaleLaws"]
+__all__ = ["DifferenceLaws", "LinearLaws", "NormScaleLaws"]
 
 F64 = torch.float64
 Reader = tuple[str, Callable[[Tensor], Tensor]]
@@ -167,3 +167,63 @@ class NormScaleLaws(_StandaloneGroup):
 
     def scale(self, params: Mapping[str, Tensor]) -> Tensor:
         return self.values(params)
+
+
+class DifferenceLaws(_StandaloneGroup):
+    """h = a(θ) − b(θ), one law per entry: two parameters that always get the same gradient
+    (two biases that are only ever added, like ``bias_ih`` and ``bias_hh`` of a recurrent
+    layer) keep their difference under any update that depends on the gradient alone.
+
+    ``plus`` and ``minus`` are readers (selections of entries, coefficient +1, as for
+    :class:`LinearLaws`) returning one value per law. The change over a step is exactly
+    a(Δ) − b(Δ) (first order only); the natural size is |a(θ)| + |b(θ)|.
+
+    Example:
+        >>> import torch
+        >>> p = {"b1": torch.tensor([1.0, 2.0]), "b2": torch.tensor([0.5, 3.0])}
+        >>> laws = DifferenceLaws("b1−b2", ("b1", lambda b: b), ("b2", lambda b: b), p,
+        ...                       producer="rnn", consumer="rnn", reason="summed biases")
+        >>> laws.values(p).tolist(), laws.scale(p).tolist()
+        ([0.5, -1.0], [1.5, 5.0])
+    """
+
+    kind = "linear"
+
+    def __init__(
+        self,
+        name: str,
+        plus: Reader,
+        minus: Reader,
+        params: Mapping[str, Tensor],
+        *,
+        producer: str,
+        consumer: str,
+        reason: str,
+    ) -> None:
+        super().__init__(name, (plus, minus), producer=producer, consumer=consumer, reason=reason, expected_conserved=True)
+        with torch.no_grad():
+            self.count = int(self.values(params).numel())
+
+    def _default_reason(self) -> str:  # pragma: no cover - the reason is always given
+        return "difference law"
+
+    def _sides(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        (a, fa), (b, fb) = self.readers
+        return fa(params[a].to(F64)).reshape(-1), fb(params[b].to(F64)).reshape(-1)
+
+    def values(self, params: Mapping[str, Tensor]) -> Tensor:
+        a, b = self._sides(params)
+        return a - b
+
+    def first_order(self, before: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> Tensor:
+        return self.values(delta)  # linear: the whole change
+
+    def second_order(self, delta: Mapping[str, Tensor]) -> Tensor:
+        return torch.zeros(self.count, dtype=F64, device=delta[self.readers[0][0]].device)
+
+    def bilinear(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+        raise TypeError(f"{self.name}: a linear law has no bilinear form; use first_order")
+
+    def scale(self, params: Mapping[str, Tensor]) -> Tensor:
+        a, b = self._sides(params)
+        return a.abs() + b.abs()

@@ -580,6 +580,7 @@ def _cotangent_gradients(
     completed it, and then freed, except for the parameters in ``keep``, whose gradients are
     yielded with ‖∂fᵀu‖² over ``names``.
     """
+    from ..lie.elementary import Float64Ops
     from ..structure.finder import _split_input  # one definition of how an example input is called
 
     args, kwargs = _split_input(_to_float64(example_input))
@@ -615,7 +616,8 @@ def _cotangent_gradients(
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             # plain reverse mode (torch.autograd.backward) rather than torch.func.vjp: BatchNorm's
             # in-place running-statistics update on the buffer copies is fine here
-            outs = f(params)
+            with Float64Ops():  # fused kernels without a float64 version (grouped_mm of MoE experts)
+                outs = f(params)
             if not outs:
                 raise ValueError(f"verify: {type(model).__name__} returned no floating tensor on the example input")
             for _ in range(k):

@@ -12,7 +12,11 @@ active:
 * ``scaled_dot_product_attention`` to softmax(q kᵀ · scale + mask) v, and
   ``multi_head_attention_forward`` (``nn.MultiheadAttention``) to its explicit bmm path;
 * every dropout to the identity (random masks have no fixed derivatives; the count is for the
-  network without dropout).
+  network without dropout);
+* the recurrent kernels of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` and their cells to loops of
+  matmuls (:mod:`.elementary_rnn`: the fused kernels have no vmap batching rule);
+* ``torch._grouped_mm`` (mixture-of-experts layers) to one matmul per group: it has no
+  float64 kernel (:class:`Float64Ops` does only this, for the check of the laws).
 
 :class:`ActivationRecorder` records, on a plain forward, the units of ReLU-like activations
 that are never or always active on the inputs (they add data-dependent laws).
@@ -40,7 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ElementaryOps", "ActivationRecorder", "ConstantUnits", "EPS_ATTRIBUTES"]
+from .elementary_rnn import REROUTES as _RNN_REROUTES
+
+__all__ = ["ElementaryOps", "Float64Ops", "ActivationRecorder", "ConstantUnits", "EPS_ATTRIBUTES"]
 
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "layer_norm_eps", "epsilon")
 """Module attributes that hold a normalization's eps (torch.nn and Hugging Face names)."""
@@ -165,6 +171,60 @@ def multi_head_attention_forward(*args: Any, **kwargs: Any) -> tuple[Tensor, Ten
     return output, (weights if asked else None)
 
 
+def grouped_mm(
+    mat_a: Tensor, mat_b: Tensor, *, offs: Tensor | None = None, bias: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``torch._grouped_mm`` (mixture-of-experts layers) as one matmul per group.
+
+    The fused kernel takes bfloat16/float16/float32 only, and float64 is what the check of the
+    laws and the count run in. ``offs[g]`` ends group g along the jagged axis (entries past
+    ``offs[-1]`` are ignored: zero rows or columns): 2-D ``mat_a`` × 3-D ``mat_b`` slices the
+    rows of ``mat_a``; 3-D × 2-D the columns of ``mat_b``; 2-D × 2-D the shared inner axis (a
+    3-D result); 3-D × 3-D is a batched matmul.
+    """
+    if bias is not None:
+        raise NotImplementedError("grouped_mm with a bias has no elementary version here")
+    if offs is None:
+        out = torch.bmm(mat_a, mat_b)
+    else:
+        ends = [int(e) for e in offs.tolist()]
+        bounds = list(zip([0, *ends[:-1]], ends))
+        if mat_a.dim() == 2 and mat_b.dim() == 3:
+            pieces = [mat_a[s:e] @ mat_b[g] for g, (s, e) in enumerate(bounds)]
+            pieces.append(mat_a.new_zeros(mat_a.shape[0] - ends[-1], mat_b.shape[-1]))
+            out = torch.cat(pieces, 0)
+        elif mat_a.dim() == 3 and mat_b.dim() == 2:
+            pieces = [mat_a[g] @ mat_b[:, s:e] for g, (s, e) in enumerate(bounds)]
+            pieces.append(mat_a.new_zeros(mat_a.shape[1], mat_b.shape[1] - ends[-1]))
+            out = torch.cat(pieces, 1)
+        else:
+            out = torch.stack([mat_a[:, s:e] @ mat_b[s:e] for s, e in bounds])
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+_FLOAT64_FALLBACKS: dict[Callable[..., Any], Callable[..., Any]] = {torch._grouped_mm: grouped_mm}
+if hasattr(F, "grouped_mm"):
+    _FLOAT64_FALLBACKS[F.grouped_mm] = grouped_mm
+
+
+class Float64Ops(TorchFunctionMode):
+    """Run the fused ops that have no float64 kernel (``torch._grouped_mm`` of mixture-of-experts
+    layers) as elementary ops, so a model can run in float64; every other op is untouched.
+
+    Example:
+        >>> a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+        >>> with Float64Ops():
+        ...     y = torch._grouped_mm(a, b, offs=torch.tensor([2, 5], dtype=torch.int32))
+        >>> bool(torch.allclose(y, torch.cat([a[:2] @ b[0], a[2:] @ b[1]])))
+        True
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        replacement = _FLOAT64_FALLBACKS.get(func)
+        return (replacement or func)(*args, **(kwargs or {}))
+
+
 def _identity_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return input
 
@@ -186,6 +246,8 @@ for _name in ("rms_norm",):
         _REROUTES[getattr(F, _name)] = rms_norm
     if hasattr(torch, _name):
         _REROUTES[getattr(torch, _name)] = rms_norm
+_REROUTES.update(_RNN_REROUTES)
+_REROUTES.update(_FLOAT64_FALLBACKS)
 for _name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"):
     _REROUTES[getattr(F, _name)] = _identity_dropout
     if hasattr(torch, _name):

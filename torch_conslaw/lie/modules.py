@@ -688,6 +688,27 @@ def count_laws(
     work_bytes = max_memory_gb * 1e9 / 4
 
     def count(module: nn.Module, n: int, basis_bytes: float) -> LieResult:
+        try:
+            return _count_on(module, n, basis_bytes)
+        except RuntimeError as err:  # functorch names the op: "Batching rule not implemented for aten::x"
+            if "vmap: called random operation" in str(err):
+                raise NotImplementedError(
+                    f"{type(model).__name__} draws random numbers in its forward pass (a hand-written "
+                    "dropout or stochastic depth / drop path in training mode), and the count needs a "
+                    "deterministic model (its fields are evaluated many times at a stack of parameter "
+                    "points); set those drop rates to 0 or pass model.eval() (BatchNorm then uses its "
+                    "running statistics)"
+                ) from err
+            if "Batching rule not implemented" not in str(err):
+                raise
+            raise NotImplementedError(
+                f"count_laws evaluates {type(model).__name__} at a stack of parameter points with "
+                f"torch.func.vmap, and one of its ops cannot be batched ({str(err).splitlines()[0]}); "
+                "the count reroutes normalizations, attention, dropout and nn.RNN/GRU/LSTM to "
+                "elementary ops, so write this op with ops that vmap supports"
+            ) from err
+
+    def _count_on(module: nn.Module, n: int, basis_bytes: float) -> LieResult:
         family = ModuleGenerators(
             module,
             slots,

@@ -248,7 +248,7 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
             Skipped(
                 None,
                 None,
-                f"{type(model).__name__} has no two registered layers (Linear, Conv1d/2d/3d, "
+                f"{type(model).__name__} has no two registered layers (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
                 "or an affine normalization followed by one of these) connected through "
                 "symmetry-preserving ops, so no law is known for it",
             )

@@ -11,6 +11,8 @@ groups its symmetry gives on ``model`` and the candidates it had to refuse, with
   and Σ b (linear);
 * :mod:`.embedding` — the padding row of ``nn.Embedding(padding_idx=...)`` (linear);
 * :mod:`.key_bias` — the key bias of ``nn.MultiheadAttention`` (linear);
+* :mod:`.recurrent_bias` — b_ih − b_hh of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` and their cells
+  (linear: the two biases are only added);
 * :mod:`.translation` — softmax cross-entropy: column sums of the output layer (linear,
   opt-in with ``loss="cross_entropy"``);
 * :mod:`.scale` — ‖w‖² + ‖b‖² of a layer right before a normalization (approximate: exact
@@ -40,11 +42,11 @@ from torch import Tensor, nn
 
 from ...lawgroups import LawGroup
 from ...structure import Skipped, Structure
-from . import centering, embedding, key_bias, mean_subtraction, scale, translation
+from . import centering, embedding, key_bias, mean_subtraction, recurrent_bias, scale, translation
 
 __all__ = ["Context", "FAMILIES", "LOSSES", "propose_laws"]
 
-FAMILIES = (mean_subtraction, centering, embedding, key_bias, translation, scale)
+FAMILIES = (mean_subtraction, centering, embedding, key_bias, recurrent_bias, translation, scale)
 LOSSES = (None, "cross_entropy")
 """Values of ``loss``: ``None`` (laws of every loss) or a loss whose own laws are wanted."""
 
