@@ -210,7 +210,7 @@ class NativeLaws:
         chunks = []
         for plans in readers:
             runs = [b if b > 1 else u for u, b, _ in plans]
-            chunks.append(math.gcd(*runs) if runs else 1)
+            chunks.append(max(1, math.gcd(*runs)) if runs else 1)  # 1 for an empty tensor
         flat = [r for plans in readers for r in plans]
         starts = [0]
         for plans in readers:
