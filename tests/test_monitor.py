@@ -429,3 +429,27 @@ def test_a_step_that_raises_does_not_stop_the_recording():
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     assert mon.num_steps == 2 and mon.history()["step"].tolist() == [0, 1, 2]
+
+
+def test_a_law_that_starts_at_zero_is_not_a_false_alarm():
+    """The centering law of a Linear layer before a LayerNorm includes the sum of its bias; a
+    zero-initialized bias makes that law's natural scale 0 at θ₀. Its drift under SGD is
+    float32 rounding (~1e-7 here), and its relative drift must say so (it read ~2e4 when the
+    scale was floored at 1e-12 × the group's largest)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
+    nn.init.zeros_(model[0].bias)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = ConservationMonitor(model, x, every=1, recording="sync").attach(opt)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    centering = [r for r in mon.summary() if r["kind"] == "linear"]
+    assert centering and all(r["expected_conserved"] for r in centering)
+    for row in centering:
+        assert row["max_abs_drift"] < 1e-5
+        assert row["max_rel_drift"] < 1e-3, row
