@@ -588,13 +588,9 @@ class Accountant:
             >>> acc.values_table(dict(model.named_parameters())).shape, acc.counts
             (torch.Size([1, 2]), [2])
         """
-        direct = self._direct
-        if direct is not None:  # the native kernel alone: no autograd, no reordering
-            tensors = [params[n] for n in direct[1]]
-            if [t.shape for t in tensors] == direct[2]:
-                table = direct[0].table(None, tensors)
-                if table is not None:
-                    return table
+        table = self._direct_table(None, params)
+        if table is not None:
+            return table
         with torch.no_grad():
             fast = self._plan([params[n] for n in self.names], params)
             pieces: list[Tensor] = []
@@ -613,19 +609,29 @@ class Accountant:
         float64 summation order. ``advance``: also copy θ⁺ (``after``) into the tensors of
         ``before`` (buffers of the caller, then θ before the next step; the native kernel
         writes each chunk while it is in cache)."""
-        direct = self._direct
-        if direct is not None:  # the native kernel alone: no autograd, no reordering
-            tensors = [after[n] for n in direct[1]]
-            if [t.shape for t in tensors] == direct[2]:
-                table = direct[0].table([before[n] for n in direct[1]], tensors, advance)
-                if table is not None:
-                    return table
+        table = self._direct_table(before, after, advance)
+        if table is not None:
+            return table
         with torch.no_grad():
             table = self._split_in_order(before, after)
             if advance:
                 for n in self.names:
                     before[n].copy_(after[n])
             return table
+
+    def _direct_table(
+        self, before: Mapping[str, Tensor] | None, after: Mapping[str, Tensor], advance: bool = False
+    ) -> Tensor | None:
+        """The whole table from the native kernel alone (every group on it, in group order: no
+        autograd, no reordering), or ``None`` when that route is not open for these tensors."""
+        direct = self._direct
+        if direct is None:
+            return None
+        kernel, names, shapes = direct
+        tensors = [after[n] for n in names]
+        if [t.shape for t in tensors] != shapes:
+            return None
+        return kernel.table(None if before is None else [before[n] for n in names], tensors, advance)
 
     def _split_in_order(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
         fast = self._plan([after[n] for n in self.names], after)

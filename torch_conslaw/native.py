@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .evaluation import GroupSpec
 
-__all__ = ["NativeLaws", "native_status", "fold_abs_max", "RunningMax"]
+__all__ = ["NativeLaws", "native_status", "RunningMax"]
 
 SOURCE = Path(__file__).with_name("native_laws.c")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -291,26 +291,13 @@ class NativeLaws:
         return table
 
 
-def fold_abs_max(table: Tensor, base: Tensor, running: Tensor, invalid: Tensor | None) -> bool:
-    """``running = max(running, |table − base|)``, with 0 for the laws marked in ``invalid``
-    (``[laws]``, or ``None``): the running maxima of a record (``[rows, laws]`` float64, CPU).
-    Returns ``False`` and changes nothing when a law not marked has a non-finite entry. One
-    native call where the kernel is built (a record's statistics then cost microseconds inside
-    a training step), the same result from torch operations otherwise.
-
-    Example:
-        >>> running = torch.zeros(1, 2, dtype=torch.float64)
-        >>> fold_abs_max(torch.tensor([[1.0, -3.0]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), running, None)
-        True
-        >>> running.tolist()
-        [[1.0, 3.0]]
-    """
-    return RunningMax(base, running)(table, invalid)
-
-
 class RunningMax:
-    """:func:`fold_abs_max` bound to fixed ``base`` and ``running`` tensors (float64, CPU,
-    contiguous, ``[rows, laws]``): a call checks only the record's table.
+    """The running maxima of records: ``running = max(running, |table − base|)``, with 0 for
+    the laws marked invalid, for fixed ``base`` and ``running`` tensors (float64, CPU,
+    contiguous, ``[rows, laws]``). A call returns ``False`` and changes nothing when a law not
+    marked has a non-finite entry. One native call where the kernel is built (a record's
+    statistics then cost microseconds inside a training step), the same result from torch
+    operations otherwise; a call checks only the record's table.
 
     Example:
         >>> fold = RunningMax(torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64))

@@ -7,7 +7,7 @@ first and the second order of the split), the columns laid out group after group
 one always available; :class:`DriftStatistics` keeps θ₀, the natural scales, the running
 maxima of every law (exact over every recorded step, whatever was thinned) and the laws marked
 invalid (non-finite). Folding a record in costs one native call (or a few tensor operations
-where the native kernel is not built: :func:`~torch_conslaw.native.fold_abs_max`) whatever
+where the native kernel is not built: :class:`~torch_conslaw.native.RunningMax`) whatever
 the number of groups; per-group numbers are formed only when read.
 
 Example:
