@@ -163,6 +163,39 @@ def test_native_reads_every_half_precision_value_exactly():
         assert torch.equal(values[~reference.isnan()], reference[~reference.isnan()]), dtype
 
 
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_sums_a_tensor_for_every_reader_row_and_column_alike(threads):
+    """One weight read by a row reader and by two column readers (plans (1, U, B) and
+    (A, U, 1), in different groups): every reader's rows, values and split, within the
+    rounding bound of the float64 definition, summed by hand from the reshaped tensors."""
+    g = torch.Generator().manual_seed(3)
+    theta = [torch.randn(shape, generator=g) for shape in ((24, 40), (40, 7), (5, 24))]  # w, v, z
+    delta = [0.1 * torch.randn(t.shape, generator=g) for t in theta]
+    spec = [
+        ([(0, (1, 24, 40))], [(2, (5, 24, 1))], 1.0),  # rows of w against columns of z
+        ([(0, (24, 40, 1))], [(1, (1, 40, 7))], 2.0),  # columns of w against rows of v
+        ([(0, (24, 40, 1))], [(1, (1, 40, 7))], 0.5),  # columns of w again
+    ]
+    kernel = native.NativeLaws(spec, 3, threads=threads)
+
+    def reference(x: list[torch.Tensor], y: list[torch.Tensor]) -> torch.Tensor:
+        def sums(i: int, plan: tuple[int, int, int]) -> torch.Tensor:
+            return (x[i].to(F64) * y[i].to(F64)).reshape(plan).sum((0, 2))
+
+        return torch.cat([sum(sums(*r) for r in inc) - k * sum(sums(*r) for r in out) for inc, out, k in spec])
+
+    after = [t + d for t, d in zip(theta, delta)]
+    delta = [a.to(F64) - t.to(F64) for a, t in zip(after, theta)]  # Δ as the kernel forms it
+    values = kernel.values(after)
+    split = kernel.split(theta, after)
+    expected = [reference(after, after), 2 * reference(theta, delta), reference(delta, delta)]
+    bound = 1e-12 * (1 + sum(t.abs().sum() for t in expected).item())
+    assert torch.allclose(values, expected[0], rtol=0, atol=bound)
+    for row, exact in zip(split, expected):
+        assert torch.allclose(row, exact, rtol=0, atol=bound)
+
+
 def test_a_bad_evaluation_is_refused():
     with pytest.raises(ValueError, match="evaluation must be one of"):
         tc.ConservationMonitor(mlp(0), evaluation="fast", every=1, recording="sync")

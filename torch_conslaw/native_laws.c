@@ -53,21 +53,36 @@ static inline double tcl_f16(uint16_t h) {
 #define LOAD_BF16(p, i) tcl_bf16(((const uint16_t *)(p))[i])
 #define LOAD_F16(p, i) tcl_f16(((const uint16_t *)(p))[i])
 
-/* chunks [c0, c1) of one tensor: readers r0..r1 (U, B, offset of their rows in acc) */
+/* chunks [c0, c1) of one tensor: readers r0..r1 (U, B, offset of their rows in acc). The first
+ * reader with B == 1 (a column reader: one accumulator per element of the chunk) gets the
+ * squares in the same loop that sums them for the readers with B > 1 (one row per chunk);
+ * further B == 1 readers (rare) form them again. */
 #define VALUES(NAME, LOAD)                                                                        \
     static void NAME(const void *x, int64_t C, int64_t c0, int64_t c1, const int64_t *U,          \
                      const int64_t *B, const int64_t *off, int64_t r0, int64_t r1, double *acc) { \
+        int64_t col = -1;                                                                         \
+        for (int64_t r = r0; r < r1 && col < 0; r++)                                              \
+            if (B[r] <= 1) col = r;                                                               \
         for (int64_t c = c0; c < c1; c++) {                                                       \
             const int64_t i0 = c * C;                                                             \
             double s = 0.0;                                                                       \
-            _Pragma("omp simd reduction(+:s)") for (int64_t j = 0; j < C; j++) {                  \
-                const double v = LOAD(x, i0 + j);                                                 \
-                s += v * v;                                                                       \
+            if (col >= 0) {                                                                       \
+                double *q = acc + off[col] + i0 % U[col];                                         \
+                _Pragma("omp simd reduction(+:s)") for (int64_t j = 0; j < C; j++) {              \
+                    const double v = LOAD(x, i0 + j), sq = v * v;                                 \
+                    s += sq;                                                                      \
+                    q[j] += sq;                                                                   \
+                }                                                                                 \
+            } else {                                                                              \
+                _Pragma("omp simd reduction(+:s)") for (int64_t j = 0; j < C; j++) {              \
+                    const double v = LOAD(x, i0 + j);                                             \
+                    s += v * v;                                                                   \
+                }                                                                                 \
             }                                                                                     \
             for (int64_t r = r0; r < r1; r++) {                                                   \
                 if (B[r] > 1) {                                                                   \
                     acc[off[r] + (i0 / B[r]) % U[r]] += s;                                        \
-                } else {                                                                          \
+                } else if (r != col) {                                                            \
                     double *q = acc + off[r] + i0 % U[r];                                         \
                     _Pragma("omp simd") for (int64_t j = 0; j < C; j++) {                         \
                         const double v = LOAD(x, i0 + j);                                         \
@@ -84,14 +99,31 @@ static inline double tcl_f16(uint16_t h) {
     static void NAME(void *xb, const void *xa, int64_t C, int64_t c0, int64_t c1,                 \
                      const int64_t *U, const int64_t *B, const int64_t *off, int64_t r0,          \
                      int64_t r1, double *acc, int64_t w, int advance) {                           \
+        int64_t col = -1;                                                                         \
+        for (int64_t r = r0; r < r1 && col < 0; r++)                                              \
+            if (B[r] <= 1) col = r;                                                               \
         for (int64_t c = c0; c < c1; c++) {                                                       \
             const int64_t i0 = c * C;                                                             \
             double s0 = 0.0, s1 = 0.0, s2 = 0.0;                                                  \
-            _Pragma("omp simd reduction(+:s0,s1,s2)") for (int64_t j = 0; j < C; j++) {           \
-                const double a = LOAD(xa, i0 + j), b = LOAD(xb, i0 + j), d = a - b;               \
-                s0 += a * a;                                                                      \
-                s1 += b * d;                                                                      \
-                s2 += d * d;                                                                      \
+            if (col >= 0) {                                                                       \
+                double *q = acc + off[col] + i0 % U[col];                                         \
+                _Pragma("omp simd reduction(+:s0,s1,s2)") for (int64_t j = 0; j < C; j++) {       \
+                    const double a = LOAD(xa, i0 + j), b = LOAD(xb, i0 + j), d = a - b;           \
+                    const double p0 = a * a, p1 = b * d, p2 = d * d;                              \
+                    s0 += p0;                                                                     \
+                    s1 += p1;                                                                     \
+                    s2 += p2;                                                                     \
+                    q[j] += p0;                                                                   \
+                    q[w + j] += p1;                                                               \
+                    q[2 * w + j] += p2;                                                           \
+                }                                                                                 \
+            } else {                                                                              \
+                _Pragma("omp simd reduction(+:s0,s1,s2)") for (int64_t j = 0; j < C; j++) {       \
+                    const double a = LOAD(xa, i0 + j), b = LOAD(xb, i0 + j), d = a - b;           \
+                    s0 += a * a;                                                                  \
+                    s1 += b * d;                                                                  \
+                    s2 += d * d;                                                                  \
+                }                                                                                 \
             }                                                                                     \
             for (int64_t r = r0; r < r1; r++) {                                                   \
                 if (B[r] > 1) {                                                                   \
@@ -99,7 +131,7 @@ static inline double tcl_f16(uint16_t h) {
                     acc[k] += s0;                                                                 \
                     acc[w + k] += s1;                                                             \
                     acc[2 * w + k] += s2;                                                         \
-                } else {                                                                          \
+                } else if (r != col) {                                                            \
                     double *q = acc + off[r] + i0 % U[r];                                         \
                     _Pragma("omp simd") for (int64_t j = 0; j < C; j++) {                         \
                         const double a = LOAD(xa, i0 + j), b = LOAD(xb, i0 + j), d = a - b;       \
