@@ -110,9 +110,13 @@ def test_attention_head_laws_are_counted_and_the_untracked_ones_located():
     assert (jac @ g.T).abs().max() <= 1e-10 * jac.norm() * g.norm()
     s = torch.linalg.svdvals(g)
     assert report.lie_laws == int((s > 1e-8 * s[0]).sum())
-    # the op-graph rules see through hand-written heads: Q̃Q̃ᵀ − K̃K̃ᵀ and ṼṼᵀ − OᵀO are tracked.
-    # The key bias of a hand-written head is not: those laws are missing, and live mostly in
+    # the op-graph rules see through hand-written heads: Q̃Q̃ᵀ − K̃K̃ᵀ, ṼṼᵀ − OᵀO and the key
+    # bias are tracked, each verified on the example input: the tracked set is complete
+    assert report.complete is True and report.tracked_rank == report.lie_laws
+    assert any(g.kind == "linear" and tuple(g.parameter_names) == ("k.bias",) for g in report.groups)
+    # the layer-pair catalogue alone misses the key bias: those laws are located, mostly in
     # k.bias (the rest of the share is its overlap with the tracked q·k law, which reads k.bias)
+    report = tc.analyze(model, x, theta="random", seed=1, families=False)
     assert report.complete is False and report.missing_laws == report.lie_laws - report.tracked_rank == 2
     assert set(report.missing.shares) <= {"q.weight", "q.bias", "k.weight", "k.bias"}
     assert max(report.missing.shares, key=report.missing.shares.get) == "k.bias"
@@ -127,10 +131,16 @@ def _theta_of(report):
     return [theta[s.offset : s.offset + s.numel].view(s.shape) for s in report.lie.parameters]
 
 
-def test_layernorm_centering_laws_are_missing_located_and_given_as_polynomials():
+def test_layernorm_centering_laws_are_tracked_and_without_families_located_as_polynomials():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
     report = tc.analyze(model, torch.randn(2, 3))
+    # tracked: the 4 unit laws of 1→3 and the 4 verified centering laws (3 column sums, Σ b);
+    # the scale law before the LayerNorm holds only at eps = 0: named, not counted
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 8
+    assert sorted(g.kind for g in report.groups) == ["linear", "unit"]
+    assert "approximate laws" in str(report) and "0→1 scale" in str(report)
+    report = tc.analyze(model, torch.randn(2, 3), families=False)
     assert report.complete is False and report.missing_laws == 4
     # the column sums of the layer before LayerNorm: 3 of its weight columns and its bias
     assert report.missing.shares.keys() == {"0.weight", "0.bias"}
@@ -184,10 +194,9 @@ def test_inspect_analyze_prints_counts_verdict_location_and_laws(tmp_path, capsy
     )
     assert main(["inspect", f"{path}:make_model", "--input-shape", "2,3", "--analyze"]) == 0
     out = capsys.readouterr().out
-    assert "tracked: 1 law group(s), 4 law function(s), 4 independent at θ" in out
-    assert "existing laws (Lie-algebra count): 8 independent" in out
-    assert "tracked set: INCOMPLETE" in out and "missing: 4 independent law(s) not tracked" in out
-    assert "0.weight" in out and "75.0 %" in out and "0.bias[0] + 0.bias[1] + 0.bias[2] + 0.bias[3]" in out
+    assert "tracked: 2 law group(s), 8 law function(s), 8 independent at θ" in out
+    assert "0→1 centering" in out and "existing laws (Lie-algebra count): 8 independent" in out
+    assert "tracked set: complete" in out
 
 
 class TorchAttention(nn.Module):
@@ -201,10 +210,12 @@ class TorchAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-def test_torch_multihead_attention_misses_exactly_its_key_bias():
+def test_torch_multihead_attention_tracks_its_key_bias_and_pairs_alone_miss_exactly_it():
     torch.manual_seed(0)
     model = TorchAttention()
     report = tc.analyze(model, torch.randn(2, 3, 2), theta="random")
+    assert report.tracked_rank == report.lie_laws == 8 and report.complete is True  # with the key bias
+    report = tc.analyze(model, torch.randn(2, 3, 2), theta="random", families=False)
     assert report.tracked_rank == 6  # q·k and v·o matrix laws of the head (d_h = 2: 3 + 3)
     assert report.lie_laws == 8 and report.missing_laws == 2 and report.complete is False
     assert [str(h) for h in report.polynomial_laws] == ["attn.in_proj_bias[2]", "attn.in_proj_bias[3]"]

@@ -229,9 +229,10 @@ def test_transformer_encoder_layer_and_downstream_consumers(tmp_path, capsys):
     x = torch.randn(4, 5, E, dtype=F64)
     monitor = ConservationMonitor(layer, x, every=1, recording="sync")
     names = [g.name for g in monitor.groups]
-    assert [n for n in names if n.startswith("self_attn.")] == [
+    assert [n for n in names if n.startswith("self_attn.h")] == [
         f"self_attn.h{h} {w}" for h in range(H) for w in ("q·k", "v·o")
     ]
+    assert "self_attn key bias" in names and "self_attn.out_proj→norm1 centering" in names
     opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
     monitor.attach(opt)
     for _ in range(3):

@@ -190,6 +190,52 @@ def test_centering_across_a_residual_only_when_the_sum_reaches_only_the_norm():
     assert any("no LayerNorm centering law for dense" in str(s) for s in monitor.skipped)
 
 
+class _ThenNorm(nn.Module):
+    """Linear on (B, T, 6) features, a transpose, then LayerNorm(6): over the features when
+    the transpose swaps B and T, over T when it swaps T and the features."""
+
+    def __init__(self, swap_features: bool):
+        super().__init__()
+        self.dense, self.ln, self.swap = nn.Linear(5, 6), nn.LayerNorm(6), swap_features
+
+    def forward(self, x):
+        h = self.dense(x)
+        return self.ln(h.transpose(-1, -2) if self.swap else h.transpose(0, 1))
+
+
+def test_centering_through_a_transpose_only_when_the_features_stay_last():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 5, dtype=F64)
+    kept = _ThenNorm(swap_features=False).double()
+    (group,) = [g for g in ConservationMonitor(kept, x, every=1).groups if g.kind == "linear"]
+    assert group.name == "dense→ln centering" and group.count == 5 + 1
+    assert law_residuals(kept, x, [group], lambda y: y) <= 1e-10
+    swapped = _ThenNorm(swap_features=True).double()  # LayerNorm over T: no shift along the features
+    assert not [g for g in ConservationMonitor(swapped, x, every=1).groups if g.kind == "linear"]
+
+
+def test_multihead_attention_out_proj_before_layer_norm_gets_centering():
+    """``nn.TransformerEncoderLayer`` (post-norm): norm1(x + self_attn(x)). The whole
+    ``nn.MultiheadAttention`` is one op of the graph, and its output is that of ``out_proj``
+    (transposed back with ``batch_first``): the column sums of W_o and Σ b_o are laws."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).double()
+    x = torch.randn(2, 3, 4, dtype=F64)
+    monitor = ConservationMonitor(layer, x, every=1)
+    groups = {g.name: g for g in monitor.groups if g.kind == "linear"}
+    assert groups["self_attn.out_proj→norm1 centering"].count == 4 + 1
+    assert law_residuals(layer, x, list(groups.values()), lambda y: y) <= 1e-10
+    layer.zero_grad()
+    layer(x).square().sum().backward()  # independent: any loss's gradient has zero column sums
+    w, b = layer.self_attn.out_proj.weight.grad, layer.self_attn.out_proj.bias.grad
+    assert w.sum(0).abs().max() <= 1e-12 * w.abs().sum() and b.sum().abs() <= 1e-12 * b.abs().sum()
+    # with dropout in train mode before the addition the shift is not removed: refused
+    noisy = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True).double()
+    monitor = ConservationMonitor(noisy, x, every=1)
+    assert "self_attn.out_proj→norm1 centering" not in {g.name for g in monitor.groups}
+    assert any("no LayerNorm centering law for self_attn.out_proj" in str(s) for s in monitor.skipped)
+
+
 def _hf_norms():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm

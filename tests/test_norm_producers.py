@@ -390,7 +390,9 @@ def test_batchnorm1d_units_follow_the_input_rank():
 def test_analyze_and_inspect_handle_norm_producers(tmp_path, capsys):
     make, shape, *_ = CASES["conv-bn2d-relu-pool-flatten-linear"]
     report = analyze(make(), torch.randn(shape, dtype=F64), lie=False)  # the count: test_analyze_any_model.py
-    assert report.tracked_laws == report.tracked_rank == 3
+    # 3 channel laws across the BatchNorm, and the 3 verified bias laws of the conv before it
+    assert report.tracked_laws == report.tracked_rank == 3 + 3
+    assert sorted(g.kind for g in report.groups) == ["channel", "linear"]
     assert report.lie_laws is None and report.complete is None and report.lie_note
     path = tmp_path / "bnnet.py"
     path.write_text(textwrap.dedent(
@@ -409,7 +411,10 @@ def test_analyze_and_inspect_handle_norm_producers(tmp_path, capsys):
     assert "1→4: 4 channel group(s) through [2 (ReLU), 3 (Flatten)], degree 1, 36 columns per channel" in out
     assert "5→7: 5 unit group(s)" in out and "law groups: 2 (9 laws)" in out
     assert "1 (BatchNorm2d) renormalizes the units" in out and "(BatchNorm2d) (BatchNorm2d)" not in out
-    assert "tracked: 2 law group(s), 9 law function(s), 9 independent" in out
+    # analyze adds the verified linear families: the conv bias before BatchNorm2d (4) and the
+    # centering before the LayerNorm (4·6·6 column sums and Σ b: 145)
+    assert "tracked: 4 law group(s), 158 law function(s), 158 independent" in out
+    assert "4→5 centering        linear     145 laws" in out
 
 
 # ------------------------------------------------------------------------------------------

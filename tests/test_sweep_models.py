@@ -95,12 +95,14 @@ class _RecurrentClassifier(nn.Module):
         return self.out(F.relu(self.fc(self.rnn(x)[0])))
 
 
-@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
-def test_analyze_counts_a_model_with_a_recurrent_layer(cls):
+@pytest.mark.parametrize("cls, summed_gates", [(nn.GRU, 2), (nn.LSTM, 4)])
+def test_analyze_counts_a_model_with_a_recurrent_layer(cls, summed_gates):
     torch.manual_seed(0)
     report = tc.analyze(_RecurrentClassifier(cls), torch.randn(2, 5, 4), n_inputs=32)
     assert report.lie_laws is not None, report.lie_note
-    assert report.lie_laws >= report.tracked_rank == 5  # fc → ReLU → out: one law per unit
+    # fc → ReLU → out: one law per unit; b_ih − b_hh of every gate whose two biases are only
+    # added (GRU: r, z; LSTM: i, f, g, o), 6 units each, verified on the example input
+    assert report.lie_laws >= report.tracked_rank == 5 + 6 * summed_gates
 
 
 def test_an_op_that_vmap_cannot_batch_is_a_clear_error():

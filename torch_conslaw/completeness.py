@@ -38,7 +38,8 @@ from .lie import mlp_trace_dimension
 from .lie.elementary import ElementaryOps
 from .lie.numerics import DEFAULT_RTOL, RankDecision
 from .missing_laws import MissingSpace, SubmapFields, missing_space
-from .structure import Structure, find_structure, unwrap_model
+from .laws.verify import propose_and_check
+from .structure import Skipped, Structure, find_structure, unwrap_model
 from .tracked_rank import law_gradients, tracked_rank
 
 __all__ = ["Analysis", "analyze", "random_inputs_like"]
@@ -86,6 +87,7 @@ class Analysis:
     polynomial_note: str = ""
     theta_source: str = "model"
     notes: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.num_parameters} trainable parameters (θ: {self.theta_source})"]
@@ -136,11 +138,28 @@ class Analysis:
                 lines.append(f"  note: {self.polynomial_note}")
         elif self.polynomial_note:
             lines.append(f"polynomial laws: {self.polynomial_note}")
-        lines.extend(f"skipped: {s}" for s in self.structure.skipped[:20])
-        if len(self.structure.skipped) > 20:
-            lines.append(f"skipped: ... and {len(self.structure.skipped) - 20} more")
+        lines.extend(f"skipped: {s}" for s in self.skipped[:20])
+        if len(self.skipped) > 20:
+            lines.append(f"skipped: ... and {len(self.skipped) - 20} more")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def _checked_groups(
+    model: nn.Module, structure: Structure, example_input: Any, families: bool
+) -> tuple[list[LawGroup], list[Skipped], list[LawGroup], str]:
+    """The exact law groups :func:`analyze` counts as tracked: with an example input, what the
+    monitor tracks (layer pairs and the families beyond them, each verified numerically;
+    :func:`~torch_conslaw.laws.verify.propose_and_check`) less the approximate ones, which are
+    returned apart; without one (or with ``families=False``), the layer pairs, unverified (the
+    note says so)."""
+    pairs = build_groups(structure.pairs)
+    if not families:
+        return pairs, list(structure.skipped), [], "families=False: only the layer-pair laws count as tracked (unverified)"
+    checked = propose_and_check(model, structure, example_input, pairs, list(structure.skipped), caller="analyze")
+    exact = [g for g in checked.groups if g.expected_conserved and not getattr(g, "approximate", False)]
+    approximate = [g for g in checked.groups if getattr(g, "approximate", False)]
+    return exact, checked.skipped, approximate, checked.note
 
 
 def analyze(
@@ -158,6 +177,7 @@ def analyze(
     polynomial_degree: int = 2,
     max_polynomial_variables: int = 40,
     max_jacobian_entries: int = 50_000_000,
+    families: bool = True,
 ) -> Analysis:
     """Tracked laws against existing laws at θ, completeness, and where missing laws live.
 
@@ -183,12 +203,21 @@ def analyze(
             have at most this many entries.
         max_jacobian_entries: bound on the dense Jacobian of a law group whose readers are not
             plain rearrangements (the built-in ones all are: they need none).
+        families: True (default): the tracked laws are those the monitor tracks: the layer-pair
+            laws and, with an example input, the linear families beyond them (MHA key bias,
+            LayerNorm centering, recurrent biases, ...), each verified numerically on
+            ``example_input`` first (a group that fails is skipped with its residual);
+            approximate laws (exact only at a normalization eps = 0) are named in a note and
+            not counted. False: only the layer-pair laws, unverified (what the rescaling and
+            linear-pair catalogue alone misses).
 
     Example:
         >>> from torch import nn
         >>> print(analyze(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5))).complete)
         True
     """
+    if not isinstance(families, bool):
+        raise TypeError(f"analyze: families must be True or False, got {families!r}")
     if theta not in (None, "model", "random"):
         raise ValueError(f"theta must be None, 'model' or 'random', got {theta!r}")
     for name, value in (("max_lie_parameters", max_lie_parameters), ("max_polynomial_variables", max_polynomial_variables)):
@@ -200,7 +229,7 @@ def analyze(
         raise ValueError(f"n_inputs must be an integer ≥ 4 (the count compares n/4, n/2 and n inputs), got {n_inputs!r}")
     model = unwrap_model(model)
     structure = find_structure(model, example_input)
-    groups = build_groups(structure.pairs)
+    groups, skipped, approximate, check_note = _checked_groups(model, structure, example_input, families)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     num_parameters = sum(p.numel() for p in trainable.values())
     layout, offset = {}, 0
@@ -219,6 +248,13 @@ def analyze(
     if decision is not None and not decision.clear:
         notes.append(f"no clear singular-value gap in the tracked laws: {decision.describe()}")
     notes += tracked.notes[:3]
+    if approximate:
+        notes.append(
+            f"approximate laws (exact only at a normalization eps = 0), verified but not counted as tracked: "
+            + ", ".join(f"{g.name} ({g.count})" for g in approximate)
+        )
+    if check_note:
+        notes.append(check_note)
     report = Analysis(
         model=type(model).__name__,
         structure=structure,
@@ -232,6 +268,7 @@ def analyze(
         complete=None,
         theta_source=source,
         notes=notes,
+        skipped=skipped,
     )
     if not lie:
         return report

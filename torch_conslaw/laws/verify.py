@@ -669,6 +669,7 @@ def propose_and_check(
     *,
     loss: str | None = None,
     sharded: bool = False,
+    caller: str = "ConservationMonitor",
 ) -> Checked:
     """The monitor's construction step: add the families beyond layer pairs
     (:mod:`torch_conslaw.laws.families`) and verify every group that is claimed (expected to be
@@ -677,17 +678,17 @@ def propose_and_check(
     Without ``example_input`` nothing can be verified: the layer-pair groups are tracked,
     marked unverified (``note`` says why), and no family law is proposed, since each family
     law is tracked only once verified. Under sharding (FSDP2) the same holds: verify the
-    unsharded model with :func:`verify_laws`.
+    unsharded model with :func:`verify_laws`. ``caller`` names the API in warnings and errors.
     """
     from ..structure import Skipped
     from .families.proposals import LOSSES, propose_laws
 
     if loss not in LOSSES:
-        raise ValueError(f"ConservationMonitor: loss must be one of {LOSSES}, got {loss!r}")
+        raise ValueError(f"{caller}: loss must be one of {LOSSES}, got {loss!r}")
     if example_input is None or sharded:
         if loss is not None:
             raise ValueError(
-                f"ConservationMonitor: loss={loss!r} adds laws of that loss, which are tracked only "
+                f"{caller}: loss={loss!r} adds laws of that loss, which are tracked only "
                 "once verified on an example input: pass example_input"
                 + (" (and build the monitor on the unsharded model)" if sharded else "")
             )
@@ -706,7 +707,7 @@ def propose_and_check(
         import warnings
 
         warnings.warn(
-            f"ConservationMonitor: the numerical check of the laws failed to run ({message}); the "
+            f"{caller}: the numerical check of the laws failed to run ({message}); the "
             "layer-pair laws are tracked unverified and no other family is added",
             RuntimeWarning,
             stacklevel=3,

@@ -51,6 +51,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -66,6 +67,7 @@ Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
 _KEEP = _CAST | {"contiguous", "clone"}  # elementwise identities on the values
 _RESHAPE = {"view", "reshape"}
+_SWAP = {"transpose", "swapaxes", "swapdims"}
 
 
 @dataclass
@@ -227,11 +229,21 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
 
 
 def _keeps_last_axis(g: OpGraph, op: Op, v: int) -> bool:
-    """A cast, copy or view of ``v`` (its first argument) that keeps the last axis as it is."""
+    """A cast, copy or view of ``v`` (its first argument) that keeps the last axis as it is,
+    or a transpose / permutation of the other axes (``nn.MultiheadAttention`` with
+    ``batch_first=True`` returns its ``out_proj`` output transposed)."""
     if not (op.args and isinstance(op.args[0], Val) and op.args[0].vid == v and len(op.outputs) == 1):
         return False
     if op.name in _KEEP:
         return True
+    last = len(g.shapes[v]) - 1
+    if op.name in _SWAP:
+        dims = [_arg(op, 1, "dim0"), _arg(op, 2, "dim1")]
+        return last > 0 and all(isinstance(d, int) and d % (last + 1) != last for d in dims)
+    if op.name == "permute":
+        dims = op.args[1] if len(op.args) == 2 and isinstance(op.args[1], (list, tuple)) else op.args[1:]
+        dims = op.kwargs.get("dims", dims)
+        return bool(dims) and isinstance(dims[-1], int) and dims[-1] % (last + 1) == last
     return op.name in _RESHAPE and g.shapes[op.outputs[0]][-1:] == g.shapes[v][-1:]
 
 
@@ -293,6 +305,11 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             yield found
         elif found is not None:
             yield _centering(site, found)
+    for op in g.ops:  # nn.MultiheadAttention: its output is that of out_proj (one op here)
+        if op.name == "multi_head_attention_forward" and op.index in g.live:
+            found = _mha_out_proj(model, g, op)
+            if found is not None:
+                yield found
     for op in g.ops:  # embeddings: a shift t_v·1 of row v moves every token v by t_v·1
         weight = _arg(op, 1, "weight")
         if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
@@ -306,6 +323,22 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             yield found
         elif found is not None:
             yield _embedding_centering(name, rows, _arg(op, 2, "padding_idx"), found)
+
+
+def _mha_out_proj(model: nn.Module, g: OpGraph, op: Op):
+    """The centering laws of the ``out_proj`` of ``F.multi_head_attention_forward`` (the whole
+    ``nn.MultiheadAttention`` is one op of the graph): its output is attn · W_oᵀ + b_o, the
+    features last; a proposal, a refusal, or None when it reaches no LayerNorm alone."""
+    weight, bias = _arg(op, 11, "out_proj_weight"), _arg(op, 12, "out_proj_bias")
+    if not (isinstance(weight, Val) and weight.vid in g.params and op.outputs):
+        return None
+    names = [g.params[weight.vid]] + ([g.params[bias.vid]] if isinstance(bias, Val) and bias.vid in g.params else [])
+    units = g.shapes[weight.vid][0]
+    site = SimpleNamespace(name=_module(names[0]), readers=[(names[0], "rows")] + [(n, "bias") for n in names[1:]])
+    found = _to_layer_norm(model, g, op.outputs[0], units, site.name)
+    if found is None or isinstance(found, Skipped):
+        return found
+    return _centering(site, found)
 
 
 def _embedding_centering(weight: str, rows: int, padding: Any, norm: Op):
