@@ -453,3 +453,29 @@ def test_a_law_that_starts_at_zero_is_not_a_false_alarm():
     for row in centering:
         assert row["max_abs_drift"] < 1e-5
         assert row["max_rel_drift"] < 1e-3, row
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_records_are_the_same_whether_read_every_step_or_once(split):
+    """Without listeners the monitor folds each record at once and forms and stores the
+    records in batches; a monitor with a listener delivers each one at its step. Histories,
+    summaries and the records the listener saw are bitwise the same, read at any point."""
+    histories, summaries, heard = [], [], []
+    for reads_every_step in (False, True):
+        model = mlp(seed=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = ConservationMonitor(model, every=1, split=split, recording="sync", max_records=100).attach(opt)
+        if reads_every_step:
+            mon.add_listener(lambda r: heard.append(r.step))
+        x, y = data()
+        for step in range(1, 41):
+            sgd_steps(model, opt, x, y, steps=1)
+            if step == 7:  # a read in the middle of a batch sees every record so far
+                assert list(mon.history()["step"]) == list(range(8))
+        histories.append(mon.history())
+        summaries.append(mon.summary())
+    assert heard == list(range(1, 41))
+    assert histories[0].keys() == histories[1].keys()
+    for key in histories[0]:
+        np.testing.assert_array_equal(histories[0][key], histories[1][key], err_msg=key)
+    assert summaries[0] == summaries[1]

@@ -64,6 +64,7 @@ __all__ = ["ConservationMonitor", "DEFAULT_OVERHEAD_BUDGET", "DEFAULT_RECORDING"
 
 DEFAULT_OVERHEAD_BUDGET = 0.03  # fraction of the training step time the monitor may take by default
 DEFAULT_RECORDING = "auto"  # the cheapest recorder the setup allows (recorders.choice)
+DELIVERY_BATCH = 16  # records folded and stored together when nothing reads them one by one
 
 _STATE_FORMAT = "torch_conslaw.ConservationMonitor/1"
 
@@ -241,6 +242,7 @@ class ConservationMonitor:
         # --- end recording schedule ---
         self._store = RecordStore(max_records, max_history_bytes)
         self._listeners: list[Callable[[Record], None]] = []
+        self._pending: list[tuple[int, Tensor]] = []  # evaluated tables not yet delivered
         self._hooks = StepHooks(
             self.pre_step, self.post_step, self._defer_to_closure, self._budget, lambda: self.num_steps + 1
         )
@@ -400,13 +402,37 @@ class ConservationMonitor:
         """Call ``fn(record)`` on every record the monitor takes (e.g. to log it)."""
         if not callable(fn):
             raise TypeError(f"ConservationMonitor.add_listener: {fn!r} is not callable")
+        self._deliver_pending()  # records taken before it are not its
         self._listeners.append(fn)
 
     # ------------------------------------------------------------------ recording
     def _deliver(self, step: int, table: Tensor) -> None:
         """Statistics, history and listeners for the evaluated laws of ``step`` (``table``:
         ``[1, laws]``, or ``[3, laws]`` with the split; always on the training thread; with a
-        worker recorder called when the worker's result is collected)."""
+        worker recorder called when the worker's result is collected).
+
+        Without listeners or identity groups (which read the optimizer at this step), a
+        finite table is folded into the running maxima at once (one native call) and waits,
+        with up to :data:`DELIVERY_BATCH` others, for its :class:`Record` to be formed and
+        stored at the next read (:meth:`flush`) or when the batch is full: the same records,
+        in the same order, with the rest of the per-record Python work paid once per batch. A
+        table with a non-finite law is delivered at once, with its warning."""
+        if self._identities.groups or self._listeners:
+            self._deliver_one(step, table)
+        elif self._stats.fold(table):
+            self._pending.append((step, table))
+            if len(self._pending) >= DELIVERY_BATCH:
+                self._deliver_pending()
+        else:
+            self._deliver_pending()
+            self._deliver_one(step, table)
+
+    def _deliver_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for step, table in pending:
+            self._store.add(self._stats.record(step, table, folded=True))
+
+    def _deliver_one(self, step: int, table: Tensor) -> None:
         extra = None
         if self._identities.groups:  # velocity laws, recurrences: entries of their own
             values: dict[str, Tensor] = {}
@@ -422,8 +448,10 @@ class ConservationMonitor:
 
     def flush(self) -> None:
         """Worker recorders (``"snapshot"``, ``"live"``): wait for the worker and deliver every
-        pending record (no-op for ``"sync"``). Re-raises an exception of the worker."""
+        pending record; every recorder: fold and store the records that wait
+        (:meth:`_deliver`). Re-raises an exception of the worker."""
         self._recorder.flush()
+        self._deliver_pending()
 
     @property
     def identity_groups(self) -> list[IdentityGroup]:

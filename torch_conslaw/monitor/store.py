@@ -280,11 +280,17 @@ class DriftStatistics:
         """What a record of the current state needs to form its relative drift."""
         return (self.layout, self.init_flat, self.scale_flat, self.invalid)
 
-    def record(self, step: int, table: Tensor, extra: tuple | None = None) -> Record:
+    def fold(self, table: Tensor) -> bool:
+        """Fold a finite ``table`` into the running maxima; False, changing nothing, when an
+        entry of a valid law is not finite (then :meth:`record` marks it)."""
+        return not self.layout.size or self._folds[table.shape[0] - 1](table, self._invalid_bytes)
+
+    def record(self, step: int, table: Tensor, extra: tuple | None = None, folded: bool = False) -> Record:
         """Fold ``table`` (``[1, laws]`` values, or ``[3, laws]`` with the split) of ``step``
-        into the running maxima and return its :class:`Record` (NaN split rows when a split
-        monitor had no θ to split against); ``extra``: identity groups' entries."""
-        if self.layout.size:
+        into the running maxima (unless :meth:`fold` did) and return its :class:`Record` (NaN
+        split rows when a split monitor had no θ to split against); ``extra``: identity
+        groups' entries."""
+        if self.layout.size and not folded:
             fold = self._folds[table.shape[0] - 1]
             if not fold(table, self._invalid_bytes):
                 self._mark_invalid(step, table)  # non-finite laws: marked, then left out
