@@ -64,7 +64,8 @@ __all__ = ["ConservationMonitor", "DEFAULT_OVERHEAD_BUDGET", "DEFAULT_RECORDING"
 
 DEFAULT_OVERHEAD_BUDGET = 0.03  # fraction of the training step time the monitor may take by default
 DEFAULT_RECORDING = "auto"  # the cheapest recorder the setup allows (recorders.choice)
-DELIVERY_BATCH = 16  # records folded and stored together when nothing reads them one by one
+DELIVERY_BATCH = 16  # records formed and stored together when nothing reads them one by one
+DELIVERY_BYTES = 2**20  # ... and at most this many bytes of tables waiting (large models: fewer)
 
 _STATE_FORMAT = "torch_conslaw.ConservationMonitor/1"
 
@@ -295,6 +296,8 @@ class ConservationMonitor:
             self.initial, scales = self._sharded.initial(self._params)
         layout = LawLayout([g.name for g in self.groups], [g.count for g in self.groups])
         self._stats = DriftStatistics(layout, self.initial, scales, self.split)
+        table_bytes = (3 if self.split else 1) * max(layout.size, 1) * 8
+        self._delivery_batch = max(1, min(DELIVERY_BATCH, DELIVERY_BYTES // table_bytes))
         zeros = {name: torch.zeros_like(v) for name, v in self.initial.items()}
         first = zeros if self.split else None
         self._store.add(Record(0, dict(self.initial), first, first, dict.fromkeys(self.initial, 0.0)))
@@ -413,7 +416,8 @@ class ConservationMonitor:
 
         Without listeners or identity groups (which read the optimizer at this step), a
         finite table is folded into the running maxima at once (one native call) and waits,
-        with up to :data:`DELIVERY_BATCH` others, for its :class:`Record` to be formed and
+        with up to :data:`DELIVERY_BATCH` others (fewer when their tables would take more than
+        :data:`DELIVERY_BYTES`), for its :class:`Record` to be formed and
         stored at the next read (:meth:`flush`) or when the batch is full: the same records,
         in the same order, with the rest of the per-record Python work paid once per batch. A
         table with a non-finite law is delivered at once, with its warning."""
@@ -421,7 +425,7 @@ class ConservationMonitor:
             self._deliver_one(step, table)
         elif self._stats.fold(table):
             self._pending.append((step, table))
-            if len(self._pending) >= DELIVERY_BATCH:
+            if len(self._pending) >= self._delivery_batch:
                 self._deliver_pending()
         else:
             self._deliver_pending()
