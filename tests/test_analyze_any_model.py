@@ -223,3 +223,31 @@ def test_torch_multihead_attention_tracks_its_key_bias_and_pairs_alone_miss_exac
     x = torch.randn(5, 3, 2)
     model(x).square().sum().backward()
     assert model.attn.in_proj_bias.grad[2:4].abs().max() < 1e-6 < model.attn.in_proj_bias.grad[4:].abs().max()
+
+
+class _Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.a, self.b = nn.Embedding(10, 4, padding_idx=0), nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, ids):
+        return self.b(torch.relu(self.a(self.e(ids))))
+
+
+def test_polynomial_laws_say_which_are_tracked_and_unread_embedding_rows_get_a_note():
+    torch.manual_seed(0)
+    model = _Lookup()
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])  # token 9 never appears
+    report = tc.analyze(model, ids)
+    flags = dict(zip((str(h) for h in report.polynomial_laws), report.polynomial_tracked))
+    # the padding row is a tracked (verified) law; row 9, which no drawn input reads, is a law
+    # of these inputs only, not tracked, and a note says why it appears
+    assert {law: f for law, f in flags.items() if law.startswith("e.weight[0,")} == {f"e.weight[0,{j}]": True for j in range(4)}
+    assert {law: f for law, f in flags.items() if law.startswith("e.weight[9,")} == {f"e.weight[9,{j}]": False for j in range(4)}
+    assert any("span ids 0..8" in n and "has 10 rows" in n for n in report.notes)
+    assert "    (tracked)" in str(report) and "of which 4 tracked" in str(report)
+    # independent: no loss moves the padding row or row 9 on such inputs
+    model(ids).square().sum().backward()
+    assert model.e.weight.grad[[0, 9]].abs().max() == 0 < model.e.weight.grad[1:9].abs().max()
+    pairs_only = tc.analyze(model, ids, families=False)
+    assert pairs_only.polynomial_laws is not None and not any(pairs_only.polynomial_tracked)

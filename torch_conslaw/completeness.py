@@ -67,7 +67,9 @@ class Analysis:
     ``missing_laws`` is how many independent laws are not tracked (None: not computed);
     ``missing`` where they live (:class:`~torch_conslaw.missing_laws.MissingSpace`, None
     without a law basis); ``polynomial_laws`` the polynomial laws on the tensors that hold
-    them (None when not searched, ``polynomial_note`` says why).
+    them (None when not searched, ``polynomial_note`` says why), and ``polynomial_tracked``
+    per law whether it is a function of tracked laws (its gradient at θ in their span: the
+    search sees every law on those tensors, tracked ones included).
     """
 
     model: str
@@ -84,6 +86,7 @@ class Analysis:
     missing_laws: int | None = None
     missing: MissingSpace | None = None
     polynomial_laws: Any = None
+    polynomial_tracked: list[bool] | None = None
     polynomial_note: str = ""
     theta_source: str = "model"
     notes: list[str] = field(default_factory=list)
@@ -128,10 +131,13 @@ class Analysis:
             )
         if self.polynomial_laws is not None:
             laws = list(self.polynomial_laws)
+            tracked = self.polynomial_tracked or [False] * len(laws)
             lines.append(
                 f"polynomial laws of degree ≤ {self.polynomial_laws.degree} on those tensors: {len(laws)}"
+                + (f", of which {sum(tracked)} tracked (functions of tracked laws that read the same tensors)"
+                   if any(tracked) else "")
             )
-            lines.extend(f"  {law}" for law in laws[:30])
+            lines.extend(f"  {law}" + ("    (tracked)" if known else "") for law, known in zip(laws[:30], tracked))
             if len(laws) > 30:
                 lines.append(f"  ... and {len(laws) - 30} more")
             if self.polynomial_note:
@@ -296,9 +302,30 @@ def analyze(
             else "theta='random' counts on inputs: pass example_input"
         )
         return report
+    report.notes += _unread_embedding_rows(model, example_input)
     _module_count(report, model, example_input, params, layout, gradients, seed, n_inputs, rtol,
                   max_seconds, max_memory_gb, polynomial_degree, max_polynomial_variables)
     return report
+
+
+def _unread_embedding_rows(model: nn.Module, example_input: Any) -> list[str]:
+    """A note for each embedding table with rows outside the range of the integer inputs: the
+    count draws token ids over the example's range (:func:`random_inputs_like`), so rows it
+    never reads are laws of those inputs (their entries get no gradient), not of the model."""
+    tensors = example_input.values() if isinstance(example_input, Mapping) else (
+        example_input if isinstance(example_input, (tuple, list)) else [example_input])
+    ids = [t for t in tensors if isinstance(t, Tensor) and not t.is_floating_point() and not t.is_complex()
+           and t.dtype != torch.bool and t.numel()]
+    if not ids:
+        return []
+    lo, hi = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    return [
+        f"the integer inputs span ids {lo}..{hi} and the count draws its inputs over that range, but "
+        f"{name or type(module).__name__} has {module.num_embeddings} rows: the rows outside it are never "
+        "read, so their entries count as (data-dependent) laws; pass an example whose ids span the vocabulary"
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (lo > 0 or hi < module.num_embeddings - 1)
+    ]
 
 
 def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
@@ -481,6 +508,36 @@ def _module_count(
         )
     if gap.dimension:
         _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
+        if report.polynomial_laws is not None:
+            report.polynomial_tracked = _in_tracked_span(report.polynomial_laws, result, gap, gradients.dense(), rtol)
+
+
+def _in_tracked_span(laws: Any, result: Any, gap: MissingSpace, tracked: Tensor, rtol: float) -> list[bool]:
+    """Per polynomial law found on the tensors that hold the missing laws: whether it is (a
+    function of) tracked laws, i.e. its gradient at θ lies in the span of the tracked laws'
+    gradients (``tracked``: D × laws) — the search sees every law on those tensors."""
+    import sympy
+
+    names = [name for name, share in gap.shares.items() if share >= _SHARE_TOUCHED]
+    slots = {s.name: s for s in result.parameters}
+    columns = torch.cat([torch.arange(slots[n].offset, slots[n].offset + slots[n].numel) for n in names])
+    theta = result.theta.to(torch.float64)
+    at = {symbol: float(theta[int(c)]) for symbol, c in zip(laws.symbols, columns)}
+    position = {symbol: int(c) for symbol, c in zip(laws.symbols, columns)}
+    if tracked.numel():
+        u, sv, _ = torch.linalg.svd(tracked, full_matrices=False)
+        span = u[:, sv > rtol * sv[0]] if sv.numel() and sv[0] > 0 else u[:, :0]
+    else:
+        span = torch.zeros(theta.numel(), 0, dtype=torch.float64)
+    flags = []
+    for law in laws:
+        grad = torch.zeros(theta.numel(), dtype=torch.float64)
+        for symbol in law.free_symbols:
+            grad[position[symbol]] = float(sympy.diff(law, symbol).subs(at))
+        norm = float(grad.norm())
+        rest = grad - span @ (span.T @ grad)
+        flags.append(norm > 0 and float(rest.norm()) <= 1e-6 * norm)
+    return flags
 
 
 def _polynomial_search(
