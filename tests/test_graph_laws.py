@@ -167,3 +167,55 @@ def test_monitor_on_gpt2_keeps_training_bitwise_and_reports_first_order_zero():
     # in train mode the key biases (n_layer × n_embd) and no centering (dropout before ln_f)
     assert sum(r["count"] for r in rows if r["kind"] == "linear") == 2 * 32
     assert max(r["max_rel_first_order"] for r in rows) <= 1e-12
+
+
+class _LayerScale(nn.Module):
+    """x + γ ⊙ fc2(relu(fc1(x))) (LayerScale of CaiT / ConvNeXt / DINOv2), then a head;
+    ``residual=False``: the gated branch is the output."""
+
+    def __init__(self, residual: bool = True):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.head = nn.Linear(4, 2) if residual else None
+        self.gamma = nn.Parameter(torch.full((4,), 0.1) + 0.05 * torch.arange(4.0))
+
+    def forward(self, x):
+        branch = self.gamma * self.fc2(F.relu(self.fc1(x)))
+        return branch if self.head is None else self.head(x + branch)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_per_feature_gate_consumes_the_units_of_the_layer_before_it(residual):
+    """γ ⊙ h with a trainable γ of one entry per feature: scaling unit i of fc2 by λ and γ_i by
+    1/λ changes nothing, before a residual addition too: ‖fc2_i‖² + b_i² − γ_i² per unit."""
+    import torch_conslaw as tc
+
+    torch.manual_seed(0)
+    model = _LayerScale(residual).double()
+    x = torch.randn(3, 5, 4, dtype=F64)
+    groups = {g.name: g for g in ConservationMonitor(model, x, every=1).groups}
+    assert groups["fc2→gamma"].count == 4 and groups["fc1→fc2"].count == 6
+    assert law_residuals(model, x, list(groups.values()), lambda y: y) <= 1e-10
+    assert sgd_first_order(model, x, list(groups.values()), lambda y: y) <= 1e-12
+    report = tc.analyze(model, x, theta="random")
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 10
+
+
+def test_a_frozen_gate_is_a_constant_factor_and_the_law_crosses_it():
+    torch.manual_seed(0)
+    model = nn.Sequential()  # fc → γ ⊙ · → ReLU → out, with γ frozen
+    fc, out = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    gamma = nn.Parameter(torch.rand(4, dtype=F64) + 0.5, requires_grad=False)
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out, self.gamma = fc, out, gamma
+
+        def forward(self, x):
+            return self.out(F.relu(self.fc(x) * self.gamma))
+
+    model = Frozen()
+    x = torch.randn(8, 3, dtype=F64)
+    names = [g.name for g in ConservationMonitor(model, x, every=1).groups]
+    assert names == ["fc→out"]

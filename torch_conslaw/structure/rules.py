@@ -243,7 +243,9 @@ def _union(parent: list[int], i: int, j: int) -> None:
 
 
 def _module_of(param: str) -> str:
-    return param.rsplit(".", 1)[0] if "." in param else ""
+    """The module that holds ``param``; the parameter's own name for one of the root module
+    (a bare ``nn.Parameter`` gate)."""
+    return param.rsplit(".", 1)[0] if "." in param else param
 
 
 def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skipped]]:
@@ -353,8 +355,10 @@ def _units(p: Tensor) -> list[int]:
 class _Propagation:
     """Follows one site through the graph (see the module docstring)."""
 
-    def __init__(self, g: OpGraph, site: _Site, sides: dict[int, dict[str, list[tuple[int, _Side]]]]) -> None:
+    def __init__(self, g: OpGraph, site: _Site, sides: dict[int, dict[str, list[tuple[int, _Side]]]],
+                 trainable: frozenset[str] = frozenset()) -> None:
         self.g = g
+        self.trainable = trainable  # parameters that can take part in a rescaling (a gate)
         self.st = _SiteState(site, list(range(site.units)), [()] * site.units)
         self.sides = sides  # op index → {'A' | 'B': side}, shared by all propagations
         self.state: dict[int, _Carry] = {}
@@ -539,6 +543,10 @@ class _Propagation:
         carry = self.state[a.vid] if pa is not None else self.state[b.vid]
         other = b if pa is not None else a
         probe = pa if pa is not None else pb
+        if not divide and self._gate(other, probe):  # γ ⊙ h: γ_i → γ_i / λ undoes h_i → λ h_i
+            flat = probe.reshape(-1, probe.shape[-1])
+            self.st.uses.append(_Use(op.index, self.g.params[other.vid], "rows", flat[0].clone(), False, carry.degree))
+            return
         matrix = carry.matrix
         if isinstance(other, Val):
             oshape = self.g.shapes[other.vid]
@@ -550,6 +558,18 @@ class _Propagation:
             raise _Barrier(f"multiplies the units by {type(other).__name__}")
         # a number scales a shift of the units alike at every position (a tensor may not)
         self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and isinstance(other, (int, float)))
+
+    def _gate(self, other: Any, probe: Tensor) -> bool:
+        """Whether ``other`` is a trainable 1-D parameter (a per-feature gate, LayerScale's γ)
+        that multiplies units only, each feature j of the last axis by its own γ_j, and the
+        same unit at every position: then γ consumes the units (scaling unit u by λ and the
+        γ_j of its features by 1/λ changes nothing) and the units stop there."""
+        if not (isinstance(other, Val) and other.vid in self.g.params and self.g.params[other.vid] in self.trainable):
+            return False
+        if len(self.g.shapes[other.vid]) != 1 or probe.dim() == 0 or self.g.shapes[other.vid][0] != probe.shape[-1]:
+            return False
+        flat = probe.reshape(-1, probe.shape[-1])
+        return bool((flat >= 0).all()) and bool((flat == flat[0]).all())
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -1043,7 +1063,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     names_of = {n: ns for ns in by_param.values() for n in ns}
     sites, skipped = _find_sites(g, {n for n, t in trainable.items() if t})
     sides: dict[int, dict[str, list[tuple[int, _Side]]]] = {}
-    states = {s.sid: _Propagation(g, s, sides).run() for s in sites}
+    gates = frozenset(n for n, t in trainable.items() if t)
+    states = {s.sid: _Propagation(g, s, sides, gates).run() for s in sites}
     uses = g.param_uses()
 
     def problem(names: tuple[str, ...], what: str) -> str | None:
