@@ -229,6 +229,21 @@ def _identity_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return input
 
 
+def glu(input: Tensor, dim: int = -1) -> Tensor:
+    """``F.glu``: a ⊙ σ(b) for the two halves along ``dim`` (aten's glu has no forward-mode rule)."""
+    a, b = input.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` (the ``weight_norm`` parametrization): v · g / ‖v‖, the norm over
+    every axis but ``dim`` (over all of v for ``dim = -1``); aten's version has no forward-mode rule."""
+    if dim == -1:
+        return v * (g / v.norm())
+    axes = [a for a in range(v.dim()) if a != dim % v.dim()]
+    return v * (g / (v * v).sum(axes, keepdim=True).sqrt())
+
+
 _REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: batch_norm,
     F.instance_norm: instance_norm,
@@ -240,6 +255,8 @@ _REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.layer_norm: layer_norm,
     torch.group_norm: group_norm,
     torch.instance_norm: instance_norm,
+    F.glu: glu,
+    torch._weight_norm: weight_norm,
 }
 for _name in ("rms_norm",):
     if hasattr(F, _name):

@@ -7,7 +7,7 @@ a convolution, the (γ, β) of a normalization's affine part (``F.layer_norm``,
 with a 1-D parameter). Every site is followed forward through the graph with a *probe*: an
 integer tensor shaped like the value, holding at every element the unit it carries (−1 for
 none). Shape ops (view, reshape, transpose, permute, flatten, split, chunk, cat, indexing,
-head splits and merges, ``repeat_kv``) are replayed on the probe, so the feature axis is
+head splits and merges, ``repeat_kv``, channel and pixel shuffles) are replayed on the probe, so the feature axis is
 followed through any of them. Each op either keeps the symmetry (the probe moves on), ends it
 in a consumer, or breaks it (a barrier, whose reason is kept):
 
@@ -15,11 +15,14 @@ in a consumer, or breaks it (a barrier, whose reason is kept):
   homogeneous ops (ReLU, |x|, x², LeakyReLU) multiply the degree; a product with a factor
   that does not carry the site (a gate σ(g), cos/sin, a mask) keeps per-unit rescaling; an
   addition of two arms carrying the same units keeps it, tying units that meet at one
-  position (RoPE's ``q·cos + rotate_half(q)·sin`` ties i with i + d_h/2); reductions and
-  pooling over axes that carry no unit keep it. Only linear ops keep the mixing of the matrix
+  position (RoPE's ``q·cos + rotate_half(q)·sin`` ties i with i + d_h/2); reductions,
+  pooling and resampling (``interpolate``) over axes that carry no unit keep it; ``glu``
+  keeps the units of its first half (the second is its sigmoid gate). A trainable per-feature
+  gate γ ⊙ h (LayerScale) consumes the units. Only linear ops keep the mixing of the matrix
   law; an op that acts differently on different slices (``P @ V`` per head) splits its blocks.
 * **consumers**: ``F.linear`` / ``addmm`` / ``x @ W`` / a convolution with a trainable weight
-  reading the unit axis (its columns become the outgoing rows);
+  reading the unit axis (its columns become the outgoing rows; the rows of a transposed
+  convolution's weight, which is also a site through its columns);
 * **attention** (:mod:`torch_conslaw.laws.families.attention`): a product of two site values
   over their unit axes (``q @ k.transpose``, ``F.scaled_dot_product_attention``, with
   ``enable_gqa``) pairs query units with key units position by position; the value operand
@@ -68,6 +71,7 @@ _SHAPE = {
     "squeeze", "unsqueeze", "movedim", "moveaxis", "swapaxes", "swapdims", "repeat",
     "repeat_interleave", "cat", "concat", "concatenate", "stack", "index_select", "get_T",
     "get_mT", "tile", "split_with_sizes", "tensor_split", "flip", "roll", "contiguous", "clone",
+    "channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle",
 }
 _CAST = {"to", "type", "float", "double", "half", "bfloat16", "type_as", "identity"}
 _DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
@@ -83,6 +87,8 @@ _POOL = {
     "max_pool2d": False, "max_pool3d": False, "adaptive_max_pool1d": False,
     "adaptive_max_pool2d": False, "adaptive_max_pool3d": False, "max_pool1d_with_indices": False,
     "max_pool2d_with_indices": False, "max_pool3d_with_indices": False,
+    # resampling acts on every channel alike, linearly (nearest, (bi/tri)linear, bicubic, area)
+    "interpolate": True, "upsample": True, "upsample_nearest": True, "upsample_bilinear": True,
 }
 _MATMUL = {"matmul", "__matmul__", "mm", "bmm", "__rmatmul__"}
 _NORMS = {"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
@@ -90,6 +96,7 @@ _NORMS = {"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm",
 _SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
                "new_empty", "new_full", "rand_like", "randn_like", "randint_like"}
 _CONV = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_T = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}  # weight [in, out / groups, ...]
 
 
 def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
@@ -287,6 +294,10 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(_arg(op, 1, "weight"))
             if w is not None:
                 add(op, out, g.shapes[g_vid(op, 1, "weight")][0], 1, [(w, "rows")], True, "channel", _arg(op, 2, "bias"))
+        elif op.name in _CONV_T:  # output channel j: the columns w[:, j] (one group)
+            w = param(_arg(op, 1, "weight"))
+            if w is not None and _arg(op, 6, "groups", 1) == 1:
+                add(op, out, g.shapes[g_vid(op, 1, "weight")][1], 1, [(w, "cols")], True, "channel", _arg(op, 2, "bias"))
         elif op.name in ("layer_norm", "rms_norm"):
             shape = _arg(op, 1, "normalized_shape")
             w = param(_arg(op, 2, "weight"))
@@ -472,6 +483,9 @@ class _Propagation:
         if name in _MUL or name in _DIV:
             self._mul(op, carried, name in _DIV)
             return
+        if name == "glu":
+            self._glu(op, carried)
+            return
         if name in _ADD:
             self._add(op, carried)
             return
@@ -483,7 +497,7 @@ class _Propagation:
             return
         if name in _NORMS:
             raise _Barrier(f"{name} renormalizes the units (their rescaling is only approximately a symmetry)")
-        if name in ("linear", "addmm") or name in _CONV:
+        if name in ("linear", "addmm") or name in _CONV or name in _CONV_T:
             self._consume(op, carried)
             return
         if name in _MATMUL:
@@ -559,6 +573,18 @@ class _Propagation:
         # a number scales a shift of the units alike at every position (a tensor may not)
         self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and isinstance(other, (int, float)))
 
+    def _glu(self, op: Op, carried: list[int]) -> None:
+        """``F.glu(x, dim)`` = a ⊙ σ(b) for the halves a, b of x: the units of a go on (a product
+        with a gate); those of b end (σ is not positively homogeneous)."""
+        if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+            raise _Barrier("the units are not its input")
+        c = self.state[carried[0]]
+        dim = _arg(op, 1, "dim", -1) % c.probe.dim()
+        kept, gate = c.probe.chunk(2, dim)
+        self.kill(gate, f"{self._op_text(op)}: the gate half of glu passes through a sigmoid, which is not "
+                        "positively homogeneous")
+        self.emit(op, kept.contiguous(), False, c.degree)
+
     def _gate(self, other: Any, probe: Tensor) -> bool:
         """Whether ``other`` is a trainable 1-D parameter (a per-feature gate, LayerScale's γ)
         that multiplies units only, each feature j of the last axis by its own γ_j, and the
@@ -633,10 +659,10 @@ class _Propagation:
             layout, axis = "rows", -1
             if any(k in op.kwargs and op.kwargs[k] != 1 for k in ("beta",)):
                 raise _Barrier("addmm with beta != 1")
-        else:
+        else:  # a transposed convolution reads input channel i through the rows w[i]
             x, w = _arg(op, 0, "input"), _arg(op, 1, "weight")
-            layout, axis = "cols", (-1 if name == "linear" else 1)
-            if name in _CONV and _arg(op, 6, "groups", 1) != 1:
+            layout, axis = ("rows" if name in _CONV_T else "cols"), (-1 if name == "linear" else 1)
+            if (name in _CONV or name in _CONV_T) and _arg(op, 6, "groups", 1) != 1:
                 raise _Barrier("a grouped convolution reads only some channels per output")
         if not (isinstance(x, Val) and x.vid in self.state) or len(carried) != 1:
             raise _Barrier("the units are not its input")
