@@ -41,9 +41,10 @@ def law_residuals(model: nn.Module, example: Any, groups: list[LawGroup], pick: 
         names = sorted(set(group.parameter_names))
         sub = {n: params[n] for n in names}
         jac = jacrev(lambda s: group.values({**params, **s}))(sub)  # [count, *shape] per name
+        rows = {n: jac[n].reshape(group.count, -1) for n in names}  # a 0-d parameter too
         for g in grads:
-            dot = sum((jac[n].flatten(1) * g[n].flatten()).sum(1) for n in names)
-            nh = torch.sqrt(sum(jac[n].flatten(1).square().sum(1) for n in names))
+            dot = sum((rows[n] * g[n].flatten()).sum(1) for n in names)
+            nh = torch.sqrt(sum(rows[n].square().sum(1) for n in names))
             ng = torch.sqrt(sum(g[n].square().sum() for n in g))
             rel = dot.abs() / (nh * ng).clamp_min(1e-300)
             assert bool((nh > 0).all()), f"{group.name}: a law with zero gradient"

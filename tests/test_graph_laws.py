@@ -219,3 +219,46 @@ def test_a_frozen_gate_is_a_constant_factor_and_the_law_crosses_it():
     x = torch.randn(8, 3, dtype=F64)
     names = [g.name for g in ConservationMonitor(model, x, every=1).groups]
     assert names == ["fc→out"]
+
+
+class _ReZero(nn.Module):
+    """x + α · fc2(relu(fc1(x))) with a trainable scalar α (ReZero), then a head; ``leak``: the
+    output of fc2 is also added to the result directly (so α alone cannot undo its rescaling)."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 2)
+        self.alpha = nn.Parameter(torch.tensor(0.3))
+        self.leak = leak
+
+    def forward(self, x):
+        h = self.fc2(F.relu(self.fc1(x)))
+        y = x + self.alpha * h
+        return self.head(y + h if self.leak else y)
+
+
+def test_a_scalar_gate_gives_one_law_for_the_whole_layer():
+    """α · h with a trainable scalar α: scaling every unit of fc2 by λ and α by 1/λ changes
+    nothing, so ‖W_fc2‖² + ‖b_fc2‖² − α² is conserved, before a residual addition too."""
+    import torch_conslaw as tc
+
+    torch.manual_seed(0)
+    model = _ReZero().double()
+    x = torch.randn(3, 5, 4, dtype=F64)
+    groups = {g.name: g for g in ConservationMonitor(model, x, every=1).groups}
+    assert groups["fc2→alpha (scalar gate)"].count == 1 and groups["fc1→fc2"].count == 6
+    assert law_residuals(model, x, list(groups.values()), lambda y: y) <= 1e-10
+    assert sgd_first_order(model, x, list(groups.values()), lambda y: y) <= 1e-12
+    params = dict(model.named_parameters())  # independent: the law by hand
+    by_hand = params["fc2.weight"].square().sum() + params["fc2.bias"].square().sum() - params["alpha"].square()
+    torch.testing.assert_close(groups["fc2→alpha (scalar gate)"].values(params), by_hand.reshape(1))
+    report = tc.analyze(model, x, theta="random")
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 7
+
+
+def test_a_scalar_gate_that_part_of_the_output_bypasses_gives_no_law():
+    torch.manual_seed(0)
+    model = _ReZero(leak=True).double()
+    monitor = ConservationMonitor(model, torch.randn(3, 5, 4, dtype=F64), every=1)
+    assert not [g for g in monitor.groups if "scalar gate" in g.name]
+    assert any("before the scalar gate alpha" in str(s) for s in monitor.skipped)

@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..catalogue import RowReader
-from ..laws.families.rescaling import Columns, Rows
+from ..laws.families.rescaling import Columns, Rows, Whole
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
@@ -218,6 +219,7 @@ class _SiteState:
     blocks: list[tuple]
     kills: dict[int, str] = field(default_factory=dict)
     uses: list[_Use] = field(default_factory=list)
+    gates: list[tuple[int, str, float, int]] = field(default_factory=list)  # scalar gates: op, α, degree, units
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -561,6 +563,8 @@ class _Propagation:
             flat = probe.reshape(-1, probe.shape[-1])
             self.st.uses.append(_Use(op.index, self.g.params[other.vid], "rows", flat[0].clone(), False, carry.degree))
             return
+        if not divide and self._scalar(other):  # α · h: a constant factor per unit, and one more law
+            self.st.gates.append((op.index, self.g.params[other.vid], carry.degree, len(_units(probe))))
         matrix = carry.matrix
         if isinstance(other, Val):
             oshape = self.g.shapes[other.vid]
@@ -584,6 +588,11 @@ class _Propagation:
         self.kill(gate, f"{self._op_text(op)}: the gate half of glu passes through a sigmoid, which is not "
                         "positively homogeneous")
         self.emit(op, kept.contiguous(), False, c.degree)
+
+    def _scalar(self, other: Any) -> bool:
+        """Whether ``other`` is a trainable parameter of one entry (a scalar gate α, ReZero)."""
+        return (isinstance(other, Val) and other.vid in self.g.params and self.g.params[other.vid] in self.trainable
+                and math.prod(self.g.shapes[other.vid]) == 1)
 
     def _gate(self, other: Any, probe: Tensor) -> bool:
         """Whether ``other`` is a trainable 1-D parameter (a per-feature gate, LayerScale's γ)
@@ -921,6 +930,34 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
     return pairs, problems
 
 
+def _scalar_gate_law(g: OpGraph, st: _SiteState, op_index: int, alpha: str, degree: float, units: int) -> Pair | str:
+    """The law of a scalar gate α that multiplies every unit of a site: scaling all of them by
+    λ and α by λ^(−k) changes nothing, so Σ_u (‖w_u‖² + b_u²) − k α² is conserved. It needs
+    the site's output to reach the gate alone (each value on the way used once; the ops on the
+    way keep every unit, as the propagation checked), else a unit could be rescaled without α."""
+    site = st.site
+    if units != site.units:
+        return f"{site.name}: the scalar gate {alpha} multiplies only some of its units: no law with it"
+    v = site.out
+    while True:
+        users = g.users.get(v, [])
+        if len(users) != 1:
+            return (f"{site.name}: its output is used by {len(users)} ops before the scalar gate {alpha}: "
+                    "scaling every unit by λ is not undone by α alone")
+        op = g.ops[users[0]]
+        if op.index == op_index:
+            break
+        if len(op.outputs) != 1:
+            return f"{site.name}: an op with several outputs lies before the scalar gate {alpha}"
+        v = op.outputs[0]
+    idx = torch.arange(site.units).unsqueeze(0)  # one class: every unit
+    use = _Use(op_index, alpha, "rows", torch.zeros(1, dtype=torch.long), False, degree)
+    return _pair(site, [use], site.kind, degree, 1, _incoming(site, idx), [(alpha, Whole())],
+                 f"{site.name}→{_module_of(alpha)} (scalar gate)",
+                 f"the scalar {alpha} multiplies every unit of {site.name} (positively {degree:g}-homogeneous ops "
+                 "between): one law for the layer, ‖W‖² + ‖b‖² − k α²")
+
+
 def _names(uses: list[_Use]) -> str:
     return "+".join(dict.fromkeys(_module_of(u.param) for u in uses))
 
@@ -1132,6 +1169,12 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         alive = [u for u in range(st.site.units) if u not in st.kills and claimed.get((st.site.sid, u), 0) == 0]
         found, problems = _linear_laws(st, alive)
         pairs.extend(found)
+        for gate in st.gates:
+            law = _scalar_gate_law(g, st, *gate)
+            if isinstance(law, Pair):
+                pairs.append(law)
+            else:
+                skipped.append(Skipped(st.site.name, None, law))
         skipped.extend(Skipped(st.site.name, None, f"{st.site.name}: {p}") for p in problems)
         reasons: dict[str, int] = defaultdict(int)
         for u, r in st.kills.items():

@@ -19,6 +19,8 @@ class): ``Rows(idx)`` reads ``w[idx]`` (a ``Linear`` weight's output rows, a bia
 convolution's output channels), ``Columns(idx)`` reads ``w[:, idx]`` with the unit axis moved
 first (a ``Linear`` weight's input columns, a ``Conv1D`` weight [in, out]'s output columns).
 ``idx`` has one row per law: a unit index, or a [classes, members, positions] block.
+``Whole()`` reads a whole tensor as the one member of one class (a scalar gate α that
+multiplies every unit of a layer: one law ‖W‖² + ‖b‖² − k α² for the layer).
 
 Example:
     >>> import torch
@@ -32,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "Columns"]
+__all__ = ["Rows", "Columns", "Whole"]
 
 
 class Rows:
@@ -63,3 +65,13 @@ class Columns:
 
     def __repr__(self) -> str:
         return f"Columns({tuple(self.idx.shape)})"
+
+
+class Whole:
+    """Read all of ``w`` as one member of one class (``[1, 1, w.numel()]``): a scalar gate."""
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return w.reshape(1, 1, -1)
+
+    def __repr__(self) -> str:
+        return "Whole()"
