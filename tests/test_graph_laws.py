@@ -262,3 +262,28 @@ def test_a_scalar_gate_that_part_of_the_output_bypasses_gives_no_law():
     monitor = ConservationMonitor(model, torch.randn(3, 5, 4, dtype=F64), every=1)
     assert not [g for g in monitor.groups if "scalar gate" in g.name]
     assert any("before the scalar gate alpha" in str(s) for s in monitor.skipped)
+
+
+class _ChannelGate(nn.Module):
+    """conv → γ.view(1, C, 1, 1) ⊙ · → ReLU → conv: a per-channel gate reached through a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1)
+        self.gamma = nn.Parameter(torch.tensor([0.5, 1.0, 1.5]))
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x) * self.gamma.view(1, -1, 1, 1)))
+
+
+def test_a_per_channel_gate_through_a_view_consumes_and_produces_channels():
+    import torch_conslaw as tc
+
+    torch.manual_seed(0)
+    model = _ChannelGate().double()
+    x = torch.randn(2, 2, 5, 5, dtype=F64)
+    groups = {g.name: g for g in ConservationMonitor(model, x, every=1).groups}
+    assert {n: g.count for n, g in groups.items()} == {"a→gamma": 3, "gamma→b": 3}
+    assert law_residuals(model, x, list(groups.values()), lambda y: y) <= 1e-10
+    report = tc.analyze(model, x, theta="random")
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 6

@@ -264,6 +264,8 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
     def param(x: Any) -> str | None:
         return g.params.get(x.vid) if isinstance(x, Val) else None
 
+    producers = {o: op for op in g.ops for o in op.outputs}
+
     def add(op: Op, out: int, units: int, axis: int, readers: list[tuple[str, str]], mixing: bool,
             kind: Literal["unit", "channel"], bias: Any = None) -> None:
         if bias is not None and isinstance(bias, Val) and param(bias) is None:
@@ -314,24 +316,50 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(_arg(op, 2, "weight"))
             if w is not None:
                 add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
-        elif op.name in _MUL and len(op.args) == 2:
+        elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one)
             a, b = op.args
-            pa, pb = param(a), param(b)
-            if (pa is None) == (pb is None):
+            ga, gb = _vector_param(g, a, producers, g.shapes[out]), _vector_param(g, b, producers, g.shapes[out])
+            if (ga is None) == (gb is None):
                 continue
-            gamma = a if pa is not None else b
-            n = g.shapes[gamma.vid]
-            if len(n) != 1 or g.shapes[out][-1:] != n or n[0] < 1:
+            gamma, axis = ga if ga is not None else gb
+            other_factor = b if ga is not None else a
+            if isinstance(other_factor, Val) and other_factor.vid in g.params:
                 continue
-            # a following ``+ β`` with a 1-D parameter of the same size is the affine bias
+            n = g.shapes[gamma.vid][0]
+            # a following ``+ β`` with a 1-D parameter of the same size, on the same axis, is the affine bias
             users = g.users.get(out, [])
             beta, site_out = None, out
             if len(users) == 1 and g.ops[users[0]].name in ("add", "__add__", "__radd__") and len(g.ops[users[0]].args) == 2:
                 other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
-                if other and param(other[0]) is not None and g.shapes[other[0].vid] == n:
-                    beta, site_out = other[0], g.ops[users[0]].outputs[0]
-            add(op, site_out, n[0], -1, [(param(gamma), "rows")], False, "unit", beta)
+                found = _vector_param(g, other[0], producers, g.shapes[out]) if other else None
+                if found is not None and found[1] == axis and g.shapes[found[0].vid][0] == n:
+                    beta, site_out = found[0], g.ops[users[0]].outputs[0]
+            add(op, site_out, n, axis - len(g.shapes[out]), [(param(gamma), "rows")], False, "unit", beta)
     return [s for s in sites if all(r[0] in trainable for r in s.readers)], skipped
+
+
+def _vector_param(g: OpGraph, x: Any, producers: dict[int, Op], out: tuple[int, ...]) -> tuple[Val, int] | None:
+    """A 1-D parameter of n entries that ``x`` is, or a view of it (``view`` / ``reshape`` /
+    ``unsqueeze``) of ones but n on one axis, broadcast along the axis of ``out`` of size n:
+    (the parameter, that axis of ``out``); ``None`` otherwise."""
+    if not isinstance(x, Val):
+        return None
+    v = x.vid
+    while v not in g.params:
+        op = producers.get(v)
+        if op is None or op.name not in ("view", "reshape", "unsqueeze") or not op.args or not isinstance(op.args[0], Val):
+            return None
+        v = op.args[0].vid
+    shape, seen = g.shapes[v], g.shapes[x.vid]
+    if len(shape) != 1 or shape[0] < 1 or len(seen) > len(out):
+        return None
+    wide = [d for d, k in enumerate(seen) if k != 1]
+    if len(wide) != 1 and not (shape[0] == 1):
+        return None
+    axis = len(out) - len(seen) + (wide[0] if wide else len(seen) - 1)
+    if seen and seen[axis - len(out) + len(seen)] != shape[0] or out[axis] != shape[0]:
+        return None
+    return Val(v), axis
 
 
 def g_vid(op: Op, pos: int, name: str) -> int:
@@ -372,6 +400,7 @@ class _Propagation:
                  trainable: frozenset[str] = frozenset()) -> None:
         self.g = g
         self.trainable = trainable  # parameters that can take part in a rescaling (a gate)
+        self._producers: dict[int, Op] | None = None  # value id → the op that wrote it
         self.st = _SiteState(site, list(range(site.units)), [()] * site.units)
         self.sides = sides  # op index → {'A' | 'B': side}, shared by all propagations
         self.state: dict[int, _Carry] = {}
@@ -559,12 +588,14 @@ class _Propagation:
         carry = self.state[a.vid] if pa is not None else self.state[b.vid]
         other = b if pa is not None else a
         probe = pa if pa is not None else pb
-        if not divide and self._gate(other, probe):  # γ ⊙ h: γ_i → γ_i / λ undoes h_i → λ h_i
-            flat = probe.reshape(-1, probe.shape[-1])
-            self.st.uses.append(_Use(op.index, self.g.params[other.vid], "rows", flat[0].clone(), False, carry.degree))
-            return
-        if not divide and self._scalar(other):  # α · h: a constant factor per unit, and one more law
-            self.st.gates.append((op.index, self.g.params[other.vid], carry.degree, len(_units(probe))))
+        gate = None if divide else self._gate_entries(other, probe)
+        if gate is not None and math.prod(self.g.shapes[gate[2]]) > 1:  # γ ⊙ h: γ_j → γ_j / λ undoes h_u → λ h_u
+            fiber = _gate_fiber(gate[1], probe)
+            if fiber is not None:
+                self.st.uses.append(_Use(op.index, gate[0], "rows", fiber, False, carry.degree))
+                return
+        elif gate is not None:  # α · h: a constant factor per unit, and one more law
+            self.st.gates.append((op.index, gate[0], carry.degree, len(_units(probe))))
         matrix = carry.matrix
         if isinstance(other, Val):
             oshape = self.g.shapes[other.vid]
@@ -589,22 +620,35 @@ class _Propagation:
                         "positively homogeneous")
         self.emit(op, kept.contiguous(), False, c.degree)
 
-    def _scalar(self, other: Any) -> bool:
-        """Whether ``other`` is a trainable parameter of one entry (a scalar gate α, ReZero)."""
-        return (isinstance(other, Val) and other.vid in self.g.params and self.g.params[other.vid] in self.trainable
-                and math.prod(self.g.shapes[other.vid]) == 1)
+    def _gate_entries(self, other: Any, probe: Tensor) -> tuple[str, Tensor, int] | None:
+        """A trainable parameter γ that ``other`` is, or reaches through shape ops only (a
+        per-channel gate ``γ.view(1, -1, 1, 1)``, LayerScale's γ, a scalar α), and at every
+        element of the product the index of the γ entry that multiplies it (replayed on γ's
+        indices), and γ's value id; ``None`` otherwise."""
+        if not isinstance(other, Val):
+            return None
+        chain, v = [], other.vid
+        while v not in self.g.params:
+            op = self._producer(v)
+            if op is None or op.name not in _SHAPE or not op.args or not isinstance(op.args[0], Val) or len(op.outputs) != 1:
+                return None
+            chain.append(op)
+            v = op.args[0].vid
+        name = self.g.params[v]
+        if name not in self.trainable:
+            return None
+        index = torch.arange(math.prod(self.g.shapes[v])).view(self.g.shapes[v])
+        try:
+            for op in reversed(chain):
+                index = op.func(index, *self.sub(op.args[1:]), **self.sub(op.kwargs))
+            return name, torch.broadcast_to(index, probe.shape), v
+        except Exception:  # a shape op that cannot be replayed on indices: no gate
+            return None
 
-    def _gate(self, other: Any, probe: Tensor) -> bool:
-        """Whether ``other`` is a trainable 1-D parameter (a per-feature gate, LayerScale's γ)
-        that multiplies units only, each feature j of the last axis by its own γ_j, and the
-        same unit at every position: then γ consumes the units (scaling unit u by λ and the
-        γ_j of its features by 1/λ changes nothing) and the units stop there."""
-        if not (isinstance(other, Val) and other.vid in self.g.params and self.g.params[other.vid] in self.trainable):
-            return False
-        if len(self.g.shapes[other.vid]) != 1 or probe.dim() == 0 or self.g.shapes[other.vid][0] != probe.shape[-1]:
-            return False
-        flat = probe.reshape(-1, probe.shape[-1])
-        return bool((flat >= 0).all()) and bool((flat == flat[0]).all())
+    def _producer(self, v: int) -> Op | None:
+        if self._producers is None:
+            self._producers = {o: op for op in self.g.ops for o in op.outputs}
+        return self._producers.get(v)
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -928,6 +972,17 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                                f"positively {degree:g}-homogeneous ops between {site.name} and "
                                f"{_names(uses)}: one law per {'unit' if idx.shape[1] == 1 else 'tie class'}"))
     return pairs, problems
+
+
+def _gate_fiber(entries: Tensor, probe: Tensor) -> Tensor | None:
+    """The unit each entry of a gate γ multiplies (``entries``: the γ entry at every element of
+    the product), when γ multiplies units only and each of its entries one unit; else None."""
+    if not bool((probe >= 0).all()):
+        return None
+    pairs = torch.stack([entries.reshape(-1), probe.reshape(-1)], 1).unique(dim=0)
+    if pairs.shape[0] != int(entries.max()) + 1 or bool((pairs[:, 0] != torch.arange(pairs.shape[0])).any()):
+        return None  # an entry multiplies several units, or none
+    return pairs[:, 1].clone()
 
 
 def _scalar_gate_law(g: OpGraph, st: _SiteState, op_index: int, alpha: str, degree: float, units: int) -> Pair | str:
