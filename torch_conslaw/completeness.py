@@ -403,6 +403,13 @@ def _outputs_per_input(model: nn.Module, example: Any) -> int:
     return max(1, total // max(batch, 1))
 
 
+def _functorch_refusal(err: RuntimeError) -> bool:
+    """A RuntimeError raised because an op cannot run under torch.func transforms (a custom
+    ``autograd.Function`` without ``setup_context`` or ``vmap``, as BLOOM's GELU)."""
+    text = str(err)
+    return "functorch" in text or "setup_context" in text or "vmap" in text
+
+
 def _module_count(
     report: Analysis,
     model: nn.Module,
@@ -436,7 +443,9 @@ def _module_count(
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
             return
-        except NotImplementedError as err:  # an op without a forward-mode derivative or a vmap rule
+        except (NotImplementedError, RuntimeError) as err:  # an op without a forward-mode derivative or a vmap rule
+            if isinstance(err, RuntimeError) and not _functorch_refusal(err):
+                raise
             report.lie_note = (
                 f"not computed: the count differentiates the model in forward mode (jvp) and batches "
                 f"it with vmap, and an op of {type(model).__name__} does not support it "

@@ -1,0 +1,181 @@
+"""Rules found by the sweep of tiny Hugging Face architectures (GPT-2, GPT-Neo, OPT, Falcon,
+BLOOM, ...), checked on hand-written models through the public API.
+
+* a pre-norm residual stream read only by LayerNorms: every layer writing into it keeps its
+  centering laws (GPT-2, OPT, ViT, CLIP: the attention output of every layer);
+* two embedding tables that are only added (token + position): a translation law per feature;
+* ``h @ W.T`` (Falcon's ``FalconLinear``) is a Linear layer, as producer and as consumer;
+* a custom ``autograd.Function`` that torch.func cannot run (BLOOM's GELU): ``analyze`` says so
+  in its note instead of raising.
+
+Every tracked law is checked independently: ⟨∇h, ∂_θ⟨u, f⟩⟩ ≈ 0 (float64, torch.func).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torch_conslaw as tc
+from torch_conslaw import ConservationMonitor
+
+from graph_helpers import law_residuals
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _monitor(model, x):
+    return ConservationMonitor(model, x, every=1, recording="sync")
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ------------------------------------------------------------------ pre-norm residual stream
+class PreNorm(nn.Module):
+    """h = inp(x); h = h + f(ln1(h)); out(ln2(h)) (+ skip(h) when ``leak``: the stream is also
+    read by a layer)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.inp, self.ln1, self.f, self.ln2, self.out = (
+            nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+        self.skip = nn.Linear(6, 2) if leak else None
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f(torch.tanh(self.ln1(h)))
+        y = self.out(self.ln2(h))
+        return y + self.skip(h) if self.skip is not None else y
+
+
+def test_a_stream_read_only_by_layer_norms_keeps_the_centering_of_what_writes_into_it():
+    torch.manual_seed(0)
+    model, x = PreNorm().double(), _x(5, 4, 3)
+    groups = {g.name: g for g in _monitor(model, x).groups if g.kind == "linear"}
+    # inp's output is read by ln1 and, through the add, by ln2: its 3 column sums and Σ b
+    assert groups["inp→ln1 +1 LayerNorms centering"].count == 4
+    assert groups["f→ln2 centering"].count == 7
+    assert law_residuals(model, x, list(groups.values()), lambda o: o) <= 1e-10
+
+
+def test_a_stream_also_read_by_a_layer_gets_no_centering_with_the_reason():
+    torch.manual_seed(0)
+    model, x = PreNorm(leak=True).double(), _x(5, 4, 3)
+    monitor = _monitor(model, x)
+    assert not [g for g in monitor.groups if g.kind == "linear"]
+    reasons = [str(s) for s in monitor.skipped]
+    assert any("no LayerNorm centering law for inp" in r and "linear in skip" in r for r in reasons)
+    # and the refusal is right: the column sums of inp are not laws here
+    from torch_conslaw.laws.groups import LinearLaws
+
+    sums = LinearLaws("inp sums", (("inp.weight", lambda w: w.sum(0)),), dict(model.named_parameters()),
+                      producer="inp", consumer="", reason="test")
+    assert law_residuals(model, x, [sums], lambda o: o) > 1e-3
+
+
+# ------------------------------------------------------------------ embedding translation
+class TokPos(nn.Module):
+    def __init__(self, padding: int | None = None, share: bool = False) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(7, 4, padding_idx=padding), nn.Embedding(5, 4)
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 7)
+        if share:
+            self.head.weight = self.tok.weight  # tied: the head reads the token table too
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))[None]
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def _ids():
+    return torch.randint(1, 7, (3, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_two_embedding_tables_only_added_keep_a_translation_law_per_feature():
+    torch.manual_seed(0)
+    model, ids = TokPos().double(), _ids()
+    groups = [g for g in _monitor(model, ids).groups if g.kind == "linear"]
+    assert [(g.name, g.count) for g in groups] == [("tok−pos translation", 4)]
+    assert law_residuals(model, ids, groups, lambda o: o) <= 1e-10
+    # by hand: the column sums of both gradients agree
+    model.zero_grad()
+    model(ids).square().sum().backward()
+    assert torch.allclose(model.tok.weight.grad.sum(0), model.pos.weight.grad.sum(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["padding", "shared"])
+def test_no_translation_law_with_a_padding_row_or_a_shared_table(kind):
+    torch.manual_seed(0)
+    model = TokPos(padding=0 if kind == "padding" else None, share=kind == "shared").double()
+    ids = _ids()
+    ids[0, 0] = 0  # a padding token
+    monitor = _monitor(model, ids)
+    assert not [g for g in monitor.groups if "translation" in g.name]
+    assert any("no embedding translation law" in str(s) and ("padding_idx" if kind == "padding" else "tied") in str(s)
+               for s in monitor.skipped)
+    model.zero_grad()
+    model(ids).square().sum().backward()  # and the law is false there
+    assert not torch.allclose(model.tok.weight.grad.sum(0), model.pos.weight.grad.sum(0), atol=1e-6)
+
+
+# ------------------------------------------------------------------ h @ W.T
+class TransposedMLP(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(2, 5))
+        self.b1 = nn.Parameter(torch.randn(5)) if bias else None
+
+    def forward(self, x):
+        h = x @ self.w1.T
+        if self.b1 is not None:
+            h = h + self.b1
+        return torch.relu(h) @ self.w2.T
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_matmul_by_a_transposed_weight_is_a_layer(bias):
+    torch.manual_seed(0)
+    model, x = TransposedMLP(bias).double(), _x(8, 3)
+    groups = [g for g in _monitor(model, x).groups]
+    assert [(g.kind, g.count, tuple(sorted(g.parameter_names))) for g in groups] == [
+        ("unit", 5, tuple(sorted(["w1", "w2"] + (["b1"] if bias else []))))]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    report = tc.analyze(model, x)
+    assert report.tracked_rank == 5 and report.complete
+
+
+# ------------------------------------------------------------------ a function torch.func cannot run
+class _OldStyle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class OldStyleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_OldStyle.apply(self.a(x)))
+
+
+def test_analyze_says_when_the_count_cannot_run_under_torch_func():
+    torch.manual_seed(0)
+    report = tc.analyze(OldStyleNet().double(), _x(6, 3), theta="random")
+    assert report.lie_laws is None and report.complete is None
+    assert "not computed" in report.lie_note and "setup_context" in report.lie_note
