@@ -83,15 +83,18 @@ def test_a_stream_also_read_by_a_layer_gets_no_centering_with_the_reason():
 
 # ------------------------------------------------------------------ embedding translation
 class TokPos(nn.Module):
-    def __init__(self, padding: int | None = None, share: bool = False) -> None:
+    def __init__(self, padding: int | None = None, share: bool = False, positions: int = 5) -> None:
         super().__init__()
-        self.tok, self.pos = nn.Embedding(7, 4, padding_idx=padding), nn.Embedding(5, 4)
+        self.tok, self.pos = nn.Embedding(7, 4, padding_idx=padding), nn.Embedding(positions, 4)
+        self.squash = False
         self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 7)
         if share:
             self.head.weight = self.tok.weight  # tied: the head reads the token table too
 
     def forward(self, ids):
         h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))[None]
+        if self.squash:  # no linear map between the tables and mix: no GL(4) of (tables, mix)
+            h = torch.tanh(h)
         return self.head(torch.tanh(self.mix(h)))
 
 
@@ -179,3 +182,19 @@ def test_analyze_says_when_the_count_cannot_run_under_torch_func():
     report = tc.analyze(OldStyleNet().double(), _x(6, 3), theta="random")
     assert report.lie_laws is None and report.complete is None
     assert "not computed" in report.lie_note and "setup_context" in report.lie_note
+
+
+# ------------------------------------------------------------------ entries no input reads
+def test_analyze_names_the_missing_laws_that_are_rows_no_input_reads():
+    torch.manual_seed(0)
+    model, ids = TokPos(positions=8).double(), _ids()  # 5 positions read of 8; token 0 never drawn
+    model.squash = True
+    report = tc.analyze(model, ids, theta="random")
+    assert report.complete is False and report.missing_laws == 16
+    note = next(n for n in report.notes if "missing laws are single entries" in n)
+    assert note.startswith("16 of the 16 missing laws")
+    assert "tok.weight (4 entries: row 0)" in note and "pos.weight (12 entries: rows 5–7)" in note
+    # by hand: those rows get no gradient on any input of the count's kind
+    model.zero_grad()
+    model(_ids()).square().sum().backward()
+    assert not model.pos.weight.grad[5:].any() and not model.tok.weight.grad[0].any()

@@ -67,7 +67,9 @@ class Analysis:
     ``missing_laws`` is how many independent laws are not tracked (None: not computed);
     ``missing`` where they live (:class:`~torch_conslaw.missing_laws.MissingSpace`, None
     without a law basis); ``polynomial_laws`` the polynomial laws on the tensors that hold
-    them (None when not searched, ``polynomial_note`` says why).
+    them (None when not searched, ``polynomial_note`` says why). ``shapes``: the shape of each
+    trainable parameter. Missing laws that are single entries with zero gradient on every
+    input of the count (embedding rows those inputs never read) are named in a note.
     """
 
     model: str
@@ -88,6 +90,7 @@ class Analysis:
     theta_source: str = "model"
     notes: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.num_parameters} trainable parameters (θ: {self.theta_source})"]
@@ -269,6 +272,7 @@ def analyze(
         theta_source=source,
         notes=notes,
         skipped=skipped,
+        shapes={n: tuple(p.shape) for n, p in trainable.items()},
     )
     if not lie:
         return report
@@ -489,7 +493,55 @@ def _module_count(
             "up to a normalization eps): they do not count toward completeness"
         )
     if gap.dimension:
+        _unread_entries(report, basis, gradients.dense(), layout, rtol)
         _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
+
+
+_DEAD = 1e-8
+"""An entry θ_i is itself a law when its unit vector lies in the law space up to this."""
+
+
+def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Mapping[str, tuple[int, int]],
+                    rtol: float) -> None:
+    """Say how many missing laws are single entries with zero gradient on every input of the
+    count (embedding rows those inputs never look up, such as positions beyond their length):
+    laws of inputs like these only, which the monitor does not track."""
+    dead = ((1.0 - basis.square().sum(1)) <= _DEAD).nonzero().squeeze(1)
+    if not dead.numel():
+        return
+    units = torch.zeros(basis.shape[0], dead.numel(), dtype=basis.dtype)
+    units[dead, torch.arange(dead.numel())] = 1.0
+    left = missing_space(basis, torch.cat([tracked.to(basis.dtype), units], 1), layout, rtol=rtol).dimension
+    explained = report.missing_laws - left
+    if explained <= 0:
+        return
+    where = []
+    for name, (offset, numel) in layout.items():
+        hit = dead[(dead >= offset) & (dead < offset + numel)] - offset
+        if not hit.numel():
+            continue
+        where.append(f"{name} ({hit.numel()} entries{_rows_said(hit, name, report)})")
+    report.notes.append(
+        f"{explained} of the {report.missing_laws} missing laws are single entries whose gradient is zero on every "
+        f"input of the count: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}. They hold for inputs like "
+        "example_input only (e.g. embedding rows these inputs never look up, such as positions beyond their "
+        "length), so the monitor does not track them"
+        + ("" if explained == report.missing_laws else f"; {report.missing_laws - explained} other(s) remain")
+    )
+
+
+def _rows_said(hit: Tensor, name: str, report: Analysis) -> str:
+    """': rows a–b' when the entries are whole rows of a 2-D parameter (its shape from the model)."""
+    shape = report.shapes.get(name) if report.shapes else None
+    if shape is None or len(shape) != 2:
+        return ""
+    width = shape[1]
+    rows = sorted(set((hit // width).tolist()))
+    if len(rows) * width != hit.numel():
+        return ""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return f": rows {rows[0]}–{rows[-1]}" if len(rows) > 1 else f": row {rows[0]}"
+    return f": rows {', '.join(map(str, rows[:8]))}{' ...' if len(rows) > 8 else ''}"
 
 
 def _polynomial_search(
