@@ -506,7 +506,12 @@ def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Ma
     """Say how many missing laws are single entries with zero gradient on every input of the
     count (embedding rows those inputs never look up, such as positions beyond their length):
     laws of inputs like these only, which the monitor does not track."""
-    dead = ((1.0 - basis.square().sum(1)) <= _DEAD).nonzero().squeeze(1)
+    dead = (1.0 - basis.square().sum(1)) <= _DEAD
+    if tracked.shape[1]:  # an entry that is a tracked law already (a padding row, a key bias) is not missing
+        u, sv, _ = torch.linalg.svd(tracked.to(basis.dtype), full_matrices=False)
+        span = u[:, sv > sv[0] * rtol] if sv.numel() and sv[0] > 0 else u[:, :0]
+        dead &= (1.0 - span.square().sum(1)) > _DEAD
+    dead = dead.nonzero().squeeze(1)
     if not dead.numel():
         return
     units = torch.zeros(basis.shape[0], dead.numel(), dtype=basis.dtype)
