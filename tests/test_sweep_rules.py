@@ -198,3 +198,33 @@ def test_analyze_names_the_missing_laws_that_are_rows_no_input_reads():
     model.zero_grad()
     model(_ids()).square().sum().backward()
     assert not model.pos.weight.grad[5:].any() and not model.tok.weight.grad[0].any()
+
+
+# ------------------------------------------------------------------ key bias through a 0-d scale
+class ScaledKeys(nn.Module):
+    """q·(k / s)ᵀ with s a 0-d tensor (DeBERTa-v2 divides the keys by torch.sqrt(tensor(d)))."""
+
+    def __init__(self, viewed: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+        self.viewed = viewed
+
+    def forward(self, x):
+        scale = torch.sqrt(torch.tensor(4.0, dtype=x.dtype))
+        s = torch.bmm(self.q(x), self.k(x).transpose(-1, -2) / scale)
+        if self.viewed:  # DeBERTa: bmm on (batch·heads, n, n), then a view to (batch, heads, n, n)
+            s = s.view(x.shape[0], 1, x.shape[1], x.shape[1])
+        p = torch.softmax(s, dim=-1).reshape(x.shape[0], x.shape[1], x.shape[1])
+        return self.o(p @ self.v(x))
+
+
+@pytest.mark.parametrize("viewed", [False, True], ids=["scaled", "scaled-and-viewed"])
+def test_the_key_bias_law_holds_through_a_zero_dimensional_scale_and_a_view_of_the_scores(viewed):
+    torch.manual_seed(0)
+    model, x = ScaledKeys(viewed).double(), _x(3, 5, 4)
+    groups = [g for g in _monitor(model, x).groups if g.kind == "linear"]
+    assert [(g.name, g.count) for g in groups] == [("k key bias", 4)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    model.zero_grad()
+    model(x).square().sum().backward()  # by hand: the key bias gets no gradient
+    assert model.k.bias.grad.abs().max() <= 1e-12 * model.q.bias.grad.abs().max()

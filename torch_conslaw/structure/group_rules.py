@@ -149,6 +149,9 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
             if isinstance(dim, int) and dim % ndim == ndim - 1 and isinstance(nxt.args[0], Val) and nxt.args[0].vid == v:
                 return None
             return f"{_where(nxt)} normalizes the scores over another axis than the keys"
+        if name in _RESHAPE | _SWAP | {"permute"} and _keeps_last_axis(g, nxt, v):  # rows of scores kept whole
+            v = nxt.outputs[0]
+            continue
         if name in _KEEP or name in _ADD or name in ("where", "masked_fill"):
             if name in _ADD and len(others) == len(nxt.args):  # v reaches it only as a keyword
                 return f"{_where(nxt)} uses the scores in an unexpected way"

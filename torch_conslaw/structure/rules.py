@@ -41,6 +41,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -576,8 +578,10 @@ class _Propagation:
                     matrix = False  # a factor that varies across the units: per-unit only
         elif not isinstance(other, (int, float)):
             raise _Barrier(f"multiplies the units by {type(other).__name__}")
-        # a number scales a shift of the units alike at every position (a tensor may not)
-        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and isinstance(other, (int, float)))
+        # a number, or a tensor holding one value (DeBERTa's ``k / scale`` with a 0-d scale), scales a
+        # shift of the units alike at every position (a tensor of several values may not)
+        single = isinstance(other, (int, float)) or (isinstance(other, Val) and math.prod(self.g.shapes[other.vid]) == 1)
+        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and single)
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
