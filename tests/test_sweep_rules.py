@@ -228,3 +228,13 @@ def test_the_key_bias_law_holds_through_a_zero_dimensional_scale_and_a_view_of_t
     model.zero_grad()
     model(x).square().sum().backward()  # by hand: the key bias gets no gradient
     assert model.k.bias.grad.abs().max() <= 1e-12 * model.q.bias.grad.abs().max()
+
+
+# ------------------------------------------------------------------ an inconsistent eps = 0 count
+def test_a_count_at_eps_zero_below_the_count_is_said_not_printed_as_negative():
+    from types import SimpleNamespace
+
+    report = tc.analyze(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    report.lie = SimpleNamespace(approximate_laws=-14, n_laws_eps0=224)  # as measured on a tiny OPT in the sweep
+    text = str(report)
+    assert "plus -14" not in text and "found 14 law(s) FEWER (224)" in text

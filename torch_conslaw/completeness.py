@@ -108,8 +108,13 @@ class Analysis:
         else:
             lines.append(f"existing laws (Lie-algebra count): not computed ({self.lie_note})")
         approximate = getattr(self.lie, "approximate_laws", 0)
-        if approximate:
+        if approximate > 0:
             lines.append(f"  plus {approximate} that hold only up to a normalization eps (exact at eps = 0)")
+        elif approximate < 0:  # more laws at eps > 0 than at eps = 0 cannot be: one count is off
+            lines.append(
+                f"  the count with every normalization eps = 0 found {-approximate} law(s) FEWER "
+                f"({self.lie.n_laws_eps0}): one of the two counts is not reliable (see the notes on gaps)"
+            )
         verdict = {True: "complete", False: "INCOMPLETE: some laws are not tracked", None: "unknown"}
         lines.append(f"tracked set: {verdict[self.complete]}")
         if self.missing_laws:
