@@ -200,9 +200,12 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
     if kind == "vit":
         # key bias (eager computes the softmax in float32: not exact in float64, so not counted);
         # pre-norm: the residual stream is read only by LayerNorms, so the attention output
-        # dense and the fc2 of every layer keep their centering laws (columns + bias sum)
+        # dense and the fc2 of every layer keep their centering laws (columns + bias sum); the
+        # [CLS] token and the position embeddings are added into that stream: their row sums
+        # (1 + patches + 1; the embeddings' dropout comes after them in train mode)
         key = cfg.num_hidden_layers * cfg.hidden_size if impl == "sdpa" else 0
-        return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1))
+        tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1
+        return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens
     if kind in ("llama", "t5"):
         return 0  # no biases, RMS norms (no mean subtracted), no padding_idx
     if isinstance(model, ResNet18):

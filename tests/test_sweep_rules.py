@@ -238,3 +238,42 @@ def test_a_count_at_eps_zero_below_the_count_is_said_not_printed_as_negative():
     report.lie = SimpleNamespace(approximate_laws=-14, n_laws_eps0=224)  # as measured on a tiny OPT in the sweep
     text = str(report)
     assert "plus -14" not in text and "found 14 law(s) FEWER (224)" in text
+
+
+# ------------------------------------------------------------------ parameters added into the stream
+class TinyViT(nn.Module):
+    """[CLS] + patches (a Linear) + position parameter, a pre-norm block, a final LayerNorm read
+    at [CLS] (``leak``: the stream is also returned)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.patch, self.cls, self.pos = nn.Linear(3, 4), nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 6, 4))
+        self.ln1, self.f, self.ln = nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)
+        self.leak = leak
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patch(x)], dim=1) + self.pos
+        h = h + self.f(torch.tanh(self.ln1(h)))
+        out = self.ln(h)[:, 0]
+        return (out, h) if self.leak else out
+
+
+def test_parameters_added_into_a_stream_read_only_by_layer_norms_keep_their_row_sums():
+    torch.manual_seed(0)
+    model, x = TinyViT().double(), _x(3, 5, 3)
+    groups = {g.name: g for g in _monitor(model, x).groups if g.kind == "linear"}
+    assert groups["cls→ln1 +1 LayerNorms centering"].count == 1
+    assert groups["pos→ln1 +1 LayerNorms centering"].count == 6
+    assert groups["patch→ln1 +1 LayerNorms centering"].count == 4  # 3 columns + Σ b
+    assert law_residuals(model, x, list(groups.values()), lambda o: o) <= 1e-10
+    model.zero_grad()
+    model(x).square().sum().backward()  # by hand: the row sums of the gradients vanish
+    assert model.pos.grad.sum(-1).abs().max() <= 1e-12 and model.cls.grad.sum().abs() <= 1e-12
+
+
+def test_no_row_sums_when_the_stream_is_also_returned():
+    torch.manual_seed(0)
+    model, x = TinyViT(leak=True).double(), _x(3, 5, 3)
+    monitor = _monitor(model, x)
+    assert not [g for g in monitor.groups if g.kind == "linear"]
+    assert any("no LayerNorm centering law for cls" in str(s) and "the model's output" in str(s) for s in monitor.skipped)

@@ -292,6 +292,9 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
             if _keeps_last_axis(g, op, v):
                 stack.append(op.outputs[0])
                 continue
+            if (op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and _adds_axes(g, op, v)) or _cat_rows(g, op, v):
+                stack.append(op.outputs[0])  # the same rows, broadcast or stacked with others: c·1 stays c·1
+                continue
             if op.name in _DROPOUT and op.args and op.args[0] == Val(v) and len(op.outputs) == 1:
                 if _dropout_active(model, op):
                     dropout = op
@@ -327,6 +330,17 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
     return [norms[i] for i in sorted(norms)]
 
 
+def _cat_rows(g: OpGraph, op: Op, v: int) -> bool:
+    """``torch.cat`` of whole rows (along an axis other than the last): ViT's [CLS] token."""
+    if op.name not in ("cat", "concat", "concatenate") or len(op.outputs) != 1:
+        return False
+    parts = op.args[0] if op.args else op.kwargs.get("tensors")
+    dim = _arg(op, 1, "dim", 0)
+    out = g.shapes[op.outputs[0]]
+    return (isinstance(parts, (list, tuple)) and Val(v) in parts and isinstance(dim, int)
+            and dim % len(out) != len(out) - 1 and out[-1:] == g.shapes[v][-1:])
+
+
 def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
     """LayerNorm centering laws (see the module docstring): yields proposals and refusals."""
     for st in states.values():
@@ -343,6 +357,7 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             found = _mha_out_proj(model, g, op)
             if found is not None:
                 yield found
+    yield from _parameter_centering(model, g)
     for op in g.ops:  # embeddings: a shift t_v·1 of row v moves every token v by t_v·1
         weight = _arg(op, 1, "weight")
         if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
@@ -356,6 +371,38 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             yield found
         elif found is not None:
             yield _embedding_centering(name, rows, _arg(op, 2, "padding_idx"), found)
+
+
+def _parameter_centering(model: nn.Module, g: OpGraph):
+    """A parameter added into a stream that only LayerNorms read (ViT's [CLS] token and position
+    embeddings, a learned bias added by hand): each of its rows (last axis) summed is a law."""
+    for vid, name in g.params.items():
+        shape = g.shapes[vid]
+        users = [g.ops[u] for u in g.users.get(vid, [])]
+        if len(shape) == 0 or shape[-1] < 2 or not users:
+            continue
+        if not any(op.name in _ADD | _ADD_IN_PLACE | {"cat", "concat", "concatenate", "expand", "expand_as", "unsqueeze",
+                                                      "__getitem__", "broadcast_to"} or op.name in _KEEP for op in users):
+            continue  # read by a layer or a norm as its weight: the layer rules cover it
+        found = _to_layer_norm(model, g, vid, shape[-1], _module(name) or name)
+        if found is None or isinstance(found, Skipped):
+            if isinstance(found, Skipped):
+                yield found
+            continue
+        consumer, suffix, said = _norms_said(found)
+        law = f"{name}→{suffix} centering"
+        verb = "" if len(found) > 1 else " subtracts"
+        reason = (f"{said}{verb} the mean over the features of {name}, which is only added into what it normalizes: "
+                  "adding t·1 to a row changes nothing, so every row sum (over the last axis) is a linear law, "
+                  "exact at any eps")
+
+        def build(params, name=name, law=law, consumer=consumer, reason=reason):
+            from ..laws.groups import LinearLaws
+
+            return LinearLaws(law, ((name, lambda p: p.sum(-1).reshape(-1)),), params, producer=_module(name),
+                              consumer=consumer, reason=reason)
+
+        yield build, (name,), law, _module(name)
 
 
 def _mha_out_proj(model: nn.Module, g: OpGraph, op: Op):
@@ -457,7 +504,8 @@ def _lookups(g: OpGraph, made: dict[int, Op], v: int) -> list[Op] | None:
 
 
 def _adds_axes(g: OpGraph, op: Op, v: int) -> bool:
-    """``x[None]``, ``x.unsqueeze(d)``, ``x.expand(...)``: the same rows, broadcast, features last."""
+    """``x[None]``, ``x[:, 0]``, ``x.unsqueeze(d)``, ``x.expand(...)``: whole rows (some of them,
+    or broadcast), the features last and untouched."""
     if g.shapes[op.outputs[0]][-1:] != g.shapes[v][-1:]:
         return False
     if op.name in ("expand", "expand_as", "broadcast_to"):
@@ -465,10 +513,16 @@ def _adds_axes(g: OpGraph, op: Op, v: int) -> bool:
     if op.name == "unsqueeze":
         d = _arg(op, 1, "dim")
         return isinstance(d, int) and d % len(g.shapes[op.outputs[0]]) != len(g.shapes[op.outputs[0]]) - 1
-    if op.name == "__getitem__":
+    if op.name == "__getitem__":  # whole rows: ints and slices on the leading axes only
         key = op.args[1] if len(op.args) > 1 else None
         key = key if isinstance(key, tuple) else (key,)
-        return g.shapes[v][-1] > 1 and all(k is None or k is Ellipsis or k == slice(None) for k in key)
+        if g.shapes[v][-1] < 2 or not all(k is None or k is Ellipsis or isinstance(k, (int, slice)) for k in key):
+            return False
+        if any(isinstance(k, slice) and any(isinstance(e, Val) for e in (k.start, k.stop, k.step)) for k in key):
+            return False
+        if Ellipsis in key:
+            return all(k is None for k in key[key.index(Ellipsis) + 1:])
+        return sum(k is not None for k in key) < len(g.shapes[v])
     return False
 
 
