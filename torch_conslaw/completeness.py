@@ -495,7 +495,9 @@ def _module_count(
     if gap.inexact:
         report.notes.append(
             f"{len(gap.inexact)} tracked law(s) are not exact laws at θ on these inputs (e.g. they hold only "
-            "up to a normalization eps): they do not count toward completeness"
+            "up to a normalization eps, or part of the forward runs below the precision of the parameters, "
+            "as GPT-J's attention scores upcast to float32 in a float64 model, so the count sees that rounding): "
+            "they do not count toward completeness"
         )
     if gap.dimension:
         _unread_entries(report, basis, gradients.dense(), layout, rtol)
