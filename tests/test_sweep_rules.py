@@ -277,3 +277,56 @@ def test_no_row_sums_when_the_stream_is_also_returned():
     monitor = _monitor(model, x)
     assert not [g for g in monitor.groups if g.kind == "linear"]
     assert any("no LayerNorm centering law for cls" in str(s) and "the model's output" in str(s) for s in monitor.skipped)
+
+
+# ------------------------------------------------------------------ a bias table added into softmax scores
+class RelBias(nn.Module):
+    """Scores q·kᵀ + B[bucket(i, j), h] (T5's relative position bias, heads on the table's
+    columns); ``keys_on_columns``: the table's columns land on the key axis instead."""
+
+    def __init__(self, keys_on_columns: bool = False) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(4, 12), nn.Linear(4, 4)
+        self.bias = nn.Embedding(9, 5 if keys_on_columns else 2)
+        self.keys_on_columns = keys_on_columns
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, 2, 2).transpose(1, 2) for t in self.qkv(x).split(4, -1))
+        rel = torch.arange(n)[None, :] - torch.arange(n)[:, None] + 4
+        if self.keys_on_columns:  # [i, j] reads row rel[i, 0], column j
+            table = self.bias(rel[:, :1]).squeeze(1)[None, None]
+        else:
+            table = self.bias(rel).permute(2, 0, 1).unsqueeze(0)
+        p = torch.softmax(q @ k.transpose(-1, -2) + table, dim=-1)
+        return self.o((p @ v).transpose(1, 2).reshape(b, n, 4))
+
+
+def test_a_bias_table_added_into_softmax_scores_keeps_its_column_sums():
+    torch.manual_seed(0)
+    model, x = RelBias().double(), _x(3, 5, 4)
+    groups = [g for g in _monitor(model, x).groups if g.kind == "linear"]
+    assert [(g.name, g.count) for g in groups] == [("qkv key bias", 4), ("bias score bias", 2)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    model.zero_grad()
+    model(x).square().sum().backward()  # by hand: each column of the table's gradient sums to zero
+    assert model.bias.weight.grad.sum(0).abs().max() <= 1e-12 * model.bias.weight.grad.abs().max()
+
+
+def test_no_column_sums_when_the_columns_lie_along_the_softmax():
+    torch.manual_seed(0)
+    model, x = RelBias(keys_on_columns=True).double(), _x(3, 5, 4)
+    assert not [g for g in _monitor(model, x).groups if "score bias" in g.name]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert model.bias.weight.grad.sum(0).abs().max() > 1e-6
+
+
+def test_t5_relative_bias_shared_by_two_layers_keeps_its_column_sums():
+    from graph_models import build as build_hf, t5
+
+    model, example, pick, _ = build_hf(t5, "eager")
+    model.eval()
+    groups = [g for g in _monitor(model, example).groups if "score bias" in g.name]
+    assert [g.count for g in groups] == [model.config.num_heads]
+    assert law_residuals(model, example, groups, pick) <= 1e-10

@@ -28,6 +28,11 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   Σ_v E_a[v, :] − Σ_v E_b[v, :] (one law per feature) is linear, whatever reads the sum. Each
   table must be read by that lookup alone, with no ``padding_idx`` (its row gets no gradient),
   ``max_norm`` or ``scale_grad_by_freq``.
+* **score bias table** (:func:`score_bias_rule`): an embedding table whose lookups are only
+  rearranged and added into scores that reach a softmax over their last axis, with each
+  column of the table constant along that axis (T5's relative position bias, one column per
+  head): adding c_h to column h shifts every score of a softmax row alike, so the column sums
+  Σ_v E[v, h] are linear laws.
 * **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
@@ -68,7 +73,7 @@ from .graph import Op, OpGraph, Val
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
-           "embedding_translation_rule"]
+           "embedding_translation_rule", "score_bias_rule"]
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
@@ -93,7 +98,7 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     params = dict(model.named_parameters(remove_duplicate=False))
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g)):
+                 embedding_translation_rule(g), score_bias_rule(g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -582,6 +587,84 @@ def _translation(a: str, b: str, add: Op):
                               consumer=add.module, reason=reason)
 
     return build, (a, b), name, ma
+
+
+# ---------------------------------------------------------------------------------------------
+# score bias table
+# ---------------------------------------------------------------------------------------------
+
+_REPLAY = {"permute", "unsqueeze", "transpose", "swapaxes", "swapdims", "view", "reshape", "expand", "contiguous",
+           "clone", "__getitem__"} | _CAST
+
+
+def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None:
+    """None when every use of ``v`` (holding, entry by entry, the table column it came from:
+    ``probe``) is rearranged and added into values that reach a softmax over their last axis
+    with each column constant along it; else why not."""
+    for u in g.users.get(v, []):
+        op = g.ops[u]
+        if v in g.outputs:
+            return "the lookups are an output of the model"
+        if op.name in _ADD | _ADD_IN_PLACE and len(op.outputs) == 1 and op.name not in ("sub", "__sub__", "subtract") or (
+                op.name in ("sub", "__sub__", "subtract") and op.args and op.args[0] == Val(v)):
+            out = g.shapes[op.outputs[0]]
+            try:
+                moved = torch.broadcast_to(probe, out)
+            except RuntimeError:
+                return f"{_where(op)} broadcasts the lookups in a way that is not followed"
+            if _scores_reach_softmax(g, op) is None:
+                if not bool((moved == moved[..., :1]).all()):
+                    return f"the softmax after {_where(op)} runs along an axis that holds different table columns"
+                continue
+            why = _bias_reaches_softmax(g, op.outputs[0], moved)
+            if why is not None:
+                return why
+            continue
+        if op.name in _REPLAY and op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and not any(
+                isinstance(a, Val) for a in list(op.args[1:]) + list(op.kwargs.values())):
+            try:
+                moved = op.func(probe, *op.args[1:], **op.kwargs) if op.name not in _CAST else probe
+            except Exception as err:  # noqa: BLE001 - a replay that fails is a refusal
+                return f"{_where(op)} could not be replayed ({type(err).__name__})"
+            if not isinstance(moved, torch.Tensor) or tuple(moved.shape) != tuple(g.shapes[op.outputs[0]]):
+                return f"{_where(op)} could not be replayed"
+            why = _bias_reaches_softmax(g, op.outputs[0], moved)
+            if why is not None:
+                return why
+            continue
+        return f"{_where(op)} uses the lookups otherwise than adding them into softmax scores"
+    return None
+
+
+def score_bias_rule(g: OpGraph):
+    """Column sums of an embedding table added into softmax scores (see the module docstring)."""
+    uses = g.param_uses()
+    for op in g.ops:
+        weight = _arg(op, 1, "weight")
+        if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
+            continue
+        name = g.params[weight.vid]
+        rows, cols = g.shapes[weight.vid]
+        out = op.outputs[0]
+        probe = torch.arange(cols, dtype=torch.float64).expand(g.shapes[out])
+        if not g.users.get(out) or _bias_reaches_softmax(g, out, probe) is not None:
+            continue  # an ordinary embedding (or one this rule cannot follow): nothing to say
+        problem = _translatable(g, op, uses)
+        if problem is not None:
+            yield Skipped(_module(name), None, f"no score-bias law for {name}: {problem}")
+            continue
+        law = f"{_module(name)} score bias"
+        reason = (f"the lookups of {name} are added into scores that a softmax normalizes along an axis on which "
+                  "each column of the table is constant: adding c_j to column j shifts every softmax row alike, "
+                  "so the column sums Σ_v E[v, j] are linear laws")
+
+        def build(params, name=name, law=law, reason=reason, consumer=op.module):
+            from ..laws.groups import LinearLaws
+
+            return LinearLaws(law, ((name, lambda w: w.sum(0)),), params, producer=_module(name), consumer=consumer,
+                              reason=reason)
+
+        yield build, (name,), law, _module(name)
 
 
 # ---------------------------------------------------------------------------------------------
