@@ -511,8 +511,9 @@ _DEAD = 1e-8
 def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Mapping[str, tuple[int, int]],
                     rtol: float) -> None:
     """Say how many missing laws are single entries with zero gradient on every input of the
-    count (embedding rows those inputs never look up, such as positions beyond their length):
-    laws of inputs like these only, which the monitor does not track."""
+    count (embedding rows those inputs never look up, such as positions beyond their length; a
+    ReLU unit inactive on all of them, as in a tiny OPT at a random θ): laws of inputs like these
+    only, which the monitor does not track."""
     dead = (1.0 - basis.square().sum(1)) <= _DEAD
     if tracked.shape[1]:  # an entry that is a tracked law already (a padding row, a key bias) is not missing
         u, sv, _ = torch.linalg.svd(tracked.to(basis.dtype), full_matrices=False)
@@ -536,8 +537,8 @@ def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Ma
     report.notes.append(
         f"{explained} of the {report.missing_laws} missing laws are single entries whose gradient is zero on every "
         f"input of the count: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}. They hold for inputs like "
-        "example_input only (e.g. embedding rows these inputs never look up, such as positions beyond their "
-        "length), so the monitor does not track them"
+        "example_input and this θ only (embedding rows these inputs never look up, such as positions beyond their "
+        "length; a ReLU unit inactive on every input), so the monitor does not track them"
         + ("" if explained == report.missing_laws else f"; {report.missing_laws - explained} other(s) remain")
     )
 
