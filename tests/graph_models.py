@@ -204,7 +204,9 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
         # [CLS] token and the position embeddings are added into that stream: their row sums
         # (1 + patches + 1; the embeddings' dropout comes after them in train mode)
         key = cfg.num_hidden_layers * cfg.hidden_size if impl == "sdpa" else 0
-        tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1
+        # and the patch convolution, whose channels become the features: Σ_out W[out] per
+        # (channel, i, j) and Σ b
+        tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.num_channels * cfg.patch_size ** 2 + 1
         return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens
     if kind in ("llama", "t5"):
         return 0  # no biases, RMS norms (no mean subtracted), no padding_idx

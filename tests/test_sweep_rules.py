@@ -330,3 +330,30 @@ def test_t5_relative_bias_shared_by_two_layers_keeps_its_column_sums():
     groups = [g for g in _monitor(model, example).groups if "score bias" in g.name]
     assert [g.count for g in groups] == [model.config.num_heads]
     assert law_residuals(model, example, groups, pick) <= 1e-10
+
+
+class ConvViT(nn.Module):
+    """ViT's patch embedding: a Conv2d, flatten(2).transpose(1, 2), [CLS], positions, pre-norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(2, 4, 2, stride=2)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 4)), nn.Parameter(torch.randn(1, 5, 4))
+        self.ln1, self.f, self.ln = nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), p], dim=1) + self.pos
+        h = h + self.f(torch.tanh(self.ln1(h)))
+        return self.ln(h)[:, 0]
+
+
+def test_a_patch_convolution_whose_channels_become_the_features_keeps_its_centering():
+    torch.manual_seed(0)
+    model, x = ConvViT().double(), _x(3, 2, 4, 4)
+    groups = {g.name: g for g in _monitor(model, x).groups if g.kind == "linear"}
+    assert groups["patch→ln1 +1 LayerNorms centering"].count == 2 * 2 * 2 + 1  # Σ_out W[out] per (c, i, j), Σ b
+    assert law_residuals(model, x, list(groups.values()), lambda o: o) <= 1e-10
+    model.zero_grad()
+    model(x).square().sum().backward()  # by hand: summed over output channels, the gradients vanish
+    assert model.patch.weight.grad.sum(0).abs().max() <= 1e-12 and model.patch.bias.grad.sum().abs() <= 1e-12

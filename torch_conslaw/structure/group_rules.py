@@ -335,6 +335,40 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
     return [norms[i] for i in sorted(norms)]
 
 
+_MOVE = {"flatten", "transpose", "swapaxes", "swapdims", "permute", "view", "reshape", "contiguous", "clone"} | _CAST
+
+
+def _channels_to_layer_norm(model: nn.Module, g: OpGraph, site) -> list[Op] | Skipped | None:
+    """The LayerNorms a convolution's output reaches once its channels are moved to the last
+    axis (ViT's patch embedding: flatten(2).transpose(1, 2)): replays the moves on a probe of
+    channel indices until every row of the last axis holds each channel once, then follows the
+    stream as :func:`_to_layer_norm` does."""
+    v = site.out
+    shape = g.shapes[v]
+    axis = site.axis % len(shape)
+    probe = torch.arange(site.units, dtype=torch.float64).reshape((-1,) + (1,) * (len(shape) - axis - 1)).expand(shape[axis:])
+    probe = probe.expand(shape)
+    want = torch.arange(site.units, dtype=torch.float64)
+    for _ in range(8):
+        users = g.users.get(v, [])
+        if len(users) != 1 or v in g.outputs:
+            return None
+        op = g.ops[users[0]]
+        if not (op.name in _MOVE and op.args and op.args[0] == Val(v) and len(op.outputs) == 1
+                and not any(isinstance(a, Val) for a in list(op.args[1:]) + list(op.kwargs.values()))):
+            return None
+        try:
+            probe = probe if op.name in _CAST else op.func(probe, *op.args[1:], **op.kwargs)
+        except Exception:  # noqa: BLE001 - a move that cannot be replayed ends the search
+            return None
+        v = op.outputs[0]
+        if not isinstance(probe, torch.Tensor) or tuple(probe.shape) != tuple(g.shapes[v]):
+            return None
+        if probe.shape[-1] == site.units and bool((probe.sort(-1).values == want).all()):
+            return _to_layer_norm(model, g, v, site.units, site.name)
+    return None
+
+
 def _cat_rows(g: OpGraph, op: Op, v: int) -> bool:
     """``torch.cat`` of whole rows (along an axis other than the last): ViT's [CLS] token."""
     if op.name not in ("cat", "concat", "concatenate") or len(op.outputs) != 1:
@@ -350,9 +384,12 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
     """LayerNorm centering laws (see the module docstring): yields proposals and refusals."""
     for st in states.values():
         site = st.site
-        if not _linear_site(st, g):
+        if _linear_site(st, g):
+            found = _to_layer_norm(model, g, site.out, site.units, site.name)
+        elif site.mixing and site.kind == "channel":  # a convolution whose channels become the features
+            found = _channels_to_layer_norm(model, g, site)
+        else:
             continue
-        found = _to_layer_norm(model, g, site.out, site.units, site.name)
         if isinstance(found, Skipped):
             yield found
         elif found is not None:
