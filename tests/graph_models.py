@@ -208,7 +208,12 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
         # (channel, i, j) and Σ b
         tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.num_channels * cfg.patch_size ** 2 + 1
         return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens
-    if kind in ("llama", "t5"):
+    if kind == "t5":
+        # no biases, RMS norms (no mean subtracted), no padding_idx; the relative position bias
+        # table (one column per head, shared by every layer) is added into the scores before the
+        # softmax over the keys: its column sums
+        return cfg.num_heads
+    if kind == "llama":
         return 0  # no biases, RMS norms (no mean subtracted), no padding_idx
     if isinstance(model, ResNet18):
         return 0  # convolutions without bias
