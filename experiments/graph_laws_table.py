@@ -34,6 +34,7 @@ from graph_models import (  # noqa: E402
 )
 
 from torch_conslaw import ConservationMonitor  # noqa: E402
+from torch_conslaw.laws.groups import DifferenceLaws  # noqa: E402
 
 MODELS = [("GPT-2", gpt2), ("LLaMA (RoPE, GQA 4/2, SwiGLU, RMSNorm)", llama), ("BERT", bert),
           ("DistilBERT", distilbert), ("ViT", vit), ("T5 encoder", t5), ("ResNet-18 (CIFAR, width 8)", resnet18),
@@ -53,7 +54,8 @@ def linear_sgd_change(model, example, groups, pick, lr: float = 1e-2, seed: int 
     step = torch.sqrt(sum(d.square().sum() for d in delta.values()))
     worst = 0.0
     for g in groups:
-        norms = torch.cat([fn(torch.ones_like(params[n])).reshape(-1) for n, fn in g.readers]).sqrt()
+        parts = [fn(torch.ones_like(params[n])).reshape(-1) for n, fn in g.readers]
+        norms = (sum(parts) if isinstance(g, DifferenceLaws) else torch.cat(parts)).sqrt()  # a − b: both sides
         worst = max(worst, float((g.values(delta).abs() / (norms * step)).max()))
     return worst
 

@@ -173,10 +173,14 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind == "gpt2":
-        # key third of c_attn's bias per layer; pre-norm: only the last mlp.c_proj's residual sum
-        # reaches ln_f alone (dropout before it in train mode); wte is tied to lm_head
+        # key third of c_attn's bias per layer; pre-norm: the residual stream is read only by
+        # LayerNorms (ln_1, ln_2 of every layer, ln_f), so every layer writing into it keeps its
+        # centering laws: attn.c_proj and mlp.c_proj (columns + bias sum) and the row sums of wpe
+        # (dropout before every add in train mode); wte is tied to lm_head (no centering, no
+        # wte−wpe translation: lm_head reads wte too)
         key = cfg.n_layer * cfg.n_embd
-        return key if train else key + (cfg.n_inner or 4 * cfg.n_embd) + 1
+        inner = cfg.n_inner or 4 * cfg.n_embd
+        return key if train else key + cfg.n_layer * ((cfg.n_embd + 1) + (inner + 1)) + cfg.n_positions
     if kind in ("bert", "distilbert"):
         # post-norm: per layer the key bias and LN(x + dense(h)) after the attention output and
         # the FFN output (columns + bias sum; dropout before the add in train mode, except
@@ -188,13 +192,28 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
         if train:
             dense = (hidden + 1) if kind == "distilbert" else 0
         tables = (cfg.vocab_size - 1) + cfg.max_position_embeddings + getattr(cfg, "type_vocab_size", 0)
-        return layers * (hidden + dense) + hidden + tables
+        # the token-type and position tables are only added (to each other and the words): moving
+        # one by c and the other by −c is a translation law per feature (dropout comes after the
+        # LayerNorm); the word table has a padding_idx, so it has none
+        translation = hidden if kind == "bert" else 0
+        return layers * (hidden + dense) + hidden + tables + translation
     if kind == "vit":
         # key bias (eager computes the softmax in float32: not exact in float64, so not counted);
-        # pre-norm: the last fc2's residual sum reaches only the final layernorm (no dropout there)
+        # pre-norm: the residual stream is read only by LayerNorms, so the attention output
+        # dense and the fc2 of every layer keep their centering laws (columns + bias sum); the
+        # [CLS] token and the position embeddings are added into that stream: their row sums
+        # (1 + patches + 1; the embeddings' dropout comes after them in train mode)
         key = cfg.num_hidden_layers * cfg.hidden_size if impl == "sdpa" else 0
-        return key + cfg.intermediate_size + 1
-    if kind in ("llama", "t5"):
+        # and the patch convolution, whose channels become the features: Σ_out W[out] per
+        # (channel, i, j) and Σ b
+        tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.num_channels * cfg.patch_size ** 2 + 1
+        return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens
+    if kind == "t5":
+        # no biases, RMS norms (no mean subtracted), no padding_idx; the relative position bias
+        # table (one column per head, shared by every layer) is added into the scores before the
+        # softmax over the keys: its column sums
+        return cfg.num_heads
+    if kind == "llama":
         return 0  # no biases, RMS norms (no mean subtracted), no padding_idx
     if isinstance(model, ResNet18):
         return 0  # convolutions without bias

@@ -69,7 +69,9 @@ class Analysis:
     without a law basis); ``polynomial_laws`` the polynomial laws on the tensors that hold
     them (None when not searched, ``polynomial_note`` says why), and ``polynomial_tracked``
     per law whether it is a function of tracked laws (its gradient at θ in their span: the
-    search sees every law on those tensors, tracked ones included).
+    search sees every law on those tensors, tracked ones included). ``shapes``: the shape of
+    each trainable parameter. Missing laws that are single entries with zero gradient on every
+    input of the count (embedding rows those inputs never read) are named in a note.
     """
 
     model: str
@@ -91,6 +93,7 @@ class Analysis:
     theta_source: str = "model"
     notes: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.num_parameters} trainable parameters (θ: {self.theta_source})"]
@@ -108,8 +111,13 @@ class Analysis:
         else:
             lines.append(f"existing laws (Lie-algebra count): not computed ({self.lie_note})")
         approximate = getattr(self.lie, "approximate_laws", 0)
-        if approximate:
+        if approximate > 0:
             lines.append(f"  plus {approximate} that hold only up to a normalization eps (exact at eps = 0)")
+        elif approximate < 0:  # more laws at eps > 0 than at eps = 0 cannot be: one count is off
+            lines.append(
+                f"  the count with every normalization eps = 0 found {-approximate} law(s) FEWER "
+                f"({self.lie.n_laws_eps0}): one of the two counts is not reliable (see the notes on gaps)"
+            )
         verdict = {True: "complete", False: "INCOMPLETE: some laws are not tracked", None: "unknown"}
         lines.append(f"tracked set: {verdict[self.complete]}")
         if self.missing_laws:
@@ -275,6 +283,7 @@ def analyze(
         theta_source=source,
         notes=notes,
         skipped=skipped,
+        shapes={n: tuple(p.shape) for n, p in trainable.items()},
     )
     if not lie:
         return report
@@ -430,6 +439,13 @@ def _outputs_per_input(model: nn.Module, example: Any) -> int:
     return max(1, total // max(batch, 1))
 
 
+def _functorch_refusal(err: RuntimeError) -> bool:
+    """A RuntimeError raised because an op cannot run under torch.func transforms (a custom
+    ``autograd.Function`` without ``setup_context`` or ``vmap``, as BLOOM's GELU)."""
+    text = str(err)
+    return "functorch" in text or "setup_context" in text or "vmap" in text
+
+
 def _module_count(
     report: Analysis,
     model: nn.Module,
@@ -463,7 +479,9 @@ def _module_count(
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
             return
-        except NotImplementedError as err:  # an op without a forward-mode derivative or a vmap rule
+        except (NotImplementedError, RuntimeError) as err:  # an op without a forward-mode derivative or a vmap rule
+            if isinstance(err, RuntimeError) and not _functorch_refusal(err):
+                raise
             report.lie_note = (
                 f"not computed: the count differentiates the model in forward mode (jvp) and batches "
                 f"it with vmap, and an op of {type(model).__name__} does not support it "
@@ -504,9 +522,12 @@ def _module_count(
     if gap.inexact:
         report.notes.append(
             f"{len(gap.inexact)} tracked law(s) are not exact laws at θ on these inputs (e.g. they hold only "
-            "up to a normalization eps): they do not count toward completeness"
+            "up to a normalization eps, or part of the forward runs below the precision of the parameters, "
+            "as GPT-J's attention scores upcast to float32 in a float64 model, so the count sees that rounding): "
+            "they do not count toward completeness"
         )
     if gap.dimension:
+        _unread_entries(report, basis, gradients.dense(), layout, rtol)
         _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
         if report.polynomial_laws is not None:
             report.polynomial_tracked = _in_tracked_span(report.polynomial_laws, result, gap, gradients.dense(), rtol)
@@ -538,6 +559,59 @@ def _in_tracked_span(laws: Any, result: Any, gap: MissingSpace, tracked: Tensor,
         rest = grad - span @ (span.T @ grad)
         flags.append(norm > 0 and float(rest.norm()) <= 1e-6 * norm)
     return flags
+
+
+_DEAD = 1e-8
+"""An entry θ_i is itself a law when its unit vector lies in the law space up to this."""
+
+
+def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Mapping[str, tuple[int, int]],
+                    rtol: float) -> None:
+    """Say how many missing laws are single entries with zero gradient on every input of the
+    count (embedding rows those inputs never look up, such as positions beyond their length; a
+    ReLU unit inactive on all of them, as in a tiny OPT at a random θ): laws of inputs like these
+    only, which the monitor does not track."""
+    dead = (1.0 - basis.square().sum(1)) <= _DEAD
+    if tracked.shape[1]:  # an entry that is a tracked law already (a padding row, a key bias) is not missing
+        u, sv, _ = torch.linalg.svd(tracked.to(basis.dtype), full_matrices=False)
+        span = u[:, sv > sv[0] * rtol] if sv.numel() and sv[0] > 0 else u[:, :0]
+        dead &= (1.0 - span.square().sum(1)) > _DEAD
+    dead = dead.nonzero().squeeze(1)
+    if not dead.numel():
+        return
+    units = torch.zeros(basis.shape[0], dead.numel(), dtype=basis.dtype)
+    units[dead, torch.arange(dead.numel())] = 1.0
+    left = missing_space(basis, torch.cat([tracked.to(basis.dtype), units], 1), layout, rtol=rtol).dimension
+    explained = report.missing_laws - left
+    if explained <= 0:
+        return
+    where = []
+    for name, (offset, numel) in layout.items():
+        hit = dead[(dead >= offset) & (dead < offset + numel)] - offset
+        if not hit.numel():
+            continue
+        where.append(f"{name} ({hit.numel()} entries{_rows_said(hit, name, report)})")
+    report.notes.append(
+        f"{explained} of the {report.missing_laws} missing laws are single entries whose gradient is zero on every "
+        f"input of the count: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}. They hold for inputs like "
+        "example_input and this θ only (embedding rows these inputs never look up, such as positions beyond their "
+        "length; a ReLU unit inactive on every input), so the monitor does not track them"
+        + ("" if explained == report.missing_laws else f"; {report.missing_laws - explained} other(s) remain")
+    )
+
+
+def _rows_said(hit: Tensor, name: str, report: Analysis) -> str:
+    """': rows a–b' when the entries are whole rows of a 2-D parameter (its shape from the model)."""
+    shape = report.shapes.get(name) if report.shapes else None
+    if shape is None or len(shape) != 2:
+        return ""
+    width = shape[1]
+    rows = sorted(set((hit // width).tolist()))
+    if len(rows) * width != hit.numel():
+        return ""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return f": rows {rows[0]}–{rows[-1]}" if len(rows) > 1 else f": row {rows[0]}"
+    return f": rows {', '.join(map(str, rows[:8]))}{' ...' if len(rows) > 8 else ''}"
 
 
 def _polynomial_search(

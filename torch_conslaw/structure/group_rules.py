@@ -22,6 +22,17 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   of a pre-norm block) gets none. Dropout in train mode multiplies each feature by its own mask
   (c·1 is no longer removed): the law then holds only in eval mode or with p = 0, so it is
   refused while the dropout module is in train mode.
+* **embedding translation** (:func:`embedding_translation_rule`): two embedding lookups that are
+  only added together (GPT-2's token + position embeddings): adding c to every row of one table
+  and subtracting it from every row of the other leaves the sum unchanged, so
+  Σ_v E_a[v, :] − Σ_v E_b[v, :] (one law per feature) is linear, whatever reads the sum. Each
+  table must be read by that lookup alone, with no ``padding_idx`` (its row gets no gradient),
+  ``max_norm`` or ``scale_grad_by_freq``.
+* **score bias table** (:func:`score_bias_rule`): an embedding table whose lookups are only
+  rearranged and added into scores that reach a softmax over their last axis, with each
+  column of the table constant along that axis (T5's relative position bias, one column per
+  head): adding c_h to column h shifts every score of a softmax row alike, so the column sums
+  Σ_v E[v, h] are linear laws.
 * **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
@@ -61,13 +72,15 @@ from .finder import Skipped
 from .graph import Op, OpGraph, Val
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
-__all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule"]
+__all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
+           "embedding_translation_rule", "score_bias_rule"]
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
 _KEEP = _CAST | {"contiguous", "clone"}  # elementwise identities on the values
 _RESHAPE = {"view", "reshape"}
 _SWAP = {"transpose", "swapaxes", "swapdims"}
+_ADD_IN_PLACE = {"add_", "__iadd__", "sub_", "__isub__"}  # x += y: the graph records the result as a new value
 
 
 @dataclass
@@ -84,7 +97,8 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     """Run every rule of this module on the propagated sites of one graph."""
     params = dict(model.named_parameters(remove_duplicate=False))
     out = GraphLawGroups()
-    for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states)):
+    for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
+                 embedding_translation_rule(g), score_bias_rule(g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -140,6 +154,9 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
             if isinstance(dim, int) and dim % ndim == ndim - 1 and isinstance(nxt.args[0], Val) and nxt.args[0].vid == v:
                 return None
             return f"{_where(nxt)} normalizes the scores over another axis than the keys"
+        if name in _RESHAPE | _SWAP | {"permute"} and _keeps_last_axis(g, nxt, v):  # rows of scores kept whole
+            v = nxt.outputs[0]
+            continue
         if name in _KEEP or name in _ADD or name in ("where", "masked_fill"):
             if name in _ADD and len(others) == len(nxt.args):  # v reaches it only as a keyword
                 return f"{_where(nxt)} uses the scores in an unexpected way"
@@ -256,51 +273,123 @@ def _dropout_active(model: nn.Module, op: Op) -> bool:
     return training and not (isinstance(p, (int, float)) and p == 0)
 
 
-def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -> Op | Skipped | None:
-    """The ``F.layer_norm`` over the last axis (``units`` wide) that ``v`` reaches and nothing
-    else, through casts, views keeping the last axis, dropout and additions; a refusal when
-    it reaches one but a shift c·1 would not stay removed; None when it reaches none."""
-    added, dropout = False, None
-    while True:
+def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -> list[Op] | Skipped | None:
+    """The ``F.layer_norm`` ops over the last axis (``units`` wide) that ``v`` reaches, when
+    every path from ``v`` ends in one of them, through casts, views keeping the last axis,
+    dropout and additions (a residual stream: a pre-norm model reads its stream only through
+    LayerNorms, and a shift c·1 added anywhere in it stays c·1 up to each of them); a refusal
+    when it reaches one but a shift c·1 would not stay removed; None when it reaches none."""
+    norms: dict[int, Op] = {}
+    other: Op | None = None
+    output = dropout = None
+    added = False
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in g.outputs:
+            output = v
+        for u in g.users.get(v, []):
+            op = g.ops[u]
+            if _keeps_last_axis(g, op, v):
+                stack.append(op.outputs[0])
+                continue
+            if (op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and _adds_axes(g, op, v)) or _cat_rows(g, op, v):
+                stack.append(op.outputs[0])  # the same rows, broadcast or stacked with others: c·1 stays c·1
+                continue
+            if op.name in _DROPOUT and op.args and op.args[0] == Val(v) and len(op.outputs) == 1:
+                if _dropout_active(model, op):
+                    dropout = op
+                stack.append(op.outputs[0])
+                continue
+            if (op.name in _ADD | _ADD_IN_PLACE and len(op.outputs) == 1 and len(g.shapes[op.outputs[0]]) >= 1
+                    and g.shapes[op.outputs[0]][-1:] == g.shapes[v][-1:]):
+                added = True
+                stack.append(op.outputs[0])
+                continue
+            shape = _arg(op, 1, "normalized_shape")
+            if (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and Val(v) not in op.args[1:]
+                    and shape is not None and tuple(shape) == (units,) and g.shapes[v][-1] == units):
+                norms[op.index] = op
+                continue
+            other = other or op
+    if not norms:
+        return None
+    if other is not None or output is not None:
+        if not added:
+            return None
+        where = (f"{_where(other)}, which is not a LayerNorm over its features" if other is not None
+                 else "the model's output")
+        return Skipped(who, None, (
+            f"no LayerNorm centering law for {who}: its output is added to a residual stream that "
+            f"reaches {len(norms)} LayerNorm(s) but also {where} (a shift c·1 of its output is not "
+            "removed there)"))
+    if dropout is not None:
+        return Skipped(who, None, (
+            f"no LayerNorm centering law for {who}: {_where(dropout)} is in train mode and "
+            "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
+            "does not stay c·1 (the law holds in eval mode or with p = 0)"))
+    return [norms[i] for i in sorted(norms)]
+
+
+_MOVE = {"flatten", "transpose", "swapaxes", "swapdims", "permute", "view", "reshape", "contiguous", "clone"} | _CAST
+
+
+def _channels_to_layer_norm(model: nn.Module, g: OpGraph, site) -> list[Op] | Skipped | None:
+    """The LayerNorms a convolution's output reaches once its channels are moved to the last
+    axis (ViT's patch embedding: flatten(2).transpose(1, 2)): replays the moves on a probe of
+    channel indices until every row of the last axis holds each channel once, then follows the
+    stream as :func:`_to_layer_norm` does."""
+    v = site.out
+    shape = g.shapes[v]
+    axis = site.axis % len(shape)
+    probe = torch.arange(site.units, dtype=torch.float64).reshape((-1,) + (1,) * (len(shape) - axis - 1)).expand(shape[axis:])
+    probe = probe.expand(shape)
+    want = torch.arange(site.units, dtype=torch.float64)
+    for _ in range(8):
         users = g.users.get(v, [])
-        if len(users) != 1:
-            if added and any(g.ops[u].name == "layer_norm" for u in users):
-                return Skipped(who, None, (
-                    f"no LayerNorm centering law for {who}: its output is added to a residual stream "
-                    f"that is read by {len(users)} ops (a pre-norm block: the stream continues past the "
-                    "LayerNorm), so a shift c·1 of its output is not removed everywhere"))
+        if len(users) != 1 or v in g.outputs:
             return None
         op = g.ops[users[0]]
-        if _keeps_last_axis(g, op, v):
-            v = op.outputs[0]
-            continue
-        if op.name in _DROPOUT and op.args and op.args[0] == Val(v):
-            if _dropout_active(model, op):
-                dropout = op
-            v = op.outputs[0]
-            continue
-        if op.name in _ADD and len(op.outputs) == 1:
-            added, v = True, op.outputs[0]
-            continue
-        shape = _arg(op, 1, "normalized_shape")
-        if not (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and shape is not None
-                and tuple(shape) == (units,) and g.shapes[v][-1] == units):
+        if not (op.name in _MOVE and op.args and op.args[0] == Val(v) and len(op.outputs) == 1
+                and not any(isinstance(a, Val) for a in list(op.args[1:]) + list(op.kwargs.values()))):
             return None
-        if dropout is not None:
-            return Skipped(who, None, (
-                f"no LayerNorm centering law for {who}: {_where(dropout)} is in train mode and "
-                "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
-                "does not stay c·1 (the law holds in eval mode or with p = 0)"))
-        return op
+        try:
+            probe = probe if op.name in _CAST else op.func(probe, *op.args[1:], **op.kwargs)
+        except Exception:  # noqa: BLE001 - a move that cannot be replayed ends the search
+            return None
+        v = op.outputs[0]
+        if not isinstance(probe, torch.Tensor) or tuple(probe.shape) != tuple(g.shapes[v]):
+            return None
+        if probe.shape[-1] == site.units and bool((probe.sort(-1).values == want).all()):
+            return _to_layer_norm(model, g, v, site.units, site.name)
+    return None
+
+
+def _cat_rows(g: OpGraph, op: Op, v: int) -> bool:
+    """``torch.cat`` of whole rows (along an axis other than the last): ViT's [CLS] token."""
+    if op.name not in ("cat", "concat", "concatenate") or len(op.outputs) != 1:
+        return False
+    parts = op.args[0] if op.args else op.kwargs.get("tensors")
+    dim = _arg(op, 1, "dim", 0)
+    out = g.shapes[op.outputs[0]]
+    return (isinstance(parts, (list, tuple)) and Val(v) in parts and isinstance(dim, int)
+            and dim % len(out) != len(out) - 1 and out[-1:] == g.shapes[v][-1:])
 
 
 def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
     """LayerNorm centering laws (see the module docstring): yields proposals and refusals."""
     for st in states.values():
         site = st.site
-        if not _linear_site(st, g):
+        if _linear_site(st, g):
+            found = _to_layer_norm(model, g, site.out, site.units, site.name)
+        elif site.mixing and site.kind == "channel":  # a convolution whose channels become the features
+            found = _channels_to_layer_norm(model, g, site)
+        else:
             continue
-        found = _to_layer_norm(model, g, site.out, site.units, site.name)
         if isinstance(found, Skipped):
             yield found
         elif found is not None:
@@ -310,6 +399,7 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             found = _mha_out_proj(model, g, op)
             if found is not None:
                 yield found
+    yield from _parameter_centering(model, g)
     for op in g.ops:  # embeddings: a shift t_v·1 of row v moves every token v by t_v·1
         weight = _arg(op, 1, "weight")
         if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
@@ -323,6 +413,38 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             yield found
         elif found is not None:
             yield _embedding_centering(name, rows, _arg(op, 2, "padding_idx"), found)
+
+
+def _parameter_centering(model: nn.Module, g: OpGraph):
+    """A parameter added into a stream that only LayerNorms read (ViT's [CLS] token and position
+    embeddings, a learned bias added by hand): each of its rows (last axis) summed is a law."""
+    for vid, name in g.params.items():
+        shape = g.shapes[vid]
+        users = [g.ops[u] for u in g.users.get(vid, [])]
+        if len(shape) == 0 or shape[-1] < 2 or not users:
+            continue
+        if not any(op.name in _ADD | _ADD_IN_PLACE | {"cat", "concat", "concatenate", "expand", "expand_as", "unsqueeze",
+                                                      "__getitem__", "broadcast_to"} or op.name in _KEEP for op in users):
+            continue  # read by a layer or a norm as its weight: the layer rules cover it
+        found = _to_layer_norm(model, g, vid, shape[-1], _module(name) or name)
+        if found is None or isinstance(found, Skipped):
+            if isinstance(found, Skipped):
+                yield found
+            continue
+        consumer, suffix, said = _norms_said(found)
+        law = f"{name}→{suffix} centering"
+        verb = "" if len(found) > 1 else " subtracts"
+        reason = (f"{said}{verb} the mean over the features of {name}, which is only added into what it normalizes: "
+                  "adding t·1 to a row changes nothing, so every row sum (over the last axis) is a linear law, "
+                  "exact at any eps")
+
+        def build(params, name=name, law=law, consumer=consumer, reason=reason):
+            from ..laws.groups import LinearLaws
+
+            return LinearLaws(law, ((name, lambda p: p.sum(-1).reshape(-1)),), params, producer=_module(name),
+                              consumer=consumer, reason=reason)
+
+        yield build, (name,), law, _module(name)
 
 
 def _mha_out_proj(model: nn.Module, g: OpGraph, op: Op):
@@ -341,14 +463,28 @@ def _mha_out_proj(model: nn.Module, g: OpGraph, op: Op):
     return _centering(site, found)
 
 
-def _embedding_centering(weight: str, rows: int, padding: Any, norm: Op):
-    """Row sums of an embedding table whose lookups reach only a LayerNorm (the padding row
+def _norms_said(norms: list[Op]) -> tuple[str, str, str]:
+    """(consumer module, name suffix, the LayerNorms in words) of the LayerNorms a shift reaches."""
+    consumer = norms[0].module
+    if len(norms) == 1:
+        return consumer, consumer, f"the LayerNorm of {consumer or 'the model'} (op {norms[0].index})"
+    shown = ", ".join(f"{n.module or 'the model'} (op {n.index})" for n in norms[:4])
+    more = f" and {len(norms) - 4} more" if len(norms) > 4 else ""
+    return (consumer, f"{consumer} +{len(norms) - 1} LayerNorms",
+            f"the {len(norms)} LayerNorms that read the residual stream it is added to ({shown}{more}; nothing "
+            "else reads that stream) each subtract")
+
+
+def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
+    """Row sums of an embedding table whose lookups reach only LayerNorms (the padding row
     is a law entry by entry already: its sum would repeat it)."""
     keep = [r for r in range(rows) if not (isinstance(padding, int) and r == padding % rows)]
     idx = torch.tensor(keep)
-    producer, consumer = _module(weight), norm.module
-    name = f"{producer}→{consumer} centering"
-    reason = (f"the LayerNorm of {consumer or 'the model'} (op {norm.index}) subtracts the mean over the features "
+    consumer, suffix, said = _norms_said(norms)
+    producer = _module(weight)
+    name = f"{producer}→{suffix} centering"
+    verb = "" if len(norms) > 1 else " subtracts"
+    reason = (f"{said}{verb} the mean over the features "
               f"of the lookups of {weight}, and they reach nothing else: adding t_v·1 to row v changes nothing, "
               "so every row sum Σ_i E[v, i] is a linear law, exact at any eps"
               + (f" (the padding row {padding} is tracked entry by entry already)" if len(keep) < rows else ""))
@@ -362,13 +498,14 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norm: Op):
     return build, (weight,), name, producer
 
 
-def _centering(site, norm: Op):
+def _centering(site, norms: list[Op]):
     weight, layout = site.readers[0]
     bias = site.readers[1][0] if len(site.readers) == 2 else None
     axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
-    consumer = norm.module
-    name = f"{site.name}→{consumer} centering"
-    reason = (f"the LayerNorm of {consumer or 'the model'} (op {norm.index}) subtracts the mean over the features "
+    consumer, suffix, said = _norms_said(norms)
+    name = f"{site.name}→{suffix} centering"
+    verb = "" if len(norms) > 1 else " subtracts"
+    reason = (f"{said}{verb} the mean over the features "
               f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
               + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
     names = (weight,) + ((bias,) if bias else ())
@@ -382,6 +519,189 @@ def _centering(site, norm: Op):
         return LinearLaws(name, tuple(readers), params, producer=site.name, consumer=consumer, reason=reason)
 
     return build, names, name, site.name
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding translation
+# ---------------------------------------------------------------------------------------------
+
+_PLUS = {"add", "__add__", "__radd__"}
+
+
+def _lookups(g: OpGraph, made: dict[int, Op], v: int) -> list[Op] | None:
+    """The embedding lookups whose sum ``v`` is (through casts and additions, each value read
+    once), or None when ``v`` is anything else."""
+    if len(g.users.get(v, [])) != 1 or v not in made:
+        return None
+    op = made[v]
+    if op.args and isinstance(op.args[0], Val) and len(op.outputs) == 1 and (
+            _keeps_last_axis(g, op, op.args[0].vid) or _adds_axes(g, op, op.args[0].vid)):
+        return _lookups(g, made, op.args[0].vid)
+    if op.name == "embedding" and isinstance(_arg(op, 1, "weight"), Val):
+        return [op]
+    if op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2]):
+        a, b = (_lookups(g, made, x.vid) for x in op.args[:2])
+        return None if a is None or b is None else a + b
+    return None
+
+
+def _adds_axes(g: OpGraph, op: Op, v: int) -> bool:
+    """``x[None]``, ``x[:, 0]``, ``x.unsqueeze(d)``, ``x.expand(...)``: whole rows (some of them,
+    or broadcast), the features last and untouched."""
+    if g.shapes[op.outputs[0]][-1:] != g.shapes[v][-1:]:
+        return False
+    if op.name in ("expand", "expand_as", "broadcast_to"):
+        return True
+    if op.name == "unsqueeze":
+        d = _arg(op, 1, "dim")
+        return isinstance(d, int) and d % len(g.shapes[op.outputs[0]]) != len(g.shapes[op.outputs[0]]) - 1
+    if op.name == "__getitem__":  # whole rows: ints and slices on the leading axes only
+        key = op.args[1] if len(op.args) > 1 else None
+        key = key if isinstance(key, tuple) else (key,)
+        if g.shapes[v][-1] < 2 or not all(k is None or k is Ellipsis or isinstance(k, (int, slice)) for k in key):
+            return False
+        if any(isinstance(k, slice) and any(isinstance(e, Val) for e in (k.start, k.stop, k.step)) for k in key):
+            return False
+        if Ellipsis in key:
+            return all(k is None for k in key[key.index(Ellipsis) + 1:])
+        return sum(k is not None for k in key) < len(g.shapes[v])
+    return False
+
+
+def _translatable(g: OpGraph, op: Op, uses: dict[str, int]) -> str | None:
+    """Why the table of a lookup cannot be translated (None: it can)."""
+    weight = _arg(op, 1, "weight")
+    if weight.vid not in g.params:
+        return "its table is not a parameter"
+    name = g.params[weight.vid]
+    if uses.get(name, 0) != 1:
+        return f"{name} is read by {uses.get(name, 0)} ops (tied or shared), not by this lookup alone"
+    if _arg(op, 2, "padding_idx") is not None:
+        return f"{name} has a padding_idx (its row gets no gradient, so the tokens that read it break the balance)"
+    if _arg(op, 3, "max_norm") is not None:
+        return f"{name} has a max_norm (the lookup renormalizes its rows)"
+    if _arg(op, 5, "scale_grad_by_freq", False):
+        return f"{name} has scale_grad_by_freq (its gradient is not the gradient of the loss)"
+    return None
+
+
+def embedding_translation_rule(g: OpGraph):
+    """Translation laws between embedding tables that are only added together (see the module
+    docstring): yields proposals and refusals."""
+    made = {v: op for op in g.ops if op.index in g.live for v in op.outputs}
+    uses = g.param_uses()
+    for op in g.ops:
+        if not (op.index in g.live and op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
+                and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
+            continue
+        sides = [_lookups(g, made, a.vid) for a in op.args[:2]]
+        if any(side is None for side in sides):
+            continue
+        why = {id(e): _translatable(g, e, uses) for side in sides for e in side}
+        picked = [next((e for e in side if why[id(e)] is None), None) for side in sides]
+        if any(e is None for e in picked):
+            reasons = "; ".join(dict.fromkeys(w for w in why.values() if w))
+            yield Skipped(op.module or None, None, (
+                f"no embedding translation law at {_where(op)}, which adds embedding lookups: {reasons}"))
+            continue
+        a, b = (g.params[_arg(e, 1, "weight").vid] for e in picked)
+        if a == b or g.shapes[_arg(picked[0], 1, "weight").vid][-1] != g.shapes[_arg(picked[1], 1, "weight").vid][-1]:
+            continue
+        yield _translation(a, b, op)
+
+
+def _translation(a: str, b: str, add: Op):
+    ma, mb = _module(a), _module(b)
+    name = f"{ma}−{mb} translation"
+    reason = (f"{a} and {b} are looked up and only added together ({_where(add)}): adding c to every row of the "
+              "first and subtracting it from every row of the second changes nothing, so the column sums "
+              "Σ_v E_a[v, :] − Σ_v E_b[v, :] (one per feature) are linear laws")
+
+    def build(params):
+        from ..laws.groups import DifferenceLaws
+
+        return DifferenceLaws(name, (a, lambda w: w.sum(0)), (b, lambda w: w.sum(0)), params, producer=ma,
+                              consumer=add.module, reason=reason)
+
+    return build, (a, b), name, ma
+
+
+# ---------------------------------------------------------------------------------------------
+# score bias table
+# ---------------------------------------------------------------------------------------------
+
+_REPLAY = {"permute", "unsqueeze", "transpose", "swapaxes", "swapdims", "view", "reshape", "expand", "contiguous",
+           "clone", "__getitem__"} | _CAST
+
+
+def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None:
+    """None when every use of ``v`` (holding, entry by entry, the table column it came from:
+    ``probe``) is rearranged and added into values that reach a softmax over their last axis
+    with each column constant along it; else why not."""
+    for u in g.users.get(v, []):
+        op = g.ops[u]
+        if v in g.outputs:
+            return "the lookups are an output of the model"
+        if op.name in _ADD | _ADD_IN_PLACE and len(op.outputs) == 1 and op.name not in ("sub", "__sub__", "subtract") or (
+                op.name in ("sub", "__sub__", "subtract") and op.args and op.args[0] == Val(v)):
+            out = g.shapes[op.outputs[0]]
+            try:
+                moved = torch.broadcast_to(probe, out)
+            except RuntimeError:
+                return f"{_where(op)} broadcasts the lookups in a way that is not followed"
+            if _scores_reach_softmax(g, op) is None:
+                if not bool((moved == moved[..., :1]).all()):
+                    return f"the softmax after {_where(op)} runs along an axis that holds different table columns"
+                continue
+            why = _bias_reaches_softmax(g, op.outputs[0], moved)
+            if why is not None:
+                return why
+            continue
+        if op.name in _REPLAY and op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and not any(
+                isinstance(a, Val) for a in list(op.args[1:]) + list(op.kwargs.values())):
+            try:
+                moved = op.func(probe, *op.args[1:], **op.kwargs) if op.name not in _CAST else probe
+            except Exception as err:  # noqa: BLE001 - a replay that fails is a refusal
+                return f"{_where(op)} could not be replayed ({type(err).__name__})"
+            if not isinstance(moved, torch.Tensor) or tuple(moved.shape) != tuple(g.shapes[op.outputs[0]]):
+                return f"{_where(op)} could not be replayed"
+            why = _bias_reaches_softmax(g, op.outputs[0], moved)
+            if why is not None:
+                return why
+            continue
+        return f"{_where(op)} uses the lookups otherwise than adding them into softmax scores"
+    return None
+
+
+def score_bias_rule(g: OpGraph):
+    """Column sums of an embedding table added into softmax scores (see the module docstring)."""
+    uses = g.param_uses()
+    for op in g.ops:
+        weight = _arg(op, 1, "weight")
+        if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
+            continue
+        name = g.params[weight.vid]
+        rows, cols = g.shapes[weight.vid]
+        out = op.outputs[0]
+        probe = torch.arange(cols, dtype=torch.float64).expand(g.shapes[out])
+        if not g.users.get(out) or _bias_reaches_softmax(g, out, probe) is not None:
+            continue  # an ordinary embedding (or one this rule cannot follow): nothing to say
+        problem = _translatable(g, op, uses)
+        if problem is not None:
+            yield Skipped(_module(name), None, f"no score-bias law for {name}: {problem}")
+            continue
+        law = f"{_module(name)} score bias"
+        reason = (f"the lookups of {name} are added into scores that a softmax normalizes along an axis on which "
+                  "each column of the table is constant: adding c_j to column j shifts every softmax row alike, "
+                  "so the column sums Σ_v E[v, j] are linear laws")
+
+        def build(params, name=name, law=law, reason=reason, consumer=op.module):
+            from ..laws.groups import LinearLaws
+
+            return LinearLaws(law, ((name, lambda w: w.sum(0)),), params, producer=_module(name), consumer=consumer,
+                              reason=reason)
+
+        yield build, (name,), law, _module(name)
 
 
 # ---------------------------------------------------------------------------------------------

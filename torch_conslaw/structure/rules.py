@@ -294,6 +294,15 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(b)
             if w is not None and param(a) is None and len(g.shapes[b.vid]) == 2:
                 add(op, out, g.shapes[b.vid][1], -1, [(w, "cols")], True, "unit")
+            elif param(a) is None and (wt := transposed_param(g, b)) is not None:  # h @ W.T
+                units = g.shapes[b.vid][1]
+                users = g.users.get(out, [])
+                bias, site_out = None, out  # a following ``+ b`` with a 1-D parameter of the units is its bias
+                if len(users) == 1 and g.ops[users[0]].name in ("add", "__add__", "__radd__") and len(g.ops[users[0]].args) == 2:
+                    other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
+                    if other and param(other[0]) is not None and g.shapes[other[0].vid] == (units,):
+                        bias, site_out = other[0], g.ops[users[0]].outputs[0]
+                add(op, site_out, units, -1, [(wt, "rows")], True, "unit", bias)
         elif op.name in _CONV:
             w = param(_arg(op, 1, "weight"))
             if w is not None:
@@ -366,6 +375,25 @@ def g_vid(op: Op, pos: int, name: str) -> int:
     x = _arg(op, pos, name)
     assert isinstance(x, Val)
     return x.vid
+
+
+def transposed_param(g: OpGraph, x: Any) -> str | None:
+    """The 2-D parameter W when ``x`` is Wᵀ (``W.T``, ``W.t()``, ``W.mT``, ``W.transpose(0, 1)``)
+    read by one op only: ``h @ W.T`` is then a Linear layer (Falcon's ``FalconLinear``)."""
+    if not isinstance(x, Val) or len(g.users.get(x.vid, [])) != 1:
+        return None
+    op = next((o for o in g.ops if x.vid in o.outputs and o.index in g.live), None)
+    if op is None or len(op.outputs) != 1 or not op.args or not isinstance(op.args[0], Val):
+        return None
+    w = op.args[0].vid
+    if w not in g.params or len(g.shapes[w]) != 2:
+        return None
+    if op.name in ("get_T", "t", "get_mT", "numpy_T"):
+        return g.params[w]
+    if op.name in ("transpose", "swapaxes", "swapdims"):
+        dims = {_arg(op, 1, "dim0"), _arg(op, 2, "dim1")}
+        return g.params[w] if dims in ({0, 1}, {-1, -2}, {0, -1}, {-2, 1}) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,8 +633,10 @@ class _Propagation:
                     matrix = False  # a factor that varies across the units: per-unit only
         elif not isinstance(other, (int, float)):
             raise _Barrier(f"multiplies the units by {type(other).__name__}")
-        # a number scales a shift of the units alike at every position (a tensor may not)
-        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and isinstance(other, (int, float)))
+        # a number, or a tensor holding one value (DeBERTa's ``k / scale`` with a 0-d scale), scales a
+        # shift of the units alike at every position (a tensor of several values may not)
+        single = isinstance(other, (int, float)) or (isinstance(other, Val) and math.prod(self.g.shapes[other.vid]) == 1)
+        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and single)
 
     def _glu(self, op: Op, carried: list[int]) -> None:
         """``F.glu(x, dim)`` = a ⊙ σ(b) for the halves a, b of x: the units of a go on (a product
@@ -740,6 +770,10 @@ class _Propagation:
             if len(g.shapes[b.vid]) != 2:
                 raise _Barrier("a product with a parameter that is not a matrix")
             self._use(op, self.state[a.vid], g.params[b.vid], "rows", -1)
+            return
+        wt = transposed_param(g, b)
+        if wt is not None and isinstance(a, Val) and a.vid in self.state:  # h @ W.T reads the columns of W
+            self._use(op, self.state[a.vid], wt, "cols", -1)
             return
         if isinstance(a, Val) and a.vid in g.params:
             raise _Barrier("a parameter multiplies the units from the left")

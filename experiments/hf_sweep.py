@@ -1,0 +1,93 @@
+"""tc.analyze and ConservationMonitor over tiny Hugging Face architectures, built offline from configs.
+
+Each model: hidden 8, 1 layer, 2 heads, intermediate 16, vocab 16, 16 positions (shrunk so that
+D ≈ 700–1000 and the count runs in seconds to minutes), float64, eval mode, dropout 0; input
+``input_ids`` (2, 6), or pixel values / audio features. One model per process:
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python experiments/hf_sweep.py gpt2 [eager|sdpa]
+
+prints the analysis (theta="random", max_lie_parameters=D+1, max_seconds=240), the monitor's
+groups and warnings, and a ``RESULT {json}`` line (D, tracked rank, count, complete, missing,
+shares, times). Names: see ``BUILDERS``.
+"""
+import json, os, sys, time, traceback, warnings
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers as tf
+F64 = torch.float64
+H, I, V, P = 8, 16, 16, 16
+def ids(): return {"input_ids": torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))}
+def pix(c=3, s=16): return {"pixel_values": torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(0), dtype=F64)}
+BUILDERS = {
+ "gpt2": lambda: (tf.GPT2Config(n_embd=H, n_layer=1, n_head=2, vocab_size=V, n_positions=P, n_inner=I), ids()),
+ "gptneo": lambda: (tf.GPTNeoConfig(hidden_size=H, num_layers=1, num_heads=2, attention_types=[[["global"],1]], vocab_size=V, max_position_embeddings=P, intermediate_size=I), ids()),
+ "opt": lambda: (tf.OPTConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, ffn_dim=I, vocab_size=V, max_position_embeddings=P, word_embed_proj_dim=H), ids()),
+ "bloom": lambda: (tf.BloomConfig(hidden_size=H, n_layer=1, n_head=2, vocab_size=V), ids()),
+ "falcon": lambda: (tf.FalconConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "llama": lambda: (tf.LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "mistral": lambda: (tf.MistralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=V, max_position_embeddings=P, head_dim=4), ids()),
+ "qwen2": lambda: (tf.Qwen2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "phi": lambda: (tf.PhiConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "gemma": lambda: (tf.GemmaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P), ids()),
+ "gptj": lambda: (tf.GPTJConfig(n_embd=H, n_layer=1, n_head=2, rotary_dim=4, n_inner=I, vocab_size=V, n_positions=P), ids()),
+ "bert": lambda: (tf.BertConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "roberta": lambda: (tf.RobertaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P+2), ids()),
+ "distilbert": lambda: (tf.DistilBertConfig(dim=H, hidden_dim=I, n_layers=1, n_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "albert": lambda: (tf.AlbertConfig(embedding_size=H, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "electra": lambda: (tf.ElectraConfig(embedding_size=H, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "debertav2": lambda: (tf.DebertaV2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, relative_attention=False), ids()),
+ "t5enc": lambda: (tf.T5Config(d_model=H, d_kv=4, d_ff=I, num_layers=1, num_heads=2, vocab_size=V), ids()),
+ "vit": lambda: (tf.ViTConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
+ "clipvision": lambda: (tf.CLIPVisionConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, projection_dim=H), pix(1, 8)),
+ "whisperenc": lambda: (tf.WhisperConfig(d_model=H, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=I, num_mel_bins=4, max_source_positions=4, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=I, vocab_size=V, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0, max_target_positions=P), {"input_features": torch.randn(2, 4, 8, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+}
+def build(name, impl="eager"):
+    cfg, x = BUILDERS[name]()
+    for a in ("dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout_rate", "activation_dropout", "resid_dropout", "embed_dropout"):
+        if hasattr(cfg, a): 
+            try: setattr(cfg, a, 0.0)
+            except Exception: pass
+    cfg._attn_implementation = impl
+    if name == "t5enc": m = tf.T5EncoderModel(cfg)
+    elif name == "clipvision": m = tf.CLIPVisionModel(cfg)
+    elif name == "whisperenc": m = tf.WhisperModel(cfg).get_encoder()
+    else: m = tf.AutoModel.from_config(cfg)
+    m = m.to(F64).eval()
+    return m, x
+
+
+def main() -> None:
+    import torch_conslaw as tc
+
+    name = sys.argv[1]; impl = sys.argv[2] if len(sys.argv) > 2 else "eager"
+    m, x = build(name, impl)
+    D = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    res = {"name": name, "D": D}
+    t = time.time()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            r = tc.analyze(m, x, theta="random", max_lie_parameters=D + 1, max_seconds=240)
+        print(r)
+        for ww in {str(ww.message)[:300] for ww in w}: print("WARN analyze:", ww)
+        res.update(tracked=r.tracked_rank, lie=r.lie_laws, complete=r.complete, missing=r.missing_laws)
+        if r.missing is not None:
+            res["shares"] = {k: round(v, 3) for k, v in r.missing.shares.items() if v >= 0.01}
+    except Exception:
+        traceback.print_exc(); res["error"] = traceback.format_exc().splitlines()[-1]
+    res["t_analyze"] = round(time.time() - t, 1)
+    t = time.time()
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            mon = tc.ConservationMonitor(m, x)
+        print("MONITOR groups:", [(g.name, g.kind, g.count) for g in mon.groups][:60])
+        for ww in w: print("WARN monitor:", str(ww.message)[:300])
+        res["monitor_groups"] = len(mon.groups); res["monitor_laws"] = sum(g.count for g in mon.groups)
+    except Exception:
+        traceback.print_exc(); res["mon_error"] = traceback.format_exc().splitlines()[-1]
+    res["t_monitor"] = round(time.time() - t, 1)
+    print("RESULT", json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
