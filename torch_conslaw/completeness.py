@@ -480,8 +480,8 @@ def _module_count(
             report.lie_note = f"not computed within the budget: {err}"
             return
         except (NotImplementedError, RuntimeError) as err:  # an op without a forward-mode derivative or a vmap rule
-            if isinstance(err, RuntimeError) and not _functorch_refusal(err):
-                raise
+            if not isinstance(err, NotImplementedError) and not _functorch_refusal(err):
+                raise  # (NotImplementedError is a RuntimeError: the count's own refusals are kept)
             report.lie_note = (
                 f"not computed: the count differentiates the model in forward mode (jvp) and batches "
                 f"it with vmap, and an op of {type(model).__name__} does not support it "
