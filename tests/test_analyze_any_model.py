@@ -251,3 +251,15 @@ def test_polynomial_laws_say_which_are_tracked_and_unread_embedding_rows_get_a_n
     assert model.e.weight.grad[[0, 9]].abs().max() == 0 < model.e.weight.grad[1:9].abs().max()
     pairs_only = tc.analyze(model, ids, families=False)
     assert pairs_only.polynomial_laws is not None and not any(pairs_only.polynomial_tracked)
+
+
+def test_a_post_norm_transformer_encoder_layer_is_complete():
+    """nn.TransformerEncoderLayer(4, 2, 8): 8 FFN unit laws, 4 × 3 head matrix laws, the key bias
+    (4), the centering of linear2 (9) and of self_attn.out_proj (5) before their LayerNorms: 38,
+    the Lie count's number (the README's example)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+    report = tc.analyze(layer, torch.randn(2, 3, 4), theta="random")
+    counts = {g.name: g.count for g in report.groups}
+    assert counts["self_attn.out_proj→norm1 centering"] == 5 and counts["linear2→norm2 centering"] == 9
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 38
