@@ -129,9 +129,11 @@ class ResNet18(nn.Module):
 
 def resnet18(impl: str = "-"):
     model = ResNet18(width=8)
-    # bn1 of every block → ReLU → conv2: one channel law per channel; everything else meets a
-    # residual addition or a BatchNorm
-    expected = 2 * (8 + 16 + 32 + 64)
+    # bn1 of every block → ReLU → conv2: one channel law per channel; and the residual stream of
+    # each stage (ICML 2025): its channel c is written by the stem's BatchNorm (or the stage's
+    # downsampling shortcut BatchNorm) and every block's bn2, read by every block's conv1, the
+    # next stage's shortcut conv or the head: one law per stream channel of each stage
+    expected = 2 * (8 + 16 + 32 + 64) + (8 + 16 + 32 + 64)
     return model, torch.randn(2, 3, 32, 32, dtype=F64), lambda y: y, expected
 
 

@@ -300,7 +300,7 @@ def _with_graph_laws(
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
     seen |= {c for p in graph_pairs for c in p.consumers}
-    found = {p.producer for p in added}
+    found = {name for p in added for name in p.producer.split("+")}  # a merged residual stream names each writer
 
     def superseded(s: Skipped) -> bool:
         # the op graph found a law there, or the module-level finder stopped at an op it did

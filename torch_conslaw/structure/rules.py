@@ -220,6 +220,8 @@ class _SiteState:
     kills: dict[int, str] = field(default_factory=dict)
     uses: list[_Use] = field(default_factory=list)
     gates: list[tuple[int, str, float, int]] = field(default_factory=list)  # scalar gates: op, α, degree, units
+    merges: list[tuple[int, Tensor, float, str]] = field(default_factory=list)  # additions to another layer
+    reasons: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))  # every barrier of a unit
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -408,6 +410,18 @@ class _Barrier(Exception):
     pass
 
 
+class _Merge(_Barrier):
+    """An addition of the units to the output of another layer (a residual stream): a barrier
+    for this site alone; two such sites meeting there may be merged (:func:`_merge_streams`)."""
+
+    def __init__(self, message: str, op: int, probe: Tensor, degree: float) -> None:
+        super().__init__(message)
+        self.op, self.probe, self.degree = op, probe, degree
+
+
+_MERGED = "merged into a residual stream"  # the units live on in a merged site: nothing to report
+
+
 def _varying_axes(p: Tensor) -> list[int]:
     """Axes along which the probe changes (the axes that carry units)."""
     axes = []
@@ -451,8 +465,11 @@ class _Propagation:
             try:
                 self.step(op, carried)
             except _Barrier as err:
+                reason = f"{self._op_text(op)}: {err}"
+                if isinstance(err, _Merge):
+                    self.st.merges.append((err.op, err.probe, err.degree, reason))
                 for v in carried:
-                    self.kill(self.state[v].probe, f"{self._op_text(op)}: {err}")
+                    self.kill(self.state[v].probe, reason)
         for v in g.outputs:
             if v in self.state:
                 self.kill(self.state[v].probe, _OUTPUT)
@@ -461,6 +478,7 @@ class _Propagation:
     def kill(self, probe: Tensor, reason: str) -> None:
         for u in _units(probe):
             self.st.kills.setdefault(u, reason)
+            self.st.reasons[u].add(reason)
 
     def _op_text(self, op: Op) -> str:
         where = f" in {op.module}" if op.module else ""
@@ -685,9 +703,14 @@ class _Propagation:
         shape = self.g.shapes[op.outputs[0]]
         pa, pb = self._probe_of(a, shape), self._probe_of(b, shape)
         if pa is None or pb is None:
-            raise _Barrier(
-                "adds a term that does not scale with the units (a residual or skip connection, "
-                "a bias or a constant): no law crosses it")
+            message = ("adds a term that does not scale with the units (a residual or skip connection, "
+                       "a bias or a constant): no law crosses it")
+            mine, other = (a, b) if pa is not None else (b, a)
+            probe = pa if pa is not None else pb
+            if (op.name in ("add", "__add__", "__radd__") and isinstance(other, Val) and probe is not None
+                    and tuple(self.g.shapes[other.vid]) == tuple(shape) == tuple(self.g.shapes[mine.vid])):
+                raise _Merge(message, op.index, probe, self.state[mine.vid].degree)
+            raise _Barrier(message)
         ca, cb = self.state[a.vid], self.state[b.vid]
         if ca.degree != cb.degree:
             raise _Barrier("adds units of different homogeneity degrees")
@@ -1008,6 +1031,60 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
     return pairs, problems
 
 
+def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates: frozenset[str]) -> None:
+    """Residual streams (ICML 2025): where two sites are added together, unit c of one to unit c
+    of the other at every position (a stem or a previous block, and a block's last layer),
+    scaling both units c by λ keeps the sum's channel c scaled by λ, so the two sites make one
+    site of the stream, followed on from the sum. Its law per channel reads the rows of every
+    layer that writes the stream and the columns of every layer that reads it, before the sum
+    and after. Merges chain along the stream; a unit stopped anywhere else is not merged."""
+    events: dict[int, list[tuple[_SiteState, Tensor, float, str]]] = defaultdict(list)
+    for st in states.values():
+        for op_index, probe, degree, reason in st.merges:
+            events[op_index].append((st, probe, degree, reason))
+    done: set[int] = set()
+    while True:
+        pending = sorted(set(events) - done)
+        if not pending:
+            return
+        op_index = pending[0]
+        done.add(op_index)
+        found = events[op_index]
+        if len(found) != 2:
+            continue
+        (a, pa, da, ra), (b, pb, db, rb) = sorted(found, key=lambda e: e[0].site.op)  # the stream's order
+        units = a.site.units
+        if a is b or da != 1.0 or db != 1.0 or b.site.units != units or not torch.equal(pa, pb):
+            continue
+        axis = _unit_axis(pa, units)
+        clean = all(a.reasons.get(u) == {ra} and b.reasons.get(u) == {rb} for u in range(units))
+        untied = all(len(a.members(u)) == 1 and len(b.members(u)) == 1 for u in range(units))
+        if axis is None or not clean or not untied:
+            continue
+        out = g.ops[op_index].outputs[0]
+        site = _Site(max(states) + 1, op_index, out, f"{a.site.name}+{b.site.name}", units, axis - pa.dim(),
+                     a.site.readers + b.site.readers, False, a.site.kind)
+        merged = _Propagation(g, site, sides, gates).run()
+        merged.uses = a.uses + b.uses + merged.uses
+        states[site.sid] = merged
+        for st in (a, b):
+            st.kills.update(dict.fromkeys(range(units), _MERGED))
+        for later, probe, degree, reason in merged.merges:
+            events[later].append((merged, probe, degree, reason))
+
+
+def _unit_axis(probe: Tensor, units: int) -> int | None:
+    """The axis along which ``probe`` holds unit c at index c, the same at every other position."""
+    for axis in range(probe.dim()):
+        if probe.shape[axis] != units:
+            continue
+        view = [1] * probe.dim()
+        view[axis] = units
+        if torch.equal(probe, torch.arange(units).view(view).expand(probe.shape)):
+            return axis
+    return None
+
+
 def _gate_fiber(entries: Tensor, probe: Tensor) -> Tensor | None:
     """The unit each entry of a gate γ multiplies (``entries``: the γ entry at every element of
     the product), when γ multiplies units only and each of its entries one unit; else None."""
@@ -1227,6 +1304,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     from .group_rules import find_law_groups  # group_rules reads this module's op tables
 
     extra = find_law_groups(model, g, states, sides, problem)
+    _merge_streams(g, states, sides, gates)
     pairs: list[Pair] = []
     claimed: dict[tuple[int, int], int] = defaultdict(int)
     pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
@@ -1269,7 +1347,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         for u, r in st.kills.items():
             reasons[r] += 1
         skipped.extend(Skipped(st.site.name, None, f"after {st.site.name}, {n} unit(s) stop at {r}")
-                       for r, n in reasons.items() if r != _OUTPUT)
+                       for r, n in reasons.items() if r not in (_OUTPUT, _MERGED))
     kept: list[Pair] = []
     for p in pairs:
         problem = _parameter_problem(p, trainable, names_of, uses)
