@@ -42,13 +42,16 @@ from torch_conslaw import ConservationMonitor  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def training(hook: Callable[[], None] | None, monitored: bool = False) -> tuple[Callable[[], None], ConservationMonitor | None]:
+def training(
+    hook: Callable[[], None] | None, monitored: bool = False, split: bool = False
+) -> tuple[Callable[[], None], ConservationMonitor | None]:
+    """A training step of the MLP (and its ``every=1`` synchronous monitor when ``monitored``)."""
     torch.manual_seed(0)
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, WIDTHS[0], generator=g), torch.randint(0, WIDTHS[-1], (BATCH,), generator=g)
-    monitor = ConservationMonitor(model, every=1, split=False, recording="sync", max_records=100_000) if monitored else None
+    monitor = ConservationMonitor(model, every=1, split=split, recording="sync", max_records=100_000) if monitored else None
     if monitor is not None:
         monitor.attach(opt)
     if hook is not None:

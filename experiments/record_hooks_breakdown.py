@@ -27,36 +27,14 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_monitor import BATCH, WIDTHS, make_mlp  # noqa: E402
-
-from torch_conslaw import ConservationMonitor  # noqa: E402
+from record_costs_in_step import training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def training(monitored: bool, split: bool) -> tuple[Callable[[], None], ConservationMonitor | None]:
-    torch.manual_seed(0)
-    model = make_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(BATCH, WIDTHS[0], generator=g), torch.randint(0, WIDTHS[-1], (BATCH,), generator=g)
-    monitor = None
-    if monitored:
-        monitor = ConservationMonitor(model, every=1, split=split, recording="sync", max_records=100_000).attach(opt)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step, monitor
 
 
 def timed(owner: object, name: str, into: list[float]) -> None:
@@ -81,8 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plain, _ = training(False, args.split)
-    monitored, monitor = training(True, args.split)
+    plain, _ = training(None)
+    monitored, monitor = training(None, monitored=True, split=args.split)
     if args.one_by_one:
         monitor._delivery_batch = 1  # an experiment switch, not an option: what a listener gets
     recorder = monitor._recorder  # the benchmark wraps the objects the monitor already calls

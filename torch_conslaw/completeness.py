@@ -264,7 +264,7 @@ def analyze(
     notes += tracked.notes[:3]
     if approximate:
         notes.append(
-            f"approximate laws (exact only at a normalization eps = 0), verified but not counted as tracked: "
+            "approximate laws (exact only at a normalization eps = 0), verified but not counted as tracked: "
             + ", ".join(f"{g.name} ({g.count})" for g in approximate)
         )
     if check_note:
@@ -515,7 +515,8 @@ def _module_count(
     order = {s.name: (s.offset, s.numel) for s in result.parameters}
     if order != layout:
         raise RuntimeError("count_laws laid out the parameters differently from named_parameters()")
-    gap = missing_space(basis, gradients.dense(), layout, rtol=rtol)
+    tracked = gradients.dense()
+    gap = missing_space(basis, tracked, layout, rtol=rtol)
     report.missing = gap
     report.missing_laws = gap.dimension
     report.complete = gap.dimension == 0
@@ -527,16 +528,26 @@ def _module_count(
             "they do not count toward completeness"
         )
     if gap.dimension:
-        _unread_entries(report, basis, gradients.dense(), layout, rtol)
+        span = _column_span(tracked, rtol)
+        _unread_entries(report, basis, tracked, span, layout, rtol)
         _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
         if report.polynomial_laws is not None:
-            report.polynomial_tracked = _in_tracked_span(report.polynomial_laws, result, gap, gradients.dense(), rtol)
+            report.polynomial_tracked = _in_tracked_span(report.polynomial_laws, result, gap, span)
 
 
-def _in_tracked_span(laws: Any, result: Any, gap: MissingSpace, tracked: Tensor, rtol: float) -> list[bool]:
+def _column_span(matrix: Tensor, rtol: float) -> Tensor:
+    """An orthonormal basis (D × rank) of the span of the columns of ``matrix`` (D × n): the
+    left singular vectors above ``rtol`` times the largest."""
+    if not matrix.shape[1]:
+        return matrix.new_zeros(matrix.shape[0], 0)
+    u, sv, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, sv > rtol * sv[0]] if sv.numel() and sv[0] > 0 else u[:, :0]
+
+
+def _in_tracked_span(laws: Any, result: Any, gap: MissingSpace, span: Tensor) -> list[bool]:
     """Per polynomial law found on the tensors that hold the missing laws: whether it is (a
-    function of) tracked laws, i.e. its gradient at θ lies in the span of the tracked laws'
-    gradients (``tracked``: D × laws) — the search sees every law on those tensors."""
+    function of) tracked laws, i.e. its gradient at θ lies in ``span``, the span of the tracked
+    laws' gradients (:func:`_column_span`) — the search sees every law on those tensors."""
     import sympy
 
     names = [name for name, share in gap.shares.items() if share >= _SHARE_TOUCHED]
@@ -545,11 +556,6 @@ def _in_tracked_span(laws: Any, result: Any, gap: MissingSpace, tracked: Tensor,
     theta = result.theta.to(torch.float64)
     at = {symbol: float(theta[int(c)]) for symbol, c in zip(laws.symbols, columns)}
     position = {symbol: int(c) for symbol, c in zip(laws.symbols, columns)}
-    if tracked.numel():
-        u, sv, _ = torch.linalg.svd(tracked, full_matrices=False)
-        span = u[:, sv > rtol * sv[0]] if sv.numel() and sv[0] > 0 else u[:, :0]
-    else:
-        span = torch.zeros(theta.numel(), 0, dtype=torch.float64)
     flags = []
     for law in laws:
         grad = torch.zeros(theta.numel(), dtype=torch.float64)
@@ -565,17 +571,16 @@ _DEAD = 1e-8
 """An entry θ_i is itself a law when its unit vector lies in the law space up to this."""
 
 
-def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, layout: Mapping[str, tuple[int, int]],
-                    rtol: float) -> None:
+def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, span: Tensor,
+                    layout: Mapping[str, tuple[int, int]], rtol: float) -> None:
     """Say how many missing laws are single entries with zero gradient on every input of the
     count (embedding rows those inputs never look up, such as positions beyond their length; a
     ReLU unit inactive on all of them, as in a tiny OPT at a random θ): laws of inputs like these
-    only, which the monitor does not track."""
+    only, which the monitor does not track. ``span``: of the tracked laws' gradients
+    (:func:`_column_span` of ``tracked``)."""
     dead = (1.0 - basis.square().sum(1)) <= _DEAD
     if tracked.shape[1]:  # an entry that is a tracked law already (a padding row, a key bias) is not missing
-        u, sv, _ = torch.linalg.svd(tracked.to(basis.dtype), full_matrices=False)
-        span = u[:, sv > sv[0] * rtol] if sv.numel() and sv[0] > 0 else u[:, :0]
-        dead &= (1.0 - span.square().sum(1)) > _DEAD
+        dead &= (1.0 - span.to(basis.dtype).square().sum(1)) > _DEAD
     dead = dead.nonzero().squeeze(1)
     if not dead.numel():
         return

@@ -64,7 +64,8 @@ class OpGraph:
     """The captured graph: ``ops`` in call order, ``shapes`` / ``dtypes`` of every value,
     ``params`` (value id → qualified parameter name), ``inputs`` / ``outputs`` (value ids),
     ``consts`` (kept values of small integer tensors), ``users`` (value id → ops reading it,
-    live ops only) and ``live`` (ops whose result reaches the output)."""
+    live ops only), ``live`` (ops whose result reaches the output) and ``producers`` (value id
+    → the op that wrote it; every output is a new value, so there is one)."""
 
     ops: list[Op]
     shapes: dict[int, tuple[int, ...]]
@@ -75,6 +76,12 @@ class OpGraph:
     consts: dict[int, Tensor]
     users: dict[int, list[int]] = field(default_factory=dict)
     live: set[int] = field(default_factory=set)
+    producers: dict[int, int] = field(default_factory=dict)
+
+    def producer(self, v: int) -> Op | None:
+        """The op that wrote value ``v`` (None for an input, a parameter or a constant)."""
+        index = self.producers.get(v)
+        return None if index is None else self.ops[index]
 
     def param_uses(self) -> dict[str, int]:
         """How many live ops read each parameter (a law needs exactly one)."""
@@ -226,13 +233,15 @@ def capture(model: nn.Module, example_input: Any) -> OpGraph:
 
 
 def _link(graph: OpGraph) -> None:
-    """Mark the live ops (their result reaches an output) and index the users of each value."""
+    """Mark the live ops (their result reaches an output) and index the users and the producer
+    of each value."""
     need = set(graph.outputs)
     for op in reversed(graph.ops):
         if any(v in need for v in op.outputs):
             graph.live.add(op.index)
             need.update(op.inputs)
     for op in graph.ops:
+        graph.producers.update(dict.fromkeys(op.outputs, op.index))
         if op.index in graph.live:
             for v in op.inputs:
                 graph.users.setdefault(v, []).append(op.index)

@@ -528,19 +528,19 @@ def _centering(site, norms: list[Op]):
 _PLUS = {"add", "__add__", "__radd__"}
 
 
-def _lookups(g: OpGraph, made: dict[int, Op], v: int) -> list[Op] | None:
+def _lookups(g: OpGraph, v: int) -> list[Op] | None:
     """The embedding lookups whose sum ``v`` is (through casts and additions, each value read
     once), or None when ``v`` is anything else."""
-    if len(g.users.get(v, [])) != 1 or v not in made:
+    op = g.producer(v)  # live: v has a user
+    if len(g.users.get(v, [])) != 1 or op is None:
         return None
-    op = made[v]
     if op.args and isinstance(op.args[0], Val) and len(op.outputs) == 1 and (
             _keeps_last_axis(g, op, op.args[0].vid) or _adds_axes(g, op, op.args[0].vid)):
-        return _lookups(g, made, op.args[0].vid)
+        return _lookups(g, op.args[0].vid)
     if op.name == "embedding" and isinstance(_arg(op, 1, "weight"), Val):
         return [op]
     if op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2]):
-        a, b = (_lookups(g, made, x.vid) for x in op.args[:2])
+        a, b = (_lookups(g, x.vid) for x in op.args[:2])
         return None if a is None or b is None else a + b
     return None
 
@@ -588,13 +588,12 @@ def _translatable(g: OpGraph, op: Op, uses: dict[str, int]) -> str | None:
 def embedding_translation_rule(g: OpGraph):
     """Translation laws between embedding tables that are only added together (see the module
     docstring): yields proposals and refusals."""
-    made = {v: op for op in g.ops if op.index in g.live for v in op.outputs}
     uses = g.param_uses()
     for op in g.ops:
         if not (op.index in g.live and op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
                 and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
             continue
-        sides = [_lookups(g, made, a.vid) for a in op.args[:2]]
+        sides = [_lookups(g, a.vid) for a in op.args[:2]]
         if any(side is None for side in sides):
             continue
         why = {id(e): _translatable(g, e, uses) for side in sides for e in side}

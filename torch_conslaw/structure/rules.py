@@ -266,8 +266,6 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
     def param(x: Any) -> str | None:
         return g.params.get(x.vid) if isinstance(x, Val) else None
 
-    producers = {o: op for op in g.ops for o in op.outputs}
-
     def add(op: Op, out: int, units: int, axis: int, readers: list[tuple[str, str]], mixing: bool,
             kind: Literal["unit", "channel"], bias: Any = None) -> None:
         if bias is not None and isinstance(bias, Val) and param(bias) is None:
@@ -298,12 +296,10 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
                 add(op, out, g.shapes[b.vid][1], -1, [(w, "cols")], True, "unit")
             elif param(a) is None and (wt := transposed_param(g, b)) is not None:  # h @ W.T
                 units = g.shapes[b.vid][1]
-                users = g.users.get(out, [])
                 bias, site_out = None, out  # a following ``+ b`` with a 1-D parameter of the units is its bias
-                if len(users) == 1 and g.ops[users[0]].name in ("add", "__add__", "__radd__") and len(g.ops[users[0]].args) == 2:
-                    other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
-                    if other and param(other[0]) is not None and g.shapes[other[0].vid] == (units,):
-                        bias, site_out = other[0], g.ops[users[0]].outputs[0]
+                term = _added_term(g, out)
+                if term is not None and param(term[0]) is not None and g.shapes[term[0].vid] == (units,):
+                    bias, site_out = term
                 add(op, site_out, units, -1, [(wt, "rows")], True, "unit", bias)
         elif op.name in _CONV:
             w = param(_arg(op, 1, "weight"))
@@ -329,7 +325,7 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
                 add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
         elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one)
             a, b = op.args
-            ga, gb = _vector_param(g, a, producers, g.shapes[out]), _vector_param(g, b, producers, g.shapes[out])
+            ga, gb = _vector_param(g, a, g.shapes[out]), _vector_param(g, b, g.shapes[out])
             if (ga is None) == (gb is None):
                 continue
             gamma, axis = ga if ga is not None else gb
@@ -338,29 +334,49 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
                 continue
             n = g.shapes[gamma.vid][0]
             # a following ``+ β`` with a 1-D parameter of the same size, on the same axis, is the affine bias
-            users = g.users.get(out, [])
             beta, site_out = None, out
-            if len(users) == 1 and g.ops[users[0]].name in ("add", "__add__", "__radd__") and len(g.ops[users[0]].args) == 2:
-                other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
-                found = _vector_param(g, other[0], producers, g.shapes[out]) if other else None
-                if found is not None and found[1] == axis and g.shapes[found[0].vid][0] == n:
-                    beta, site_out = found[0], g.ops[users[0]].outputs[0]
+            term = _added_term(g, out)
+            found = _vector_param(g, term[0], g.shapes[out]) if term is not None else None
+            if found is not None and found[1] == axis and g.shapes[found[0].vid][0] == n:
+                beta, site_out = found[0], term[1]
             add(op, site_out, n, axis - len(g.shapes[out]), [(param(gamma), "rows")], False, "unit", beta)
     return [s for s in sites if all(r[0] in trainable for r in s.readers)], skipped
 
 
-def _vector_param(g: OpGraph, x: Any, producers: dict[int, Op], out: tuple[int, ...]) -> tuple[Val, int] | None:
+def _added_term(g: OpGraph, out: int) -> tuple[Any, int] | None:
+    """(the other term, the sum) when the one use of ``out`` is an addition of two terms: a
+    bias added after a layer; ``None`` otherwise."""
+    users = g.users.get(out, [])
+    if len(users) != 1 or g.ops[users[0]].name not in ("add", "__add__", "__radd__") or len(g.ops[users[0]].args) != 2:
+        return None
+    other = [x for x in g.ops[users[0]].args if not (isinstance(x, Val) and x.vid == out)]
+    return (other[0], g.ops[users[0]].outputs[0]) if other else None
+
+
+def _param_behind(g: OpGraph, x: Any, ops: set[str]) -> tuple[int, list[Op]] | None:
+    """The parameter (its value id) that ``x`` is, or that it reaches back through the ops
+    ``ops`` alone, each of one output reading it as its first argument, with those ops (the
+    last first); ``None`` otherwise."""
+    if not isinstance(x, Val):
+        return None
+    chain, v = [], x.vid
+    while v not in g.params:
+        op = g.producer(v)
+        if op is None or op.name not in ops or not op.args or not isinstance(op.args[0], Val) or len(op.outputs) != 1:
+            return None
+        chain.append(op)
+        v = op.args[0].vid
+    return v, chain
+
+
+def _vector_param(g: OpGraph, x: Any, out: tuple[int, ...]) -> tuple[Val, int] | None:
     """A 1-D parameter of n entries that ``x`` is, or a view of it (``view`` / ``reshape`` /
     ``unsqueeze``) of ones but n on one axis, broadcast along the axis of ``out`` of size n:
     (the parameter, that axis of ``out``); ``None`` otherwise."""
-    if not isinstance(x, Val):
+    behind = _param_behind(g, x, {"view", "reshape", "unsqueeze"})
+    if behind is None:
         return None
-    v = x.vid
-    while v not in g.params:
-        op = producers.get(v)
-        if op is None or op.name not in ("view", "reshape", "unsqueeze") or not op.args or not isinstance(op.args[0], Val):
-            return None
-        v = op.args[0].vid
+    v = behind[0]
     shape, seen = g.shapes[v], g.shapes[x.vid]
     if len(shape) != 1 or shape[0] < 1 or len(seen) > len(out):
         return None
@@ -384,7 +400,7 @@ def transposed_param(g: OpGraph, x: Any) -> str | None:
     read by one op only: ``h @ W.T`` is then a Linear layer (Falcon's ``FalconLinear``)."""
     if not isinstance(x, Val) or len(g.users.get(x.vid, [])) != 1:
         return None
-    op = next((o for o in g.ops if x.vid in o.outputs and o.index in g.live), None)
+    op = g.producer(x.vid)  # live: its one user is
     if op is None or len(op.outputs) != 1 or not op.args or not isinstance(op.args[0], Val):
         return None
     w = op.args[0].vid
@@ -442,7 +458,6 @@ class _Propagation:
                  trainable: frozenset[str] = frozenset()) -> None:
         self.g = g
         self.trainable = trainable  # parameters that can take part in a rescaling (a gate)
-        self._producers: dict[int, Op] | None = None  # value id → the op that wrote it
         self.st = _SiteState(site, list(range(site.units)), [()] * site.units)
         self.sides = sides  # op index → {'A' | 'B': side}, shared by all propagations
         self.state: dict[int, _Carry] = {}
@@ -455,7 +470,7 @@ class _Propagation:
         view[axis] = site.units
         probe = torch.arange(site.units).view(view).expand(shape).contiguous()
         self.state[site.out] = _Carry(probe, site.mixing, 1.0, True)
-        start = g.ops.index(next(o for o in g.ops if site.out in o.outputs)) + 1
+        start = g.producers[site.out] + 1
         for op in g.ops[start:]:
             if op.index not in g.live:
                 continue
@@ -673,15 +688,10 @@ class _Propagation:
         per-channel gate ``γ.view(1, -1, 1, 1)``, LayerScale's γ, a scalar α), and at every
         element of the product the index of the γ entry that multiplies it (replayed on γ's
         indices), and γ's value id; ``None`` otherwise."""
-        if not isinstance(other, Val):
+        behind = _param_behind(self.g, other, _SHAPE)
+        if behind is None:
             return None
-        chain, v = [], other.vid
-        while v not in self.g.params:
-            op = self._producer(v)
-            if op is None or op.name not in _SHAPE or not op.args or not isinstance(op.args[0], Val) or len(op.outputs) != 1:
-                return None
-            chain.append(op)
-            v = op.args[0].vid
+        v, chain = behind
         name = self.g.params[v]
         if name not in self.trainable:
             return None
@@ -692,11 +702,6 @@ class _Propagation:
             return name, torch.broadcast_to(index, probe.shape), v
         except Exception:  # a shape op that cannot be replayed on indices: no gate
             return None
-
-    def _producer(self, v: int) -> Op | None:
-        if self._producers is None:
-            self._producers = {o: op for op in self.g.ops for o in op.outputs}
-        return self._producers.get(v)
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
