@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -1047,13 +1048,9 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
     for st in states.values():
         for op_index, probe, degree, reason in st.merges:
             events[op_index].append((st, probe, degree, reason))
-    done: set[int] = set()
-    while True:
-        pending = sorted(set(events) - done)
-        if not pending:
-            return
-        op_index = pending[0]
-        done.add(op_index)
+    pending = sorted(events)  # a heap of op indices; a merge only adds later ones
+    while pending:
+        op_index = heapq.heappop(pending)
         found = events[op_index]
         if len(found) != 2:
             continue
@@ -1075,6 +1072,8 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
         for st in (a, b):
             st.kills.update(dict.fromkeys(range(units), _MERGED))
         for later, probe, degree, reason in merged.merges:
+            if later not in events:
+                heapq.heappush(pending, later)
             events[later].append((merged, probe, degree, reason))
 
 
