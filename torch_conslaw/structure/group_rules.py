@@ -33,6 +33,11 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   column of the table constant along that axis (T5's relative position bias, one column per
   head): adding c_h to column h shifts every score of a softmax row alike, so the column sums
   Σ_v E[v, h] are linear laws.
+* **parallel biases** (:func:`parallel_bias_rule`): two layers with a bias whose outputs are
+  only added together, directly or through further additions of other terms, casts and
+  inactive dropout, each value on the way read once (the attention and MLP outputs of a
+  parallel block, x + attn(ln1(x)) + mlp(ln2(x)) in GPT-NeoX and Phi): both biases shift the
+  sum alike, so they always get the same gradient and b_1 − b_2 (one law per unit) is linear.
 * **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
@@ -73,7 +78,7 @@ from .graph import Op, OpGraph, Val
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
-           "embedding_translation_rule", "score_bias_rule"]
+           "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule"]
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
@@ -98,7 +103,7 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     params = dict(model.named_parameters(remove_duplicate=False))
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g)):
+                 embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -186,7 +191,7 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
         for which in ("A", "B"):
             for sid, side in entry.get(which, []):
                 for u in _units(side.fibers):
-                    events[sid][u].append((op_index, which, side.pure))
+                    events[sid][u].append((op_index, which, side.pure and u not in states[sid].impure))
     for sid in sorted(events):
         st = states[sid]
         site = st.site
@@ -799,3 +804,72 @@ def _scale(site, norm: Op, eps: Any, what: str):
         return NormScaleLaws(name, readers, params, producer=site.name, consumer=consumer, reason=reason)
 
     return build, names, name, site.name
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel biases
+# ---------------------------------------------------------------------------------------------
+
+
+def _shift_path(model: nn.Module, g: OpGraph, v: int) -> list[int]:
+    """The values a shift added to ``v`` reaches unchanged: ``v``, then while the value is read
+    by one op alone, through casts, copies, inactive dropout and additions of another term that
+    keep its shape (the value is not broadcast); the last one is where the path ends."""
+    path = [v]
+    while True:
+        users = g.users.get(v, [])
+        if len(users) != 1:
+            return path
+        op = g.ops[users[0]]
+        if len(op.outputs) != 1 or g.shapes[op.outputs[0]] != g.shapes[v]:
+            return path
+        first = bool(op.args) and isinstance(op.args[0], Val) and op.args[0].vid == v
+        if op.name in _PLUS:
+            mine = [a for a in op.args[:2] if isinstance(a, Val) and a.vid == v]
+            if len(op.args) < 2 or len(mine) != 1 or _arg(op, 2, "alpha", 1) != 1 or any(
+                    isinstance(x, Val) and x.vid == v for x in op.kwargs.values()):
+                return path
+        elif not ((op.name in _KEEP and first) or (op.name in _DROPOUT and first and not _dropout_active(model, op))):
+            return path
+        v = op.outputs[0]
+        path.append(v)
+
+
+def parallel_bias_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
+    """Difference laws of the biases of layers whose outputs are only added together (see the
+    module docstring): yields proposals."""
+    ends: dict[tuple, list[tuple[_SiteState, str]]] = defaultdict(list)
+    for st in states.values():
+        site = st.site
+        if len(site.readers) != 2 or site.readers[1][1] != "rows":
+            continue
+        bias = site.readers[1][0]
+        shape = g.shapes[site.out]
+        bias_vid = next((v for v, n in g.params.items() if n == bias), None)
+        if bias_vid is None or g.shapes[bias_vid] != (site.units,) or not shape:
+            continue
+        end = _shift_path(model, g, site.out)[-1]
+        ends[(end, shape, site.axis % len(shape), site.units)].append((st, bias))
+    for (end, _, _, _), found in ends.items():
+        if len(found) < 2:
+            continue
+        found.sort(key=lambda e: e[0].site.op)
+        (first, a), rest = found[0], found[1:]
+        for st, b in rest:
+            if b == a:
+                continue
+            yield _parallel(a, b, first.site.name, st.site.name, g.ops[g.producer(end).index] if g.producer(end) else None)
+
+
+def _parallel(a: str, b: str, pa: str, pb: str, meet: Op | None):
+    name = f"{pa}−{pb} bias difference"
+    where = _where(meet) if meet is not None else "the model input"
+    reason = (f"the outputs of {pa} and {pb} are only added together (up to {where}): their biases shift the sum "
+              f"alike and always get the same gradient, so {a} − {b} (one per unit) are linear laws")
+
+    def build(params):
+        from ..laws.groups import DifferenceLaws
+
+        return DifferenceLaws(name, (a, lambda t: t), (b, lambda t: t), params, producer=pa, consumer=pb, reason=reason)
+
+    return build, (a, b), name, pa
