@@ -5,13 +5,23 @@ checked on hand-written modules through the public API.
   of each head, ``cat((rotated, rest), -1)``; the coordinates it leaves as they are keep the full
   q·k matrix law among themselves (one M per head on those coordinates) and their key bias;
 * parallel blocks (GPT-NeoX, Phi): x + attn(ln1(x)) + mlp(ln2(x)): the two output biases shift the
-  sum alike, so b_attn − b_mlp is a linear law.
+  sum alike, so b_attn − b_mlp is a linear law;
+* XGLM: embeddings scaled by a number still reach only LayerNorms (row sums), and scores floored at
+  finfo.min before the softmax keep the key bias; Persimmon: the β of a LayerNorm on the keys is a
+  key bias;
+* Cohere: a LayerNorm written by hand (x − mean(x, -1)) is a centering, and its γ cast to float32
+  is still the gain of a unit;
+* casts to float32 inside a model (Hugging Face eager softmax, OLMo's LayerNorm): the count runs
+  them in float64 (the function in exact arithmetic), and the check of the laws skips the casts
+  that change nothing in the model's own precision.
 
 Every tracked law is checked independently: ⟨∇h, ∂_θ⟨u, f⟩⟩ ≈ 0 (float64, torch.func), and the
 symmetry behind each new law by hand.
 """
 
 from __future__ import annotations
+
+from copy import deepcopy
 
 import pytest
 import torch
@@ -168,16 +178,87 @@ def test_sequential_block_biases_have_no_difference_law():
     assert not torch.allclose(g["m.bias"], g["a.bias"], atol=1e-6)
 
 
+def test_downsampling_block_batch_norm_shifts_keep_their_difference():
+    """relu(bn2(conv2(·)) + bn_s(conv_s(x))) (a ResNet downsampling block): β_bn2 − β_s per channel,
+    with batch statistics (train mode) as with running ones."""
+    from graph_models import BasicBlock
+
+    torch.manual_seed(0)
+    model, x = BasicBlock(2, 3, 2).to(F64), _x(4, 2, 6, 6)
+    for train in (True, False):
+        model.train(train)
+        groups = _groups(model, x)
+        diff = groups["bn2−shortcut.1 bias difference"]
+        assert diff.kind == "linear" and diff.count == 3
+        copy = deepcopy(model)  # plain autograd (train-mode BatchNorm updates its running statistics)
+        copy(x).pow(3).sum().backward()
+        gb, gs = copy.bn2.bias.grad, copy.shortcut[1].bias.grad
+        assert torch.allclose(gb, gs, atol=1e-12) and gb.abs().max() > 1e-3
+    model.eval()
+    assert law_residuals(model, x, [diff], lambda y: y) < 1e-10
+
+
+# ------------------------------------------------------------------ XGLM, Persimmon: scaled embeddings, floored scores, normed keys
+class XglmLike(nn.Module):
+    """Scaled token embeddings (× √d) into a pre-norm stream read only by LayerNorms; attention
+    scores floored at finfo.min (``torch.max(s, torch.tensor(finfo.min))``) before the softmax;
+    ``normed_keys``: the keys pass a LayerNorm with affine (γ, β) per head first (Persimmon's
+    ``k_layernorm``), so β is added to every key alike."""
+
+    def __init__(self, d: int = 4, vocab: int = 6, normed_keys: bool = False) -> None:
+        super().__init__()
+        self.d = d
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.lnf = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.kn = nn.LayerNorm(d) if normed_keys else None
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.d**0.5
+        a = self.ln1(h)
+        k = self.k(a) if self.kn is None else self.kn(self.k(a))
+        s = self.q(a) @ k.transpose(-1, -2)
+        s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+        h = h + self.o(torch.softmax(s, -1) @ self.v(a))
+        return self.head(torch.tanh(self.lnf(h)))
+
+
+def test_scaled_embeddings_and_floored_scores_keep_centering_and_key_bias():
+    torch.manual_seed(0)
+    model, ids = XglmLike().to(F64), torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    groups = _groups(model, ids)
+    assert groups["k key bias"].count == 4
+    assert groups["emb→ln1 +1 LayerNorms centering"].count == 6  # one row sum per token
+    assert law_residuals(model, ids, list(groups.values()), lambda y: y) < 1e-10
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = grad(lambda p: functional_call(model, p, (ids,)).pow(3).sum())(params)
+    assert g["k.bias"].abs().max() < 1e-12 and g["emb.weight"].sum(1).abs().max() < 1e-12
+    assert g["emb.weight"].abs().max() > 1e-3
+
+
+def test_the_bias_of_a_layer_norm_on_the_keys_is_a_key_bias():
+    torch.manual_seed(0)
+    model, ids = XglmLike(normed_keys=True).to(F64), torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    groups = _groups(model, ids)
+    assert groups["kn key bias"].count == 4 and "k key bias" not in groups  # k's bias is centered away by kn
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = grad(lambda p: functional_call(model, p, (ids,)).pow(3).sum())(params)
+    assert g["kn.bias"].abs().max() < 1e-12 and g["kn.weight"].abs().max() > 1e-3
+    exact = [grp for grp in groups.values() if grp.kind != "approximate"]  # k→kn scale: exact at eps = 0 only
+    assert law_residuals(model, ids, exact, lambda y: y) < 1e-10
+
+
 # ------------------------------------------------------------------ float32 upcasts inside a float64 model
 class UpcastAttention(nn.Module):
     """Attention whose softmax runs in float32 and is cast back (Hugging Face eager attention:
     ``softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)``); q and k have no bias (their
     key-bias law holds only up to that rounding in the model itself)."""
 
-    def __init__(self, d: int = 8, heads: int = 2, upcast: bool = True) -> None:
+    def __init__(self, d: int = 8, heads: int = 2, upcast: bool = True, key_bias: bool = False) -> None:
         super().__init__()
         self.h, self.dh, self.upcast = heads, d // heads, upcast
-        self.q, self.k = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.q, self.k = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=key_bias)
         self.v, self.o = nn.Linear(d, d), nn.Linear(d, d)
 
     def split(self, x):
@@ -206,3 +287,105 @@ def test_the_count_runs_float32_upcasts_of_a_float64_model_in_float64():
         noted = [n for n in report.notes if "runs them in float64" in n]
         assert bool(noted) == upcast
     assert counts[True] == counts[False] == (40, 40, True)  # per head: 10 (q·k) + 10 (value → output)
+
+
+def test_a_key_bias_refused_for_the_model_s_precision_is_said_to_be_one():
+    """With a key bias and the float32 softmax in a float64 model, the key bias is a law of the
+    exact function (the count finds it) that the rule refuses for this model: the note on
+    zero-gradient entries says so instead of calling them laws of these inputs only."""
+    torch.manual_seed(0)
+    model, x = UpcastAttention(key_bias=True).to(F64), _x(2, 5, 8)
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert (report.tracked_rank, report.lie_laws, report.missing_laws) == (40, 48, 8)
+    note = next(n for n in report.notes if "single entries" in n)
+    assert "k.bias (8 entries)" in note and "a rule refused for this model" in note and "below the precision" in note
+
+
+class UpcastNorm(nn.Module):
+    """OLMo's LayerNorm: no affine, computed in float32 and cast back (``exact``: in the input's dtype)."""
+
+    exact = False
+
+    def forward(self, x):
+        work = x.dtype if self.exact else torch.float32
+        return torch.nn.functional.layer_norm(x.to(work), x.shape[-1:], None, None, 1e-5).to(x.dtype)
+
+
+class UpcastPreNorm(nn.Module):
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp, self.f, self.head = nn.Linear(3, d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.n1, self.n2 = UpcastNorm(), UpcastNorm()
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f(torch.tanh(self.n1(h)))
+        return self.head(self.n2(h))
+
+
+def test_casts_that_are_no_ops_in_the_model_do_not_round_the_check_of_its_laws():
+    """A float32 model whose LayerNorm casts to float32 (a no-op there, OLMo): the float64 check
+    used to round at that cast and refuse the centering laws (|cos| ≈ 4e-8); it now keeps float64
+    there. In a float64 model the same cast really rounds, and the laws stay refused."""
+    torch.manual_seed(0)
+    model, x = UpcastPreNorm(), torch.randn(5, 4, 3)
+    groups = _groups(model, x)
+    assert sorted((n, g.count) for n, g in groups.items()) == [("f→n2 centering", 7), ("inp→n1 +1 LayerNorms centering", 4)]
+    exact = UpcastPreNorm().to(F64)  # the same function in float64, without the casts: an independent check
+    exact.load_state_dict(model.state_dict())
+    for norm in (exact.n1, exact.n2):
+        norm.exact = True
+    assert law_residuals(exact, x.to(F64), list(groups.values()), lambda y: y) < 1e-10
+    monitor = ConservationMonitor(model.to(F64), x.to(F64), every=1, recording="sync")
+    assert not monitor.groups
+    assert sum("centering fails the numerical check" in str(s) for s in monitor.skipped) == 2
+
+
+
+class HandLayerNorm(nn.Module):
+    """CohereLayerNorm: no bias, the statistics written by hand in float32, γ cast too
+    (``exact``: in the input's dtype, for an independent float64 check)."""
+
+    exact = False
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        work = x.dtype if self.exact else torch.float32
+        h = x.to(work)
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + 1e-5)
+        return (self.weight.to(work) * h).to(x.dtype)
+
+
+class HandNormBlock(nn.Module):
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp, self.f, self.head = nn.Linear(3, d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.n1, self.n2 = HandLayerNorm(d), HandLayerNorm(d)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.f(self.n1(h))
+        return self.head(torch.tanh(self.n2(h)))
+
+
+def test_a_hand_written_layer_norm_centers_and_its_cast_gain_rescales():
+    """Cohere's LayerNorm (x − mean(x)) · rsqrt(var + eps), γ.to(float32) ⊙ ·: the layers writing
+    into the stream it reads keep their column sums, and γ_c ↔ the columns of the next layer."""
+    torch.manual_seed(0)
+    model, x = HandNormBlock(), torch.randn(5, 4, 3)
+    groups = _groups(model, x)
+    assert sorted((n, g.count) for n, g in groups.items()) == [
+        ("f→n2 centering", 7), ("inp→n1 +1 LayerNorms centering", 4), ("n1→f", 6)]
+    exact = HandNormBlock().to(F64)
+    exact.load_state_dict(model.state_dict())
+    for norm in (exact.n1, exact.n2):
+        norm.exact = True
+    assert law_residuals(exact, x.to(F64), list(groups.values()), lambda y: y) < 1e-10
+    params = {n: p.detach() for n, p in exact.named_parameters()}
+    g = grad(lambda p: functional_call(exact, p, (x.to(F64),)).pow(3).sum())(params)
+    assert g["inp.weight"].sum(0).abs().max() < 1e-12 and g["f.bias"].sum().abs() < 1e-12

@@ -64,6 +64,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,6 +163,9 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
         if name in _RESHAPE | _SWAP | {"permute"} and _keeps_last_axis(g, nxt, v):  # rows of scores kept whole
             v = nxt.outputs[0]
             continue
+        if name in ("max", "maximum", "clamp", "clamp_min") and _mask_floor(g, nxt, v):
+            v = nxt.outputs[0]  # max(s, finfo.min) (XGLM): changes only scores already masked away
+            continue
         if name in _KEEP or name in _ADD or name in ("where", "masked_fill"):
             if name in _ADD and len(others) == len(nxt.args):  # v reaches it only as a keyword
                 return f"{_where(nxt)} uses the scores in an unexpected way"
@@ -180,6 +184,23 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
         return f"{_where(nxt)} acts on the scores before the softmax over the keys"
 
 
+def _mask_floor(g: OpGraph, op: Op, v: int) -> bool:
+    """``max(s, c)`` / ``clamp(s, min=c)`` of the scores ``v`` with c a constant at or below
+    -1e30 (``torch.finfo(dtype).min``): it changes only scores that the mask has already sent
+    there, whose softmax weight is 0, so a shift of a query's scores stays a shift."""
+    if len(op.outputs) != 1 or not op.args or op.args[0] != Val(v) or g.shapes[op.outputs[0]] != g.shapes[v]:
+        return False
+    if op.name in ("clamp", "clamp_min"):
+        c = _arg(op, 1, "min")
+        if op.name == "clamp" and _arg(op, 2, "max") is not None:
+            return False
+    else:
+        c = _arg(op, 1, "other")
+    if isinstance(c, Val):
+        c = g.scalars.get(c.vid)
+    return isinstance(c, (int, float)) and c <= -1e30
+
+
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
@@ -195,8 +216,9 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
     for sid in sorted(events):
         st = states[sid]
         site = st.site
-        if not (_linear_site(st, g) and len(site.readers) == 2):
-            continue  # no bias: nothing to propose
+        last = len(g.shapes[site.out]) - 1
+        if not (site.kind == "unit" and site.axis % (last + 1) == last and len(site.readers) == 2):
+            continue  # no bias (a LayerNorm's β counts: it is added to every key alike): nothing to propose
         bias = site.readers[1][0]
         used = {u for use in st.uses for u in _units(use.fiber)}
         good: list[int] = []
@@ -278,6 +300,44 @@ def _dropout_active(model: nn.Module, op: Op) -> bool:
     return training and not (isinstance(p, (int, float)) and p == 0)
 
 
+def _scalar_factor(g: OpGraph, op: Op, v: int) -> bool:
+    """``v * s``, ``s * v`` or ``v / s`` with s a number or a one-valued tensor that is no parameter
+    (an embedding scale): a shift c·1 of ``v`` stays a shift, (s·c)·1."""
+    if op.name not in _MUL | _DIV or len(op.args) != 2 or len(op.outputs) != 1 or op.kwargs:
+        return False
+    mine = [i for i, a in enumerate(op.args) if isinstance(a, Val) and a.vid == v]
+    if len(mine) != 1 or (op.name in _DIV and mine[0] != 0):
+        return False
+    other = op.args[1 - mine[0]]
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return True
+    return (isinstance(other, Val) and other.vid not in g.params and math.prod(g.shapes[other.vid]) == 1
+            and g.shapes[op.outputs[0]] == g.shapes[v])
+
+
+def _hand_centered(g: OpGraph, v: int, units: int) -> tuple[Op, set[int]] | None:
+    """``(mean op, the ops it and v − mean are)`` when ``v`` is read by ``mean(v, -1, keepdim=True)``
+    whose every use is ``v − mean`` (a hand-written LayerNorm, CohereLayerNorm: (x − μ) ·
+    rsqrt(mean((x − μ)²) + eps)): those ops remove a shift c·1 of ``v`` exactly; None otherwise."""
+    if not g.shapes[v] or g.shapes[v][-1] != units or units < 2:
+        return None
+    last = len(g.shapes[v]) - 1
+    for u in g.users.get(v, []):
+        mean = g.ops[u]
+        if mean.name != "mean" or not mean.args or mean.args[0] != Val(v) or len(mean.outputs) != 1:
+            continue
+        dim = _arg(mean, 1, "dim")
+        dims = [dim] if isinstance(dim, int) else list(dim or [])
+        if [d % (last + 1) for d in dims] != [last] or not _arg(mean, 2, "keepdim", False):
+            continue
+        m = mean.outputs[0]
+        subs = [g.ops[w] for w in g.users.get(m, [])]
+        if subs and all(op.name in ("sub", "__sub__") and tuple(op.args[:2]) == (Val(v), Val(m)) and not op.kwargs
+                        for op in subs):
+            return mean, {mean.index} | {op.index for op in subs}
+    return None
+
+
 def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -> list[Op] | Skipped | None:
     """The ``F.layer_norm`` ops over the last axis (``units`` wide) that ``v`` reaches, when
     every path from ``v`` ends in one of them, through casts, views keeping the last axis,
@@ -297,13 +357,21 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
         seen.add(v)
         if v in g.outputs:
             output = v
+        centered = _hand_centered(g, v, units)  # v − mean(v, -1): a hand-written LayerNorm (Cohere)
+        if centered is not None:
+            norms[centered[0].index] = centered[0]
         for u in g.users.get(v, []):
             op = g.ops[u]
+            if centered is not None and op.index in centered[1]:
+                continue
             if _keeps_last_axis(g, op, v):
                 stack.append(op.outputs[0])
                 continue
             if (op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and _adds_axes(g, op, v)) or _cat_rows(g, op, v):
                 stack.append(op.outputs[0])  # the same rows, broadcast or stacked with others: c·1 stays c·1
+                continue
+            if _scalar_factor(g, op, v):  # (s·c)·1 is still removed (XGLM scales its embeddings)
+                stack.append(op.outputs[0])
                 continue
             if op.name in _DROPOUT and op.args and op.args[0] == Val(v) and len(op.outputs) == 1:
                 if _dropout_active(model, op):

@@ -377,7 +377,7 @@ def _vector_param(g: OpGraph, x: Any, out: tuple[int, ...]) -> tuple[Val, int] |
     """A 1-D parameter of n entries that ``x`` is, or a view of it (``view`` / ``reshape`` /
     ``unsqueeze``) of ones but n on one axis, broadcast along the axis of ``out`` of size n:
     (the parameter, that axis of ``out``); ``None`` otherwise."""
-    behind = _param_behind(g, x, {"view", "reshape", "unsqueeze"})
+    behind = _param_behind(g, x, {"view", "reshape", "unsqueeze"} | _CAST)  # γ.to(float32) (Cohere's norm)
     if behind is None:
         return None
     v = behind[0]
