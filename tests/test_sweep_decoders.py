@@ -11,6 +11,7 @@ checked on hand-written modules through the public API.
   key bias;
 * Cohere: a LayerNorm written by hand (x − mean(x, -1)) is a centering, and its γ cast to float32
   is still the gain of a unit;
+* OLMo: the linear layers that read a LayerNorm without affine parameters keep their row sums;
 * casts to float32 inside a model (Hugging Face eager softmax, OLMo's LayerNorm): the count runs
   them in float64 (the function in exact arithmetic), and the check of the laws skips the casts
   that change nothing in the model's own precision.
@@ -330,7 +331,8 @@ def test_casts_that_are_no_ops_in_the_model_do_not_round_the_check_of_its_laws()
     torch.manual_seed(0)
     model, x = UpcastPreNorm(), torch.randn(5, 4, 3)
     groups = _groups(model, x)
-    assert sorted((n, g.count) for n, g in groups.items()) == [("f→n2 centering", 7), ("inp→n1 +1 LayerNorms centering", 4)]
+    assert sorted((n, g.count) for n, g in groups.items()) == [
+        ("f→n2 centering", 7), ("inp→n1 +1 LayerNorms centering", 4), ("n2→head centered input", 2)]
     exact = UpcastPreNorm().to(F64)  # the same function in float64, without the casts: an independent check
     exact.load_state_dict(model.state_dict())
     for norm in (exact.n1, exact.n2):
@@ -389,3 +391,29 @@ def test_a_hand_written_layer_norm_centers_and_its_cast_gain_rescales():
     params = {n: p.detach() for n, p in exact.named_parameters()}
     g = grad(lambda p: functional_call(exact, p, (x.to(F64),)).pow(3).sum())(params)
     assert g["inp.weight"].sum(0).abs().max() < 1e-12 and g["f.bias"].sum().abs() < 1e-12
+
+
+
+class PlainNormConsumers(nn.Module):
+    """OLMo: a LayerNorm without affine parameters read by two linear layers (and by the residual
+    path through a third): each consumer's row sums are laws (its inputs sum to zero)."""
+
+    def __init__(self, d: int = 5) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.head = nn.Linear(3, d), nn.Linear(d, 4), nn.Linear(d, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        n = torch.nn.functional.layer_norm(self.inp(x), (5,))
+        return self.head(torch.tanh(self.a(n)) * self.b(n)) + n[..., :2]
+
+
+def test_linear_layers_reading_a_plain_layer_norm_keep_their_row_sums():
+    torch.manual_seed(0)
+    model, x = PlainNormConsumers().to(F64), _x(6, 3)
+    groups = _groups(model, x)
+    assert groups["layer_norm→a centered input"].count == 4 and groups["layer_norm→b centered input"].count == 4
+    assert law_residuals(model, x, [g for g in groups.values() if g.kind != "approximate"], lambda y: y) < 1e-10
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = grad(lambda p: functional_call(model, p, (x,)).pow(3).sum())(params)
+    assert g["a.weight"].sum(1).abs().max() < 1e-12 and g["b.weight"].sum(1).abs().max() < 1e-12
+    assert g["head.weight"].sum(1).abs().max() > 1e-3  # head reads no centered input: no such law

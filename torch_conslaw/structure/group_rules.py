@@ -38,6 +38,9 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   inactive dropout, each value on the way read once (the attention and MLP outputs of a
   parallel block, x + attn(ln1(x)) + mlp(ln2(x)) in GPT-NeoX and Phi): both biases shift the
   sum alike, so they always get the same gradient and b_1 − b_2 (one law per unit) is linear.
+* **centered inputs** (:func:`centered_input_rule`): a ``Linear`` reading the output of a
+  LayerNorm without affine parameters (OLMo's non-parametric LayerNorm), whose features sum to
+  zero at every position: W → W + a·1ᵀ changes nothing, so each row sum Σ_j W[i, j] is linear.
 * **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
@@ -79,7 +82,8 @@ from .graph import Op, OpGraph, Val
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
-           "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule"]
+           "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule",
+           "centered_input_rule"]
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
@@ -104,7 +108,8 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     params = dict(model.named_parameters(remove_duplicate=False))
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states)):
+                 embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states),
+                 centered_input_rule(g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -941,3 +946,49 @@ def _parallel(a: str, b: str, pa: str, pb: str, meet: Op | None):
         return DifferenceLaws(name, (a, lambda t: t), (b, lambda t: t), params, producer=pa, consumer=pb, reason=reason)
 
     return build, (a, b), name, pa
+
+
+# ---------------------------------------------------------------------------------------------
+# centered inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def centered_input_rule(g: OpGraph):
+    """Row-sum laws of the linear layers that read a LayerNorm's output without affine parameters
+    (see the module docstring): yields proposals."""
+    for op in g.ops:
+        if op.name != "layer_norm" or op.index not in g.live or len(op.outputs) != 1:
+            continue
+        shape = _arg(op, 1, "normalized_shape")
+        if shape is None or len(tuple(shape)) != 1 or _arg(op, 2, "weight") is not None or _arg(op, 3, "bias") is not None:
+            continue
+        stack, seen = [op.outputs[0]], set()
+        while stack:  # the normalized values, through casts and views that keep the features last
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            for u in g.users.get(v, []):
+                user = g.ops[u]
+                if _keeps_last_axis(g, user, v):
+                    stack.append(user.outputs[0])
+                    continue
+                w = _arg(user, 1, "weight")
+                if (user.name == "linear" and user.args and user.args[0] == Val(v) and isinstance(w, Val)
+                        and w.vid in g.params and len(g.shapes[w.vid]) == 2 and w != Val(v)):
+                    yield _centered_input(g.params[w.vid], op, user)
+
+
+def _centered_input(weight: str, norm: Op, user: Op):
+    name = f"{norm.module or 'layer_norm'}→{_module(weight)} centered input"
+    reason = (f"{_where(norm)} normalizes without affine parameters, so the features {_module(weight)} reads sum "
+              f"to zero at every position: W → W + a·1ᵀ changes nothing, and the row sums Σ_j {weight}[i, j] "
+              "are linear laws")
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        return LinearLaws(name, ((weight, lambda w: w.sum(1)),), params, producer=norm.module or "",
+                          consumer=_module(weight), reason=reason)
+
+    return build, (weight,), name, _module(weight)
