@@ -301,7 +301,8 @@ def _without_casts(func: Any, args: tuple, kwargs: dict, skip: Callable[[Any], b
         out = func(*args, **kwargs)
         if isinstance(out, Tensor) and skip(out.dtype):
             kept.add(getattr(func, "__name__", str(func)))
-            return True, (src if out.device == src.device else src.to(out.device)), args, kwargs
+            # a new tensor, as the cast gives (the model may write into it in place)
+            return True, (src.clone() if out.device == src.device else src.to(out.device)), args, kwargs
         return True, out, args, kwargs
     pos = _DTYPE_ARG.get(func)
     if pos is not None:
