@@ -6,9 +6,18 @@ D ≈ 700–1000 and the count runs in seconds to minutes), float64, eval mode, 
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. python experiments/hf_sweep.py gpt2 [eager|sdpa]
 
-prints the analysis (theta="random", max_lie_parameters=D+1, max_seconds=240), the monitor's
-groups and warnings, and a ``RESULT {json}`` line (D, tracked rank, count, complete, missing,
-shares, times). Names: see ``BUILDERS``.
+prints the analysis (theta="random", max_lie_parameters=D+1, max_seconds=240 or
+$SWEEP_MAX_SECONDS), the monitor's groups and warnings, and a ``RESULT {json}`` line (D, tracked
+rank, count, complete, missing, shares, times). Names: see ``BUILDERS`` (the decoders after
+``whisperenc`` were added by the decoder sweep, results/hf_sweep_decoders.md; the MoE ones run
+their experts' eager loop, as torch._grouped_mm has no float64 kernel, and XGLM is built with
+float64 as the default dtype, as its eager mask needs). ``experiments/hf_sweep_table.py`` turns
+a folder of logs into a table.
+
+    PYTHONPATH=. python experiments/hf_sweep.py --monitor [--float32] NAME ...
+
+builds only the monitor (laws found and verified, no count) for each model in one process and
+prints ``MONITOR {json}`` (laws per model).
 """
 import json, os, sys, time, traceback, warnings
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +25,7 @@ import torch, transformers as tf
 F64 = torch.float64
 H, I, V, P = 8, 16, 16, 16
 def ids(): return {"input_ids": torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))}
+def ROPE(f): return {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": f}
 def pix(c=3, s=16): return {"pixel_values": torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(0), dtype=F64)}
 BUILDERS = {
  "gpt2": lambda: (tf.GPT2Config(n_embd=H, n_layer=1, n_head=2, vocab_size=V, n_positions=P, n_inner=I), ids()),
@@ -39,6 +49,26 @@ BUILDERS = {
  "vit": lambda: (tf.ViTConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
  "clipvision": lambda: (tf.CLIPVisionConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, projection_dim=H), pix(1, 8)),
  "whisperenc": lambda: (tf.WhisperConfig(d_model=H, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=I, num_mel_bins=4, max_source_positions=4, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=I, vocab_size=V, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0, max_target_positions=P), {"input_features": torch.randn(2, 4, 8, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ # decoders added by the decoder sweep (results/hf_sweep_decoders.md)
+ "gpt_neox": lambda: (tf.GPTNeoXConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, vocab_size=V, max_position_embeddings=P, rope_parameters=ROPE(0.5)), ids()),
+ "gpt_bigcode": lambda: (tf.GPTBigCodeConfig(n_embd=H, n_layer=1, n_head=2, n_inner=I, vocab_size=V, n_positions=P, multi_query=True), ids()),
+ "codegen": lambda: (tf.CodeGenConfig(n_embd=H, n_layer=1, n_head=2, rotary_dim=2, n_inner=I, vocab_size=V, n_positions=P, n_ctx=P), ids()),
+ "mpt": lambda: (tf.MptConfig(d_model=H, n_heads=2, n_layers=1, expansion_ratio=2, max_seq_len=P, vocab_size=V), ids()),
+ "stablelm": lambda: (tf.StableLmConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, rope_parameters=ROPE(0.5)), ids()),
+ "olmo": lambda: (tf.OlmoConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "olmo2": lambda: (tf.Olmo2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "cohere": lambda: (tf.CohereConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "phi3": lambda: (tf.Phi3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, original_max_position_embeddings=P, pad_token_id=0), ids()),
+ "gemma2": lambda: (tf.Gemma2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=4, vocab_size=V, max_position_embeddings=P), ids()),
+ "qwen3": lambda: (tf.Qwen3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P), ids()),
+ "starcoder2": lambda: (tf.Starcoder2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=V, max_position_embeddings=P), ids()),
+ "mixtral": lambda: (tf.MixtralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, vocab_size=V, max_position_embeddings=P, head_dim=4), ids()),
+ "qwen2_moe": lambda: (tf.Qwen2MoeConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8, shared_expert_intermediate_size=8, vocab_size=V, max_position_embeddings=P), ids()),
+ "granite": lambda: (tf.GraniteConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25), ids()),
+ "persimmon": lambda: (tf.PersimmonConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, rope_parameters=ROPE(0.5)), ids()),
+ "xglm": lambda: (tf.XGLMConfig(d_model=H, ffn_dim=I, num_layers=1, attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "biogpt": lambda: (tf.BioGptConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "mamba": lambda: (tf.MambaConfig(hidden_size=H, state_size=4, num_hidden_layers=1, vocab_size=V, expand=2, conv_kernel=2, use_mambapy=False), ids()),
 }
 def build(name, impl="eager"):
     cfg, x = BUILDERS[name]()
@@ -47,6 +77,10 @@ def build(name, impl="eager"):
             try: setattr(cfg, a, 0.0)
             except Exception: pass
     cfg._attn_implementation = impl
+    if name in ("mixtral", "qwen2_moe"):  # torch._grouped_mm has no float64 kernel: the experts' loop
+        cfg._experts_implementation = "eager"
+    if name == "xglm":  # XGLM's eager mask fills torch.full((), finfo(float64).min) in the default dtype (overflows in float32)
+        torch.set_default_dtype(F64)
     if name == "t5enc": m = tf.T5EncoderModel(cfg)
     elif name == "clipvision": m = tf.CLIPVisionModel(cfg)
     elif name == "whisperenc": m = tf.WhisperModel(cfg).get_encoder()
@@ -55,9 +89,25 @@ def build(name, impl="eager"):
     return m, x
 
 
+def monitor_only(names: list[str], float32: bool) -> None:
+    import torch_conslaw as tc
+
+    out = {}
+    for name in sorted(names, key=lambda n: n == "xglm"):  # XGLM changes the default dtype: last
+        m, x = build(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[name] = sum(g.count for g in tc.ConservationMonitor(m.float() if float32 else m, x).groups)
+        print(name, out[name], flush=True)
+    print("MONITOR", json.dumps(out))
+
+
 def main() -> None:
     import torch_conslaw as tc
 
+    if sys.argv[1] == "--monitor":
+        float32 = sys.argv[2] == "--float32"
+        return monitor_only(sys.argv[3:] if float32 else sys.argv[2:], float32)
     name = sys.argv[1]; impl = sys.argv[2] if len(sys.argv) > 2 else "eager"
     m, x = build(name, impl)
     D = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -66,7 +116,7 @@ def main() -> None:
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            r = tc.analyze(m, x, theta="random", max_lie_parameters=D + 1, max_seconds=240)
+            r = tc.analyze(m, x, theta="random", max_lie_parameters=D + 1, max_seconds=float(os.environ.get("SWEEP_MAX_SECONDS", 240)))
         print(r)
         for ww in {str(ww.message)[:300] for ww in w}: print("WARN analyze:", ww)
         res.update(tracked=r.tracked_rank, lie=r.lie_laws, complete=r.complete, missing=r.missing_laws)

@@ -218,7 +218,10 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
     if kind == "llama":
         return 0  # no biases, RMS norms (no mean subtracted), no padding_idx
     if isinstance(model, ResNet18):
-        return 0  # convolutions without bias
+        # convolutions without bias; a downsampling block adds bn2(·) and its shortcut BatchNorm
+        # and only then applies ReLU: the two β shift the sum alike (parallel biases), β_bn2 − β_shortcut
+        # per channel (batch or running statistics alike)
+        return sum(b.bn2.num_features for b in model.layers if len(b.shortcut))
     # VGG-11-BN: the bias of every conv right before its BatchNorm (batch statistics: train mode)
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) if train else 0
 

@@ -160,8 +160,10 @@ def test_resnet18_gets_its_tracked_rank_and_says_why_it_was_not_counted():
     report = tc.analyze(ResNet18(), torch.randn(2, 3, 32, 32))
     assert report.num_parameters == 11_173_962
     # one law per BN1 channel of each block (1920), and one per channel of each stage's residual
-    # stream (64 + 128 + 256 + 512): written by the stem / shortcut BatchNorm and every bn2
-    assert report.tracked_laws == report.tracked_rank == 1920 + 960
+    # stream (64 + 128 + 256 + 512): written by the stem / shortcut BatchNorm and every bn2; and
+    # β_bn2 − β_shortcut per channel of the three downsampling blocks (128 + 256 + 512: their outputs
+    # are only added before the ReLU, tests/test_sweep_decoders.py)
+    assert report.tracked_laws == report.tracked_rank == 1920 + 960 + 896
     assert report.lie_laws is None and report.complete is None
     assert "max_lie_parameters=20000" in report.lie_note
 

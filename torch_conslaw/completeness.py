@@ -590,17 +590,23 @@ def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, span: Tens
     explained = report.missing_laws - left
     if explained <= 0:
         return
-    where = []
+    where, refused = [], []
     for name, (offset, numel) in layout.items():
         hit = dead[(dead >= offset) & (dead < offset + numel)] - offset
         if not hit.numel():
             continue
         where.append(f"{name} ({hit.numel()} entries{_rows_said(hit, name, report)})")
+        module = name.rsplit(".", 1)[0]
+        refused += [str(s.reason) for s in report.skipped  # a key bias refused for the precision of the model
+                    if module in str(s.reason) and "key" in str(s.reason)
+                    and ("below the precision" in str(s.reason) or "numerical check" in str(s.reason))]
     report.notes.append(
         f"{explained} of the {report.missing_laws} missing laws are single entries whose gradient is zero on every "
         f"input of the count: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}. They hold for inputs like "
         "example_input and this θ only (embedding rows these inputs never look up, such as positions beyond their "
         "length; a ReLU unit inactive on every input), so the monitor does not track them"
+        + (f", or they are laws of the function in exact arithmetic that a rule refused for this model: {refused[0]}"
+           if refused else "")
         + ("" if explained == report.missing_laws else f"; {report.missing_laws - explained} other(s) remain")
     )
 

@@ -109,6 +109,12 @@ class Verification:
         )
 
 
+def _precision(model: nn.Module) -> torch.dtype | None:
+    """The most precise floating dtype of the model's parameters (None: it has none)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return min(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else None
+
+
 def verify_groups(
     model: nn.Module,
     example_input: Any,
@@ -616,7 +622,9 @@ def _cotangent_gradients(
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             # plain reverse mode (torch.autograd.backward) rather than torch.func.vjp: BatchNorm's
             # in-place running-statistics update on the buffer copies is fine here
-            with Float64Ops():  # fused kernels without a float64 version (grouped_mm of MoE experts)
+            # fused kernels without a float64 version (grouped_mm of MoE experts); casts that are no-ops in the
+            # model's own precision (x.float() in a float32 model) stay float64 instead of rounding the check
+            with Float64Ops(floor=_precision(model)):
                 outs = f(params)
             if not outs:
                 raise ValueError(f"verify: {type(model).__name__} returned no floating tensor on the example input")

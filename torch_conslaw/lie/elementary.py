@@ -210,7 +210,10 @@ if hasattr(F, "grouped_mm"):
 
 class Float64Ops(TorchFunctionMode):
     """Run the fused ops that have no float64 kernel (``torch._grouped_mm`` of mixture-of-experts
-    layers) as elementary ops, so a model can run in float64; every other op is untouched.
+    layers) as elementary ops, so a model can run in float64; every other op is untouched, but
+    for casts to a float dtype at least as precise as ``floor`` (the precision of the model's own
+    parameters): they change nothing in the model (``x.float()`` in a float32 model), so a float64
+    copy of it keeps float64 there instead of rounding to float32 (``kept`` names them).
 
     Example:
         >>> a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
@@ -220,9 +223,18 @@ class Float64Ops(TorchFunctionMode):
         True
     """
 
+    def __init__(self, floor: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.kept: set[str] = set()
+        eps = torch.finfo(floor).eps if floor is not None and floor.is_floating_point else None
+        self._skip = lambda d: eps is not None and d in _LOW_FLOATS and torch.finfo(d).eps <= eps
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        done, value, args, kwargs = _without_casts(func, args, kwargs or {}, self._skip, self.kept)
+        if done:
+            return value
         replacement = _FLOAT64_FALLBACKS.get(func)
-        return (replacement or func)(*args, **(kwargs or {}))
+        return (replacement or func)(*args, **kwargs)
 
 
 def _identity_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -271,12 +283,56 @@ for _name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
         _REROUTES[getattr(torch, _name)] = _identity_dropout
 
 
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_CASTS = {Tensor.to, Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.type, Tensor.type_as}
+_DTYPE_ARG = {F.softmax: 3, F.log_softmax: 3, torch.softmax: 2, torch.log_softmax: 2, Tensor.softmax: 2,
+              Tensor.log_softmax: 2}  # position of ``dtype`` (F.softmax(input, dim, _stacklevel, dtype))
+
+
+def _without_casts(func: Any, args: tuple, kwargs: dict, skip: Callable[[Any], bool],
+                   kept: set[str]) -> tuple[bool, Any, tuple, dict]:
+    """A cast of a float64 tensor to a dtype ``skip`` accepts left out: (done, its value) for a
+    cast (``x.float()``, ``x.to(torch.float32)``, ``x.type_as(y)``), or the arguments without
+    that ``dtype`` for a softmax (``softmax(x, -1, dtype=torch.float32)``)."""
+    src = args[0] if args else kwargs.get("input")
+    if not (isinstance(src, Tensor) and src.dtype == torch.float64):
+        return False, None, args, kwargs
+    if func in _CASTS:
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and skip(out.dtype):
+            kept.add(getattr(func, "__name__", str(func)))
+            # a new tensor, as the cast gives (the model may write into it in place)
+            return True, (src.clone() if out.device == src.device else src.to(out.device)), args, kwargs
+        return True, out, args, kwargs
+    pos = _DTYPE_ARG.get(func)
+    if pos is not None:
+        if skip(kwargs.get("dtype")):
+            kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+            kept.add(getattr(func, "__name__", str(func)))
+        elif len(args) > pos and skip(args[pos]):
+            args = args[:pos] + (None,) + args[pos + 1:]
+            kept.add(getattr(func, "__name__", str(func)))
+    return False, None, args, kwargs
+
+
 class ElementaryOps(TorchFunctionMode):
-    """Reroute fused normalizations, attention and dropout to elementary ops (see module doc)."""
+    """Reroute fused normalizations, attention and dropout to elementary ops (see module doc).
+
+    Casts of a float64 tensor to a lower float precision (``x.float()``, ``x.to(torch.float32)``,
+    ``softmax(x, dtype=torch.float32)``, as Hugging Face eager attention and norms do) are kept
+    in float64: the count is of the function in exact arithmetic, and float32 rounding inside
+    it would look like extra fields. ``kept`` names the ops whose cast was skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: set[str] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        done, value, args, kwargs = _without_casts(func, args, kwargs or {}, _LOW_FLOATS.__contains__, self.kept)
+        if done:
+            return value
         replacement = _REROUTES.get(func)
-        return (replacement or func)(*args, **(kwargs or {}))
+        return (replacement or func)(*args, **kwargs)
 
 
 _RELU_LIKE = {F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.leaky_relu_}

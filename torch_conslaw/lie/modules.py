@@ -509,9 +509,11 @@ def _probe(work: nn.Module, batch: _Batch) -> tuple[Tensor, ActivationRecorder, 
             "the model's outputs on `inputs` are not finite (nan/inf) at this θ; pass finite inputs of "
             "a sensible scale, or theta='random' for a well-conditioned point"
         )
-    with torch.no_grad(), ElementaryOps():
+    ops = ElementaryOps()
+    with torch.no_grad(), ops:
         elementary = _flat(work(*batch.args, **batch.kwargs))
     diff = float((elementary - native_flat).norm() / native_flat.norm().clamp_min(1e-300))
+    recorder.kept_casts = sorted(ops.kept)  # casts below float64 the count runs in float64
     return native_flat, recorder, diff
 
 
@@ -770,7 +772,14 @@ def count_laws(
             "units on these inputs add data-dependent laws (see constant_units); use more varied inputs or theta='random' "
             "for the count of generic inputs"
         )
-    if elementary_diff > 1e-8:
+    kept = getattr(recorder, "kept_casts", [])
+    if kept:
+        notes.append(
+            f"the forward casts float64 values to a lower precision ({', '.join(kept)}, e.g. a softmax or a norm "
+            "upcast to float32, as Hugging Face eager attention does): the count runs them in float64, the function "
+            f"in exact arithmetic (relative difference to the native forward {elementary_diff:.1e})"
+        )
+    elif elementary_diff > 1e-8:
         notes.append(
             f"the forward through elementary ops differs from the native forward by {elementary_diff:.1e} (relative): "
             "a rerouted op (normalization/attention/dropout) does not match the model's"

@@ -77,6 +77,7 @@ class OpGraph:
     users: dict[int, list[int]] = field(default_factory=dict)
     live: set[int] = field(default_factory=set)
     producers: dict[int, int] = field(default_factory=dict)
+    scalars: dict[int, float] = field(default_factory=dict)  # values of one-element floating tensors (not parameters)
 
     def producer(self, v: int) -> Op | None:
         """The op that wrote value ``v`` (None for an input, a parameter or a constant)."""
@@ -127,6 +128,8 @@ class _Capture(TorchFunctionMode):
         self.g.dtypes[vid] = t.dtype
         if not t.is_floating_point() and not t.is_complex() and t.numel() <= _KEEP_VALUES_MAX:
             self.g.consts[vid] = t.detach().clone()
+        elif t.is_floating_point() and t.numel() == 1 and not isinstance(t, nn.Parameter):
+            self.g.scalars[vid] = float(t.detach().reshape(()))
         self.vid_of[id(t)] = vid
         self.keep.append(t)
         return vid

@@ -33,6 +33,14 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   column of the table constant along that axis (T5's relative position bias, one column per
   head): adding c_h to column h shifts every score of a softmax row alike, so the column sums
   Σ_v E[v, h] are linear laws.
+* **parallel biases** (:func:`parallel_bias_rule`): two layers with a bias whose outputs are
+  only added together, directly or through further additions of other terms, casts and
+  inactive dropout, each value on the way read once (the attention and MLP outputs of a
+  parallel block, x + attn(ln1(x)) + mlp(ln2(x)) in GPT-NeoX and Phi): both biases shift the
+  sum alike, so they always get the same gradient and b_1 − b_2 (one law per unit) is linear.
+* **centered inputs** (:func:`centered_input_rule`): a ``Linear`` reading the output of a
+  LayerNorm without affine parameters (OLMo's non-parametric LayerNorm), whose features sum to
+  zero at every position: W → W + a·1ᵀ changes nothing, so each row sum Σ_j W[i, j] is linear.
 * **scale before a normalization** (:func:`norm_scale_rule`): a linear layer whose output
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
@@ -59,6 +67,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +82,8 @@ from .graph import Op, OpGraph, Val
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
-           "embedding_translation_rule", "score_bias_rule"]
+           "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule",
+           "centered_input_rule"]
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
@@ -98,7 +108,8 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     params = dict(model.named_parameters(remove_duplicate=False))
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g)):
+                 embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states),
+                 centered_input_rule(g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -157,6 +168,9 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
         if name in _RESHAPE | _SWAP | {"permute"} and _keeps_last_axis(g, nxt, v):  # rows of scores kept whole
             v = nxt.outputs[0]
             continue
+        if name in ("max", "maximum", "clamp", "clamp_min") and _mask_floor(g, nxt, v):
+            v = nxt.outputs[0]  # max(s, finfo.min) (XGLM): changes only scores already masked away
+            continue
         if name in _KEEP or name in _ADD or name in ("where", "masked_fill"):
             if name in _ADD and len(others) == len(nxt.args):  # v reaches it only as a keyword
                 return f"{_where(nxt)} uses the scores in an unexpected way"
@@ -175,6 +189,23 @@ def _scores_reach_softmax(g: OpGraph, op: Op) -> str | None:
         return f"{_where(nxt)} acts on the scores before the softmax over the keys"
 
 
+def _mask_floor(g: OpGraph, op: Op, v: int) -> bool:
+    """``max(s, c)`` / ``clamp(s, min=c)`` of the scores ``v`` with c a constant at or below
+    -1e30 (``torch.finfo(dtype).min``): it changes only scores that the mask has already sent
+    there, whose softmax weight is 0, so a shift of a query's scores stays a shift."""
+    if len(op.outputs) != 1 or not op.args or op.args[0] != Val(v) or g.shapes[op.outputs[0]] != g.shapes[v]:
+        return False
+    if op.name in ("clamp", "clamp_min"):
+        c = _arg(op, 1, "min")
+        if op.name == "clamp" and _arg(op, 2, "max") is not None:
+            return False
+    else:
+        c = _arg(op, 1, "other")
+    if isinstance(c, Val):
+        c = g.scalars.get(c.vid)
+    return isinstance(c, (int, float)) and c <= -1e30
+
+
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
@@ -186,12 +217,13 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
         for which in ("A", "B"):
             for sid, side in entry.get(which, []):
                 for u in _units(side.fibers):
-                    events[sid][u].append((op_index, which, side.pure))
+                    events[sid][u].append((op_index, which, side.pure and u not in states[sid].impure))
     for sid in sorted(events):
         st = states[sid]
         site = st.site
-        if not (_linear_site(st, g) and len(site.readers) == 2):
-            continue  # no bias: nothing to propose
+        last = len(g.shapes[site.out]) - 1
+        if not (site.kind == "unit" and site.axis % (last + 1) == last and len(site.readers) == 2):
+            continue  # no bias (a LayerNorm's β counts: it is added to every key alike): nothing to propose
         bias = site.readers[1][0]
         used = {u for use in st.uses for u in _units(use.fiber)}
         good: list[int] = []
@@ -273,6 +305,44 @@ def _dropout_active(model: nn.Module, op: Op) -> bool:
     return training and not (isinstance(p, (int, float)) and p == 0)
 
 
+def _scalar_factor(g: OpGraph, op: Op, v: int) -> bool:
+    """``v * s``, ``s * v`` or ``v / s`` with s a number or a one-valued tensor that is no parameter
+    (an embedding scale): a shift c·1 of ``v`` stays a shift, (s·c)·1."""
+    if op.name not in _MUL | _DIV or len(op.args) != 2 or len(op.outputs) != 1 or op.kwargs:
+        return False
+    mine = [i for i, a in enumerate(op.args) if isinstance(a, Val) and a.vid == v]
+    if len(mine) != 1 or (op.name in _DIV and mine[0] != 0):
+        return False
+    other = op.args[1 - mine[0]]
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return True
+    return (isinstance(other, Val) and other.vid not in g.params and math.prod(g.shapes[other.vid]) == 1
+            and g.shapes[op.outputs[0]] == g.shapes[v])
+
+
+def _hand_centered(g: OpGraph, v: int, units: int) -> tuple[Op, set[int]] | None:
+    """``(mean op, the ops it and v − mean are)`` when ``v`` is read by ``mean(v, -1, keepdim=True)``
+    whose every use is ``v − mean`` (a hand-written LayerNorm, CohereLayerNorm: (x − μ) ·
+    rsqrt(mean((x − μ)²) + eps)): those ops remove a shift c·1 of ``v`` exactly; None otherwise."""
+    if not g.shapes[v] or g.shapes[v][-1] != units or units < 2:
+        return None
+    last = len(g.shapes[v]) - 1
+    for u in g.users.get(v, []):
+        mean = g.ops[u]
+        if mean.name != "mean" or not mean.args or mean.args[0] != Val(v) or len(mean.outputs) != 1:
+            continue
+        dim = _arg(mean, 1, "dim")
+        dims = [dim] if isinstance(dim, int) else list(dim or [])
+        if [d % (last + 1) for d in dims] != [last] or not _arg(mean, 2, "keepdim", False):
+            continue
+        m = mean.outputs[0]
+        subs = [g.ops[w] for w in g.users.get(m, [])]
+        if subs and all(op.name in ("sub", "__sub__") and tuple(op.args[:2]) == (Val(v), Val(m)) and not op.kwargs
+                        for op in subs):
+            return mean, {mean.index} | {op.index for op in subs}
+    return None
+
+
 def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -> list[Op] | Skipped | None:
     """The ``F.layer_norm`` ops over the last axis (``units`` wide) that ``v`` reaches, when
     every path from ``v`` ends in one of them, through casts, views keeping the last axis,
@@ -292,13 +362,21 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
         seen.add(v)
         if v in g.outputs:
             output = v
+        centered = _hand_centered(g, v, units)  # v − mean(v, -1): a hand-written LayerNorm (Cohere)
+        if centered is not None:
+            norms[centered[0].index] = centered[0]
         for u in g.users.get(v, []):
             op = g.ops[u]
+            if centered is not None and op.index in centered[1]:
+                continue
             if _keeps_last_axis(g, op, v):
                 stack.append(op.outputs[0])
                 continue
             if (op.args and op.args[0] == Val(v) and len(op.outputs) == 1 and _adds_axes(g, op, v)) or _cat_rows(g, op, v):
                 stack.append(op.outputs[0])  # the same rows, broadcast or stacked with others: c·1 stays c·1
+                continue
+            if _scalar_factor(g, op, v):  # (s·c)·1 is still removed (XGLM scales its embeddings)
+                stack.append(op.outputs[0])
                 continue
             if op.name in _DROPOUT and op.args and op.args[0] == Val(v) and len(op.outputs) == 1:
                 if _dropout_active(model, op):
@@ -799,3 +877,118 @@ def _scale(site, norm: Op, eps: Any, what: str):
         return NormScaleLaws(name, readers, params, producer=site.name, consumer=consumer, reason=reason)
 
     return build, names, name, site.name
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel biases
+# ---------------------------------------------------------------------------------------------
+
+
+def _shift_path(model: nn.Module, g: OpGraph, v: int) -> list[int]:
+    """The values a shift added to ``v`` reaches unchanged: ``v``, then while the value is read
+    by one op alone, through casts, copies, inactive dropout and additions of another term that
+    keep its shape (the value is not broadcast); the last one is where the path ends."""
+    path = [v]
+    while True:
+        users = g.users.get(v, [])
+        if len(users) != 1:
+            return path
+        op = g.ops[users[0]]
+        if len(op.outputs) != 1 or g.shapes[op.outputs[0]] != g.shapes[v]:
+            return path
+        first = bool(op.args) and isinstance(op.args[0], Val) and op.args[0].vid == v
+        if op.name in _PLUS:
+            mine = [a for a in op.args[:2] if isinstance(a, Val) and a.vid == v]
+            if len(op.args) < 2 or len(mine) != 1 or _arg(op, 2, "alpha", 1) != 1 or any(
+                    isinstance(x, Val) and x.vid == v for x in op.kwargs.values()):
+                return path
+        elif not ((op.name in _KEEP and first) or (op.name in _DROPOUT and first and not _dropout_active(model, op))):
+            return path
+        v = op.outputs[0]
+        path.append(v)
+
+
+def parallel_bias_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
+    """Difference laws of the biases of layers whose outputs are only added together (see the
+    module docstring): yields proposals."""
+    ends: dict[tuple, list[tuple[_SiteState, str]]] = defaultdict(list)
+    for st in states.values():
+        site = st.site
+        if len(site.readers) != 2 or site.readers[1][1] != "rows":
+            continue
+        bias = site.readers[1][0]
+        shape = g.shapes[site.out]
+        bias_vid = next((v for v, n in g.params.items() if n == bias), None)
+        if bias_vid is None or g.shapes[bias_vid] != (site.units,) or not shape:
+            continue
+        end = _shift_path(model, g, site.out)[-1]
+        ends[(end, shape, site.axis % len(shape), site.units)].append((st, bias))
+    for (end, _, _, _), found in ends.items():
+        if len(found) < 2:
+            continue
+        found.sort(key=lambda e: e[0].site.op)
+        (first, a), rest = found[0], found[1:]
+        for st, b in rest:
+            if b == a:
+                continue
+            yield _parallel(a, b, first.site.name, st.site.name, g.ops[g.producer(end).index] if g.producer(end) else None)
+
+
+def _parallel(a: str, b: str, pa: str, pb: str, meet: Op | None):
+    name = f"{pa}−{pb} bias difference"
+    where = _where(meet) if meet is not None else "the model input"
+    reason = (f"the outputs of {pa} and {pb} are only added together (up to {where}): their biases shift the sum "
+              f"alike and always get the same gradient, so {a} − {b} (one per unit) are linear laws")
+
+    def build(params):
+        from ..laws.groups import DifferenceLaws
+
+        return DifferenceLaws(name, (a, lambda t: t), (b, lambda t: t), params, producer=pa, consumer=pb, reason=reason)
+
+    return build, (a, b), name, pa
+
+
+# ---------------------------------------------------------------------------------------------
+# centered inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def centered_input_rule(g: OpGraph):
+    """Row-sum laws of the linear layers that read a LayerNorm's output without affine parameters
+    (see the module docstring): yields proposals."""
+    for op in g.ops:
+        if op.name != "layer_norm" or op.index not in g.live or len(op.outputs) != 1:
+            continue
+        shape = _arg(op, 1, "normalized_shape")
+        if shape is None or len(tuple(shape)) != 1 or _arg(op, 2, "weight") is not None or _arg(op, 3, "bias") is not None:
+            continue
+        stack, seen = [op.outputs[0]], set()
+        while stack:  # the normalized values, through casts and views that keep the features last
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            for u in g.users.get(v, []):
+                user = g.ops[u]
+                if _keeps_last_axis(g, user, v):
+                    stack.append(user.outputs[0])
+                    continue
+                w = _arg(user, 1, "weight")
+                if (user.name == "linear" and user.args and user.args[0] == Val(v) and isinstance(w, Val)
+                        and w.vid in g.params and len(g.shapes[w.vid]) == 2 and w != Val(v)):
+                    yield _centered_input(g.params[w.vid], op, user)
+
+
+def _centered_input(weight: str, norm: Op, user: Op):
+    name = f"{norm.module or 'layer_norm'}→{_module(weight)} centered input"
+    reason = (f"{_where(norm)} normalizes without affine parameters, so the features {_module(weight)} reads sum "
+              f"to zero at every position: W → W + a·1ᵀ changes nothing, and the row sums Σ_j {weight}[i, j] "
+              "are linear laws")
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        return LinearLaws(name, ((weight, lambda w: w.sum(1)),), params, producer=norm.module or "",
+                          consumer=_module(weight), reason=reason)
+
+    return build, (weight,), name, _module(weight)

@@ -223,6 +223,10 @@ class _SiteState:
     gates: list[tuple[int, str, float, int]] = field(default_factory=list)  # scalar gates: op, α, degree, units
     merges: list[tuple[int, Tensor, float, str]] = field(default_factory=list)  # additions to another layer
     reasons: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))  # every barrier of a unit
+    # units joined (cat / stack) with units that kept a property they lost: the joined value keeps the
+    # property, these units do not (partial rotary: the rotated coordinates of a head, cat with the others)
+    unmixed: set[int] = field(default_factory=set)  # lost the mixing of a matrix law
+    impure: set[int] = field(default_factory=set)  # moved by more than shape ops (see _Carry.pure)
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -374,7 +378,7 @@ def _vector_param(g: OpGraph, x: Any, out: tuple[int, ...]) -> tuple[Val, int] |
     """A 1-D parameter of n entries that ``x`` is, or a view of it (``view`` / ``reshape`` /
     ``unsqueeze``) of ones but n on one axis, broadcast along the axis of ``out`` of size n:
     (the parameter, that axis of ``out``); ``None`` otherwise."""
-    behind = _param_behind(g, x, {"view", "reshape", "unsqueeze"})
+    behind = _param_behind(g, x, {"view", "reshape", "unsqueeze"} | _CAST)  # γ.to(float32) (Cohere's norm)
     if behind is None:
         return None
     v = behind[0]
@@ -553,6 +557,17 @@ class _Propagation:
         if name in _SHAPE or name in _CAST or name in _DROPOUT:
             if any(c.degree != degree for c in cs):
                 raise _Barrier("joins units of different homogeneity degrees")
+            if len(cs) > 1 and name in _SHAPE:  # cat / stack: each part keeps its own properties, per unit
+                if not matrix and any(c.matrix for c in cs):
+                    for c in cs:
+                        if not c.matrix:
+                            self.st.unmixed.update(_units(c.probe))
+                    matrix = True
+                if not pure and any(c.pure for c in cs):
+                    for c in cs:
+                        if not c.pure:
+                            self.st.impure.update(_units(c.probe))
+                    pure = True
             if name in _CAST or name in _DROPOUT:
                 first = self.state[carried[0]].probe
                 if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
@@ -986,7 +1001,7 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
             problems.append(f"unit {u} reaches consumers with different homogeneity degrees")
             continue
         sig = tuple((x.op, counts[x.op][u]) for x in uses)
-        matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0}
+        matrix = all(x.matrix for x in uses) and site.mixing and degrees == {1.0} and u not in st.unmixed
         classes[(sig, matrix, degrees.pop(), st.blocks[u] if matrix else st.root(u))].append(u)
     # a tie class must be whole and uniform, else drop it
     groups: dict[tuple, list[list[int]]] = defaultdict(list)
@@ -1187,11 +1202,15 @@ def _pairing_laws(
         qs = sorted(k[2] for k in keys if k[0] == "A")
         ks = sorted(k[2] for k in keys if k[0] == "B")
         units = [(sid_a, u) for b in qs for u in b] + [(sid_b, u) for b in ks for u in b]
-        matrix = (sa.matrix and sb.matrix and st_a.site.mixing and st_b.site.mixing
-                  and all(len(states[s].members(u)) == 1 for s, u in units)
-                  and len({st_a.blocks[u] for b in qs for u in b}) == 1
-                  and len({st_b.blocks[u] for b in ks for u in b}) == 1)
-        if matrix:
+        mixing = sa.matrix and sb.matrix and st_a.site.mixing and st_b.site.mixing
+
+        def whole(positions: list[int]) -> bool:  # these positions of the head block may mix (one M)
+            return (mixing and all(len(states[s].members(u)) == 1 and u not in states[s].unmixed
+                                   for s, blocks in ((sid_a, qs), (sid_b, ks)) for b in blocks for u in (b[j] for j in positions))
+                    and len({st_a.blocks[b[j]] for b in qs for j in positions}) == 1
+                    and len({st_b.blocks[b[j]] for b in ks for j in positions}) == 1)
+
+        if whole(list(range(K))):
             inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor(b))]
             out = [r for b in ks for r in _incoming(st_b.site, torch.tensor(b))]
             pairs.append(_pair_qk(st_a.site, st_b.site, "matrix", K, inc, out,
@@ -1199,6 +1218,18 @@ def _pairing_laws(
                                   f"attention scores: Σ Q̃_hQ̃_hᵀ − K̃_gK̃_gᵀ over {len(qs)} query head(s) sharing "
                                   f"{len(ks)} key head (upper triangle)"))
             continue
+        # positions that mix alone (the coordinates a partial rotary embedding leaves as they are):
+        # q_P → q_P M, k_P → k_P M^{-T} on those positions only keeps the scores, a matrix law on them
+        free = [j for j in range(K) if whole([j])]
+        if len(free) > 1 and whole(free):
+            inc = [r for b in qs for r in _incoming(st_a.site, torch.tensor([b[j] for j in free]))]
+            out = [r for b in ks for r in _incoming(st_b.site, torch.tensor([b[j] for j in free]))]
+            pairs.append(_pair_qk(st_a.site, st_b.site, "matrix", len(free), inc, out,
+                                  f"{st_a.site.name} q·k {st_b.site.name} [block {n}, {len(free)} coordinates mixed alike]",
+                                  f"attention scores: Σ Q̃_hQ̃_hᵀ − K̃_gK̃_gᵀ on the {len(free)} coordinates of the head that "
+                                  "no per-position rotation or scaling reaches (upper triangle)"))
+        else:
+            free = []
         # per-unit scaling only: positions tied by the sites' tie classes (RoPE planes)
         pos_parent = list(range(K))
         root_pos: dict[tuple[int, int], int] = {}
@@ -1217,7 +1248,8 @@ def _pairing_laws(
                     return [], [], f"unit {u} is tied to unit {v}, which the score product does not pair alike"
         classes: dict[int, list[int]] = defaultdict(list)
         for j in range(K):
-            classes[_find(pos_parent, j)].append(j)
+            if j not in free:
+                classes[_find(pos_parent, j)].append(j)
         by_size: dict[int, list[list[int]]] = defaultdict(list)
         for c in classes.values():
             by_size[len(c)].append(c)
