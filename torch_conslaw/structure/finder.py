@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 from .graph import _flat  # one walk over nested outputs for both graph builders
+from .parametrized import is_parametrized, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
@@ -825,6 +826,13 @@ def _consumer_rows(
         outgoing = cspec.outgoing(cmod, positions)
     except ValueError as err:
         return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+    computed = [a for a, _ in outgoing if is_parametrized(cmod, a)]
+    if computed:  # W[:, j] of weight_norm / spectral_norm cannot be scaled alone through the originals
+        return (
+            f"{cons.name} computes its {computed[0]} with a parametrization "
+            f"({parametrization_names(cmod, computed[0])}), so the columns that read a unit of "
+            f"{prod.name} cannot be scaled alone: no rescaling law ends at it"
+        )
     state.layout = layout
     return tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing), positions
 
@@ -845,6 +853,8 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
         return f"between {prod.name} and {first.name}: {first.spec.barrier(model.get_submodule(first.module_path), first.name)}"
     try:
         incoming = pspec.incoming(pmod)
+        if is_parametrized(pmod):  # weight_norm: unit j is rescaled through g_j, not W[j]
+            incoming = parametrized_incoming(pmod, incoming)
     except ValueError as err:  # e.g. a normalization without affine parameters
         return f"{prod.module_path} ({type(pmod).__name__}) {err}"
     rank = prod.in_ndim if pspec.flat_input else None

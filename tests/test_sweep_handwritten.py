@@ -1,0 +1,96 @@
+"""Hand-written models found by experiments/handwritten_sweep.py (results/handwritten_sweep.md):
+parametrized weights (weight_norm, spectral_norm), ... Each law is checked independently with
+torch.func gradients, and through the public API (analyze, ConservationMonitor)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+import torch_conslaw as tc
+
+F64 = torch.float64
+
+
+def _loss_grads(model, x, seed=0):
+    """∇_θ of a random quadratic loss on the model's outputs, by torch.func (not the library)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    out = model(x).detach()
+    target = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+
+    def loss(p):
+        return ((functional_call(model, p, (x,)) - target) ** 2).sum()
+
+    return params, grad(loss)(params)
+
+
+def _sgd_first_order(model, x, steps=10, lr=1e-3):
+    mon = tc.ConservationMonitor(model, x, every=1, recording="sync")
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    mon.attach(opt)
+    target = torch.randn(model(x).shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        opt.step()
+    rows = mon.summary()
+    return mon, max(r["max_rel_first_order"] for r in rows if r["expected_conserved"])
+
+
+def _weight_norm_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+
+
+def test_weight_norm_producer_laws_are_tracked_and_complete():
+    """W = g v/‖v‖ (dim 0) → ReLU → Linear: per unit j, ‖v_j‖² (the model does not see v_j's
+    scale) and g_j² + b_j² − ‖W2[:, j]‖² (rescaling unit j through g_j): 8 laws, the whole
+    count. Before: 0 tracked ("0.weight is not a parameter of the model")."""
+    model = _weight_norm_mlp()
+    x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    params, g = _loss_grads(model, x)
+    G, V = "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"
+    # independent check of both laws on the loss gradient (torch.func)
+    assert (params[V] * g[V]).sum(1).abs().max() < 1e-12 * g[V].norm() * params[V].norm()
+    unit = params[G][:, 0] * g[G][:, 0] + params["0.bias"] * g["0.bias"] - (params["2.weight"] * g["2.weight"]).sum(0)
+    assert unit.abs().max() < 1e-12 * max(g[G].norm(), g["2.weight"].norm())
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 8 and report.lie_laws == 8 and report.complete
+    mon, first = _sgd_first_order(model, x)
+    assert sorted((g.kind, g.count) for g in mon.groups) == [("scale", 4), ("unit", 4)]
+    assert first < 1e-12
+
+
+def test_spectral_norm_original_keeps_its_norm_in_train_mode():
+    """spectral_norm: W = V/σ(V), σ from power-iteration vectors that do not change when V is
+    scaled, so ‖V‖² is a law, also in train mode (u, v updated at every forward). No rescaling
+    law starts at the layer (a row of V changes σ): the skip says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    params, g = _loss_grads(model, x)
+    V = "0.parametrizations.weight.original"
+    assert abs(float((params[V] * g[V]).sum())) < 1e-12 * float(g[V].norm() * params[V].norm())
+    model.train()
+    mon, first = _sgd_first_order(model, x)
+    assert [(g.kind, g.count) for g in mon.groups] == [("scale", 1)]
+    assert first < 1e-12
+    assert any("spectral" in str(s).lower() and "no rescaling law starts" in str(s) for s in mon.skipped)
+
+
+def test_weight_norm_consumer_is_refused_with_the_parametrization_named():
+    """A weight-normed consumer cannot scale one column alone through its originals: the
+    finder names the parametrization instead of 'is not a parameter'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))).to(F64)
+    x = torch.randn(8, 3, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = tc.ConservationMonitor(model, x)
+    assert not any(g.kind == "unit" for g in mon.groups)
+    assert any("_WeightNorm" in str(s) and "no rescaling law ends" in str(s) for s in mon.skipped)
