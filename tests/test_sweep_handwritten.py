@@ -94,3 +94,40 @@ def test_weight_norm_consumer_is_refused_with_the_parametrization_named():
         mon = tc.ConservationMonitor(model, x)
     assert not any(g.kind == "unit" for g in mon.groups)
     assert any("_WeightNorm" in str(s) and "no rescaling law ends" in str(s) for s in mon.skipped)
+
+
+class _BilinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bil = nn.Bilinear(3, 2, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, a, b):
+        return self.out(F.relu(self.bil(a, b)))
+
+
+def test_bilinear_output_units_are_rescaling_producers():
+    """y_k = x1ᵀ A_k x2 + b_k → ReLU → Linear: scaling (A_k, b_k) by λ and out[:, k] by 1/λ
+    changes nothing: ‖A_k‖² + b_k² − ‖out[:, k]‖², 4 laws, the whole count (was 0 tracked:
+    'no two registered layers'). As a consumer nn.Bilinear is refused with a reason."""
+    torch.manual_seed(0)
+    model = _BilinearNet().to(F64)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 3, dtype=F64, generator=gen), torch.randn(16, 2, dtype=F64, generator=gen))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    target = torch.randn(16, 2, dtype=F64, generator=gen)
+    g = grad(lambda p: ((functional_call(model, p, x) - target) ** 2).sum())(params)
+    law = (params["bil.weight"] * g["bil.weight"]).flatten(1).sum(1) + params["bil.bias"] * g["bil.bias"] \
+        - (params["out.weight"] * g["out.weight"]).sum(0)
+    assert law.abs().max() < 1e-12 * g["bil.weight"].norm()
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 4 and report.lie_laws == 4 and report.complete
+    mon = tc.ConservationMonitor(model, x, every=1, recording="sync")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon.attach(opt)
+    for _ in range(10):
+        opt.zero_grad()
+        F.mse_loss(model(*x), target).backward()
+        opt.step()
+    assert [(r["kind"], r["count"]) for r in mon.summary()] == [("unit", 4)]
+    assert mon.summary()[0]["max_rel_first_order"] < 1e-12

@@ -623,6 +623,24 @@ for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         in_axis="channel",
     )
 
+def _bilinear_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    raise ValueError(
+        "nn.Bilinear reads two inputs, and a unit of one of them is read by a slice of its weight "
+        "that depends on which input it arrives at: not supported as a consumer"
+    )
+
+
+# y_k = x1ᵀ A_k x2 + b_k: output unit k is produced by A_k (weight[k]) and b_k alone, so scaling
+# them by λ scales unit k by λ (a producer like Linear).
+register_layer(
+    nn.Bilinear,
+    out_units=lambda m: m.out_features,
+    in_units=lambda m: m.in1_features,
+    incoming=lambda m: _with_bias(m, lambda w: w.flatten(1)),
+    outgoing=_bilinear_outgoing,
+)
+
+
 def _embedding_incoming(module: nn.Module) -> list[RowReader]:
     """``nn.Embedding`` is ``one_hot(ids) @ E``, a Linear layer with weight Eᵀ and no bias: unit
     (feature) j is produced by column j of E. Options whose gradient is not the gradient of that
