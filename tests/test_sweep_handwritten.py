@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import torch_conslaw as tc
+from torch_conslaw.completeness import random_inputs_like
 
 F64 = torch.float64
 
@@ -131,3 +132,56 @@ def test_bilinear_output_units_are_rescaling_producers():
         opt.step()
     assert [(r["kind"], r["count"]) for r in mon.summary()] == [("unit", 4)]
     assert mon.summary()[0]["max_rel_first_order"] < 1e-12
+
+
+def test_random_theta_is_redrawn_while_a_relu_unit_fires_on_few_inputs():
+    """A 3-4-5-2 ReLU MLP without biases has one law per hidden unit, 9 (the path-lifting count
+    agrees). At the first random θ a second-layer unit fired on ~4 % of the inputs: joint
+    patterns were so rare that count_laws on 64 inputs found 12 (analyze: 11, 'stable'),
+    laws of those inputs only. θ is now redrawn while a unit is active on < 15 % (or > 85 %)
+    of the inputs: 9 = 9."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 5, bias=False), nn.ReLU(),
+                          nn.Linear(5, 2, bias=False)).to(F64)
+    x = torch.randn(8, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert tc.mlp_trace_dimension([3, 4, 5, 2], ["relu", "relu"], bias=False, seed=0).n_laws == 9  # independent count
+    inputs = random_inputs_like(x, 64, seed=1)
+    res = tc.count_laws(model, inputs, theta="random")
+    assert res.n_laws == 9 and res.stable
+    theta = res.theta  # the draw used: every hidden unit fires on a fair share of the inputs
+    W1, W2 = theta[:12].view(4, 3), theta[12:32].view(5, 4)
+    h1 = torch.relu(inputs @ W1.T)
+    shares = torch.cat([(h1 > 0).double().mean(0), (h1 @ W2.T > 0).double().mean(0)])
+    assert shares.min() >= 0.15 and shares.max() <= 0.85
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 9 and report.lie_laws == 9 and report.complete
+
+
+def test_multihead_attention_output_projection_is_a_producer():
+    """nn.MultiheadAttention(batch_first) → Linear: the attention output is out_proj's rows
+    applied to the heads, a linear hidden layer with the head: [W_O b_O][W_O b_O]ᵀ − W_headᵀW_head
+    (10 laws) besides the per-head laws (was 16 of 26 tracked; now complete)."""
+
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = MHA().to(F64)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 4, dtype=F64, generator=gen)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    target = torch.randn(3, 3, 2, dtype=F64, generator=gen)
+    g = grad(lambda p: ((functional_call(model, p, (x,)) - target) ** 2).sum())(params)
+    Wo = torch.cat([params["attn.out_proj.weight"], params["attn.out_proj.bias"][:, None]], 1)
+    Go = torch.cat([g["attn.out_proj.weight"], g["attn.out_proj.bias"][:, None]], 1)
+    law_grad = Go @ Wo.T - params["head.weight"].T @ g["head.weight"]  # d/dt of the matrix law, halved
+    assert (law_grad + law_grad.T).abs().max() < 1e-12 * Go.norm() * Wo.norm()
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.lie_laws == 26 and report.tracked_rank == 26 and report.complete
+
