@@ -185,3 +185,28 @@ def test_multihead_attention_output_projection_is_a_producer():
     report = tc.analyze(model, x, theta="random", max_seconds=60)
     assert report.lie_laws == 26 and report.tracked_rank == 26 and report.complete
 
+
+
+def test_recount_at_a_larger_eps_keeps_the_relu_units_after_a_norm_firing():
+    """Linear → LayerNorm(4, eps=1e-6) → ReLU → Linear: 4 unit laws (γ_c, β_c → consumer) and
+    4 centering laws (column sums and Σ b of the Linear before the norm) = 8 (+ 1 scale law at
+    eps = 0). The model's tiny eps blurs the rank gaps, so the count is retaken at a larger eps;
+    at eps = 1 the normalized values shrink and unit 0 of γ·n + β never fires, adding laws of
+    these inputs only (11). The recount now uses the largest eps of 1, 0.1, 0.01 at which the
+    units fire as at the model's eps: 8 (was 11 from the eps = 1 recount)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, eps=1e-6), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 0.9, 1.1, 1.0]))
+        model[1].bias.copy_(torch.tensor([-0.6, 0.2, -0.3, 0.5]))
+    x = torch.randn(64, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # independent: what the units do at each eps
+        fires = {e: (F.layer_norm(model[0](x), (4,), model[1].weight, model[1].bias, e)[:, 0] > 0).any().item()
+                 for e in (1e-6, 0.01, 1.0)}
+    assert fires == {1e-6: True, 0.01: True, 1.0: False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = tc.count_laws(model, x)
+        at_one = tc.count_laws(model, x, eps=1.0).n_laws
+    assert res.n_laws == 8 and "1.0" not in res.eps_counts and res.n_laws_eps0 == 9
+    assert at_one == 11  # the data-dependent count the recount used to report

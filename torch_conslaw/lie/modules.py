@@ -546,6 +546,23 @@ def _eps_names(work: nn.Module) -> list[str]:
     return [f"{name or type(sub).__name__}.{attr}" for name, sub, attr in _eps_sites(work)]
 
 
+RECOUNT_EPS = (EPS_WELL_CONDITIONED, 0.1, 0.01)
+"""The eps tried, in order, for the recount of a count whose gaps the model's eps blurs."""
+
+
+def _recount_eps(work: nn.Module, batch: "_Batch", recorder: ActivationRecorder) -> float | None:
+    """The first eps of RECOUNT_EPS at which the ReLU-like units are no worse conditioned
+    (dead, always active, rarely active: :func:`_conditioning`) than at the model's eps, else
+    None. A larger eps shrinks the normalized values, so units of γ·n + β after a normalization
+    may stop changing sign (seen: LayerNorm(4) → ReLU, 1 dead and 2 always-active units at
+    eps = 1 and none at the model's eps): the count there would keep laws of those inputs only."""
+    for value in RECOUNT_EPS:
+        _, trial, _ = _probe(_with_eps(work, value), batch)
+        if _conditioning(trial) <= _conditioning(recorder):
+            return value
+    return None
+
+
 def _with_eps(work: nn.Module, value: float) -> nn.Module:
     """A copy of ``work`` with every normalization eps set to ``value``."""
     copied = copy.deepcopy(work)
@@ -752,12 +769,22 @@ def count_laws(
         unclear = any(not d.clear for ds in result.decisions for d in ds)
         if eps is None and eps_modules and unclear:
             # the exact count is the same for every eps > 0 but isolated values (the outputs are
-            # analytic in eps); a small eps blurs its gaps, so it is taken again at eps = 1
-            note = f"count at eps as given: {result.n_laws} laws without a clear gap; recounted at eps = 1"
-            work = _with_eps(work, EPS_WELL_CONDITIONED)
-            result = count(work, batch.size, law_basis_max_bytes)
-            eps_counts[repr(EPS_WELL_CONDITIONED)] = result.n_laws
-            gap_notes.append(note)
+            # analytic in eps); a small eps blurs its gaps, so it is taken again at eps = 1 —
+            # unless ReLU-like units after a normalization fire differently there (a unit of
+            # γ·n + β dies when n shrinks): then at the largest of 0.1, 0.01 where they do not
+            value = _recount_eps(work, batch, recorder)
+            if value is None:
+                gap_notes.append(
+                    f"count at eps as given: {result.n_laws} laws without a clear gap; not recounted at a larger "
+                    "eps: at eps = 1, 0.1 and 0.01 ReLU-like units after a normalization become dead or "
+                    "always active on these inputs (their laws would be laws of those inputs only)"
+                )
+            else:
+                note = f"count at eps as given: {result.n_laws} laws without a clear gap; recounted at eps = {value:g}"
+                work = _with_eps(work, value)
+                result = count(work, batch.size, law_basis_max_bytes)
+                eps_counts[repr(value)] = result.n_laws
+                gap_notes.append(note)
         gap_notes = list(result.warnings) + gap_notes
         input_counts = []
         for n in sizes[:-1]:
