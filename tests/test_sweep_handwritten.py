@@ -210,3 +210,33 @@ def test_recount_at_a_larger_eps_keeps_the_relu_units_after_a_norm_firing():
         at_one = tc.count_laws(model, x, eps=1.0).n_laws
     assert res.n_laws == 8 and "1.0" not in res.eps_counts and res.n_laws_eps0 == 9
     assert at_one == 11  # the data-dependent count the recount used to report
+
+
+class _TwoArmBilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb = nn.Linear(3, 4), nn.Linear(2, 3)
+        self.bil = nn.Bilinear(4, 3, 2)
+        self.out = nn.Linear(2, 2)
+
+    def forward(self, a, b):
+        return self.out(F.relu(self.bil(F.relu(self.fa(a)), F.relu(self.fb(b)))))
+
+
+def test_bilinear_consumer_reads_each_input_through_its_own_weight_slice():
+    """Units of fa reach nn.Bilinear on input 1 (read by A[:, i, :]), units of fb on input 2
+    (read by A[:, :, j]); the Bilinear's own outputs feed a Linear: 4 + 3 + 2 = 9 laws, the
+    whole count (was 2: 'a unit of one input is read by a slice ... not supported')."""
+    torch.manual_seed(0)
+    model = _TwoArmBilinear().to(F64)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(32, 3, dtype=F64, generator=gen), torch.randn(32, 2, dtype=F64, generator=gen))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    target = torch.randn(32, 2, dtype=F64, generator=gen)
+    g = grad(lambda p: ((functional_call(model, p, x) - target) ** 2).sum())(params)
+    A, gA = params["bil.weight"], g["bil.weight"]
+    arm_b = (params["fb.weight"] * g["fb.weight"]).sum(1) + params["fb.bias"] * g["fb.bias"] - (A * gA).sum((0, 1))
+    arm_a = (params["fa.weight"] * g["fa.weight"]).sum(1) + params["fa.bias"] * g["fa.bias"] - (A * gA).sum((0, 2))
+    assert max(arm_a.abs().max(), arm_b.abs().max()) < 1e-12 * gA.norm() * A.norm()
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 9 and report.lie_laws == 9 and report.complete

@@ -789,7 +789,7 @@ def _through(
 
 
 def _consumer_rows(
-    model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int
+    model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int, pred: int | None = None
 ) -> tuple[tuple[RowReader, ...], int] | str:
     """The outgoing readers of consumer ``j`` and its columns per unit, or the reason why it
     cannot read the units of ``prod`` laid out as ``state`` says."""
@@ -820,7 +820,22 @@ def _consumer_rows(
             f"{_typed(prod, pspec)} are on axis '{layout}': no channel → column mapping"
             + (f" (its input is {rank}-D)" if rank is not None else "")
         )
-    elif cspec.in_units(cmod) != units:
+    if cspec.input_outgoing is not None and layout == cspec.in_axis:  # several inputs, linear in each
+        inputs = cons.inputs
+        if pred is None or pred not in inputs or len(inputs) < 2:
+            return (
+                f"{cons.name} has several inputs and the units of {prod.name} reach it on an input the finder "
+                "cannot tell apart (the same tensor on several inputs?): no law ends at it"
+            )
+        try:
+            width, outgoing = cspec.input_outgoing(cmod, positions, inputs.index(pred))
+        except ValueError as err:
+            return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+        if width != units:
+            return f"{cons.name} consumes {width} units on that input but {prod.name} produces {units}"
+        state.layout = layout
+        return tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing), positions
+    if layout != "flat" and layout == cspec.in_axis and cspec.in_units(cmod) != units:
         return f"{cons.name} consumes {cspec.in_units(cmod)} units but {prod.name} produces {units}"
     try:
         outgoing = cspec.outgoing(cmod, positions)
@@ -873,7 +888,8 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
     for j, arm_ops in arms:
         state = _Layout(shared.layout, shared.may_be_last, shared.mixing)
         _, problem = _through(model, nodes, prod, arm_ops, state, nodes[j].name, names, kinds, broken)
-        rows = problem if problem is not None else _consumer_rows(model, nodes, prod, j, state, units)
+        pred = arm_ops[-1] if arm_ops else (ops[-1] if ops else i)  # the node that hands the units to j
+        rows = problem if problem is not None else _consumer_rows(model, nodes, prod, j, state, units, pred)
         if isinstance(rows, str):
             if not branch:
                 return rows
