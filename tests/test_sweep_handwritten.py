@@ -84,17 +84,29 @@ def test_spectral_norm_original_keeps_its_norm_in_train_mode():
     assert any("spectral" in str(s).lower() and "no rescaling law starts" in str(s) for s in mon.skipped)
 
 
-def test_weight_norm_consumer_is_refused_with_the_parametrization_named():
-    """A weight-normed consumer cannot scale one column alone through its originals: the
-    finder names the parametrization instead of 'is not a parameter'."""
+def test_weight_norm_consumer_keeps_one_law_for_the_whole_layer():
+    """A weight-normed consumer W2 = g v/‖v‖ cannot scale one column alone, but scaling g by
+    1/λ scales all of W2: every unit of the producer × λ with g ÷ λ is a symmetry, so
+    ‖W1‖² + ‖b1‖² − ‖g‖² is one law for the layer, besides ‖v_i‖² per row: 3 = the count
+    (was 2: the consumer was refused). In a spectral-normed consumer no original scales W2:
+    refused, with the parametrization named (was 'is not a parameter')."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))).to(F64)
-    x = torch.randn(8, 3, dtype=F64)
+    x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    params, g = _loss_grads(model, x)
+    G = "2.parametrizations.weight.original0"
+    law = (params["0.weight"] * g["0.weight"]).sum() + (params["0.bias"] * g["0.bias"]).sum() - (params[G] * g[G]).sum()
+    assert abs(float(law)) < 1e-12 * float(g["0.weight"].norm() * params["0.weight"].norm())
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 3 and report.lie_laws == 3 and report.complete
+    mon, first = _sgd_first_order(model, x)
+    assert sorted((g.kind, g.count) for g in mon.groups) == [("scale", 2), ("unit", 1)] and first < 1e-12
+    spectral = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.utils.parametrizations.spectral_norm(nn.Linear(4, 2))).to(F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mon = tc.ConservationMonitor(model, x)
+        mon = tc.ConservationMonitor(spectral, x)
     assert not any(g.kind == "unit" for g in mon.groups)
-    assert any("_WeightNorm" in str(s) and "no rescaling law ends" in str(s) for s in mon.skipped)
+    assert any("_SpectralNorm" in str(s) and "no rescaling law ends" in str(s) for s in mon.skipped)
 
 
 class _BilinearNet(nn.Module):

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 from .graph import _flat  # one walk over nested outputs for both graph builders
-from .parametrized import is_parametrized, parametrization_names, parametrized_incoming
+from .parametrized import is_parametrized, original_kinds, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
@@ -790,7 +790,7 @@ def _through(
 
 def _consumer_rows(
     model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int, pred: int | None = None
-) -> tuple[tuple[RowReader, ...], int] | str:
+) -> tuple[tuple[RowReader, ...], int] | tuple[tuple[RowReader, ...], int, bool] | str:
     """The outgoing readers of consumer ``j`` and its columns per unit, or the reason why it
     cannot read the units of ``prod`` laid out as ``state`` says."""
     pspec, cons = prod.spec, nodes[j]
@@ -843,6 +843,11 @@ def _consumer_rows(
         return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
     computed = [a for a, _ in outgoing if is_parametrized(cmod, a)]
     if computed:  # W[:, j] of weight_norm / spectral_norm cannot be scaled alone through the originals
+        scaling = [n for n, k in original_kinds(cmod, computed[0]) if k == "row-linear"] if len(computed) == 1 else []
+        if scaling:  # ... but all of W can (weight_norm's g): one law for all the units together
+            state.layout = layout
+            whole = ((f"{cons.module_path}.parametrizations.{computed[0]}.{scaling[0]}", lambda t: t.reshape(1, -1)),)
+            return whole, positions, True
         return (
             f"{cons.name} computes its {computed[0]} with a parametrization "
             f"({parametrization_names(cmod, computed[0])}), so the columns that read a unit of "
@@ -898,6 +903,15 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
                 f"the output of {prod.name}{after} feeds {len(arms)} layers ({', '.join(cnames)}); "
                 f"the arm to {nodes[j].name} breaks it: {rows}"
             )
+        if len(rows) > 2 and rows[2]:  # a consumer scaled only as a whole (weight_norm's g)
+            if branch:
+                return (
+                    f"the output of {prod.name} feeds {len(arms)} layers; {nodes[j].name} computes its weight with "
+                    "a parametrization that scales only as a whole: not supported in a branch"
+                )
+            # every unit of the producer × λ and g ÷ λ^k: ‖W‖² + ‖b‖² − k‖g‖², one law for the layer
+            incoming = [(a, lambda w, f=f: f(w).reshape(1, -1)) for a, f in incoming]
+            units, mixing = 1, False
         outgoing.extend(rows[0])
         positions.append(rows[1])
         layouts.add("last" if state.layout == "last" else "channel")
