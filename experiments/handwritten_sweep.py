@@ -370,7 +370,7 @@ def recurrent():
 def embedding_mean():
     torch.manual_seed(0)
     ids = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 2], [1, 3, 5, 4]])
-    return EmbedMean(), ids, 4, "one law per fc1 unit (4)"
+    return EmbedMean(), ids, 10, "one law per fc1 unit (4) + EᵀE − W1ᵀW1 (6): the mean over tokens is linear, E → E A, fc1 → fc1 A⁻¹"
 
 
 def bilinear():
@@ -380,7 +380,7 @@ def bilinear():
 
 def decoder():
     torch.manual_seed(0)
-    return Decoder(), randn(4, 2, 3, 3), 3, "ConvTranspose2d channels (3); PixelShuffle puts conv channels on one channel's positions"
+    return Decoder(), randn(4, 2, 3, 3), 4, "ConvTranspose2d channels (3) + 1: PixelShuffle puts the 4 conv channels on one channel, rescaled together against the 1×1 conv"
 
 
 def weight_norm():
@@ -392,7 +392,29 @@ def weight_norm():
 def spectral_norm():
     torch.manual_seed(0)
     m = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
-    return m.eval(), randn(8, 3), None, "eval mode (fixed u, v): W/σ(W) is scale invariant: ‖W‖² (count speaks)"
+    return m.eval(), randn(8, 3), 1, "W/σ(W) is scale invariant: ‖W‖² (no unit law: a row of W changes σ)"
+
+
+def weight_norm_consumer():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(4, 2)))
+    return m, randn(8, 3), 3, "‖v_i‖² per row of the consumer (2) + ‖W1‖² + ‖b1‖² − ‖g‖² (all fc1 units against g)"
+
+
+class BilinearConsumer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bil = nn.Bilinear(4, 2, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, a, b):
+        return self.out(F.relu(self.bil(F.relu(self.fc(a)), b)))
+
+
+def bilinear_consumer():
+    torch.manual_seed(0)
+    return BilinearConsumer(), (randn(8, 3), randn(8, 2, seed=1)), 7, "fc units (4) read by weight[:, i, :] + bil output units (3)"
 
 
 def compiled():
@@ -420,7 +442,8 @@ def dict_out():
 BUILDERS = {f.__name__: f for f in (
     mlp_relu_nobias, mlp_homogeneous, mlp_smooth, mlp_prelu_channels, linear_net, linear_nobias, tied, tied_transpose,
     frozen, functional, cnn_strided, cnn_1d, cnn_3d, cnn_norms, se_block, densenet, residual_mlp, mlp_mixer,
-    hand_attention, mha, recurrent, embedding_mean, bilinear, decoder, weight_norm, spectral_norm, compiled,
+    hand_attention, mha, recurrent, embedding_mean, bilinear, bilinear_consumer, decoder, weight_norm,
+    weight_norm_consumer, spectral_norm, compiled,
     nested_sequential, tuple_out, dict_out)}
 
 
