@@ -252,3 +252,26 @@ def test_bilinear_consumer_reads_each_input_through_its_own_weight_slice():
     assert max(arm_a.abs().max(), arm_b.abs().max()) < 1e-12 * gA.norm() * A.norm()
     report = tc.analyze(model, x, theta="random", max_seconds=60)
     assert report.tracked_rank == 9 and report.lie_laws == 9 and report.complete
+
+
+def test_no_scale_law_is_claimed_from_a_degenerate_initial_original():
+    """orthogonal() (matrix_exp of the skew part of X's strict lower triangle, with its
+    trivialization) starts from an X whose lower triangle is zero, so scaling rows of X leaves
+    the weight unchanged *there*; at any other X it does not (torch.func below), so ‖X_j‖² is
+    no law and the monitor must not track it (was: 4 'scale' laws claimed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    X = "0.parametrizations.weight.original"
+    start = model.get_parameter(X).detach().clone()
+    assert float(start.tril(-1).abs().max()) == 0.0
+    with torch.no_grad():
+        model.get_parameter(X).normal_(generator=torch.Generator().manual_seed(2))
+    params, g = _loss_grads(model, x)
+    assert (params[X] * g[X]).sum(1).abs().max() > 1e-3 * g[X].norm() * params[X].norm()  # not a law at X ≠ 0
+    with torch.no_grad():
+        model.get_parameter(X).copy_(start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = tc.ConservationMonitor(model, x)
+    assert not [g for g in mon.groups if g.kind == "scale"]

@@ -74,10 +74,33 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 def original_kinds(module: nn.Module, attr: str) -> list[tuple[str, str]]:
     """For each original of ``module.<attr>``: ``"row-linear"``, ``"row-invariant"``,
-    ``"invariant"`` (whole-tensor scale only) or ``"other"`` (see the module docstring)."""
-    base = {n: p.detach() for n, p in originals(module, attr)}
-    value = _value(module, attr, base)
+    ``"invariant"`` (whole-tensor scale only) or ``"other"`` (see the module docstring).
+
+    Measured at the module's originals and at a random point (an original that is zero at
+    initialization, like ``orthogonal``'s with its trivialization, is trivially "invariant"
+    there); a kind must hold at both."""
+    actual = {n: p.detach() for n, p in originals(module, attr)}
     gen = torch.Generator().manual_seed(0)
+    drawn = {}
+    for n, p in actual.items():
+        if not p.is_floating_point():
+            return [(m, "other") for m in actual]
+        size = float(p.norm()) / max(p.numel(), 1) ** 0.5
+        drawn[n] = p + (size if size > 0 else 1.0) * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    kinds = []
+    for base in (actual, drawn):
+        try:
+            kinds.append(_kinds_at(module, attr, base))
+        except Exception:  # the parametrization refuses the random point: claim nothing
+            return [(m, "other") for m in actual]
+    return [(n, a if a == b else "other") for (n, a), (_, b) in zip(*kinds)]
+
+
+def _kinds_at(module: nn.Module, attr: str, base: dict[str, Tensor]) -> list[tuple[str, str]]:
+    value = _value(module, attr, base)
+    if not bool(torch.isfinite(value).all()):
+        return [(n, "other") for n in base]
+    gen = torch.Generator().manual_seed(1)
     out = []
     for name, orig in base.items():
         kind = "other"
