@@ -417,6 +417,12 @@ def bilinear_consumer():
     return BilinearConsumer(), (randn(8, 3), randn(8, 2, seed=1)), 7, "fc units (4) read by weight[:, i, :] + bil output units (3)"
 
 
+def orthogonal():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2))
+    return m, randn(8, 4), 10, "matrix_exp of the skew part of the original's strict lower triangle: its 10 other entries are never read (zero gradient); no row-linear or scale-invariant original"
+
+
 def compiled():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -443,7 +449,7 @@ BUILDERS = {f.__name__: f for f in (
     mlp_relu_nobias, mlp_homogeneous, mlp_smooth, mlp_prelu_channels, linear_net, linear_nobias, tied, tied_transpose,
     frozen, functional, cnn_strided, cnn_1d, cnn_3d, cnn_norms, se_block, densenet, residual_mlp, mlp_mixer,
     hand_attention, mha, recurrent, embedding_mean, bilinear, bilinear_consumer, decoder, weight_norm,
-    weight_norm_consumer, spectral_norm, compiled,
+    weight_norm_consumer, spectral_norm, orthogonal, compiled,
     nested_sequential, tuple_out, dict_out)}
 
 

@@ -258,7 +258,9 @@ def test_no_scale_law_is_claimed_from_a_degenerate_initial_original():
     """orthogonal() (matrix_exp of the skew part of X's strict lower triangle, with its
     trivialization) starts from an X whose lower triangle is zero, so scaling rows of X leaves
     the weight unchanged *there*; at any other X it does not (torch.func below), so ‖X_j‖² is
-    no law and the monitor must not track it (was: 4 'scale' laws claimed)."""
+    no law and the monitor must not track it (was: 4 'scale' laws claimed). The 10 entries of X
+    the map never reads (diagonal and upper triangle) have zero gradient: linear laws, the whole
+    count (was 0 of 10 tracked)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2)).to(F64)
     x = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -271,7 +273,11 @@ def test_no_scale_law_is_claimed_from_a_degenerate_initial_original():
     assert (params[X] * g[X]).sum(1).abs().max() > 1e-3 * g[X].norm() * params[X].norm()  # not a law at X ≠ 0
     with torch.no_grad():
         model.get_parameter(X).copy_(start)
+    assert float(g[X].triu().abs().max()) == 0.0  # the entries its map never reads: linear laws
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mon = tc.ConservationMonitor(model, x)
     assert not [g for g in mon.groups if g.kind == "scale"]
+    assert [(g.kind, g.count) for g in mon.groups] == [("linear", 10)]  # diagonal + upper triangle of X
+    report = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert report.tracked_rank == 10 and report.lie_laws == 10 and report.complete

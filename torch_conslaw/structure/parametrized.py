@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-__all__ = ["is_parametrized", "originals", "original_kinds", "parametrized_incoming", "parametrization_names"]
+__all__ = ["is_parametrized", "originals", "original_kinds", "parametrized_incoming", "parametrization_names", "unread_entries"]
 
 
 def is_parametrized(module: nn.Module, attr: str | None = None) -> bool:
@@ -116,6 +116,40 @@ def _kinds_at(module: nn.Module, attr: str, base: dict[str, Tensor]) -> list[tup
             kind = "invariant"
         out.append((name, kind))
     return out
+
+
+def unread_entries(module: nn.Module, attr: str) -> dict[str, Tensor]:
+    """For each original of ``module.<attr>``, the flat indices of the entries the
+    parametrization never reads (its value does not depend on them: ``orthogonal``'s map reads
+    only the strict lower triangle of its original), measured as entries with an exactly zero
+    gradient of ⟨r, value⟩ for two random r at the module's originals and at a random point.
+    Only originals with such entries are returned."""
+    actual = {n: p.detach() for n, p in originals(module, attr)}
+    if not all(p.is_floating_point() for p in actual.values()):
+        return {}
+    gen = torch.Generator().manual_seed(2)
+    drawn = {n: p + torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for n, p in actual.items()}
+    unread = {n: torch.ones(p.numel(), dtype=torch.bool) for n, p in actual.items()}
+    plist = module.parametrizations[attr]
+    modes = [(m, m.training) for m in plist.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for base in (actual, drawn):
+            leaves = {n: p.clone().requires_grad_(True) for n, p in base.items()}
+            value = functional_call(plist, leaves, ())
+            for _ in range(2):
+                r = torch.randn(value.shape, generator=gen, dtype=torch.float64).to(value.dtype)
+                grads = torch.autograd.grad((value * r).sum(), list(leaves.values()), retain_graph=True, allow_unused=True)
+                for (n, _), gr in zip(leaves.items(), grads):
+                    if gr is not None:
+                        unread[n] &= gr.reshape(-1) == 0
+    except Exception:
+        return {}
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return {n: mask.nonzero().flatten() for n, mask in unread.items() if bool(mask.any())}
 
 
 def _reads_rows(fn: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> bool:

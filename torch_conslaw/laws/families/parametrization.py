@@ -4,7 +4,8 @@
 scaling row j of v by c > 0 leaves W, hence the model and the loss, unchanged, so
 ⟨∇_v L, v_j⟩ = 0 and ‖v_j‖² is conserved by gradient flow, one law per row. ``spectral_norm``
 computes W = V / σ(V) (σ from power-iteration vectors that do not change when V is scaled):
-‖V‖² is one law. This holds for any loss and any data, because the model never sees the scale.
+‖V‖² is one law. Entries of an original the parametrization never reads (``orthogonal`` reads
+only the strict lower triangle of its original) have zero gradient: linear laws. This holds for any loss and any data, because the model never sees the scale.
 
 Which originals are scale-invariant, per row (axis 0) or as a whole, is measured on the
 module's own originals (:func:`~torch_conslaw.structure.parametrized.original_kinds`), not
@@ -29,8 +30,8 @@ from torch import nn
 
 from ...lawgroups import LawGroup
 from ...structure import Skipped, Structure
-from ...structure.parametrized import is_parametrized, original_kinds, parametrization_names
-from ..groups import InvariantScaleLaws
+from ...structure.parametrized import is_parametrized, original_kinds, parametrization_names, unread_entries
+from ..groups import InvariantScaleLaws, LinearLaws
 from ._links import display
 
 
@@ -47,6 +48,20 @@ def propose(model: nn.Module, structure: Structure, ctx) -> tuple[list[LawGroup]
                 skipped.append(Skipped(path, None, f"{display(path, module)}: its {attr} parametrization "
                                        f"could not be evaluated alone ({type(err).__name__}: {err}); no scale law is proposed"))
                 continue
+            for orig, idx in unread_entries(module, attr).items():  # entries the weight never reads
+                qual = f"{path}.parametrizations.{attr}.{orig}" if path else f"parametrizations.{attr}.{orig}"
+                name = f"{path + '.' if path else ''}{attr} {orig} unread"
+                problem = ctx.problem((qual,), name)
+                if problem is not None:
+                    skipped.append(Skipped(path, None, problem))
+                    continue
+                reason = (
+                    f"{display(path, module)} computes {attr} with {parametrization_names(module, attr)}, which never "
+                    f"reads these {idx.numel()} entries of {orig}: their gradient is zero (linear laws, exact under "
+                    "any optimizer without weight decay)"
+                )
+                groups.append(LinearLaws(name, ((qual, lambda t, idx=idx: t.reshape(-1)[idx.to(t.device)]),), ctx.params,
+                                         producer=path, consumer=path, reason=reason))
             for orig, kind in kinds:
                 if kind not in ("row-invariant", "invariant"):
                     continue
