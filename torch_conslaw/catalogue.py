@@ -117,7 +117,10 @@ class LayerSpec:
       the input rank it recorded, and without one it reads the units as features for a
       consumer of the last axis and as channels for a convolution;
     * ``barrier(m, display)`` — set for layers that never *consume* units (normalizations):
-      why no law crosses them, given the display name of ``m``.
+      why no law crosses them, given the display name of ``m``;
+    * ``input_outgoing(m, positions, arg)`` — for a layer with several tensor inputs that is
+      linear in each (``nn.Bilinear``): ``(units, readers)`` of the units arriving on input
+      ``arg`` (replaces ``in_units`` / ``outgoing``); raise ``ValueError`` with the reason.
     """
 
     name: str
@@ -130,6 +133,7 @@ class LayerSpec:
     diagonal: bool = False
     flat_input: bool = False
     barrier: Callable[[nn.Module, str], str] | None = None
+    input_outgoing: Callable[[nn.Module, int, int], tuple[int, list[RowReader]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,7 @@ def register_layer(
     diagonal: bool = False,
     flat_input: bool = False,
     barrier: Callable[[nn.Module, str], str] | None = None,
+    input_outgoing: Callable[[nn.Module, int, int], tuple[int, list[RowReader]]] | None = None,
 ) -> None:
     """Declare a parametrized layer type; see :class:`LayerSpec` for the meaning of each field.
 
@@ -236,7 +241,7 @@ def register_layer(
             raise ValueError(f"register_layer: {axis_name} must be 'last' or 'channel', got {axis!r}")
     _LAYERS[layer_type] = LayerSpec(
         name or layer_type.__name__, out_units, in_units, out_axis, in_axis, incoming, outgoing,
-        diagonal, flat_input, barrier,
+        diagonal, flat_input, barrier, input_outgoing,
     )
 
 
@@ -622,6 +627,37 @@ for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         out_axis="channel",
         in_axis="channel",
     )
+
+def _bilinear_outgoing(module: nn.Module, positions: int) -> list[RowReader]:
+    raise ValueError(
+        "nn.Bilinear reads two inputs, and a unit of one of them is read by a slice of its weight "
+        "that depends on which input it arrives at (the finder could not tell which)"
+    )
+
+
+def _bilinear_input_outgoing(module: nn.Module, positions: int, arg: int) -> tuple[int, list[RowReader]]:
+    """y_k = x1ᵀ A_k x2 + b_k is linear in each input: unit i of x1 is read by A[:, i, :], unit
+    j of x2 by A[:, :, j]."""
+    if positions != 1:
+        raise ValueError("nn.Bilinear cannot consume a flattened tensor")
+    if arg == 0:
+        return int(module.in1_features), [("weight", lambda w: w.transpose(0, 1).flatten(1))]
+    if arg == 1:
+        return int(module.in2_features), [("weight", lambda w: w.permute(2, 0, 1).flatten(1))]
+    raise ValueError(f"nn.Bilinear has two inputs, not an input {arg}")
+
+
+# y_k = x1ᵀ A_k x2 + b_k: output unit k is produced by A_k (weight[k]) and b_k alone, so scaling
+# them by λ scales unit k by λ (a producer like Linear); as a consumer it is linear in each input.
+register_layer(
+    nn.Bilinear,
+    out_units=lambda m: m.out_features,
+    in_units=lambda m: m.in1_features,
+    incoming=lambda m: _with_bias(m, lambda w: w.flatten(1)),
+    outgoing=_bilinear_outgoing,
+    input_outgoing=_bilinear_input_outgoing,
+)
+
 
 def _embedding_incoming(module: nn.Module) -> list[RowReader]:
     """``nn.Embedding`` is ``one_hot(ids) @ E``, a Linear layer with weight Eᵀ and no bias: unit

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..lawgroups import LawGroup
 
-__all__ = ["DifferenceLaws", "LinearLaws", "NormScaleLaws"]
+__all__ = ["DifferenceLaws", "InvariantScaleLaws", "LinearLaws", "NormScaleLaws"]
 
 F64 = torch.float64
 Reader = tuple[str, Callable[[Tensor], Tensor]]
@@ -167,6 +167,20 @@ class NormScaleLaws(_StandaloneGroup):
 
     def scale(self, params: Mapping[str, Tensor]) -> Tensor:
         return self.values(params)
+
+
+class InvariantScaleLaws(NormScaleLaws):
+    """Σ_readers ‖row_u‖² per law u, **exact**: the model does not change when a row is
+    scaled (the direction v of ``weight_norm``, the whole original of ``spectral_norm``), so
+    the gradient is orthogonal to it and ‖row‖² is conserved by gradient flow; under SGD it
+    grows by exactly η²‖g_row‖² per step (second order only)."""
+
+    kind = "scale"
+    approximate = False
+
+    def __init__(self, name, readers, params, *, producer, consumer, reason) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(name, readers, params, producer=producer, consumer=consumer, reason=reason)
+        self.expected_conserved = True
 
 
 class DifferenceLaws(_StandaloneGroup):

@@ -365,12 +365,16 @@ class ActivationRecorder(TorchFunctionMode):
         super().__init__()
         self.calls: list[ConstantUnits] = []
         self.floating_numel = 0
+        self.balance = 0.5  # min over ReLU-like units of min(p, 1 − p), p: the unit's active share
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func in _RELU_LIKE and args and isinstance(args[0], Tensor) and args[0].dim() >= 2:
             z = args[0].detach()
             feature = z.dim() - 1 if z.dim() == 3 else 1
             active = (z > 0).movedim(feature, 0).reshape(z.shape[feature], -1)
+            if active.shape[1]:
+                share = active.double().mean(1)
+                self.balance = min(self.balance, float(torch.minimum(share, 1 - share).min()))
             self.calls.append(
                 ConstantUnits(
                     call=len(self.calls),

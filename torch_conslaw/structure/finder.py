@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
 from .graph import _flat  # one walk over nested outputs for both graph builders
+from .parametrized import is_parametrized, original_kinds, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
 
@@ -788,8 +789,8 @@ def _through(
 
 
 def _consumer_rows(
-    model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int
-) -> tuple[tuple[RowReader, ...], int] | str:
+    model: nn.Module, nodes: list[_Node], prod: _Node, j: int, state: _Layout, units: int, pred: int | None = None
+) -> tuple[tuple[RowReader, ...], int] | tuple[tuple[RowReader, ...], int, bool] | str:
     """The outgoing readers of consumer ``j`` and its columns per unit, or the reason why it
     cannot read the units of ``prod`` laid out as ``state`` says."""
     pspec, cons = prod.spec, nodes[j]
@@ -819,12 +820,39 @@ def _consumer_rows(
             f"{_typed(prod, pspec)} are on axis '{layout}': no channel → column mapping"
             + (f" (its input is {rank}-D)" if rank is not None else "")
         )
-    elif cspec.in_units(cmod) != units:
+    if cspec.input_outgoing is not None and layout == cspec.in_axis:  # several inputs, linear in each
+        inputs = cons.inputs
+        if pred is None or pred not in inputs or len(inputs) < 2:
+            return (
+                f"{cons.name} has several inputs and the units of {prod.name} reach it on an input the finder "
+                "cannot tell apart (the same tensor on several inputs?): no law ends at it"
+            )
+        try:
+            width, outgoing = cspec.input_outgoing(cmod, positions, inputs.index(pred))
+        except ValueError as err:
+            return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+        if width != units:
+            return f"{cons.name} consumes {width} units on that input but {prod.name} produces {units}"
+        state.layout = layout
+        return tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing), positions
+    if layout != "flat" and layout == cspec.in_axis and cspec.in_units(cmod) != units:
         return f"{cons.name} consumes {cspec.in_units(cmod)} units but {prod.name} produces {units}"
     try:
         outgoing = cspec.outgoing(cmod, positions)
     except ValueError as err:
         return f"{cons.name} cannot be read as the outgoing layer of {prod.name}: {err}"
+    computed = [a for a, _ in outgoing if is_parametrized(cmod, a)]
+    if computed:  # W[:, j] of weight_norm / spectral_norm cannot be scaled alone through the originals
+        scaling = [n for n, k in original_kinds(cmod, computed[0]) if k == "row-linear"] if len(computed) == 1 else []
+        if scaling:  # ... but all of W can (weight_norm's g): one law for all the units together
+            state.layout = layout
+            whole = ((f"{cons.module_path}.parametrizations.{computed[0]}.{scaling[0]}", lambda t: t.reshape(1, -1)),)
+            return whole, positions, True
+        return (
+            f"{cons.name} computes its {computed[0]} with a parametrization "
+            f"({parametrization_names(cmod, computed[0])}), so the columns that read a unit of "
+            f"{prod.name} cannot be scaled alone: no rescaling law ends at it"
+        )
     state.layout = layout
     return tuple((f"{cons.module_path}.{a}", f) for a, f in outgoing), positions
 
@@ -845,6 +873,8 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
         return f"between {prod.name} and {first.name}: {first.spec.barrier(model.get_submodule(first.module_path), first.name)}"
     try:
         incoming = pspec.incoming(pmod)
+        if is_parametrized(pmod):  # weight_norm: unit j is rescaled through g_j, not W[j]
+            incoming = parametrized_incoming(pmod, incoming)
     except ValueError as err:  # e.g. a normalization without affine parameters
         return f"{prod.module_path} ({type(pmod).__name__}) {err}"
     rank = prod.in_ndim if pspec.flat_input else None
@@ -863,7 +893,8 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
     for j, arm_ops in arms:
         state = _Layout(shared.layout, shared.may_be_last, shared.mixing)
         _, problem = _through(model, nodes, prod, arm_ops, state, nodes[j].name, names, kinds, broken)
-        rows = problem if problem is not None else _consumer_rows(model, nodes, prod, j, state, units)
+        pred = arm_ops[-1] if arm_ops else (ops[-1] if ops else i)  # the node that hands the units to j
+        rows = problem if problem is not None else _consumer_rows(model, nodes, prod, j, state, units, pred)
         if isinstance(rows, str):
             if not branch:
                 return rows
@@ -872,6 +903,15 @@ def _make_pair(model: nn.Module, nodes: list[_Node], i: int, arms: list[Arm], op
                 f"the output of {prod.name}{after} feeds {len(arms)} layers ({', '.join(cnames)}); "
                 f"the arm to {nodes[j].name} breaks it: {rows}"
             )
+        if len(rows) > 2 and rows[2]:  # a consumer scaled only as a whole (weight_norm's g)
+            if branch:
+                return (
+                    f"the output of {prod.name} feeds {len(arms)} layers; {nodes[j].name} computes its weight with "
+                    "a parametrization that scales only as a whole: not supported in a branch"
+                )
+            # every unit of the producer × λ and g ÷ λ^k: ‖W‖² + ‖b‖² − k‖g‖², one law for the layer
+            incoming = [(a, lambda w, f=f: f(w).reshape(1, -1)) for a, f in incoming]
+            units, mixing = 1, False
         outgoing.extend(rows[0])
         positions.append(rows[1])
         layouts.add("last" if state.layout == "last" else "channel")

@@ -283,6 +283,14 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
         sites.append(_Site(len(sites), op.index, out, _module_of(readers[0][0]), units, axis, readers, mixing, kind))
 
     for op in g.ops:
+        if op.index in g.live and op.name == "multi_head_attention_forward" and op.outputs:
+            # its first output is out_proj(heads): unit j is row j of out_proj_weight (+ bias), a
+            # linear layer's rows like F.linear's (the head laws inside are the module's own)
+            w = param(_arg(op, 11, "out_proj_weight"))
+            if w is not None and len(g.shapes[g_vid(op, 11, "out_proj_weight")]) == 2:
+                add(op, op.outputs[0], g.shapes[g_vid(op, 11, "out_proj_weight")][0], -1, [(w, "rows")], True,
+                    "unit", _arg(op, 12, "out_proj_bias"))
+            continue
         if op.index not in g.live or len(op.outputs) != 1:
             continue
         out = op.outputs[0]

@@ -16,7 +16,9 @@ groups its symmetry gives on ``model`` and the candidates it had to refuse, with
 * :mod:`.translation` — softmax cross-entropy: column sums of the output layer (linear,
   opt-in with ``loss="cross_entropy"``);
 * :mod:`.scale` — ‖w‖² + ‖b‖² of a layer right before a normalization (approximate: exact
-  only at eps = 0).
+  only at eps = 0);
+* :mod:`.parametrization` — ‖v_j‖² of ``weight_norm``'s direction, ‖V‖² of ``spectral_norm``:
+  originals the parametrized weight does not depend on the scale of (exact, quadratic).
 
 These families match module types. With an example input, the op-graph rules of
 :mod:`torch_conslaw.structure.group_rules` add the same kinds of laws wherever the ops show
@@ -42,11 +44,11 @@ from torch import Tensor, nn
 
 from ...lawgroups import LawGroup
 from ...structure import Skipped, Structure
-from . import centering, embedding, key_bias, mean_subtraction, recurrent_bias, scale, translation
+from . import centering, embedding, key_bias, mean_subtraction, parametrization, recurrent_bias, scale, translation
 
 __all__ = ["Context", "FAMILIES", "LOSSES", "propose_laws"]
 
-FAMILIES = (mean_subtraction, centering, embedding, key_bias, recurrent_bias, translation, scale)
+FAMILIES = (mean_subtraction, centering, embedding, key_bias, recurrent_bias, translation, scale, parametrization)
 LOSSES = (None, "cross_entropy")
 """Values of ``loss``: ``None`` (laws of every loss) or a loss whose own laws are wanted."""
 
