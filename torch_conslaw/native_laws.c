@@ -53,11 +53,28 @@ static inline double tcl_f16(uint16_t h) {
 #define LOAD_BF16(p, i) tcl_bf16(((const uint16_t *)(p))[i])
 #define LOAD_F16(p, i) tcl_f16(((const uint16_t *)(p))[i])
 
+/* The values ask for the cache lines PREFETCH_AHEAD bytes past chunk [i0, i0 + C) of p (ES
+ * bytes an element) while the chunk is summed. Inside a training step θ has usually left the
+ * caches (the forward and backward passes ran through them) and the hardware prefetcher stops
+ * at every 4 KiB page: on the benchmark MLP, 1 thread, a 2-core EPYC VM, the values of the
+ * first read after a step took 10-22 % less time (four A/B runs inside training steps). The
+ * split reads two tensors and writes one; there the same prefetch cost 17-19 % more, so it
+ * has none. The address is formed as an integer (it may lie past the tensor's end, where a
+ * prefetch does not fault). Results do not change: only when the lines arrive. */
+#define PREFETCH_AHEAD 4096
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p, i0, C, ES)                                                                    \
+    for (int64_t pf = 0; pf < (C) * (ES); pf += 64)                                               \
+        __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)((i0) * (ES) + PREFETCH_AHEAD + pf)), 0, 3)
+#else
+#define PREFETCH(p, i0, C, ES) ((void)0)
+#endif
+
 /* chunks [c0, c1) of one tensor: readers r0..r1 (U, B, offset of their rows in acc). The first
  * reader with B == 1 (a column reader: one accumulator per element of the chunk) gets the
  * squares in the same loop that sums them for the readers with B > 1 (one row per chunk);
  * further B == 1 readers (rare) form them again. */
-#define VALUES(NAME, LOAD)                                                                        \
+#define VALUES(NAME, LOAD, ES)                                                                        \
     static void NAME(const void *x, int64_t C, int64_t c0, int64_t c1, const int64_t *U,          \
                      const int64_t *B, const int64_t *off, int64_t r0, int64_t r1, double *acc) { \
         int64_t col = -1;                                                                         \
@@ -65,6 +82,7 @@ static inline double tcl_f16(uint16_t h) {
             if (B[r] <= 1) col = r;                                                               \
         for (int64_t c = c0; c < c1; c++) {                                                       \
             const int64_t i0 = c * C;                                                             \
+            PREFETCH(x, i0, C, ES);                                                               \
             double s = 0.0;                                                                       \
             if (col >= 0) {                                                                       \
                 double *q = acc + off[col] + i0 % U[col];                                         \
@@ -145,10 +163,10 @@ static inline double tcl_f16(uint16_t h) {
         }                                                                                         \
     }
 
-VALUES(values_f32, LOAD_F32)
-VALUES(values_f64, LOAD_F64)
-VALUES(values_bf16, LOAD_BF16)
-VALUES(values_f16, LOAD_F16)
+VALUES(values_f32, LOAD_F32, 4)
+VALUES(values_f64, LOAD_F64, 8)
+VALUES(values_bf16, LOAD_BF16, 2)
+VALUES(values_f16, LOAD_F16, 2)
 SPLIT(split_f32, LOAD_F32, 4)
 SPLIT(split_f64, LOAD_F64, 8)
 SPLIT(split_bf16, LOAD_BF16, 2)
