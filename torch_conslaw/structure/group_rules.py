@@ -70,6 +70,7 @@ from torch import nn
 
 from .finder import Skipped
 from .graph import Op, OpGraph, Val
+from .rules import _CONV as _CONV_OPS
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
@@ -96,9 +97,11 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                     sides: dict[int, dict[str, list[tuple[int, _Side]]]], problem: Problem) -> GraphLawGroups:
     """Run every rule of this module on the propagated sites of one graph."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    from .translation_rules import added_translation_rule
+
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g)):
+                 embedding_translation_rule(g), score_bias_rule(g), added_translation_rule(model, g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -393,7 +396,10 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
         if isinstance(found, Skipped):
             yield found
         elif found is not None:
-            yield _centering(site, found)
+            # a grouped convolution (depthwise: ConvNeXt, SegFormer's Mix-FFN) gives each output
+            # channel its own inputs: a shift of W[:, j] moves the channels by different amounts
+            grouped = g.ops[site.op].name in _CONV_OPS and _arg(g.ops[site.op], 6, "groups", 1) != 1
+            yield _centering(site, found, columns=not grouped)
     for op in g.ops:  # nn.MultiheadAttention: its output is that of out_proj (one op here)
         if op.name == "multi_head_attention_forward" and op.index in g.live:
             found = _mha_out_proj(model, g, op)
@@ -498,22 +504,32 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
     return build, (weight,), name, producer
 
 
-def _centering(site, norms: list[Op]):
+def _centering(site, norms: list[Op], columns: bool = True):
+    """Column sums (``columns``; not for a grouped convolution, whose output channels read
+    different inputs) and the bias sum of a layer whose output only LayerNorms read."""
     weight, layout = site.readers[0]
     bias = site.readers[1][0] if len(site.readers) == 2 else None
+    if not columns and not bias:
+        return Skipped(site.name, None, f"no centering law for {site.name}: a grouped convolution without a bias "
+                       "(its output channels read different inputs, so its column sums are not laws)")
     axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
     consumer, suffix, said = _norms_said(norms)
     name = f"{site.name}→{suffix} centering"
     verb = "" if len(norms) > 1 else " subtracts"
-    reason = (f"{said}{verb} the mean over the features "
-              f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
-              + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
-    names = (weight,) + ((bias,) if bias else ())
+    if columns:
+        reason = (f"{said}{verb} the mean over the features "
+                  f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
+                  + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
+    else:
+        reason = (f"{said}{verb} the mean over the features of {site.name}, and its output reaches nothing else: "
+                  "Σ_i b_i is a linear law, exact at any eps (a grouped convolution: each output channel reads its "
+                  "own inputs, so the column sums are not laws)")
+    names = ((weight,) if columns else ()) + ((bias,) if bias else ())
 
     def build(params):
         from ..laws.groups import LinearLaws
 
-        readers = [(weight, lambda w, axis=axis: w.sum(axis))]
+        readers = [(weight, lambda w, axis=axis: w.sum(axis))] if columns else []
         if bias:
             readers.append((bias, lambda b: b.sum().reshape(1)))
         return LinearLaws(name, tuple(readers), params, producer=site.name, consumer=consumer, reason=reason)

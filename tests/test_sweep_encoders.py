@@ -1,0 +1,268 @@
+"""Rules found by the sweep of tiny Hugging Face encoder, vision and seq2seq architectures
+(experiments/hf_sweep.py; table in results/hf_sweep_encoders.md), checked on hand-written
+models through the public API:
+
+* parameter terms added at the same places (ViT / DeiT / DINOv2's [CLS] token and position
+  row 0; the patch convolution's bias and position rows 1..N; two layers' biases added
+  together): a translation law per feature between them;
+* a grouped (depthwise) convolution whose channels reach only a LayerNorm (ConvNeXt): only
+  its bias sum is a centering law, not its column sums.
+
+Every tracked law is checked independently: ⟨∇h, ∂_θ⟨u, f⟩⟩ ≈ 0 (float64, torch.func), and
+by hand on the gradients of a loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torch_conslaw as tc
+from torch_conslaw import ConservationMonitor
+
+from graph_helpers import law_residuals
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+def _monitor(model, x):
+    return ConservationMonitor(model, x, every=1, recording="sync")
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _grads(model, x):
+    model.zero_grad()
+    (model(x) * _x(*model(x).shape, seed=7)).sum().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------ [CLS] + patches + positions
+class PatchCls(nn.Module):
+    """ViT's embeddings: a patch convolution, [CLS] concatenated in front, position
+    embeddings added (``pos_rows``: 1 + patches, or only the patches); a LayerNorm, tanh and a
+    linear head (``reuse``: the [CLS] + patches value is also read by the head, before the add)."""
+
+    def __init__(self, pos_rows: int = 5, reuse: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 3, 2, 2)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 3)), nn.Parameter(torch.randn(1, pos_rows, 3))
+        self.ln, self.head = nn.LayerNorm(3), nn.Linear(3, 2)
+        self.reuse = reuse
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        if self.pos.shape[1] != p.shape[1]:
+            h = torch.cat([cls, p], dim=1)
+            s = h + self.pos
+        else:  # positions for the patches only
+            s = h = torch.cat([cls, p + self.pos], dim=1)
+        y = self.head(torch.tanh(self.ln(s)))
+        return y + self.head(h).tanh() if self.reuse else y
+
+
+def test_cls_token_and_patch_bias_translate_against_the_position_rows_they_share():
+    torch.manual_seed(0)
+    model, x = PatchCls().double(), _x(3, 1, 4, 4)
+    groups = {g.name: g for g in _monitor(model, x).groups if "translation" in g.name}
+    assert sorted((n, g.count) for n, g in groups.items()) == [
+        ("cls−pos[0] translation", 3), ("patch.bias−pos[1..4] translation", 3)]
+    assert law_residuals(model, x, list(groups.values()), lambda o: o) <= 1e-10
+    g = _grads(model, x)  # by hand: the two sides get the same gradient, feature by feature
+    assert torch.allclose(g["cls"].reshape(3), g["pos"][0, 0], rtol=0, atol=1e-12)
+    assert torch.allclose(g["patch.bias"], g["pos"][0, 1:].sum(0), rtol=0, atol=1e-12)
+    assert (g["cls"].reshape(3) - g["pos"][0, 1]).abs().max() > 1e-6  # a wrong row pairing is not a law
+
+
+def test_the_translation_completes_the_patch_embedding():
+    torch.manual_seed(0)
+    model, x = PatchCls().double(), _x(3, 1, 4, 4)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.lie_laws == r.tracked_rank == 15 and r.complete  # was 11 of 15 without the rule
+
+
+def test_no_translation_for_a_term_that_meets_no_partner_or_is_read_elsewhere():
+    torch.manual_seed(0)
+    model, x = PatchCls(pos_rows=4).double(), _x(3, 1, 4, 4)  # positions only on the patches
+    names = {g.name for g in _monitor(model, x).groups if "translation" in g.name}
+    assert names == {"patch.bias−pos[all rows] translation"}  # [CLS] meets no position row
+    g = _grads(model, x)
+    assert torch.allclose(g["patch.bias"], g["pos"][0].sum(0), rtol=0, atol=1e-12)
+    model, x = PatchCls(reuse=True).double(), _x(3, 1, 4, 4)  # [CLS] + patches also read by the head
+    monitor = _monitor(model, x)
+    assert not [g for g in monitor.groups if "translation" in g.name]
+    g = _grads(model, x)
+    assert (g["cls"].reshape(3) - g["pos"][0, 0]).abs().max() > 1e-6  # and it is not a law there
+
+
+class TwoBiases(nn.Module):
+    """y = out(tanh(a(x))) + skip(x): the two output biases are added at every element."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out, self.skip = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x))) + self.skip(x)
+
+
+def test_two_layer_biases_added_together_translate():
+    torch.manual_seed(0)
+    model, x = TwoBiases().double(), _x(5, 3)
+    groups = [g for g in _monitor(model, x).groups if "translation" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("out.bias−skip.bias translation", 2)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    g = _grads(model, x)
+    assert torch.allclose(g["out.bias"], g["skip.bias"], rtol=0, atol=1e-12)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 2
+
+
+# ------------------------------------------------------------------ a depthwise convolution before a LayerNorm
+class DepthwiseLN(nn.Module):
+    """ConvNeXt's block start: a depthwise (or grouped) 3×3 convolution, channels moved last,
+    a LayerNorm over them."""
+
+    def __init__(self, groups: int = 4) -> None:
+        super().__init__()
+        self.dw, self.ln, self.head = nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.ln(self.dw(x).permute(0, 2, 3, 1))))
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+def test_a_grouped_convolution_before_a_layer_norm_keeps_its_bias_sum_only(groups):
+    torch.manual_seed(0)
+    model, x = DepthwiseLN(groups).double(), _x(3, 4, 3, 3)
+    monitor = _monitor(model, x)
+    linear = [g for g in monitor.groups if g.kind == "linear"]
+    assert [(g.name, g.count, g.parameter_names) for g in linear] == [("dw→ln centering", 1, ("dw.bias",))]
+    assert law_residuals(model, x, linear, lambda o: o) <= 1e-10
+    g = _grads(model, x)  # by hand: Σ_c ∂b_c vanishes; the column sums of the weight do not
+    assert g["dw.bias"].sum().abs() <= 1e-12 * g["dw.bias"].abs().max()
+    assert g["dw.weight"].sum(0).abs().max() > 1e-6
+
+
+def test_a_depthwise_convolution_before_a_layer_norm_is_complete():
+    torch.manual_seed(0)
+    model, x = DepthwiseLN(4).double(), _x(3, 4, 3, 3)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 1  # was 0 of 1: the proposal failed its check
+
+
+# ------------------------------------------------------------------ a grouped convolution reading the units
+class MixFFN(nn.Module):
+    """SegFormer's Mix-FFN: fc1 on tokens, the tokens laid out on their 2×2 grid, a depthwise
+    3×3 convolution, GELU, fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.dw, self.fc2 = nn.Linear(3, 4), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        b, n, c = h.shape
+        h = self.dw(h.transpose(1, 2).reshape(b, c, 2, 2)).flatten(2).transpose(1, 2)
+        return self.fc2(nn.functional.gelu(h))
+
+
+class GroupedChain(nn.Module):
+    """ResNeXt / RegNet's middle: a 1×1 convolution, ReLU, a grouped 3×3 convolution, ReLU, a 1×1."""
+
+    def __init__(self, groups: int = 2) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(1, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_depthwise_convolution_reads_the_units_of_the_layer_before_it():
+    torch.manual_seed(0)
+    model, x = MixFFN().double(), _x(3, 4, 3)
+    groups = [g for g in _monitor(model, x).groups if g.kind != "linear"]
+    assert [(g.name, g.kind, g.count) for g in groups] == [("fc1→dw", "unit", 4)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    g, p = _grads(model, x), dict(model.named_parameters())  # by hand: d/dt(‖w_in,c‖² − ‖w_out,c‖²) = 0
+    inc = (p["fc1.weight"] * g["fc1.weight"]).sum(1) + p["fc1.bias"] * g["fc1.bias"]
+    out = (p["dw.weight"] * g["dw.weight"]).flatten(1).sum(1)  # depthwise: channel c is read by dw.weight[c]
+    assert torch.allclose(inc, out, rtol=0, atol=1e-12) and inc.abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_a_grouped_convolution_between_two_relus_keeps_both_channel_laws(groups):
+    torch.manual_seed(0)
+    model, x = GroupedChain(groups).double(), _x(3, 1, 3, 3)
+    monitor = _monitor(model, x)
+    assert [(g.name, g.count) for g in monitor.groups] == [("a→b", 4), ("b→c", 4)]
+    assert law_residuals(model, x, monitor.groups, lambda o: o) <= 1e-10
+    g, p = _grads(model, x), dict(model.named_parameters())
+    inc = (p["a.weight"] * g["a.weight"]).flatten(1).sum(1) + p["a.bias"] * g["a.bias"]
+    m, n = 4 // groups, 4 // groups  # outputs and inputs per group: channel i is read by w[g·m:(g+1)·m, i − g·n]
+    out = torch.stack([(p["b.weight"] * g["b.weight"])[i // n * m:(i // n + 1) * m, i % n].sum() for i in range(4)])
+    assert torch.allclose(inc, out, rtol=0, atol=1e-12) and inc.abs().max() > 1e-6
+
+
+def test_a_grouped_convolution_consumer_is_complete():
+    torch.manual_seed(0)
+    model, x = MixFFN().double(), _x(3, 4, 3)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 4  # was 0 of 4: the grouped conv ended the units
+
+
+# ------------------------------------------------------------------ an in-place residual addition
+class InPlaceResidual(nn.Module):
+    """HF ResNet's block: ``hidden += residual`` (in place) on a fresh convolution output."""
+
+    def __init__(self, in_place: bool = True) -> None:
+        super().__init__()
+        self.stem, self.c1, self.c2, self.head = (nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1),
+                                                  nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 2, 1))
+        self.in_place = in_place
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.c2(torch.relu(self.c1(h)))
+        if self.in_place:
+            y += h
+        else:
+            y = y + h
+        return self.head(torch.relu(y))
+
+
+def test_an_in_place_residual_addition_merges_the_stream_like_an_addition():
+    torch.manual_seed(0)
+    x = _x(3, 1, 3, 3)
+    names = {}
+    for in_place in (True, False):
+        model = InPlaceResidual(in_place).double()
+        monitor = _monitor(model, x)
+        names[in_place] = [(g.name, g.count) for g in monitor.groups]
+        assert law_residuals(model, x, monitor.groups, lambda o: o) <= 1e-10
+    assert names[True] == names[False] == [("c1→c2", 3), ("stem+c2→c1+head", 3)]
+
+
+def test_an_in_place_addition_on_a_value_read_elsewhere_stays_a_barrier():
+    class Aliased(InPlaceResidual):
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            y = self.c2(torch.relu(self.c1(h)))
+            z = y * 2  # y is read before it is changed in place
+            y += h
+            return self.head(torch.relu(y)) + z.mean()
+
+    torch.manual_seed(0)
+    model, x = Aliased().double(), _x(3, 1, 3, 3)
+    monitor = _monitor(model, x)
+    assert not [g for g in monitor.groups if "+" in g.name]
+    assert any("an in-place op on the units" in str(s) for s in monitor.skipped)
