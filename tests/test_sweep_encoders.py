@@ -266,3 +266,36 @@ def test_an_in_place_addition_on_a_value_read_elsewhere_stays_a_barrier():
     monitor = _monitor(model, x)
     assert not [g for g in monitor.groups if "+" in g.name]
     assert any("an in-place op on the units" in str(s) for s in monitor.skipped)
+
+
+# ------------------------------------------------------------------ a bias cancelled by linear ops
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer: GroupNorm, then ``avg_pool(h) − h`` (``count_include_pad=False``:
+    an average of a constant is that constant, so the GroupNorm's β cancels)."""
+
+    def __init__(self, include_pad: bool = False) -> None:
+        super().__init__()
+        self.stem, self.norm, self.head = nn.Conv2d(1, 3, 1), nn.GroupNorm(1, 3), nn.Conv2d(3, 2, 1)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=include_pad)
+
+    def forward(self, x):
+        h = self.norm(self.stem(x))
+        return self.head(torch.tanh(self.pool(h) - h))
+
+
+def test_a_bias_whose_shift_avg_pool_minus_identity_cancels_is_a_law_entry_by_entry():
+    torch.manual_seed(0)
+    model, x = PoolMixer().double(), _x(3, 1, 3, 3)
+    groups = [g for g in _monitor(model, x).groups if "cancelled shift" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("norm.bias cancelled shift", 3)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    assert _grads(model, x)["norm.bias"].abs().max() <= 1e-12  # by hand: no gradient at all
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 4  # was 1 of 4 (the 3 were called unread entries)
+
+
+def test_no_cancelled_shift_when_the_pool_counts_the_padding():
+    torch.manual_seed(0)
+    model, x = PoolMixer(include_pad=True).double(), _x(3, 1, 3, 3)
+    assert not [g for g in _monitor(model, x).groups if "cancelled shift" in g.name]
+    assert _grads(model, x)["norm.bias"].abs().max() > 1e-6  # the border averages see fewer copies

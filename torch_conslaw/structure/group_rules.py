@@ -97,11 +97,13 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                     sides: dict[int, dict[str, list[tuple[int, _Side]]]], problem: Problem) -> GraphLawGroups:
     """Run every rule of this module on the propagated sites of one graph."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    from .shift_rules import vanishing_shift_rule
     from .translation_rules import added_translation_rule
 
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g), added_translation_rule(model, g)):
+                 embedding_translation_rule(g), score_bias_rule(g), added_translation_rule(model, g),
+                 vanishing_shift_rule(model, g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
