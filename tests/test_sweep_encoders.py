@@ -104,6 +104,39 @@ def test_no_translation_for_a_term_that_meets_no_partner_or_is_read_elsewhere():
     assert (g["cls"].reshape(3) - g["pos"][0, 0]).abs().max() > 1e-6  # and it is not a law there
 
 
+class ClipEmbeddings(nn.Module):
+    """CLIP's vision embeddings: a class embedding (a vector), a patch convolution without bias,
+    and position embeddings looked up at a buffer of ids (``ids_from_input``: at the input's own
+    integer channel instead, so the rows depend on the input)."""
+
+    def __init__(self, ids_from_input: bool = False) -> None:
+        super().__init__()
+        self.patch, self.cls, self.pos = nn.Conv2d(1, 3, 2, 2, bias=False), nn.Parameter(torch.randn(3)), nn.Embedding(5, 3)
+        self.register_buffer("ids", torch.arange(5)[None])
+        self.ln, self.head = nn.LayerNorm(3), nn.Linear(3, 2)
+        self.ids_from_input = ids_from_input
+
+    def forward(self, x):
+        p = self.patch(x).flatten(2).transpose(1, 2)
+        ids = (x[:, 0, 0, :1] > 0).long() + self.ids if self.ids_from_input else self.ids
+        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), p], dim=1) + self.pos(ids.clamp_max(4))
+        return self.head(torch.tanh(self.ln(h)))
+
+
+def test_a_lookup_at_fixed_ids_is_a_term_too():
+    torch.manual_seed(0)
+    model, x = ClipEmbeddings().double(), _x(3, 1, 4, 4)
+    groups = [g for g in _monitor(model, x).groups if "translation" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("cls−pos.weight[0] translation", 3)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    g = _grads(model, x)
+    assert torch.allclose(g["cls"], g["pos.weight"][0], rtol=0, atol=1e-12)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 12  # was 10 of 12
+    model = ClipEmbeddings(ids_from_input=True).double()  # the input picks the rows: not a term
+    assert not [g for g in _monitor(model, x).groups if "translation" in g.name]
+
+
 class TwoBiases(nn.Module):
     """y = out(tanh(a(x))) + skip(x): the two output biases are added at every element."""
 

@@ -14,12 +14,15 @@ one linear law per feature:
 
     Σ_{r ∈ R_A} A[r, k] − Σ_{r ∈ R_B} B[r, k]
 
-ViT / DeiT / DINOv2: ``cls_token[k] − pos[0, k]`` (the [CLS] token and position row 0 are both
+An embedding lookup whose ids do not depend on the input (CLIP's position embedding reads the
+buffer ``position_ids``) is a term too, with the rows those ids pick.
+
+ViT / DeiT / DINOv2 / CLIP: ``cls_token[k] − pos[0, k]`` (the [CLS] token and position row 0 are both
 added at position 0 only) and ``patch_bias[k] − Σ_{n ≥ 1} pos[n, k]`` (the patch convolution's
 bias is added at every patch position, as are position rows 1..N). Every entry on the way must
 have one reader (a value that also flows elsewhere would see the shift), and each parameter
 must be read by one op. Like every law these are verified numerically before they are tracked.
-Embedding lookups (rows chosen by the input) are not terms here: their translation is
+Lookups whose rows the input chooses are not terms here: their translation is
 :func:`~torch_conslaw.structure.group_rules.embedding_translation_rule`.
 """
 
@@ -71,6 +74,40 @@ def _bias_probe(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
         return None
     probe = torch.arange(n).reshape((n,) + (1,) * (len(out) - axis - 1)).expand(out[axis:]).expand(out)
     return g.params[bias.vid], probe
+
+
+def _constant(g: OpGraph, v: int) -> bool:
+    """``v`` does not depend on the model's inputs (a buffer, ``arange``, ...)."""
+    todo, seen = [v], set()
+    while todo:
+        x = todo.pop()
+        if x in g.inputs:
+            return False
+        if x in seen:
+            continue
+        seen.add(x)
+        op = g.producer(x)
+        if op is not None:
+            todo.extend(op.inputs)
+    return True
+
+
+def _fixed_lookup(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
+    """An embedding lookup whose ids do not depend on the input (CLIP's position embedding
+    reads ``position_ids``, a buffer): its table is a term, with the rows those ids pick."""
+    if op.name != "embedding" or len(op.outputs) != 1:
+        return None
+    ids, weight = _arg(op, 0, "input"), _arg(op, 1, "weight")
+    if not (isinstance(ids, Val) and isinstance(weight, Val) and weight.vid in g.params and ids.vid in g.consts):
+        return None
+    if any(_arg(op, i, k, d) not in (None, False) for i, k, d in ((2, "padding_idx", None), (3, "max_norm", None),
+                                                                   (5, "scale_grad_by_freq", False))):
+        return None  # a padding row gets no gradient; max_norm renormalizes; scaled gradients
+    if not _constant(g, ids.vid):
+        return None  # rows chosen by the input: embedding_translation_rule's business
+    shape = g.shapes[weight.vid]
+    probe = torch.nn.functional.embedding(g.consts[ids.vid].to(torch.long), torch.arange(shape[0] * shape[1]).reshape(shape))
+    return (g.params[weight.vid], probe) if tuple(probe.shape) == tuple(g.shapes[op.outputs[0]]) else None
 
 
 def _replay(op: Op, probe: Tensor, shape: tuple[int, ...]) -> Tensor | None:
@@ -174,6 +211,9 @@ def added_translation_rule(model: nn.Module, g: OpGraph):
                 isinstance(a, Val) and a.vid in ins for a in op.args[:2]) and op.args[0] != op.args[1]:
             yield from _laws(g, op, ins[op.args[0].vid], ins[op.args[1].vid])
         carried = _carry(model, g, op, ins) if ins else {}
+        table = _fixed_lookup(g, op)
+        if table is not None and uses.get(table[0], 0) == 1:
+            carried[table[0]] = table[1]
         bias = _bias_probe(g, op)
         if bias is not None and uses.get(bias[0], 0) == 1:
             carried[bias[0]] = bias[1]
