@@ -198,8 +198,9 @@ def added_translation_rule(model: nn.Module, g: OpGraph):
     docstring): yields proposals."""
     uses = g.param_uses()
     terms: dict[int, Terms] = {}
-    for vid, name in g.params.items():
-        if uses.get(name, 0) == 1:
+    carriers = _MOVES | _CATS | _PLUS | _DROPOUT
+    for vid, name in g.params.items():  # a parameter read by a layer or a norm is no term: no probe for it
+        if uses.get(name, 0) == 1 and g.ops[g.users[vid][0]].name in carriers:
             terms[vid] = {name: torch.arange(torch.Size(g.shapes[vid]).numel()).reshape(g.shapes[vid])}
     for op in g.ops:
         if op.index not in g.live or len(op.outputs) != 1:
