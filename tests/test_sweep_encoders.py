@@ -106,20 +106,21 @@ def test_no_translation_for_a_term_that_meets_no_partner_or_is_read_elsewhere():
 
 class ClipEmbeddings(nn.Module):
     """CLIP's vision embeddings: a class embedding (a vector), a patch convolution without bias,
-    and position embeddings looked up at a buffer of ids (``ids_from_input``: at the input's own
-    integer channel instead, so the rows depend on the input)."""
+    and position embeddings looked up at a buffer of ids (``ids``: "buffer"; "input": ids that
+    the input shifts; "slice": the buffer sliced to the input's length, as BERT does)."""
 
-    def __init__(self, ids_from_input: bool = False) -> None:
+    def __init__(self, ids: str = "buffer") -> None:
         super().__init__()
         self.patch, self.cls, self.pos = nn.Conv2d(1, 3, 2, 2, bias=False), nn.Parameter(torch.randn(3)), nn.Embedding(5, 3)
-        self.register_buffer("ids", torch.arange(5)[None])
+        self.register_buffer("ids", torch.arange(5 if ids != "slice" else 8)[None])
         self.ln, self.head = nn.LayerNorm(3), nn.Linear(3, 2)
-        self.ids_from_input = ids_from_input
+        self.mode = ids
 
     def forward(self, x):
         p = self.patch(x).flatten(2).transpose(1, 2)
-        ids = (x[:, 0, 0, :1] > 0).long() + self.ids if self.ids_from_input else self.ids
-        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), p], dim=1) + self.pos(ids.clamp_max(4))
+        ids = {"buffer": lambda: self.ids, "input": lambda: ((x[:, 0, 0, :1] > 0).long() + self.ids).clamp_max(4),
+               "slice": lambda: self.ids[:, :p.shape[1] + 1]}[self.mode]()
+        h = torch.cat([self.cls.expand(x.shape[0], 1, -1), p], dim=1) + self.pos(ids)
         return self.head(torch.tanh(self.ln(h)))
 
 
@@ -133,8 +134,9 @@ def test_a_lookup_at_fixed_ids_is_a_term_too():
     assert torch.allclose(g["cls"], g["pos.weight"][0], rtol=0, atol=1e-12)
     r = tc.analyze(model, x, theta="random", max_seconds=60)
     assert r.complete and r.lie_laws == r.tracked_rank == 12  # was 10 of 12
-    model = ClipEmbeddings(ids_from_input=True).double()  # the input picks the rows: not a term
-    assert not [g for g in _monitor(model, x).groups if "translation" in g.name]
+    for ids in ("input", "slice"):  # rows picked by the input, or by its length: not a term
+        model = ClipEmbeddings(ids).double()
+        assert not [g for g in _monitor(model, x).groups if "translation" in g.name]
 
 
 class TwoBiases(nn.Module):
@@ -374,3 +376,70 @@ def test_an_eps_below_the_rank_threshold_does_not_make_an_approximate_law_look_e
     # was 9 of 10: the stream's joint scale (exact at eps = 0 only) counted as an exact law
     assert r.complete and r.lie_laws == r.tracked_rank == 9 and r.lie.n_laws_eps0 == 10
     assert any("below the rank threshold" in n for n in r.notes)
+
+
+# ------------------------------------------------------------------ a LayerNorm's β writing a stream only LayerNorms read
+class NormStream(nn.Module):
+    """Swin / SegFormer's patch embedding: a LayerNorm whose output starts a pre-norm stream
+    (``leak``: part of the stream is also returned)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.patch, self.norm, self.ln1, self.f = nn.Linear(3, 4), nn.LayerNorm(4), nn.LayerNorm(4), nn.Linear(4, 4)
+        self.ln, self.head = nn.LayerNorm(4), nn.Linear(4, 2)
+        self.leak = leak
+
+    def forward(self, x):
+        h = self.norm(self.patch(x))
+        h = h + self.f(torch.tanh(self.ln1(h)))
+        y = self.head(torch.tanh(self.ln(h)))
+        return y + h[..., :2] if self.leak else y
+
+
+def test_the_beta_of_a_layer_norm_that_writes_a_stream_read_only_by_layer_norms_keeps_its_sum():
+    torch.manual_seed(0)
+    model, x = NormStream().double(), _x(3, 5, 3)
+    groups = [g for g in _monitor(model, x).groups if g.name.startswith("norm.bias")]
+    assert [(g.name, g.count) for g in groups] == [("norm.bias→ln1 +1 LayerNorms centering", 1)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    g = _grads(model, x)
+    assert g["norm.bias"].sum().abs() <= 1e-12 * g["norm.bias"].abs().max()
+    assert g["norm.weight"].sum().abs() > 1e-6  # γ has no such law
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 10  # was 9 of 10
+    model = NormStream(leak=True).double()
+    assert not [g for g in _monitor(model, x).groups if g.name.startswith("norm.bias")]
+
+
+# ------------------------------------------------------------------ zero padding of the positions
+class PadWindows(nn.Module):
+    """Swin pads its windows: ``F.pad`` of the positions (not the channels) with ``value``."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.norm, self.fc, self.out = nn.LayerNorm(3), nn.Linear(3, 4), nn.Linear(4, 2)
+        self.value = value
+
+    def forward(self, x):  # [batch, H, W, channels]
+        h = nn.functional.pad(self.norm(x), (0, 0, 0, 1, 0, 1), value=self.value)
+        return self.out(torch.relu(self.fc(h)))
+
+
+def test_zero_padding_of_the_positions_keeps_the_units():
+    torch.manual_seed(0)
+    model, x = PadWindows().double(), _x(2, 3, 3, 3)
+    monitor = _monitor(model, x)
+    assert sorted((g.name, g.count) for g in monitor.groups) == [("fc→out", 4), ("norm→fc", 3)]
+    assert law_residuals(model, x, monitor.groups, lambda o: o) <= 1e-10
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.complete and r.lie_laws == r.tracked_rank == 7  # was 4 of 7
+    model = PadWindows(value=1.0).double()  # a constant that does not scale
+    assert [g.name for g in _monitor(model, x).groups] == ["fc→out"]
+
+
+# ------------------------------------------------------------------ a law written over many variables
+def test_a_polynomial_law_over_a_thousand_variables_is_written_without_recursion():
+    # analyze's degree-1 search on a tiny MobileBERT (1,424 entries) raised RecursionError in
+    # sympy.Poly, whose dense form recurses once per variable
+    laws = tc.polynomial_laws(lambda x: x[1:] ** 2, 1100, 1, symbolic=False)
+    assert [str(law) for law in laws] == ["x1"]  # φ does not read x1: by hand, its gradient is e_1 ⊥ every field

@@ -393,6 +393,13 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             found = _to_layer_norm(model, g, site.out, site.units, site.name)
         elif site.mixing and site.kind == "channel":  # a convolution whose channels become the features
             found = _channels_to_layer_norm(model, g, site)
+        elif g.ops[site.op].name == "layer_norm" and len(site.readers) == 2:
+            # a LayerNorm's β writing a stream that only LayerNorms read (Swin's and SegFormer's
+            # patch-embedding norm): β + t·1 shifts every row by t·1, which they remove
+            found = _to_layer_norm(model, g, site.out, site.units, site.name)
+            if found is not None and not isinstance(found, Skipped):
+                yield _norm_bias_centering(site.readers[1][0], site.name, found)
+                continue
         else:
             continue
         if isinstance(found, Skipped):
@@ -504,6 +511,22 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
                           reason=reason)
 
     return build, (weight,), name, producer
+
+
+def _norm_bias_centering(bias: str, who: str, norms: list[Op]):
+    consumer, suffix, said = _norms_said(norms)
+    name = f"{who}.bias→{suffix} centering"
+    verb = "" if len(norms) > 1 else " subtracts"
+    reason = (f"{said}{verb} the mean over the features of the output of {who}, and it reaches nothing else: "
+              f"Σ_i β_i of {bias} is a linear law, exact at any eps (its weight γ scales a centered value: no law)")
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        return LinearLaws(name, ((bias, lambda b: b.sum().reshape(1)),), params, producer=who, consumer=consumer,
+                          reason=reason)
+
+    return build, (bias,), name, who
 
 
 def _centering(site, norms: list[Op], columns: bool = True):

@@ -600,6 +600,9 @@ class _Propagation:
         if name in _POOL:
             self._pool(op, carried, _POOL[name])
             return
+        if name == "pad":
+            self._pad(op, carried)
+            return
         if name in _NORMS:
             raise _Barrier(f"{name} renormalizes the units (their rescaling is only approximately a symmetry)")
         if name in ("linear", "addmm") or name in _CONV or name in _CONV_T:
@@ -773,6 +776,26 @@ class _Propagation:
         if len(op.outputs) == 2:
             raise _Barrier("pooling with indices")
         self.emit(op, probes[0], c.matrix and linear, c.degree)
+
+    def _pad(self, op: Op, carried: list[int]) -> None:
+        """``F.pad`` with zeros along axes that carry no unit (Swin pads its windows): a zero is
+        any unit times 0, so each padded slice takes the units of its axis' first slice."""
+        pad, mode, value = _arg(op, 1, "pad"), _arg(op, 2, "mode", "constant"), _arg(op, 3, "value", None)
+        if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+            raise _Barrier("the units are not its main input")
+        if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)):
+            raise _Barrier("a pad that is not with zeros does not scale with the units")
+        c = self.state[carried[0]]
+        probe = c.probe
+        for i in range(len(pad) // 2):
+            if pad[2 * i] == 0 and pad[2 * i + 1] == 0:
+                continue
+            axis = probe.dim() - 1 - i
+            first = probe.narrow(axis, 0, 1)
+            if not bool((probe == first).all()):
+                raise _Barrier("pads an axis along which the units vary")
+            probe = first.expand(*probe.shape[:axis], self.g.shapes[op.outputs[0]][axis], *probe.shape[axis + 1:])
+        self.emit(op, probe, c.matrix, c.degree)
 
     # -- consumers ------------------------------------------------------------------------------
 

@@ -15,7 +15,10 @@ one linear law per feature:
     Σ_{r ∈ R_A} A[r, k] − Σ_{r ∈ R_B} B[r, k]
 
 An embedding lookup whose ids do not depend on the input (CLIP's position embedding reads the
-buffer ``position_ids``) is a term too, with the rows those ids pick.
+buffer ``position_ids`` as it is) is a term too, with the rows those ids pick; ids computed in
+the forward (a slice ``position_ids[:, :L]``, an ``arange``) are not, nor is a selection of a
+parameter's rows: both depend on the input's length, and a law over the rows one length reads
+would break at another.
 
 ViT / DeiT / DINOv2 / CLIP: ``cls_token[k] − pos[0, k]`` (the [CLS] token and position row 0 are both
 added at position 0 only) and ``patch_bias[k] − Σ_{n ≥ 1} pos[n, k]`` (the patch convolution's
@@ -39,9 +42,11 @@ from .rules import _ADD, _CAST, _CONV, _CONV_T, _DROPOUT, _arg
 __all__ = ["added_translation_rule"]
 
 # ops that only move, copy or select the entries of their first argument (replayed on a probe)
+# (no selection: ``pos[:, :L]`` picks rows by the input's length, and a law over the rows one
+# length reads would break on inputs of another length)
 _MOVES = {"view", "reshape", "permute", "transpose", "swapaxes", "swapdims", "flatten", "unflatten", "expand",
-          "unsqueeze", "squeeze", "__getitem__", "select", "narrow", "movedim", "moveaxis", "repeat", "tile",
-          "contiguous", "clone", "flip", "roll", "broadcast_to"} | _CAST
+          "unsqueeze", "squeeze", "movedim", "moveaxis", "repeat", "tile", "contiguous", "clone", "flip", "roll",
+          "broadcast_to"} | _CAST
 _CATS = {"cat", "concat", "concatenate"}
 _PLUS = {"add", "__add__", "__radd__"}
 Terms = dict[str, Tensor]  # parameter name → probe: at each element, the flat index of its entry (−1: none)
@@ -76,25 +81,9 @@ def _bias_probe(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
     return g.params[bias.vid], probe
 
 
-def _constant(g: OpGraph, v: int) -> bool:
-    """``v`` does not depend on the model's inputs (a buffer, ``arange``, ...)."""
-    todo, seen = [v], set()
-    while todo:
-        x = todo.pop()
-        if x in g.inputs:
-            return False
-        if x in seen:
-            continue
-        seen.add(x)
-        op = g.producer(x)
-        if op is not None:
-            todo.extend(op.inputs)
-    return True
-
-
 def _fixed_lookup(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
-    """An embedding lookup whose ids do not depend on the input (CLIP's position embedding
-    reads ``position_ids``, a buffer): its table is a term, with the rows those ids pick."""
+    """An embedding lookup at a buffer of ids used as it is (CLIP's position embedding reads
+    ``position_ids``): its table is a term, with the rows those ids pick."""
     if op.name != "embedding" or len(op.outputs) != 1:
         return None
     ids, weight = _arg(op, 0, "input"), _arg(op, 1, "weight")
@@ -103,8 +92,10 @@ def _fixed_lookup(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
     if any(_arg(op, i, k, d) not in (None, False) for i, k, d in ((2, "padding_idx", None), (3, "max_norm", None),
                                                                    (5, "scale_grad_by_freq", False))):
         return None  # a padding row gets no gradient; max_norm renormalizes; scaled gradients
-    if not _constant(g, ids.vid):
-        return None  # rows chosen by the input: embedding_translation_rule's business
+    if g.producer(ids.vid) is not None:
+        # ids computed in the forward (BERT's position_ids[:, :L], BART's arange(L)) depend on the
+        # input's length at least: a law over the rows one length reads breaks at another length
+        return None
     shape = g.shapes[weight.vid]
     probe = torch.nn.functional.embedding(g.consts[ids.vid].to(torch.long), torch.arange(shape[0] * shape[1]).reshape(shape))
     return (g.params[weight.vid], probe) if tuple(probe.shape) == tuple(g.shapes[op.outputs[0]]) else None
