@@ -50,10 +50,12 @@ BUILDERS = {
  "beit": lambda: (tf.BeitConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, vocab_size=V), pix(1, 8)),
  "deit": lambda: (tf.DeiTConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
  "resnet": lambda: (tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 6], depths=[1, 1], layer_type="basic"), pix(1, 8)),
+ "resnet_tiny": lambda: (tf.ResNetConfig(num_channels=1, embedding_size=2, hidden_sizes=[2, 4], depths=[1, 1], layer_type="basic"), pix(1, 8)),
  "mobilenetv2": lambda: (tf.MobileNetV2Config(num_channels=1, image_size=16, depth_multiplier=0.1, min_depth=2, finegrained_output=False), pix(1, 16)),
  "segformer": lambda: (tf.SegformerConfig(num_channels=1, num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[H], patch_sizes=[3], strides=[2], num_attention_heads=[2], mlp_ratios=[2], decoder_hidden_size=H), pix(1, 8)),
  "wav2vec2": lambda: (tf.Wav2Vec2Config(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0, do_stable_layer_norm=False, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
  "regnet": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=H, hidden_sizes=[H], depths=[1], groups_width=4, layer_type="x"), pix(1, 8)),
+ "regnet_tiny": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4], depths=[1], groups_width=2, layer_type="x"), pix(1, 8)),
  "poolformer": lambda: (tf.PoolFormerConfig(num_channels=1, num_encoder_blocks=1, depths=[1], hidden_sizes=[H], patch_sizes=[3], strides=[2], padding=[1], mlp_ratio=2.0), pix(1, 8)),
 }
 MAX_S = float(os.environ.get("HF_SWEEP_MAX_SECONDS", 240))  # budget of the count

@@ -443,3 +443,37 @@ def test_a_polynomial_law_over_a_thousand_variables_is_written_without_recursion
     # sympy.Poly, whose dense form recurses once per variable
     laws = tc.polynomial_laws(lambda x: x[1:] ** 2, 1100, 1, symbolic=False)
     assert [str(law) for law in laws] == ["x1"]  # φ does not read x1: by hand, its gradient is e_1 ⊥ every field
+
+
+# ------------------------------------------------------------------ a padding row tied between lookups
+class TiedTables(nn.Module):
+    """Marian / BART's ``shared`` table, also the encoder's and the decoder's ``embed_tokens``
+    (``head``: also an output layer's weight)."""
+
+    def __init__(self, head: bool = False) -> None:
+        super().__init__()
+        self.shared, self.enc, self.dec = (nn.Embedding(6, 3, padding_idx=1) for _ in range(3))
+        self.enc.weight = self.dec.weight = self.shared.weight
+        self.fc = nn.Linear(3, 2)
+        self.head = nn.Linear(3, 6, bias=False) if head else None
+        if head:
+            self.head.weight = self.shared.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.enc(ids)).mean(1) + torch.tanh(self.dec(ids[:, :2])).mean(1)
+        return self.fc(h) if self.head is None else self.head(h)
+
+
+def test_a_padding_row_tied_between_lookups_only_stays_a_law():
+    torch.manual_seed(0)
+    model, ids = TiedTables().double(), torch.tensor([[0, 1, 2, 3], [4, 5, 1, 1]])
+    groups = [g for g in _monitor(model, ids).groups if g.name == "shared.weight[1]"]
+    assert [g.count for g in groups] == [3]  # was refused: "shared.weight is shared with enc.weight, dec.weight"
+    assert law_residuals(model, ids, groups, lambda o: o) <= 1e-10
+    model.zero_grad()
+    model(ids).sum().backward()
+    assert model.shared.weight.grad[1].abs().max() == 0 and model.shared.weight.grad.abs().max() > 0
+    model = TiedTables(head=True).double()  # the output layer reads row 1 too: refused
+    monitor = _monitor(model, ids)
+    assert not [g for g in monitor.groups if g.name.endswith("[1]")]
+    assert any("shared.weight is shared with" in str(s) and "head.weight" in str(s) for s in monitor.skipped)
