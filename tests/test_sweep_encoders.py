@@ -477,3 +477,37 @@ def test_a_padding_row_tied_between_lookups_only_stays_a_law():
     monitor = _monitor(model, ids)
     assert not [g for g in monitor.groups if g.name.endswith("[1]")]
     assert any("shared.weight is shared with" in str(s) and "head.weight" in str(s) for s in monitor.skipped)
+
+
+# ------------------------------------------------------------------ a bias table gathered by index, as an SDPA mask
+class WindowBias(nn.Module):
+    """Swin's relative position bias: ``table[index]`` (a buffer of indices), heads moved first,
+    passed to SDPA as ``attn_mask`` (``sdpa`` False: added to the scores before a softmax)."""
+
+    def __init__(self, sdpa: bool = True) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(4, 12), nn.Linear(4, 4)
+        self.table = nn.Parameter(torch.randn(9, 2))
+        self.register_buffer("index", (torch.arange(5)[None, :] - torch.arange(5)[:, None]).clamp(-4, 4) + 4)
+        self.sdpa = sdpa
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, 2, 2).transpose(1, 2) for t in self.qkv(x).split(4, -1))
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        if self.sdpa:
+            h = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            h = torch.softmax(q @ k.transpose(-1, -2) / 2 + bias, dim=-1) @ v
+        return self.o(h.transpose(1, 2).reshape(b, n, 4))
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_a_bias_table_gathered_by_index_keeps_its_column_sums(sdpa):
+    torch.manual_seed(0)
+    model, x = WindowBias(sdpa).double(), _x(3, 5, 4)
+    groups = [g for g in _monitor(model, x).groups if "score bias" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("table score bias", 2)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    g = _grads(model, x)  # by hand: each head's column of the table gradient sums to zero
+    assert g["table"].sum(0).abs().max() <= 1e-12 * g["table"].abs().max()

@@ -682,6 +682,19 @@ def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None
         op = g.ops[u]
         if v in g.outputs:
             return "the lookups are an output of the model"
+        if op.name == "scaled_dot_product_attention" and _arg(op, 3, "attn_mask") == Val(v) and Val(v) not in op.args[:3]:
+            # an additive float mask on the scores, softmax over the keys (the last axis) inside
+            key = _arg(op, 1, "key")
+            if not isinstance(key, Val) or g.dtypes.get(v) == torch.bool:
+                return f"{_where(op)} reads the lookups in a way that is not followed"
+            scores = tuple(g.shapes[op.outputs[0]][:-1]) + (g.shapes[key.vid][-2],)
+            try:
+                moved = torch.broadcast_to(probe, scores)
+            except RuntimeError:
+                return f"{_where(op)} broadcasts the lookups in a way that is not followed"
+            if not bool((moved == moved[..., :1]).all()):
+                return f"the softmax of {_where(op)} runs along an axis that holds different table columns"
+            continue
         if op.name in _ADD | _ADD_IN_PLACE and len(op.outputs) == 1 and op.name not in ("sub", "__sub__", "subtract") or (
                 op.name in ("sub", "__sub__", "subtract") and op.args and op.args[0] == Val(v)):
             out = g.shapes[op.outputs[0]]
@@ -713,12 +726,28 @@ def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None
     return None
 
 
+def _gathered_rows(g: OpGraph, op: Op) -> Val | None:
+    """The 2-D parameter that ``op`` gathers rows of with an integer index tensor
+    (``table[index]``), or None."""
+    if op.name != "__getitem__" or len(op.args) != 2 or len(op.outputs) != 1:
+        return None
+    table, index = op.args
+    if not (isinstance(table, Val) and table.vid in g.params and isinstance(index, Val)):
+        return None
+    if g.dtypes.get(index.vid) not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        return None
+    shape = g.shapes[table.vid]
+    return table if len(shape) == 2 and g.shapes[op.outputs[0]] == tuple(g.shapes[index.vid]) + (shape[1],) else None
+
+
 def score_bias_rule(g: OpGraph):
     """Column sums of an embedding table added into softmax scores (see the module docstring)."""
     uses = g.param_uses()
     for op in g.ops:
-        weight = _arg(op, 1, "weight")
-        if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
+        gathered = _gathered_rows(g, op)  # table[index] (Swin's relative position bias) is a lookup too
+        weight = gathered if gathered is not None else _arg(op, 1, "weight")
+        if (op.name != "embedding" and gathered is None) or op.index not in g.live or not isinstance(weight, Val) \
+                or weight.vid not in g.params or len(g.shapes[weight.vid]) != 2:
             continue
         name = g.params[weight.vid]
         rows, cols = g.shapes[weight.vid]
@@ -726,11 +755,12 @@ def score_bias_rule(g: OpGraph):
         probe = torch.arange(cols, dtype=torch.float64).expand(g.shapes[out])
         if not g.users.get(out) or _bias_reaches_softmax(g, out, probe) is not None:
             continue  # an ordinary embedding (or one this rule cannot follow): nothing to say
-        problem = _translatable(g, op, uses)
+        problem = (None if uses.get(name, 0) == 1 else f"{name} is read by {uses.get(name, 0)} ops (tied or shared), "
+                   "not by this lookup alone") if gathered is not None else _translatable(g, op, uses)
         if problem is not None:
             yield Skipped(_module(name), None, f"no score-bias law for {name}: {problem}")
             continue
-        law = f"{_module(name)} score bias"
+        law = f"{_module(name) or name} score bias"
         reason = (f"the lookups of {name} are added into scores that a softmax normalizes along an axis on which "
                   "each column of the table is constant: adding c_j to column j shifts every softmax row alike, "
                   "so the column sums Σ_v E[v, j] are linear laws")
