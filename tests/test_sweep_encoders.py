@@ -511,3 +511,29 @@ def test_a_bias_table_gathered_by_index_keeps_its_column_sums(sdpa):
     assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
     g = _grads(model, x)  # by hand: each head's column of the table gradient sums to zero
     assert g["table"].sum(0).abs().max() <= 1e-12 * g["table"].abs().max()
+
+
+# ------------------------------------------------------------------ a key projection that is a convolution
+class ConvAttention(nn.Module):
+    """SqueezeBERT's attention: q, k, v are (grouped) 1×1 conv1d projections of [batch, channels,
+    tokens]; scores qᵀk over the channels of each head, softmax over the keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv1d(4, 4, 1, groups=2) for _ in range(3))
+        self.o = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):  # [batch, 4, tokens]
+        b, _, n = x.shape
+        q, k, v = (f(x).view(b, 2, 2, n) for f in (self.q, self.k, self.v))  # [batch, heads, d, tokens]
+        p = torch.softmax(q.transpose(-1, -2) @ k / 2, dim=-1)  # [batch, heads, queries, keys]
+        return self.o((v @ p.transpose(-1, -2)).reshape(b, 4, n))
+
+
+def test_the_bias_of_a_convolution_key_projection_is_a_key_bias_law():
+    torch.manual_seed(0)
+    model, x = ConvAttention().double(), _x(3, 4, 5)
+    groups = [g for g in _monitor(model, x).groups if "key bias" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("k key bias", 4)]
+    assert law_residuals(model, x, groups, lambda o: o) <= 1e-10
+    assert _grads(model, x)["k.bias"].abs().max() <= 1e-12  # by hand: q·b_K is the same at every key

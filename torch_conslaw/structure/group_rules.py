@@ -195,8 +195,8 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
     for sid in sorted(events):
         st = states[sid]
         site = st.site
-        if not (_linear_site(st, g) and len(site.readers) == 2):
-            continue  # no bias: nothing to propose
+        if not (site.mixing and len(site.readers) == 2):
+            continue  # no bias: nothing to propose (a Linear, Conv1D, x @ W, or a convolution's channels)
         bias = site.readers[1][0]
         used = {u for use in st.uses for u in _units(use.fiber)}
         good: list[int] = []
