@@ -69,7 +69,28 @@ BUILDERS = {
  "xglm": lambda: (tf.XGLMConfig(d_model=H, ffn_dim=I, num_layers=1, attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
  "biogpt": lambda: (tf.BioGptConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
  "mamba": lambda: (tf.MambaConfig(hidden_size=H, state_size=4, num_hidden_layers=1, vocab_size=V, expand=2, conv_kernel=2, use_mambapy=False), ids()),
+ # encoders, vision and seq2seq added by the encoder sweep (results/hf_sweep_encoders.md)
+ "bart": lambda: (tf.BartConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "marian": lambda: (tf.MarianConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=1), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "xlm_roberta": lambda: (tf.XLMRobertaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P+2), ids()),
+ "mobilebert": lambda: (tf.MobileBertConfig(hidden_size=H, embedding_size=H, intra_bottleneck_size=H, true_hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_feedforward_networks=1, vocab_size=V, max_position_embeddings=P), ids()),
+ "squeezebert": lambda: (tf.SqueezeBertConfig(hidden_size=H, embedding_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2, output_groups=2), ids()),
+ "swin": lambda: (tf.SwinConfig(image_size=8, patch_size=2, num_channels=1, embed_dim=H, depths=[1], num_heads=[2], window_size=2, mlp_ratio=2.0), pix(1, 8)),
+ "convnext": lambda: (tf.ConvNextConfig(num_channels=1, patch_size=2, num_stages=1, hidden_sizes=[H], depths=[1], image_size=8), pix(1, 8)),
+ "dinov2": lambda: (tf.Dinov2Config(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
+ "beit": lambda: (tf.BeitConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, vocab_size=V), pix(1, 8)),
+ "deit": lambda: (tf.DeiTConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
+ "resnet": lambda: (tf.ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 6], depths=[1, 1], layer_type="basic"), pix(1, 8)),
+ "resnet_tiny": lambda: (tf.ResNetConfig(num_channels=1, embedding_size=2, hidden_sizes=[2, 4], depths=[1, 1], layer_type="basic"), pix(1, 8)),
+ "mobilenetv2": lambda: (tf.MobileNetV2Config(num_channels=1, image_size=16, depth_multiplier=0.1, min_depth=2, finegrained_output=False), pix(1, 16)),
+ "segformer": lambda: (tf.SegformerConfig(num_channels=1, num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[H], patch_sizes=[3], strides=[2], num_attention_heads=[2], mlp_ratios=[2], decoder_hidden_size=H), pix(1, 8)),
+ "wav2vec2": lambda: (tf.Wav2Vec2Config(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0, do_stable_layer_norm=False, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ "regnet": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=H, hidden_sizes=[H], depths=[1], groups_width=4, layer_type="x"), pix(1, 8)),
+ "regnet_tiny": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4], depths=[1], groups_width=2, layer_type="x"), pix(1, 8)),
+ "poolformer": lambda: (tf.PoolFormerConfig(num_channels=1, num_encoder_blocks=1, depths=[1], hidden_sizes=[H], patch_sizes=[3], strides=[2], padding=[1], mlp_ratio=2.0), pix(1, 8)),
 }
+MAX_S = float(os.environ.get("HF_SWEEP_MAX_SECONDS", os.environ.get("SWEEP_MAX_SECONDS", 240)))  # budget of the count
+MAX_D = int(os.environ.get("HF_SWEEP_MAX_D", 5000))  # larger models: no count (analyze says so)
 def build(name, impl="eager"):
     cfg, x = BUILDERS[name]()
     for a in ("dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout_rate", "activation_dropout", "resid_dropout", "embed_dropout"):
@@ -82,6 +103,7 @@ def build(name, impl="eager"):
     if name == "xglm":  # XGLM's eager mask fills torch.full((), finfo(float64).min) in the default dtype (overflows in float32)
         torch.set_default_dtype(F64)
     if name == "t5enc": m = tf.T5EncoderModel(cfg)
+    elif name in ("bart", "marian"): m = (tf.BartModel if name == "bart" else tf.MarianModel)(cfg)
     elif name == "clipvision": m = tf.CLIPVisionModel(cfg)
     elif name == "whisperenc": m = tf.WhisperModel(cfg).get_encoder()
     else: m = tf.AutoModel.from_config(cfg)
@@ -116,7 +138,7 @@ def main() -> None:
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            r = tc.analyze(m, x, theta="random", max_lie_parameters=D + 1, max_seconds=float(os.environ.get("SWEEP_MAX_SECONDS", 240)))
+            r = tc.analyze(m, x, theta="random", max_lie_parameters=min(D + 1, MAX_D), max_seconds=MAX_S)
         print(r)
         for ww in {str(ww.message)[:300] for ww in w}: print("WARN analyze:", ww)
         res.update(tracked=r.tracked_rank, lie=r.lie_laws, complete=r.complete, missing=r.missing_laws)

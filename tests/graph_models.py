@@ -209,7 +209,11 @@ def linear_laws(model: nn.Module, impl: str, train: bool) -> int:
         # and the patch convolution, whose channels become the features: Σ_out W[out] per
         # (channel, i, j) and Σ b
         tokens = 0 if train else 1 + (cfg.image_size // cfg.patch_size) ** 2 + 1 + cfg.num_channels * cfg.patch_size ** 2 + 1
-        return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens
+        # translations between terms added at the same positions (before the dropout, so in train
+        # mode too): cls_token − position row 0, and the patch bias − Σ position rows 1..N, one
+        # per feature each (their feature sums repeat row sums above: 2·hidden − 2 independent)
+        translation = 2 * cfg.hidden_size
+        return key + cfg.num_hidden_layers * ((cfg.hidden_size + 1) + (cfg.intermediate_size + 1)) + tokens + translation
     if kind == "t5":
         # no biases, RMS norms (no mean subtracted), no padding_idx; the relative position bias
         # table (one column per head, shared by every layer) is added into the scores before the

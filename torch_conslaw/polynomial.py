@@ -438,7 +438,9 @@ def _law_expression(coefficients: Sequence[Any], basis: MonomialBasis, symbols: 
     terms = {tuple(int(e) for e in exps[m]): c for m, c in enumerate(coefficients) if c != 0}
     domain = "QQ" if all(isinstance(c, Fraction) for c in terms.values()) else "RR"
     coeffs = {k: (sympy.Rational(c.numerator, c.denominator) if domain == "QQ" else sympy.Float(c)) for k, c in terms.items()}
-    return sympy.Poly.from_dict(coeffs, *symbols, domain=domain).as_expr()
+    # a sum of terms, not sympy.Poly: Poly's dense representation recurses once per variable and
+    # raised RecursionError on a degree-1 search over ~1,000 entries (a tiny MobileBERT)
+    return sympy.Add(*(c * sympy.Mul(*(symbols[i] ** e for i, e in enumerate(k) if e)) for k, c in coeffs.items()))
 
 
 def _independent(coefficients: np.ndarray, basis: MonomialBasis, point: Tensor, tol: float = 1e-8) -> list[int]:

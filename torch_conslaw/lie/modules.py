@@ -552,13 +552,19 @@ RECOUNT_EPS = (EPS_WELL_CONDITIONED, 0.1, 0.01)
 """The eps tried, in order, for the recount of a count whose gaps the model's eps blurs."""
 
 
-def _recount_eps(work: nn.Module, batch: "_Batch", recorder: ActivationRecorder) -> float | None:
-    """The first eps of RECOUNT_EPS at which the ReLU-like units are no worse conditioned
+TINY_EPS_RECOUNT = (*RECOUNT_EPS, 1e-3, 1e-4)
+"""The eps tried, in order, for the count of a model whose normalization eps lies below the rank
+threshold (each still far above it)."""
+
+
+def _recount_eps(work: nn.Module, batch: "_Batch", recorder: ActivationRecorder,
+                 candidates: tuple[float, ...] = RECOUNT_EPS) -> float | None:
+    """The first eps of ``candidates`` at which the ReLU-like units are no worse conditioned
     (dead, always active, rarely active: :func:`_conditioning`) than at the model's eps, else
     None. A larger eps shrinks the normalized values, so units of γ·n + β after a normalization
     may stop changing sign (seen: LayerNorm(4) → ReLU, 1 dead and 2 always-active units at
     eps = 1 and none at the model's eps): the count there would keep laws of those inputs only."""
-    for value in RECOUNT_EPS:
+    for value in candidates:
         _, trial, _ = _probe(_with_eps(work, value), batch)
         if _conditioning(trial) <= _conditioning(recorder):
             return value
@@ -766,10 +772,22 @@ def count_laws(
         warnings.simplefilter("ignore", RankGapWarning)  # re-raised below, naming the count
         if eps is not None and eps_modules:
             work = _with_eps(work, float(eps))
+        smallest = min((getattr(sub, attr) for _, sub, attr in _eps_sites(work)), default=None)
+        tiny = eps is None and smallest is not None and smallest < rtol
+        if tiny:
+            # an eps below the rank threshold (BERT / ViT / DeiT LayerNorms: 1e-12) breaks the
+            # scale invariances by less than any rank decision sees: those approximate laws would
+            # be counted as exact. The exact count is the same for every eps > 0 (see below), so
+            # it is taken at the first eps of TINY_EPS_RECOUNT where the ReLU-like units fire as
+            # at the model's eps (the last one else: its normalized values are nearly the model's)
+            taken = _recount_eps(work, batch, recorder, TINY_EPS_RECOUNT) or TINY_EPS_RECOUNT[-1]
+            gap_notes.append(f"the smallest normalization eps ({smallest:g}) is below the rank threshold ({rtol:g}): "
+                             f"laws that hold only up to eps would look exact, so the count is taken at eps = {taken:g}")
+            work = _with_eps(work, taken)
         result = count(work, batch.size, law_basis_max_bytes)
-        eps_counts["given" if eps is None else repr(float(eps))] = result.n_laws
+        eps_counts[repr(float(taken)) if tiny else "given" if eps is None else repr(float(eps))] = result.n_laws
         unclear = any(not d.clear for ds in result.decisions for d in ds)
-        if eps is None and eps_modules and unclear:
+        if eps is None and eps_modules and unclear and not tiny:
             # the exact count is the same for every eps > 0 but isolated values (the outputs are
             # analytic in eps); a small eps blurs its gaps, so it is taken again at eps = 1 —
             # unless ReLU-like units after a normalization fire differently there (a unit of

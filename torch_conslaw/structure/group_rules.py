@@ -79,6 +79,7 @@ from torch import nn
 
 from .finder import Skipped
 from .graph import Op, OpGraph, Val
+from .rules import _CONV as _CONV_OPS
 from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
@@ -106,10 +107,13 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                     sides: dict[int, dict[str, list[tuple[int, _Side]]]], problem: Problem) -> GraphLawGroups:
     """Run every rule of this module on the propagated sites of one graph."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    from .shift_rules import vanishing_shift_rule
+    from .translation_rules import added_translation_rule
+
     out = GraphLawGroups()
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
                  embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states),
-                 centered_input_rule(g)):
+                 centered_input_rule(g), added_translation_rule(model, g), vanishing_shift_rule(model, g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
@@ -222,8 +226,11 @@ def key_bias_rule(g: OpGraph, states: dict[int, _SiteState], sides: dict[int, di
         st = states[sid]
         site = st.site
         last = len(g.shapes[site.out]) - 1
-        if not (site.kind == "unit" and site.axis % (last + 1) == last and len(site.readers) == 2):
-            continue  # no bias (a LayerNorm's β counts: it is added to every key alike): nothing to propose
+        on_last_axis = site.kind == "unit" and site.axis % (last + 1) == last
+        if not ((site.mixing or on_last_axis) and len(site.readers) == 2):
+            # no bias: nothing to propose (a Linear, Conv1D, x @ W, a convolution's channels, or a
+            # LayerNorm's β, which is added to every key alike)
+            continue
         bias = site.readers[1][0]
         used = {u for use in st.uses for u in _units(use.fiber)}
         good: list[int] = []
@@ -466,12 +473,22 @@ def centering_rule(model: nn.Module, g: OpGraph, states: dict[int, _SiteState]):
             found = _to_layer_norm(model, g, site.out, site.units, site.name)
         elif site.mixing and site.kind == "channel":  # a convolution whose channels become the features
             found = _channels_to_layer_norm(model, g, site)
+        elif g.ops[site.op].name == "layer_norm" and len(site.readers) == 2:
+            # a LayerNorm's β writing a stream that only LayerNorms read (Swin's and SegFormer's
+            # patch-embedding norm): β + t·1 shifts every row by t·1, which they remove
+            found = _to_layer_norm(model, g, site.out, site.units, site.name)
+            if found is not None and not isinstance(found, Skipped):
+                yield _norm_bias_centering(site.readers[1][0], site.name, found)
+                continue
         else:
             continue
         if isinstance(found, Skipped):
             yield found
         elif found is not None:
-            yield _centering(site, found)
+            # a grouped convolution (depthwise: ConvNeXt, SegFormer's Mix-FFN) gives each output
+            # channel its own inputs: a shift of W[:, j] moves the channels by different amounts
+            grouped = g.ops[site.op].name in _CONV_OPS and _arg(g.ops[site.op], 6, "groups", 1) != 1
+            yield _centering(site, found, columns=not grouped)
     for op in g.ops:  # nn.MultiheadAttention: its output is that of out_proj (one op here)
         if op.name == "multi_head_attention_forward" and op.index in g.live:
             found = _mha_out_proj(model, g, op)
@@ -576,22 +593,48 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
     return build, (weight,), name, producer
 
 
-def _centering(site, norms: list[Op]):
-    weight, layout = site.readers[0]
-    bias = site.readers[1][0] if len(site.readers) == 2 else None
-    axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
+def _norm_bias_centering(bias: str, who: str, norms: list[Op]):
     consumer, suffix, said = _norms_said(norms)
-    name = f"{site.name}→{suffix} centering"
+    name = f"{who}.bias→{suffix} centering"
     verb = "" if len(norms) > 1 else " subtracts"
-    reason = (f"{said}{verb} the mean over the features "
-              f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
-              + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
-    names = (weight,) + ((bias,) if bias else ())
+    reason = (f"{said}{verb} the mean over the features of the output of {who}, and it reaches nothing else: "
+              f"Σ_i β_i of {bias} is a linear law, exact at any eps (its weight γ scales a centered value: no law)")
 
     def build(params):
         from ..laws.groups import LinearLaws
 
-        readers = [(weight, lambda w, axis=axis: w.sum(axis))]
+        return LinearLaws(name, ((bias, lambda b: b.sum().reshape(1)),), params, producer=who, consumer=consumer,
+                          reason=reason)
+
+    return build, (bias,), name, who
+
+
+def _centering(site, norms: list[Op], columns: bool = True):
+    """Column sums (``columns``; not for a grouped convolution, whose output channels read
+    different inputs) and the bias sum of a layer whose output only LayerNorms read."""
+    weight, layout = site.readers[0]
+    bias = site.readers[1][0] if len(site.readers) == 2 else None
+    if not columns and not bias:
+        return Skipped(site.name, None, f"no centering law for {site.name}: a grouped convolution without a bias "
+                       "(its output channels read different inputs, so its column sums are not laws)")
+    axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
+    consumer, suffix, said = _norms_said(norms)
+    name = f"{site.name}→{suffix} centering"
+    verb = "" if len(norms) > 1 else " subtracts"
+    if columns:
+        reason = (f"{said}{verb} the mean over the features "
+                  f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
+                  + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
+    else:
+        reason = (f"{said}{verb} the mean over the features of {site.name}, and its output reaches nothing else: "
+                  "Σ_i b_i is a linear law, exact at any eps (a grouped convolution: each output channel reads its "
+                  "own inputs, so the column sums are not laws)")
+    names = ((weight,) if columns else ()) + ((bias,) if bias else ())
+
+    def build(params):
+        from ..laws.groups import LinearLaws
+
+        readers = [(weight, lambda w, axis=axis: w.sum(axis))] if columns else []
         if bias:
             readers.append((bias, lambda b: b.sum().reshape(1)))
         return LinearLaws(name, tuple(readers), params, producer=site.name, consumer=consumer, reason=reason)
@@ -719,6 +762,19 @@ def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None
         op = g.ops[u]
         if v in g.outputs:
             return "the lookups are an output of the model"
+        if op.name == "scaled_dot_product_attention" and _arg(op, 3, "attn_mask") == Val(v) and Val(v) not in op.args[:3]:
+            # an additive float mask on the scores, softmax over the keys (the last axis) inside
+            key = _arg(op, 1, "key")
+            if not isinstance(key, Val) or g.dtypes.get(v) == torch.bool:
+                return f"{_where(op)} reads the lookups in a way that is not followed"
+            scores = tuple(g.shapes[op.outputs[0]][:-1]) + (g.shapes[key.vid][-2],)
+            try:
+                moved = torch.broadcast_to(probe, scores)
+            except RuntimeError:
+                return f"{_where(op)} broadcasts the lookups in a way that is not followed"
+            if not bool((moved == moved[..., :1]).all()):
+                return f"the softmax of {_where(op)} runs along an axis that holds different table columns"
+            continue
         if op.name in _ADD | _ADD_IN_PLACE and len(op.outputs) == 1 and op.name not in ("sub", "__sub__", "subtract") or (
                 op.name in ("sub", "__sub__", "subtract") and op.args and op.args[0] == Val(v)):
             out = g.shapes[op.outputs[0]]
@@ -750,12 +806,28 @@ def _bias_reaches_softmax(g: OpGraph, v: int, probe: torch.Tensor) -> str | None
     return None
 
 
+def _gathered_rows(g: OpGraph, op: Op) -> Val | None:
+    """The 2-D parameter that ``op`` gathers rows of with an integer index tensor
+    (``table[index]``), or None."""
+    if op.name != "__getitem__" or len(op.args) != 2 or len(op.outputs) != 1:
+        return None
+    table, index = op.args
+    if not (isinstance(table, Val) and table.vid in g.params and isinstance(index, Val)):
+        return None
+    if g.dtypes.get(index.vid) not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        return None
+    shape = g.shapes[table.vid]
+    return table if len(shape) == 2 and g.shapes[op.outputs[0]] == tuple(g.shapes[index.vid]) + (shape[1],) else None
+
+
 def score_bias_rule(g: OpGraph):
     """Column sums of an embedding table added into softmax scores (see the module docstring)."""
     uses = g.param_uses()
     for op in g.ops:
-        weight = _arg(op, 1, "weight")
-        if op.name != "embedding" or op.index not in g.live or not isinstance(weight, Val) or weight.vid not in g.params:
+        gathered = _gathered_rows(g, op)  # table[index] (Swin's relative position bias) is a lookup too
+        weight = gathered if gathered is not None else _arg(op, 1, "weight")
+        if (op.name != "embedding" and gathered is None) or op.index not in g.live or not isinstance(weight, Val) \
+                or weight.vid not in g.params or len(g.shapes[weight.vid]) != 2:
             continue
         name = g.params[weight.vid]
         rows, cols = g.shapes[weight.vid]
@@ -763,11 +835,12 @@ def score_bias_rule(g: OpGraph):
         probe = torch.arange(cols, dtype=torch.float64).expand(g.shapes[out])
         if not g.users.get(out) or _bias_reaches_softmax(g, out, probe) is not None:
             continue  # an ordinary embedding (or one this rule cannot follow): nothing to say
-        problem = _translatable(g, op, uses)
+        problem = (None if uses.get(name, 0) == 1 else f"{name} is read by {uses.get(name, 0)} ops (tied or shared), "
+                   "not by this lookup alone") if gathered is not None else _translatable(g, op, uses)
         if problem is not None:
             yield Skipped(_module(name), None, f"no score-bias law for {name}: {problem}")
             continue
-        law = f"{_module(name)} score bias"
+        law = f"{_module(name) or name} score bias"
         reason = (f"the lookups of {name} are added into scores that a softmax normalizes along an axis on which "
                   "each column of the table is constant: adding c_j to column j shifts every softmax row alike, "
                   "so the column sums Σ_v E[v, j] are linear laws")

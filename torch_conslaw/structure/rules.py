@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..catalogue import RowReader
-from ..laws.families.rescaling import Columns, Rows, Whole
+from ..laws.families.rescaling import Columns, GroupedColumns, Rows, Whole
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
@@ -82,6 +82,7 @@ _LINEAR_UNARY = {"neg", "negative", "__neg__", "positive", "__pos__"}
 _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
 _ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
+_ADD_IN_PLACE = {"add_", "__iadd__", "sub_", "__isub__"}
 _SUM = {"sum": True, "mean": True, "amax": False, "max": False}
 _POOL = {
     "avg_pool1d": True, "avg_pool2d": True, "avg_pool3d": True, "adaptive_avg_pool1d": True,
@@ -203,6 +204,7 @@ class _Use:
     fiber: Tensor  # unit carried at each input position of the contraction
     matrix: bool
     degree: float
+    groups: int = 1  # a grouped convolution (layout 'cols'): its weights of input channel i
 
 
 @dataclass
@@ -550,9 +552,20 @@ class _Propagation:
             if bool((p >= 0).any()):
                 self.state[v] = _Carry(p.contiguous(), matrix, degree, pure)
 
+    def _fresh(self, op: Op) -> bool:
+        """The tensor ``op`` modifies in place is read by ``op`` alone and is no view of
+        another value (so no other reader sees the change)."""
+        x = op.args[0] if op.args else None
+        if not isinstance(x, Val) or x.vid in self.g.params or self.g.users.get(x.vid, []) != [op.index]:
+            return False
+        made = self.g.producer(x.vid)
+        return made is not None and made.name not in _SHAPE and made.name not in ("contiguous", "clone")
+
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
-        if name.endswith("_") and not name.endswith("__"):
+        if name in _ADD_IN_PLACE and self._fresh(op):
+            pass  # y += x on a y that nothing else reads or aliases: an addition (HF ResNet's residual)
+        elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
         matrix = all(c.matrix for c in cs)
@@ -602,7 +615,7 @@ class _Propagation:
         if name == "glu":
             self._glu(op, carried)
             return
-        if name in _ADD:
+        if name in _ADD or name in _ADD_IN_PLACE:  # x += y is recorded as a new value (graph.py)
             self._add(op, carried)
             return
         if name in _SUM:
@@ -610,6 +623,9 @@ class _Propagation:
             return
         if name in _POOL:
             self._pool(op, carried, _POOL[name])
+            return
+        if name == "pad":
+            self._pad(op, carried)
             return
         if name in _NORMS:
             raise _Barrier(f"{name} renormalizes the units (their rescaling is only approximately a symmetry)")
@@ -736,7 +752,7 @@ class _Propagation:
                        "a bias or a constant): no law crosses it")
             mine, other = (a, b) if pa is not None else (b, a)
             probe = pa if pa is not None else pb
-            if (op.name in ("add", "__add__", "__radd__") and isinstance(other, Val) and probe is not None
+            if (op.name in ("add", "__add__", "__radd__", "add_", "__iadd__") and isinstance(other, Val) and probe is not None
                     and tuple(self.g.shapes[other.vid]) == tuple(shape) == tuple(self.g.shapes[mine.vid])):
                 raise _Merge(message, op.index, probe, self.state[mine.vid].degree)
             raise _Barrier(message)
@@ -785,6 +801,26 @@ class _Propagation:
             raise _Barrier("pooling with indices")
         self.emit(op, probes[0], c.matrix and linear, c.degree)
 
+    def _pad(self, op: Op, carried: list[int]) -> None:
+        """``F.pad`` with zeros along axes that carry no unit (Swin pads its windows): a zero is
+        any unit times 0, so each padded slice takes the units of its axis' first slice."""
+        pad, mode, value = _arg(op, 1, "pad"), _arg(op, 2, "mode", "constant"), _arg(op, 3, "value", None)
+        if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+            raise _Barrier("the units are not its main input")
+        if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)):
+            raise _Barrier("a pad that is not with zeros does not scale with the units")
+        c = self.state[carried[0]]
+        probe = c.probe
+        for i in range(len(pad) // 2):
+            if pad[2 * i] == 0 and pad[2 * i + 1] == 0:
+                continue
+            axis = probe.dim() - 1 - i
+            first = probe.narrow(axis, 0, 1)
+            if not bool((probe == first).all()):
+                raise _Barrier("pads an axis along which the units vary")
+            probe = first.expand(*probe.shape[:axis], self.g.shapes[op.outputs[0]][axis], *probe.shape[axis + 1:])
+        self.emit(op, probe, c.matrix, c.degree)
+
     # -- consumers ------------------------------------------------------------------------------
 
     def _consume(self, op: Op, carried: list[int]) -> None:
@@ -797,21 +833,30 @@ class _Propagation:
         else:  # a transposed convolution reads input channel i through the rows w[i]
             x, w = _arg(op, 0, "input"), _arg(op, 1, "weight")
             layout, axis = ("rows" if name in _CONV_T else "cols"), (-1 if name == "linear" else 1)
-            if (name in _CONV or name in _CONV_T) and _arg(op, 6, "groups", 1) != 1:
-                raise _Barrier("a grouped convolution reads only some channels per output")
+            groups = _arg(op, 6, "groups", 1) if name in _CONV or name in _CONV_T else 1
+            if name in _CONV_T and groups != 1:
+                raise _Barrier("a grouped transposed convolution reads only some channels per output")
         if not (isinstance(x, Val) and x.vid in self.state) or len(carried) != 1:
             raise _Barrier("the units are not its input")
         if not isinstance(w, Val) or w.vid not in self.g.params:
             raise _Barrier("its weight is not a parameter")
+        if name != "addmm" and groups != 1:
+            # a grouped (depthwise) convolution: input channel i is read by the weights of its
+            # group, w[g·m:(g+1)·m, i − g·n]; they rescale with it, but no mixing of channels
+            # across groups is a symmetry (no matrix law)
+            if not isinstance(groups, int):
+                raise _Barrier("a grouped convolution whose groups are not a number")
+            self._use(op, self.state[x.vid], self.g.params[w.vid], layout, axis, groups)
+            return
         self._use(op, self.state[x.vid], self.g.params[w.vid], layout, axis)
 
-    def _use(self, op: Op, c: _Carry, param: str, layout: str, axis: int) -> None:
+    def _use(self, op: Op, c: _Carry, param: str, layout: str, axis: int, groups: int = 1) -> None:
         p = c.probe.movedim(axis, -1)
         flat = p.reshape(-1, p.shape[-1])
         fiber = flat[0]
         if not bool((flat == fiber).all()):
             raise _Barrier("reads different units at different positions (no column ↔ unit map)")
-        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix, c.degree))
+        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix and groups == 1, c.degree, groups))
 
     def _matmul(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -972,6 +1017,8 @@ def _incoming(site: _Site, idx: Tensor) -> list[RowReader]:
 
 
 def _outgoing(use: _Use, idx: Tensor) -> RowReader:
+    if use.groups != 1:
+        return (use.param, GroupedColumns(idx, use.groups))
     return (use.param, Columns(idx) if use.layout == "cols" else Rows(idx))
 
 

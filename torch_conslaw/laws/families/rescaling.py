@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "Columns", "Whole"]
+__all__ = ["Rows", "Columns", "GroupedColumns", "Whole"]
 
 
 class Rows:
@@ -65,6 +65,33 @@ class Columns:
 
     def __repr__(self) -> str:
         return f"Columns({tuple(self.idx.shape)})"
+
+
+class GroupedColumns:
+    """Read the weights of a grouped convolution (weight ``[out, in / groups, *kernel]``) that
+    read input channel i: ``w[g·m:(g+1)·m, i − g·n]`` with n = in / groups, m = out / groups,
+    g = i // n (a depthwise convolution: ``w[i·m:(i+1)·m, 0]``), unit axes first
+    (``[*idx.shape, m, *w.shape[2:]]``).
+
+    Example:
+        >>> w = torch.arange(8.0).reshape(4, 2)  # 2 groups of 2 inputs and 2 outputs
+        >>> GroupedColumns(torch.tensor([3]), 2)(w).tolist()
+        [[5.0, 7.0]]
+    """
+
+    def __init__(self, idx: Tensor, groups: int) -> None:
+        self.idx, self.groups = idx.to(torch.long), int(groups)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        n, m = w.shape[1], w.shape[0] // self.groups
+        i = self.idx.to(w.device).reshape(-1)
+        g = i // n
+        rows = g[:, None] * m + torch.arange(m, device=w.device)
+        out = w[rows, (i - g * n)[:, None].expand_as(rows)]
+        return out.reshape(*self.idx.shape, m, *w.shape[2:])
+
+    def __repr__(self) -> str:
+        return f"GroupedColumns({tuple(self.idx.shape)}, groups={self.groups})"
 
 
 class Whole:

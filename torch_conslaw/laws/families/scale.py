@@ -52,6 +52,12 @@ def propose(model: nn.Module, structure: Structure, ctx) -> tuple[list[LawGroup]
             for attr, fn in spec.incoming(prod)
         )
         name = f"{path}→{cpath} scale"
+        if isinstance(cons, nn.modules.batchnorm._BatchNorm) and not cons.training and cons.running_var is not None:
+            skipped.append(Skipped(path, cpath, (
+                f"no scale law for {display(path, prod)}: {display(cpath, cons)} is in eval mode and uses its running "
+                "statistics, so it does not normalize the outputs (a fixed affine map); build the monitor in train "
+                "mode to track it")))
+            continue
         problem = ctx.problem(tuple(n for n, _ in readers), name)
         if problem is not None:
             skipped.append(Skipped(path, cpath, problem))
