@@ -167,6 +167,10 @@ def test_parallel_block_biases_keep_their_difference():
     assert torch.allclose(g["m.bias"], g["a.bias"], atol=1e-13) and g["m.bias"].abs().max() > 1e-3
     report = tc.analyze(model, x, theta="random", max_seconds=60)
     assert report.tracked_rank == report.lie_laws == 29 and report.complete
+    # the translation rule sees the same two added terms: the laws are tracked once
+    monitor = ConservationMonitor(model, x)
+    pair = [g.name for g in monitor.groups if set(g.parameter_names) == {"m.bias", "a.bias"}]
+    assert pair == ["m−a bias difference"]
 
 
 def test_sequential_block_biases_have_no_difference_law():

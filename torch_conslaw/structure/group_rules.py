@@ -111,19 +111,28 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     from .translation_rules import added_translation_rule
 
     out = GraphLawGroups()
+    # two biases whose outputs are only added are also two terms added at the same places: the
+    # translation rule then finds the same laws b₁[c] − b₂[c] as the parallel-bias rule, kept once
+    parallel: dict[frozenset[str], int] = {}
+    parallel_rule, translation_rule = parallel_bias_rule(model, g, states), added_translation_rule(model, g)
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
-                 embedding_translation_rule(g), score_bias_rule(g), parallel_bias_rule(model, g, states),
-                 centered_input_rule(g), added_translation_rule(model, g), vanishing_shift_rule(model, g)):
+                 embedding_translation_rule(g), score_bias_rule(g), parallel_rule,
+                 centered_input_rule(g), translation_rule, vanishing_shift_rule(model, g)):
         for item in rule:
             if isinstance(item, Skipped):
                 out.skipped.append(item)
                 continue
             build, names, what, where = item
             why = problem(names, what)
-            if why is None:
-                out.groups.append(build(params))
-            else:
+            if why is not None:
                 out.skipped.append(Skipped(where, None, why))
+                continue
+            group = build(params)
+            if rule is parallel_rule:
+                parallel[frozenset(names)] = group.count
+            elif rule is translation_rule and parallel.get(frozenset(names)) == group.count:
+                continue
+            out.groups.append(group)
     return out
 
 
