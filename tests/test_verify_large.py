@@ -13,15 +13,16 @@ from torch_conslaw import find_structure
 from torch_conslaw.demo import make_llama_block
 from torch_conslaw.lawgroups import build_groups
 from torch_conslaw.laws.families.proposals import propose_laws
-from torch_conslaw.laws.verify import THRESHOLD, verify_groups
+from torch_conslaw.laws.verify import OWN_FLOOR, THRESHOLD, verify_groups
 
 F64 = torch.float64
 
 
 def reference_residuals(model: nn.Module, x: torch.Tensor, groups: list, cotangents: int = 3, seed: int = 0) -> list[float]:
-    """max over cotangents and laws of |⟨∇h_l, ∂fᵀu⟩| / (‖∇h_l‖ ‖∂fᵀu‖), the space being the
-    parameters the laws read; ∇h_l from torch.func.jacrev of the law values, ∂fᵀu from
-    torch.func.vjp, the cotangents drawn as the check draws them (same generator, same order)."""
+    """max over cotangents and laws of |⟨∇h_l, ∂fᵀu⟩| / (‖∇h_l‖ max(‖(∂fᵀu)_S‖, OWN_FLOOR ‖∂fᵀu‖)),
+    S the parameters of the law's group, ‖∂fᵀu‖ over the parameters the laws read; ∇h_l from
+    torch.func.jacrev of the law values, ∂fᵀu from torch.func.vjp, the cotangents drawn as the
+    check draws them (same generator, same order)."""
     names = sorted({n for g in groups for n in g.parameter_names})
     params = {n: p.detach().to(F64) for n, p in model.named_parameters()}
     theta = {n: params[n] for n in names}
@@ -45,7 +46,8 @@ def reference_residuals(model: nn.Module, x: torch.Tensor, groups: list, cotange
         for i, jac in enumerate(jacobians):
             dot = sum((jac[n].flatten(1) * grad[n].reshape(1, -1)).sum(1) for n in jac)
             norm = sum(jac[n].flatten(1).square().sum(1) for n in jac).sqrt()
-            worst[i] = max(worst[i], float((dot.abs() / (norm * gnorm)).max()))
+            own = math.sqrt(sum(float(grad[n].square().sum()) for n in set(groups[i].parameter_names)))
+            worst[i] = max(worst[i], float((dot.abs() / (norm * max(own, OWN_FLOOR * gnorm))).max()))
     return worst
 
 
@@ -87,3 +89,36 @@ def test_term_by_term_check_equals_torch_func_on_approximate_scale_laws():
     for check, ref in zip(got, want):
         assert THRESHOLD < ref  # the eps term, measured
         assert math.isclose(check.residual, ref, rel_tol=1e-9), (check.residual, ref)
+
+
+class TinyGate(nn.Module):
+    """A ReLU pair behind a fixed gate of 1e-10 (LayerScale at a tiny init), beside a skip layer:
+    the pair's parameters get gradients 1e-10 times the skip layer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.skip = nn.Linear(3, 5), nn.Linear(5, 3), nn.Linear(3, 3)
+        self.register_buffer("gate", torch.tensor(1e-10))
+
+    def forward(self, x):
+        return self.gate * self.b(torch.relu(self.a(x))) + self.skip(x)
+
+
+def test_a_false_law_behind_a_tiny_gate_is_refused_and_the_true_one_kept():
+    torch.manual_seed(0)
+    model, x = TinyGate().double(), torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    groups = [g for g in build_groups(list(find_structure(model, x).pairs)) if g.kind == "unit"]
+    wrong = with_wrong_degree(groups)
+    assert groups and wrong
+    true_check, false_check = verify_groups(model, x, groups + wrong)
+    assert true_check.passed and true_check.residual < 1e-12
+    assert not false_check.passed and false_check.residual > 10 * THRESHOLD, false_check.residual
+    # independently: measured against all of ∂fᵀu, the false law would read below the threshold
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    u = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads = torch.func.grad(lambda p: (torch.func.functional_call(model, p, (x,)) * u).sum())(params)
+    jac = torch.func.jacrev(lambda p: wrong[0].values(p))(params)
+    dot = sum((jac[n].flatten(1) * grads[n].reshape(1, -1)).sum(1) for n in jac)
+    norm = sum(jac[n].flatten(1).square().sum(1) for n in jac).sqrt()
+    whole = math.sqrt(sum(float(t.square().sum()) for t in grads.values()))
+    assert float((dot.abs() / (norm * whole)).max()) < THRESHOLD

@@ -4,11 +4,15 @@ A function h of the parameters is conserved by every gradient flow of ``f(θ, x)
 ``x`` (for every loss) iff ∇h(θ) ⊥ ∂_θ f(θ, x)ᵀu for every output cotangent u (SCIENCE.md §8).
 This module measures, in float64, for a few random cotangents u and every law l of a group::
 
-    residual_l = |⟨∇h_l(θ), ∂_θ f(θ, x)ᵀu⟩| / (‖∇h_l(θ)‖ · ‖∂_θ f(θ, x)ᵀu‖)
+    residual_l = |⟨∇h_l(θ), ∂_θ f(θ, x)ᵀu⟩| / (‖∇h_l(θ)‖ · max(‖(∂_θ f(θ, x)ᵀu)_S‖, 1e-3 ‖∂_θ f(θ, x)ᵀu‖))
 
-(a cosine in the space of the parameters that the checked laws read: ∇h_l is zero on every
-other parameter, so ⟨∇h_l, ∂fᵀu⟩ needs no other entry, and leaving the other entries out of
-‖∂fᵀu‖ only makes the residual larger, never smaller). For a true law it is float64
+(a cosine in the space of S, the parameters of the law's group: ∇h_l is zero on every other
+parameter, so ⟨∇h_l, ∂fᵀu⟩ needs no other entry, and leaving the other entries out of the
+norm only makes the residual larger, never smaller: a false law on parameters whose gradient
+is tiny next to the rest, behind a gate of 1e-8, is not hidden by the rest. The floor, 1e-3 of
+the norm over every parameter the checked laws read, keeps a law whose gradient on S is zero
+in exact arithmetic from being judged on rounding against rounding; :func:`_own_norms`). For a
+true law it is float64
 rounding, ≈ 1e-17 … 1e-15; a registration error or a rule applied where its symmetry does not
 hold gives 1e-4 … 1 (measured in the README section *Verify before claiming*). The default
 threshold 1e-10 sits five orders of magnitude above the rounding level and six below the
@@ -79,6 +83,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Verification", "verify_groups", "verify_laws", "gradient_norms", "THRESHOLD", "APPROXIMATE_THRESHOLD", "PROBES",
+    "OWN_FLOOR",
 ]
 
 F64 = torch.float64
@@ -195,7 +200,7 @@ def verify_groups(
             model, example_input, cotangents, loss, axes.pop(), gen, names, fold, keep
         ):
             dots = fast.dots(mine_fast)
-            norm = math.sqrt(norm_sq)
+            norm = torch.repeat_interleave(_own_norms(groups, norm_sq), torch.tensor(counts, dtype=torch.long))
             if mine_generic:
                 sub = [groups[i] for i in mine_generic]
                 gnames = sorted({n for g in sub for n in g.parameter_names})
@@ -224,6 +229,26 @@ def verify_groups(
         limit = approximate_threshold if getattr(g, "approximate", False) else threshold
         out.append(Verification(g.name, worst, limit, bool(worst <= limit), cotangents))
     return out
+
+
+OWN_FLOOR = 1e-3
+"""The share of ‖∂fᵀu‖ (over every parameter the checked laws read) below which a group's own
+part ‖(∂fᵀu)_S‖ is not used alone in its residual (see :func:`_own_norms`)."""
+
+
+def _own_norms(groups: Sequence[Any], norm_sq: Mapping[str, float]) -> Tensor:
+    """Per group: max(‖(∂fᵀu)_S‖, OWN_FLOOR · ‖∂fᵀu‖), S its parameters. A law's gradient is zero
+    off S, so ⟨∇h, ∂fᵀu⟩ only sees (∂fᵀu)_S: against the whole ‖∂fᵀu‖ a false law on parameters
+    whose gradient is tiny next to the rest (behind a LayerScale gate of 1e-8) would pass. The
+    floor keeps laws whose gradient on S is zero in exact arithmetic (a bias before a BatchNorm,
+    a key bias) from being judged on rounding against rounding: their residual is rounding
+    (≈ 1e-16 of ‖∂fᵀu‖) over 1e-3 of it, ≈ 1e-13, three orders below :data:`THRESHOLD`;
+    behind a gate of 1e-6 a false law still reads its own cosine × 1e-3."""
+    total = math.sqrt(sum(norm_sq.values()))
+    return torch.tensor(
+        [max(math.sqrt(sum(norm_sq.get(n, 0.0) for n in set(g.parameter_names))), OWN_FLOOR * total) for g in groups],
+        dtype=F64,
+    )
 
 
 def verify_laws(
@@ -574,7 +599,7 @@ def _cotangent_gradients(
     names: Sequence[str],
     on_gradient: Callable[[str, Tensor], None],
     keep: set[str],
-) -> Iterator[tuple[dict[str, Tensor], float]]:
+) -> Iterator[tuple[dict[str, Tensor], dict[str, float]]]:
     """``∂fᵀu`` for ``k`` random cotangents u (projected for a loss), float64, one after the
     other (the forward graph is kept between them; the model's train flags and the default
     dtype are restored when the generator is exhausted or closed).
@@ -584,7 +609,7 @@ def _cotangent_gradients(
     take part in the float64 forward and backward passes, as constants). Each parameter's
     gradient is handed to ``on_gradient(name, grad)`` as soon as the backward pass has
     completed it, and then freed, except for the parameters in ``keep``, whose gradients are
-    yielded with ‖∂fᵀu‖² over ``names``.
+    yielded with ‖∂fᵀu‖² of each parameter of ``names`` that the backward pass reached.
     """
     from ..lie.elementary import Float64Ops
     from ..structure.finder import _split_input  # one definition of how an example input is called
@@ -597,13 +622,13 @@ def _cotangent_gradients(
         {n: (b.detach().to(F64) if b.is_floating_point() else b.detach().clone()) for n, b in model.named_buffers()}
     )
     kept: dict[str, Tensor] = {}
-    norm_sq = [0.0]
+    norm_sq: dict[str, float] = {}
 
     def on_accumulated(name: str) -> Callable[[Tensor], None]:
         def hook(leaf: Tensor) -> None:
             grad, leaf.grad = leaf.grad, None
             assert grad is not None
-            norm_sq[0] += float(torch.linalg.vector_norm(grad)) ** 2
+            norm_sq[name] = norm_sq.get(name, 0.0) + float(torch.linalg.vector_norm(grad)) ** 2
             on_gradient(name, grad)
             if name in keep:
                 kept[name] = grad
@@ -637,13 +662,13 @@ def _cotangent_gradients(
                     us.append(u)
                 reached = [(o, u) for o, u in zip(outs, us) if o.requires_grad]
                 kept.clear()
-                norm_sq[0] = 0.0
+                norm_sq.clear()
                 if reached and params:
                     torch.autograd.backward(
                         [o for o, _ in reached], [u for _, u in reached], retain_graph=True,
                         inputs=list(params.values()),
                     )
-                yield dict(kept), norm_sq[0]
+                yield dict(kept), dict(norm_sq)
                 kept.clear()
     finally:
         for handle in handles:
