@@ -4,7 +4,8 @@
 |⟨∇h(θ), ∂_θ⟨u, f(θ, x)⟩⟩| / (‖∇h‖ ‖∂_θ⟨u, f⟩‖) over random output cotangents u, in float64,
 with ``torch.func`` (``jacrev`` of the group values, ``vjp`` of the model).
 ``sgd_first_order``: the largest relative first-order part 2B(θ, Δ) / scale(θ) of one SGD
-step Δ = −η ∇L on a random quadratic loss.
+step Δ = −η ∇L on a random quadratic loss. ``seeded_randn`` and ``sync_monitor``: the inputs and
+the monitor the sweep tests build their models' checks on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp
 
+from torch_conslaw import ConservationMonitor
 from torch_conslaw.lawgroups import LawGroup
+
+
+def seeded_randn(*shape: int, seed: int = 0) -> Tensor:
+    """A float64 standard normal tensor from its own generator (``seed``)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sync_monitor(model: nn.Module, x: Any) -> ConservationMonitor:
+    """A monitor recording every step synchronously, its laws checked on ``x``."""
+    return ConservationMonitor(model, x, every=1, recording="sync")
 
 
 def _output(model: nn.Module, params: dict[str, Tensor], example: Any, pick: Callable[[Any], Tensor]) -> Tensor:

@@ -32,7 +32,7 @@ from torch.func import functional_call, grad
 import torch_conslaw as tc
 from torch_conslaw import ConservationMonitor
 
-from graph_helpers import law_residuals
+from graph_helpers import law_residuals, seeded_randn as _x
 
 F64 = torch.float64
 
@@ -40,10 +40,6 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     yield
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def _groups(model, x):

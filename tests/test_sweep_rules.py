@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 import torch_conslaw as tc
-from torch_conslaw import ConservationMonitor
 
-from graph_helpers import law_residuals
+from graph_helpers import law_residuals, seeded_randn as _x, sync_monitor as _monitor
 
 F64 = torch.float64
 
@@ -28,14 +27,6 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     yield
-
-
-def _monitor(model, x):
-    return ConservationMonitor(model, x, every=1, recording="sync")
-
-
-def _x(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 # ------------------------------------------------------------------ pre-norm residual stream
