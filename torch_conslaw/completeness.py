@@ -363,7 +363,7 @@ def _balanced_params(
     3-4-5-2 ReLU MLP without biases: 11 laws instead of the 9 of its hidden units), although
     the count looks stable as the inputs double."""
     from .lie.elementary import ActivationRecorder
-    from .lie.modules import BALANCED_SHARE, RANDOM_DRAWS, _as_batch, _counting_copy, _load, _slots, random_theta
+    from .lie.modules import BALANCED_SHARE, _as_batch, _counting_copy, _load, _slots, _redraws
 
     try:
         n = n_inputs or int(min(MAX_AUTO_INPUTS, max(16, math.ceil(2 * D / _outputs_per_input(model, example)))))
@@ -383,8 +383,9 @@ def _balanced_params(
         if not has_units or score >= BALANCED_SHARE:
             return first, ""
         draws, first_score = 1, score
-        while score < BALANCED_SHARE and draws < RANDOM_DRAWS:
-            candidate = random_theta(work, slots, torch.Generator().manual_seed(seed + 7919 * draws))
+        for candidate in _redraws(work, slots, seed):
+            if score >= BALANCED_SHARE:
+                break
             draws += 1
             trial, _ = balance(candidate)
             if trial > score:

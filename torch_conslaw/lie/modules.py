@@ -22,7 +22,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -534,6 +534,14 @@ def _conditioning(recorder: ActivationRecorder) -> tuple[int, float]:
     return _n_constant(recorder), max(0.0, BALANCED_SHARE - recorder.balance) if recorder.calls else 0.0
 
 
+def _redraws(work: nn.Module, slots: Sequence[ParameterSlot], seed: int) -> Iterator[Tensor]:
+    """The points ``theta="random"`` tries after its first (from ``seed``), lazily: up to
+    ``RANDOM_DRAWS`` − 1, each from its own generator. ``count_laws`` and ``analyze`` try the
+    same ones."""
+    for k in range(1, RANDOM_DRAWS):
+        yield random_theta(work, slots, torch.Generator().manual_seed(seed + 7919 * k))
+
+
 def _eps_sites(work: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [
         (name, sub, attr)
@@ -704,10 +712,9 @@ def count_laws(
     theta_flat, source = _resolve_theta(theta, work, slots, seed)
     _load(work, slots, theta_flat)
     _, recorder, elementary_diff = _probe(work, batch)
-    draws = 1
-    while source == "random" and _conditioning(recorder) > (0, 0.0) and draws < RANDOM_DRAWS:
-        candidate = random_theta(work, slots, torch.Generator().manual_seed(seed + 7919 * draws))
-        draws += 1
+    for candidate in _redraws(work, slots, seed) if source == "random" else ():
+        if _conditioning(recorder) <= (0, 0.0):
+            break
         _load(work, slots, candidate)
         _, trial, diff = _probe(work, batch)
         if _conditioning(trial) < _conditioning(recorder):
