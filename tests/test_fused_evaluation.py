@@ -347,3 +347,70 @@ def test_without_the_native_kernel_auto_says_why(monkeypatch, env, reason):
         assert monitor.evaluation in ("compiled", "eager") and reason in monitor.evaluation_reason
     finally:
         native._library.cache_clear()
+
+
+@needs_native
+def test_native_reuses_its_checks_only_for_the_same_tensors_as_they_were():
+    """A call on the tensors of the previous call skips the checks it made then; a tensor
+    whose storage, shape or layout changed since is checked again: read right, or refused
+    (``None``) when the kernel cannot read it as it is, never read with stale arguments."""
+    g = torch.Generator().manual_seed(5)
+    w, v = torch.randn(6, 4, generator=g), torch.randn(3, 6, generator=g)
+    spec = [([(0, (1, 6, 4))], [(1, (3, 6, 1))], 1.0)]  # rows of w against columns of v
+    kernel = native.NativeLaws(spec, 2, shapes=[w.shape, v.shape])
+
+    def reference(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return w.to(F64).pow(2).sum(1) - v.to(F64).pow(2).sum(0)
+
+    first = kernel.values([w, v])
+    second = kernel.values([w, v])
+    assert first is not second and torch.equal(first, second)  # a new table each call
+    assert torch.allclose(first, reference(w, v), rtol=1e-15, atol=0)
+    w.mul_(2.0)  # in place: the same storage, read again as it is now
+    assert torch.allclose(kernel.values([w, v]), reference(w, v), rtol=1e-15, atol=0)
+    assert torch.allclose(first, reference(w / 2, v), rtol=1e-15, atol=0)  # earlier tables kept
+    w2 = w.clone().add_(1.0)  # new storage, other values
+    assert torch.allclose(kernel.values([w2, v]), reference(w2, v), rtol=1e-15, atol=0)
+    square = torch.randn(6, 6, generator=g)
+    spec_sq = [([(0, (1, 6, 6))], [(1, (3, 6, 1))], 1.0)]
+    kernel_sq = native.NativeLaws(spec_sq, 2, shapes=[square.shape, v.shape])
+    assert torch.allclose(kernel_sq.values([square, v]), square.to(F64).pow(2).sum(1) - v.to(F64).pow(2).sum(0))
+    transposed = square.t()  # the same storage and shape, another layout: refused
+    assert transposed.data_ptr() == square.data_ptr() and kernel_sq.table(None, [transposed, v]) is None
+    assert torch.allclose(kernel.values([w, v]), reference(w, v), rtol=1e-15, atol=0)
+    assert kernel.table(None, [w.reshape(4, 6), v]) is None  # same storage and size, not the plan's shape
+    assert torch.allclose(kernel.values([w, v]), reference(w, v), rtol=1e-15, atol=0)  # and back
+
+
+@needs_native
+def test_a_monitor_records_right_after_a_parameter_changes_storage_or_layout():
+    """``every=1`` synchronous records with the split (the native kernel, whose arguments are
+    kept from step to step) equal the eager evaluation's when a parameter gets new storage
+    or a transposed layout of the same shape between steps, and when it is modified in place."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    monitors = [
+        tc.ConservationMonitor(m, every=1, split=True, recording="sync", evaluation=e).attach(o)
+        for m, o, e in zip(models, opts, ("native", "eager"))
+    ]
+    assert monitors[0].evaluation == "native"
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    edits = {
+        3: lambda m: setattr(m[2].weight, "data", m[2].weight.data.clone()),
+        6: lambda m: setattr(m[2].weight, "data", m[2].weight.data.t().contiguous().t()),
+        9: lambda m: m[0].weight.data.mul_(1.5),
+    }
+    for step in range(12):
+        for m, o in zip(models, opts):
+            if step in edits:
+                edits[step](m)
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert not models[0][2].weight.is_contiguous()  # the layout edit holds (updates are in place)
+    histories = [mon.history() for mon in monitors]
+    assert list(histories[0]["step"]) == list(range(13))
+    for key, column in histories[1].items():
+        assert np.allclose(histories[0][key], column, rtol=1e-12, atol=1e-12, equal_nan=True), key

@@ -436,7 +436,7 @@ class Accountant:
         self._fused_for: _FastPlan | None = None  # the plan the kernels were built for
         self._order: Tensor | None = None  # group order of the fast block + generic columns
         # (kernel, names, shapes) when the native kernel alone gives every table in group order
-        self._direct: tuple[NativeLaws, list[str], list[torch.Size]] | None = None
+        self._direct: tuple[NativeLaws, list[str]] | None = None
 
     @property
     def paths(self) -> dict[str, Any] | None:
@@ -479,7 +479,8 @@ class Accountant:
                 if not ok or fast.device.type != "cpu":
                     self._give_up(how if not ok else f"it reads CPU tensors, not {fast.device.type} ones")
                     return None
-                self._fused_laws = NativeLaws(fast.spec, len(fast.fast_names), self._threads)
+                shapes = [t.shape for t in tensors[-len(fast.fast_names) :]]  # θ (after), not θ before
+                self._fused_laws = NativeLaws(fast.spec, len(fast.fast_names), self._threads, shapes)
             elif not compiler_available(fast.device.type):
                 self._give_up(f"no compiler for {fast.device.type} tensors was found")
                 return None
@@ -487,8 +488,7 @@ class Accountant:
                 self._fused_laws = CompiledLaws(fast.spec, len(fast.fast_names), self._threads)
             self._fused_for = fast
             direct = isinstance(self._fused_laws, NativeLaws) and not fast.generic and self._order is None
-            shapes = [t.shape for t in tensors[-len(fast.fast_names) :]]  # θ (after), not θ before
-            self._direct = (self._fused_laws, fast.fast_names, shapes) if direct else None  # type: ignore[assignment]
+            self._direct = (self._fused_laws, fast.fast_names) if direct else None  # type: ignore[assignment]
         return self._fused_laws
 
     def _give_up(self, why: str) -> None:
@@ -627,11 +627,8 @@ class Accountant:
         direct = self._direct
         if direct is None:
             return None
-        kernel, names, shapes = direct
-        tensors = [after[n] for n in names]
-        if [t.shape for t in tensors] != shapes:
-            return None
-        return kernel.table(None if before is None else [before[n] for n in names], tensors, advance)
+        kernel, names = direct  # it checks the tensors' shapes against the plan's
+        return kernel.table(None if before is None else [before[n] for n in names], [after[n] for n in names], advance)
 
     def _split_in_order(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
         fast = self._plan([after[n] for n in self.names], after)

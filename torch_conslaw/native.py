@@ -54,6 +54,7 @@ __all__ = ["NativeLaws", "native_status", "RunningMax"]
 SOURCE = Path(__file__).with_name("native_laws.c")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
+OUTPUTS_AHEAD = 16  # output tables NativeLaws makes at a time (a torch call in a step is slow)
 
 
 def _compiler() -> str | None:
@@ -161,6 +162,10 @@ def native_status() -> tuple[bool, str]:
     return lib is not None, how
 
 
+def _shape(tensor: Tensor) -> torch.Size:
+    return tensor.shape
+
+
 def _i64(values: Sequence[int]) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64)
 
@@ -175,10 +180,13 @@ class NativeLaws:
     their accumulators would take more than 1 MiB or 1 % of θ. Fixed here: results depend on
     it, never on the thread that calls.
     :meth:`supports` says whether a set of tensors can be read by it (CPU, contiguous, float32,
-    float64, bfloat16 or float16, sizes of the spec).
+    float64, bfloat16 or float16, sizes of the spec, and ``shapes`` when given: the plan was
+    made for those).
     """
 
-    def __init__(self, spec: Sequence[GroupSpec], count: int, threads: int = 1) -> None:
+    def __init__(
+        self, spec: Sequence[GroupSpec], count: int, threads: int = 1, shapes: Sequence[torch.Size] | None = None
+    ) -> None:
         lib, how = _library()
         if lib is None:
             raise RuntimeError(f"NativeLaws: {how}")
@@ -202,6 +210,7 @@ class NativeLaws:
         self.count = count
         self.laws = laws
         self.numel = numel
+        self.shapes = None if shapes is None else [torch.Size(x) for x in shapes]
         self.width = width
         # each part has its own accumulators (``rows × width`` doubles): at most ``threads``
         # parts, and together at most 1 MiB or 1 % of θ (at 4 bytes an element) for the split
@@ -225,15 +234,19 @@ class NativeLaws:
         # law = incoming − degree · outgoing; the natural scale is incoming + degree · outgoing
         self._degrees = {sign: torch.tensor([-sign * d for d in degrees], dtype=torch.float64) for sign in (-1.0, 1.0)}
         self._scratch: dict[int, Tensor] = {}  # per number of rows, made on first use
-        self._codes = torch.zeros(count, dtype=torch.int64)  # the dtype codes of the checked tensors
-        self._before = (ctypes.c_void_p * count)()
-        self._after = (ctypes.c_void_p * count)()
-        self._checked: list[int] = []  # the data pointers of the last tensors found readable
+        # per (rows, sign): the tensors last found readable (their data pointers and shapes)
+        # and the kernel's arguments for them, up to the output and ``advance``
+        self._bound: dict[tuple[int, float], tuple[list[int], list[torch.Size], tuple]] = {}
+        self._spare: dict[int, list[Tensor]] = {}  # output tables made ahead, per number of rows
 
     def supports(self, tensors: Sequence[Tensor]) -> bool:
         """Whether the kernel reads these tensors as they are (else the caller falls back)."""
         return len(tensors) % self.count == 0 and all(
-            t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() and t.numel() == self.numel[i % self.count]
+            t.device.type == "cpu"
+            and t.dtype in DTYPES
+            and t.is_contiguous()
+            and t.numel() == self.numel[i % self.count]
+            and (self.shapes is None or t.shape == self.shapes[i % self.count])
             for i, t in enumerate(tensors)
         )
 
@@ -244,37 +257,62 @@ class NativeLaws:
         kernel cannot read these tensors as they are (the caller falls back). ``advance``: the
         split also copies θ⁺ into ``before``, chunk by chunk while it is in cache (θ before the
         next step, at the cost of a write). ``sign=+1``: incoming + k · outgoing instead (the
-        natural scales of the values). A repeated call on the same storage checks only that
-        every tensor is still contiguous."""
-        pointers = [x.data_ptr() for x in after]
-        rows = 1
-        if before is not None:
-            pointers += [x.data_ptr() for x in before]
-            rows = 3
-        if pointers != self._checked:  # new storage: check dtypes, layout and sizes again
-            both = list(after) if before is None else [*after, *before]
-            if not self.supports(both) or (before is not None and any(b.dtype != a.dtype for b, a in zip(before, after))):
-                self._checked = []
+        natural scales of the values).
+
+        A call on the tensors of the previous call (the same storage and shapes, still
+        contiguous) reuses its checked arguments, and the table comes from a few made ahead:
+        inside a training step, where every Python and torch call runs from cold caches, a
+        record then costs the kernel and a few attribute reads."""
+        rows = 1 if before is None else 3
+        tensors = list(after) if before is None else [*after, *before]
+        pointers = list(map(Tensor.data_ptr, tensors))
+        bound = self._bound.get((rows, sign))
+        if (
+            bound is None
+            or pointers != bound[0]
+            or list(map(_shape, tensors)) != bound[1]
+            or not all(map(Tensor.is_contiguous, tensors))
+        ):
+            bound = self._bind(rows, sign, tensors, pointers)
+            if bound is None:
                 return None
-            self._codes = _i64(DTYPES[x.dtype] for x in after)
-            self._checked = pointers
-        elif not all(map(Tensor.is_contiguous, after)) or (before is not None and not all(map(Tensor.is_contiguous, before))):
-            self._checked = []
-            return None
-        self._after[:] = pointers[: self.count]
-        if rows == 3:
-            self._before[:] = pointers[self.count :]
-        scratch = self._scratch.get(rows)
-        if scratch is None:
-            scratch = self._scratch[rows] = torch.empty(self.parts * rows * self.width, dtype=torch.float64)
-        out = torch.empty(rows, self.laws, dtype=torch.float64)
-        done = self._fn(
-            self._plan.data_ptr(), self._degrees[sign].data_ptr(), rows, self._before, self._after,
-            self._codes.data_ptr(), self.parts, scratch.data_ptr(), out.data_ptr(), int(advance and before is not None),
-        )
+        out = self._output(rows)
+        done = self._fn(*bound[2], out.data_ptr(), int(advance and rows == 3))
         if done != 0:
             raise TypeError("NativeLaws: a tensor has a dtype the kernel does not read")
         return out
+
+    def _bind(
+        self, rows: int, sign: float, tensors: list[Tensor], pointers: list[int]
+    ) -> tuple[list[int], list[torch.Size], tuple] | None:
+        """Check ``tensors`` (θ⁺, then θ for the split) and keep the kernel's arguments for
+        them; ``None`` (and nothing kept) when the kernel cannot read them as they are."""
+        self._bound.pop((rows, sign), None)
+        after = tensors[: self.count]
+        if not self.supports(tensors) or any(b.dtype != a.dtype for b, a in zip(tensors[self.count :], after)):
+            return None
+        codes = _i64(DTYPES[x.dtype] for x in after)
+        sides = [(ctypes.c_void_p * self.count)(*pointers[: self.count])]
+        sides.insert(0, (ctypes.c_void_p * self.count)(*pointers[self.count :]) if rows == 3 else None)
+        scratch = self._scratch.get(rows)
+        if scratch is None:
+            scratch = self._scratch[rows] = torch.empty(self.parts * rows * self.width, dtype=torch.float64)
+        degrees = self._degrees[sign]
+        args = (
+            self._plan.data_ptr(), degrees.data_ptr(), rows, *sides, codes.data_ptr(), self.parts, scratch.data_ptr()
+        )
+        # the arrays and tensors behind the addresses live as long as the binding
+        bound = (pointers, list(map(_shape, tensors)), args, (codes, sides, degrees))
+        self._bound[(rows, sign)] = bound  # type: ignore[assignment]
+        return bound  # type: ignore[return-value]
+
+    def _output(self, rows: int) -> Tensor:
+        """A new ``[rows, laws]`` float64 table (made a few at a time, at most 1 MiB ahead)."""
+        spare = self._spare.get(rows)
+        if not spare:
+            ahead = max(1, min(OUTPUTS_AHEAD, 2**20 // (rows * max(self.laws, 1) * 8)))
+            spare = self._spare[rows] = [torch.empty(rows, self.laws, dtype=torch.float64) for _ in range(ahead)]
+        return spare.pop()
 
     def values(self, tensors: Sequence[Tensor]) -> Tensor:
         """h(θ) of every law, float64 (``[laws]``)."""
@@ -308,19 +346,20 @@ class RunningMax:
     def __init__(self, base: Tensor, running: Tensor) -> None:
         self.base, self.running = base, running
         lib, _ = _library()
-        fixed = all(t.dtype == torch.float64 and t.is_cpu and t.is_contiguous() for t in (base, running))
+        fixed = all(t.dtype == torch.float64 and t.is_cpu and t.is_contiguous() and t.dim() == 2 for t in (base, running))
         self._fn = lib.tcl_fold if lib is not None and fixed and base.shape == running.shape else None
         self._pointers = (base.data_ptr(), running.data_ptr())
+        self._shape = base.shape
+        self._head = tuple(base.shape)  # rows, laws: the kernel's first arguments
 
     def __call__(self, table: Tensor, invalid: Tensor | None) -> bool:
         """Fold ``table`` in; ``invalid``: ``[laws]`` uint8 or bool marks (or ``None``)."""
         fn = self._fn
-        if fn is not None and table.dtype == torch.float64 and table.is_cpu and table.is_contiguous() and table.shape == self.base.shape:
-            rows, laws = table.shape
+        if fn is not None and table.dtype == torch.float64 and table.is_cpu and table.is_contiguous() and table.shape == self._shape:
             if invalid is None:
-                return fn(rows, laws, table.data_ptr(), *self._pointers, None) == 0
+                return fn(*self._head, table.data_ptr(), *self._pointers, None) == 0
             mask = invalid if invalid.dtype == torch.uint8 and invalid.is_contiguous() else invalid.to(torch.uint8).contiguous()
-            return fn(rows, laws, table.data_ptr(), *self._pointers, mask.data_ptr()) == 0
+            return fn(*self._head, table.data_ptr(), *self._pointers, mask.data_ptr()) == 0
         gap = torch.sub(table, self.base).abs_()
         if invalid is not None:
             gap.masked_fill_(invalid.bool(), 0.0)

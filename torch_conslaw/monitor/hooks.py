@@ -41,6 +41,8 @@ from .budget import OverheadBudget
 
 __all__ = ["StepHooks", "ParameterGuard", "steps_on_stack"]
 
+_SHAPE = operator.attrgetter("shape")
+
 
 def steps_on_stack(optimizer: torch.optim.Optimizer) -> int:
     """How many calls of ``optimizer``'s hooked ``step`` are running on this thread's stack."""
@@ -153,7 +155,10 @@ class ParameterGuard:
         edges, leaves = _fast_layout(model, self.layout)
         # (registry, key) → expected object: every module on the path to a tracked parameter
         # (parent._modules) and every tracked parameter (module._parameters)
-        self._lookups = [(p._modules, k) for p, k, _ in edges] + [(m._parameters, a) for m, a, _, _ in leaves]
+        lookups = [(p._modules, k) for p, k, _ in edges] + [(m._parameters, a) for m, a, _, _ in leaves]
+        self._registries = [registry for registry, _ in lookups]
+        self._keys = [key for _, key in lookups]
+        self._get = dict.get if all(type(r) is dict for r in self._registries) else _mapping_get
         self._expected = [c for *_, c in edges] + [p for _, _, p, _ in leaves]
         self._leaf_params = [p for _, _, p, _ in leaves]
         self._shapes = [shape for *_, shape in leaves]
@@ -164,10 +169,11 @@ class ParameterGuard:
 
     def check(self) -> None:
         """Refuse to go on when a tracked layer or parameter was replaced or resized."""
-        # fast path (every step): the registered children and parameters are still the same
-        # objects, of the same shapes; anything else goes through the full check below
-        found = [registry.get(key) for registry, key in self._lookups]
-        if all(map(operator.is_, found, self._expected)) and [p.shape for p in self._leaf_params] == self._shapes:
+        # fast path (every step, in C loops: a step's hooks run from cold caches): the
+        # registered children and parameters are still the same objects, of the same shapes;
+        # anything else goes through the full check below
+        found = map(self._get, self._registries, self._keys)
+        if all(map(operator.is_, found, self._expected)) and list(map(_SHAPE, self._leaf_params)) == self._shapes:
             return
         for name, (path, attr, module, param, shape) in self.layout.items():
             try:
@@ -181,6 +187,10 @@ class ParameterGuard:
                     "swapped after the monitor was built; its laws no longer describe the model. "
                     "Build a new ConservationMonitor for the edited model"
                 )
+
+
+def _mapping_get(registry: Any, key: str) -> Any:
+    return registry.get(key)
 
 
 def _locate(model: nn.Module, name: str) -> tuple[str, str, nn.Module, Tensor]:
