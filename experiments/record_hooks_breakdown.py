@@ -8,7 +8,8 @@ calls, so nothing else changes):
 * ``before_step`` (the pre-step hook: the parameter guard, and with the split the check that
   the buffer still holds θ), of which ``guard``;
 * ``after_step`` (the post-step hook), of which ``values`` / ``split`` (the evaluation of every
-  law) and ``deliver`` (statistics and history);
+  law; of which ``kernel``, the native kernel's one call, where it runs) and ``deliver``
+  (statistics and history);
 * ``extra``: the monitored step minus the plain step (medians).
 
 ``--one-by-one`` delivers every record at its step (a batch of one: the monitor's behaviour
@@ -65,13 +66,19 @@ def main() -> None:
         monitor._delivery_batch = 1  # an experiment switch, not an option: what a listener gets
     recorder = monitor._recorder  # the benchmark wraps the objects the monitor already calls
     ctx = recorder._ctx
-    parts: dict[str, list[float]] = {k: [] for k in ("before_step", "guard", "after_step", "values", "split", "deliver")}
+    parts: dict[str, list[float]] = {
+        k: [] for k in ("before_step", "guard", "after_step", "values", "split", "kernel", "deliver")
+    }
     timed(recorder, "before_step", parts["before_step"])
     timed(recorder, "after_step", parts["after_step"])
     timed(ctx, "guard", parts["guard"])
     timed(ctx, "deliver", parts["deliver"])
     timed(ctx.evaluator, "values", parts["values"])
     timed(ctx.evaluator, "split", parts["split"])
+    monitored()  # the evaluation is set up at the first record: then its kernel is timed too
+    fused = getattr(ctx.evaluator.inner, "_fused_laws", None)
+    if hasattr(fused, "_fn"):  # the native kernel alone (one ctypes call), inside values / split
+        timed(fused, "_fn", parts["kernel"])
     for _ in range(30):
         plain()
         monitored()

@@ -379,6 +379,9 @@ def test_native_reuses_its_checks_only_for_the_same_tensors_as_they_were():
     assert transposed.data_ptr() == square.data_ptr() and kernel_sq.table(None, [transposed, v]) is None
     assert torch.allclose(kernel.values([w, v]), reference(w, v), rtol=1e-15, atol=0)
     assert kernel.table(None, [w.reshape(4, 6), v]) is None  # same storage and size, not the plan's shape
+    half = w.flatten().view(torch.bfloat16)[:24].view(6, 4)  # same storage and shape, another dtype
+    assert half.data_ptr() == w.data_ptr() and half.is_contiguous()
+    assert torch.allclose(kernel.values([half, v]), reference(half, v), rtol=1e-15, atol=0, equal_nan=True)
     assert torch.allclose(kernel.values([w, v]), reference(w, v), rtol=1e-15, atol=0)  # and back
 
 

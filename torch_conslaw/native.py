@@ -36,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import operator
 import os
 import platform
 import shutil
@@ -43,6 +44,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -55,6 +57,7 @@ SOURCE = Path(__file__).with_name("native_laws.c")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 OUTPUTS_AHEAD = 16  # output tables NativeLaws makes at a time (a torch call in a step is slow)
+BINDINGS = 8  # sets of tensors whose checked kernel arguments NativeLaws keeps
 
 
 def _compiler() -> str | None:
@@ -162,8 +165,18 @@ def native_status() -> tuple[bool, str]:
     return lib is not None, how
 
 
-def _shape(tensor: Tensor) -> torch.Size:
-    return tensor.shape
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+
+
+class _Binding(NamedTuple):
+    """The shapes and dtypes of the tensors a :class:`NativeLaws` call checked, the kernel's
+    arguments for them up to the output, and what those addresses point into (kept alive)."""
+
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    args: tuple
+    owners: tuple
 
 
 def _i64(values: Sequence[int]) -> Tensor:
@@ -234,9 +247,10 @@ class NativeLaws:
         # law = incoming − degree · outgoing; the natural scale is incoming + degree · outgoing
         self._degrees = {sign: torch.tensor([-sign * d for d in degrees], dtype=torch.float64) for sign in (-1.0, 1.0)}
         self._scratch: dict[int, Tensor] = {}  # per number of rows, made on first use
-        # per (rows, sign): the tensors last found readable (their data pointers and shapes)
-        # and the kernel's arguments for them, up to the output and ``advance``
-        self._bound: dict[tuple[int, float], tuple[list[int], list[torch.Size], tuple]] = {}
+        # per (rows, sign, data pointers) of the last BINDINGS sets of tensors found readable:
+        # their shapes and the kernel's arguments for them, up to the output and ``advance``
+        # (a worker recorder's ring of snapshots is several sets, read in turn)
+        self._bound: dict[tuple, _Binding] = {}
         self._spare: dict[int, list[Tensor]] = {}  # output tables made ahead, per number of rows
 
     def supports(self, tensors: Sequence[Tensor]) -> bool:
@@ -259,52 +273,55 @@ class NativeLaws:
         next step, at the cost of a write). ``sign=+1``: incoming + k · outgoing instead (the
         natural scales of the values).
 
-        A call on the tensors of the previous call (the same storage and shapes, still
-        contiguous) reuses its checked arguments, and the table comes from a few made ahead:
-        inside a training step, where every Python and torch call runs from cold caches, a
-        record then costs the kernel and a few attribute reads."""
+        A call on tensors read before (the same storage, shapes and dtypes, still contiguous;
+        the last :data:`BINDINGS` sets are kept) reuses the arguments checked then, and the
+        table comes from a few made ahead: inside a training step, where every Python and
+        torch call runs from cold caches, a record then costs the kernel and a few attribute
+        reads."""
         rows = 1 if before is None else 3
         tensors = list(after) if before is None else [*after, *before]
-        pointers = list(map(Tensor.data_ptr, tensors))
-        bound = self._bound.get((rows, sign))
+        key = (rows, sign, *map(Tensor.data_ptr, tensors))
+        bound = self._bound.get(key)
         if (
             bound is None
-            or pointers != bound[0]
-            or list(map(_shape, tensors)) != bound[1]
+            or list(map(_shape, tensors)) != bound.shapes
+            or list(map(_dtype, tensors)) != bound.dtypes  # new tensors where freed ones were
             or not all(map(Tensor.is_contiguous, tensors))
         ):
-            bound = self._bind(rows, sign, tensors, pointers)
+            bound = self._bind(key, tensors)
             if bound is None:
                 return None
         out = self._output(rows)
-        done = self._fn(*bound[2], out.data_ptr(), int(advance and rows == 3))
+        done = self._fn(*bound.args, out.data_ptr(), int(advance and rows == 3))
         if done != 0:
             raise TypeError("NativeLaws: a tensor has a dtype the kernel does not read")
         return out
 
-    def _bind(
-        self, rows: int, sign: float, tensors: list[Tensor], pointers: list[int]
-    ) -> tuple[list[int], list[torch.Size], tuple] | None:
-        """Check ``tensors`` (θ⁺, then θ for the split) and keep the kernel's arguments for
-        them; ``None`` (and nothing kept) when the kernel cannot read them as they are."""
-        self._bound.pop((rows, sign), None)
+    def _bind(self, key: tuple, tensors: list[Tensor]) -> _Binding | None:
+        """Check ``tensors`` (θ⁺, then θ for the split; ``key``: rows, sign, their data
+        pointers) and keep the kernel's arguments for them; ``None`` (and nothing kept) when
+        the kernel cannot read them as they are."""
+        self._bound.pop(key, None)
+        rows, sign, pointers = key[0], key[1], key[2:]
         after = tensors[: self.count]
         if not self.supports(tensors) or any(b.dtype != a.dtype for b, a in zip(tensors[self.count :], after)):
             return None
         codes = _i64(DTYPES[x.dtype] for x in after)
-        sides = [(ctypes.c_void_p * self.count)(*pointers[: self.count])]
-        sides.insert(0, (ctypes.c_void_p * self.count)(*pointers[self.count :]) if rows == 3 else None)
+        after_array = (ctypes.c_void_p * self.count)(*pointers[: self.count])
+        before_array = (ctypes.c_void_p * self.count)(*pointers[self.count :]) if rows == 3 else None
         scratch = self._scratch.get(rows)
         if scratch is None:
             scratch = self._scratch[rows] = torch.empty(self.parts * rows * self.width, dtype=torch.float64)
         degrees = self._degrees[sign]
         args = (
-            self._plan.data_ptr(), degrees.data_ptr(), rows, *sides, codes.data_ptr(), self.parts, scratch.data_ptr()
+            self._plan.data_ptr(), degrees.data_ptr(), rows, before_array, after_array, codes.data_ptr(),
+            self.parts, scratch.data_ptr(),
         )
-        # the arrays and tensors behind the addresses live as long as the binding
-        bound = (pointers, list(map(_shape, tensors)), args, (codes, sides, degrees))
-        self._bound[(rows, sign)] = bound  # type: ignore[assignment]
-        return bound  # type: ignore[return-value]
+        bound = _Binding(list(map(_shape, tensors)), list(map(_dtype, tensors)), args, (codes, after_array, before_array))
+        while len(self._bound) >= BINDINGS:
+            del self._bound[next(iter(self._bound))]  # the oldest
+        self._bound[key] = bound
+        return bound
 
     def _output(self, rows: int) -> Tensor:
         """A new ``[rows, laws]`` float64 table (made a few at a time, at most 1 MiB ahead)."""
