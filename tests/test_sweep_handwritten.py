@@ -281,3 +281,28 @@ def test_no_scale_law_is_claimed_from_a_degenerate_initial_original():
     assert [(g.kind, g.count) for g in mon.groups] == [("linear", 10)]  # diagonal + upper triangle of X
     report = tc.analyze(model, x, theta="random", max_seconds=60)
     assert report.tracked_rank == 10 and report.lie_laws == 10 and report.complete
+
+
+def test_torch_transformer_layers_track_each_law_once():
+    """``nn.TransformerEncoderLayer`` / ``DecoderLayer``: the op-graph centering rule reached
+    ``self_attn.out_proj → norm1`` along two paths (the registered layer and the attention's
+    functional call of it) and proposed the same group twice, so the monitor tracked 99 law
+    functions for a rank of 90. Each group is now tracked once: the number of law functions
+    equals the rank of their gradients (analyze's tracked rank, computed from the laws'
+    gradients), and for the encoder layer the Lie count (90 = 90, run by hand, 12 s)."""
+    torch.manual_seed(0)
+    layers = [
+        (nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double(), torch.randn(2, 5, 8, dtype=F64)),
+        (
+            nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double(),
+            (torch.randn(2, 5, 8, dtype=F64), torch.randn(2, 4, 8, dtype=F64)),
+        ),
+    ]
+    for model, x in layers:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = tc.ConservationMonitor(model, x).groups
+            report = tc.analyze(model, x, lie=False, theta="random")
+        names = [g.name for g in groups]
+        assert len(names) == len(set(names)), names
+        assert sum(g.count for g in groups if not getattr(g, "approximate", False)) == report.tracked_rank

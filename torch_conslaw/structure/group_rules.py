@@ -114,6 +114,7 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     # two biases whose outputs are only added are also two terms added at the same places: the
     # translation rule then finds the same laws b₁[c] − b₂[c] as the parallel-bias rule, kept once
     parallel: dict[frozenset[str], int] = {}
+    found: set[tuple] = set()  # (name, kind, parameters, count) of the groups kept
     parallel_rule, translation_rule = parallel_bias_rule(model, g, states), added_translation_rule(model, g)
     for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
                  embedding_translation_rule(g), score_bias_rule(g), parallel_rule,
@@ -132,6 +133,10 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                 parallel[frozenset(names)] = group.count
             elif rule is translation_rule and parallel.get(frozenset(names)) == group.count:
                 continue
+            same = (group.name, group.kind, frozenset(group.parameter_names), group.count)
+            if same in found:  # one rule reached the same site twice (two paths to one layer)
+                continue
+            found.add(same)
             out.groups.append(group)
     return out
 
