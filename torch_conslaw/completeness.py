@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .lawgroups import LawGroup, build_groups
 from .lie import mlp_trace_dimension
 from .lie.elementary import ElementaryOps
+from .lie.modules import as_batch, map_tensors
 from .lie.numerics import DEFAULT_RTOL, RankDecision
 from .missing_laws import MissingSpace, SubmapFields, missing_space
 from .laws.verify import propose_and_check
@@ -363,11 +364,11 @@ def _balanced_params(
     3-4-5-2 ReLU MLP without biases: 11 laws instead of the 9 of its hidden units), although
     the count looks stable as the inputs double."""
     from .lie.elementary import ActivationRecorder
-    from .lie.modules import BALANCED_SHARE, _as_batch, _counting_copy, _load, _slots, _redraws
+    from .lie.modules import BALANCED_SHARE, _counting_copy, _load, _slots, _redraws
 
     try:
         n = n_inputs or int(min(MAX_AUTO_INPUTS, max(16, math.ceil(2 * D / _outputs_per_input(model, example)))))
-        batch = _as_batch(random_inputs_like(example, n, seed))
+        batch = as_batch(random_inputs_like(example, n, seed))
         work = _counting_copy(model)
         slots = _slots(work)
 
@@ -446,12 +447,8 @@ def random_inputs_like(example: Any, n: int, seed: int = 0) -> Any:
         lo, hi = int(v.min()), int(v.max())
         return torch.randint(lo, hi + 1, shape, generator=gen, dtype=v.dtype)
 
-    if isinstance(example, Tensor):
-        return draw(example)
-    if isinstance(example, Mapping):
-        return {k: draw(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(draw(v) for v in example)
+    if isinstance(example, (Tensor, Mapping, tuple, list)):
+        return map_tensors(example, draw)  # through nested tuples, lists and dicts
     raise TypeError(f"example_input must be a tensor, a tuple/list or a dict, got {type(example).__name__}")
 
 
@@ -697,14 +694,8 @@ def _polynomial_search(
     for sub in work.modules():
         if isinstance(getattr(sub, "num_batches_tracked", None), Tensor):
             sub.num_batches_tracked = None
-    cast = lambda v: v.to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v
-    if isinstance(inputs, Mapping):
-        args, kwargs = (), {k: cast(v) for k, v in inputs.items()}
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(cast(v) for v in inputs), {}
-    else:
-        args, kwargs = (cast(inputs),), {}
-    sampler = SubmapFields(work, result.parameters, names, args, kwargs)
+    batch = as_batch(inputs)  # floating tensors in float64, through nested containers
+    sampler = SubmapFields(work, result.parameters, names, batch.args, batch.kwargs)
     gen = torch.Generator().manual_seed(0)
     with warnings.catch_warnings(), ElementaryOps():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -714,6 +714,7 @@ def propose_and_check(
     unsharded model with :func:`verify_laws`. ``caller`` names the API in warnings and errors.
     """
     from ..structure import Skipped
+    from ..structure.finder import call_hint
     from .families.proposals import LOSSES, propose_laws
 
     if loss not in LOSSES:
@@ -736,7 +737,7 @@ def propose_and_check(
     try:
         checks = verify_groups(model, example_input, claimed)
     except Exception as err:  # the model cannot run in float64 / under torch.func
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{call_hint(example_input, err)}"
         import warnings
 
         warnings.warn(

@@ -155,26 +155,50 @@ class _Batch:
     size: int
 
     def first(self, n: int) -> "_Batch":
-        cut = lambda v: v[:n] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == self.size else v
-        return _Batch(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()}, n)
+        cut = lambda v: v[:n] if v.dim() > 0 and v.shape[0] == self.size else v  # noqa: E731
+        return _Batch(map_tensors(self.args, cut), map_tensors(self.kwargs, cut), n)
 
 
-def _as_batch(inputs: Any) -> _Batch:
-    def cast(v: Any) -> Any:
-        return v.detach().to(DTYPE) if isinstance(v, Tensor) and v.is_floating_point() else v
+def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through nested tuples (named ones
+    too), lists and dicts: a model may take a dict or a list of tensors as one argument.
+
+    Example:
+        >>> map_tensors(({"x": torch.ones(2)}, [torch.zeros(1)], 3), lambda t: t + 1)
+        ({'x': tensor([2., 2.])}, [tensor([1.])], 3)
+    """
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
+
+
+def as_batch(inputs: Any) -> _Batch:
+    """Example inputs as a call's positional and keyword arguments (a tensor: ``model(x)``, a
+    tuple or list: ``model(*inputs)``, a dict: ``model(**inputs)``), every floating tensor in
+    them, nested or not, detached and in float64; the batch size is the first dimension of the
+    first tensor found."""
+    def cast(v: Tensor) -> Tensor:
+        return v.detach().to(DTYPE) if v.is_floating_point() else v
 
     if isinstance(inputs, Tensor):
         args, kwargs = (cast(inputs),), {}
     elif isinstance(inputs, Mapping):
-        args, kwargs = (), {k: cast(v) for k, v in inputs.items()}
+        args, kwargs = (), map_tensors(dict(inputs), cast)
     elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(cast(v) for v in inputs), {}
+        args, kwargs = tuple(map_tensors(list(inputs), cast)), {}
     else:
         raise TypeError(
             f"inputs must be a tensor, a tuple/list of positional inputs or a dict of keyword inputs, "
             f"got {type(inputs).__name__}"
         )
-    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
+    tensors: list[Tensor] = []
+    map_tensors((args, kwargs), tensors.append)
     if not tensors:
         raise ValueError("inputs hold no tensor: pass a batch of example inputs (first dimension = batch)")
     first = tensors[0]
@@ -707,7 +731,7 @@ def count_laws(
         raise ValueError(f"preconditioner must be 'kronecker' or 'jacobi', got {preconditioner!r}")
     start = time.perf_counter()
     deadline = None if max_seconds is None else start + max_seconds
-    batch = _as_batch(inputs)
+    batch = as_batch(inputs)
     work = _counting_copy(model)
     theta_flat, source = _resolve_theta(theta, work, slots, seed)
     _load(work, slots, theta_flat)

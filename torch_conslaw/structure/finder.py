@@ -137,6 +137,21 @@ class Skipped:
         return self.reason
 
 
+def call_hint(example_input: Any, err: BaseException) -> str:
+    """What to try when the model refused ``example_input``: a dict is passed as keyword
+    arguments (``model(**example_input)``), so a model that takes one dict gets it as
+    ``(example_input,)``. Empty when that is not the likely cause.
+
+    Example:
+        >>> call_hint({"x": 1}, TypeError("forward() got an unexpected keyword argument 'x'"))[:40]
+        '; a dict example_input is passed as keyw'
+    """
+    if isinstance(example_input, dict) and isinstance(err, TypeError):
+        return ("; a dict example_input is passed as keyword arguments, model(**example_input): to pass "
+                "it as one positional argument, give (example_input,)")
+    return ""
+
+
 @dataclass(frozen=True)
 class Link:
     """The output of the layer at ``producer`` is read by exactly one op: the registered layer
@@ -295,8 +310,8 @@ def _with_graph_laws(
     except Exception as err:  # the model itself ran on this input in the hooks path
         return pairs, skipped + [Skipped(None, None, (
             f"the op graph of {type(model).__name__} could not be captured on example_input "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): only "
-            "module-level structure is used"))], None
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{call_hint(example_input, err)}): "
+            "only module-level structure is used"))], None
     taken = {frozenset(n for n, _ in p.incoming) for p in pairs}
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
