@@ -561,3 +561,34 @@ def test_no_output_layer_is_eliminated_after_a_nonlinearity():
     assert res.null_space.eliminated is None
     assert "not an output layer" in res.null_space.not_eliminated
     assert res.n_laws == tc.count_laws(net, gaussian(32, 3), theta="random", input_sizes=[32], method="dense").n_laws
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6(), nn.Hardtanh(-3.0, 3.0)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_clipping_activation_whose_bound_no_input_reaches_is_said_to_act_unclipped(activation, scaled):
+    """``relu6`` / ``hardtanh`` is not homogeneous, but a unit that no input drives to its bound
+    is ReLU (relu6) or the identity (hardtanh) there. The count finds the laws of those units
+    (k unit laws, or a k×k symmetric matrix law: k(k+1)/2) and now says how many units never
+    reach the bound; with the model's θ scaled so that units cross it, k is checked by hand
+    from the pre-activations, and k = 0 comes with no such note and no law."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), activation, nn.Linear(6, 2)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    relu6 = isinstance(activation, nn.ReLU6)
+    if scaled:
+        with torch.no_grad():
+            model[0].weight.normal_(0.0, 3.0)
+            model[0].bias.zero_()
+        result = tc.count_laws(model, x)
+        pre = model[0](x)
+        clipped = pre >= activation.max_val if relu6 else (pre >= activation.max_val) | (pre <= activation.min_val)
+        k = int((~clipped).all(0).sum())
+    else:
+        result = tc.count_laws(model, x, theta="random")
+        said = [w for w in result.warnings if "never reach its bound" in w]
+        k = int(said[0].split(" of the ")[0]) if said else 0
+    notes = [w for w in result.warnings if "never reach its bound" in w]
+    assert bool(notes) == (k > 0) and all("(data-dependent)" in w for w in notes)
+    if k:
+        assert notes[0].startswith(f"{k} of the 6 units") and ("acts as ReLU" if relu6 else "acts as the identity") in notes[0]
+    assert result.n_laws == (k if relu6 else k * (k + 1) // 2)

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from .elementary_rnn import REROUTES as _RNN_REROUTES
 
-__all__ = ["ElementaryOps", "Float64Ops", "ActivationRecorder", "ConstantUnits", "EPS_ATTRIBUTES"]
+__all__ = ["ElementaryOps", "Float64Ops", "ActivationRecorder", "ConstantUnits", "UnreachedBounds", "EPS_ATTRIBUTES"]
 
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "layer_norm_eps", "epsilon")
 """Module attributes that hold a normalization's eps (torch.nn and Hugging Face names)."""
@@ -354,8 +354,26 @@ class ConstantUnits:
     always_active: int
 
 
+@dataclass
+class UnreachedBounds:
+    """One call of a clipping activation (``relu6``, ``hardtanh``): its units that never reach
+    a clipping bound on the inputs. Where no input reaches it, the activation acts as ReLU
+    (``relu6``) or as the identity (``hardtanh``), whose laws then hold for such inputs only."""
+
+    call: int
+    op: str
+    units: int
+    bounds: str  # the bounds that clip: the upper one when the lower one is 0, else both
+    never_clipped: int  # units that reach none of them on the inputs
+    acts_as: str  # what the activation is where it does not clip: "ReLU" or "the identity"
+
+
+_CLIPPING = {F.relu6: (0.0, 6.0), F.hardtanh: (-1.0, 1.0)}
+
+
 class ActivationRecorder(TorchFunctionMode):
-    """Record the ReLU-like units that are dead or always active on a plain forward.
+    """Record the ReLU-like units that are dead or always active on a plain forward, and the
+    units of clipping activations that never reach a bound (:class:`UnreachedBounds`).
 
     Also counts ``floating_numel``, the entries of every floating tensor the forward creates
     (an upper bound on what one differentiated forward keeps, used to size batches).
@@ -364,6 +382,7 @@ class ActivationRecorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[ConstantUnits] = []
+        self.clipping: list[UnreachedBounds] = []
         self.floating_numel = 0
         self.balance = 0.5  # min over ReLU-like units of min(p, 1 − p), p: the unit's active share
 
@@ -384,7 +403,32 @@ class ActivationRecorder(TorchFunctionMode):
                     always_active=int(active.all(1).sum()),
                 )
             )
+        if func in _CLIPPING and args and isinstance(args[0], Tensor) and args[0].dim() >= 2:
+            self._clipping(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
         if isinstance(out, Tensor) and out.is_floating_point():
             self.floating_numel += out.numel()
         return out
+
+    def _clipping(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """Units of a ``relu6`` / ``hardtanh`` call that never reach a bound where it clips: its
+        upper bound when the lower one is 0 (``relu6``, ``nn.ReLU6``: ReLU there), else either
+        bound (the identity there)."""
+        low, high = _CLIPPING[func]
+        if func is F.hardtanh:
+            low = float(args[1]) if len(args) > 1 else float(kwargs.get("min_val", low))
+            high = float(args[2]) if len(args) > 2 else float(kwargs.get("max_val", high))
+        z = args[0].detach()
+        feature = z.dim() - 1 if z.dim() == 3 else 1
+        rows = z.movedim(feature, 0).reshape(z.shape[feature], -1)
+        clipped = rows >= high if low == 0.0 else (rows >= high) | (rows <= low)
+        self.clipping.append(
+            UnreachedBounds(
+                call=len(self.clipping),
+                op=getattr(func, "__name__", str(func)),
+                units=int(z.shape[feature]),
+                bounds=f"{high:g}" if low == 0.0 else f"{low:g} and {high:g}",
+                never_clipped=int((~clipped).all(1).sum()),
+                acts_as="ReLU" if low == 0.0 else "the identity",
+            )
+        )

@@ -862,6 +862,13 @@ def count_laws(
             "units on these inputs add data-dependent laws (see constant_units); use more varied inputs or theta='random' "
             "for the count of generic inputs"
         )
+    for c in recorder.clipping:
+        if c.never_clipped:
+            notes.append(
+                f"{c.never_clipped} of the {c.units} units of {c.op} (call {c.call}) never reach its bound "
+                f"{c.bounds} on these inputs: there {c.op} acts as {c.acts_as}, and the laws that follow hold for such "
+                "inputs only (data-dependent); use inputs (or a θ) that reach the bound for the count of generic inputs"
+            )
     kept = getattr(recorder, "kept_casts", [])
     if kept:
         notes.append(
