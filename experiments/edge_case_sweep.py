@@ -10,7 +10,8 @@ completeness, where missing laws live, and any error.
 
     PYTHONPATH=. python experiments/edge_case_sweep.py [NAME ...]
 
-writes results/edge_case_sweep.md and results/edge_case_sweep.json.
+writes results/edge_case_sweep.md and results/edge_case_sweep.json (with names: only their rows
+are run again and replaced).
 """
 
 from __future__ import annotations
@@ -323,14 +324,15 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     names = sys.argv[1:] or list(MODELS)
-    rows = []
-    for name in names:
+    out = ROOT / "results" / "edge_case_sweep.json"
+    kept = {r["model"]: r for r in json.loads(out.read_text())} if sys.argv[1:] and out.exists() else {}
+    for name in names:  # named models: their rows are replaced in the files, the others kept
         row = run(name)
         print(json.dumps(row), flush=True)
-        rows.append(row)
-    if not sys.argv[1:]:
-        (ROOT / "results" / "edge_case_sweep.json").write_text(json.dumps(rows, indent=1))
-        (ROOT / "results" / "edge_case_sweep.md").write_text(table(rows))
+        kept[name] = row
+    rows = [kept[n] for n in MODELS if n in kept]
+    out.write_text(json.dumps(rows, indent=1))
+    (ROOT / "results" / "edge_case_sweep.md").write_text(table(rows))
 
 
 if __name__ == "__main__":

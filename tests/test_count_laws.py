@@ -592,3 +592,44 @@ def test_a_clipping_activation_whose_bound_no_input_reaches_is_said_to_act_uncli
     if k:
         assert notes[0].startswith(f"{k} of the 6 units") and ("acts as ReLU" if relu6 else "acts as the identity") in notes[0]
     assert result.n_laws == (k if relu6 else k * (k + 1) // 2)
+
+
+@pytest.mark.parametrize("mode, padding_idx", [("mean", None), ("mean", 3), ("sum", None)])
+def test_embedding_bag_is_counted_like_the_embedding_it_averages(mode, padding_idx):
+    """``nn.EmbeddingBag`` had no count (aten's ``_embedding_bag`` has no forward-mode rule); it
+    now runs as a lookup and a sum / mean per bag. Its count equals that of the same function
+    written with ``nn.Embedding`` (a different code path), d(d+1)/2 = 21 by hand for E → EA,
+    W → WA⁻¹ on 6 features (and the 6 entries of the padding row, which no bag reads), and
+    its elementary forward equals the native one."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.fc = nn.EmbeddingBag(20, 6, mode=mode, padding_idx=padding_idx), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.e(x))
+
+    class Looked(nn.Module):
+        def __init__(self, bag):
+            super().__init__()
+            self.e, self.fc = nn.Embedding(20, 6), bag.fc
+            self.e.weight = bag.e.weight
+
+        def forward(self, x):
+            rows = self.e(x)
+            if padding_idx is not None:
+                rows = rows * (x != padding_idx).unsqueeze(-1)
+            total = rows.sum(1)
+            if mode == "sum":
+                return self.fc(total)
+            count = (x != padding_idx).sum(1, keepdim=True) if padding_idx is not None else x.shape[1]
+            return self.fc(total / count)
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (40, 4))
+    x[:, 0] = 5  # no bag is all padding
+    bag = Bag().double()
+    result = tc.count_laws(bag, x)
+    assert result.elementary_check < 1e-12
+    assert result.n_laws == tc.count_laws(Looked(bag).double(), x).n_laws == 21 + (6 if padding_idx is not None else 0)

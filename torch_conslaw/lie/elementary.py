@@ -256,6 +256,54 @@ def weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / (v * v).sum(axes, keepdim=True).sqrt())
 
 
+def embedding_bag(
+    input: Tensor,
+    weight: Tensor,
+    offsets: Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """``F.embedding_bag`` as a lookup and a sum, mean or max per bag (aten's has no forward-mode
+    rule): bags are the rows of a 2-D ``input``, or the slices of a 1-D one between ``offsets``;
+    entries equal to ``padding_idx`` are left out (of the mean's count too), an empty bag gives
+    zeros. ``max_norm`` (which renormalizes the table in place) is left to aten."""
+    if max_norm is not None:
+        return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                               per_sample_weights, include_last_offset, padding_idx)
+    if input.dim() == 2:
+        bags = list(input)
+        weights = list(per_sample_weights) if per_sample_weights is not None else [None] * len(bags)
+    else:
+        starts = [int(o) for o in offsets] if offsets is not None else [0]
+        ends = starts[1:] + ([] if include_last_offset else [input.numel()])
+        starts = starts[: len(ends)]
+        bags = [input[a:b] for a, b in zip(starts, ends)]
+        weights = [per_sample_weights[a:b] if per_sample_weights is not None else None for a, b in zip(starts, ends)]
+    out = []
+    for ids, w in zip(bags, weights):
+        if padding_idx is not None:
+            keep = ids != padding_idx % weight.shape[0]
+            ids, w = ids[keep], (w[keep] if w is not None else None)
+        rows = weight[ids]
+        if w is not None:
+            rows = rows * w.unsqueeze(-1)
+        if rows.shape[0] == 0:
+            out.append(weight.new_zeros(weight.shape[1]))
+        elif mode == "sum":
+            out.append(rows.sum(0))
+        elif mode == "mean":
+            out.append(rows.mean(0))
+        else:
+            out.append(rows.amax(0))
+    return torch.stack(out) if out else weight.new_zeros(0, weight.shape[1])
+
+
 _REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: batch_norm,
     F.instance_norm: instance_norm,
@@ -269,6 +317,7 @@ _REROUTES: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.instance_norm: instance_norm,
     F.glu: glu,
     torch._weight_norm: weight_norm,
+    F.embedding_bag: embedding_bag,
 }
 for _name in ("rms_norm",):
     if hasattr(F, _name):
