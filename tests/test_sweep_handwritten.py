@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -306,3 +307,84 @@ def test_torch_transformer_layers_track_each_law_once():
         names = [g.name for g in groups]
         assert len(names) == len(set(names)), names
         assert sum(g.count for g in groups if not getattr(g, "approximate", False)) == report.tracked_rank
+
+
+class _EmbedMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc2(F.relu(self.fc1(self.emb(ids).mean(1))))
+
+
+def test_an_embedding_averaged_over_tokens_keeps_its_matrix_law_with_the_next_layer():
+    """Embedding → mean over tokens → Linear: the lookup is one_hot(ids) @ E and the mean is
+    linear, so E → E A, fc1 → fc1 A⁻¹ leaves the function unchanged: EᵀE − W₁ᵀW₁ (3·4/2 = 6
+    laws) with the 4 unit laws of fc1 → fc2. The op graph now reads a lookup as a producer
+    (before: 4 of 10 tracked, the module-level finder stopped at the mean). Checked by analyze's
+    count (10 = 10) and independently: the matrix law's gradient is orthogonal to a random
+    loss's gradient (torch.func)."""
+    torch.manual_seed(0)
+    model = _EmbedMean().double()
+    ids = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 2], [1, 3, 5, 4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = {g.name: (g.kind, g.count) for g in tc.ConservationMonitor(model, ids).groups}
+        report = tc.analyze(model, ids, theta="random", max_seconds=60)
+    assert groups == {"fc1→fc2": ("unit", 4), "emb→fc1[0..2]": ("matrix", 6)}
+    assert (report.tracked_rank, report.lie_laws, report.complete) == (10, 10, True)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    target = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    g = grad(lambda p: ((functional_call(model, p, (ids,)) - target) ** 2).sum())(params)
+
+    def law(p):
+        e, w = p["emb.weight"], p["fc1.weight"]
+        return (e.T @ e - w.T @ w)[tuple(torch.triu_indices(3, 3))]
+
+    dh = torch.func.jacrev(law)(params)
+    inner = sum((dh[n] * g[n]).flatten(1).sum(1) for n in ("emb.weight", "fc1.weight"))
+    assert inner.abs().max() < 1e-12 * (1 + g["emb.weight"].abs().max())
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_an_embedding_bag_is_a_producer(mode):
+    """nn.EmbeddingBag → Linear: a sum or mean of E's rows per bag is linear in E (the matrix
+    law EᵀE − WᵀW, 6·7/2 = 21, = analyze's count), a max is positively homogeneous per feature
+    (one law per feature, 6). Checked independently: each law's gradient is orthogonal to a
+    random loss's gradient (torch.func)."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.fc = nn.EmbeddingBag(20, 6, mode=mode), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(self.e(x))
+
+    torch.manual_seed(0)
+    model = Bag().double()
+    ids = torch.randint(0, 20, (30, 4), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = [(g.kind, g.count) for g in tc.ConservationMonitor(model, ids).groups]
+    assert groups == ([("matrix", 21)] if mode == "mean" else [("unit", 6)])
+    if mode == "mean":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = tc.analyze(model, ids, theta="random", max_seconds=60)
+        assert (report.tracked_rank, report.lie_laws, report.complete) == (21, 21, True)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    target = torch.randn(30, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    g = grad(lambda p: ((functional_call(model, p, (ids,)) - target) ** 2).sum())(params)
+
+    def law(p):
+        e, w = p["e.weight"], p["fc.weight"]
+        if mode == "mean":
+            return (e.T @ e - w.T @ w)[tuple(torch.triu_indices(6, 6))]
+        return e.square().sum(0) - w.square().sum(0)
+
+    dh = torch.func.jacrev(law)(params)
+    inner = sum((dh[n] * g[n]).flatten(1).sum(1) for n in ("e.weight", "fc.weight"))
+    assert inner.abs().max() < 1e-12 * (1 + g["e.weight"].abs().max())
