@@ -656,6 +656,24 @@ def _centering(site, norms: list[Op], columns: bool = True):
 # ---------------------------------------------------------------------------------------------
 
 _PLUS = {"add", "__add__", "__radd__"}
+_PLUS_IN_PLACE = {"add_", "__iadd__"}
+
+
+def _plus(g: OpGraph, op: Op) -> bool:
+    """``a + b`` (alpha 1) of two values, or ``a += b`` on an ``a`` that nothing else reads and
+    that is no view of another value (MegatronBERT's ``embeddings += position_embeddings``):
+    the graph records its result as a new value, so it is the same sum."""
+    if not (op.name in _PLUS | _PLUS_IN_PLACE and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
+            and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
+        return False
+    if op.name in _PLUS:
+        return True
+    from .rules import _SHAPE
+
+    x = op.args[0]
+    made = g.producer(x.vid)
+    return (x.vid not in g.params and g.users.get(x.vid, []) == [op.index] and made is not None
+            and made.name not in _SHAPE and made.name not in ("contiguous", "clone"))
 
 
 def _lookups(g: OpGraph, v: int) -> list[Op] | None:
@@ -669,7 +687,7 @@ def _lookups(g: OpGraph, v: int) -> list[Op] | None:
         return _lookups(g, op.args[0].vid)
     if op.name == "embedding" and isinstance(_arg(op, 1, "weight"), Val):
         return [op]
-    if op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2]):
+    if _plus(g, op):
         a, b = (_lookups(g, x.vid) for x in op.args[:2])
         return None if a is None or b is None else a + b
     return None
@@ -720,8 +738,7 @@ def embedding_translation_rule(g: OpGraph):
     docstring): yields proposals and refusals."""
     uses = g.param_uses()
     for op in g.ops:
-        if not (op.index in g.live and op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
-                and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
+        if not (op.index in g.live and _plus(g, op)):
             continue
         sides = [_lookups(g, a.vid) for a in op.args[:2]]
         if any(side is None for side in sides):
