@@ -9,7 +9,10 @@ hand-written models through the public API:
   translation law between tables, as ``e = e + lookup`` does (not when the value is read
   before the in-place add);
 * a law refused because the float64 model computes part of its forward in float32 (Helium's
-  RMSNorm gain, ESM's rotary embedding) says so in its refusal (and in the "no law" warning).
+  RMSNorm gain, ESM's rotary embedding) says so in its refusal (and in the "no law" warning);
+* analyze's note on the range of the integer inputs names only the tables looked up at those
+  ids (T5's relative position bias, read at computed buckets, was told to "pass an example
+  whose ids span the vocabulary").
 
 Every claim is checked independently (autograd / torch.func on the model itself).
 """
@@ -176,3 +179,35 @@ def test_a_check_failed_by_the_models_own_rounding_says_so():
     small.load_state_dict(model.state_dict())
     assert [g.name for g in tc.ConservationMonitor(small, x.float()).groups] == ["fc1→fc2"]
 
+
+
+# ------------------------------------------------------------------ tables looked up at computed ids
+class TokensAndBuckets(nn.Module):
+    """A token table read at the input ids, and a bucket table read at ids the forward computes
+    from the length (T5's relative position buckets): only the first depends on the ids' range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 3)
+        self.bucket = nn.Embedding(8, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        return self.head(torch.tanh(self.tok(ids) + self.bucket(pos)))
+
+
+def test_the_id_range_note_names_only_tables_read_at_the_input_ids():
+    torch.manual_seed(0)
+    model = TokensAndBuckets().to(F64)
+    x = torch.randint(0, 4, (3, 5), generator=torch.Generator().manual_seed(0))
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    said = [n for n in r.notes if n.startswith("the integer inputs span ids")]
+    assert len(said) == 1 and "tok has 10 rows" in said[0]
+    # independent check: the bucket rows that get a gradient do not change with the ids' range
+    def rows(ids):
+        model.zero_grad()
+        model(ids).sum().backward()
+        return set(model.bucket.weight.grad.abs().sum(1).nonzero().flatten().tolist())
+    wide = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(1))
+    assert rows(x) == rows(wide) == set(range(5))

@@ -331,13 +331,42 @@ def _unread_embedding_rows(model: nn.Module, example_input: Any) -> list[str]:
     if not ids:
         return []
     lo, hi = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    read = _tables_reading(model, example_input, ids)
     return [
         f"the integer inputs span ids {lo}..{hi} and the count draws its inputs over that range, but "
         f"{name or type(module).__name__} has {module.num_embeddings} rows: the rows outside it are never "
         "read, so their entries count as (data-dependent) laws; pass an example whose ids span the vocabulary"
         for name, module in model.named_modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (lo > 0 or hi < module.num_embeddings - 1)
+        and (read is None or name in read)
     ]
+
+
+def _tables_reading(model: nn.Module, example_input: Any, ids: list[Tensor]) -> set[str] | None:
+    """The embedding modules whose lookup indices are the integer inputs themselves (the same
+    storage: the tensor or a view of it), from one forward of a copy; the others look up ids
+    the forward computes (T5's relative position buckets, BERT's ``position_ids`` buffer), whose
+    range the example's ids do not set. None when the forward cannot be run."""
+    probe = copy.deepcopy(model)
+    inputs = {t.untyped_storage().data_ptr() for t in ids}
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def pre(module: nn.Module, args: tuple) -> None:
+            idx = args[0] if args else None
+            if isinstance(idx, Tensor) and idx.untyped_storage().data_ptr() in inputs:
+                seen.add(name)
+        return pre
+
+    for name, module in probe.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            module.register_forward_pre_hook(hook(name))
+    try:
+        with torch.no_grad():
+            _call(probe, example_input)
+    except Exception:  # noqa: BLE001 - every table keeps the note, as before
+        return None
+    return seen
 
 
 def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
