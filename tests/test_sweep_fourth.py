@@ -12,7 +12,10 @@ hand-written models through the public API:
   RMSNorm gain, ESM's rotary embedding) says so in its refusal (and in the "no law" warning);
 * analyze's note on the range of the integer inputs names only the tables looked up at those
   ids (T5's relative position bias, read at computed buckets, was told to "pass an example
-  whose ids span the vocabulary").
+  whose ids span the vocabulary");
+* a table tied between lookups that are each read only by LayerNorms (Pegasus's ``shared``,
+  its encoder's and decoder's token embeddings) keeps the row sums each lookup gives (they
+  were refused as "shared"); tied to an output layer too, it keeps none.
 
 Every claim is checked independently (autograd / torch.func on the model itself).
 """
@@ -211,3 +214,57 @@ def test_the_id_range_note_names_only_tables_read_at_the_input_ids():
         return set(model.bucket.weight.grad.abs().sum(1).nonzero().flatten().tolist())
     wide = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(1))
     assert rows(x) == rows(wide) == set(range(5))
+
+
+# ------------------------------------------------------------------ a table tied between two centred lookups
+class TiedTable(nn.Module):
+    """Pegasus's ``shared`` table: an encoder and a decoder lookup of one tensor, each read only
+    by a LayerNorm; ``head``: the table is also the output layer (as a tied LM head)."""
+
+    def __init__(self, head: bool = False) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(6, 4)
+        self.enc, self.dec = nn.Embedding(6, 4), nn.Embedding(6, 4)
+        self.enc.weight = self.dec.weight = self.shared.weight
+        self.ln1, self.ln2 = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.fc1, self.fc2 = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.head = head
+
+    def forward(self, ids, dec_ids):
+        a = self.fc1(torch.tanh(self.ln1(self.enc(ids))))
+        b = self.fc2(torch.tanh(self.ln2(self.dec(dec_ids))))
+        out = a.sum(1, keepdim=True) + b
+        return torch.cat([out, torch.tanh(self.dec(dec_ids)) @ self.shared.weight.T], -1) if self.head else out
+
+
+def _tied_inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return {"ids": torch.randint(0, 6, (2, 5), generator=gen), "dec_ids": torch.randint(0, 6, (2, 3), generator=gen)}
+
+
+def test_a_table_tied_between_centred_lookups_keeps_its_row_sums():
+    from graph_helpers import law_residuals
+
+    torch.manual_seed(0)
+    model, x = TiedTable().to(F64), _tied_inputs(0)
+    groups = [g for g in tc.ConservationMonitor(model, x).groups if "centering" in g.name]
+    assert len(groups) == 1 and groups[0].count == 6 and groups[0].parameter_names == ("shared.weight",)
+    assert torch.allclose(groups[0].values(dict(model.named_parameters())), model.shared.weight.sum(1))
+    assert law_residuals(model, x, groups, lambda y: y) <= 1e-12
+    # by hand, on other inputs: the row sums of the tied table's gradient vanish
+    for seed in (1, 2):
+        z = _tied_inputs(seed)
+        model.zero_grad()
+        (model(**z) * _x(2, 3, 3, seed=seed)).sum().backward()
+        assert float(model.shared.weight.grad.sum(1).abs().max()) <= 1e-12 * float(model.shared.weight.grad.norm())
+
+
+def test_a_table_tied_to_an_output_layer_keeps_no_centering():
+    torch.manual_seed(0)
+    model, x = TiedTable(head=True).to(F64), _tied_inputs(0)
+    mon = tc.ConservationMonitor(model, x)
+    assert not [g for g in mon.groups if "centering" in g.name]
+    assert any("is shared with" in str(s.reason) and "centering" in str(s.reason) for s in mon.skipped)
+    model.zero_grad()
+    (model(**x) * _x(2, 3, 9, seed=1)).sum().backward()  # the would-be law is false
+    assert float(model.shared.weight.grad.sum(1).abs().max()) > 1e-3 * float(model.shared.weight.grad.norm())
