@@ -15,7 +15,9 @@ hand-written models through the public API:
   whose ids span the vocabulary");
 * a table tied between lookups that are each read only by LayerNorms (Pegasus's ``shared``,
   its encoder's and decoder's token embeddings) keeps the row sums each lookup gives (they
-  were refused as "shared"); tied to an output layer too, it keeps none.
+  were refused as "shared"); tied to an output layer too, it keeps none;
+* a model in eval mode that draws its own random choice (ViT-MAE's patch masking) is told to
+  pass that randomness as an input, not to call model.eval().
 
 Every claim is checked independently (autograd / torch.func on the model itself).
 """
@@ -268,3 +270,33 @@ def test_a_table_tied_to_an_output_layer_keeps_no_centering():
     model.zero_grad()
     (model(**x) * _x(2, 3, 9, seed=1)).sum().backward()  # the would-be law is false
     assert float(model.shared.weight.grad.sum(1).abs().max()) > 1e-3 * float(model.shared.weight.grad.norm())
+
+
+# ------------------------------------------------------------------ a model that draws its own random choice in eval mode
+class RandomMasking(nn.Module):
+    """ViT-MAE's patch masking: in eval mode the forward still shuffles its positions with
+    ``torch.rand`` unless ``noise`` is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, noise=None):
+        noise = torch.rand(x.shape[:2], dtype=x.dtype) if noise is None else noise
+        keep = noise.argsort(1)[:, : x.shape[1] - 1]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_random_choice_in_eval_mode_is_named_as_such():
+    torch.manual_seed(0)
+    model = RandomMasking().to(F64).eval()
+    x = _x(2, 4, 3)
+    r = tc.analyze(model, x, theta="random", max_seconds=60)
+    assert r.lie_laws is None and "in eval mode: a random choice the model itself makes" in r.lie_note
+    assert "pass model.eval()" not in r.lie_note  # it is in eval mode already
+    # independent check: in eval mode two forwards on the same input differ (the model draws)
+    assert not torch.equal(model(x), model(x))
+    # with the randomness passed as an input the count runs
+    noise = torch.rand(2, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert tc.analyze(model, {"x": x, "noise": noise}, theta="random", max_seconds=60).lie_laws is not None
