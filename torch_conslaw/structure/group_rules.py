@@ -171,6 +171,7 @@ def _tied_centering(name: str, listed: str, found: list[tuple[Any, str, str]], u
     group.readers = tuple((listed if n == name else n, fn) for n, fn in group.readers)
     group.parameter_names = tuple(dict.fromkeys(n for n, _ in group.readers))
     group.tied_uses = uses  # the sharing is accounted for (families.proposals does not refuse it again)
+    group.name = f"{_module(listed) or listed} (tied, {uses} lookups) centering"
     group.reason = (f"{group.reason}; {name} is tied or read {uses} times, and each of its {uses} uses gives this "
                     "same law (" + ", ".join(g.name for g in groups) + "), so it holds for the shared tensor")
     return group
