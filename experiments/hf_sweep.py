@@ -11,8 +11,9 @@ $SWEEP_MAX_SECONDS), the monitor's groups and warnings, and a ``RESULT {json}`` 
 rank, count, complete, missing, shares, times). Names: see ``BUILDERS`` (the decoders after
 ``whisperenc`` were added by the decoder sweep, results/hf_sweep_decoders.md; the MoE ones run
 their experts' eager loop, as torch._grouped_mm has no float64 kernel, and XGLM is built with
-float64 as the default dtype, as its eager mask needs). ``experiments/hf_sweep_table.py`` turns
-a folder of logs into a table.
+float64 as the default dtype, as its eager mask needs). The names after ``poolformer`` were added
+by the fourth sweep (results/hf_sweep_fourth.md; qwen3_moe, olmoe and granitemoe run their experts'
+eager loop too). ``experiments/hf_sweep_table.py`` turns a folder of logs into a table.
 
     PYTHONPATH=. python experiments/hf_sweep.py --monitor [--float32] NAME ...
 
@@ -88,6 +89,38 @@ BUILDERS = {
  "regnet": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=H, hidden_sizes=[H], depths=[1], groups_width=4, layer_type="x"), pix(1, 8)),
  "regnet_tiny": lambda: (tf.RegNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4], depths=[1], groups_width=2, layer_type="x"), pix(1, 8)),
  "poolformer": lambda: (tf.PoolFormerConfig(num_channels=1, num_encoder_blocks=1, depths=[1], hidden_sizes=[H], patch_sizes=[3], strides=[2], padding=[1], mlp_ratio=2.0), pix(1, 8)),
+ # added by the fourth sweep (results/hf_sweep_fourth.md)
+ "gemma3_text": lambda: (tf.Gemma3TextConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=4, vocab_size=V, max_position_embeddings=P, sliding_window=4), ids()),
+ "qwen3_moe": lambda: (tf.Qwen3MoeConfig(hidden_size=H, intermediate_size=I, moe_intermediate_size=8, num_experts=2, num_experts_per_tok=1, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P), ids()),
+ "olmoe": lambda: (tf.OlmoeConfig(hidden_size=H, intermediate_size=8, num_experts=2, num_experts_per_tok=1, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "glm": lambda: (tf.GlmConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "glm4": lambda: (tf.Glm4Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "nemotron": lambda: (tf.NemotronConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0, bos_token_id=1, eos_token_id=2), ids()),
+ "smollm3": lambda: (tf.SmolLM3Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "helium": lambda: (tf.HeliumConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "granitemoe": lambda: (tf.GraniteMoeConfig(hidden_size=H, intermediate_size=8, num_local_experts=2, num_experts_per_tok=1, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25), ids()),
+ "exaone4": lambda: (tf.Exaone4Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "falcon_mamba": lambda: (tf.FalconMambaConfig(hidden_size=H, state_size=4, num_hidden_layers=1, vocab_size=V, expand=2, conv_kernel=2, use_mambapy=False), ids()),
+ "roformer": lambda: (tf.RoFormerConfig(embedding_size=H, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "megatron_bert": lambda: (tf.MegatronBertConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "ernie": lambda: (tf.ErnieConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "convbert": lambda: (tf.ConvBertConfig(embedding_size=H, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, head_ratio=2, conv_kernel_size=3, vocab_size=V, max_position_embeddings=P), ids()),
+ "esm": lambda: (tf.EsmConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=1, position_embedding_type="rotary"), ids()),
+ "funnel": lambda: (tf.FunnelConfig(d_model=H, n_head=2, d_head=4, d_inner=I, block_sizes=[1], block_repeats=[1], num_decoder_layers=1, vocab_size=V, max_position_embeddings=P), ids()),
+ "big_bird": lambda: (tf.BigBirdConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, attention_type="original_full"), ids()),
+ "xlnet": lambda: (tf.XLNetConfig(d_model=H, n_layer=1, n_head=2, d_inner=I, vocab_size=V), ids()),
+ "t5": lambda: (tf.T5Config(d_model=H, d_kv=4, d_ff=I, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=V, decoder_start_token_id=0), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "pegasus": lambda: (tf.PegasusConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "m2m_100": lambda: (tf.M2M100Config(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "convnextv2": lambda: (tf.ConvNextV2Config(num_channels=1, patch_size=2, num_stages=1, hidden_sizes=[H], depths=[1], image_size=8), pix(1, 8)),
+ "levit": lambda: (tf.LevitConfig(image_size=16, num_channels=1, kernel_size=3, stride=2, padding=1, patch_size=16, hidden_sizes=[H, H, H], num_attention_heads=[2, 2, 2], depths=[1, 0, 0], key_dim=[4, 4, 4], drop_path_rate=0, mlp_ratio=[1, 1, 1], attention_ratio=[1, 1, 1]), pix(1, 16)),  # the config always subsamples twice (3 stages)
+ "cvt": lambda: (tf.CvtConfig(num_channels=1, patch_sizes=[3], patch_stride=[2], patch_padding=[1], embed_dim=[H], num_heads=[2], depth=[1], mlp_ratio=[2.0], attention_drop_rate=[0.0], drop_rate=[0.0], drop_path_rate=[0.0], qkv_bias=[True], cls_token=[False], qkv_projection_method=["dw_bn"], kernel_qkv=[3], padding_kv=[1], stride_kv=[2], padding_q=[1], stride_q=[1]), pix(1, 8)),
+ "pvt": lambda: (tf.PvtConfig(image_size=8, num_channels=1, num_encoder_blocks=1, depths=[1], sequence_reduction_ratios=[1], hidden_sizes=[H], patch_sizes=[2], strides=[2], num_attention_heads=[2], mlp_ratios=[2]), pix(1, 8)),
+ "focalnet": lambda: (tf.FocalNetConfig(image_size=8, patch_size=2, num_channels=1, embed_dim=H, depths=[1], focal_levels=[1], focal_windows=[3], mlp_ratio=2.0), pix(1, 8)),
+ "vit_mae": lambda: (tf.ViTMAEConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, mask_ratio=0.0), pix(1, 8)),
+ "hubert": lambda: (tf.HubertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0, do_stable_layer_norm=False, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ "sew": lambda: (tf.SEWConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, squeeze_factor=2, vocab_size=V, mask_time_prob=0.0, feat_extract_norm="group"), {"input_values": torch.randn(2, 48, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ "data2vec_audio": lambda: (tf.Data2VecAudioConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=3, num_conv_pos_embedding_layers=1, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
 }
 MAX_S = float(os.environ.get("HF_SWEEP_MAX_SECONDS", os.environ.get("SWEEP_MAX_SECONDS", 240)))  # budget of the count
 MAX_D = int(os.environ.get("HF_SWEEP_MAX_D", 5000))  # larger models: no count (analyze says so)
@@ -98,11 +131,13 @@ def build(name, impl="eager"):
             try: setattr(cfg, a, 0.0)
             except Exception: pass
     cfg._attn_implementation = impl
-    if name in ("mixtral", "qwen2_moe"):  # torch._grouped_mm has no float64 kernel: the experts' loop
+    if name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"):  # torch._grouped_mm has no float64 kernel: the experts' loop
         cfg._experts_implementation = "eager"
     if name == "xglm":  # XGLM's eager mask fills torch.full((), finfo(float64).min) in the default dtype (overflows in float32)
         torch.set_default_dtype(F64)
     if name == "t5enc": m = tf.T5EncoderModel(cfg)
+    elif name == "t5": m = tf.T5Model(cfg)
+    elif name == "funnel": m = tf.FunnelModel(cfg)  # AutoModel needs config.architectures for funnel
     elif name in ("bart", "marian"): m = (tf.BartModel if name == "bart" else tf.MarianModel)(cfg)
     elif name == "clipvision": m = tf.CLIPVisionModel(cfg)
     elif name == "whisperenc": m = tf.WhisperModel(cfg).get_encoder()

@@ -332,13 +332,42 @@ def _unread_embedding_rows(model: nn.Module, example_input: Any) -> list[str]:
     if not ids:
         return []
     lo, hi = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    read = _tables_reading(model, example_input, ids)
     return [
         f"the integer inputs span ids {lo}..{hi} and the count draws its inputs over that range, but "
         f"{name or type(module).__name__} has {module.num_embeddings} rows: the rows outside it are never "
         "read, so their entries count as (data-dependent) laws; pass an example whose ids span the vocabulary"
         for name, module in model.named_modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (lo > 0 or hi < module.num_embeddings - 1)
+        and (read is None or name in read)
     ]
+
+
+def _tables_reading(model: nn.Module, example_input: Any, ids: list[Tensor]) -> set[str] | None:
+    """The embedding modules whose lookup indices are the integer inputs themselves (the same
+    storage: the tensor or a view of it), from one forward of a copy; the others look up ids
+    the forward computes (T5's relative position buckets, BERT's ``position_ids`` buffer), whose
+    range the example's ids do not set. None when the forward cannot be run."""
+    probe = copy.deepcopy(model)
+    inputs = {t.untyped_storage().data_ptr() for t in ids}
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def pre(module: nn.Module, args: tuple) -> None:
+            idx = args[0] if args else None
+            if isinstance(idx, Tensor) and idx.untyped_storage().data_ptr() in inputs:
+                seen.add(name)
+        return pre
+
+    for name, module in probe.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            module.register_forward_pre_hook(hook(name))
+    try:
+        with torch.no_grad():
+            _call(probe, example_input)
+    except Exception:  # noqa: BLE001 - every table keeps the note, as before
+        return None
+    return seen
 
 
 def _random_params(model: nn.Module, trainable: Mapping[str, nn.Parameter], seed: int) -> dict[str, Tensor]:
@@ -578,7 +607,7 @@ def _module_count(
         )
     if gap.dimension:
         span = _column_span(tracked, rtol)
-        _unread_entries(report, basis, tracked, span, layout, rtol)
+        _unread_entries(report, basis, tracked, span, layout, rtol, _parameters_not_read(model, example, layout))
         _polynomial_search(report, model, inputs, result, gap, degree, max_variables)
         if report.polynomial_laws is not None:
             report.polynomial_tracked = _in_tracked_span(report.polynomial_laws, result, gap, span)
@@ -620,13 +649,35 @@ _DEAD = 1e-8
 """An entry θ_i is itself a law when its unit vector lies in the law space up to this."""
 
 
+def _parameters_not_read(model: nn.Module, example: Any, layout: Mapping[str, tuple[int, int]]) -> set[str]:
+    """Names of the trainable parameters the forward does not read at all on ``example`` (no
+    autograd path from them to any floating output: a module the forward never calls, such as a
+    head used only when asked for, or a token read only with another argument). One forward
+    and backward of a copy (the model, its buffers and its gradients are not touched); an
+    empty set when that fails."""
+    try:
+        probe = copy.deepcopy(model)
+        named = {n: p for n, p in probe.named_parameters() if n in layout and p.requires_grad}
+        with torch.enable_grad():
+            outs = [t for t in _tensors(_call(probe, example)) if t.is_floating_point() and t.requires_grad]
+            if not outs or not named:
+                return set()
+            total = sum(t.sum() for t in outs)
+            grads = torch.autograd.grad(total, list(named.values()), allow_unused=True)
+    except Exception:  # the note only loses its distinction; the count has run on this model already
+        return set()
+    return {n for n, g in zip(named, grads) if g is None}
+
+
 def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, span: Tensor,
-                    layout: Mapping[str, tuple[int, int]], rtol: float) -> None:
+                    layout: Mapping[str, tuple[int, int]], rtol: float, not_read: set[str] = frozenset()) -> None:
     """Say how many missing laws are single entries with zero gradient on every input of the
     count (embedding rows those inputs never look up, such as positions beyond their length; a
     ReLU unit inactive on all of them, as in a tiny OPT at a random θ): laws of inputs like these
-    only, which the monitor does not track. ``span``: of the tracked laws' gradients
-    (:func:`_column_span` of ``tracked``)."""
+    only, which the monitor does not track. Entries of parameters the forward does not read at
+    all (``not_read``, :func:`_parameters_not_read`) are said apart: they are constant for every
+    θ, not only at this one. ``span``: of the tracked laws' gradients (:func:`_column_span` of
+    ``tracked``)."""
     dead = (1.0 - basis.square().sum(1)) <= _DEAD
     if tracked.shape[1]:  # an entry that is a tracked law already (a padding row, a key bias) is not missing
         dead &= (1.0 - span.to(basis.dtype).square().sum(1)) > _DEAD
@@ -639,16 +690,34 @@ def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, span: Tens
     explained = report.missing_laws - left
     if explained <= 0:
         return
-    where, refused = [], []
+    where, refused, unread, unread_entries = [], [], [], 0
     for name, (offset, numel) in layout.items():
         hit = dead[(dead >= offset) & (dead < offset + numel)] - offset
         if not hit.numel():
+            continue
+        if name in not_read and hit.numel() == numel:
+            unread.append(name)
+            unread_entries += numel
             continue
         where.append(f"{name} ({hit.numel()} entries{_rows_said(hit, name, report)})")
         module = name.rsplit(".", 1)[0]
         refused += [str(s.reason) for s in report.skipped  # a key bias refused for the precision of the model
                     if module in str(s.reason) and "key" in str(s.reason)
                     and ("below the precision" in str(s.reason) or "numerical check" in str(s.reason))]
+    total = explained
+    if unread:
+        report.notes.append(
+            f"{min(unread_entries, explained)} of the {report.missing_laws} missing laws are the entries of parameters "
+            f"the forward does not read at all on inputs like example_input: {', '.join(unread[:6])}"
+            f"{' ...' if len(unread) > 6 else ''} (no autograd path to the output: a module or token the forward "
+            "never uses with these arguments, such as a head computed only on request). Every entry is constant "
+            "for any θ while training on such inputs (no gradient reaches it); the monitor does not track them"
+        )
+        explained -= min(unread_entries, explained)
+        if not where or explained <= 0:
+            if report.missing_laws > unread_entries:
+                report.notes[-1] += f"; {report.missing_laws - unread_entries} other(s) remain"
+            return
     report.notes.append(
         f"{explained} of the {report.missing_laws} missing laws are single entries whose gradient is zero on every "
         f"input of the count: {', '.join(where[:6])}{' ...' if len(where) > 6 else ''}. They hold for inputs like "
@@ -656,7 +725,7 @@ def _unread_entries(report: Analysis, basis: Tensor, tracked: Tensor, span: Tens
         "length; a ReLU unit inactive on every input), so the monitor does not track them"
         + (f", or they are laws of the function in exact arithmetic that a rule refused for this model: {refused[0]}"
            if refused else "")
-        + ("" if explained == report.missing_laws else f"; {report.missing_laws - explained} other(s) remain")
+        + ("" if total == report.missing_laws else f"; {report.missing_laws - total} other(s) remain")
     )
 
 

@@ -678,6 +678,52 @@ def _cotangent_gradients(
             m.train(flag)
 
 
+ROUNDING_RESIDUAL = 1e-5
+"""A failed check at most this large, on a model whose forward rounds to a lower precision
+inside (a cast below the precision of its parameters), is said to be of that rounding's size."""
+
+
+def rounding_casts(model: nn.Module, example_input: Any) -> list[str]:
+    """The ops of one float64 forward (as the check runs it) that round float64 values to a
+    float dtype below the precision of the model's own parameters (``x.float()`` in a float64
+    model, ``softmax(..., dtype=torch.float32)``): the check keeps that rounding, as the model
+    does. Casts that change nothing at the model's precision (a float32 model) are not listed,
+    the check skips them. An empty list when the forward cannot be replayed."""
+    from torch.overrides import TorchFunctionMode
+
+    from ..lie.elementary import _LOW_FLOATS, _without_casts
+    from ..structure.finder import _split_input
+
+    floor = _precision(model)
+    if floor is None or not floor.is_floating_point:
+        return []
+    eps = torch.finfo(floor).eps
+    seen: set[str] = set()
+
+    class _Probe(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            _without_casts(func, args, kwargs or {}, lambda d: d in _LOW_FLOATS and torch.finfo(d).eps > eps, seen)
+            return func(*args, **(kwargs or {}))
+
+    args, kwargs = _split_input(_to_float64(example_input))
+    values = {n: p.detach().to(F64) for n, p in model.named_parameters()}
+    values.update({n: (b.detach().to(F64) if b.is_floating_point() else b.detach().clone())
+                   for n, b in model.named_buffers()})
+    training = {m: m.training for m in model.modules()}
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(F64)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), _Probe():
+            torch.func.functional_call(model, values, args, kwargs)
+    except Exception:  # noqa: BLE001 - the hint is optional
+        return []
+    finally:
+        torch.set_default_dtype(default)
+        for m, flag in training.items():
+            m.train(flag)
+    return sorted(seen)
+
+
 # --------------------------------------------------------------------------- for the monitor
 
 
@@ -749,14 +795,27 @@ def propose_and_check(
         return Checked(list(groups), list(skipped) + refused, {}, f"laws not verified: the check failed to run ({message})")
     verdict = {c.group: c for c in checks}
     kept, dropped = [], list(skipped) + refused
+    rounding: list[str] | None = None  # looked for once, when a check fails by a rounding-sized residual
     for g in candidates:
         check = verdict.get(g.name)
         if check is None or check.passed:
             kept.append(g)
             continue
+        hint = ""
+        if check.residual <= ROUNDING_RESIDUAL:
+            rounding = rounding_casts(model, example_input) if rounding is None else rounding
+            if rounding:
+                hint = (
+                    f"; the forward rounds values below the precision of the parameters (at {', '.join(rounding[:4])}: "
+                    f"part of it runs in float32 or lower inside this {str(_precision(model)).replace('torch.', '')} "
+                    "model), and a residual "
+                    "this small is the size of that rounding: this may be a law of the function in exact "
+                    "arithmetic, refused at the model's precision (in a model of that lower precision the cast "
+                    "changes nothing and the check skips it)"
+                )
         dropped.append(Skipped(g.producer, g.consumer, (
             f"{g.name} fails the numerical check, so it is not tracked: max |cos(∇h, ∂fᵀu)| = "
-            f"{check.residual:.1e} on the example input (threshold {check.threshold:.0e}); the "
+            f"{check.residual:.1e} on the example input (threshold {check.threshold:.0e}){hint}; the "
             f"rule that proposed it said: {g.reason}"
         )))
     return Checked(kept, dropped, verdict, "")

@@ -762,12 +762,17 @@ def count_laws(
             return _count_on(module, n, basis_bytes)
         except RuntimeError as err:  # functorch names the op: "Batching rule not implemented for aten::x"
             if "vmap: called random operation" in str(err):
+                training = any(m.training for m in model.modules())
                 raise NotImplementedError(
-                    f"{type(model).__name__} draws random numbers in its forward pass (a hand-written "
-                    "dropout or stochastic depth / drop path in training mode), and the count needs a "
-                    "deterministic model (its fields are evaluated many times at a stack of parameter "
-                    "points); set those drop rates to 0 or pass model.eval() (BatchNorm then uses its "
-                    "running statistics)"
+                    f"{type(model).__name__} draws random numbers in its forward pass ("
+                    + ("a hand-written dropout or stochastic depth / drop path in training mode"
+                       if training else "in eval mode: a random choice the model itself makes, such as a random "
+                       "masking or shuffling of its input (ViT-MAE's patch masking)")
+                    + "), and the count needs a deterministic model (its fields are evaluated many times at a "
+                    "stack of parameter points); "
+                    + ("set those drop rates to 0 or pass model.eval() (BatchNorm then uses its running statistics)"
+                       if training else "pass that randomness as an input when the model takes one (ViT-MAE's "
+                       "noise), or count a wrapper that fixes it")
                 ) from err
             if "Batching rule not implemented" not in str(err):
                 raise

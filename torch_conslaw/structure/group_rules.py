@@ -116,7 +116,9 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     parallel: dict[frozenset[str], int] = {}
     found: set[tuple] = set()  # (name, kind, parameters, count) of the groups kept
     parallel_rule, translation_rule = parallel_bias_rule(model, g, states), added_translation_rule(model, g)
-    for rule in (key_bias_rule(g, states, sides), centering_rule(model, g, states), norm_scale_rule(g, states),
+    centering = centering_rule(model, g, states)
+    tied: dict[str, list[tuple[Any, str, str]]] = defaultdict(list)  # a tied tensor's centering proposals
+    for rule in (key_bias_rule(g, states, sides), centering, norm_scale_rule(g, states),
                  embedding_translation_rule(g), score_bias_rule(g), parallel_rule,
                  centered_input_rule(g), translation_rule, vanishing_shift_rule(model, g)):
         for item in rule:
@@ -125,6 +127,9 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                 continue
             build, names, what, where = item
             why = problem(names, what)
+            if why is not None and rule is centering and len(set(names)) == 1 and params[names[0]].requires_grad:
+                tied[names[0]].append((build, where, why))  # shared or read twice: see below
+                continue
             if why is not None:
                 out.skipped.append(Skipped(where, None, why))
                 continue
@@ -138,7 +143,43 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
                 continue
             found.add(same)
             out.groups.append(group)
+    uses = g.param_uses()
+    for name, found in tied.items():
+        listed = next((n for n, q in model.named_parameters() if q is params[name]), name)
+        group = _tied_centering(name, listed, found, uses.get(name, 0), params)
+        if group is not None:
+            out.groups.append(group)
+        else:
+            out.skipped += [Skipped(where, None, why) for _, where, why in found]
     return out
+
+
+def _tied_centering(name: str, listed: str, found: list[tuple[Any, str, str]], uses: int, params: dict[str, Any]) -> Any:
+    """One centering group for a tensor that is tied (an encoder's and a decoder's lookups of
+    one table) or read by several ops, when every op that reads it gave a centering proposal
+    (``found``: one per reading op) and they all read the same entries with the same
+    coefficients (equal values on a random tensor): each use is centred alike, so the shared
+    tensor keeps the law (Pegasus: the row sums of ``shared``), read under ``listed``, the name
+    ``model.named_parameters()`` gives the tensor. Else None."""
+    if len(found) < 2 or len(found) != uses:
+        return None
+    groups = [build(params) for build, _, _ in found]
+    probe = {name: torch.randn(tuple(params[name].shape), generator=torch.Generator().manual_seed(0),
+                               dtype=torch.float64)}
+    try:
+        first = groups[0].values(probe)
+        if not all(torch.equal(first, other.values(probe)) for other in groups[1:]):
+            return None
+    except Exception:  # noqa: BLE001 - readers that cannot be compared: no law
+        return None
+    group = groups[0]
+    group.readers = tuple((listed if n == name else n, fn) for n, fn in group.readers)
+    group.parameter_names = tuple(dict.fromkeys(n for n, _ in group.readers))
+    group.tied_uses = uses  # the sharing is accounted for (families.proposals does not refuse it again)
+    group.name = f"{_module(listed) or listed} (tied, {uses} lookups) centering"
+    group.reason = (f"{group.reason}; {name} is tied or read {uses} times, and each of its {uses} uses gives this "
+                    "same law (" + ", ".join(g.name for g in groups) + "), so it holds for the shared tensor")
+    return group
 
 
 def _module(name: str) -> str:
@@ -661,6 +702,24 @@ def _centering(site, norms: list[Op], columns: bool = True):
 # ---------------------------------------------------------------------------------------------
 
 _PLUS = {"add", "__add__", "__radd__"}
+_PLUS_IN_PLACE = {"add_", "__iadd__"}
+
+
+def _plus(g: OpGraph, op: Op) -> bool:
+    """``a + b`` (alpha 1) of two values, or ``a += b`` on an ``a`` that nothing else reads and
+    that is no view of another value (MegatronBERT's ``embeddings += position_embeddings``):
+    the graph records its result as a new value, so it is the same sum."""
+    if not (op.name in _PLUS | _PLUS_IN_PLACE and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
+            and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
+        return False
+    if op.name in _PLUS:
+        return True
+    from .rules import _SHAPE
+
+    x = op.args[0]
+    made = g.producer(x.vid)
+    return (x.vid not in g.params and g.users.get(x.vid, []) == [op.index] and made is not None
+            and made.name not in _SHAPE and made.name not in ("contiguous", "clone"))
 
 
 def _lookups(g: OpGraph, v: int) -> list[Op] | None:
@@ -674,7 +733,7 @@ def _lookups(g: OpGraph, v: int) -> list[Op] | None:
         return _lookups(g, op.args[0].vid)
     if op.name == "embedding" and isinstance(_arg(op, 1, "weight"), Val):
         return [op]
-    if op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2]):
+    if _plus(g, op):
         a, b = (_lookups(g, x.vid) for x in op.args[:2])
         return None if a is None or b is None else a + b
     return None
@@ -725,8 +784,7 @@ def embedding_translation_rule(g: OpGraph):
     docstring): yields proposals and refusals."""
     uses = g.param_uses()
     for op in g.ops:
-        if not (op.index in g.live and op.name in _PLUS and _arg(op, 2, "alpha", 1) == 1 and len(op.outputs) == 1
-                and len(op.args) >= 2 and all(isinstance(a, Val) for a in op.args[:2])):
+        if not (op.index in g.live and _plus(g, op)):
             continue
         sides = [_lookups(g, a.vid) for a in op.args[:2]]
         if any(side is None for side in sides):

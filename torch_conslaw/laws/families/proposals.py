@@ -102,6 +102,8 @@ def propose_laws(
             if (g.kind, frozenset(g.parameter_names), g.count) in taken:
                 continue  # the module-level family found this law already
             problem = ctx.problem(tuple(g.parameter_names), g.name)
+            if problem is not None and "is shared with" in problem and getattr(g, "tied_uses", 0):
+                problem = None  # a tied table whose every use gives this law (group_rules._tied_centering)
             if problem is not None:
                 skipped.append(Skipped(g.producer, g.consumer, problem))
                 continue
