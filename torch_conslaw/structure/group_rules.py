@@ -114,7 +114,7 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     # two biases whose outputs are only added are also two terms added at the same places: the
     # translation rule then finds the same laws b₁[c] − b₂[c] as the parallel-bias rule, kept once
     parallel: dict[frozenset[str], int] = {}
-    found: set[tuple] = set()  # (name, kind, parameters, count) of the groups kept
+    kept: set[tuple] = set()  # (name, kind, parameters, count) of the groups kept
     parallel_rule, translation_rule = parallel_bias_rule(model, g, states), added_translation_rule(model, g)
     centering = centering_rule(model, g, states)
     tied: dict[str, list[tuple[Any, str, str]]] = defaultdict(list)  # a tied tensor's centering proposals
@@ -139,9 +139,9 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
             elif rule is translation_rule and parallel.get(frozenset(names)) == group.count:
                 continue
             same = (group.name, group.kind, frozenset(group.parameter_names), group.count)
-            if same in found:  # one rule reached the same site twice (two paths to one layer)
+            if same in kept:  # one rule reached the same site twice (two paths to one layer)
                 continue
-            found.add(same)
+            kept.add(same)
             out.groups.append(group)
     uses = g.param_uses()
     for name, found in tied.items():
@@ -157,13 +157,14 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
 def _tied_centering(name: str, listed: str, found: list[tuple[Any, str, str]], uses: int, params: dict[str, Any]) -> Any:
     """One centering group for a tensor that is tied (an encoder's and a decoder's lookups of
     one table) or read by several ops, when every op that reads it gave a centering proposal
-    (``found``: one per reading op) and they all read the same entries with the same
+    (``found``; a site reached along two paths gives its proposal twice, counted once) and they
+    all read the same entries with the same
     coefficients (equal values on a random tensor): each use is centred alike, so the shared
     tensor keeps the law (Pegasus: the row sums of ``shared``), read under ``listed``, the name
     ``model.named_parameters()`` gives the tensor. Else None."""
-    if len(found) < 2 or len(found) != uses:
+    groups = list({g.name: g for g in (build(params) for build, _, _ in found)}.values())  # one per site
+    if len(groups) < 2 or len(groups) != uses:
         return None
-    groups = [build(params) for build, _, _ in found]
     probe = {name: torch.randn(tuple(params[name].shape), generator=torch.Generator().manual_seed(0),
                                dtype=torch.float64)}
     try:
