@@ -317,3 +317,48 @@ def test_closed_form_gradient_norms_equal_torch_func_jacobians():
             torch.testing.assert_close(gradient_norms(g, theta), exact, rtol=1e-12, atol=1e-14)
             kinds.add(g.kind)
     assert kinds == {"channel", "unit", "matrix", "linear", "approximate"}
+
+
+class _GatedPair(nn.Module):
+    """y = (x aᵀ) b + Σ_k (x aᵀ)_k · (c · x): a → G a, b → G⁻ᵀ b keeps the first term, and the
+    second only while c = 0 (its value when built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(2, 3))
+        self.c = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        h = x @ self.a.T
+        return h @ self.b + h.sum(-1, keepdim=True) * (x * self.c)
+
+
+def test_a_law_that_holds_only_at_the_initial_point_is_refused():
+    """A declared a·b law that holds while the 1-D parameter c is 0, as built: the check at the
+    model's θ passes it (c = 0 there); the second check, with every 1-D parameter moved off its
+    value, refuses it. By hand, with c ≠ 0 the law's gradient is not orthogonal to the loss
+    gradient (torch.func), and the model's parameters are put back bit for bit."""
+    from torch.func import functional_call, grad, jacrev
+
+    from torch_conslaw.catalogue import InternalLaw
+
+    tc.register_internal_laws(_GatedPair, lambda m: [InternalLaw(
+        "a·b", 2, (("a", lambda w: w),), (("b", lambda w: w),), "a → G a, b → G⁻ᵀ b")])
+    torch.manual_seed(0)
+    model = nn.Sequential(_GatedPair()).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = tc.ConservationMonitor(model, x)
+    assert not [g for g in monitor.groups if "a·b" in g.name]
+    assert any("a·b" in str(s) and "fails the numerical check" in str(s) for s in monitor.skipped)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params["0.c"] = torch.randn(3, dtype=torch.float64)
+    target = torch.randn(8, 3, dtype=torch.float64)
+    g = grad(lambda p: ((functional_call(model, p, (x,)) - target) ** 2).sum())(params)
+    law = lambda p: (p["0.a"] @ p["0.a"].T - p["0.b"] @ p["0.b"].T)[tuple(torch.triu_indices(2, 2))]  # noqa: E731
+    dh = jacrev(law)(params)
+    inner = sum((dh[n] * g[n]).flatten(1).sum(1) for n in ("0.a", "0.b"))
+    assert inner.abs().max() > 1e-3 * g["0.a"].abs().max()

@@ -724,6 +724,43 @@ def rounding_casts(model: nn.Module, example_input: Any) -> list[str]:
     return sorted(seen)
 
 
+VECTOR_JITTER = 0.1
+"""Relative size of the perturbation of the model's 1-D parameters for the second check."""
+
+
+def _again_off_special_points(
+    model: nn.Module, example_input: Any, groups: Sequence[Any], checks: list[Verification]
+) -> list[Verification]:
+    """Check the groups that passed once more with every trainable 1-D parameter (norm gains and
+    shifts, biases) moved off its value by a seeded ``VECTOR_JITTER`` relative perturbation,
+    then put back bit for bit. A freshly built model sits at special points (γ = 1, β = 0,
+    zero biases) where a function that is not a law can pass: a shift that a LayerNorm removes
+    from the logits only while its γ is uniform and its β zero. A law is a law at every θ, so a
+    group must pass at both points; the result keeps the larger residual."""
+    passed = [i for i, c in enumerate(checks) if c.passed]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dim() == 1
+               and type(p) in (Tensor, nn.Parameter)]
+    if not passed or not vectors:
+        return checks
+    gen = torch.Generator().manual_seed(7)
+    saved = [p.detach().clone() for p in vectors]
+    try:
+        with torch.no_grad():
+            for p in vectors:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
+                p.add_(VECTOR_JITTER * (1.0 + p.abs()) * noise)
+        again = verify_groups(model, example_input, [groups[i] for i in passed])
+    finally:
+        with torch.no_grad():
+            for p, value in zip(vectors, saved):
+                p.copy_(value)
+    out = list(checks)
+    for i, second in zip(passed, again):
+        if second.residual > out[i].residual:
+            out[i] = second
+    return out
+
+
 # --------------------------------------------------------------------------- for the monitor
 
 
@@ -782,6 +819,7 @@ def propose_and_check(
     claimed = [g for g in candidates if g.expected_conserved or getattr(g, "approximate", False)]
     try:
         checks = verify_groups(model, example_input, claimed)
+        checks = _again_off_special_points(model, example_input, claimed, checks)
     except Exception as err:  # the model cannot run in float64 / under torch.func
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{call_hint(example_input, err)}"
         import warnings
