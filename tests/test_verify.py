@@ -354,6 +354,9 @@ def test_a_law_that_holds_only_at_the_initial_point_is_refused():
     assert not [g for g in monitor.groups if "a·b" in g.name]
     assert any("a·b" in str(s) and "fails the numerical check" in str(s) for s in monitor.skipped)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    public = tc.verify_laws(model, x)  # the public check reads the same two points
+    assert [v.passed for v in public if "a·b" in v.group] == [False]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     params["0.c"] = torch.randn(3, dtype=torch.float64)
     target = torch.randn(8, 3, dtype=torch.float64)

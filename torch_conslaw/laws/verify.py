@@ -265,7 +265,9 @@ def verify_laws(
     ``example_input``? ``groups`` is a list of law groups, a
     :class:`~torch_conslaw.ConservationMonitor` (its tracked groups), or ``None`` (every law the
     monitor would propose for ``model``, including the families beyond layer pairs; ``loss``
-    as for the monitor).
+    as for the monitor). As in the monitor, a group that passes at the model's θ is checked
+    again with its 1-D parameters moved off their values (then put back bit for bit), and
+    its result keeps the larger residual.
 
     Example:
         >>> import torch
@@ -290,9 +292,9 @@ def verify_laws(
         candidates = build_groups(structure.pairs) + propose_laws(model, structure, loss=loss)[0]
     else:
         candidates = list(groups)
-    return verify_groups(
-        model, example_input, candidates, cotangents=cotangents, threshold=threshold, seed=seed
-    )
+    options = {"cotangents": cotangents, "threshold": threshold, "seed": seed}
+    checks = verify_groups(model, example_input, candidates, **options)
+    return _again_off_special_points(model, example_input, candidates, checks, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,14 +731,15 @@ VECTOR_JITTER = 0.1
 
 
 def _again_off_special_points(
-    model: nn.Module, example_input: Any, groups: Sequence[Any], checks: list[Verification]
+    model: nn.Module, example_input: Any, groups: Sequence[Any], checks: list[Verification], **options: Any
 ) -> list[Verification]:
     """Check the groups that passed once more with every trainable 1-D parameter (norm gains and
     shifts, biases) moved off its value by a seeded ``VECTOR_JITTER`` relative perturbation,
     then put back bit for bit. A freshly built model sits at special points (γ = 1, β = 0,
     zero biases) where a function that is not a law can pass: a shift that a LayerNorm removes
     from the logits only while its γ is uniform and its β zero. A law is a law at every θ, so a
-    group must pass at both points; the result keeps the larger residual."""
+    group must pass at both points; the result keeps the larger residual. ``options`` go to
+    :func:`verify_groups` (the same cotangents, threshold and seed as the first check)."""
     passed = [i for i, c in enumerate(checks) if c.passed]
     vectors = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dim() == 1
                and type(p) in (Tensor, nn.Parameter)]
@@ -749,7 +752,7 @@ def _again_off_special_points(
             for p in vectors:
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
                 p.add_(VECTOR_JITTER * (1.0 + p.abs()) * noise)
-        again = verify_groups(model, example_input, [groups[i] for i in passed])
+        again = verify_groups(model, example_input, [groups[i] for i in passed], **options)
     finally:
         with torch.no_grad():
             for p, value in zip(vectors, saved):
