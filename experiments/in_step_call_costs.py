@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_monitor import BATCH, WIDTHS, make_mlp  # noqa: E402
+from record_costs_in_step import alone  # noqa: E402
 
 from torch_conslaw.monitor.hooks import ParameterGuard  # noqa: E402
 
@@ -84,17 +85,6 @@ def training(name: str) -> tuple[Callable[[], None], list[float], Callable[[], o
     return step, times, fn
 
 
-def alone(fn: Callable[[], object], n: int = 2000) -> float:
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -115,7 +105,7 @@ def main() -> None:
         "model": "784-512-512-10 ReLU MLP, batch 128, SGD; 6 parameters",
         "threads": args.threads,
         "in_step_us": {name: us(statistics.median(times)) for name, (_, times, _) in runs.items()},
-        "alone_us": {name: us(alone(fn)) for name, (_, _, fn) in runs.items()},
+        "alone_us": {name: us(alone(fn, 2000)) for name, (_, _, fn) in runs.items()},
     }
     (ROOT / "results" / "in_step_call_costs.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

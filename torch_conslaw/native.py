@@ -366,13 +366,12 @@ class RunningMax:
         fixed = all(t.dtype == torch.float64 and t.is_cpu and t.is_contiguous() and t.dim() == 2 for t in (base, running))
         self._fn = lib.tcl_fold if lib is not None and fixed and base.shape == running.shape else None
         self._pointers = (base.data_ptr(), running.data_ptr())
-        self._shape = base.shape
         self._head = tuple(base.shape)  # rows, laws: the kernel's first arguments
 
     def __call__(self, table: Tensor, invalid: Tensor | None) -> bool:
         """Fold ``table`` in; ``invalid``: ``[laws]`` uint8 or bool marks (or ``None``)."""
         fn = self._fn
-        if fn is not None and table.dtype == torch.float64 and table.is_cpu and table.is_contiguous() and table.shape == self._shape:
+        if fn is not None and table.dtype == torch.float64 and table.is_cpu and table.is_contiguous() and table.shape == self._head:
             if invalid is None:
                 return fn(*self._head, table.data_ptr(), *self._pointers, None) == 0
             mask = invalid if invalid.dtype == torch.uint8 and invalid.is_contiguous() else invalid.to(torch.uint8).contiguous()

@@ -420,6 +420,13 @@ class UnreachedBounds:
 _CLIPPING = {F.relu6: (0.0, 6.0), F.hardtanh: (-1.0, 1.0)}
 
 
+def _unit_rows(z: Tensor) -> Tensor:
+    """``[units, positions]``: one row per unit of an activation's input (dim 1 of a 2-D or
+    ≥ 4-D tensor, the last dim of a 3-D one), over every other position."""
+    feature = z.dim() - 1 if z.dim() == 3 else 1
+    return z.movedim(feature, 0).reshape(z.shape[feature], -1)
+
+
 class ActivationRecorder(TorchFunctionMode):
     """Record the ReLU-like units that are dead or always active on a plain forward, and the
     units of clipping activations that never reach a bound (:class:`UnreachedBounds`).
@@ -437,9 +444,7 @@ class ActivationRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func in _RELU_LIKE and args and isinstance(args[0], Tensor) and args[0].dim() >= 2:
-            z = args[0].detach()
-            feature = z.dim() - 1 if z.dim() == 3 else 1
-            active = (z > 0).movedim(feature, 0).reshape(z.shape[feature], -1)
+            active = _unit_rows(args[0].detach()) > 0
             if active.shape[1]:
                 share = active.double().mean(1)
                 self.balance = min(self.balance, float(torch.minimum(share, 1 - share).min()))
@@ -447,7 +452,7 @@ class ActivationRecorder(TorchFunctionMode):
                 ConstantUnits(
                     call=len(self.calls),
                     op=getattr(func, "__name__", str(func)),
-                    units=int(z.shape[feature]),
+                    units=active.shape[0],
                     dead=int((~active).all(1).sum()),
                     always_active=int(active.all(1).sum()),
                 )
@@ -467,15 +472,13 @@ class ActivationRecorder(TorchFunctionMode):
         if func is F.hardtanh:
             low = float(args[1]) if len(args) > 1 else float(kwargs.get("min_val", low))
             high = float(args[2]) if len(args) > 2 else float(kwargs.get("max_val", high))
-        z = args[0].detach()
-        feature = z.dim() - 1 if z.dim() == 3 else 1
-        rows = z.movedim(feature, 0).reshape(z.shape[feature], -1)
+        rows = _unit_rows(args[0].detach())
         clipped = rows >= high if low == 0.0 else (rows >= high) | (rows <= low)
         self.clipping.append(
             UnreachedBounds(
                 call=len(self.clipping),
                 op=getattr(func, "__name__", str(func)),
-                units=int(z.shape[feature]),
+                units=rows.shape[0],
                 bounds=f"{high:g}" if low == 0.0 else f"{low:g} and {high:g}",
                 never_clipped=int((~clipped).all(1).sum()),
                 acts_as="ReLU" if low == 0.0 else "the identity",

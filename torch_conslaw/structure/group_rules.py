@@ -80,7 +80,7 @@ from torch import nn
 from .finder import Skipped
 from .graph import Op, OpGraph, Val
 from .rules import _CONV as _CONV_OPS
-from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _units
+from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _lookup_option, _units
 
 __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
            "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule",
@@ -771,13 +771,8 @@ def _translatable(g: OpGraph, op: Op, uses: dict[str, int]) -> str | None:
     name = g.params[weight.vid]
     if uses.get(name, 0) != 1:
         return f"{name} is read by {uses.get(name, 0)} ops (tied or shared), not by this lookup alone"
-    if _arg(op, 2, "padding_idx") is not None:
-        return f"{name} has a padding_idx (its row gets no gradient, so the tokens that read it break the balance)"
-    if _arg(op, 3, "max_norm") is not None:
-        return f"{name} has a max_norm (the lookup renormalizes its rows)"
-    if _arg(op, 5, "scale_grad_by_freq", False):
-        return f"{name} has scale_grad_by_freq (its gradient is not the gradient of the loss)"
-    return None
+    why = _lookup_option(op)
+    return None if why is None else f"{name} {why}"
 
 
 def embedding_translation_rule(g: OpGraph):

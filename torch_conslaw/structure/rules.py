@@ -316,23 +316,17 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
                 if term is not None and param(term[0]) is not None and g.shapes[term[0].vid] == (units,):
                     bias, site_out = term
                 add(op, site_out, units, -1, [(wt, "rows")], True, "unit", bias)
-        elif op.name == "embedding":  # a lookup E[ids]: unit j is column j of the table, a linear map of E
+        elif op.name in ("embedding", "embedding_bag"):
+            # E[ids], or a sum / mean (linear in E) or max (homogeneous) of E's rows per bag:
+            # unit j is column j of the table
             w = param(_arg(op, 1, "weight"))
             if w is not None and len(g.shapes[g_vid(op, 1, "weight")]) == 2:
                 why = _lookup_option(op)
                 if why is not None:
                     skipped.append(Skipped(_module_of(w), None, f"{w} {why}, so no rescaling law starts at it"))
                     continue
-                add(op, out, g.shapes[g_vid(op, 1, "weight")][1], -1, [(w, "cols")], True, "unit")
-        elif op.name == "embedding_bag":  # a sum / mean (linear in E) or max (homogeneous) of E's rows per bag
-            w = param(_arg(op, 1, "weight"))
-            if w is not None and len(g.shapes[g_vid(op, 1, "weight")]) == 2:
-                why = _bag_option(op)
-                if why is not None:
-                    skipped.append(Skipped(_module_of(w), None, f"{w} {why}, so no rescaling law starts at it"))
-                    continue
-                mode = _arg(op, 6, "mode", "mean")
-                add(op, out, g.shapes[g_vid(op, 1, "weight")][1], -1, [(w, "cols")], mode != "max", "unit")
+                linear = op.name == "embedding" or _arg(op, 6, "mode", "mean") != "max"
+                add(op, out, g.shapes[g_vid(op, 1, "weight")][1], -1, [(w, "cols")], linear, "unit")
         elif op.name in _CONV:
             w = param(_arg(op, 1, "weight"))
             if w is not None:
@@ -376,26 +370,17 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
 
 
 def _lookup_option(op: Op) -> str | None:
-    """Why a lookup's gradient is not that of E[ids] (``padding_idx``, ``max_norm``,
-    ``scale_grad_by_freq``), or None."""
-    if _arg(op, 2, "padding_idx") is not None:
+    """Why the gradient of a lookup (``embedding``: E[ids]; ``embedding_bag``: a sum, mean or
+    max of E's rows per bag) is not that of its forward (``padding_idx``, ``max_norm``,
+    ``scale_grad_by_freq``, per-sample weights of a max), or None."""
+    bag = op.name == "embedding_bag"
+    if _arg(op, 10 if bag else 2, "padding_idx") is not None:
         return "has a padding_idx: its padding row gets no gradient although the forward reads it"
     if _arg(op, 3, "max_norm") is not None:
         return "has a max_norm: the forward renormalizes the rows it reads, in place"
     if _arg(op, 5, "scale_grad_by_freq", False):
         return "has scale_grad_by_freq: its gradient is rescaled per token"
-    return None
-
-
-def _bag_option(op: Op) -> str | None:
-    """Why a bag lookup's gradient is not that of its sum / mean / max of E's rows, or None."""
-    if _arg(op, 10, "padding_idx") is not None:
-        return "has a padding_idx: its padding row gets no gradient"
-    if _arg(op, 3, "max_norm") is not None:
-        return "has a max_norm: the forward renormalizes the rows it reads, in place"
-    if _arg(op, 5, "scale_grad_by_freq", False):
-        return "has scale_grad_by_freq: its gradient is rescaled per token"
-    if _arg(op, 8, "per_sample_weights") is not None and _arg(op, 6, "mode", "mean") == "max":
+    if bag and _arg(op, 8, "per_sample_weights") is not None and _arg(op, 6, "mode", "mean") == "max":
         return "has per-sample weights in max mode"
     return None
 

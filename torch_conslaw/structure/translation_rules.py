@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Op, OpGraph, Val
-from .rules import _ADD, _CAST, _CONV, _CONV_T, _DROPOUT, _arg
+from .rules import _ADD, _CAST, _CONV, _CONV_T, _DROPOUT, _arg, _lookup_option
 
 __all__ = ["added_translation_rule"]
 
@@ -89,8 +89,7 @@ def _fixed_lookup(g: OpGraph, op: Op) -> tuple[str, Tensor] | None:
     ids, weight = _arg(op, 0, "input"), _arg(op, 1, "weight")
     if not (isinstance(ids, Val) and isinstance(weight, Val) and weight.vid in g.params and ids.vid in g.consts):
         return None
-    if any(_arg(op, i, k, d) not in (None, False) for i, k, d in ((2, "padding_idx", None), (3, "max_norm", None),
-                                                                   (5, "scale_grad_by_freq", False))):
+    if _lookup_option(op) is not None:
         return None  # a padding row gets no gradient; max_norm renormalizes; scaled gradients
     if g.producer(ids.vid) is not None:
         # ids computed in the forward (BERT's position_ids[:, :L], BART's arange(L)) depend on the
