@@ -16,10 +16,12 @@ is the null ratio: what the method reads when nothing differs):
   a machine without a compiler gets),
   ``snapshot-split``, ``live-split``, and reference post-step hooks doing only part of the
   work (``floors``: one float32 read of θ, a native copy, a float64 conversion, the eager law
-  values alone);
+  values alone, and the native kernel of the default evaluation alone: ``kernel_values``
+  reads θ⁺, ``kernel_split`` reads θ⁺ and the θ its last call left and writes θ⁺ there, the
+  exact float64 work of an ``every=1`` record with nothing around it);
 * ``mlp_1thread`` — the same model, 1 torch thread (a core left free): ``sync-values``,
   ``sync-split`` and their ``-compiled`` and ``-eager`` rows, ``live-values``, ``live-split``,
-  ``default``, ``auto-budget``;
+  ``default``, ``auto-budget``, and the two kernel floors;
 * ``block_2threads`` — a LLaMA-style pre-norm transformer block in plain torch (RMSNorm,
   q/k/v/o projections with causal attention, RMSNorm, SwiGLU MLP, residuals; d=256, 4 heads,
   sequence 64, batch 8; SGD), 2 threads: ``default``, ``auto-budget``, ``sync-values``,
@@ -70,7 +72,8 @@ from torch_conslaw.structure import find_structure
 WIDTHS = (784, 512, 512, 10)
 BATCH = 128
 LARGE_WIDTHS = (1024, 4096, 4096, 1024)
-FLOORS = ("read_f32", "copy_native", "convert_f64", "accountant_values")
+KERNEL_FLOORS = ("kernel_values", "kernel_split")
+FLOORS = ("read_f32", "copy_native", "convert_f64", "accountant_values", *KERNEL_FLOORS)
 
 
 def make_mlp(widths: tuple[int, ...] = WIDTHS) -> nn.Module:
@@ -149,11 +152,18 @@ def make_run(model_kind: str, setting: str, device: str) -> tuple[Callable[[], N
 
 def reference_hook(kind: str, model: nn.Module):
     """An optimizer post-step hook doing only part of the monitor's work (see ``floors``)."""
-    acc = Accountant(build_groups(find_structure(model).pairs))
+    groups = build_groups(find_structure(model).pairs)
+    acc = Accountant(groups)
     params = dict(model.named_parameters())
     tensors = [params[n] for n in acc.names]
     wide = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
     same = [torch.empty_like(t) for t in tensors]
+    kernel = read = before = None
+    if kind in KERNEL_FLOORS:  # the native kernel the monitor's default evaluation calls, alone
+        fused = Accountant(groups, evaluation="native")
+        fused.values(params)  # builds it (private attributes: this row times nothing around it)
+        kernel, read = fused._fused_laws, [params[n].detach() for n in fused._fast.fast_names]
+        before = [t.clone() for t in read]
 
     def hook(*_args) -> None:
         with torch.no_grad():
@@ -168,6 +178,10 @@ def reference_hook(kind: str, model: nn.Module):
                     b.copy_(t)
             elif kind == "accountant_values":
                 acc.values(params)
+            elif kind == "kernel_values":
+                kernel.table(None, read)
+            elif kind == "kernel_split":  # θ before the step is the buffer the last call left
+                kernel.table(before, read, advance=True)
             else:
                 raise ValueError(kind)
 
@@ -382,10 +396,12 @@ def main() -> None:
     # the 2-thread phases time snapshot/live recorders on purpose without a free core
     warnings.filterwarnings("ignore", message=".*competes with training")
     load = [os.getloadavg()[0]]
+    # the kernel floors where the default evaluation takes the native kernel (a CPU with a C compiler)
+    kernels = [k for k in KERNEL_FLOORS if args.device == "cpu" and native_status()[0]]
     mlp_settings = [
         "default", "default-eager", "auto-budget", "sync-values", "sync-split", "sync-values-compiled",
         "sync-split-compiled", "sync-values-eager", "sync-split-eager",
-        "snapshot-split", "live-split", *FLOORS,
+        "snapshot-split", "live-split", *(f for f in FLOORS if f not in KERNEL_FLOORS), *kernels,
     ]
     result = {
         "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
@@ -393,7 +409,7 @@ def main() -> None:
             "mlp",
             [
                 "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "sync-values-eager",
-                "sync-split-eager", "live-values", "live-split", "default", "auto-budget",
+                "sync-split-eager", "live-values", "live-split", "default", "auto-budget", *kernels,
             ],
             1, args.device, args.blocks, args.steps,
         ),
