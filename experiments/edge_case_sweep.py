@@ -1,9 +1,10 @@
-"""Hand-written edge cases: 28 small models with constructs the other sweeps do not have.
+"""Hand-written edge cases: 30 small models with constructs the other sweeps do not have.
 
 Each model (PyTorch's own Transformer layers, EmbeddingBag, ModuleDict routing, a layer called
 twice, PixelShuffle, ConvTranspose, GRU / LSTM with projections, pools, GroupNorm /
 InstanceNorm, gates, abs / clamp / hardtanh / relu6 / softplus, dropout in train mode,
-bfloat16 / float16, causal SDPA, a forward that takes one dict, BatchNorm in train mode, ...)
+bfloat16 / float16, causal SDPA, a forward that takes one dict, BatchNorm in train mode, gains
+used as 1 + γ, ...)
 goes through ``ConservationMonitor`` (3 SGD steps, the largest relative drift of the laws it
 expects conserved) and ``analyze`` (θ random, count budget 90 s): laws tracked, the Lie count,
 completeness, where missing laws live, and any error.
@@ -198,6 +199,22 @@ class TakesOneDict(nn.Module):  # forward(batch: dict) → dict
         return {"y": self.o(torch.relu(self.a(batch["x"]))) * batch["w"]}
 
 
+class OnePlusGain(nn.Module):  # Gemma's RMSNorm: x̂ · (1 + γ), γ stored around 0 → Linear → ReLU → Linear
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(0.3 * torch.randn(4))
+        self.a, self.o = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.o(torch.relu(self.a(x * (1.0 + self.gamma))))
+
+
+class LayerNorm1P(nn.LayerNorm):  # Nemotron's LayerNorm: an nn.LayerNorm that passes weight + 1
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
 def _bn_train() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).train()
 
@@ -238,6 +255,8 @@ MODELS = {
     "causal_sdpa": (CausalAttention, _x(2, 5, 8)),
     "forward_takes_one_dict": (TakesOneDict, lambda: ({"x": torch.randn(5, 4), "w": torch.rand(5, 1)},)),
     "batchnorm_train_mode": (_bn_train, _x(8, 4)),
+    "one_plus_gain_rmsnorm": (OnePlusGain, _x(5, 4)),
+    "layernorm_1p": (lambda: nn.Sequential(nn.Linear(4, 6), LayerNorm1P(6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)), _x(5, 4)),
 }
 
 

@@ -265,7 +265,7 @@ class _FastPlan:
 
     @staticmethod
     def _plan(g: LawGroup, shape_of: dict[str, torch.Size]) -> tuple[list, list] | None:
-        if not isinstance(g, UnitLaws):
+        if not isinstance(g, UnitLaws) or g.shifts:  # a shifted law reads θ + c: the generic path
             return None
         sides = []
         for readers in (g.pair.incoming, g.pair.outgoing):

@@ -343,9 +343,35 @@ def _target_name(target: Any) -> str:
 
 
 def _mro_lookup(table: dict[type, Any], module: nn.Module) -> Any:
+    """The entry of the module's class or of its closest registered base, unless a class in
+    between defines its own ``forward``: it computes something of its own (Nemotron's
+    ``LayerNorm1P`` is an ``nn.LayerNorm`` that passes ``weight + 1``), which the base's entry
+    does not describe; the op graph reads what it computes instead."""
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls]
+        if "forward" in vars(cls):
+            return None
+    return None
+
+
+def overridden_layer(module: nn.Module) -> type | None:
+    """The registered layer class that ``module``'s class derives from while defining its own
+    ``forward`` in between (so :func:`layer_spec` gives it no entry), or ``None``.
+
+    Example:
+        >>> class Shifted(nn.LayerNorm):
+        ...     def forward(self, x):
+        ...         return nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias)
+        >>> overridden_layer(Shifted(3)).__name__, overridden_layer(nn.LayerNorm(3))
+        ('LayerNorm', None)
+    """
+    own = None
+    for cls in type(module).__mro__:
+        if cls in _LAYERS:
+            return cls if own is not None else None
+        if own is None and "forward" in vars(cls):
+            own = cls
     return None
 
 

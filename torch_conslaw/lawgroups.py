@@ -5,7 +5,10 @@ from qualified parameter names to tensors (live parameters, a snapshot or a step
 same group evaluates h(θ), its bilinear form B(θ, Δ) and its natural scale:
 
 * :class:`UnitLaws` — one law per unit / channel, ‖w_in‖² + b² − k‖w_out‖²
-  (:func:`torch_conslaw.laws.unit_balance`);
+  (:func:`torch_conslaw.laws.unit_balance`); with the pair's ``shifts`` (a gain read as
+  1 + γ) the law is the same quadratic form at the shifted point θ + c:
+  (1 + γ_u)² + b_u² − k‖w_out,u‖², whose change over a step splits exactly as
+  2B(θ + c, Δ) + B(Δ, Δ);
 * :class:`MatrixLaws` — the upper triangle of Q = [W b][W b]^T − W_next^T W_next of a linear
   hidden layer (:func:`torch_conslaw.laws.matrix_balance`), n(n+1)/2 entries.
 
@@ -111,7 +114,40 @@ class UnitLaws(LawGroup):
         self.kind = pair.kind
         self.count = pair.units
         self.degree = pair.degree
+        self.shifts = dict(pair.shifts)
+        unknown = set(self.shifts) - set(pair.parameter_names)
+        if unknown:
+            raise ValueError(f"UnitLaws {pair.name}: shifts name parameters the group does not read: {sorted(unknown)}")
         self._scratch: dict[tuple[int, int], Tensor] = {}
+
+    def shifted(self, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """``params`` with every shifted parameter read as θ + c (in float64): the point where
+        the law is the plain quadratic form; ``params`` itself when nothing is shifted.
+
+        Example:
+            >>> import torch
+            >>> from torch_conslaw.structure import Pair
+            >>> from torch_conslaw.laws.families.rescaling import Columns, Rows
+            >>> pair = Pair("norm", "fc", (), "unit", 1.0, 2, 1, (("norm.weight", Rows(torch.arange(2).unsqueeze(1))),),
+            ...             (("fc.weight", Columns(torch.arange(2).unsqueeze(1))),), shifts=(("norm.weight", 1.0),))
+            >>> p = {"norm.weight": torch.zeros(2), "fc.weight": torch.ones(3, 2)}
+            >>> UnitLaws(pair).values(p).tolist()  # (1 + 0)² − 3
+            [-2.0, -2.0]
+        """
+        if not self.shifts:
+            return params
+        moved = dict(params)
+        for name, c in self.shifts.items():
+            moved[name] = params[name].to(F64) + c
+        return moved
+
+    def values(self, params: Mapping[str, Tensor]) -> Tensor:
+        point = self.shifted(params)
+        return self.bilinear(point, point)
+
+    def first_order(self, before: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> Tensor:
+        """2B(θ + c, Δ): Δ moves θ and θ + c alike."""
+        return 2.0 * self.bilinear(self.shifted(before), delta)
 
     def _default_reason(self) -> str:
         what = "unit" if self.pair.kind == "unit" else "channel"
@@ -154,7 +190,8 @@ class UnitLaws(LawGroup):
         return inc - self.degree * out
 
     def scale(self, params: Mapping[str, Tensor]) -> Tensor:
-        inc, out = self._sides(params, params)
+        point = self.shifted(params)
+        inc, out = self._sides(point, point)
         return inc + self.degree * out
 
     def labels(self) -> list[str]:
@@ -166,6 +203,8 @@ class MatrixLaws(LawGroup):
 
     def __init__(self, pair: Pair) -> None:
         super().__init__(pair)
+        if pair.shifts:
+            raise ValueError(f"MatrixLaws {pair.name}: a matrix law of shifted parameters is not supported")
         self.kind = "matrix"
         n = pair.units
         self.count = n * (n + 1) // 2

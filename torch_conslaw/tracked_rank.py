@@ -113,11 +113,13 @@ def _source_indices(reader, weight: Tensor) -> Tensor | None:
 def _unit_nonzeros(
     group: UnitLaws, params: Mapping[str, Tensor], layout: Mapping[str, tuple[int, int]], first: int
 ) -> list[tuple[Tensor, Tensor, Tensor]] | None:
-    """∇(‖in_j‖² − k‖out_j‖²) per unit j: 2w on the entries of row j, times 1 or −k."""
+    """∇(‖in_j‖² − k‖out_j‖²) per unit j: 2w on the entries of row j, times 1 or −k (w + c
+    for a parameter the law reads shifted)."""
     out = []
+    point = group.shifted(params)
     for sign, readers in ((1.0, group.pair.incoming), (-group.degree, group.pair.outgoing)):
         for name, fn in readers:
-            w = params[name].detach().to(F64)
+            w = point[name].detach().to(F64)
             idx = _source_indices(fn, w)
             if idx is None:
                 return None

@@ -186,6 +186,9 @@ class VelocityTracker:
                 regime = "decay"
             else:
                 continue
+            if getattr(g, "shifts", None):  # a law read at θ + c (a gain used as 1 + γ)
+                notes[g.name] = _shifted_note(g, regime, mu, wd)
+                continue
             notes[g.name] = _base_note(g, regime, mu, wd)
             wanted = True
             if sharded:
@@ -538,6 +541,22 @@ def _recurrence_reason(name: str, regime: str) -> str:
         f"SGD with weight decay λ, no momentum: h of {name} follows h⁺ = (1 − ηλ)²h + η²gᵀAg; "
         "first_order is the split's first order once the (1 − ηλ)² factor is removed "
         "(zero by symmetry), second_order = (1 − ηλ)²h + η²gᵀAg − h"
+    )
+
+
+def _shifted_note(g: LawGroup, regime: str, mu: float, wd: float) -> str:
+    """What the update does to a law read at θ + c (appended to its reason); no identity is
+    tracked for it."""
+    shifted = ", ".join(f"{n} + {c:g}" for n, c in g.shifts.items())  # type: ignore[attr-defined]
+    if regime == "decay":
+        return (
+            f"under weight_decay={wd:g} the law is broken at first order: decay pulls {shifted} toward "
+            f"{', '.join(f'{c:g}' for c in g.shifts.values())}, not toward 0, which is not a rescaling "  # type: ignore[attr-defined]
+            "of the units; no identity of the update is tracked for it"
+        )
+    return (
+        f"under momentum={mu:g} the exact recurrences of (h, q) are derived for laws read at θ; this "
+        f"one reads {shifted}, so no identity of the update is tracked for it"
     )
 
 

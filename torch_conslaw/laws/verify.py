@@ -331,7 +331,8 @@ def gradient_norms(group: Any, theta: Mapping[str, Tensor]) -> Tensor | None:
             if not _reads_each_entry_once(group.pair.incoming + group.pair.outgoing, theta):
                 return None
             if isinstance(group, UnitLaws):
-                a, b = group._sides(theta, theta)
+                point = group.shifted(theta)  # ∇ of a law read at θ + c is 2(θ + c) on its entries
+                a, b = group._sides(point, point)
                 return 2.0 * (a + group.degree**2 * b).clamp_min(0).sqrt()
             rows_in, rows_out = group._rows(theta)
             sq = rows_in.square().sum(1) + rows_out.square().sum(1)
@@ -457,7 +458,7 @@ def _selection_terms(group: Any, params: Mapping[str, Tensor]) -> list[tuple[str
     from ..lawgroups import MatrixLaws, UnitLaws
     from .groups import NormScaleLaws
 
-    if type(group) is UnitLaws:
+    if type(group) is UnitLaws and not group.shifts:  # a shifted law's gradient reads θ + c: generic path
         terms = [(n, fn, 1.0) for n, fn in group.pair.incoming]
         terms += [(n, fn, -float(group.degree)) for n, fn in group.pair.outgoing]
     elif type(group) is MatrixLaws:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lawgroups import LawGroup, MatrixLaws
+from ..lawgroups import LawGroup, MatrixLaws, UnitLaws
 from ..structure import Skipped
 
 __all__ = ["ShardingNotSupported", "ShardedLaws", "has_sharded_parameters"]
@@ -153,7 +153,8 @@ class ShardedLaws:
                     else:
                         parts += [self._zeros(g.count), self._zeros(g.count)]
                     continue
-                inc, out = self._sides(g, plan, p64, p64)
+                point = _at(g, p64)
+                inc, out = self._sides(g, plan, point, point)
                 parts += [inc - g.degree * out, inc + g.degree * out]  # type: ignore[attr-defined]
             flat = self._reduce(parts, check=True)
         values, scales = {}, {}
@@ -174,7 +175,8 @@ class ShardedLaws:
         """``[1, laws]``: h(θ) of every law, groups in order (one all-reduce)."""
         with torch.no_grad():
             p64 = self._load("after", _locals(params, self.names))
-            flat = self._reduce([self._bilinear(g, plan, p64, p64) for g, plan in zip(self.groups, self._plans)])
+            points = [_at(g, p64) for g in self.groups]
+            flat = self._reduce([self._bilinear(g, plan, x, x) for g, plan, x in zip(self.groups, self._plans, points)])
         return flat.view(1, -1)
 
     def split_table(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
@@ -187,9 +189,10 @@ class ShardedLaws:
             delta = {n: torch.sub(a64[n], b64[n], out=self._buf("delta", n, a64[n])) for n in self.names}
             parts = []
             for g, plan in zip(self.groups, self._plans):
+                point = _at(g, a64)
                 parts += [
-                    self._bilinear(g, plan, a64, a64),
-                    2.0 * self._bilinear(g, plan, b64, delta),
+                    self._bilinear(g, plan, point, point),
+                    2.0 * self._bilinear(g, plan, _at(g, b64), delta),  # 2B(θ + c, Δ) for a shifted law
                     self._bilinear(g, plan, delta, delta),
                 ]
             flat = self._reduce(parts)
@@ -374,3 +377,9 @@ def _classify_reader(g: LawGroup, name: str, fn: Any, local: Tensor, info: _Para
         if bool((counts == counts[0, 0]).all()):  # every unit sees every local row equally
             return "all"
     raise ShardingNotSupported(fail)
+
+
+def _at(g: LawGroup, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The point whose quadratic form is the law: θ + c for a unit law of shifted parameters
+    (:meth:`~torch_conslaw.lawgroups.UnitLaws.shifted`, local entries alike), else θ."""
+    return g.shifted(params) if isinstance(g, UnitLaws) else params

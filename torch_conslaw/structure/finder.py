@@ -77,6 +77,11 @@ class Pair:
     one's columns per unit and ``positions`` the largest. ``ops`` lists the ops before the
     split, then those of each arm. For a single consumer ``consumers == (consumer,)``.
 
+    ``shifts`` lists ``(parameter, c)`` for a parameter the model reads as ``θ + c`` (a
+    scalar c on every entry): a gain γ used as ``1 + γ`` (Gemma's RMSNorm, Nemotron's
+    ``LayerNorm1P``). The symmetry rescales γ + c, so the law reads γ + c where it would read
+    γ: (1 + γ_u)² − k‖w_out,u‖².
+
     An *internal* law of a module (:func:`~torch_conslaw.catalogue.register_internal_laws`,
     e.g. one head of ``nn.MultiheadAttention``) is a ``"matrix"`` pair with ``producer ==
     consumer ==`` the module path, no ops, and a ``label`` that is its name
@@ -98,6 +103,7 @@ class Pair:
     consumers: tuple[str, ...] = ()
     consumer_positions: tuple[int, ...] = ()
     label: str = ""
+    shifts: tuple[tuple[str, float], ...] = ()
 
     @property
     def internal(self) -> bool:
@@ -259,6 +265,8 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     graph_laws = None
     if example_input is not None:
         pairs, skipped, graph_laws = _with_graph_laws(model, example_input, pairs, skipped)
+    else:
+        skipped += _overridden_layers(model)
     if not pairs and not skipped:
         skipped.append(
             Skipped(
@@ -271,6 +279,20 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
         )
     ops = [n.name for n in nodes if n.kind not in ("input", "output")]
     return Structure(pairs, skipped, method, ops, _direct_links(nodes), graph_laws)
+
+
+def _overridden_layers(model: nn.Module) -> list[Skipped]:
+    """A note for every layer whose class derives from a registered one but computes its own
+    forward (no law is assumed for it; the op graph, given an example input, reads it)."""
+    notes = []
+    for path, module in model.named_modules():
+        base = catalogue.overridden_layer(module)
+        if base is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
+            notes.append(Skipped(path or None, None, (
+                f"{path or 'the model'} ({type(module).__name__}) derives from {base.__name__}, a registered "
+                f"layer, but defines its own forward, so the laws of {base.__name__} are not assumed for it; "
+                "pass example_input: the op graph reads what it computes")))
+    return notes
 
 
 def _direct_links(nodes: list[_Node]) -> list[Link]:
@@ -297,7 +319,8 @@ def _with_graph_laws(
 ) -> tuple[list[Pair], list[Skipped], Any]:
     """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
     ``example_input`` to those of the module-level finder. A law whose incoming parameters a
-    module-level pair already reads is left to that pair; for every producer the op graph
+    module-level pair already reads is left to that pair (unless the op graph saw the model read
+one of them shifted, γ + c, where the module-level rule reads γ); for every producer the op graph
     saw, a module-level skip that stopped at an op the catalogue does not know is replaced by
     the op graph's reason (which names the op that breaks the symmetry and never advises
     registering a reshape or a product as an activation); other module-level skips stay. The
@@ -312,6 +335,10 @@ def _with_graph_laws(
             f"the op graph of {type(model).__name__} could not be captured on example_input "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{call_hint(example_input, err)}): "
             "only module-level structure is used"))], None
+    # a layer the model reads as γ + c (a LayerNorm subclass passing weight + 1): its
+    # module-level pair, which reads γ, gives way to the op graph's
+    shifted = {frozenset(n for n, _ in p.incoming) for p in graph_pairs if p.shifts}
+    pairs = [p for p in pairs if frozenset(n for n, _ in p.incoming) not in shifted]
     taken = {frozenset(n for n, _ in p.incoming) for p in pairs}
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}

@@ -184,6 +184,7 @@ class _Site:
     readers: list[tuple[str, str]]
     mixing: bool  # the producer is a linear map (a matrix law may hold)
     kind: Literal["unit", "channel"]
+    shifts: dict[str, float] = field(default_factory=dict)  # a gain read as γ + c: its laws read γ + c
 
 
 @dataclass
@@ -274,7 +275,7 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
         return g.params.get(x.vid) if isinstance(x, Val) else None
 
     def add(op: Op, out: int, units: int, axis: int, readers: list[tuple[str, str]], mixing: bool,
-            kind: Literal["unit", "channel"], bias: Any = None) -> None:
+            kind: Literal["unit", "channel"], bias: Any = None, shifts: dict[str, float] | None = None) -> None:
         if bias is not None and isinstance(bias, Val) and param(bias) is None:
             skipped.append(Skipped(_module_of(readers[0][0]), None, (
                 f"{readers[0][0]} is used by {op.name} with a bias that is not a parameter: its "
@@ -282,7 +283,8 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             return
         if bias is not None and param(bias) is not None:
             readers = readers + [(param(bias), "rows")]
-        sites.append(_Site(len(sites), op.index, out, _module_of(readers[0][0]), units, axis, readers, mixing, kind))
+        sites.append(_Site(len(sites), op.index, out, _module_of(readers[0][0]), units, axis, readers, mixing, kind,
+                           dict(shifts or {})))
 
     for op in g.ops:
         if op.index in g.live and op.name == "multi_head_attention_forward" and op.outputs:
@@ -337,10 +339,13 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
                 add(op, out, g.shapes[g_vid(op, 1, "weight")][1], 1, [(w, "cols")], True, "channel", _arg(op, 2, "bias"))
         elif op.name in ("layer_norm", "rms_norm"):
             shape = _arg(op, 1, "normalized_shape")
-            w = param(_arg(op, 2, "weight"))
+            w, shift = param(_arg(op, 2, "weight")), None
+            if w is None and (moved := _shifted(g, _arg(op, 2, "weight"))) is not None:  # γ + 1 (LayerNorm1P)
+                w, shift = param(moved[0]), moved[1]
             if w is not None and len(tuple(shape)) == 1:
                 bias = _arg(op, 3, "bias") if op.name == "layer_norm" else None
-                add(op, out, int(tuple(shape)[0]), -1, [(w, "rows")], False, "unit", bias)
+                add(op, out, int(tuple(shape)[0]), -1, [(w, "rows")], False, "unit", bias,
+                    {w: shift} if shift is not None else None)
         elif op.name in ("batch_norm", "instance_norm"):
             w = param(_arg(op, 3, "weight"))
             if w is not None:
@@ -349,12 +354,12 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(_arg(op, 2, "weight"))
             if w is not None:
                 add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
-        elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one)
+        elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one), or (c + γ) ⊙ x
             a, b = op.args
-            ga, gb = _vector_param(g, a, g.shapes[out]), _vector_param(g, b, g.shapes[out])
+            ga, gb = _gain(g, a, g.shapes[out]), _gain(g, b, g.shapes[out])
             if (ga is None) == (gb is None):
                 continue
-            gamma, axis = ga if ga is not None else gb
+            gamma, axis, shift = ga if ga is not None else gb
             other_factor = b if ga is not None else a
             if isinstance(other_factor, Val) and other_factor.vid in g.params:
                 continue
@@ -365,8 +370,42 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             found = _vector_param(g, term[0], g.shapes[out]) if term is not None else None
             if found is not None and found[1] == axis and g.shapes[found[0].vid][0] == n:
                 beta, site_out = found[0], term[1]
-            add(op, site_out, n, axis - len(g.shapes[out]), [(param(gamma), "rows")], False, "unit", beta)
+            add(op, site_out, n, axis - len(g.shapes[out]), [(param(gamma), "rows")], False, "unit", beta,
+                {param(gamma): shift} if shift is not None else None)
     return [s for s in sites if all(r[0] in trainable for r in s.readers)], skipped
+
+
+def _shifted(g: OpGraph, x: Any) -> tuple[Val, float] | None:
+    """(v, c) when ``x`` is ``v + c``, ``c + v`` or ``v − c`` for a number c, computed for this
+    use alone (its one user is the op reading ``x``): a gain stored as γ and used as 1 + γ
+    (Gemma's RMSNorm, Nemotron's ``LayerNorm1P``). ``None`` otherwise."""
+    if not isinstance(x, Val) or len(g.users.get(x.vid, [])) != 1:
+        return None
+    op = g.producer(x.vid)
+    if op is None or op.kwargs or len(op.args) != 2 or len(op.outputs) != 1:
+        return None
+    numbers = [v for v in op.args if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    values = [v for v in op.args if isinstance(v, Val)]
+    if len(numbers) != 1 or len(values) != 1 or not math.isfinite(numbers[0]):
+        return None
+    if op.name in ("add", "__add__", "__radd__"):
+        return values[0], float(numbers[0])
+    if op.name in ("sub", "__sub__", "subtract") and isinstance(op.args[0], Val):
+        return values[0], -float(numbers[0])
+    return None
+
+
+def _gain(g: OpGraph, x: Any, out: tuple[int, ...]) -> tuple[Val, int, float | None] | None:
+    """A per-feature gain of ``out``: (the 1-D parameter, its axis, None) for γ or a view of it
+    (:func:`_vector_param`), (…, c) for γ + c; ``None`` otherwise."""
+    found = _vector_param(g, x, out)
+    if found is not None:
+        return found[0], found[1], None
+    moved = _shifted(g, x)
+    if moved is None or g.shapes[moved[0].vid] != g.shapes[x.vid]:
+        return None
+    found = _vector_param(g, moved[0], out)
+    return None if found is None else (found[0], found[1], moved[1])
 
 
 def _lookup_option(op: Op) -> str | None:
@@ -1162,7 +1201,7 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
             continue
         out = g.ops[op_index].outputs[0]
         site = _Site(max(states) + 1, op_index, out, f"{a.site.name}+{b.site.name}", units, axis - pa.dim(),
-                     a.site.readers + b.site.readers, False, a.site.kind)
+                     a.site.readers + b.site.readers, False, a.site.kind, {**a.site.shifts, **b.site.shifts})
         merged = _Propagation(g, site, sides, gates).run()
         merged.uses = a.uses + b.uses + merged.uses
         states[site.sid] = merged
@@ -1233,10 +1272,19 @@ def _pair(site: _Site, uses: list[_Use], kind: Any, degree: float, units: int,
           incoming: list[RowReader], outgoing: list[RowReader], label: str, reason: str) -> Pair:
     consumers = tuple(dict.fromkeys(_module_of(u.param) for u in uses))
     return Pair(
-        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree, reason=reason,
+        producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree, reason=_shift_said(site.shifts, reason),
         units=units, positions=1, incoming=tuple(incoming), outgoing=tuple(outgoing),
         op_kinds=(), consumers=consumers, consumer_positions=tuple(1 for _ in consumers), label=label,
+        shifts=tuple(site.shifts.items()),
     )
+
+
+def _shift_said(shifts: dict[str, float], reason: str) -> str:
+    """``reason``, and for a gain read as γ + c that the law reads it so."""
+    if not shifts:
+        return reason
+    said = ", ".join(f"{n} + {c:g}" for n, c in shifts.items())
+    return f"{reason}; the model reads the gain as {said}, so the law does too ((γ + c)² in place of γ²)"
 
 
 def _pairing_laws(
@@ -1348,9 +1396,11 @@ def _pairing_laws(
 
 def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str,
              reason: str) -> Pair:
+    shifts = {**a.shifts, **b.shifts}
     return Pair(
-        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1, reason=reason,
-        incoming=tuple(inc), outgoing=tuple(out), consumers=(b.name,), consumer_positions=(1,), label=label,
+        producer=a.name, consumer=b.name, ops=(), kind=kind, degree=1.0, units=units, positions=1,
+        reason=_shift_said(shifts, reason), incoming=tuple(inc), outgoing=tuple(out), consumers=(b.name,),
+        consumer_positions=(1,), label=label, shifts=tuple(shifts.items()),
     )
 
 
