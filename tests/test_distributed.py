@@ -106,6 +106,22 @@ def _fsdp_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Linear(6, 3))
 
 
+class _Block(nn.Module):
+    """A module with its own forward (not a catalogued leaf): fx traces into it."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d_in, hidden), nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _fsdp_blocks() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(_Block(5, 6, 4), _Block(4, 7, 3))
+
+
 def _fsdp_cnn() -> nn.Module:
     """Channel laws 0→2 and 2→5, the latter read through a flatten (16 columns per channel)."""
     torch.manual_seed(2)
@@ -179,6 +195,30 @@ def _fsdp_checks(rank: int, folder: str, status: dict) -> None:
                     torch.equal(a.full_tensor(), b.full_tensor())
                     for a, b in zip(model.parameters(), bare.parameters())
                 )
+            # an example input cannot run through fully_shard's hooks outside training: the
+            # monitor builds as without one (it used to raise from inside FSDP), and says so
+            given = ConservationMonitor(model, _fsdp_data(kind)[0][0], every=1, recording="sync")
+            status[f"{kind}_with_input"] = {
+                "groups": [g.name for g in given.groups], "without": [g.name for g in monitor.groups],
+                "note": given.verification_note,
+            }
+        # blocks wrapped one by one, as transformers are: tracing the structure must not run
+        # fully_shard's hooks (they used to fail on symbolic values and leave the model unable
+        # to train), and the laws are those of the unsharded model
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = _fsdp_blocks()
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(blocks, mesh=mesh)
+        monitor = ConservationMonitor(blocks, every=1, recording="sync")
+        optimizer = torch.optim.SGD(blocks.parameters(), lr=0.05)
+        monitor.attach(optimizer)
+        for x, y in _fsdp_data("mlp"):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(blocks(x), y).backward()
+            optimizer.step()
+        status["blocks"] = {"groups": [g.name for g in monitor.groups], "steps": monitor.num_steps}
         # a layout that cannot be summed from local rows is refused, naming the parameter
         from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -203,6 +243,13 @@ def test_fsdp2_laws_from_local_shards_equal_an_unsharded_run(tmp_path):
         assert s["bitwise_unaffected"]
         assert s["shard1"] is not None and s["shard1"].startswith("ShardingNotSupported")
         assert "0.weight" in s["shard1"] and "Shard(dim=1)" in s["shard1"] and "Shard(0)" in s["shard1"]
+        unsharded = ConservationMonitor(_fsdp_blocks())  # its matrix law 0.down→1.up is excluded under sharding
+        assert s["blocks"] == {"groups": [g.name for g in unsharded.groups if g.kind != "matrix"], "steps": FSDP_STEPS}
+        assert s["blocks"]["groups"] == ["0.up→0.down", "1.up→1.down"]
+        for kind in ("mlp", "cnn"):
+            given = s[f"{kind}_with_input"]
+            assert given["groups"] == given["without"] and given["groups"]
+            assert "sharded (FSDP2)" in given["note"] and "before fully_shard" in given["note"]
     for kind in ("mlp", "cnn"):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the workers: the same float32 reduction order

@@ -305,6 +305,14 @@ def _sharded_worker(rank: int, folder: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         params = dict(model.named_parameters())
+        # an example input cannot run through fully_shard's hooks here (fx traces into the
+        # norm's own forward): the monitor builds without it, and says so
+        calls = []
+        handle = model.fc2.register_forward_pre_hook(lambda *_: calls.append(1))
+        given = ConservationMonitor(model, X)
+        handle.remove()
+        status["with_input"] = {"groups": [g.name for g in given.groups], "note": given.verification_note,
+                                "forwards": len(calls)}
         laws = ShardedLaws(params, groups)
         before = {n: t.detach().to(F64).clone() for n, t in laws.local(params).items()}
         full_before = {n: p.full_tensor().detach().to(F64) for n, p in params.items()}
@@ -347,6 +355,9 @@ def test_fsdp2_sharded_shifted_gain_laws_equal_the_unsharded_evaluation(tmp_path
         assert "failed" not in s, s["failed"]
     assert status[0] == status[1]  # every rank gets the same all-reduced values
     assert {"norm.weight": 1.0} in status[0]["shifts"]
+    given = status[0]["with_input"]
+    assert given["groups"] == ["fc1→fc2"] and "sharded (FSDP2)" in given["note"], given
+    assert given["forwards"] == 0  # nothing runs through fully_shard's hooks outside training
     table, expected = np.asarray(status[0]["table"]), np.asarray(status[0]["expected"])
     scale = np.abs(expected[0]).max()
     np.testing.assert_allclose(table, expected, rtol=1e-9, atol=1e-12 * scale)

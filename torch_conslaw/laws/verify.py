@@ -813,11 +813,19 @@ def propose_and_check(
                 "once verified on an example input: pass example_input"
                 + (" (and build the monitor on the unsharded model)" if sharded else "")
             )
-        why = "no example_input was given" if example_input is None else "the parameters are sharded (FSDP2)"
-        return Checked(list(groups), list(skipped), {}, (
-            f"laws not verified: {why}; pass example_input to check every law numerically before "
-            "it is tracked (and to add the linear and approximate families)"
-        ))
+        if sharded:
+            note = (
+                "laws not verified: the parameters are sharded (FSDP2), and a forward outside "
+                "training does not run through fully_shard's hooks, so the example input is not "
+                "used; check the laws on the model before fully_shard (tc.verify_laws, tc.analyze, "
+                "or a monitor built there with example_input)"
+            )
+        else:
+            note = (
+                "laws not verified: no example_input was given; pass example_input to check every "
+                "law numerically before it is tracked (and to add the linear and approximate families)"
+            )
+        return Checked(list(groups), list(skipped), {}, note)
     extra, refused = propose_laws(model, structure, loss=loss)
     candidates = list(groups) + extra
     claimed = [g for g in candidates if g.expected_conserved or getattr(g, "approximate", False)]

@@ -200,7 +200,10 @@ class ConservationMonitor:
     ) -> None:
         self.model: nn.Module = unwrap_model(model)
         self._params: dict[str, Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
-        self.structure: Structure = find_structure(self.model, example_input)
+        sharded = has_sharded_parameters(self._params)
+        # a forward outside training does not run through fully_shard's hooks: under sharding the
+        # structure is the module-level one and nothing is checked (the note says so)
+        self.structure: Structure = find_structure(self.model, None if sharded else example_input)
         candidates = [s.candidate for s in self.structure.skipped if s.candidate is not None]
         pairs = list(self.structure.pairs) + (candidates if track_broken else [])
         self.groups: list[LawGroup] = build_groups(pairs)
@@ -210,7 +213,7 @@ class ConservationMonitor:
         # --- verify before claiming; linear and approximate families (issue 8) --------------
         checked = propose_and_check(
             self.model, self.structure, example_input, self.groups, self.skipped, loss=loss,
-            sharded=has_sharded_parameters(self._params),
+            sharded=sharded,
         )
         self.groups, self.skipped = checked.groups, checked.skipped
         self.verification: dict[str, Verification] = checked.verification
@@ -226,7 +229,7 @@ class ConservationMonitor:
         # -------------------------------------------------------------------------------------
         # sharded parameters (FSDP2 fully_shard / DTensor): laws summed from local shards
         self._sharded: ShardedLaws | None = None
-        if has_sharded_parameters(self._params):
+        if sharded:
             self._sharded = ShardedLaws(self._params, self.groups)
             self.groups = self._sharded.groups
             self.skipped += self._sharded.excluded

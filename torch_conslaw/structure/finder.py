@@ -391,6 +391,19 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return catalogue.is_catalogued_module(m) or super().is_leaf_module(m, qualname)
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        # a module wrapped by FSDP2's fully_shard: its pre-forward hook would initialize FSDP
+        # on symbolic values (and fail), leaving the model unable to train; the structure
+        # needs its forward alone
+        if _sharded_by_fsdp(m) and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _sharded_by_fsdp(m: nn.Module) -> bool:
+    """Whether ``fully_shard`` wrapped ``m`` (its class derives from FSDP2's ``FSDPModule``)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(m).__mro__)
+
 
 def _graph_from_fx(model: nn.Module) -> list[_Node]:
     graph = _Tracer().trace(model)
