@@ -1287,6 +1287,19 @@ def _shift_said(shifts: dict[str, float], reason: str) -> str:
     return f"{reason}; the model reads the gain as {said}, so the law does too ((γ + c)² in place of γ²)"
 
 
+def _live_sides(entry: dict[str, list[tuple[int, _Side]]], states: dict[int, _SiteState]) -> dict[str, list[tuple[int, _Side]]]:
+    """The factors of a score product whose units may still have a law there: next to a site
+    whose units are alive, a site all of whose units reaching the product were stopped on the
+    way (q_proj's units, killed by the mean of a per-head RMSNorm whose normalized output
+    reaches the product too) takes no part in it, so the norm's gain pairs alone (Qwen3's
+    q_norm · k_norm). A factor with no live site keeps its sites (their refusal names why)."""
+    out = {}
+    for which, found in entry.items():
+        live = [(sid, side) for sid, side in found if not all(u in states[sid].kills for u in _units(side.fibers))]
+        out[which] = live or found
+    return out
+
+
 def _pairing_laws(
     op_index: int, entry: dict[str, list[tuple[int, _Side]]], states: dict[int, _SiteState]
 ) -> tuple[list[Pair], list[tuple[int, int]], str | None]:
@@ -1477,6 +1490,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     claimed: dict[tuple[int, int], int] = defaultdict(int)
     pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
     for op_index, entry in sorted(sides.items()):
+        entry = _live_sides(entry, states)
         found, units, problem = _pairing_laws(op_index, entry, states)
         for sid, side in entry.get("A", []) + entry.get("B", []):
             for u in _units(side.fibers):
