@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
-from .graph import _flat  # one walk over nested outputs for both graph builders
+from .graph import _flat, _split_input  # one walk over nested outputs and one calling convention for both graph builders
 from .parametrized import is_parametrized, original_kinds, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
@@ -474,15 +474,6 @@ def _record(rec: _Recorder, target: Any, module_path: str | None, args: tuple, k
         if isinstance(o, torch.Tensor):
             rec.ids[id(o)] = len(rec.nodes) - 1
             rec.keep.append(o)
-
-
-def _split_input(example_input: Any) -> tuple[tuple, dict]:
-    """(positional, keyword) arguments of ``model(...)`` for an example input."""
-    if isinstance(example_input, dict):
-        return (), dict(example_input)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input), {}
-    return (example_input,), {}
 
 
 def _quiet_forward(model: nn.Module, args: tuple, kwargs: dict, mode: Any = None) -> Any:

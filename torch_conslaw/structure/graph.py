@@ -180,6 +180,8 @@ class _Capture(TorchFunctionMode):
 
 
 def _split_input(example_input: Any) -> tuple[tuple, dict]:
+    """(positional, keyword) arguments of ``model(...)`` for an example input: a dict is
+    keyword arguments, a tuple or list positional ones, anything else the one argument."""
     if isinstance(example_input, dict):
         return (), dict(example_input)
     if isinstance(example_input, (tuple, list)):

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Op, OpGraph, Val
-from .rules import _ADD, _CAST, _CONV, _CONV_T, _DROPOUT, _arg, _lookup_option
+from .rules import _CAST, _CONV, _CONV_T, _DROPOUT, _arg, _lookup_option
 
 __all__ = ["added_translation_rule"]
 
