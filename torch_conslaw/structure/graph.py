@@ -91,6 +91,44 @@ class OpGraph:
             counts[name] = counts.get(name, 0) + len(self.users.get(vid, []))
         return counts
 
+    def slice_of(self, x: Any) -> tuple[str, int] | None:
+        """(parameter, e) when the value ``x`` is ``W[e]`` for a parameter W and a constant
+        integer e (a Python int or a kept 0-dim integer tensor): one expert's weight."""
+        if not isinstance(x, Val):
+            return None
+        op = self.producer(x.vid)
+        if op is None or op.name not in ("__getitem__", "select") or len(op.outputs) != 1 or op.kwargs:
+            return None
+        args = op.args if op.name == "__getitem__" else (op.args[0], op.args[2]) if len(op.args) == 3 and op.args[1] == 0 else ()
+        if len(args) != 2 or not isinstance(args[0], Val) or args[0].vid not in self.params:
+            return None
+        index = args[1]
+        if isinstance(index, Val):
+            index = self.consts.get(index.vid)
+            if index is None or index.dim() != 0 or index.is_floating_point() or index.dtype == torch.bool:
+                return None
+            index = int(index)
+        if not isinstance(index, int) or isinstance(index, bool):
+            return None
+        size = self.shapes[args[0].vid][0] if self.shapes[args[0].vid] else 0
+        if not -size <= index < size:
+            return None
+        return self.params[args[0].vid], index % size
+
+    def slice_uses(self) -> dict[str, dict[int, tuple[int, int]]]:
+        """Per parameter read through constant slices ``W[e]`` (see :meth:`slice_of`): for each
+        e, (how many ops take that slice, how many ops read what they take). An expert's law
+        needs its slice taken once and read once, and W read through such slices only."""
+        out: dict[str, dict[int, tuple[int, int]]] = {}
+        for vid in self.params:
+            for user in self.users.get(vid, []):
+                op = self.ops[user]
+                found = self.slice_of(Val(op.outputs[0])) if len(op.outputs) == 1 else None
+                if found is not None:
+                    taken, reads = out.setdefault(found[0], {}).get(found[1], (0, 0))
+                    out[found[0]][found[1]] = (taken + 1, reads + len(self.users.get(op.outputs[0], [])))
+        return out
+
 
 def _flat(obj: Any) -> Iterator[Any]:
     if isinstance(obj, (tuple, list)):

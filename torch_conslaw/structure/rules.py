@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..catalogue import RowReader
-from ..laws.families.rescaling import Columns, GroupedColumns, Rows, Whole
+from ..laws.families.rescaling import Columns, GroupedColumns, Rows, Sliced, Whole
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
@@ -185,6 +185,7 @@ class _Site:
     mixing: bool  # the producer is a linear map (a matrix law may hold)
     kind: Literal["unit", "channel"]
     shifts: dict[str, float] = field(default_factory=dict)  # a gain read as γ + c: its laws read γ + c
+    slices: dict[str, int] = field(default_factory=dict)  # a weight read as W[e] (one expert): its laws read W[e]
 
 
 @dataclass
@@ -206,6 +207,7 @@ class _Use:
     matrix: bool
     degree: float
     groups: int = 1  # a grouped convolution (layout 'cols'): its weights of input channel i
+    slice: int | None = None  # the weight is param[slice] (one expert of a 3-D parameter)
 
 
 @dataclass
@@ -275,16 +277,22 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
         return g.params.get(x.vid) if isinstance(x, Val) else None
 
     def add(op: Op, out: int, units: int, axis: int, readers: list[tuple[str, str]], mixing: bool,
-            kind: Literal["unit", "channel"], bias: Any = None, shifts: dict[str, float] | None = None) -> None:
-        if bias is not None and isinstance(bias, Val) and param(bias) is None:
+            kind: Literal["unit", "channel"], bias: Any = None, shifts: dict[str, float] | None = None,
+            slices: dict[str, int] | None = None) -> None:
+        slices = dict(slices or {})
+        if bias is not None and isinstance(bias, Val) and param(bias) is None and g.slice_of(bias) is None:
             skipped.append(Skipped(_module_of(readers[0][0]), None, (
                 f"{readers[0][0]} is used by {op.name} with a bias that is not a parameter: its "
                 "units cannot be rescaled")))
             return
         if bias is not None and param(bias) is not None:
             readers = readers + [(param(bias), "rows")]
-        sites.append(_Site(len(sites), op.index, out, _module_of(readers[0][0]), units, axis, readers, mixing, kind,
-                           dict(shifts or {})))
+        elif bias is not None and (part := g.slice_of(bias)) is not None:  # b[e]: the expert's bias
+            readers = readers + [(part[0], "rows")]
+            slices[part[0]] = part[1]
+        first = readers[0][0]  # one expert of a 3-D weight is named by its slice
+        name = f"{first}[{slices[first]}]" if first in slices else _module_of(first)
+        sites.append(_Site(len(sites), op.index, out, name, units, axis, readers, mixing, kind, dict(shifts or {}), slices))
 
     for op in g.ops:
         if op.index in g.live and op.name == "multi_head_attention_forward" and op.outputs:
@@ -299,9 +307,12 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             continue
         out = op.outputs[0]
         if op.name == "linear":
-            w = param(_arg(op, 1, "weight"))
-            if w is not None and len(g.shapes[op.args[1].vid if len(op.args) > 1 else op.kwargs["weight"].vid]) == 2:
-                add(op, out, g.shapes[g_vid(op, 1, "weight")][0], -1, [(w, "rows")], True, "unit", _arg(op, 2, "bias"))
+            w, part = param(_arg(op, 1, "weight")), g.slice_of(_arg(op, 1, "weight"))
+            if (w is not None or part is not None) and len(g.shapes[g_vid(op, 1, "weight")]) == 2:
+                # W[e]: one expert of a mixture stored as a 3-D parameter, its rows read in W[e]
+                name = w if w is not None else part[0]
+                add(op, out, g.shapes[g_vid(op, 1, "weight")][0], -1, [(name, "rows")], True, "unit", _arg(op, 2, "bias"),
+                    slices=None if w is not None else {name: part[1]})
         elif op.name == "addmm":
             w = param(_arg(op, 2, "mat2"))
             if w is not None and param(_arg(op, 1, "mat1")) is None:
@@ -904,6 +915,10 @@ class _Propagation:
                 raise _Barrier("a grouped transposed convolution reads only some channels per output")
         if not (isinstance(x, Val) and x.vid in self.state) or len(carried) != 1:
             raise _Barrier("the units are not its input")
+        part = self.g.slice_of(w) if name == "linear" else None
+        if part is not None:  # F.linear(h, W[e]): one expert of a 3-D parameter reads the units
+            self._use(op, self.state[x.vid], part[0], layout, axis, slice=part[1])
+            return
         if not isinstance(w, Val) or w.vid not in self.g.params:
             raise _Barrier("its weight is not a parameter")
         if name != "addmm" and groups != 1:
@@ -916,13 +931,13 @@ class _Propagation:
             return
         self._use(op, self.state[x.vid], self.g.params[w.vid], layout, axis)
 
-    def _use(self, op: Op, c: _Carry, param: str, layout: str, axis: int, groups: int = 1) -> None:
+    def _use(self, op: Op, c: _Carry, param: str, layout: str, axis: int, groups: int = 1, slice: int | None = None) -> None:
         p = c.probe.movedim(axis, -1)
         flat = p.reshape(-1, p.shape[-1])
         fiber = flat[0]
         if not bool((flat == fiber).all()):
             raise _Barrier("reads different units at different positions (no column ↔ unit map)")
-        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix and groups == 1, c.degree, groups))
+        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix and groups == 1, c.degree, groups, slice))
 
     def _matmul(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -1079,13 +1094,18 @@ def _flat(obj: Any) -> Any:
 
 
 def _incoming(site: _Site, idx: Tensor) -> list[RowReader]:
-    return [(name, Rows(idx) if how == "rows" else Columns(idx)) for name, how in site.readers]
+    out: list[RowReader] = []
+    for name, how in site.readers:
+        reader = Rows(idx) if how == "rows" else Columns(idx)
+        out.append((name, Sliced(site.slices[name], reader) if name in site.slices else reader))
+    return out
 
 
 def _outgoing(use: _Use, idx: Tensor) -> RowReader:
     if use.groups != 1:
         return (use.param, GroupedColumns(idx, use.groups))
-    return (use.param, Columns(idx) if use.layout == "cols" else Rows(idx))
+    reader = Columns(idx) if use.layout == "cols" else Rows(idx)
+    return (use.param, reader if use.slice is None else Sliced(use.slice, reader))
 
 
 def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
@@ -1201,7 +1221,8 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
             continue
         out = g.ops[op_index].outputs[0]
         site = _Site(max(states) + 1, op_index, out, f"{a.site.name}+{b.site.name}", units, axis - pa.dim(),
-                     a.site.readers + b.site.readers, False, a.site.kind, {**a.site.shifts, **b.site.shifts})
+                     a.site.readers + b.site.readers, False, a.site.kind, {**a.site.shifts, **b.site.shifts},
+                     {**a.site.slices, **b.site.slices})
         merged = _Propagation(g, site, sides, gates).run()
         merged.uses = a.uses + b.uses + merged.uses
         states[site.sid] = merged
@@ -1265,12 +1286,17 @@ def _scalar_gate_law(g: OpGraph, st: _SiteState, op_index: int, alpha: str, degr
 
 
 def _names(uses: list[_Use]) -> str:
-    return "+".join(dict.fromkeys(_module_of(u.param) for u in uses))
+    return "+".join(dict.fromkeys(_consumer_name(u) for u in uses))
+
+
+def _consumer_name(use: _Use) -> str:
+    """The module of a consumer's weight, or ``param[e]`` for one expert's slice of it."""
+    return _module_of(use.param) if use.slice is None else f"{use.param}[{use.slice}]"
 
 
 def _pair(site: _Site, uses: list[_Use], kind: Any, degree: float, units: int,
           incoming: list[RowReader], outgoing: list[RowReader], label: str, reason: str) -> Pair:
-    consumers = tuple(dict.fromkeys(_module_of(u.param) for u in uses))
+    consumers = tuple(dict.fromkeys(_consumer_name(u) for u in uses))
     return Pair(
         producer=site.name, consumer="+".join(consumers), ops=(), kind=kind, degree=degree, reason=_shift_said(site.shifts, reason),
         units=units, positions=1, incoming=tuple(incoming), outgoing=tuple(outgoing),
@@ -1417,8 +1443,27 @@ def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], ou
     )
 
 
-def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[str, list[str]], uses: dict[str, int]) -> str | None:
-    return _name_problem(pair.parameter_names, pair.name, trainable, names_of, uses)
+def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[str, list[str]], uses: dict[str, int],
+                       slice_uses: dict[str, dict[int, tuple[int, int]]]) -> str | None:
+    """Why the law of ``pair`` does not hold for its parameters, or None. A parameter read
+    through a slice W[e] (one expert) counts as read once when that slice is taken once and
+    read once, and W is read through constant slices only."""
+    sliced: dict[str, set[int]] = defaultdict(set)
+    for name, fn in pair.incoming + pair.outgoing:
+        if isinstance(fn, Sliced):
+            sliced[name].add(fn.index)
+    if any(isinstance(fn, Sliced) for _, fn in pair.outgoing) and not any(isinstance(fn, Sliced) for _, fn in pair.incoming):
+        return (f"the units of {pair.producer} reach experts (slices of {', '.join(sorted(sliced))}) chosen per "
+                "input: the experts the example input does not reach read them too, so their law cannot be "
+                "formed from it")
+    for name, indices in sliced.items():
+        found = slice_uses.get(name, {})
+        if sum(taken for taken, _ in found.values()) != uses.get(name, 0):
+            return f"{name} is read whole as well as by expert slices: the {pair.name} law does not hold"
+        if len(indices) > 1 or any(found.get(e, (0, 0)) != (1, 1) for e in indices):
+            return f"{name}[{min(indices)}] is read by more than one op in forward: the {pair.name} law does not hold"
+    plain = tuple(n for n in pair.parameter_names if n not in sliced)
+    return _name_problem(tuple(sliced) + plain, pair.name, trainable, names_of, {**uses, **dict.fromkeys(sliced, 1)})
 
 
 def _name_problem(names: tuple[str, ...], what: str, trainable: dict[str, bool], names_of: dict[str, list[str]],
@@ -1476,6 +1521,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     gates = frozenset(n for n, t in trainable.items() if t)
     states = {s.sid: _Propagation(g, s, sides, gates).run() for s in sites}
     uses = g.param_uses()
+    slice_uses = g.slice_uses()
 
     def problem(names: tuple[str, ...], what: str) -> str | None:
         return _name_problem(names, what, trainable, names_of, uses)
@@ -1532,7 +1578,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
                        for r, n in reasons.items() if r not in (_OUTPUT, _MERGED))
     kept: list[Pair] = []
     for p in pairs:
-        problem = _parameter_problem(p, trainable, names_of, uses)
+        problem = _parameter_problem(p, trainable, names_of, uses, slice_uses)
         if problem is None:
             kept.append(p)
         else:

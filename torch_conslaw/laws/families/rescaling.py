@@ -20,7 +20,8 @@ convolution's output channels), ``Columns(idx)`` reads ``w[:, idx]`` with the un
 first (a ``Linear`` weight's input columns, a ``Conv1D`` weight [in, out]'s output columns).
 ``idx`` has one row per law: a unit index, or a [classes, members, positions] block.
 ``Whole()`` reads a whole tensor as the one member of one class (a scalar gate α that
-multiplies every unit of a layer: one law ‖W‖² + ‖b‖² − k α² for the layer).
+multiplies every unit of a layer: one law ‖W‖² + ‖b‖² − k α² for the layer). ``Sliced(e,
+reader)`` reads ``reader(w[e])``: the weight of one expert stored in a 3-D parameter.
 
 Example:
     >>> import torch
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "Columns", "GroupedColumns", "Whole"]
+__all__ = ["Rows", "Columns", "GroupedColumns", "Whole", "Sliced"]
 
 
 class Rows:
@@ -102,3 +103,23 @@ class Whole:
 
     def __repr__(self) -> str:
         return "Whole()"
+
+
+class Sliced:
+    """Read ``reader(w[index])``: a layer whose weight is one slice of a larger parameter (the
+    experts of a mixture stored as one ``[experts, out, in]`` tensor, ``F.linear(x, W[e])``).
+
+    Example:
+        >>> w = torch.arange(12.0).reshape(2, 3, 2)
+        >>> Sliced(1, Rows(torch.tensor([0])))(w).tolist()
+        [[6.0, 7.0]]
+    """
+
+    def __init__(self, index: int, reader: Rows | Columns) -> None:
+        self.index, self.reader = int(index), reader
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return self.reader(w.select(0, self.index))
+
+    def __repr__(self) -> str:
+        return f"Sliced({self.index}, {self.reader!r})"
