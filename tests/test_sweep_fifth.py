@@ -99,3 +99,14 @@ def test_a_nan_output_verifies_no_law(where):
     checks = tc.verify_laws(model, bad)
     assert checks and not any(c.passed for c in checks)
     assert all(math.isinf(c.residual) for c in checks)
+
+
+def test_analyze_of_a_nan_output_tracks_nothing_and_says_why():
+    x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = math.nan
+    model = _mlp()
+    assert torch.isnan(_pullback(model, x)).any()  # independent: nothing can be checked there
+    r = tc.analyze(model, x, max_seconds=20)
+    assert r.tracked_rank == 0  # before the fix: the 4 unit laws, "verified"
+    assert r.lie_laws == 4 and not r.complete  # the MLP's laws exist; none is tracked on this input
+    assert "not finite (NaN or inf)" in str(r)
