@@ -110,3 +110,37 @@ def test_analyze_of_a_nan_output_tracks_nothing_and_says_why():
     assert r.tracked_rank == 0  # before the fix: the 4 unit laws, "verified"
     assert r.lie_laws == 4 and not r.complete  # the MLP's laws exist; none is tracked on this input
     assert "not finite (NaN or inf)" in str(r)
+
+
+class _Doubler(torch.autograd.Function):
+    """A custom op without setup_context: torch.func (the count's jvp / vmap) refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class _CustomOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(_Doubler.apply(self.fc1(x)))  # the line the count's note names
+
+
+def test_a_count_refused_by_torch_func_names_the_models_line():
+    torch.manual_seed(0)
+    model = _CustomOp().to(F64)
+    x = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="setup_context"):  # independent: torch.func refuses the op
+        params = dict(model.named_parameters())
+        torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: torch.ones_like(v) for k, v in params.items()},))
+    r = tc.analyze(model, x, max_seconds=20)
+    assert r.lie_laws is None
+    # before: "an op of _CustomOp does not support it (...)", with no place named
+    assert "test_sweep_fifth.py:" in r.lie_note and "_Doubler.apply(self.fc1(x))" in r.lie_note
