@@ -518,12 +518,14 @@ def _outputs_per_input(model: nn.Module, example: Any) -> int:
 
 
 def _where_in_model(err: BaseException) -> str:
-    """``, at file.py:line: source`` of the innermost frame of ``err`` outside torch and this
-    package (the model's own line that called the op), or ``""``."""
+    """``, at file.py:line: source`` of the innermost frame of ``err`` outside torch, this
+    package and Python's standard library (the model's own line that called the op), or ``""``."""
     import os
+    import sysconfig
     import traceback
 
-    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    skip = tuple(os.path.abspath(d) + os.sep for d in (
+        os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"]))
     frames = [f for f in traceback.extract_tb(err.__traceback__) if not os.path.abspath(f.filename).startswith(skip)]
     if not frames:
         return ""
