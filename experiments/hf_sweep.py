@@ -13,7 +13,11 @@ rank, count, complete, missing, shares, times). Names: see ``BUILDERS`` (the dec
 their experts' eager loop, as torch._grouped_mm has no float64 kernel, and XGLM is built with
 float64 as the default dtype, as its eager mask needs). The names after ``poolformer`` were added
 by the fourth sweep (results/hf_sweep_fourth.md; qwen3_moe, olmoe and granitemoe run their experts'
-eager loop too). ``experiments/hf_sweep_table.py`` turns a folder of logs into a table.
+eager loop too). The names after ``data2vec_audio`` were added by the fifth sweep
+(results/hf_sweep_fifth.md; dbrx, deepseek_v3 and jamba run their experts' eager loop; dbrx needs
+clip_qkv, rwkv and recurrent_gemma 2 layers, mpnet 32 buckets, efficientnet hidden_dim 128, bit
+num_groups 2, or their own forward raises; experiments/hf_sweep_by_hand.py checks every tracked law
+by hand). ``experiments/hf_sweep_table.py`` turns a folder of logs into a table.
 
     PYTHONPATH=. python experiments/hf_sweep.py --monitor [--float32] NAME ...
 
@@ -121,6 +125,46 @@ BUILDERS = {
  "hubert": lambda: (tf.HubertConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0, do_stable_layer_norm=False, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
  "sew": lambda: (tf.SEWConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, squeeze_factor=2, vocab_size=V, mask_time_prob=0.0, feat_extract_norm="group"), {"input_values": torch.randn(2, 48, dtype=F64, generator=torch.Generator().manual_seed(0))}),
  "data2vec_audio": lambda: (tf.Data2VecAudioConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=3, num_conv_pos_embedding_layers=1, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ # added by the fifth sweep (results/hf_sweep_fifth.md)
+ "cohere2": lambda: (tf.Cohere2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V, max_position_embeddings=P, pad_token_id=0, layer_types=["sliding_attention"], sliding_window=4), ids()),
+ "dbrx": lambda: (tf.DbrxConfig(d_model=H, n_heads=2, n_layers=1, max_seq_len=P, vocab_size=V, attn_config={"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0}, ffn_config={"ffn_hidden_size": 8, "moe_num_experts": 2, "moe_top_k": 1}, pad_token_id=0), ids()),
+ "ministral": lambda: (tf.MinistralConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "deepseek_v3": lambda: (tf.DeepseekV3Config(hidden_size=H, intermediate_size=I, moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=4, q_lora_rank=None, qk_rope_head_dim=2, qk_nope_head_dim=2, v_head_dim=4, vocab_size=V, max_position_embeddings=P, pad_token_id=0), ids()),
+ "jamba": lambda: (tf.JambaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, num_experts=1, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=2, vocab_size=V, max_position_embeddings=P, use_mamba_kernels=False, pad_token_id=0), ids()),
+ "mamba2": lambda: (tf.Mamba2Config(hidden_size=H, num_heads=2, head_dim=8, state_size=4, n_groups=1, num_hidden_layers=1, vocab_size=V, expand=2, conv_kernel=2, chunk_size=8, pad_token_id=0), ids()),
+ "rwkv": lambda: (tf.RwkvConfig(hidden_size=H, attention_hidden_size=H, intermediate_size=I, num_hidden_layers=2, vocab_size=V, context_length=P), ids()),
+ "recurrent_gemma": lambda: (tf.RecurrentGemmaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4, lru_width=H, conv1d_width=2, attention_window_size=P, block_types=["recurrent", "attention"], vocab_size=V, pad_token_id=0), ids()),
+ "gpt_neox_japanese": lambda: (tf.GPTNeoXJapaneseConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_multiple_size=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "ctrl": lambda: (tf.CTRLConfig(n_embd=H, n_layer=1, n_head=2, dff=I, vocab_size=V, n_positions=P), ids()),
+ "mpnet": lambda: (tf.MPNetConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P + 2, relative_attention_num_buckets=32), ids()),  # the bucket count 32 is hard-coded in its forward
+ "deberta": lambda: (tf.DebertaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P, relative_attention=False), ids()),
+ "rembert": lambda: (tf.RemBertConfig(hidden_size=H, input_embedding_size=H, output_embedding_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P), ids()),
+ "nystromformer": lambda: (tf.NystromformerConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P + 2, num_landmarks=2, segment_means_seq_len=6, conv_kernel_size=3), ids()),
+ "xlm": lambda: (tf.XLMConfig(emb_dim=H, n_layers=1, n_heads=2, vocab_size=V, max_position_embeddings=P, n_langs=1), ids()),
+ "ibert": lambda: (tf.IBertConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P + 2, quant_mode=False), ids()),
+ "canine": lambda: (tf.CanineConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_hash_functions=2, num_hash_buckets=16, downsampling_rate=2, upsampling_kernel_size=2, local_transformer_stride=4, max_position_embeddings=P), {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))}),
+ "luke": lambda: (tf.LukeConfig(hidden_size=H, entity_emb_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, entity_vocab_size=8, max_position_embeddings=P + 2, use_entity_aware_attention=False), ids()),
+ "mbart": lambda: (tf.MBartConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "blenderbot": lambda: (tf.BlenderbotConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "mt5": lambda: (tf.MT5Config(d_model=H, d_kv=4, d_ff=I, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=V, decoder_start_token_id=0), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
+ "swinv2": lambda: (tf.Swinv2Config(image_size=8, patch_size=2, num_channels=1, embed_dim=H, depths=[1], num_heads=[2], window_size=2, mlp_ratio=2.0), pix(1, 8)),
+ "efficientnet": lambda: (tf.EfficientNetConfig(  # hidden_dim = round_filters(1280) at width 0.1, as its top convolution has
+   num_channels=1, image_size=16, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, kernel_sizes=[3], in_channels=[8], out_channels=[8], depthwise_padding=[], strides=[1], num_block_repeats=[1], expand_ratios=[2]), pix(1, 16)),
+ "mobilevit": lambda: (tf.MobileViTConfig(num_channels=1, image_size=16, patch_size=2, hidden_sizes=[8, 8, 8], neck_hidden_sizes=[4, 4, 8, 8, 8, 8, 16], num_attention_heads=2, mlp_ratio=2.0, expand_ratio=2.0), pix(1, 32)),
+ "bit": lambda: (tf.BitConfig(num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="bottleneck", global_padding="SAME", num_groups=2), pix(1, 16)),
+ "yolos": lambda: (tf.YolosConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=[8, 8], patch_size=4, num_channels=1, num_detection_tokens=2), pix(1, 8)),
+ "siglip_vision": lambda: (tf.SiglipVisionConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1), pix(1, 8)),
+ "videomae": lambda: (tf.VideoMAEConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, num_frames=2, tubelet_size=2), {"pixel_values": torch.randn(2, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)}),
+ "wavlm": lambda: (tf.WavLMConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, num_buckets=4, max_bucket_distance=8, vocab_size=V, mask_time_prob=0.0, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ "unispeech": lambda: (tf.UniSpeechConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=I, conv_dim=(4, 4), conv_stride=(2, 2), conv_kernel=(3, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, vocab_size=V, mask_time_prob=0.0, feat_extract_norm="group"), {"input_values": torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(0))}),
+ "zamba": lambda: (tf.ZambaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, attention_hidden_size=2 * H, attention_head_dim=8, mamba_d_state=4, mamba_d_conv=2, mamba_expand=2, mamba_dt_rank=2, n_mamba_heads=1, layers_block_type=["mamba", "hybrid"], vocab_size=V, max_position_embeddings=P, use_mamba_kernels=False, pad_token_id=0), ids()),
+ "flaubert": lambda: (tf.FlaubertConfig(emb_dim=H, n_layers=1, n_heads=2, vocab_size=V, max_position_embeddings=P, n_langs=1), ids()),
+ "yoso": lambda: (tf.YosoConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P + 2, use_expectation=True, conv_window=None), ids()),
+ "longformer": lambda: (tf.LongformerConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, max_position_embeddings=P + 2, attention_window=[4], pad_token_id=1), {"input_ids": torch.randint(2, V, (2, 8), generator=torch.Generator().manual_seed(0))}),
+ "led": lambda: (tf.LEDConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_encoder_position_embeddings=P, max_decoder_position_embeddings=P, attention_window=[4], pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), {"input_ids": torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0)), "decoder_input_ids": torch.randint(3, V, (2, 4), generator=torch.Generator().manual_seed(1))}),
+ "timesformer": lambda: (tf.TimesformerConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, num_frames=2), {"pixel_values": torch.randn(2, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)}),
+ "speech_to_text": lambda: (tf.Speech2TextConfig(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=H, decoder_ffn_dim=H, vocab_size=V, max_source_positions=P, max_target_positions=P, num_conv_layers=1, conv_kernel_sizes=[3], conv_channels=8, input_feat_per_channel=4, input_channels=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), {"input_features": torch.randn(2, 8, 4, dtype=F64, generator=torch.Generator().manual_seed(0)), "decoder_input_ids": torch.randint(3, V, (2, 4), generator=torch.Generator().manual_seed(1))}),
+ "patchtst": lambda: (tf.PatchTSTConfig(num_input_channels=2, context_length=16, patch_length=4, patch_stride=4, d_model=H, num_attention_heads=2, num_hidden_layers=1, ffn_dim=I, prediction_length=4), {"past_values": torch.randn(2, 16, 2, dtype=F64, generator=torch.Generator().manual_seed(0))}),
 }
 MAX_S = float(os.environ.get("HF_SWEEP_MAX_SECONDS", os.environ.get("SWEEP_MAX_SECONDS", 240)))  # budget of the count
 MAX_D = int(os.environ.get("HF_SWEEP_MAX_D", 5000))  # larger models: no count (analyze says so)
@@ -131,7 +175,7 @@ def build(name, impl="eager"):
             try: setattr(cfg, a, 0.0)
             except Exception: pass
     cfg._attn_implementation = impl
-    if name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"):  # torch._grouped_mm has no float64 kernel: the experts' loop
+    if name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dbrx", "deepseek_v3", "jamba"):  # torch._grouped_mm has no float64 kernel: the experts' loop
         cfg._experts_implementation = "eager"
     if name == "xglm":  # XGLM's eager mask fills torch.full((), finfo(float64).min) in the default dtype (overflows in float32)
         torch.set_default_dtype(F64)

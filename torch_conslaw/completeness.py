@@ -517,6 +517,22 @@ def _outputs_per_input(model: nn.Module, example: Any) -> int:
     return max(1, total // max(batch, 1))
 
 
+def _where_in_model(err: BaseException) -> str:
+    """``, at file.py:line: source`` of the innermost frame of ``err`` outside torch, this
+    package and Python's standard library (the model's own line that called the op), or ``""``."""
+    import os
+    import sysconfig
+    import traceback
+
+    skip = tuple(os.path.abspath(d) + os.sep for d in (
+        os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)), sysconfig.get_paths()["stdlib"]))
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not os.path.abspath(f.filename).startswith(skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f", at {os.path.basename(f.filename)}:{f.lineno}" + (f": {f.line.strip()}" if f.line else "")
+
+
 def _functorch_refusal(err: RuntimeError) -> bool:
     """A RuntimeError raised because an op cannot run under torch.func transforms (a custom
     ``autograd.Function`` without ``setup_context`` or ``vmap``, as BLOOM's GELU)."""
@@ -563,7 +579,7 @@ def _module_count(
             report.lie_note = (
                 f"not computed: the count differentiates the model in forward mode (jvp) and batches "
                 f"it with vmap, and an op of {type(model).__name__} does not support it "
-                f"({str(err).splitlines()[0]})"
+                f"({str(err).splitlines()[0]}){_where_in_model(err)}"
             )
             return
         # a count that still falls with the number of inputs is for too few of them (ReLU units

@@ -218,6 +218,8 @@ def verify_groups(
                            for i in range(len(groups))]).abs()
             denom = grad_norm * norm
             r = torch.where(denom > 0, d / denom.clamp_min(1e-300), torch.where(d > 0, math.inf, 0.0))
+            # a NaN / inf output or gradient (NaN > 0 is False) must not read as a zero residual
+            r = torch.where(torch.isfinite(d) & torch.isfinite(denom), r, math.inf)
             mine = torch.repeat_interleave(
                 torch.tensor([_loss(g) == loss for g in groups]), torch.tensor(counts, dtype=torch.long)
             )
@@ -727,6 +729,13 @@ def rounding_casts(model: nn.Module, example_input: Any) -> list[str]:
     return sorted(seen)
 
 
+NOT_FINITE = (
+    "; the model's output or its gradient on the example input is not finite (NaN or inf), so no law "
+    "can be checked there: run the model on that input and fix what gives NaN / inf (the model, "
+    "its configuration or the example input)"
+)
+"""Added to the reason of a group whose check read a NaN / inf output or gradient."""
+
 VECTOR_JITTER = 0.1
 """Relative size of the perturbation of the model's 1-D parameters for the second check."""
 
@@ -852,7 +861,9 @@ def propose_and_check(
             kept.append(g)
             continue
         hint = ""
-        if check.residual <= ROUNDING_RESIDUAL:
+        if not math.isfinite(check.residual):
+            hint = NOT_FINITE
+        elif check.residual <= ROUNDING_RESIDUAL:
             rounding = rounding_casts(model, example_input) if rounding is None else rounding
             if rounding:
                 hint = (
@@ -868,4 +879,7 @@ def propose_and_check(
             f"{check.residual:.1e} on the example input (threshold {check.threshold:.0e}){hint}; the "
             f"rule that proposed it said: {g.reason}"
         )))
-    return Checked(kept, dropped, verdict, "")
+    note = ""
+    if any(not math.isfinite(c.residual) for c in checks):
+        note = "laws not verified where the check read NaN / inf" + NOT_FINITE
+    return Checked(kept, dropped, verdict, note)
