@@ -69,13 +69,7 @@ def history_lists(monitor: ConservationMonitor) -> dict[str, list]:
     }
 
 
-def _worker(
-    rank: int,
-    folder: str,
-    tag: str,
-    train: Callable[[Any], ConservationMonitor],
-    summarize: Callable[[ConservationMonitor], dict],
-) -> None:
+def _worker(rank: int, folder: str, tag: str, job: Callable[[Any], dict]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
     status: dict = {}
     try:
@@ -83,13 +77,11 @@ def _worker(
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD,))
-        monitor = train(mesh)
-        status.update(summarize(monitor))
+        status.update(job(mesh))  # the job's objects are gone when it returns
         dist.barrier()  # both ranks are done with every collective
         # free the FSDP state and the mesh before the teardown: left to interpreter shutdown,
         # gloo sometimes aborts the process ("terminate called without an active exception")
-        monitor.detach()
-        del monitor, mesh
+        del mesh
         gc.collect()
     except Exception:
         status["failed"] = traceback.format_exc()
@@ -97,6 +89,32 @@ def _worker(
         with open(os.path.join(folder, f"{tag}{rank}.json"), "w") as handle:
             json.dump(status, handle)
         dist.destroy_process_group()
+
+
+class _TrainAndSummarize:
+    """The job of :func:`run_on_two_ranks`: ``summarize(train(mesh))``, then the monitor
+    detached (a class, so that it pickles)."""
+
+    def __init__(self, train: Callable[[Any], ConservationMonitor], summarize: Callable[[ConservationMonitor], dict]) -> None:
+        self.train, self.summarize = train, summarize
+
+    def __call__(self, mesh: Any) -> dict:
+        monitor = self.train(mesh)
+        report = self.summarize(monitor)
+        dist.barrier()  # the other rank may still be in a collective of the monitor
+        monitor.detach()
+        return report
+
+
+def run_job_on_two_ranks(folder: str, tag: str, job: Callable[[Any], dict]) -> list[dict]:
+    """Spawn two ranks that each run ``job(mesh)`` (a module-level function or a picklable
+    object) and report the dict it returns; returns the two reports, after checking that
+    neither failed."""
+    mp.spawn(_worker, args=(folder, tag, job), nprocs=WORLD, join=True)
+    status = [json.loads(open(os.path.join(folder, f"{tag}{rank}.json")).read()) for rank in range(WORLD)]
+    for s in status:
+        assert "failed" not in s, s["failed"]
+    return status
 
 
 def run_on_two_ranks(
@@ -108,8 +126,4 @@ def run_on_two_ranks(
     """Spawn two ranks that each run ``train(mesh)`` and report ``summarize(monitor)``
     (both module-level functions, so that they pickle); returns the two reports, after
     checking that neither failed."""
-    mp.spawn(_worker, args=(folder, tag, train, summarize), nprocs=WORLD, join=True)
-    status = [json.loads(open(os.path.join(folder, f"{tag}{rank}.json")).read()) for rank in range(WORLD)]
-    for s in status:
-        assert "failed" not in s, s["failed"]
-    return status
+    return run_job_on_two_ranks(folder, tag, _TrainAndSummarize(train, summarize))

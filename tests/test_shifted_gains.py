@@ -21,6 +21,8 @@ from torch_conslaw.native import native_status
 from torch_conslaw.structure import Pair
 from torch_conslaw.tracked_rank import law_gradients
 
+from fsdp_helpers import run_job_on_two_ranks
+
 
 F64 = torch.float64
 needs_native = pytest.mark.skipif(not native_status()[0], reason="the native kernel did not build here")
@@ -273,86 +275,61 @@ def test_hf_gemma_and_nemotron_float32_track_the_shifted_norm_laws():
 # before sharding, with readers of whole tensors (as the module-level rules write them).
 
 
-def _sharded_worker(rank: int, folder: str) -> None:
-    import json
-    import os
-    import traceback
+def _sharded_job(mesh) -> dict:
+    from torch.distributed.fsdp import fully_shard
 
-    import torch.distributed as dist
+    from torch_conslaw.monitor.sharded import ShardedLaws
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     status: dict = {}
-    try:
-        torch.set_num_threads(1)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        from torch_conslaw.monitor.sharded import ShardedLaws
-
-        model = make("layer_norm", dtype=torch.float32)
-        # the law as the monitor finds it, with readers written as functions of whole tensors
-        # (the op graph's index readers are not mapped onto shards)
-        found = next(g for g in ConservationMonitor(model, X).groups if g.producer == "norm")
-        pair = Pair("norm", "fc1", (), "unit", 1.0, 6, 1,
-                    (("norm.weight", lambda w: w.unsqueeze(1)), ("norm.bias", lambda b: b.unsqueeze(1))),
-                    (("fc1.weight", lambda w: w.T),), shifts=tuple(found.shifts.items()))
-        groups = [UnitLaws(pair)]
-        status["shifts"] = [dict(g.shifts) for g in groups]
-        full = {n: p.detach().to(F64) for n, p in model.named_parameters()}
-        assert torch.equal(groups[0].values(full), found.values(full))  # the same law
-        mesh = init_device_mesh("cpu", (2,))
-        for layer in model.children():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        params = dict(model.named_parameters())
-        # an example input cannot run through fully_shard's hooks here (fx traces into the
-        # norm's own forward): the monitor builds without it, and says so
-        calls = []
-        handle = model.fc2.register_forward_pre_hook(lambda *_: calls.append(1))
-        given = ConservationMonitor(model, X)
-        handle.remove()
-        status["with_input"] = {"groups": [g.name for g in given.groups], "note": given.verification_note,
-                                "forwards": len(calls)}
-        laws = ShardedLaws(params, groups)
-        before = {n: t.detach().to(F64).clone() for n, t in laws.local(params).items()}
-        full_before = {n: p.full_tensor().detach().to(F64) for n, p in params.items()}
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        for _ in range(2):  # momentum: a nonzero first-order part at the second step
-            opt.zero_grad()
-            F.mse_loss(model(X), torch.ones(16, 3)).backward()
-            opt.step()
-        table = laws.split_table(before, params)
-        full_after = {n: p.full_tensor().detach().to(F64) for n, p in params.items()}
-        delta = {n: full_after[n] - full_before[n] for n in full_after}
-        expected = torch.stack([
-            torch.cat([g.values(full_after) for g in groups]),
-            torch.cat([g.first_order(full_before, delta) for g in groups]),
-            torch.cat([g.second_order(delta) for g in groups]),
-        ])
-        status["table"], status["expected"] = table.tolist(), expected.tolist()
-        norm = groups[0]
-        status["initial"] = laws.initial(params)[0][norm.name].tolist()  # h(θ) and scales at construction
-        status["initial_expected"] = norm.values(full_after).tolist()
-        dist.barrier()
-        del laws, model, opt
-    except Exception:
-        status["failed"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(folder, f"shifted{rank}.json"), "w") as handle:
-            json.dump(status, handle)
-        dist.destroy_process_group()
+    model = make("layer_norm", dtype=torch.float32)
+    # the law as the monitor finds it, with readers written as functions of whole tensors
+    # (the op graph's index readers are not mapped onto shards)
+    found = next(g for g in ConservationMonitor(model, X).groups if g.producer == "norm")
+    pair = Pair("norm", "fc1", (), "unit", 1.0, 6, 1,
+                (("norm.weight", lambda w: w.unsqueeze(1)), ("norm.bias", lambda b: b.unsqueeze(1))),
+                (("fc1.weight", lambda w: w.T),), shifts=tuple(found.shifts.items()))
+    groups = [UnitLaws(pair)]
+    status["shifts"] = [dict(g.shifts) for g in groups]
+    full = {n: p.detach().to(F64) for n, p in model.named_parameters()}
+    assert torch.equal(groups[0].values(full), found.values(full))  # the same law
+    for layer in model.children():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    # an example input cannot run through fully_shard's hooks here (fx traces into the
+    # norm's own forward): the monitor builds without it, and says so
+    calls = []
+    handle = model.fc2.register_forward_pre_hook(lambda *_: calls.append(1))
+    given = ConservationMonitor(model, X)
+    handle.remove()
+    status["with_input"] = {"groups": [g.name for g in given.groups], "note": given.verification_note,
+                            "forwards": len(calls)}
+    laws = ShardedLaws(params, groups)
+    before = {n: t.detach().to(F64).clone() for n, t in laws.local(params).items()}
+    full_before = {n: p.full_tensor().detach().to(F64) for n, p in params.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):  # momentum: a nonzero first-order part at the second step
+        opt.zero_grad()
+        F.mse_loss(model(X), torch.ones(16, 3)).backward()
+        opt.step()
+    table = laws.split_table(before, params)
+    full_after = {n: p.full_tensor().detach().to(F64) for n, p in params.items()}
+    delta = {n: full_after[n] - full_before[n] for n in full_after}
+    expected = torch.stack([
+        torch.cat([g.values(full_after) for g in groups]),
+        torch.cat([g.first_order(full_before, delta) for g in groups]),
+        torch.cat([g.second_order(delta) for g in groups]),
+    ])
+    status["table"], status["expected"] = table.tolist(), expected.tolist()
+    norm = groups[0]
+    status["initial"] = laws.initial(params)[0][norm.name].tolist()  # h(θ) and scales at construction
+    status["initial_expected"] = norm.values(full_after).tolist()
+    return status
 
 
 def test_fsdp2_sharded_shifted_gain_laws_equal_the_unsharded_evaluation(tmp_path):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 not in this torch")
-    import json
-
-    import torch.multiprocessing as mp
-
-    mp.spawn(_sharded_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    status = [json.loads((tmp_path / f"shifted{rank}.json").read_text()) for rank in range(2)]
-    for s in status:
-        assert "failed" not in s, s["failed"]
+    status = run_job_on_two_ranks(str(tmp_path), "shifted", _sharded_job)
     assert status[0] == status[1]  # every rank gets the same all-reduced values
     assert {"norm.weight": 1.0} in status[0]["shifts"]
     given = status[0]["with_input"]

@@ -335,9 +335,7 @@ def test_an_embedding_averaged_over_tokens_keeps_its_matrix_law_with_the_next_la
         report = tc.analyze(model, ids, theta="random", max_seconds=60)
     assert groups == {"fc1→fc2": ("unit", 4), "emb→fc1[0..2]": ("matrix", 6)}
     assert (report.tracked_rank, report.lie_laws, report.complete) == (10, 10, True)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    target = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
-    g = grad(lambda p: ((functional_call(model, p, (ids,)) - target) ** 2).sum())(params)
+    params, g = _loss_grads(model, ids, seed=1)
 
     def law(p):
         e, w = p["emb.weight"], p["fc1.weight"]
@@ -375,9 +373,7 @@ def test_an_embedding_bag_is_a_producer(mode):
             warnings.simplefilter("ignore")
             report = tc.analyze(model, ids, theta="random", max_seconds=60)
         assert (report.tracked_rank, report.lie_laws, report.complete) == (21, 21, True)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    target = torch.randn(30, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
-    g = grad(lambda p: ((functional_call(model, p, (ids,)) - target) ** 2).sum())(params)
+    params, g = _loss_grads(model, ids, seed=1)
 
     def law(p):
         e, w = p["e.weight"], p["fc.weight"]
