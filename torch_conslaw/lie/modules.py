@@ -54,6 +54,27 @@ class CountBudgetError(RuntimeError):
     """The count would exceed the time or memory budget given to :func:`count_laws`."""
 
 
+UNBATCHABLE = (
+    "Batching rule not implemented",
+    "output dynamic shape",
+    "differently shaped Tensor",
+    "calling .item() on a Tensor",
+    "data-dependent control flow",
+)
+"""Messages of ``torch.func.vmap`` for a model that cannot be evaluated as one stack (an op
+without a batching rule, a shape or a branch that depends on the values: an MoE router's
+``nonzero`` / ``where`` dispatch, ``.item()``, ``if x.any():``). Random ops are not among them:
+a model that draws numbers is refused, not looped."""
+
+
+def unbatchable(err: BaseException) -> str | None:
+    """The first line of a vmap error that a row-by-row evaluation avoids, else None."""
+    text = str(err)
+    if isinstance(err, RuntimeError) and "vmap" in text and any(m in text for m in UNBATCHABLE):
+        return text.splitlines()[0]
+    return None
+
+
 @dataclass(frozen=True)
 class ParameterSlot:
     """Where one trainable parameter tensor sits in the flat θ: ``theta[offset:offset+numel]``."""
@@ -243,6 +264,7 @@ class ModuleGenerators:
         budget_note: str = "",
         preconditioner: str = "kronecker",
         eliminate_output_layer: bool = True,
+        unbatched: str | None = None,
     ):
         self.module = module
         self.preconditioner = preconditioner
@@ -253,6 +275,7 @@ class ModuleGenerators:
         self.D = sum(s.numel for s in slots)
         self.deadline = deadline
         self.budget_note = budget_note
+        self.unbatched = unbatched
         with torch.no_grad():
             self.d = int(self.outputs(torch.zeros(self.D, dtype=DTYPE)).numel())
         self.key_dim = self.d
@@ -270,7 +293,26 @@ class ModuleGenerators:
         return _flat(out)
 
     def psi_batch(self, thetas: Tensor, keys: Tensor) -> Tensor:
-        return torch.einsum("bi,bi->b", vmap(self.outputs)(thetas), keys)
+        return torch.einsum("bi,bi->b", self._rows(self.outputs)(thetas), keys)
+
+    def _rows(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """``fn`` over the rows of a stack: one :func:`torch.func.vmap` call, or one call per row
+        once the model proved unbatchable (:func:`unbatchable`; the reason is kept in
+        ``self.unbatched``): the same numbers, slower."""
+        batched = vmap(fn)
+
+        def apply(rows: Tensor) -> Tensor:
+            if self.unbatched is None:
+                try:
+                    return batched(rows)
+                except RuntimeError as err:
+                    reason = unbatchable(err)
+                    if reason is None:
+                        raise
+                    self.unbatched = reason
+            return torch.stack([fn(row) for row in rows.unbind(0)])
+
+        return apply
 
     def sample_keys(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.randn(n, self.key_dim, dtype=DTYPE, generator=generator)
@@ -281,13 +323,14 @@ class ModuleGenerators:
     def sample(self, theta: Tensor, n: int, generator: torch.Generator) -> Tensor:
         _, pullback = vjp(self.outputs, theta)
         keys = self.sample_keys(n, generator)
-        return torch.cat([vmap(pullback)(k)[0] for k in keys.split(self.matvec_chunk)])
+        pull = self._rows(lambda u: pullback(u)[0])
+        return torch.cat([pull(k) for k in keys.split(self.matvec_chunk)])
 
     def gram_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """v ↦ Jᵀ(J v), J = ∂_θ f(θ, batch): one jvp and one vjp per row of v, in chunks."""
         _, pullback = vjp(self.outputs, theta)
         push = self._push(theta)
-        pull = vmap(lambda u: pullback(u)[0])
+        pull = self._rows(lambda u: pullback(u)[0])
 
         def apply(v: Tensor) -> Tensor:
             return torch.cat([pull(push(chunk)) for chunk in v.split(self.matvec_chunk)])
@@ -296,7 +339,7 @@ class ModuleGenerators:
 
     def _push(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """Rows v ↦ J v, batched jvps (one chunk at a time)."""
-        return vmap(lambda v: jvp(self.outputs, (theta,), (v,))[1])
+        return self._rows(lambda v: jvp(self.outputs, (theta,), (v,))[1])
 
     def jacobian_matvec(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
         """Rows v ↦ J v (all outputs of the batch), one jvp per row, in chunks."""
@@ -394,7 +437,7 @@ class ModuleGenerators:
             same = False
         if not same:
             return block
-        push = vmap(lambda v: jvp(layer_input, (theta,), (v,))[1])
+        push = self._rows(lambda v: jvp(layer_input, (theta,), (v,))[1])
         shape = tuple(x.shape)
         if isinstance(layer, nn.Linear):
             adjoint = lambda e: e.reshape(e.shape[0], -1)  # noqa: E731
@@ -439,7 +482,8 @@ class ModuleGenerators:
         1e-20 of the largest are rounding noise, set to 0)."""
         _, pullback = vjp(self.outputs, theta)
         keys = self.sample_keys(samples, torch.Generator().manual_seed(4242))
-        fields = torch.cat([vmap(pullback)(k)[0] for k in keys.split(self.matvec_chunk)])
+        pull = self._rows(lambda u: pullback(u)[0])
+        fields = torch.cat([pull(k) for k in keys.split(self.matvec_chunk)])
         diag = (fields * fields).mean(0)
         # rounding noise of an exactly zero gradient (a bias before BatchNorm) is ~1e-32 of the
         # largest entry: counted as zero (scale 1), not scaled up into a non-PSD operator
@@ -783,6 +827,8 @@ def count_laws(
                 "elementary ops, so write this op with ops that vmap supports"
             ) from err
 
+    unbatched: list[str] = []  # why the model is evaluated one row at a time, once found
+
     def _count_on(module: nn.Module, n: int, basis_bytes: float) -> LieResult:
         family = ModuleGenerators(
             module,
@@ -794,12 +840,17 @@ def count_laws(
             budget_note=budget_note,
             preconditioner=preconditioner,
             eliminate_output_layer=eliminate_output_layer,
+            unbatched=unbatched[0] if unbatched else None,
         )
-        flowing = with_flow(family, flow, tau=tau, potential=potential)
-        if flowing is family:
-            return _count(family, theta_flat, method, rtol, seed, progress, max_memory_gb, basis_bytes)
-        point = flow_point(flowing, theta_flat, torch.Generator().manual_seed(seed))
-        return _count(flowing, point, method, rtol, seed, progress, max_memory_gb, 0.0)
+        try:
+            flowing = with_flow(family, flow, tau=tau, potential=potential)
+            if flowing is family:
+                return _count(family, theta_flat, method, rtol, seed, progress, max_memory_gb, basis_bytes)
+            point = flow_point(flowing, theta_flat, torch.Generator().manual_seed(seed))
+            return _count(flowing, point, method, rtol, seed, progress, max_memory_gb, 0.0)
+        finally:
+            if family.unbatched is not None and not unbatched:
+                unbatched.append(family.unbatched)
 
     eps_modules = _eps_names(work)
     eps_counts: dict[str, int] = {}
@@ -859,6 +910,12 @@ def count_laws(
             "the count still changes with the number of inputs "
             f"({', '.join(str(c['n_laws']) for c in input_counts)} laws on {', '.join(str(c['n_inputs']) for c in input_counts)} inputs): "
             "pass more (or more varied) inputs for the count of generic inputs"
+        )
+    if unbatched:
+        notes.append(
+            f"torch.func.vmap cannot batch the model ({unbatched[0]}; a data-dependent dispatch such as an MoE "
+            "router's): the count evaluated it one parameter point and one cotangent at a time, the same "
+            "count at a higher cost (raise max_seconds for a larger model)"
         )
     constant = [c for c in recorder.calls if c.dead or c.always_active]
     if constant:
