@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vjp
 
 from .lie.numerics import DEFAULT_RTOL, RankDecision, decide_rank
 
@@ -151,6 +151,7 @@ class SubmapFields:
     def sample(self, theta: Tensor, n: int, generator: torch.Generator) -> Tensor:
         """``n`` fields at ``theta`` (entries of S), the rest of θ drawn at random."""
         from .lie.elementary import ElementaryOps
+        from .lie.modules import map_rows
 
         full = self._random_theta(self.model, self.slots, generator)
         rest = {s.name: full[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
@@ -166,7 +167,7 @@ class SubmapFields:
 
         values, pull = vjp(outputs, theta.to(F64))
         keys = torch.randn(n, values.numel(), dtype=F64, generator=generator)
-        out = vmap(lambda u: pull(u)[0])(keys)
+        out = map_rows(lambda u: pull(u)[0], keys)  # one row at a time where vmap cannot batch the model
         # entries at rounding level (a parameter the outputs do not depend on, like a key bias)
         # become exact zeros: the polynomial solver scales its columns by their norms, which
         # would blow rounding noise up to unit size

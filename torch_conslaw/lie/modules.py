@@ -38,7 +38,7 @@ from .gram import ExactBlock
 from .kronecker import input_patches, kronecker_blocks, kronecker_preconditioner, layer_calls
 from .numerics import DEFAULT_RTOL
 
-__all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError"]
+__all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError", "map_rows"]
 
 EPS_WELL_CONDITIONED = 1.0
 """The eps at which exact laws are recounted when the model's own eps blurs the rank gaps."""
@@ -74,6 +74,22 @@ def unbatchable(err: BaseException) -> str | None:
     if isinstance(err, RuntimeError) and any(m in text for m in UNBATCHABLE):
         return text.splitlines()[0]
     return None
+
+
+def map_rows(fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
+    """``torch.stack([fn(r) for r in rows])``: one :func:`torch.func.vmap` call, or one call per
+    row where vmap cannot batch ``fn`` (:func:`unbatchable`).
+
+    Example:
+        >>> map_rows(lambda r: r[torch.nonzero(r > 0).squeeze(-1)].sum(), torch.tensor([[1., -2.], [3., 4.]]))
+        tensor([1., 7.])
+    """
+    try:
+        return vmap(fn)(rows)
+    except RuntimeError as err:
+        if unbatchable(err) is None:
+            raise
+    return torch.stack([fn(row) for row in rows.unbind(0)])
 
 
 @dataclass(frozen=True)
