@@ -21,7 +21,10 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   only a LayerNorm (BERT's word + position + type embeddings): every row sum is a law. A sum that also continues elsewhere (the residual stream
   of a pre-norm block) gets none. Dropout in train mode multiplies each feature by its own mask
   (c·1 is no longer removed): the law then holds only in eval mode or with p = 0, so it is
-  refused while the dropout module is in train mode.
+  refused while the dropout module is in train mode. A softmax over the features removes c·1
+  too (softmax(z + c·1) = softmax(z)): a layer whose outputs reach only a softmax over them (an
+  MoE router, also through ``topk`` / ``sort`` of its logits and ``argmax`` positions; a head
+  that returns probabilities) keeps the same column and bias sums.
 * **embedding translation** (:func:`embedding_translation_rule`): two embedding lookups that are
   only added together (GPT-2's token + position embeddings): adding c to every row of one table
   and subtracting it from every row of the other leaves the sum unchanged, so
@@ -88,6 +91,8 @@ __all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule
 
 Problem = Callable[[tuple[str, ...], str], "str | None"]
 _SOFTMAX = {"softmax", "log_softmax", "_softmax"}
+_LARGEST = {"topk", "sort"}  # values (unmoved order) and indices along an axis
+_INDEX_OF = {"argmax", "argmin", "argsort"}  # only positions along an axis
 _KEEP = _CAST | {"contiguous", "clone"}  # elementwise identities on the values
 _RESHAPE = {"view", "reshape"}
 _SWAP = {"transpose", "swapaxes", "swapdims"}
@@ -451,6 +456,15 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
                 added = True
                 stack.append(op.outputs[0])
                 continue
+            if op.args and op.args[0] == Val(v) and Val(v) not in op.args[1:] and _along_last_axis(g, op, v):
+                if op.name in _SOFTMAX:  # softmax(x + c·1) = softmax(x): an MoE router's logits
+                    norms[op.index] = op
+                    continue
+                if op.name in _LARGEST:  # the k largest (or sorted) values move by c, their order does not
+                    stack.append(op.outputs[0])
+                    continue
+                if op.name in _INDEX_OF:  # positions only: unmoved by a shift along the axis
+                    continue
             shape = _arg(op, 1, "normalized_shape")
             if (op.name == "layer_norm" and op.args and op.args[0] == Val(v) and Val(v) not in op.args[1:]
                     and shape is not None and tuple(shape) == (units,) and g.shapes[v][-1] == units):
@@ -474,6 +488,14 @@ def _to_layer_norm(model: nn.Module, g: OpGraph, v: int, units: int, who: str) -
             "multiplies each feature by its own mask, so the shift c·1 that the LayerNorm removes "
             "does not stay c·1 (the law holds in eval mode or with p = 0)"))
     return [norms[i] for i in sorted(norms)]
+
+
+def _along_last_axis(g: OpGraph, op: Op, v: int) -> bool:
+    """The op works along the last axis of ``v`` (its ``dim``; ``topk`` and ``sort`` default to it)."""
+    default = -1 if op.name in _LARGEST else None
+    dim = _arg(op, 2 if op.name == "topk" else 1, "dim", default)
+    ndim = len(g.shapes[v])
+    return isinstance(dim, int) and not isinstance(dim, bool) and ndim > 0 and dim % ndim == ndim - 1
 
 
 _MOVE = {"flatten", "transpose", "swapaxes", "swapdims", "permute", "view", "reshape", "contiguous", "clone"} | _CAST
@@ -584,8 +606,8 @@ def _parameter_centering(model: nn.Module, g: OpGraph):
             continue
         consumer, suffix, said = _norms_said(found)
         law = f"{name}→{suffix} centering"
-        verb = "" if len(found) > 1 else " subtracts"
-        reason = (f"{said}{verb} the mean over the features of {name}, which is only added into what it normalizes: "
+        verb = "" if len(found) > 1 else " removes"
+        reason = (f"{said}{verb} a shift c·1 of the features of {name}, which is only added into what it normalizes: "
                   "adding t·1 to a row changes nothing, so every row sum (over the last axis) is a linear law, "
                   "exact at any eps")
 
@@ -618,12 +640,14 @@ def _norms_said(norms: list[Op]) -> tuple[str, str, str]:
     """(consumer module, name suffix, the LayerNorms in words) of the LayerNorms a shift reaches."""
     consumer = norms[0].module
     if len(norms) == 1:
-        return consumer, consumer, f"the LayerNorm of {consumer or 'the model'} (op {norms[0].index})"
-    shown = ", ".join(f"{n.module or 'the model'} (op {n.index})" for n in norms[:4])
+        kind = "softmax" if norms[0].name in _SOFTMAX else "LayerNorm"
+        return consumer, consumer or kind, f"the {kind} of {consumer or 'the model'} (op {norms[0].index})"
+    shown = ", ".join(f"{n.module or 'the model'} (op {n.index}{', a softmax' if n.name in _SOFTMAX else ''})"
+                      for n in norms[:4])
     more = f" and {len(norms) - 4} more" if len(norms) > 4 else ""
     return (consumer, f"{consumer} +{len(norms) - 1} LayerNorms",
-            f"the {len(norms)} LayerNorms that read the residual stream it is added to ({shown}{more}; nothing "
-            "else reads that stream) each subtract")
+            f"the {len(norms)} LayerNorms or softmaxes that read the stream it writes ({shown}{more}; nothing "
+            "else reads that stream) each remove")
 
 
 def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
@@ -634,8 +658,8 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
     consumer, suffix, said = _norms_said(norms)
     producer = _module(weight)
     name = f"{producer}→{suffix} centering"
-    verb = "" if len(norms) > 1 else " subtracts"
-    reason = (f"{said}{verb} the mean over the features "
+    verb = "" if len(norms) > 1 else " removes"
+    reason = (f"{said}{verb} a shift c·1 of the features "
               f"of the lookups of {weight}, and they reach nothing else: adding t_v·1 to row v changes nothing, "
               "so every row sum Σ_i E[v, i] is a linear law, exact at any eps"
               + (f" (the padding row {padding} is tracked entry by entry already)" if len(keep) < rows else ""))
@@ -652,8 +676,8 @@ def _embedding_centering(weight: str, rows: int, padding: Any, norms: list[Op]):
 def _norm_bias_centering(bias: str, who: str, norms: list[Op]):
     consumer, suffix, said = _norms_said(norms)
     name = f"{who}.bias→{suffix} centering"
-    verb = "" if len(norms) > 1 else " subtracts"
-    reason = (f"{said}{verb} the mean over the features of the output of {who}, and it reaches nothing else: "
+    verb = "" if len(norms) > 1 else " removes"
+    reason = (f"{said}{verb} a shift c·1 of the features of the output of {who}, and it reaches nothing else: "
               f"Σ_i β_i of {bias} is a linear law, exact at any eps (its weight γ scales a centered value: no law)")
 
     def build(params):
@@ -676,13 +700,13 @@ def _centering(site, norms: list[Op], columns: bool = True):
     axis = 0 if layout == "rows" else 1  # rows: W[out, in] (Linear); cols: W[in, out] (Conv1D, x @ W)
     consumer, suffix, said = _norms_said(norms)
     name = f"{site.name}→{suffix} centering"
-    verb = "" if len(norms) > 1 else " subtracts"
+    verb = "" if len(norms) > 1 else " removes"
     if columns:
-        reason = (f"{said}{verb} the mean over the features "
+        reason = (f"{said}{verb} a shift c·1 of the features "
                   f"of {site.name}, and its output reaches nothing else: the column sums Σ_i W[i, :]"
                   + (" and Σ_i b_i" if bias else "") + " are linear laws, exact at any eps")
     else:
-        reason = (f"{said}{verb} the mean over the features of {site.name}, and its output reaches nothing else: "
+        reason = (f"{said}{verb} a shift c·1 of the features of {site.name}, and its output reaches nothing else: "
                   "Σ_i b_i is a linear law, exact at any eps (a grouped convolution: each output channel reads its "
                   "own inputs, so the column sums are not laws)")
     names = ((weight,) if columns else ()) + ((bias,) if bias else ())
