@@ -8,6 +8,10 @@ hand-written models through the public API:
   of its units, which it refuses; the pair is now skipped with that reason.
 * ``analyze`` at the model's θ then failed in the count at eps = 0 (the padding row is zero, and
   a LayerNorm of a zero row at eps = 0 is 0 / 0): the count at eps = 0 is now left out with a note.
+* a forward that casts its own module (Switch Transformers' router runs
+  ``self.classifier = self.classifier.to(router_dtype)``, float32 in a float64 model) made
+  ``analyze`` fail in the count (``RuntimeError: mat1 and mat2 must have the same dtype``); the
+  count is now "not computed" with a note naming the dtypes, a parameter and the model's line.
 
 Every claim is checked independently (torch.func on the model itself).
 """
@@ -94,3 +98,29 @@ def test_analyze_at_a_zero_padding_row_leaves_out_the_eps_zero_count():
     assert r.tracked_rank == 17
     assert r.lie_laws is not None and r.lie_laws >= r.tracked_rank
     assert "no count at eps = 0" in str(r) and "theta='random'" in str(r)
+
+
+class _SelfCastingRouter(nn.Module):
+    """Casts its own gate to float32 inside forward (as Switch Transformers' router does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        self.gate = self.gate.to(torch.float32)
+        g = torch.softmax(self.gate(h.float()), -1).to(h.dtype)
+        return self.fc2(h) * g.max(-1, keepdim=True).values
+
+
+def test_a_forward_that_casts_its_own_module_gets_a_count_note_not_a_crash():
+    torch.manual_seed(0)
+    model = _SelfCastingRouter().to(F64)
+    x = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    model(x)  # independent: after one forward the parameters are of two dtypes
+    assert {p.dtype for p in model.parameters()} == {torch.float64, torch.float32}
+    r = tc.analyze(model, x, max_seconds=20)  # before the fix: RuntimeError (mat1 and mat2 ... same dtype)
+    assert r.lie_laws is None and r.complete is None
+    assert "several dtypes" in r.lie_note and "gate.weight" in r.lie_note
+    assert "test_sweep_seventh.py:" in r.lie_note  # the model's line
