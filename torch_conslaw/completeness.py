@@ -540,6 +540,19 @@ def _functorch_refusal(err: RuntimeError) -> bool:
     return "functorch" in text or "setup_context" in text or "vmap" in text
 
 
+def _mixed_dtypes(model: nn.Module) -> str | None:
+    """``"torch.float64: 12, torch.float32: 3 (e.g. gate.weight)"`` when the floating parameters
+    of ``model`` are of several dtypes, else None."""
+    by: dict[torch.dtype, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point():
+            by.setdefault(p.dtype, []).append(name)
+    if len(by) < 2:
+        return None
+    order = sorted(by.items(), key=lambda kv: -len(kv[1]))
+    return ", ".join(f"{dt}: {len(names)}" for dt, names in order) + f" (e.g. {order[-1][1][0]})"
+
+
 def _module_count(
     report: Analysis,
     model: nn.Module,
@@ -575,7 +588,16 @@ def _module_count(
             return
         except (NotImplementedError, RuntimeError) as err:  # an op without a forward-mode derivative or a vmap rule
             if not isinstance(err, NotImplementedError) and not _functorch_refusal(err):
-                raise  # (NotImplementedError is a RuntimeError: the count's own refusals are kept)
+                mixed = _mixed_dtypes(model)
+                if mixed is None or "dtype" not in str(err).lower():
+                    raise  # (NotImplementedError is a RuntimeError: the count's own refusals are kept)
+                report.lie_note = (
+                    f"not computed: the parameters of {type(model).__name__} are of several dtypes ({mixed}), and the "
+                    f"count evaluates the model at one θ of one dtype ({str(err).splitlines()[0]}){_where_in_model(err)}; "
+                    "a forward that casts its own modules (module.to(dtype) inside forward, as Switch Transformers' "
+                    "router does) makes them so: the count needs a model whose forward keeps one dtype"
+                )
+                return
             report.lie_note = (
                 f"not computed: the count differentiates the model in forward mode (jvp) and batches "
                 f"it with vmap, and an op of {type(model).__name__} does not support it "

@@ -911,9 +911,16 @@ def count_laws(
         input_counts.append({"n_inputs": batch.size, "n_laws": result.n_laws, "levels": list(result.levels)})
         n_laws_eps0 = None
         if eps_zero and eps_modules:
-            at_zero = count(_with_eps(work, 0.0), batch.size, 0.0)
-            n_laws_eps0 = eps_counts["0.0"] = at_zero.n_laws
-            gap_notes += [f"count at eps = 0: {w}" for w in at_zero.warnings]
+            try:
+                at_zero = count(_with_eps(work, 0.0), batch.size, 0.0)
+            except ValueError as err:  # e.g. a normalization of a zero row (an embedding's padding row) at eps = 0: 0 / 0
+                gap_notes.append(
+                    f"no count at eps = 0: {err} (at eps = 0 a normalization divides by zero on these inputs at this θ, "
+                    "e.g. of a zero embedding row; pass theta='random' for that count)"
+                )
+            else:
+                n_laws_eps0 = eps_counts["0.0"] = at_zero.n_laws
+                gap_notes += [f"count at eps = 0: {w}" for w in at_zero.warnings]
     notes = []
     if len(input_counts) >= 2 and input_counts[-1]["n_laws"] != input_counts[-2]["n_laws"]:
         notes.append(

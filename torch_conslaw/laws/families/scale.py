@@ -47,11 +47,16 @@ def propose(model: nn.Module, structure: Structure, ctx) -> tuple[list[LawGroup]
             rows, per = 1, "over the whole layer"
         else:
             continue
+        name = f"{path}→{cpath} scale"
+        try:  # e.g. nn.Embedding(padding_idx=...) normalized right away (ModernBERT's embeddings)
+            incoming = spec.incoming(prod)
+        except ValueError as err:
+            skipped.append(Skipped(path, cpath, f"no scale law for {display(path, prod)} before {display(cpath, cons)}: it {err}"))
+            continue
         readers = tuple(
             (f"{path}.{attr}", lambda w, fn=fn, rows=rows: fn(w).reshape(rows, -1))
-            for attr, fn in spec.incoming(prod)
+            for attr, fn in incoming
         )
-        name = f"{path}→{cpath} scale"
         if isinstance(cons, nn.modules.batchnorm._BatchNorm) and not cons.training and cons.running_var is not None:
             skipped.append(Skipped(path, cpath, (
                 f"no scale law for {display(path, prod)}: {display(cpath, cons)} is in eval mode and uses its running "
