@@ -2,8 +2,8 @@
 OLMoE, Mixtral and GraniteMoE do): expert e is ``down[e] · σ(up[e] · x)`` on the tokens routed
 to it, so scaling row j of ``up[e]`` by λ and column j of ``down[e]`` by λ^(−k) changes
 nothing, whatever the routing: ‖up[e][j]‖² − k‖down[e][:, j]‖² per unit. A law whose units
-reach the experts from outside (the layer before the router) would need every expert's
-columns, and an example input reaches only some: it is refused."""
+reach the experts from outside (the layer before the router) needs every expert's columns: it
+is formed when the example input reaches every expert, and refused when it reaches only some."""
 
 from __future__ import annotations
 
@@ -72,9 +72,10 @@ def test_every_expert_the_input_reaches_gets_its_unit_laws(tensor_index):
         assert group.name == f"up[{e}]→down[{e}]" and group.count == H
         torch.testing.assert_close(group.values(dict(model.named_parameters())),
                                    up[e].square().sum(1) - down[e].square().sum(0), rtol=0, atol=1e-14)
-    refused = [str(s) for s in monitor.skipped if "reach experts" in str(s)]
-    assert refused and "inp" in refused[0], monitor.skipped
-    assert not any(g.producer == "inp" for g in monitor.groups)
+    # X reaches every expert: the law of inp's units runs over the router and all three experts
+    assert routed(model, X) == list(range(E))
+    (whole,) = [g for g in monitor.groups if g.producer == "inp"]
+    assert all(f"up[{e}]" in whole.name for e in range(E))
 
 
 def test_the_expert_laws_hold_at_any_input_and_the_refused_one_does_not():
@@ -101,17 +102,21 @@ def test_the_expert_laws_hold_at_any_input_and_the_refused_one_does_not():
         cols = p["router.weight"].square().sum(0) + sum(p["up"][k].square().sum(0) for k in seen)
         return p["inp.weight"].square().sum(1) + p["inp.bias"].square() - cols
 
+    def whole_law(p):  # the same over every expert: what the monitor tracks when all are reached
+        cols = p["router.weight"].square().sum(0) + p["up"].square().sum((0, 1))
+        return p["inp.weight"].square().sum(1) + p["inp.bias"].square() - cols
+
     gen = torch.Generator().manual_seed(3)
-    worst = {"expert": 0.0, "partial": 0.0}
+    worst = {"expert": 0.0, "partial": 0.0, "whole": 0.0}
     for _ in range(3):
         (g,) = vjp(torch.randn(other.shape[0], D, generator=gen, dtype=F64))
-        for name, law in (("expert", expert_law), ("partial", partial_law)):
+        for name, law in (("expert", expert_law), ("partial", partial_law), ("whole", whole_law)):
             jac = torch.func.jacrev(law)(params)
             for row in range(next(iter(jac.values())).shape[0]):
                 dot = sum((jac[n][row] * g[n]).sum() for n in jac)
                 scale = torch.sqrt(sum((jac[n][row] ** 2).sum() for n in jac) * sum((g[n] ** 2).sum() for n in jac))
                 worst[name] = max(worst[name], float(dot.abs() / scale.clamp_min(1e-300)))
-    assert worst["expert"] < 1e-12
+    assert worst["expert"] < 1e-12 and worst["whole"] < 1e-12
     assert worst["partial"] > 1e-4
 
 
@@ -151,5 +156,8 @@ def test_hf_qwen3_moe_tracks_the_laws_of_the_experts_it_routes_to():
     model = tf.AutoModel.from_config(config).double().eval()
     ids = {"input_ids": torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(0))}
     monitor = ConservationMonitor(model, ids)
-    experts = [g for g in monitor.groups if "experts.gate_up_proj[" in g.name]
+    experts = [g for g in monitor.groups if g.name.startswith("layers.0.mlp.experts.gate_up_proj[")]
     assert experts and all(g.count == 8 and "experts.down_proj[" in g.name for g in experts)
+    if len(experts) == config.num_experts:  # every expert reached: the norm's gain pairs with all of them
+        (gain,) = [g for g in monitor.groups if g.producer == "layers.0.post_attention_layernorm"]
+        assert gain.count == 8 and all(f"gate_up_proj[{e}]" in gain.name for e in range(config.num_experts))

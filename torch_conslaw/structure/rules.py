@@ -1444,18 +1444,31 @@ def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], ou
 
 
 def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[str, list[str]], uses: dict[str, int],
-                       slice_uses: dict[str, dict[int, tuple[int, int]]]) -> str | None:
+                       slice_uses: dict[str, dict[int, tuple[int, int]]], experts: dict[str, int]) -> str | None:
     """Why the law of ``pair`` does not hold for its parameters, or None. A parameter read
     through a slice W[e] (one expert) counts as read once when that slice is taken once and
-    read once, and W is read through constant slices only."""
+    read once, and W is read through constant slices only. Units that reach experts from
+    outside (the layer before a router) need every expert's slice: ``experts`` gives each
+    sliced parameter's number of experts (its first axis)."""
     sliced: dict[str, set[int]] = defaultdict(set)
     for name, fn in pair.incoming + pair.outgoing:
         if isinstance(fn, Sliced):
             sliced[name].add(fn.index)
     if any(isinstance(fn, Sliced) for _, fn in pair.outgoing) and not any(isinstance(fn, Sliced) for _, fn in pair.incoming):
-        return (f"the units of {pair.producer} reach experts (slices of {', '.join(sorted(sliced))}) chosen per "
-                "input: the experts the example input does not reach read them too, so their law cannot be "
-                "formed from it")
+        for name, indices in sorted(sliced.items()):
+            found = slice_uses.get(name, {})
+            total = experts.get(name, 0)
+            if indices != set(range(total)):
+                return (f"the units of {pair.producer} reach experts chosen per input (slices of {name}), and the "
+                        f"example input reaches {len(indices)} of its {total}: the others read these units too, so "
+                        "their law cannot be formed from it (pass an input whose tokens reach every expert)")
+            if sum(taken for taken, _ in found.values()) != uses.get(name, 0) or any(found.get(e) != (1, 1) for e in indices):
+                return (f"the units of {pair.producer} reach the experts of {name}, which is not read once per "
+                        f"expert slice: the {pair.name} law does not hold")
+        # every expert's slice reads these units, once each: whatever the routing, the
+        # units' rescaling is undone in every expert
+        plain = tuple(n for n in pair.parameter_names if n not in sliced)
+        return _name_problem(tuple(sliced) + plain, pair.name, trainable, names_of, {**uses, **dict.fromkeys(sliced, 1)})
     for name, indices in sliced.items():
         found = slice_uses.get(name, {})
         if sum(taken for taken, _ in found.values()) != uses.get(name, 0):
@@ -1522,6 +1535,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     states = {s.sid: _Propagation(g, s, sides, gates).run() for s in sites}
     uses = g.param_uses()
     slice_uses = g.slice_uses()
+    experts = {name: g.shapes[vid][0] for vid, name in g.params.items() if name in slice_uses and g.shapes[vid]}
 
     def problem(names: tuple[str, ...], what: str) -> str | None:
         return _name_problem(names, what, trainable, names_of, uses)
@@ -1578,7 +1592,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
                        for r, n in reasons.items() if r not in (_OUTPUT, _MERGED))
     kept: list[Pair] = []
     for p in pairs:
-        problem = _parameter_problem(p, trainable, names_of, uses, slice_uses)
+        problem = _parameter_problem(p, trainable, names_of, uses, slice_uses, experts)
         if problem is None:
             kept.append(p)
         else:
