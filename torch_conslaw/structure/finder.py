@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
-from .graph import _flat, _split_input  # one walk over nested outputs and one calling convention for both graph builders
+from .graph import _flat, _split_input, kept_buffers  # one walk over nested outputs and one calling convention for both graph builders
 from .parametrized import is_parametrized, original_kinds, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
@@ -406,7 +406,8 @@ def _sharded_by_fsdp(m: nn.Module) -> bool:
 
 
 def _graph_from_fx(model: nn.Module) -> list[_Node]:
-    graph = _Tracer().trace(model)
+    with kept_buffers(model):
+        graph = _Tracer().trace(model)
     index: dict[fx.Node, int] = {}
     meta: set[fx.Node] = set()
     nodes: list[_Node] = []
@@ -483,7 +484,7 @@ def _quiet_forward(model: nn.Module, args: tuple, kwargs: dict, mode: Any = None
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(model):
             if mode is None:
                 return model(*args, **kwargs)
             with mode:

@@ -22,6 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Val", "Op", "OpGraph", "capture"]
+__all__ = ["Val", "Op", "OpGraph", "capture", "kept_buffers"]
 
 _KEEP_VALUES_MAX = 1 << 16  # integer/bool tensors up to this size keep their values
 
@@ -137,6 +140,9 @@ def _flat(obj: Any) -> Iterator[Any]:
     elif isinstance(obj, Mapping):
         for o in obj.values():
             yield from _flat(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # an output dataclass: its fields
+        for f in dataclasses.fields(obj):
+            yield from _flat(getattr(obj, f.name))
     else:
         yield obj
 
@@ -227,6 +233,59 @@ def _split_input(example_input: Any) -> tuple[tuple, dict]:
     return (example_input,), {}
 
 
+_WARNED_WRITES: set[int] = set()
+
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Around a forward pass that torch_conslaw runs on the user's model: the buffers that the
+    forward writes in place (a running mean updated in ``forward``, a step counter; eval mode
+    already stops the norms' running statistics) are put back, so that training goes on as
+    without the monitor, bit for bit. A parameter that the forward writes in place
+    (``w.clamp_`` under ``no_grad``, ``F.embedding(..., max_norm=...)``) cannot be put back
+    without a copy of every parameter: a warning names it.
+
+    Example:
+        >>> class Counter(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("n", torch.zeros(()))
+        ...     def forward(self, x):
+        ...         self.n += 1
+        ...         return x
+        >>> m = Counter()
+        >>> with kept_buffers(m):
+        ...     _ = m(torch.ones(1))
+        >>> float(m.n)
+        0.0
+    """
+    def version(t: Tensor) -> int | None:
+        try:
+            return t._version
+        except Exception:  # an inference tensor has no version counter
+            return None
+
+    buffers = [(n, b, version(b), b.detach().clone()) for n, b in model.named_buffers() if isinstance(b, Tensor)]
+    params = [(n, p, version(p)) for n, p in model.named_parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for _, b, v, saved in buffers:
+                if version(b) != v:
+                    b.copy_(saved)
+        written = [n for n, p, v in params if version(p) != v]
+        if written and id(model) not in _WARNED_WRITES:  # once per model: every forward writes them again
+            _WARNED_WRITES.add(id(model))
+            warnings.warn(
+                f"{type(model).__name__}'s forward writes parameter(s) {', '.join(written[:5])} in place "
+                "(an in-place op on a parameter, e.g. w.clamp_() under no_grad or F.embedding(max_norm=...)): "
+                "the example forward that torch_conslaw ran changed them as one training forward would; "
+                "the laws found assume the parameters change only through the optimizer",
+                stacklevel=3,
+            )
+
+
 def capture(model: nn.Module, example_input: Any) -> OpGraph:
     """Record what ``model`` computes on ``example_input`` (a tensor, a tuple of positional
     arguments or a dict of keyword arguments), quietly: eval mode, no gradients, the RNG
@@ -262,7 +321,7 @@ def capture(model: nn.Module, example_input: Any) -> OpGraph:
         handles.append(module.register_forward_hook(leave))
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(model), rec:
             out = model(*args, **kwargs)
         graph.outputs = [rec.vid_of[id(o)] for o in _flat(out) if isinstance(o, Tensor) and id(o) in rec.vid_of]
     finally:

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..catalogue import RowReader
-from ..laws.families.rescaling import Columns, GroupedColumns, Rows, Sliced, Whole
+from ..laws.families.rescaling import Columns, Flat, GroupedColumns, Rows, Sliced, Whole
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
@@ -202,7 +202,7 @@ class _Use:
 
     op: int
     param: str
-    layout: str  # 'cols' (Linear / conv weight) or 'rows' (Conv1D / x @ W weight)
+    layout: str  # 'cols' (Linear / conv weight), 'rows' (Conv1D / x @ W weight) or 'flat' (a gate, flat indices)
     fiber: Tensor  # unit carried at each input position of the contraction
     matrix: bool
     degree: float
@@ -770,7 +770,11 @@ class _Propagation:
         if gate is not None and math.prod(self.g.shapes[gate[2]]) > 1:  # γ ⊙ h: γ_j → γ_j / λ undoes h_u → λ h_u
             fiber = _gate_fiber(gate[1], probe)
             if fiber is not None:
-                self.st.uses.append(_Use(op.index, gate[0], "rows", fiber, False, carry.degree))
+                # γ's entries are its flat indices: read along axis 0 only when that is the same
+                # (a [C] or [C, 1, 1] γ); a [1, C, 1, 1] or [T, C] γ is read flattened
+                gshape = self.g.shapes[gate[2]]
+                layout = "rows" if math.prod(gshape[1:]) == 1 else "flat"
+                self.st.uses.append(_Use(op.index, gate[0], layout, fiber, False, carry.degree))
                 return
         elif gate is not None:  # α · h: a constant factor per unit, and one more law
             self.st.gates.append((op.index, gate[0], carry.degree, len(_units(probe))))
@@ -1104,6 +1108,8 @@ def _incoming(site: _Site, idx: Tensor) -> list[RowReader]:
 def _outgoing(use: _Use, idx: Tensor) -> RowReader:
     if use.groups != 1:
         return (use.param, GroupedColumns(idx, use.groups))
+    if use.layout == "flat":  # a gate read by its flat indices
+        return (use.param, Flat(Rows(idx)))
     reader = Columns(idx) if use.layout == "cols" else Rows(idx)
     return (use.param, reader if use.slice is None else Sliced(use.slice, reader))
 
