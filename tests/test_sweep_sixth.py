@@ -214,3 +214,54 @@ def test_analyze_first_axis_not_batch_is_a_note():
         warnings.simplefilter("ignore")
         r = tc.analyze(model, x, theta="random", max_seconds=30)
     assert r.lie_laws is None and "first axis" in r.lie_note and "baddbmm" in r.lie_note
+
+
+class WriteThroughView(nn.Module):
+    """The first layer's output changed in place through a slice view, then ReLU and a layer:
+    h[:, :3] ← 1 − 2 h[:, :3] adds a constant to units 0–2, so l1→l2 is no law for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+
+    def forward(self, x):
+        h = self.l1(x)
+        h[:, :3].mul_(-2.0).add_(1.0)
+        return self.l2(torch.relu(h))
+
+
+class ViewThenAdd(nn.Module):
+    """A view taken before an in-place add to its base is what the next layer reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6, dtype=F64), nn.Linear(6, 3, dtype=F64)
+        self.c = nn.Parameter(torch.randn(6, dtype=F64))
+
+    def forward(self, x):
+        h = self.l1(x)
+        a = h.view_as(h)
+        h.add_(self.c)
+        return self.l2(torch.relu(a))
+
+
+@pytest.mark.parametrize("make", [WriteThroughView, ViewThenAdd])
+def test_in_place_write_read_through_another_view_proposes_no_law(make):
+    """The structure finders recorded the value before an in-place write that the model reads
+    through another view, and proposed l1→l2 (refused only by the numerical check); now no
+    rule proposes a law for such a model and the reason names the write."""
+    from torch_conslaw.structure import find_structure
+
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(7, 4, dtype=F64)
+    s = find_structure(model, x)
+    assert not s.pairs
+    assert any("wrote in place" in str(k) for k in s.skipped)
+    # independent: the l1→l2 rescaling law of a unit the write touches is indeed false here
+    # (‖W1[u]‖² + b1[u]² − ‖W2[:, u]‖², u = 0, its gradient against ∂fᵀv by torch.func)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    out, pull = vjp(lambda p: functional_call(model, p, (x,)), params)
+    q = pull(torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=F64))[0]
+    law = (2 * params["l1.weight"][0] @ q["l1.weight"][0] + 2 * params["l1.bias"][0] * q["l1.bias"][0]
+           - 2 * params["l2.weight"][:, 0] @ q["l2.weight"][:, 0])
+    assert abs(float(law)) > 1e-3

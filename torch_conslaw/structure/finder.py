@@ -326,10 +326,18 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
     registering a reshape or a product as an activation); other module-level skips stay. The
     law groups beyond pairs found on the same graph are returned as they are (the families
     merge them with the module-level ones, :mod:`torch_conslaw.laws.families.proposals`)."""
-    from .rules import analyse_graph  # rules imports Pair / Skipped from here
+    from .rules import StaleReadError, analyse_graph  # rules imports Pair / Skipped from here
 
     try:
         graph_pairs, graph_skipped, graph_laws = analyse_graph(model, example_input)
+    except StaleReadError as err:  # neither graph follows the write: no law from either
+        reason = (
+            f"in {type(model).__name__}'s forward, {err.reads[0]} (a view taken before an in-place write to its "
+            "base, or the reverse): the structure finders record values, not memory, and cannot tell what "
+            "such a read sees, so no law is proposed for this model; write the op out of place "
+            "(h = h + c instead of h.add_(c) / h += c) to have its laws found"
+        )
+        return [], [Skipped(p.producer, p.consumer, reason) for p in pairs] or [Skipped(None, None, reason)], None
     except Exception as err:  # the model itself ran on this input in the hooks path
         return pairs, skipped + [Skipped(None, None, (
             f"the op graph of {type(model).__name__} could not be captured on example_input "

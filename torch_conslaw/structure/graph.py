@@ -81,6 +81,10 @@ class OpGraph:
     live: set[int] = field(default_factory=set)
     producers: dict[int, int] = field(default_factory=dict)
     scalars: dict[int, float] = field(default_factory=dict)  # values of one-element floating tensors (not parameters)
+    # ops that read a value written in place after it was recorded (a view taken before an
+    # in-place write to its base, or the base after a write through a view): the graph holds
+    # the value before the write, the model reads it after
+    stale_reads: list[str] = field(default_factory=list)
 
     def producer(self, v: int) -> Op | None:
         """The op that wrote value ``v`` (None for an input, a parameter or a constant)."""
@@ -155,6 +159,9 @@ class _Capture(TorchFunctionMode):
         self.vid_of: dict[int, int] = {}
         self.keep: list[Tensor] = []  # tensors stay alive during capture: ids are not reused
         self.stack: list[str] = []  # module paths being run (forward pre/post hooks)
+        self.by_storage: dict[int, list[int]] = {}  # storage address → values recorded in it
+        self.stale: dict[int, tuple[str, bool]] = {}  # value → (the in-place write that changed it, the write reads θ)
+        self.depends: set[int] = set()  # values computed from a parameter
 
     def value(self, t: Tensor) -> int:
         """The value id of ``t``, registering parameters and unseen tensors (constants)."""
@@ -164,6 +171,7 @@ class _Capture(TorchFunctionMode):
             name = self.param_names.get(id(t))
             if name is not None:
                 self.g.params[vid] = name
+                self.depends.add(vid)
         return vid
 
     def new_value(self, t: Tensor) -> int:
@@ -176,6 +184,9 @@ class _Capture(TorchFunctionMode):
             self.g.scalars[vid] = float(t.detach().reshape(()))
         self.vid_of[id(t)] = vid
         self.keep.append(t)
+        key = _storage_key(t)
+        if key is not None:
+            self.by_storage.setdefault(key, []).append(vid)
         return vid
 
     def refs(self, obj: Any, inputs: list[int]) -> Any:
@@ -219,8 +230,35 @@ class _Capture(TorchFunctionMode):
             rout = self.outs(out, outputs)
         if outputs:
             module = self.stack[-1] if self.stack else ""
+            where = f"{name} (op {len(self.g.ops)}{', in ' + module if module else ''})"
+            reads_theta = any(v in self.depends for v in inputs)
+            if reads_theta:
+                self.depends.update(outputs)
+            # a stale read matters where θ is involved (the value or what was written into it):
+            # constants and masks rebuilt in place (a causal mask filled through a view) do not
+            stale = [w for v in inputs if v in self.stale for w, theta in [self.stale[v]] if theta or v in self.depends]
+            if stale:
+                self.g.stale_reads.append(f"{where} reads a value that {stale[0]} wrote in place after it was taken")
+            written = inplace or (isinstance(out, Tensor) and bool(args) and out is args[0])
+            if written and name not in _NOT_WRITES and args and isinstance(args[0], Tensor):
+                key = _storage_key(args[0])
+                for v in self.by_storage.get(key, []) if key is not None else []:
+                    if v not in outputs:  # every earlier value in the written memory now differs from its record
+                        self.stale.setdefault(v, (where, reads_theta))
             self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
         return out
+
+
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "pin_memory"}
+
+
+def _storage_key(t: Tensor) -> int | None:
+    """The address of ``t``'s memory (tensors that share it are views of each other), or None."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # a tensor subclass or layout without plain storage
+        return None
+    return ptr or None  # a meta or empty tensor has no address
 
 
 def _split_input(example_input: Any) -> tuple[tuple, dict]:

@@ -1502,6 +1502,15 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
     return pairs, skipped
 
 
+class StaleReadError(RuntimeError):
+    """The forward reads a value after an in-place write changed it through another view: the
+    captured graph (and the module-level one) holds the value before the write."""
+
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__(reads[0])
+        self.reads = reads
+
+
 def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], list[Skipped], GraphLawGroups]:
     """:func:`find_graph_laws`, plus the law groups beyond pairs that the rules of
     :mod:`torch_conslaw.structure.group_rules` find on the same graph (key biases, LayerNorm
@@ -1516,6 +1525,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         [('0→1 centering', 'linear', 5), ('0→1 scale', 'approximate', 1)]
     """
     g = capture(model, example_input)
+    if g.stale_reads:
+        raise StaleReadError(g.stale_reads)
     trainable: dict[str, bool] = {}
     by_param: dict[int, list[str]] = defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):
