@@ -265,3 +265,42 @@ def test_in_place_write_read_through_another_view_proposes_no_law(make):
     law = (2 * params["l1.weight"][0] @ q["l1.weight"][0] + 2 * params["l1.bias"][0] * q["l1.bias"][0]
            - 2 * params["l2.weight"][:, 0] @ q["l2.weight"][:, 0])
     assert abs(float(law)) > 1e-3
+
+
+class InPlaceAct(nn.Module):
+    """F.linear with raw parameters (the op-graph rules decide, not the module-level finder)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.w1, self.b1 = nn.Parameter(torch.randn(6, 4, dtype=F64)), nn.Parameter(torch.randn(6, dtype=F64))
+        self.w2 = nn.Parameter(torch.randn(3, 6, dtype=F64))
+
+    def forward(self, x):
+        return F.linear(self.act(F.linear(x, self.w1, self.b1)), self.w2)
+
+
+@pytest.mark.parametrize("act", [
+    lambda h: h.relu_(), lambda h: h.clamp_(min=0), lambda h: F.relu(h, inplace=True),
+    lambda h: F.threshold(h, 0.0, 0.0), lambda h: F.threshold(h, 0.0, 0.0, inplace=True), lambda h: h.clamp_min(0.0),
+], ids=["relu_", "clamp_", "relu_inplace", "threshold", "threshold_inplace", "clamp_min"])
+def test_in_place_relu_forms_keep_the_unit_laws(act):
+    """relu_ / clamp_(min=0) / F.threshold(x, 0, 0) / clamp_min(0) on a fresh tensor were
+    barriers ('an in-place op on the units', '_threshold is not known'); they are ReLU."""
+    torch.manual_seed(0)
+    model, x = InPlaceAct(act), torch.randn(7, 4, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = tc.ConservationMonitor(model, x)
+    assert sum(g.count for g in mon.groups) == 6
+    assert _worst_residual(model, x, mon.groups) < 1e-10
+
+
+@pytest.mark.parametrize("act", [lambda h: F.threshold(h, 0.5, 0.0), lambda h: F.threshold(h, 0.0, 0.3),
+                                 lambda h: h.clamp_(min=0.1)], ids=["threshold_0.5", "value_0.3", "clamp_0.1"])
+def test_thresholds_that_are_not_relu_give_no_law(act):
+    torch.manual_seed(0)
+    model, x = InPlaceAct(act), torch.randn(7, 4, dtype=F64)
+    from torch_conslaw.structure import find_structure
+
+    assert not find_structure(model, x).pairs

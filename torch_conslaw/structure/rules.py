@@ -77,7 +77,11 @@ _SHAPE = {
 }
 _CAST = {"to", "type", "float", "double", "half", "bfloat16", "type_as", "identity"}
 _DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
-_HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prelu": 1.0, "rrelu": 1.0}
+_HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prelu": 1.0, "rrelu": 1.0,
+                # in place (F.relu(inplace=True), x.relu_(), x.abs_()): the write is a new value in the
+                # graph, and a view of the old one read afterwards refuses the model (graph.stale_reads)
+                "relu_": 1.0, "leaky_relu_": 1.0, "abs_": 1.0, "square_": 2.0, "rrelu_": 1.0}
+_CLAMPS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "threshold", "threshold_", "_threshold"}
 _LINEAR_UNARY = {"neg", "negative", "__neg__", "positive", "__pos__"}
 _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
@@ -640,8 +644,8 @@ class _Propagation:
 
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
-        if name in _ADD_IN_PLACE and self._fresh(op):
-            pass  # y += x on a y that nothing else reads or aliases: an addition (HF ResNet's residual)
+        if (name in _ADD_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
+            pass  # y += x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
         elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
@@ -682,7 +686,7 @@ class _Propagation:
         if name in _LINEAR_UNARY:
             self.emit(op, cs[0].probe, matrix, degree, pure)
             return
-        if name in _HOMOGENEOUS or name == "clamp" or name == "pow":
+        if name in _HOMOGENEOUS or name in _CLAMPS or name == "pow":
             k = self._homogeneous_degree(op)
             self.emit(op, cs[0].probe, False, degree * k)
             return
@@ -728,11 +732,19 @@ class _Propagation:
             if isinstance(p, (int, float)) and p > 0 and float(p).is_integer():
                 return float(p)
             raise _Barrier("a power that is not a positive integer is not positively homogeneous")
-        if op.name == "clamp":
+        if op.name in ("clamp", "clamp_", "clip", "clip_"):
             lo, hi = _arg(op, 1, "min"), _arg(op, 2, "max")
             if lo == 0 and hi is None:
                 return 1.0
-            raise _Barrier("clamp with bounds other than min=0 is not positively homogeneous")
+            raise _Barrier(f"{op.name} with bounds other than min=0 is not positively homogeneous")
+        if op.name in ("clamp_min", "clamp_min_"):
+            if _arg(op, 1, "min") == 0:
+                return 1.0
+            raise _Barrier(f"{op.name} with a bound other than 0 is not positively homogeneous")
+        if op.name in ("threshold", "threshold_", "_threshold"):  # F.threshold(x, t, v): x where x > t, else v
+            if _arg(op, 1, "threshold") == 0 and _arg(op, 2, "value") == 0:
+                return 1.0
+            raise _Barrier(f"{op.name} with a threshold or value other than 0 is not positively homogeneous")
         if op.name == "leaky_relu" or op.name == "prelu" or op.name == "rrelu":
             if op.name == "prelu" and not isinstance(_arg(op, 1, "weight"), Val):
                 raise _Barrier("prelu without a weight tensor")
