@@ -231,15 +231,21 @@ class _Capture(TorchFunctionMode):
         if outputs:
             module = self.stack[-1] if self.stack else ""
             where = f"{name} (op {len(self.g.ops)}{', in ' + module if module else ''})"
-            reads_theta = any(v in self.depends for v in inputs)
+            # x.new_empty(...), torch.zeros_like(x): a fresh tensor that takes only x's shape / dtype
+            fresh = name.startswith("new_") or name.endswith("_like")
+            reads_theta = not fresh and any(v in self.depends for v in inputs)
             if reads_theta:
                 self.depends.update(outputs)
-            # a stale read matters where θ is involved (the value or what was written into it):
-            # constants and masks rebuilt in place (a causal mask filled through a view) do not
-            stale = [w for v in inputs if v in self.stale for w, theta in [self.stale[v]] if theta or v in self.depends]
+            # a stale read matters where the graph holds a θ-dependent value that the model no longer
+            # reads (its units or shifts would be followed to a reader that sees something else); a
+            # θ-free buffer filled through views (DeepSeek-V3's key_states[..., :d].copy_(k)) stays a
+            # constant in the graph, and the in-place write that fills it stops the units written
+            stale = [self.stale[v][0] for v in inputs if v in self.stale and v in self.depends]
             if stale:
                 self.g.stale_reads.append(f"{where} reads a value that {stale[0]} wrote in place after it was taken")
-            written = inplace or (isinstance(out, Tensor) and bool(args) and out is args[0])
+            # a write: x.add_(...), x[i] = v, x += y (__iadd__ returns x), F.relu(x, inplace=True);
+            # not an op that returns its input unchanged (x.to(its own dtype), x.contiguous())
+            written = inplace or (name.startswith("__i") and name.endswith("__")) or kwargs.get("inplace") is True
             if written and name not in _NOT_WRITES and args and isinstance(args[0], Tensor):
                 key = _storage_key(args[0])
                 for v in self.by_storage.get(key, []) if key is not None else []:
