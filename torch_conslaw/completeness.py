@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import math
 import time
@@ -488,6 +490,8 @@ def _tensors(value: Any) -> list[Tensor]:
         return [t for v in value.values() for t in _tensors(v)]
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an output dataclass: its fields
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
     return []
 
 
@@ -553,6 +557,23 @@ def _mixed_dtypes(model: nn.Module) -> str | None:
     return ", ".join(f"{dt}: {len(names)}" for dt, names in order) + f" (e.g. {order[-1][1][0]})"
 
 
+def _in_place_refusal(err: BaseException) -> bool:
+    """A RuntimeError raised because the forward writes a tensor in place that the count
+    differentiates or batches (a parameter clamped under ``no_grad``, a buffer updated in
+    ``forward``, ``F.embedding(..., max_norm=...)`` renormalizing its weight)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        k in text for k in ("mutate a captured Tensor", "modified inplace", "modified by an inplace operation"))
+
+
+def _in_place_note(model: nn.Module, err: BaseException) -> str:
+    return (f"the forward of {type(model).__name__} writes a tensor in place that the count differentiates "
+            f"(a parameter or a buffer written during forward: w.clamp_() under no_grad, a running buffer, "
+            f"F.embedding(..., max_norm=...)), which torch.func refuses ({str(err).splitlines()[0][:160]})"
+            f"{_where_in_model(err)}; to count, run the model with that write moved out of forward "
+            "(e.g. clip the weights after optimizer.step())")
+
+
 def _module_count(
     report: Analysis,
     model: nn.Module,
@@ -568,7 +589,7 @@ def _module_count(
     degree: int,
     max_variables: int,
 ) -> None:
-    from .lie.modules import CountBudgetError, count_laws
+    from .lie.modules import CountBudgetError, InputsRefusedError, count_laws
 
     D = report.num_parameters
     per_input = _outputs_per_input(model, example)
@@ -586,7 +607,20 @@ def _module_count(
         except CountBudgetError as err:
             report.lie_note = f"not computed within the budget: {err}"
             return
+        except InputsRefusedError as err:  # the example ran (_outputs_per_input): the count's batch size did not
+            cause = err.__cause__ if err.__cause__ is not None else err
+            report.lie_note = (
+                f"not computed: the count calls {type(model).__name__} on {n} random inputs stacked along the "
+                f"first axis of example_input (read as the batch axis), and it raised {type(cause).__name__} "
+                f"({str(cause).splitlines()[0][:200] if str(cause) else ''}){_where_in_model(cause)}: a model "
+                "whose inputs' first axis is not a batch of independent examples cannot be counted; give it "
+                "a batch axis first (or wrap it so that it has one)"
+            )
+            return
         except (NotImplementedError, RuntimeError) as err:  # an op without a forward-mode derivative or a vmap rule
+            if _in_place_refusal(err):
+                report.lie_note = "not computed: " + _in_place_note(model, err)
+                return
             if not isinstance(err, NotImplementedError) and not _functorch_refusal(err):
                 mixed = _mixed_dtypes(model)
                 if mixed is None or "dtype" not in str(err).lower():
@@ -806,7 +840,14 @@ def _polynomial_search(
     gen = torch.Generator().manual_seed(0)
     with warnings.catch_warnings(), ElementaryOps():
         warnings.simplefilter("ignore", RuntimeWarning)
-        if not sampler.sample(sampler.random_point(gen), 4, gen).any():
+        try:
+            first = sampler.sample(sampler.random_point(gen), 4, gen)
+        except RuntimeError as err:
+            if not _in_place_refusal(err):
+                raise
+            report.polynomial_note = "not searched: " + _in_place_note(model, err)
+            return
+        if not first.any():
             report.polynomial_note = (
                 f"every entry of {', '.join(names)} is itself a law: the outputs do not depend on them "
                 "(their gradient is zero for every loss)"

@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,5 +182,7 @@ def _flat_outputs(out: Any) -> Tensor:
         return out.reshape(-1) if out.is_floating_point() else out.new_zeros(0, dtype=F64)
     if isinstance(out, Mapping):
         out = list(out.values())
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):  # an output dataclass: its fields
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
     parts = [_flat_outputs(v) for v in out] if isinstance(out, (tuple, list)) else []
     return torch.cat(parts) if parts else torch.zeros(0, dtype=F64)

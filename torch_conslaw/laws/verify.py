@@ -72,6 +72,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -592,6 +594,13 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, (tuple, list)):
         for v in obj:
             yield from _tensors(v)
+    elif _is_dataclass_instance(obj):  # an output dataclass: its fields in order
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
 def _cotangent_gradients(

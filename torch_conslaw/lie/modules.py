@@ -92,6 +92,10 @@ def map_rows(fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
     return torch.stack([fn(row) for row in rows.unbind(0)])
 
 
+class InputsRefusedError(ValueError):
+    """The model raised on the inputs of the count (:func:`count_laws` calls it on them as given)."""
+
+
 @dataclass(frozen=True)
 class ParameterSlot:
     """Where one trainable parameter tensor sits in the flat θ: ``theta[offset:offset+numel]``."""
@@ -250,6 +254,8 @@ def _flat_outputs(out: Any) -> list[Tensor]:
         return [t for v in out.values() for t in _flat_outputs(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _flat_outputs(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):  # an output dataclass: its fields
+        return [t for f in dataclasses.fields(out) for t in _flat_outputs(getattr(out, f.name))]
     return []
 
 
@@ -577,7 +583,7 @@ def _probe(work: nn.Module, batch: _Batch) -> tuple[Tensor, ActivationRecorder, 
         with torch.no_grad(), recorder:
             native = work(*batch.args, **batch.kwargs)
     except Exception as err:
-        raise ValueError(
+        raise InputsRefusedError(
             f"the model raised {type(err).__name__}: {err} on `inputs`; pass inputs the model accepts "
             "(a tensor is called as model(x), a tuple as model(*inputs), a dict as model(**inputs); "
             "floating inputs are cast to float64)"

@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import catalogue
 from ..catalogue import ActivationSpec, LayerSpec, PassSpec, RowReader
-from .graph import _flat, _split_input  # one walk over nested outputs and one calling convention for both graph builders
+from .graph import _flat, _split_input, kept_buffers  # one walk over nested outputs and one calling convention for both graph builders
 from .parametrized import is_parametrized, original_kinds, parametrization_names, parametrized_incoming
 
 __all__ = ["Link", "Pair", "Skipped", "Structure", "find_structure", "unwrap_model"]
@@ -326,10 +326,18 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
     registering a reshape or a product as an activation); other module-level skips stay. The
     law groups beyond pairs found on the same graph are returned as they are (the families
     merge them with the module-level ones, :mod:`torch_conslaw.laws.families.proposals`)."""
-    from .rules import analyse_graph  # rules imports Pair / Skipped from here
+    from .rules import StaleReadError, analyse_graph  # rules imports Pair / Skipped from here
 
     try:
         graph_pairs, graph_skipped, graph_laws = analyse_graph(model, example_input)
+    except StaleReadError as err:  # neither graph follows the write: no law from either
+        reason = (
+            f"in {type(model).__name__}'s forward, {err.reads[0]} (a view taken before an in-place write to its "
+            "base, or the reverse): the structure finders record values, not memory, and cannot tell what "
+            "such a read sees, so no law is proposed for this model; write the op out of place "
+            "(h = h + c instead of h.add_(c) / h += c) to have its laws found"
+        )
+        return [], [Skipped(p.producer, p.consumer, reason) for p in pairs] or [Skipped(None, None, reason)], None
     except Exception as err:  # the model itself ran on this input in the hooks path
         return pairs, skipped + [Skipped(None, None, (
             f"the op graph of {type(model).__name__} could not be captured on example_input "
@@ -406,7 +414,8 @@ def _sharded_by_fsdp(m: nn.Module) -> bool:
 
 
 def _graph_from_fx(model: nn.Module) -> list[_Node]:
-    graph = _Tracer().trace(model)
+    with kept_buffers(model):
+        graph = _Tracer().trace(model)
     index: dict[fx.Node, int] = {}
     meta: set[fx.Node] = set()
     nodes: list[_Node] = []
@@ -483,7 +492,7 @@ def _quiet_forward(model: nn.Module, args: tuple, kwargs: dict, mode: Any = None
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(model):
             if mode is None:
                 return model(*args, **kwargs)
             with mode:

@@ -22,6 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Val", "Op", "OpGraph", "capture"]
+__all__ = ["Val", "Op", "OpGraph", "capture", "kept_buffers"]
 
 _KEEP_VALUES_MAX = 1 << 16  # integer/bool tensors up to this size keep their values
 
@@ -78,6 +81,10 @@ class OpGraph:
     live: set[int] = field(default_factory=set)
     producers: dict[int, int] = field(default_factory=dict)
     scalars: dict[int, float] = field(default_factory=dict)  # values of one-element floating tensors (not parameters)
+    # ops that read a value written in place after it was recorded (a view taken before an
+    # in-place write to its base, or the base after a write through a view): the graph holds
+    # the value before the write, the model reads it after
+    stale_reads: list[str] = field(default_factory=list)
 
     def producer(self, v: int) -> Op | None:
         """The op that wrote value ``v`` (None for an input, a parameter or a constant)."""
@@ -137,6 +144,9 @@ def _flat(obj: Any) -> Iterator[Any]:
     elif isinstance(obj, Mapping):
         for o in obj.values():
             yield from _flat(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # an output dataclass: its fields
+        for f in dataclasses.fields(obj):
+            yield from _flat(getattr(obj, f.name))
     else:
         yield obj
 
@@ -149,6 +159,9 @@ class _Capture(TorchFunctionMode):
         self.vid_of: dict[int, int] = {}
         self.keep: list[Tensor] = []  # tensors stay alive during capture: ids are not reused
         self.stack: list[str] = []  # module paths being run (forward pre/post hooks)
+        self.by_storage: dict[int, list[int]] = {}  # storage address → values recorded in it
+        self.stale: dict[int, tuple[str, bool]] = {}  # value → (the in-place write that changed it, the write reads θ)
+        self.depends: set[int] = set()  # values computed from a parameter
 
     def value(self, t: Tensor) -> int:
         """The value id of ``t``, registering parameters and unseen tensors (constants)."""
@@ -158,6 +171,7 @@ class _Capture(TorchFunctionMode):
             name = self.param_names.get(id(t))
             if name is not None:
                 self.g.params[vid] = name
+                self.depends.add(vid)
         return vid
 
     def new_value(self, t: Tensor) -> int:
@@ -170,6 +184,9 @@ class _Capture(TorchFunctionMode):
             self.g.scalars[vid] = float(t.detach().reshape(()))
         self.vid_of[id(t)] = vid
         self.keep.append(t)
+        key = _storage_key(t)
+        if key is not None:
+            self.by_storage.setdefault(key, []).append(vid)
         return vid
 
     def refs(self, obj: Any, inputs: list[int]) -> Any:
@@ -213,8 +230,41 @@ class _Capture(TorchFunctionMode):
             rout = self.outs(out, outputs)
         if outputs:
             module = self.stack[-1] if self.stack else ""
+            where = f"{name} (op {len(self.g.ops)}{', in ' + module if module else ''})"
+            # x.new_empty(...), torch.zeros_like(x): a fresh tensor that takes only x's shape / dtype
+            fresh = name.startswith("new_") or name.endswith("_like")
+            reads_theta = not fresh and any(v in self.depends for v in inputs)
+            if reads_theta:
+                self.depends.update(outputs)
+            # a stale read matters where the graph holds a θ-dependent value that the model no longer
+            # reads (its units or shifts would be followed to a reader that sees something else); a
+            # θ-free buffer filled through views (DeepSeek-V3's key_states[..., :d].copy_(k)) stays a
+            # constant in the graph, and the in-place write that fills it stops the units written
+            stale = [self.stale[v][0] for v in inputs if v in self.stale and v in self.depends]
+            if stale:
+                self.g.stale_reads.append(f"{where} reads a value that {stale[0]} wrote in place after it was taken")
+            # a write: x.add_(...), x[i] = v, x += y (__iadd__ returns x), F.relu(x, inplace=True);
+            # not an op that returns its input unchanged (x.to(its own dtype), x.contiguous())
+            written = inplace or (name.startswith("__i") and name.endswith("__")) or kwargs.get("inplace") is True
+            if written and name not in _NOT_WRITES and args and isinstance(args[0], Tensor):
+                key = _storage_key(args[0])
+                for v in self.by_storage.get(key, []) if key is not None else []:
+                    if v not in outputs:  # every earlier value in the written memory now differs from its record
+                        self.stale.setdefault(v, (where, reads_theta))
             self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
         return out
+
+
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "pin_memory"}
+
+
+def _storage_key(t: Tensor) -> int | None:
+    """The address of ``t``'s memory (tensors that share it are views of each other), or None."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # a tensor subclass or layout without plain storage
+        return None
+    return ptr or None  # a meta or empty tensor has no address
 
 
 def _split_input(example_input: Any) -> tuple[tuple, dict]:
@@ -225,6 +275,59 @@ def _split_input(example_input: Any) -> tuple[tuple, dict]:
     if isinstance(example_input, (tuple, list)):
         return tuple(example_input), {}
     return (example_input,), {}
+
+
+_WARNED_WRITES: set[int] = set()
+
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Around a forward pass that torch_conslaw runs on the user's model: the buffers that the
+    forward writes in place (a running mean updated in ``forward``, a step counter; eval mode
+    already stops the norms' running statistics) are put back, so that training goes on as
+    without the monitor, bit for bit. A parameter that the forward writes in place
+    (``w.clamp_`` under ``no_grad``, ``F.embedding(..., max_norm=...)``) cannot be put back
+    without a copy of every parameter: a warning names it.
+
+    Example:
+        >>> class Counter(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("n", torch.zeros(()))
+        ...     def forward(self, x):
+        ...         self.n += 1
+        ...         return x
+        >>> m = Counter()
+        >>> with kept_buffers(m):
+        ...     _ = m(torch.ones(1))
+        >>> float(m.n)
+        0.0
+    """
+    def version(t: Tensor) -> int | None:
+        try:
+            return t._version
+        except Exception:  # an inference tensor has no version counter
+            return None
+
+    buffers = [(n, b, version(b), b.detach().clone()) for n, b in model.named_buffers() if isinstance(b, Tensor)]
+    params = [(n, p, version(p)) for n, p in model.named_parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for _, b, v, saved in buffers:
+                if version(b) != v:
+                    b.copy_(saved)
+        written = [n for n, p, v in params if version(p) != v]
+        if written and id(model) not in _WARNED_WRITES:  # once per model: every forward writes them again
+            _WARNED_WRITES.add(id(model))
+            warnings.warn(
+                f"{type(model).__name__}'s forward writes parameter(s) {', '.join(written[:5])} in place "
+                "(an in-place op on a parameter, e.g. w.clamp_() under no_grad or F.embedding(max_norm=...)): "
+                "the example forward that torch_conslaw ran changed them as one training forward would; "
+                "the laws found assume the parameters change only through the optimizer",
+                stacklevel=3,
+            )
 
 
 def capture(model: nn.Module, example_input: Any) -> OpGraph:
@@ -262,7 +365,7 @@ def capture(model: nn.Module, example_input: Any) -> OpGraph:
         handles.append(module.register_forward_hook(leave))
     try:
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), rec:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), kept_buffers(model), rec:
             out = model(*args, **kwargs)
         graph.outputs = [rec.vid_of[id(o)] for o in _flat(out) if isinstance(o, Tensor) and id(o) in rec.vid_of]
     finally:

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..catalogue import RowReader
-from ..laws.families.rescaling import Columns, GroupedColumns, Rows, Sliced, Whole
+from ..laws.families.rescaling import Columns, Flat, GroupedColumns, Rows, Sliced, Whole
 from .finder import Pair, Skipped
 from .graph import Op, OpGraph, Val, capture
 
@@ -77,7 +77,11 @@ _SHAPE = {
 }
 _CAST = {"to", "type", "float", "double", "half", "bfloat16", "type_as", "identity"}
 _DROPOUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
-_HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prelu": 1.0, "rrelu": 1.0}
+_HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prelu": 1.0, "rrelu": 1.0,
+                # in place (F.relu(inplace=True), x.relu_(), x.abs_()): the write is a new value in the
+                # graph, and a view of the old one read afterwards refuses the model (graph.stale_reads)
+                "relu_": 1.0, "leaky_relu_": 1.0, "abs_": 1.0, "square_": 2.0, "rrelu_": 1.0}
+_CLAMPS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "threshold", "threshold_", "_threshold"}
 _LINEAR_UNARY = {"neg", "negative", "__neg__", "positive", "__pos__"}
 _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
@@ -202,7 +206,7 @@ class _Use:
 
     op: int
     param: str
-    layout: str  # 'cols' (Linear / conv weight) or 'rows' (Conv1D / x @ W weight)
+    layout: str  # 'cols' (Linear / conv weight), 'rows' (Conv1D / x @ W weight) or 'flat' (a gate, flat indices)
     fiber: Tensor  # unit carried at each input position of the contraction
     matrix: bool
     degree: float
@@ -640,8 +644,8 @@ class _Propagation:
 
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
-        if name in _ADD_IN_PLACE and self._fresh(op):
-            pass  # y += x on a y that nothing else reads or aliases: an addition (HF ResNet's residual)
+        if (name in _ADD_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
+            pass  # y += x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
         elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
@@ -682,7 +686,7 @@ class _Propagation:
         if name in _LINEAR_UNARY:
             self.emit(op, cs[0].probe, matrix, degree, pure)
             return
-        if name in _HOMOGENEOUS or name == "clamp" or name == "pow":
+        if name in _HOMOGENEOUS or name in _CLAMPS or name == "pow":
             k = self._homogeneous_degree(op)
             self.emit(op, cs[0].probe, False, degree * k)
             return
@@ -728,11 +732,19 @@ class _Propagation:
             if isinstance(p, (int, float)) and p > 0 and float(p).is_integer():
                 return float(p)
             raise _Barrier("a power that is not a positive integer is not positively homogeneous")
-        if op.name == "clamp":
+        if op.name in ("clamp", "clamp_", "clip", "clip_"):
             lo, hi = _arg(op, 1, "min"), _arg(op, 2, "max")
             if lo == 0 and hi is None:
                 return 1.0
-            raise _Barrier("clamp with bounds other than min=0 is not positively homogeneous")
+            raise _Barrier(f"{op.name} with bounds other than min=0 is not positively homogeneous")
+        if op.name in ("clamp_min", "clamp_min_"):
+            if _arg(op, 1, "min") == 0:
+                return 1.0
+            raise _Barrier(f"{op.name} with a bound other than 0 is not positively homogeneous")
+        if op.name in ("threshold", "threshold_", "_threshold"):  # F.threshold(x, t, v): x where x > t, else v
+            if _arg(op, 1, "threshold") == 0 and _arg(op, 2, "value") == 0:
+                return 1.0
+            raise _Barrier(f"{op.name} with a threshold or value other than 0 is not positively homogeneous")
         if op.name == "leaky_relu" or op.name == "prelu" or op.name == "rrelu":
             if op.name == "prelu" and not isinstance(_arg(op, 1, "weight"), Val):
                 raise _Barrier("prelu without a weight tensor")
@@ -770,7 +782,11 @@ class _Propagation:
         if gate is not None and math.prod(self.g.shapes[gate[2]]) > 1:  # γ ⊙ h: γ_j → γ_j / λ undoes h_u → λ h_u
             fiber = _gate_fiber(gate[1], probe)
             if fiber is not None:
-                self.st.uses.append(_Use(op.index, gate[0], "rows", fiber, False, carry.degree))
+                # γ's entries are its flat indices: read along axis 0 only when that is the same
+                # (a [C] or [C, 1, 1] γ); a [1, C, 1, 1] or [T, C] γ is read flattened
+                gshape = self.g.shapes[gate[2]]
+                layout = "rows" if math.prod(gshape[1:]) == 1 else "flat"
+                self.st.uses.append(_Use(op.index, gate[0], layout, fiber, False, carry.degree))
                 return
         elif gate is not None:  # α · h: a constant factor per unit, and one more law
             self.st.gates.append((op.index, gate[0], carry.degree, len(_units(probe))))
@@ -1104,6 +1120,8 @@ def _incoming(site: _Site, idx: Tensor) -> list[RowReader]:
 def _outgoing(use: _Use, idx: Tensor) -> RowReader:
     if use.groups != 1:
         return (use.param, GroupedColumns(idx, use.groups))
+    if use.layout == "flat":  # a gate read by its flat indices
+        return (use.param, Flat(Rows(idx)))
     reader = Columns(idx) if use.layout == "cols" else Rows(idx)
     return (use.param, reader if use.slice is None else Sliced(use.slice, reader))
 
@@ -1509,6 +1527,15 @@ def find_graph_laws(model: nn.Module, example_input: Any) -> tuple[list[Pair], l
     return pairs, skipped
 
 
+class StaleReadError(RuntimeError):
+    """The forward reads a value after an in-place write changed it through another view: the
+    captured graph (and the module-level one) holds the value before the write."""
+
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__(reads[0])
+        self.reads = reads
+
+
 def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], list[Skipped], GraphLawGroups]:
     """:func:`find_graph_laws`, plus the law groups beyond pairs that the rules of
     :mod:`torch_conslaw.structure.group_rules` find on the same graph (key biases, LayerNorm
@@ -1523,6 +1550,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         [('0→1 centering', 'linear', 5), ('0→1 scale', 'approximate', 1)]
     """
     g = capture(model, example_input)
+    if g.stale_reads:
+        raise StaleReadError(g.stale_reads)
     trainable: dict[str, bool] = {}
     by_param: dict[int, list[str]] = defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "Columns", "GroupedColumns", "Whole", "Sliced"]
+__all__ = ["Rows", "Columns", "GroupedColumns", "Whole", "Sliced", "Flat"]
 
 
 class Rows:
@@ -123,3 +123,24 @@ class Sliced:
 
     def __repr__(self) -> str:
         return f"Sliced({self.index}, {self.reader!r})"
+
+
+class Flat:
+    """Read ``reader(w.reshape(-1))``: a gate γ whose entries are not laid out along its first
+    axis (a per-channel scale stored as ``[1, C, 1, 1]``, a per-(token, channel) scale ``[T, C]``);
+    the unit indices of ``reader`` are γ's flat indices.
+
+    Example:
+        >>> w = torch.arange(4.0).reshape(1, 4, 1, 1)
+        >>> Flat(Rows(torch.tensor([[2]])))(w).tolist()
+        [[[2.0]]]
+    """
+
+    def __init__(self, reader: Rows) -> None:
+        self.reader = reader
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return self.reader(w.reshape(-1))
+
+    def __repr__(self) -> str:
+        return f"Flat({self.reader!r})"
