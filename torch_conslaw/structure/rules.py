@@ -83,6 +83,10 @@ _HOMOGENEOUS = {"relu": 1.0, "leaky_relu": 1.0, "abs": 1.0, "square": 2.0, "prel
                 "relu_": 1.0, "leaky_relu_": 1.0, "abs_": 1.0, "square_": 2.0, "rrelu_": 1.0}
 _CLAMPS = {"clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "threshold", "threshold_", "_threshold"}
 _LINEAR_UNARY = {"neg", "negative", "__neg__", "positive", "__pos__"}
+# x > 0 and the like: a mask unchanged by a positive rescaling of x (degree 0)
+_SIGN_TESTS = {"gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__", "greater", "greater_equal",
+               "less", "less_equal"}
+_ZERO_MAKERS = {"zeros_like", "zeros", "new_zeros"}
 _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
 _ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
@@ -722,7 +726,70 @@ class _Propagation:
         if name == "scaled_dot_product_attention":
             self._sdpa(op, carried)
             return
+        if name in _SIGN_TESTS:  # x > 0: ReLU written as x * (x > 0) or torch.where(x > 0, x, 0)
+            self._sign_test(op)
+            return
+        if name == "where":
+            self._where(op)
+            return
+        if name in ("maximum", "fmax", "max") and len(op.args) + len(op.kwargs) == 2:  # torch.maximum(x, 0)
+            self._max_with_zero(op)
+            return
         raise _Barrier(f"{name} is not known to keep the rescaling of the units")
+
+    # -- ReLU written by hand -----------------------------------------------------------------
+
+    def _is_zero(self, obj: Any) -> bool:
+        """A literal 0, a one-element constant 0, or a tensor of zeros made as such."""
+        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            return obj == 0
+        if not isinstance(obj, Val) or obj.vid in self.state or obj.vid in self.g.params:
+            return False
+        if self.g.scalars.get(obj.vid) == 0.0:
+            return True
+        const = self.g.consts.get(obj.vid)
+        if const is not None:
+            return bool((const == 0).all())
+        made = self.g.producer(obj.vid)
+        return made is not None and made.name in _ZERO_MAKERS and not made.kwargs.get("fill_value")
+
+    def _sign_test(self, op: Op) -> None:
+        """``x > 0`` (or ``0 < x``, ≥, <, ≤): a mask that a positive rescaling of x leaves
+        unchanged, carried with degree 0; a comparison with anything else is a barrier."""
+        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
+        units, other = (a, b) if isinstance(a, Val) and a.vid in self.state else (b, a)
+        if not (isinstance(units, Val) and units.vid in self.state) or not self._is_zero(other):
+            raise _Barrier("compares the units with a value other than 0 (not kept by their rescaling)")
+        shape = self.g.shapes[op.outputs[0]]
+        self.emit(op, self.state[units.vid].probe.expand(shape), False, 0.0)
+
+    def _where(self, op: Op) -> None:
+        """``torch.where(m, x, y)`` with m a degree-0 mask (``x > 0``) and x, y the units of one
+        degree or zeros: the result scales like the units it takes (ReLU, leaky ReLU by hand)."""
+        cond, x, y = _arg(op, 0, "condition"), _arg(op, 1, "input"), _arg(op, 2, "other")
+        shape = self.g.shapes[op.outputs[0]]
+        mask = self.state.get(cond.vid) if isinstance(cond, Val) else None
+        if mask is None or mask.degree != 0.0:
+            raise _Barrier("selects by a condition that is not a sign test of the units")
+        branches = [b for b in (x, y) if not self._is_zero(b)]
+        carries = [self.state.get(b.vid) if isinstance(b, Val) else None for b in branches]
+        if not branches or any(c is None for c in carries) or len({c.degree for c in carries}) != 1:
+            raise _Barrier("selects between values that do not scale alike with the units")
+        probes = [c.probe.expand(shape) for c in carries]
+        if len(probes) == 2 and not torch.equal(probes[0], probes[1]):
+            raise _Barrier("selects between values of different units")
+        if not torch.equal((probes[0] >= 0), (mask.probe.expand(shape) >= 0)):
+            raise _Barrier("selects by a condition on other positions than the units")
+        self.emit(op, probes[0], False, carries[0].degree)
+
+    def _max_with_zero(self, op: Op) -> None:
+        """``torch.maximum(x, 0)`` (or ``max`` / ``fmax``): ReLU."""
+        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
+        units, other = (a, b) if isinstance(a, Val) and a.vid in self.state else (b, a)
+        if not (isinstance(units, Val) and units.vid in self.state) or not self._is_zero(other):
+            raise _Barrier(f"{op.name} with anything but 0 is not positively homogeneous")
+        carry = self.state[units.vid]
+        self.emit(op, carry.probe.expand(self.g.shapes[op.outputs[0]]), False, carry.degree)
 
     # -- elementwise ------------------------------------------------------------------------
 
