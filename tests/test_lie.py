@@ -238,6 +238,7 @@ def test_auto_method_switches_to_complement_for_large_relu_nets():
     assert res.method == "complement" and res.n_laws == 30 and res.certified
 
 
+@pytest.mark.slow  # ~21 s on 2 cores: a D = 2025 dense count
 def test_auto_method_falls_back_to_dense_when_the_complement_is_large():
     res = mlp_trace_dimension([41, 25, 40], ["linear"])  # D = 2025 > DENSE_LIMIT; W_1 has a large complement
     assert res.D == 2025 and res.method == "dense" and res.n_laws == 25 * 26 // 2
