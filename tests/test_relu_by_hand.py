@@ -90,3 +90,29 @@ def test_a_floor_other_than_zero_keeps_no_law(act):
     assert groups == []
     _, relu_groups = _laws(F.relu)  # the would-be law is not orthogonal to the gradients here
     assert _residual(model, relu_groups[0]) > 1e-6
+
+
+class DtypeDonor(nn.Module):
+    """The hidden units lend their dtype to a constant (``torch.ones(5).type_as(h)``, as
+    GraniteMoE's router casts with ``type_as``): none of their values flows there."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        ones = torch.ones(5).type_as(h) if self.how == "type_as" else torch.ones(5).to(h)
+        return self.b(h * ones)
+
+
+@pytest.mark.parametrize("how", ["type_as", "to"])
+def test_units_that_only_lend_their_dtype_keep_their_laws(how):
+    torch.manual_seed(0)
+    model = DtypeDonor(how).to(F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = tc.ConservationMonitor(model, X).groups
+    assert [(g.name, g.count) for g in groups] == [("a→b", 5)]
+    assert _residual(model, groups[0]) < 1e-13

@@ -677,6 +677,8 @@ class _Propagation:
             if name in _CAST or name in _DROPOUT:
                 first = self.state[carried[0]].probe
                 if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
+                    if name in ("type_as", "to") and not (isinstance(op.args[0], Val) and op.args[0].vid in self.state):
+                        return  # x.type_as(units), x.to(units): the units lend their dtype only, none of their values
                     raise _Barrier("the units are not its main input")
                 # dropout in training multiplies each element by its own mask: per-unit only
                 self.emit(op, first, matrix and name not in _DROPOUT, degree, pure and name not in _DROPOUT)
