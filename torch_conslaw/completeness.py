@@ -22,8 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
 import math
 import time
@@ -41,6 +39,7 @@ from .lie.elementary import ElementaryOps
 from .lie.modules import as_batch, map_tensors
 from .lie.numerics import DEFAULT_RTOL, RankDecision
 from .missing_laws import MissingSpace, SubmapFields, missing_space
+from .nested import leaves
 from .laws.verify import propose_and_check
 from .structure import Skipped, Structure, find_structure, unwrap_model
 from .tracked_rank import law_gradients, tracked_rank
@@ -484,15 +483,7 @@ def random_inputs_like(example: Any, n: int, seed: int = 0) -> Any:
 
 
 def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # an output dataclass: its fields
-        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
-    return []
+    return [t for t in leaves(value) if isinstance(t, Tensor)]
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -25,8 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
 from .lie.numerics import DEFAULT_RTOL, RankDecision, decide_rank
+from .nested import leaves
 
 __all__ = ["MissingSpace", "missing_space", "SubmapFields"]
 
@@ -178,11 +177,6 @@ class SubmapFields:
 
 
 def _flat_outputs(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out.reshape(-1) if out.is_floating_point() else out.new_zeros(0, dtype=F64)
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    elif dataclasses.is_dataclass(out) and not isinstance(out, type):  # an output dataclass: its fields
-        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
-    parts = [_flat_outputs(v) for v in out] if isinstance(out, (tuple, list)) else []
+    parts = [t.reshape(-1) if t.is_floating_point() else t.new_zeros(0, dtype=F64)
+             for t in leaves(out) if isinstance(t, Tensor)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=F64)

@@ -72,8 +72,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,6 +80,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..nested import leaves
 
 __all__ = [
     "Verification", "verify_groups", "verify_laws", "gradient_norms", "THRESHOLD", "APPROXIMATE_THRESHOLD", "PROBES",
@@ -585,22 +585,7 @@ def _to_float64(obj: Any) -> Any:
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
     """Floating tensors of a model output (tensor, tuple/list, dict or ``ModelOutput``)."""
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
-    elif _is_dataclass_instance(obj):  # an output dataclass: its fields in order
-        for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name))
-
-
-def _is_dataclass_instance(obj: Any) -> bool:
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    return (t for t in leaves(obj) if isinstance(t, Tensor) and t.is_floating_point())
 
 
 def _cotangent_gradients(

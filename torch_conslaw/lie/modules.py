@@ -37,6 +37,7 @@ from .generators import DTYPE
 from .gram import ExactBlock
 from .kronecker import input_patches, kronecker_blocks, kronecker_preconditioner, layer_calls
 from .numerics import DEFAULT_RTOL
+from ..nested import leaves
 
 __all__ = ["count_laws", "ModuleLieResult", "ModuleGenerators", "ParameterSlot", "CountBudgetError", "map_rows"]
 
@@ -89,6 +90,10 @@ def map_rows(fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
     except RuntimeError as err:
         if unbatchable(err) is None:
             raise
+    return _row_by_row(fn, rows)
+
+
+def _row_by_row(fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
     return torch.stack([fn(row) for row in rows.unbind(0)])
 
 
@@ -248,15 +253,7 @@ def as_batch(inputs: Any) -> _Batch:
 
 
 def _flat_outputs(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat_outputs(v)]
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):  # an output dataclass: its fields
-        return [t for f in dataclasses.fields(out) for t in _flat_outputs(getattr(out, f.name))]
-    return []
+    return [t for t in leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def _flat(out: Any) -> Tensor:
@@ -333,7 +330,7 @@ class ModuleGenerators:
                     if reason is None:
                         raise
                     self.unbatched = reason
-            return torch.stack([fn(row) for row in rows.unbind(0)])
+            return _row_by_row(fn, rows)
 
         return apply
 

@@ -23,15 +23,16 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from ..nested import leaves
 
 __all__ = ["Val", "Op", "OpGraph", "capture", "kept_buffers"]
 
@@ -137,18 +138,7 @@ class OpGraph:
         return out
 
 
-def _flat(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _flat(o)
-    elif isinstance(obj, Mapping):
-        for o in obj.values():
-            yield from _flat(o)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # an output dataclass: its fields
-        for f in dataclasses.fields(obj):
-            yield from _flat(getattr(obj, f.name))
-    else:
-        yield obj
+_flat = leaves  # the finders' walk over nested outputs
 
 
 class _Capture(TorchFunctionMode):

@@ -755,15 +755,21 @@ class _Propagation:
         made = self.g.producer(obj.vid)
         return made is not None and made.name in _ZERO_MAKERS and not made.kwargs.get("fill_value")
 
+    def _against_zero(self, op: Op) -> _Carry | None:
+        """The units of a two-operand op whose other operand is 0 (either order), or None."""
+        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
+        units, other = (a, b) if isinstance(a, Val) and a.vid in self.state else (b, a)
+        if isinstance(units, Val) and units.vid in self.state and self._is_zero(other):
+            return self.state[units.vid]
+        return None
+
     def _sign_test(self, op: Op) -> None:
         """``x > 0`` (or ``0 < x``, ≥, <, ≤): a mask that a positive rescaling of x leaves
         unchanged, carried with degree 0; a comparison with anything else is a barrier."""
-        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
-        units, other = (a, b) if isinstance(a, Val) and a.vid in self.state else (b, a)
-        if not (isinstance(units, Val) and units.vid in self.state) or not self._is_zero(other):
+        carry = self._against_zero(op)
+        if carry is None:
             raise _Barrier("compares the units with a value other than 0 (not kept by their rescaling)")
-        shape = self.g.shapes[op.outputs[0]]
-        self.emit(op, self.state[units.vid].probe.expand(shape), False, 0.0)
+        self.emit(op, carry.probe.expand(self.g.shapes[op.outputs[0]]), False, 0.0)
 
     def _where(self, op: Op) -> None:
         """``torch.where(m, x, y)`` with m a degree-0 mask (``x > 0``) and x, y the units of one
@@ -786,11 +792,9 @@ class _Propagation:
 
     def _max_with_zero(self, op: Op) -> None:
         """``torch.maximum(x, 0)`` (or ``max`` / ``fmax``): ReLU."""
-        a, b = _arg(op, 0, "input"), _arg(op, 1, "other")
-        units, other = (a, b) if isinstance(a, Val) and a.vid in self.state else (b, a)
-        if not (isinstance(units, Val) and units.vid in self.state) or not self._is_zero(other):
+        carry = self._against_zero(op)
+        if carry is None:
             raise _Barrier(f"{op.name} with anything but 0 is not positively homogeneous")
-        carry = self.state[units.vid]
         self.emit(op, carry.probe.expand(self.g.shapes[op.outputs[0]]), False, carry.degree)
 
     # -- elementwise ------------------------------------------------------------------------
@@ -1541,26 +1545,25 @@ def _parameter_problem(pair: Pair, trainable: dict[str, bool], names_of: dict[st
     for name, fn in pair.incoming + pair.outgoing:
         if isinstance(fn, Sliced):
             sliced[name].add(fn.index)
-    if any(isinstance(fn, Sliced) for _, fn in pair.outgoing) and not any(isinstance(fn, Sliced) for _, fn in pair.incoming):
-        for name, indices in sorted(sliced.items()):
-            found = slice_uses.get(name, {})
+    # units reaching experts from outside (no slice among the incoming readers) need every
+    # expert's slice, each read once: then, whatever the routing, every expert undoes their rescaling
+    from_outside = any(isinstance(fn, Sliced) for _, fn in pair.outgoing) and not any(
+        isinstance(fn, Sliced) for _, fn in pair.incoming)
+    for name, indices in sorted(sliced.items()):
+        found = slice_uses.get(name, {})
+        whole = sum(taken for taken, _ in found.values()) != uses.get(name, 0)  # W read whole too
+        if from_outside:
             total = experts.get(name, 0)
             if indices != set(range(total)):
                 return (f"the units of {pair.producer} reach experts chosen per input (slices of {name}), and the "
                         f"example input reaches {len(indices)} of its {total}: the others read these units too, so "
                         "their law cannot be formed from it (pass an input whose tokens reach every expert)")
-            if sum(taken for taken, _ in found.values()) != uses.get(name, 0) or any(found.get(e) != (1, 1) for e in indices):
+            if whole or any(found.get(e) != (1, 1) for e in indices):
                 return (f"the units of {pair.producer} reach the experts of {name}, which is not read once per "
                         f"expert slice: the {pair.name} law does not hold")
-        # every expert's slice reads these units, once each: whatever the routing, the
-        # units' rescaling is undone in every expert
-        plain = tuple(n for n in pair.parameter_names if n not in sliced)
-        return _name_problem(tuple(sliced) + plain, pair.name, trainable, names_of, {**uses, **dict.fromkeys(sliced, 1)})
-    for name, indices in sliced.items():
-        found = slice_uses.get(name, {})
-        if sum(taken for taken, _ in found.values()) != uses.get(name, 0):
+        elif whole:
             return f"{name} is read whole as well as by expert slices: the {pair.name} law does not hold"
-        if len(indices) > 1 or any(found.get(e, (0, 0)) != (1, 1) for e in indices):
+        elif len(indices) > 1 or any(found.get(e, (0, 0)) != (1, 1) for e in indices):
             return f"{name}[{min(indices)}] is read by more than one op in forward: the {pair.name} law does not hold"
     plain = tuple(n for n in pair.parameter_names if n not in sliced)
     return _name_problem(tuple(sliced) + plain, pair.name, trainable, names_of, {**uses, **dict.fromkeys(sliced, 1)})
