@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from by_hand import group_residuals  # noqa: E402
+
 F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -782,27 +785,7 @@ def residuals(model, x, groups, seed):
     pulls = [pull(torch.randn(out.shape, generator=gen, dtype=out.dtype))[0] for _ in range(3)]
     if not all(bool(torch.isfinite(v).all()) for q in pulls for v in q.values()):
         return math.inf, {g.name: math.inf for g in groups}
-    worst, per = 0.0, {}
-    for g in groups:
-        names = list(dict.fromkeys(n for n in g.parameter_names if n in params))
-        Q = {k: v.clone().double().requires_grad_(k in names) for k, v in params.items()}
-        h = g.values(Q)
-        w = 0.0
-        for l in range(h.numel()):
-            gr = torch.autograd.grad(h[l], [Q[n] for n in names], retain_graph=True, allow_unused=True)
-            gh = torch.cat([(z if z is not None else torch.zeros_like(Q[n])).reshape(-1) for z, n in zip(gr, names)])
-            if gh.norm() == 0:
-                continue
-            for q in pulls:
-                gq = torch.cat([q[n].double().reshape(-1) for n in names])
-                full = float(torch.cat([v.double().reshape(-1) for v in q.values()]).norm())
-                den = float(gh.norm()) * max(float(gq.norm()), 1e-3 * full)
-                if den == 0:
-                    continue
-                w = max(w, abs(float(gh @ gq)) / den)
-        per[g.name] = w
-        worst = max(worst, w)
-    return worst, per
+    return group_residuals(groups, params, pulls)
 
 
 def _perturb(model, every_param, seed=11):
