@@ -630,12 +630,25 @@ def _redraws(work: nn.Module, slots: Sequence[ParameterSlot], seed: int) -> Iter
         yield random_theta(work, slots, torch.Generator().manual_seed(seed + 7919 * k))
 
 
+_DTYPE_EPS_NORMS = tuple(c for c in (getattr(nn, "RMSNorm", None),) if c is not None)
+"""Modules whose ``eps=None`` means the machine epsilon of the input's dtype (``nn.RMSNorm``)."""
+
+
+def _eps_value(sub: nn.Module, attr: str) -> float | None:
+    """The eps a normalization adds (``None`` on an ``nn.RMSNorm`` is the machine epsilon of
+    the count's float64), or None for an attribute that is no positive eps."""
+    value = getattr(sub, attr, None)
+    if value is None and attr == "eps" and isinstance(sub, _DTYPE_EPS_NORMS):
+        return torch.finfo(DTYPE).eps
+    return value if isinstance(value, float) and value > 0 else None
+
+
 def _eps_sites(work: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return [
         (name, sub, attr)
         for name, sub in work.named_modules()
         for attr in EPS_ATTRIBUTES
-        if isinstance(getattr(sub, attr, None), float) and getattr(sub, attr) > 0
+        if _eps_value(sub, attr) is not None
     ]
 
 
@@ -872,7 +885,7 @@ def count_laws(
         warnings.simplefilter("ignore", RankGapWarning)  # re-raised below, naming the count
         if eps is not None and eps_modules:
             work = _with_eps(work, float(eps))
-        smallest = min((getattr(sub, attr) for _, sub, attr in _eps_sites(work)), default=None)
+        smallest = min((_eps_value(sub, attr) for _, sub, attr in _eps_sites(work)), default=None)
         tiny = eps is None and smallest is not None and smallest < rtol
         if tiny:
             # an eps below the rank threshold (BERT / ViT / DeiT LayerNorms: 1e-12) breaks the

@@ -20,6 +20,10 @@ in a consumer, or breaks it (a barrier, whose reason is kept):
   keeps the units of its first half (the second is its sigmoid gate). A trainable per-feature
   gate γ ⊙ h (LayerScale) consumes the units. Only linear ops keep the mixing of the matrix
   law; an op that acts differently on different slices (``P @ V`` per head) splits its blocks.
+* **products of two sites** (:func:`_product_laws`): where a ⊙ b multiplies units of two sites
+  element by element and is the only way of those units to the output, scaling a unit u of
+  one by λ and the units w it meets by λ^(−k_a/k_b) is a symmetry whatever reads the product
+  (BitNet's relu(gate)² ⊙ up before a norm): ‖w_u‖² − (k_a/k_b)‖w_w‖² per set of units that meet;
 * **consumers**: ``F.linear`` / ``addmm`` / ``x @ W`` / a convolution with a trainable weight
   reading the unit axis (its columns become the outgoing rows; the rows of a transposed
   convolution's weight, which is also a site through its columns);
@@ -202,6 +206,7 @@ class _Carry:
     matrix: bool
     degree: float
     pure: bool = False  # only shape ops, casts, negation or numbers since the site: v ↦ v + b moves alike
+    via: frozenset[int] = frozenset()  # the products with another value (a ⊙ b) this carry came through
 
 
 @dataclass
@@ -227,6 +232,16 @@ class _Side:
 
 
 @dataclass
+class _Factor:
+    """One factor of an elementwise product a ⊙ b that carries a site's units."""
+
+    sid: int
+    operand: int  # 0 for a, 1 for b
+    probe: Tensor  # the unit at every element of the product (−1 for none)
+    degree: float
+
+
+@dataclass
 class _SiteState:
     site: _Site
     ties: list[int]
@@ -240,6 +255,10 @@ class _SiteState:
     # property, these units do not (partial rotary: the rotated coordinates of a head, cat with the others)
     unmixed: set[int] = field(default_factory=set)  # lost the mixing of a matrix law
     impure: set[int] = field(default_factory=set)  # moved by more than shape ops (see _Carry.pure)
+    # unit → the products a ⊙ b that every route of the unit (each barrier, consumer, score
+    # product it reaches) comes through: a product whose other factor is another site's is then
+    # the unit's only way to the output (see _product_laws)
+    through: dict[int, frozenset[int]] = field(default_factory=dict)
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -555,12 +574,14 @@ class _Propagation:
     """Follows one site through the graph (see the module docstring)."""
 
     def __init__(self, g: OpGraph, site: _Site, sides: dict[int, dict[str, list[tuple[int, _Side]]]],
-                 trainable: frozenset[str] = frozenset()) -> None:
+                 trainable: frozenset[str] = frozenset(), products: dict[int, list[_Factor]] | None = None) -> None:
         self.g = g
         self.trainable = trainable  # parameters that can take part in a rescaling (a gate)
         self.st = _SiteState(site, list(range(site.units)), [()] * site.units)
         self.sides = sides  # op index → {'A' | 'B': side}, shared by all propagations
+        self.products = {} if products is None else products  # op index → factors of a ⊙ b, shared too
         self.state: dict[int, _Carry] = {}
+        self._via: frozenset[int] = frozenset()  # the products every input of the current op came through
 
     def run(self) -> _SiteState:
         site, g = self.st.site, self.g
@@ -584,16 +605,24 @@ class _Propagation:
                 if isinstance(err, _Merge):
                     self.st.merges.append((err.op, err.probe, err.degree, reason))
                 for v in carried:
-                    self.kill(self.state[v].probe, reason)
+                    self.kill(self.state[v].probe, reason, self.state[v].via)
         for v in g.outputs:
             if v in self.state:
-                self.kill(self.state[v].probe, _OUTPUT)
+                self.kill(self.state[v].probe, _OUTPUT, self.state[v].via)
         return self.st
 
-    def kill(self, probe: Tensor, reason: str) -> None:
-        for u in _units(probe):
+    def kill(self, probe: Tensor, reason: str, via: frozenset[int]) -> None:
+        for u in self.route(probe, via):
             self.st.kills.setdefault(u, reason)
             self.st.reasons[u].add(reason)
+
+    def route(self, probe: Tensor, via: frozenset[int]) -> list[int]:
+        """Note that the units of ``probe`` end here (a barrier, a consumer, a score product),
+        having come through the products ``via``; returns those units."""
+        units = _units(probe)
+        for u in units:
+            self.st.through[u] = self.st.through[u] & via if u in self.st.through else via
+        return units
 
     def _op_text(self, op: Op) -> str:
         where = f" in {op.module}" if op.module else ""
@@ -626,8 +655,10 @@ class _Propagation:
             return {k: self.sub(v) for k, v in obj.items()}
         return obj
 
-    def emit(self, op: Op, out: Any, matrix: bool, degree: float, pure: bool = False) -> None:
+    def emit(self, op: Op, out: Any, matrix: bool, degree: float, pure: bool = False,
+             via: frozenset[int] | None = None) -> None:
         """Carry the probes of ``out`` (matching the op's outputs) onward."""
+        via = self._via if via is None else via
         probes = [out] if isinstance(out, Tensor) else [o for o in _flat(out) if isinstance(o, Tensor)]
         if len(probes) != len(op.outputs):
             raise _Barrier("could not follow the units through it")
@@ -635,7 +666,7 @@ class _Propagation:
             if tuple(p.shape) != self.g.shapes[v]:
                 raise _Barrier("could not follow the units through it (shape mismatch)")
             if bool((p >= 0).any()):
-                self.state[v] = _Carry(p.contiguous(), matrix, degree, pure)
+                self.state[v] = _Carry(p.contiguous(), matrix, degree, pure, via)
 
     def _fresh(self, op: Op) -> bool:
         """The tensor ``op`` modifies in place is read by ``op`` alone and is no view of
@@ -653,6 +684,7 @@ class _Propagation:
         elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
+        self._via = frozenset.intersection(*(c.via for c in cs))
         matrix = all(c.matrix for c in cs)
         degree = cs[0].degree
         pure = all(c.pure for c in cs)
@@ -859,10 +891,11 @@ class _Propagation:
                 # (a [C] or [C, 1, 1] γ); a [1, C, 1, 1] or [T, C] γ is read flattened
                 gshape = self.g.shapes[gate[2]]
                 layout = "rows" if math.prod(gshape[1:]) == 1 else "flat"
+                self.route(probe, carry.via)
                 self.st.uses.append(_Use(op.index, gate[0], layout, fiber, False, carry.degree))
                 return
         elif gate is not None:  # α · h: a constant factor per unit, and one more law
-            self.st.gates.append((op.index, gate[0], carry.degree, len(_units(probe))))
+            self.st.gates.append((op.index, gate[0], carry.degree, len(self.route(probe, carry.via))))
         matrix = carry.matrix
         if isinstance(other, Val):
             oshape = self.g.shapes[other.vid]
@@ -875,7 +908,12 @@ class _Propagation:
         # a number, or a tensor holding one value (DeBERTa's ``k / scale`` with a 0-d scale), scales a
         # shift of the units alike at every position (a tensor of several values may not)
         single = isinstance(other, (int, float)) or (isinstance(other, Val) and math.prod(self.g.shapes[other.vid]) == 1)
-        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and single)
+        via = None
+        if gate is None and not divide and isinstance(other, Val) and other.vid not in self.g.params:
+            # a ⊙ b: b may carry another site's units (see _product_laws)
+            self.products.setdefault(op.index, []).append(_Factor(self.st.site.sid, 0 if pa is not None else 1, probe, carry.degree))
+            via = carry.via | {op.index}
+        self.emit(op, probe.contiguous(), matrix, carry.degree, carry.pure and single, via)
 
     def _glu(self, op: Op, carried: list[int]) -> None:
         """``F.glu(x, dim)`` = a ⊙ σ(b) for the halves a, b of x: the units of a go on (a product
@@ -886,7 +924,7 @@ class _Propagation:
         dim = _arg(op, 1, "dim", -1) % c.probe.dim()
         kept, gate = c.probe.chunk(2, dim)
         self.kill(gate, f"{self._op_text(op)}: the gate half of glu passes through a sigmoid, which is not "
-                        "positively homogeneous")
+                        "positively homogeneous", c.via)
         self.emit(op, kept.contiguous(), False, c.degree)
 
     def _gate_entries(self, other: Any, probe: Tensor) -> tuple[str, Tensor, int] | None:
@@ -1026,6 +1064,7 @@ class _Propagation:
         fiber = flat[0]
         if not bool((flat == fiber).all()):
             raise _Barrier("reads different units at different positions (no column ↔ unit map)")
+        self.route(fiber, c.via)
         self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix and groups == 1, c.degree, groups, slice))
 
     def _matmul(self, op: Op, carried: list[int]) -> None:
@@ -1117,8 +1156,8 @@ class _Propagation:
         shape_b = g.shapes[b.vid] if isinstance(b, Val) else None
         if shape_a is None or shape_b is None:
             raise _Barrier(f"einsum '{eq}' with an operand that is not a tensor")
-        ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree, sa.pure)
-        cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree, sb.pure)
+        ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree, sa.pure, sa.via)
+        cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree, sb.pure, sb.via)
         out_shape = g.shapes[op.outputs[0]]
         canon_shape = tuple(out_shape[out_letters.index(ch)] for ch in canon)
         emitted = self._product(op, ca, cb, canon_shape)
@@ -1133,6 +1172,7 @@ class _Propagation:
 
     def _side(self, op: Op, which: str, c: _Carry, fibers: Tensor, batch: tuple[int, ...]) -> None:
         fibers = fibers.expand(*batch, fibers.shape[-1]).reshape(-1, fibers.shape[-1])
+        self.route(fibers, c.via)
         self.sides.setdefault(op.index, {}).setdefault(which, []).append((self.st.site.sid, _Side(fibers, c.matrix, c.degree, c.pure)))
 
     def _sdpa(self, op: Op, carried: list[int]) -> None:
@@ -1284,7 +1324,8 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
     return pairs, problems
 
 
-def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates: frozenset[str]) -> None:
+def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates: frozenset[str],
+                   products: dict[int, list[_Factor]]) -> None:
     """Residual streams (ICML 2025): where two sites are added together, unit c of one to unit c
     of the other at every position (a stem or a previous block, and a block's last layer),
     scaling both units c by λ keeps the sum's channel c scaled by λ, so the two sites make one
@@ -1314,7 +1355,7 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
         site = _Site(max(states) + 1, op_index, out, f"{a.site.name}+{b.site.name}", units, axis - pa.dim(),
                      a.site.readers + b.site.readers, False, a.site.kind, {**a.site.shifts, **b.site.shifts},
                      {**a.site.slices, **b.site.slices})
-        merged = _Propagation(g, site, sides, gates).run()
+        merged = _Propagation(g, site, sides, gates, products).run()
         merged.uses = a.uses + b.uses + merged.uses
         states[site.sid] = merged
         for st in (a, b):
@@ -1524,6 +1565,69 @@ def _pairing_laws(
     return pairs, claimed, None
 
 
+def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteState]) -> tuple[list[Pair], set[tuple[int, int]]]:
+    """Laws of two sites multiplied elementwise, a ⊙ b. Where unit u of one meets unit w of the
+    other, scaling u by λ and w by λ^(−k) with k = k_a/k_b (the homogeneity degrees of the two
+    factors) leaves the product unchanged; units that meet share their λ, so each connected set
+    of units that meet (one pair for a ⊙ b, every unit for an outer product) has one law,
+    Σ‖w_in,u‖² − k Σ‖w_in,w‖², whatever reads the product (BitNet's relu(gate)² ⊙ up before a
+    norm: ‖gate_j‖² − 2‖up_j‖²). It needs each of these units to meet units of the other factor
+    at every element it reaches, the product to be the only way of all of them to the output
+    (:attr:`_SiteState.through`), and units with no law of their own (else it is the difference
+    of theirs). Returns the laws and the (site, unit) pairs they cover."""
+    pairs: list[Pair] = []
+    covered: set[tuple[int, int]] = set()
+    for op_index, factors in sorted(products.items()):
+        sides = [sorted((f for f in factors if f.operand == i), key=lambda f: f.sid) for i in (0, 1)]
+        if not sides[0] or not sides[1] or sides[0][0].sid == sides[1][0].sid:
+            continue  # a factor of no site (a gate σ(g))
+        # a factor that is itself a product of sites (a ⊙ b ⊙ c) pairs through its first site only:
+        # the products of a chain then tie its sites in a tree, one law each, none dependent
+        fa, fb = sides[0][0], sides[1][0]
+        if fa.degree <= 0 or fb.degree <= 0:
+            continue
+        a, b = states[fa.sid], states[fb.sid]
+        pa, pb = fa.probe.reshape(-1), fb.probe.reshape(-1)
+        # a unit that meets a value of no unit somewhere (a constant, a gate) is scaled there alone
+        alone = {("a", u) for u in pa[(pa >= 0) & (pb < 0)].unique().tolist()}
+        alone |= {("b", w) for w in pb[(pb >= 0) & (pa < 0)].unique().tolist()}
+        met = torch.stack([pa, pb], 1)
+        met = met[(pa >= 0) & (pb >= 0)].unique(dim=0).tolist()
+        n = a.site.units
+        parent = list(range(n + b.site.units))  # a's units, then b's
+        for u, w in met:
+            _union(parent, u, n + w)
+        parts: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        for u in sorted({u for u, _ in met}):
+            parts[_find(parent, u)][0].append(u)
+        for w in sorted({w for _, w in met}):
+            parts[_find(parent, n + w)][1].append(w)
+        by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
+        for us, ws in parts.values():
+            if all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
+                   and len(st.members(x)) == 1 and (side, x) not in alone
+                   for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
+                by_size[(len(us), len(ws))].append((us, ws))
+        k = fa.degree / fb.degree
+        shifts = {**a.site.shifts, **b.site.shifts}
+        for (na, nb), found in sorted(by_size.items()):
+            us, ws = torch.tensor([p[0] for p in found]), torch.tensor([p[1] for p in found])
+            each = "unit pair" if na == nb == 1 else f"set of {na} + {nb} units that meet"
+            pairs.append(Pair(
+                producer=a.site.name, consumer=b.site.name, ops=(), kind=a.site.kind, degree=k, units=len(found),
+                positions=1, incoming=tuple(_incoming(a.site, us)), outgoing=tuple(_incoming(b.site, ws)),
+                consumers=(b.site.name,), consumer_positions=(1,),
+                label=f"{a.site.name}⊙{b.site.name}" + ("" if na == nb == 1 else f" ({na}+{nb})"),
+                reason=_shift_said(shifts, (
+                    f"elementwise product of {a.site.name} (positively {fa.degree:g}-homogeneous) and "
+                    f"{b.site.name} ({fb.degree:g}-homogeneous), their only way to the output: "
+                    f"‖w_{a.site.name}‖² − {k:g} ‖w_{b.site.name}‖² per {each}")),
+                shifts=tuple(shifts.items())))
+            covered.update((a.site.sid, u) for p in found for u in p[0])
+            covered.update((b.site.sid, w) for p in found for w in p[1])
+    return pairs, covered
+
+
 def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str,
              reason: str) -> Pair:
     shifts = {**a.shifts, **b.shifts}
@@ -1633,7 +1737,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     sites, skipped = _find_sites(g, {n for n, t in trainable.items() if t})
     sides: dict[int, dict[str, list[tuple[int, _Side]]]] = {}
     gates = frozenset(n for n, t in trainable.items() if t)
-    states = {s.sid: _Propagation(g, s, sides, gates).run() for s in sites}
+    products: dict[int, list[_Factor]] = {}
+    states = {s.sid: _Propagation(g, s, sides, gates, products).run() for s in sites}
     uses = g.param_uses()
     slice_uses = g.slice_uses()
     experts = {name: g.shapes[vid][0] for vid, name in g.params.items() if name in slice_uses and g.shapes[vid]}
@@ -1646,7 +1751,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     from .group_rules import find_law_groups  # group_rules reads this module's op tables
 
     extra = find_law_groups(model, g, states, sides, problem)
-    _merge_streams(g, states, sides, gates)
+    _merge_streams(g, states, sides, gates, products)
     pairs: list[Pair] = []
     claimed: dict[tuple[int, int], int] = defaultdict(int)
     pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
@@ -1675,6 +1780,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
                 states[sid].kills.setdefault(u, f"score product op {op_index} is not symmetric")
             continue
         pairs.extend(found)
+    joint, covered = _product_laws(products, states)
+    pairs.extend(joint)
     for st in states.values():
         alive = [u for u in range(st.site.units) if u not in st.kills and claimed.get((st.site.sid, u), 0) == 0]
         found, problems = _linear_laws(st, alive)
@@ -1688,7 +1795,8 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         skipped.extend(Skipped(st.site.name, None, f"{st.site.name}: {p}") for p in problems)
         reasons: dict[str, int] = defaultdict(int)
         for u, r in st.kills.items():
-            reasons[r] += 1
+            if (st.site.sid, u) not in covered:
+                reasons[r] += 1
         skipped.extend(Skipped(st.site.name, None, f"after {st.site.name}, {n} unit(s) stop at {r}")
                        for r, n in reasons.items() if r not in (_OUTPUT, _MERGED))
     kept: list[Pair] = []
