@@ -783,6 +783,26 @@ class Checked:
     note: str
 
 
+def _fallbacks_checked(model: nn.Module, example_input: Any, structure: Any, failed: list[Any]
+                       ) -> dict[str, list[tuple[Any, Verification]]]:
+    """For each failed module-level group, the op graph's pairs on the same incoming parameters
+    (:attr:`~torch_conslaw.structure.Structure.fallbacks`) that pass the same check, as groups."""
+    from ..lawgroups import build_groups
+
+    incoming = {g.name: frozenset(n for n, _ in g.pair.incoming) for g in failed if getattr(g, "pair", None) is not None}
+    options = [(name, p) for name, key in incoming.items() for p in getattr(structure, "fallbacks", [])
+               if frozenset(n for n, _ in p.incoming) == key]
+    if not options:
+        return {}
+    groups = build_groups([p for _, p in options])
+    checks = _again_off_special_points(model, example_input, groups, verify_groups(model, example_input, groups))
+    out: dict[str, list[tuple[Any, Verification]]] = {}
+    for (name, _), group, check in zip(options, groups, checks):
+        if check.passed:
+            out.setdefault(name, []).append((group, check))
+    return out
+
+
 def propose_and_check(
     model: nn.Module,
     structure: Any,
@@ -847,6 +867,7 @@ def propose_and_check(
         )
         return Checked(list(groups), list(skipped) + refused, {}, f"laws not verified: the check failed to run ({message})")
     verdict = {c.group: c for c in checks}
+    instead = _fallbacks_checked(model, example_input, structure, [g for g in claimed if not verdict[g.name].passed])
     kept, dropped = [], list(skipped) + refused
     rounding: list[str] | None = None  # looked for once, when a check fails by a rounding-sized residual
     for g in candidates:
@@ -868,11 +889,18 @@ def propose_and_check(
                     "arithmetic, refused at the model's precision (in a model of that lower precision the cast "
                     "changes nothing and the check skips it)"
                 )
+        tracked_instead = "".join(
+            f"; the op graph's law on the same parameters, {other.name} ({other.count} laws), passes and is tracked instead"
+            for other, _ in instead.get(g.name, []))
         dropped.append(Skipped(g.producer, g.consumer, (
             f"{g.name} fails the numerical check, so it is not tracked: max |cos(∇h, ∂fᵀu)| = "
             f"{check.residual:.1e} on the example input (threshold {check.threshold:.0e}){hint}; the "
-            f"rule that proposed it said: {g.reason}"
+            f"rule that proposed it said: {g.reason}{tracked_instead}"
         )))
+    for found in instead.values():
+        for other, check in found:
+            kept.append(other)
+            verdict[other.name] = check
     note = ""
     if any(not math.isfinite(c.residual) for c in checks):
         note = "laws not verified where the check read NaN / inf" + NOT_FINITE

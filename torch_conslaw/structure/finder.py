@@ -175,7 +175,10 @@ class Structure:
     the direct ``links`` from a layer to the one op that reads it (:class:`Link`), and
     ``graph_laws``: the linear and approximate law groups the op-graph rules propose on the
     example input (:class:`~torch_conslaw.structure.group_rules.GraphLawGroups`; None without
-    an example input)."""
+    an example input), and ``fallbacks``: the op graph's pairs set aside because a module-level
+    pair reads the same incoming parameters differently (other units, other consumers); the
+    numerical check tries them where that pair fails (a forward that writes into a layer's
+    output in place, which the module-level finder does not see)."""
 
     pairs: list[Pair]
     skipped: list[Skipped]
@@ -183,6 +186,7 @@ class Structure:
     ops: list[str]
     links: list[Link] = field(default_factory=list)
     graph_laws: Any = None
+    fallbacks: list[Pair] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"structure found with {self.method}: {len(self.ops)} ops"]
@@ -263,8 +267,9 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
     pairs += inner
     skipped += inner_skipped
     graph_laws = None
+    fallbacks: list[Pair] = []
     if example_input is not None:
-        pairs, skipped, graph_laws = _with_graph_laws(model, example_input, pairs, skipped)
+        pairs, skipped, graph_laws, fallbacks = _with_graph_laws(model, example_input, pairs, skipped)
     else:
         skipped += _overridden_layers(model)
     if not pairs and not skipped:
@@ -278,7 +283,7 @@ def find_structure(model: nn.Module, example_input: Any = None) -> Structure:
             )
         )
     ops = [n.name for n in nodes if n.kind not in ("input", "output")]
-    return Structure(pairs, skipped, method, ops, _direct_links(nodes), graph_laws)
+    return Structure(pairs, skipped, method, ops, _direct_links(nodes), graph_laws, fallbacks)
 
 
 def _overridden_layers(model: nn.Module) -> list[Skipped]:
@@ -316,7 +321,7 @@ def _direct_links(nodes: list[_Node]) -> list[Link]:
 
 def _with_graph_laws(
     model: nn.Module, example_input: Any, pairs: list[Pair], skipped: list[Skipped]
-) -> tuple[list[Pair], list[Skipped], Any]:
+) -> tuple[list[Pair], list[Skipped], Any, list[Pair]]:
     """Add the laws that the op-graph rules (:mod:`torch_conslaw.structure.rules`) find on
     ``example_input`` to those of the module-level finder. A law whose incoming parameters a
     module-level pair already reads is left to that pair (unless the op graph saw the model read
@@ -325,7 +330,9 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
     the op graph's reason (which names the op that breaks the symmetry and never advises
     registering a reshape or a product as an activation); other module-level skips stay. The
     law groups beyond pairs found on the same graph are returned as they are (the families
-    merge them with the module-level ones, :mod:`torch_conslaw.laws.families.proposals`)."""
+    merge them with the module-level ones, :mod:`torch_conslaw.laws.families.proposals`). The
+    op graph's pairs left to a module-level pair that reads them differently are returned last
+    (:attr:`Structure.fallbacks`)."""
     from .rules import StaleReadError, analyse_graph  # rules imports Pair / Skipped from here
 
     try:
@@ -337,18 +344,20 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
             "such a read sees, so no law is proposed for this model; write the op out of place "
             "(h = h + c instead of h.add_(c) / h += c) to have its laws found"
         )
-        return [], [Skipped(p.producer, p.consumer, reason) for p in pairs] or [Skipped(None, None, reason)], None
+        return [], [Skipped(p.producer, p.consumer, reason) for p in pairs] or [Skipped(None, None, reason)], None, []
     except Exception as err:  # the model itself ran on this input in the hooks path
         return pairs, skipped + [Skipped(None, None, (
             f"the op graph of {type(model).__name__} could not be captured on example_input "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{call_hint(example_input, err)}): "
-            "only module-level structure is used"))], None
+            "only module-level structure is used"))], None, []
     # a layer the model reads as γ + c (a LayerNorm subclass passing weight + 1): its
     # module-level pair, which reads γ, gives way to the op graph's
     shifted = {frozenset(n for n, _ in p.incoming) for p in graph_pairs if p.shifts}
     pairs = [p for p in pairs if frozenset(n for n, _ in p.incoming) not in shifted]
-    taken = {frozenset(n for n, _ in p.incoming) for p in pairs}
+    taken = {frozenset(n for n, _ in p.incoming): p for p in pairs}
     added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
+    fallbacks = [p for p in graph_pairs if (q := taken.get(frozenset(n for n, _ in p.incoming))) is not None
+                 and (p.units, {n for n, _ in p.outgoing}) != (q.units, {n for n, _ in q.outgoing})]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
     seen |= {c for p in graph_pairs for c in p.consumers}
     found = {name for p in added for name in p.producer.split("+")}  # a merged residual stream names each writer
@@ -362,7 +371,7 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
 
     kept = [s for s in skipped if s.producer is None or not superseded(s)]
     covered = {p.producer for p in pairs} | {s.producer for s in kept}
-    return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered], graph_laws
+    return pairs + added, kept + [s for s in graph_skipped if s.producer not in covered], graph_laws, fallbacks
 
 
 # ---------------------------------------------------------------------------------------------

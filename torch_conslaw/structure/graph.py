@@ -152,6 +152,8 @@ class _Capture(TorchFunctionMode):
         self.by_storage: dict[int, list[int]] = {}  # storage address → values recorded in it
         self.stale: dict[int, tuple[str, bool]] = {}  # value → (the in-place write that changed it, the write reads θ)
         self.depends: set[int] = set()  # values computed from a parameter
+        self.tensor_of: dict[int, Tensor] = {}  # value → the tensor that held it when recorded
+        self.made_by: dict[int, Op] = {}  # value → the op that wrote it
 
     def value(self, t: Tensor) -> int:
         """The value id of ``t``, registering parameters and unseen tensors (constants)."""
@@ -174,6 +176,7 @@ class _Capture(TorchFunctionMode):
             self.g.scalars[vid] = float(t.detach().reshape(()))
         self.vid_of[id(t)] = vid
         self.keep.append(t)
+        self.tensor_of[vid] = t
         key = _storage_key(t)
         if key is not None:
             self.by_storage.setdefault(key, []).append(vid)
@@ -213,6 +216,8 @@ class _Capture(TorchFunctionMode):
         if name.startswith("get_") and not isinstance(out, Tensor):
             return out  # x.shape, x.dtype, ...
         inplace = name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+        if name in ("__setitem__", "copy_") and args and isinstance(args[0], Tensor) and self._fill(name, args, kwargs, rargs):
+            return out
         outputs: list[int] = []
         if inplace and args and isinstance(args[0], Tensor):
             rout: Any = self.outs(args[0], outputs)  # the mutated tensor is a new value
@@ -241,8 +246,80 @@ class _Capture(TorchFunctionMode):
                 for v in self.by_storage.get(key, []) if key is not None else []:
                     if v not in outputs:  # every earlier value in the written memory now differs from its record
                         self.stale.setdefault(v, (where, reads_theta))
-            self.g.ops.append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
+            self._append(Op(len(self.g.ops), name, func, rargs, rkwargs, list(dict.fromkeys(inputs)), rout, outputs, module))
         return out
+
+    def _append(self, op: Op) -> None:
+        self.g.ops.append(op)
+        self.made_by.update(dict.fromkeys(op.outputs, op))
+
+    def _fill(self, name: str, args: tuple, kwargs: dict, rargs: tuple) -> bool:
+        """Record ``base[index] = src`` and ``base[index].copy_(src)`` as what they compute:
+        base′ = :func:`filled` (base, index, src), then the view again, base′[index], so what
+        the model reads afterwards holds src's values (DeepSeek-V3 assembles its keys as
+        ``k = x.new_empty(...); k[..., :d].copy_(k_nope); k[..., d:].copy_(k_rot)``). Returns
+        False (the write is recorded as it is) for any other form."""
+        if name == "__setitem__":
+            if len(rargs) != 3 or not isinstance(rargs[0], Val):
+                return False
+            base_val, index, src, view = rargs[0], rargs[1], rargs[2], None
+        else:
+            made = self.made_by.get(self.vid_of.get(id(args[0]), -1))
+            if len(rargs) != 2 or kwargs or made is None or made.name != "__getitem__" or len(made.args) != 2:
+                return False
+            base_val, index, src, view = made.args[0], made.args[1], rargs[1], args[0]
+            if not isinstance(base_val, Val) or self.vid_of.get(id(self.tensor_of.get(base_val.vid))) != base_val.vid:
+                return False  # the base was written again since the view was taken
+            if view._base is None or _storage_key(view) != _storage_key(self.tensor_of[base_val.vid]):
+                return False  # x[index_tensor] is a copy: writing into it leaves x as it is
+        base = self.tensor_of[base_val.vid]
+        reads = [base_val.vid] + value_ids((index, src))
+        module = self.stack[-1] if self.stack else ""
+        where = f"{name} (op {len(self.g.ops)}{', in ' + module if module else ''})"
+        stale = [self.stale[v][0] for v in reads if v in self.stale and v in self.depends]
+        if stale:
+            self.g.stale_reads.append(f"{where} reads a value that {stale[0]} wrote in place after it was taken")
+        reads_theta = any(v in self.depends for v in reads)
+        key = _storage_key(base)
+        before = list(self.by_storage.get(key, [])) if key is not None else []
+        new_base = self.new_value(base)
+        self._append(Op(len(self.g.ops), "__setitem__", filled, (base_val, index, src), {}, list(dict.fromkeys(reads)),
+                        Val(new_base), [new_base], module))
+        written = [new_base]
+        if view is not None:
+            new_view = self.new_value(view)
+            self._append(Op(len(self.g.ops), "__getitem__", Tensor.__getitem__, (Val(new_base), index), {},
+                            [new_base] + value_ids(index), Val(new_view), [new_view], module))
+            written.append(new_view)
+        if reads_theta:
+            self.depends.update(written)
+        for v in before:  # every earlier value in the written memory now differs from its record
+            self.stale.setdefault(v, (where, reads_theta))
+        return True
+
+
+def value_ids(obj: Any) -> list[int]:
+    """The value ids referenced in recorded arguments (tuples, lists and dicts of them)."""
+    if isinstance(obj, Val):
+        return [obj.vid]
+    if isinstance(obj, (tuple, list)):
+        return [v for o in obj for v in value_ids(o)]
+    if isinstance(obj, dict):
+        return [v for o in obj.values() for v in value_ids(o)]
+    return []
+
+
+def filled(base: Tensor, index: Any, src: Any) -> Tensor:
+    """``base`` with ``base[index] = src``, out of place: how the graph records an in-place fill.
+
+    Example:
+        >>> import torch
+        >>> filled(torch.zeros(2, 3), (slice(None), slice(1, None)), torch.ones(2, 2)).tolist()
+        [[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+    """
+    out = base.clone()
+    out[index] = src
+    return out
 
 
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "pin_memory"}

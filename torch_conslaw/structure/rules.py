@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from ..catalogue import RowReader
 from ..laws.families.rescaling import Columns, Flat, GroupedColumns, Rows, Sliced, Whole
 from .finder import Pair, Skipped
-from .graph import Op, OpGraph, Val, capture
+from .graph import Op, OpGraph, Val, value_ids, capture
 
 if TYPE_CHECKING:
     from .group_rules import GraphLawGroups
@@ -769,7 +769,32 @@ class _Propagation:
         if name in ("maximum", "fmax", "max") and len(op.args) + len(op.kwargs) == 2:  # torch.maximum(x, 0)
             self._max_with_zero(op)
             return
+        if name == "__setitem__":  # x[i] = v, x[i].copy_(v), recorded out of place (graph.filled)
+            self._setitem(op)
+            return
         raise _Barrier(f"{name} is not known to keep the rescaling of the units")
+
+    def _setitem(self, op: Op) -> None:
+        """base′ = base with base[index] = src: each operand's units stay where they are kept or
+        written (a key assembled in a fresh buffer from two layers' parts); the positions
+        overwritten by a value of no unit carry none."""
+        base, index, src = op.args
+        for v in value_ids(index):
+            if v in self.state:
+                raise _Barrier("the units index the write")
+            if v not in self.g.consts:
+                raise _Barrier("writes at positions the graph did not keep")
+        cs = [self.state[x.vid] for x in (base, src) if isinstance(x, Val) and x.vid in self.state]
+        if len({c.degree for c in cs}) > 1:
+            raise _Barrier("joins units of different homogeneity degrees")
+        shape = self.g.shapes[op.outputs[0]]
+        out = self.state[base.vid].probe.clone() if base.vid in self.state else torch.full(shape, -1, dtype=torch.long)
+        written = self.state[src.vid].probe if isinstance(src, Val) and src.vid in self.state else torch.tensor(-1)
+        try:
+            out[self.sub(index)] = written
+        except Exception as err:  # a replay that fails is a refusal, not a crash
+            raise _Barrier(f"could not replay it on the unit probe ({type(err).__name__})") from err
+        self.emit(op, out, all(c.matrix for c in cs), cs[0].degree)
 
     # -- ReLU written by hand -----------------------------------------------------------------
 
@@ -1462,10 +1487,48 @@ def _pairing_laws(
     op_index: int, entry: dict[str, list[tuple[int, _Side]]], states: dict[int, _SiteState]
 ) -> tuple[list[Pair], list[tuple[int, int]], str | None]:
     """Laws of the query/key units that one score product pairs position by position, the
-    units it claims, or the reason it gives none."""
-    if len(entry.get("A", [])) != 1 or len(entry.get("B", [])) != 1:
-        return [], [], "a factor of the score product is not computed by exactly one layer"
-    (sid_a, sa), (sid_b, sb) = entry["A"][0], entry["B"][0]
+    units it claims, or the reason it gives none. A factor computed by several layers, each on
+    its own positions of the contraction (DeepSeek's MLA: k = cat(k_nope from kv_b_proj, k_pe
+    from kv_a_proj_with_mqa)), splits the product into a sum over those positions, one pairing
+    of two layers each: a symmetry of one term leaves the others as they are."""
+    a_sides, b_sides = entry.get("A", []), entry.get("B", [])
+    if not a_sides or not b_sides:
+        return [], [], "a factor of the score product is not computed by any layer"
+    if len(a_sides) == len(b_sides) == 1:
+        return _pair_two(a_sides[0], b_sides[0], states)
+    owner_a, owner_b = _position_owner(a_sides), _position_owner(b_sides)
+    if owner_a is None or owner_b is None:
+        return [], [], ("a factor of the score product is computed by several layers that share positions of "
+                        "the contraction")
+    pairs: list[Pair] = []
+    claimed: list[tuple[int, int]] = []
+    for ia, ib in dict.fromkeys(zip(owner_a.tolist(), owner_b.tolist())):
+        cols = ((owner_a == ia) & (owner_b == ib)).nonzero().flatten()
+        (sid_a, sa), (sid_b, sb) = a_sides[ia], b_sides[ib]
+        found, units, problem = _pair_two(
+            (sid_a, _Side(sa.fibers[:, cols], sa.matrix, sa.degree, sa.pure)),
+            (sid_b, _Side(sb.fibers[:, cols], sb.matrix, sb.degree, sb.pure)), states)
+        if problem is not None:
+            return [], [], problem
+        pairs += found
+        claimed += units
+    return pairs, claimed, None
+
+
+def _position_owner(found: list[tuple[int, _Side]]) -> Tensor | None:
+    """For each position of the contraction, which of the layers ``found`` computes the factor
+    there, in every slice alike; None when a position has none, several, or changes hands."""
+    stacked = torch.stack([side.fibers >= 0 for _, side in found])  # [layers, slices, K]
+    if bool((stacked.sum(0) != 1).any()):
+        return None
+    owner = stacked.int().argmax(0)  # [slices, K]
+    return owner[0] if bool((owner == owner[0]).all()) else None
+
+
+def _pair_two(a_side: tuple[int, _Side], b_side: tuple[int, _Side], states: dict[int, _SiteState]
+              ) -> tuple[list[Pair], list[tuple[int, int]], str | None]:
+    """:func:`_pairing_laws` for a product whose factors are each computed by one layer."""
+    (sid_a, sa), (sid_b, sb) = a_side, b_side
     if sa.degree != 1.0 or sb.degree != 1.0:
         return [], [], "a factor of the score product is not linear in its units"
     qa, kb = sa.fibers, sb.fibers
