@@ -112,6 +112,7 @@ def test_a_key_from_two_layers_pairs_each_part_with_the_query():
 def test_a_key_filled_in_place_has_the_laws_of_the_concatenated_one(how):
     x = _input()
     reference = {(g.name, g.count) for g in _groups(_model("cat"), x)}
+    assert sum("q·k" in name for name, _ in reference) == 3
     model = _model(how)
     torch.testing.assert_close(model(x), _model("cat")(x), rtol=0, atol=0)
     groups = _groups(model, x)
