@@ -1515,6 +1515,20 @@ def _pairing_laws(
     return pairs, claimed, None
 
 
+def _same_product(a: dict[str, list[tuple[int, _Side]]], b: dict[str, list[tuple[int, _Side]]]) -> bool:
+    """Two score products whose factors carry the same units of the same layers at every
+    position: a symmetry of one is a symmetry of the other."""
+    def key(entry: dict[str, list[tuple[int, _Side]]], which: str) -> list[tuple[int, Tensor, float]]:
+        return sorted(((sid, side.fibers, side.degree) for sid, side in entry.get(which, [])), key=lambda t: t[0])
+
+    for which in ("A", "B"):
+        ka, kb = key(a, which), key(b, which)
+        if len(ka) != len(kb) or any(sa != sb or da != db or fa.shape != fb.shape or not torch.equal(fa, fb)
+                                     for (sa, fa, da), (sb, fb, db) in zip(ka, kb)):
+            return False
+    return True
+
+
 def _position_owner(found: list[tuple[int, _Side]]) -> Tensor | None:
     """For each position of the contraction, which of the layers ``found`` computes the factor
     there, in every slice alike; None when a position has none, several, or changes hands."""
@@ -1654,19 +1668,8 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
         # a unit that meets a value of no unit somewhere (a constant, a gate) is scaled there alone
         alone = {("a", u) for u in pa[(pa >= 0) & (pb < 0)].unique().tolist()}
         alone |= {("b", w) for w in pb[(pb >= 0) & (pa < 0)].unique().tolist()}
-        met = torch.stack([pa, pb], 1)
-        met = met[(pa >= 0) & (pb >= 0)].unique(dim=0).tolist()
-        n = a.site.units
-        parent = list(range(n + b.site.units))  # a's units, then b's
-        for u, w in met:
-            _union(parent, u, n + w)
-        parts: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-        for u in sorted({u for u, _ in met}):
-            parts[_find(parent, u)][0].append(u)
-        for w in sorted({w for _, w in met}):
-            parts[_find(parent, n + w)][1].append(w)
         by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
-        for us, ws in parts.values():
+        for us, ws in _meeting_sets(pa, pb, a.site.units, b.site.units):
             if all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
                    and len(st.members(x)) == 1 and (side, x) not in alone
                    for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
@@ -1689,6 +1692,80 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
             covered.update((a.site.sid, u) for p in found for u in p[0])
             covered.update((b.site.sid, w) for p in found for w in p[1])
     return pairs, covered
+
+
+def _meeting_sets(pa: Tensor, pb: Tensor, na: int, nb: int) -> list[tuple[list[int], list[int]]]:
+    """The connected sets of units of two factors that meet: (a's units, b's units), from the
+    unit of each factor at every element of their product (``pa``, ``pb``, flat; −1 for none)."""
+    met = torch.stack([pa, pb], 1)[(pa >= 0) & (pb >= 0)].unique(dim=0).tolist()
+    parent = list(range(na + nb))  # a's units, then b's
+    for u, w in met:
+        _union(parent, u, na + w)
+    parts: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for u in sorted({u for u, _ in met}):
+        parts[_find(parent, u)][0].append(u)
+    for w in sorted({w for _, w in met}):
+        parts[_find(parent, na + w)][1].append(w)
+    return list(parts.values())
+
+
+def _parameter_product_laws(g: OpGraph, trainable: frozenset[str]) -> list[Pair]:
+    """Two trainable parameters multiplied elementwise, p ⊙ q, each reached through shape ops
+    alone and read there only (DiffLlama's λ_q1 ⊙ λ_k1, a learned scale times a learned gain):
+    entries that meet share a scale, p_i → c p_i and q_j → q_j / c, so Σ p_i² − Σ q_j² is
+    conserved per connected set of entries that meet, whatever reads the product."""
+    uses = g.param_uses()
+    pairs: list[Pair] = []
+    for op in g.ops:
+        if op.index not in g.live or op.name not in _MUL or len(op.outputs) != 1 or len(op.args) + len(op.kwargs) != 2:
+            continue
+        shape = g.shapes[op.outputs[0]]
+        factors: list[tuple[str, Tensor]] = []
+        for x in (_arg(op, 0, "input"), _arg(op, 1, "other")):
+            behind = _param_behind(g, x, _SHAPE)
+            if behind is None:
+                break
+            v, chain = behind
+            name = g.params[v]
+            if (name not in trainable or uses.get(name) != 1 or any(len(g.users.get(o.outputs[0], [])) != 1 for o in chain)
+                    or any(value_ids((o.args[1:], o.kwargs)) for o in chain)):
+                break
+            index = torch.arange(math.prod(g.shapes[v])).view(g.shapes[v])
+            try:
+                for o in reversed(chain):
+                    index = o.func(index, *o.args[1:], **o.kwargs)
+                factors.append((name, torch.broadcast_to(index, shape).reshape(-1)))
+            except Exception:  # a shape op that cannot be replayed on indices
+                break
+        if len(factors) != 2 or factors[0][0] == factors[1][0]:
+            continue
+        (p, ip), (q, iq) = factors
+        sets = _meeting_sets(ip, iq, int(ip.max()) + 1, int(iq.max()) + 1)
+        readers = g.users.get(op.outputs[0], [])
+        if (len(readers) == 1 and g.ops[readers[0]].name == "sum" and math.prod(g.shapes[g.ops[readers[0]].outputs[0]]) == 1
+                and len(sets) > 1 and all(len(us) == len(ws) == 1 for us, ws in sets)):
+            # Σ_i p_i q_i alone reads the product: p → M p, q → M^(−T) q keeps it for any invertible M
+            us, ws = torch.tensor([f[0][0] for f in sets]), torch.tensor([f[1][0] for f in sets])
+            pairs.append(Pair(
+                producer=_module_of(p), consumer=_module_of(q), ops=(), kind="matrix", degree=1.0, units=len(sets),
+                positions=1, incoming=((p, Flat(Rows(us))),), outgoing=((q, Flat(Rows(ws))),),
+                consumers=(_module_of(q),), consumer_positions=(1,), label=f"{p}·{q}",
+                reason=f"the parameters {p} and {q} are read only by their dot product: p → Mp, q → M⁻ᵀq keeps it, "
+                       f"so {p} {p}ᵀ − {q} {q}ᵀ is conserved (upper triangle)"))
+            continue
+        by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
+        for us, ws in sets:
+            by_size[(len(us), len(ws))].append((us, ws))
+        for (na, nb), found in sorted(by_size.items()):
+            us, ws = torch.tensor([f[0] for f in found]), torch.tensor([f[1] for f in found])
+            each = "pair of entries" if na == nb == 1 else f"set of {na} + {nb} entries that meet"
+            pairs.append(Pair(
+                producer=_module_of(p), consumer=_module_of(q), ops=(), kind="unit", degree=1.0, units=len(found),
+                positions=1, incoming=((p, Flat(Rows(us))),), outgoing=((q, Flat(Rows(ws))),),
+                consumers=(_module_of(q),), consumer_positions=(1,), label=f"{p}⊙{q}",
+                reason=f"the parameters {p} and {q} are multiplied elementwise and read nowhere else: "
+                       f"Σ {p}_i² − Σ {q}_j² per {each}"))
+    return pairs
 
 
 def _pair_qk(a: _Site, b: _Site, kind: Any, units: int, inc: list[RowReader], out: list[RowReader], label: str,
@@ -1818,8 +1895,12 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
     pairs: list[Pair] = []
     claimed: dict[tuple[int, int], int] = defaultdict(int)
     pairing: list[tuple[int, list[Pair], list[tuple[int, int]]]] = []
+    seen: list[dict[str, list[tuple[int, _Side]]]] = []
     for op_index, entry in sorted(sides.items()):
         entry = _live_sides(entry, states)
+        if any(_same_product(entry, other) for other in seen):
+            continue  # the same scores computed again (DiffLlama's two attention calls): the same symmetry
+        seen.append(entry)
         found, units, problem = _pairing_laws(op_index, entry, states)
         for sid, side in entry.get("A", []) + entry.get("B", []):
             for u in _units(side.fibers):
@@ -1845,6 +1926,7 @@ def analyse_graph(model: nn.Module, example_input: Any) -> tuple[list[Pair], lis
         pairs.extend(found)
     joint, covered = _product_laws(products, states)
     pairs.extend(joint)
+    pairs.extend(_parameter_product_laws(g, gates))
     for st in states.values():
         alive = [u for u in range(st.site.units) if u not in st.kills and claimed.get((st.site.sid, u), 0) == 0]
         found, problems = _linear_laws(st, alive)
