@@ -783,13 +783,18 @@ class Checked:
     note: str
 
 
-def _fallbacks_checked(model: nn.Module, example_input: Any, structure: Any, failed: list[Any]
-                       ) -> dict[str, list[tuple[Any, Verification]]]:
-    """For each failed module-level group, the op graph's pairs on the same incoming parameters
-    (:attr:`~torch_conslaw.structure.Structure.fallbacks`) that pass the same check, as groups."""
+def _fallbacks_checked(model: nn.Module, example_input: Any, structure: Any, claimed: list[Any],
+                       verdict: dict[str, Verification]) -> dict[str, list[tuple[Any, Verification]]]:
+    """For each failed module-level group whose incoming parameters no passing group reads,
+    the op graph's pairs on those parameters (:attr:`~torch_conslaw.structure.Structure.fallbacks`)
+    that pass the same check, as groups."""
     from ..lawgroups import build_groups
 
-    incoming = {g.name: frozenset(n for n, _ in g.pair.incoming) for g in failed if getattr(g, "pair", None) is not None}
+    def key(g: Any) -> frozenset[str] | None:
+        return frozenset(n for n, _ in g.pair.incoming) if getattr(g, "pair", None) is not None else None
+
+    held = {key(g) for g in claimed if verdict[g.name].passed}
+    incoming = {g.name: key(g) for g in claimed if not verdict[g.name].passed and key(g) is not None and key(g) not in held}
     options = [(name, p) for name, key in incoming.items() for p in getattr(structure, "fallbacks", [])
                if frozenset(n for n, _ in p.incoming) == key]
     if not options:
@@ -867,7 +872,7 @@ def propose_and_check(
         )
         return Checked(list(groups), list(skipped) + refused, {}, f"laws not verified: the check failed to run ({message})")
     verdict = {c.group: c for c in checks}
-    instead = _fallbacks_checked(model, example_input, structure, [g for g in claimed if not verdict[g.name].passed])
+    instead = _fallbacks_checked(model, example_input, structure, claimed, verdict)
     kept, dropped = [], list(skipped) + refused
     rounding: list[str] | None = None  # looked for once, when a check fails by a rounding-sized residual
     for g in candidates:

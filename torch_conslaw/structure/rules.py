@@ -95,7 +95,7 @@ _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
 _ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
 _ADD_IN_PLACE = {"add_", "__iadd__", "sub_", "__isub__"}
-_SUM = {"sum": True, "mean": True, "amax": False, "max": False}
+_SUM = {"sum": True, "mean": True, "amax": False, "max": False, "amin": False, "min": False}
 _POOL = {
     "avg_pool1d": True, "avg_pool2d": True, "avg_pool3d": True, "adaptive_avg_pool1d": True,
     "adaptive_avg_pool2d": True, "adaptive_avg_pool3d": True, "max_pool1d": False,
@@ -1013,8 +1013,9 @@ class _Propagation:
             out = out.narrow(d, 0, 1)
             if not keep:
                 out = out.squeeze(d)
-        if op.name == "max" and len(op.outputs) == 2:
-            raise _Barrier("max with indices")
+        if len(op.outputs) == 2:  # x.max(dim): the positions of the maxima do not move when a unit is scaled by λ > 0
+            self.emit(op, (out, torch.full(out.shape, -1, dtype=torch.long)), False, c.degree)
+            return
         self.emit(op, out, c.matrix and linear, c.degree)
 
     def _pool(self, op: Op, carried: list[int], linear: bool) -> None:

@@ -1,0 +1,70 @@
+"""Max (or min) over positions, with its indices: ``h.max(dim=2)`` returns the values and the
+positions of the maxima. Scaling a channel by λ > 0 scales its maximum by λ and moves no
+position, so a max-over-time text CNN keeps ‖conv_c‖² + b_c² − ‖fc[:, c]‖². Checked with
+torch.func, one SGD step and the Lie-algebra count; a max over the channels stops the laws."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_conslaw as tc
+from tests.graph_helpers import law_residuals, seeded_randn, sgd_first_order, sync_monitor
+
+F64 = torch.float64
+
+
+class MaxOverTime(nn.Module):
+    """conv1d → ReLU → max over time (``how``: values and indices, .values, torch.max, min) → fc."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv, self.fc = nn.Conv1d(3, 5, 3), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if self.how == "values_and_indices":
+            v, idx = h.max(dim=2)
+            return self.fc(v) + 0.0 * idx[:, :2]
+        if self.how == "values":
+            return self.fc(h.max(dim=-1).values)
+        if self.how == "torch_max":
+            return self.fc(torch.max(h, 2)[0])
+        if self.how == "min_of_negated":
+            return self.fc(-(-h).min(dim=2).values)
+        return self.fc(h.max(dim=1).values.unsqueeze(1).expand(-1, 5, -1).mean(-1))  # over the channels
+
+
+def _model(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MaxOverTime(how).to(F64)
+
+
+@pytest.mark.parametrize("how", ["values_and_indices", "values", "torch_max", "min_of_negated"])
+def test_a_max_over_positions_keeps_the_channel_laws(how):
+    model, x = _model(how), seeded_randn(4, 3, 9, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = [g for g in sync_monitor(model, x).groups if g.name == "conv→fc"]
+    assert [g.count for g in groups] == [5]
+    assert law_residuals(model, x, groups, lambda out: out) < 1e-12
+    assert sgd_first_order(model, x, groups, lambda out: out) < 1e-12
+
+
+def test_the_count_agrees():
+    model, x = _model("values_and_indices"), seeded_randn(4, 3, 9, seed=1)
+    report = tc.analyze(model, x)
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 5, str(report)
+
+
+def test_a_max_over_the_channels_stops_them():
+    model, x = _model("over_channels"), seeded_randn(4, 3, 9, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = sync_monitor(model, x)
+    assert not [g for g in monitor.groups if g.name.startswith("conv→")]
+    assert any("reduces over the axis that carries the units" in s.reason for s in monitor.skipped)
