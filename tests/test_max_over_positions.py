@@ -1,7 +1,8 @@
 """Max (or min) over positions, with its indices: ``h.max(dim=2)`` returns the values and the
 positions of the maxima. Scaling a channel by λ > 0 scales its maximum by λ and moves no
-position, so a max-over-time text CNN keeps ‖conv_c‖² + b_c² − ‖fc[:, c]‖². Checked with
-torch.func, one SGD step and the Lie-algebra count; a max over the channels stops the laws."""
+position, so a max-over-time text CNN keeps ‖conv_c‖² + b_c² − ‖fc[:, c]‖². A max over units
+(maxout, a max over the channels) ties the units it takes together: they share one λ. Checked
+with torch.func, one SGD step and the Lie-algebra count."""
 
 from __future__ import annotations
 
@@ -61,10 +62,48 @@ def test_the_count_agrees():
     assert report.complete is True and report.tracked_rank == report.lie_laws == 5, str(report)
 
 
-def test_a_max_over_the_channels_stops_them():
+def test_a_max_over_the_channels_ties_them_into_one_law():
+    """max_c(λ h_c) = λ max_c h_c only when every channel gets the same λ: one law for the layer."""
     model, x = _model("over_channels"), seeded_randn(4, 3, 9, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        monitor = sync_monitor(model, x)
-    assert not [g for g in monitor.groups if g.name.startswith("conv→")]
-    assert any("reduces over the axis that carries the units" in s.reason for s in monitor.skipped)
+        groups = [g for g in sync_monitor(model, x).groups if g.name.startswith("conv→fc")]
+    assert [g.count for g in groups] == [1]
+    p = dict(model.named_parameters())
+    by_hand = p["conv.weight"].square().sum() + p["conv.bias"].square().sum() - p["fc.weight"].square().sum()
+    torch.testing.assert_close(groups[0].values(p), by_hand.reshape(1).detach(), rtol=0, atol=1e-13)
+    assert law_residuals(model, x, groups, lambda out: out) < 1e-12
+
+
+class Maxout(nn.Module):
+    """Maxout units (Goodfellow et al. 2013): the max over k pieces of a linear layer, pieces
+    laid out per unit (``view(n, C, k)``) or per piece (``view(n, k, C)``)."""
+
+    def __init__(self, k: int, per_piece: bool) -> None:
+        super().__init__()
+        self.k, self.per_piece = k, per_piece
+        self.l, self.fc = nn.Linear(4, 5 * k), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l(x)
+        if self.per_piece:
+            return self.fc(h.view(x.shape[0], self.k, 5).amax(1))
+        return self.fc(h.view(x.shape[0], 5, self.k).max(-1).values)
+
+
+@pytest.mark.parametrize("per_piece", [False, True])
+def test_maxout_units_keep_the_sum_over_their_pieces(per_piece):
+    torch.manual_seed(0)
+    model, x = Maxout(2, per_piece).to(F64), seeded_randn(16, 4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (group,) = [g for g in sync_monitor(model, x).groups if g.name.startswith("l→fc")]
+    p = dict(model.named_parameters())
+    rows = p["l.weight"].square().sum(1) + p["l.bias"].square()
+    pieces = rows.view(2, 5).sum(0) if per_piece else rows.view(5, 2).sum(1)
+    by_hand = pieces - p["fc.weight"].square().sum(0)
+    torch.testing.assert_close(group.values(p), by_hand.detach(), rtol=0, atol=1e-13)
+    assert law_residuals(model, x, [group], lambda out: out) < 1e-12
+    assert sgd_first_order(model, x, [group], lambda out: out) < 1e-12
+    report = tc.analyze(model, x)
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 5, str(report)

@@ -259,6 +259,9 @@ class _SiteState:
     # product it reaches) comes through: a product whose other factor is another site's is then
     # the unit's only way to the output (see _product_laws)
     through: dict[int, frozenset[int]] = field(default_factory=dict)
+    # units whose values a reduction over the units (maxout's max over the pieces of a unit)
+    # merged into the value of the tie class they joined there: they go on as that class
+    absorbed: set[int] = field(default_factory=set)
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -1005,9 +1008,12 @@ class _Propagation:
             raise _Barrier("reduces over every axis, including the units")
         dims = [dim] if isinstance(dim, int) else list(dim)
         dims = [d % c.probe.dim() for d in dims]
-        if set(dims) & set(_varying_axes(c.probe)):
-            raise _Barrier("reduces over the axis that carries the units (it mixes them)")
         keep = bool(_arg(op, 2, "keepdim", False))
+        if set(dims) & set(_varying_axes(c.probe)):
+            if op.name in ("sum", "mean"):  # mostly a norm's statistics: the barrier names the reduction
+                raise _Barrier("reduces over the axis that carries the units (it mixes them)")
+            self._reduce_units(op, c, dims, keep)
+            return
         out = c.probe
         for d in sorted(dims, reverse=True):
             out = out.narrow(d, 0, 1)
@@ -1017,6 +1023,27 @@ class _Propagation:
             self.emit(op, (out, torch.full(out.shape, -1, dtype=torch.long)), False, c.degree)
             return
         self.emit(op, out, c.matrix and linear, c.degree)
+
+    def _reduce_units(self, op: Op, c: _Carry, dims: list[int], keep: bool) -> None:
+        """A max or min over an axis that carries units (maxout: h.view(n, C, k).max(-1)):
+        scaling every unit it reduces together by the same λ > 0 scales the result by λ, so those
+        units are tied, and the result carries their tie class (as its smallest unit)."""
+        others = [d for d in range(c.probe.dim()) if d not in dims]
+        groups = c.probe.permute(*others, *dims).reshape(math.prod(c.probe.shape[d] for d in others), -1)
+        if bool((groups < 0).any()):
+            raise _Barrier("reduces units together with values that carry none")
+        for row in groups.unique(dim=0).tolist():
+            for u in row[1:]:
+                _union(self.st.ties, row[0], u)
+        rep = groups.min(1).values.reshape([c.probe.shape[d] for d in others])
+        for d in sorted(dims) if keep else []:
+            rep = rep.unsqueeze(d)
+        self.st.absorbed.update(set(groups.unique().tolist()) - set(rep.unique().tolist()))
+        probe = rep.contiguous()
+        if len(op.outputs) == 2:  # the positions of the maxima do not move either
+            self.emit(op, (probe, torch.full(probe.shape, -1, dtype=torch.long)), False, c.degree)
+            return
+        self.emit(op, probe, False, c.degree)
 
     def _pool(self, op: Op, carried: list[int], linear: bool) -> None:
         if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
@@ -1308,19 +1335,20 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
             if any(len(st.members(u)) > 1 for u in units):
                 matrix = False
             else:
-                groups[(sig, True, degree, key)].append(sorted(units))
+                groups[(sig, True, degree, key, 0)].append(sorted(units))
                 continue
         if not matrix:
             present = set(units)
             for u in units:
                 whole = st.members(u)
-                if u != min(whole):
+                if u != min(x for x in whole if x in present):
                     continue
-                if any(x not in present for x in whole):
+                if any(x not in present and not (x in st.absorbed and x not in by_unit) for x in whole):
                     problems.append(f"units {whole} are tied but reach different consumers")
                     continue
-                groups[(sig, False, degree, len(whole))].append(sorted(whole))
-    for (sig, matrix, degree, _), blocks in groups.items():
+                # a unit absorbed by a reduction reaches the consumers as its class: its rows count, no columns
+                groups[(sig, False, degree, len(whole), sum(x in present for x in whole))].append(sorted(whole))
+    for (sig, matrix, degree, *_), blocks in groups.items():
         uses = [next(x for x in st.uses if x.op == op_index) for op_index, _ in sig]
         if matrix:
             for units in blocks:
@@ -1336,11 +1364,12 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
                                    "matrix law [W b][W b]ᵀ − W_nextᵀ W_next of the block (upper triangle)"))
         else:
             idx = torch.tensor(blocks)  # [classes, members]
+            reaching = [[u for u in b if u not in st.absorbed or u in by_unit] for b in blocks]
             out = []
             for use in uses:
-                flat = _cols(use.fiber, [u for b in blocks for u in b])
+                flat = _cols(use.fiber, [u for b in reaching for u in b])
                 assert flat is not None  # the units of one signature read equally many columns
-                cols = flat.reshape(len(blocks), len(blocks[0]), -1)
+                cols = flat.reshape(len(blocks), len(reaching[0]), -1)
                 out.append(_outgoing(use, cols))
             tied = f" (units tied in classes of {idx.shape[1]})" if idx.shape[1] > 1 else ""
             pairs.append(_pair(site, uses, site.kind, degree, len(blocks), _incoming(site, idx), out,
