@@ -92,3 +92,32 @@ def test_random_ops_are_still_refused_not_looped():
 
     with pytest.raises(NotImplementedError, match="draws random numbers"):
         tc.count_laws(Noisy().to(F64).eval(), torch.randn(16, 3, dtype=F64), theta="random")
+
+
+class Accumulated(nn.Module):
+    """A ReLU MLP whose output is accumulated into a tensor made inside the forward, in place
+    (``out = torch.zeros(...); out += f(x)``: vmap cannot write a batched value into it) or not."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 2, dtype=x.dtype)
+        if self.in_place:
+            out += self.b(torch.relu(self.a(x)))
+            return out
+        return out + self.b(torch.relu(self.a(x)))
+
+
+def test_an_in_place_accumulation_is_counted_one_row_at_a_time():
+    x = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    counts = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            counts.append(tc.count_laws(Accumulated(in_place).to(F64), x, theta="random").n_laws)
+        assert any("one parameter point and one cotangent at a time" in str(w.message) for w in caught) == in_place
+    assert counts == [4, 4]  # one law per hidden ReLU unit

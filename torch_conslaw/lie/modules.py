@@ -61,11 +61,15 @@ UNBATCHABLE = (
     "differently shaped Tensor",
     "calling .item() on a Tensor",
     "data-dependent control flow",
+    "inplace arithmetic",
+    "doesn't match the broadcast shape",
 )
 """Messages of ``torch.func.vmap`` for a model that cannot be evaluated as one stack (an op
 without a batching rule, a shape or a branch that depends on the values: an MoE router's
-``nonzero`` / ``where`` dispatch, ``.item()``, ``if x.any():``). Random ops are not among them:
-a model that draws numbers is refused, not looped."""
+``nonzero`` / ``where`` dispatch, ``.item()``, ``if x.any():``; an in-place write of a value
+that depends on θ into a tensor made inside the forward, ``out = torch.zeros(...); out += f(x)``,
+which vmap cannot batch). Row by row, a model with a real shape error raises it again. Random
+ops are not among them: a model that draws numbers is refused, not looped."""
 
 
 def unbatchable(err: BaseException) -> str | None:
