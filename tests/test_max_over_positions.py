@@ -107,3 +107,29 @@ def test_maxout_units_keep_the_sum_over_their_pieces(per_piece):
     assert sgd_first_order(model, x, [group], lambda out: out) < 1e-12
     report = tc.analyze(model, x)
     assert report.complete is True and report.tracked_rank == report.lie_laws == 5, str(report)
+
+
+class ElementwiseMinMax(nn.Module):
+    """torch.max(h, 0) written with two tensors (a ReLU by hand) on one branch; torch.min(g, c)
+    of a constant c on another: an elementwise op, not a reduction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+        self.c, self.d = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        g = self.c(x)
+        return self.b(torch.max(h, torch.zeros_like(h))) + self.d(torch.min(g, torch.full_like(g, 0.5)))
+
+
+def test_an_elementwise_max_is_a_relu_and_an_elementwise_min_stops_only_its_units():
+    torch.manual_seed(0)
+    model, x = ElementwiseMinMax().to(F64), seeded_randn(8, 4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor = sync_monitor(model, x)
+    assert [(g.name, g.count) for g in monitor.groups if g.name.startswith(("a→", "c→"))] == [("a→b", 5)]
+    assert any("elementwise minimum" in s.reason for s in monitor.skipped)
+    assert law_residuals(model, x, [g for g in monitor.groups if g.name == "a→b"], lambda out: out) < 1e-12

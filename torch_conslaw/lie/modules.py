@@ -950,8 +950,9 @@ def count_laws(
         )
     if unbatched:
         notes.append(
-            f"torch.func.vmap cannot batch the model ({unbatched[0]}; a data-dependent dispatch such as an MoE "
-            "router's): the count evaluated it one parameter point and one cotangent at a time, the same "
+            f"torch.func.vmap cannot batch the model ({unbatched[0]}; e.g. a data-dependent dispatch such as an MoE "
+            "router's, or an in-place write into a tensor the forward made): the count evaluated it one parameter "
+            "point and one cotangent at a time, the same "
             "count at a higher cost (raise max_seconds for a larger model)"
         )
     constant = [c for c in recorder.calls if c.dead or c.always_active]

@@ -609,6 +609,10 @@ class _Propagation:
                     self.st.merges.append((err.op, err.probe, err.degree, reason))
                 for v in carried:
                     self.kill(self.state[v].probe, reason, self.state[v].via)
+            except Exception as err:  # a rule that cannot read this op's arguments: the units stop here, no other law is lost
+                reason = f"{self._op_text(op)}: could not follow the units through it ({type(err).__name__}: {err})"
+                for v in carried:
+                    self.kill(self.state[v].probe, reason, self.state[v].via)
         for v in g.outputs:
             if v in self.state:
                 self.kill(self.state[v].probe, _OUTPUT, self.state[v].via)
@@ -1004,6 +1008,11 @@ class _Propagation:
             raise _Barrier("the units are not its main input")
         c = self.state[carried[0]]
         dim = _arg(op, 1, "dim")
+        if op.name in ("max", "min") and isinstance(dim, (Val, float)):  # torch.max(x, y): elementwise, not a reduction
+            if op.name == "max":
+                self._max_with_zero(op)
+                return
+            raise _Barrier("an elementwise minimum with another value")
         if dim is None or isinstance(dim, torch.dtype):
             raise _Barrier("reduces over every axis, including the units")
         dims = [dim] if isinstance(dim, int) else list(dim)
