@@ -130,3 +130,27 @@ def test_the_monitor_records_them_through_training():
     p = dict(model.named_parameters())
     torch.testing.assert_close(torch.as_tensor(history["alpha⊙gain/values"][-1]),
                                (p["alpha"] ** 2 - p["gain"].square().sum()).reshape(1).detach(), rtol=0, atol=1e-14)
+
+
+class TwiceAttentionOnceRectified(nn.Module):
+    """softmax(q kᵀ) and softmax(relu(q) kᵀ): the second product keeps per-unit scalings only
+    (relu(q M) ≠ relu(q) M), so no matrix law may come from the first."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        out1 = F.softmax(q @ k.transpose(-1, -2), -1) @ v
+        out2 = F.softmax(torch.relu(q) @ k.transpose(-1, -2), -1) @ v
+        return self.o(out1 + out2)
+
+
+def test_scores_computed_again_through_a_rectifier_keep_no_matrix_law():
+    torch.manual_seed(0)
+    model, x = TwiceAttentionOnceRectified().to(F64), seeded_randn(2, 5, 4, seed=1)
+    proposed, _ = tc.find_graph_laws(model, x)  # the rules' proposals, before the numerical check
+    assert not [p for p in proposed if "q·k" in p.label and p.kind == "matrix"]
+    groups = _groups(model, x)
+    assert law_residuals(model, x, list(groups.values()), lambda out: out) < 1e-12

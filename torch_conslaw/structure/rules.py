@@ -1556,14 +1556,17 @@ def _pairing_laws(
 
 def _same_product(a: dict[str, list[tuple[int, _Side]]], b: dict[str, list[tuple[int, _Side]]]) -> bool:
     """Two score products whose factors carry the same units of the same layers at every
-    position: a symmetry of one is a symmetry of the other."""
-    def key(entry: dict[str, list[tuple[int, _Side]]], which: str) -> list[tuple[int, Tensor, float]]:
-        return sorted(((sid, side.fibers, side.degree) for sid, side in entry.get(which, [])), key=lambda t: t[0])
+    position, each factor with the same properties (degree, mixing kept, shape ops only): a
+    symmetry of one is a symmetry of the other (DiffLlama's two attention calls; Nyströmformer's
+    landmark products, whose factors are means of q and k over segments, linear in their units)."""
+    def key(entry: dict[str, list[tuple[int, _Side]]], which: str) -> list[tuple[int, Tensor, tuple]]:
+        return sorted(((sid, side.fibers, (side.degree, side.matrix, side.pure)) for sid, side in entry.get(which, [])),
+                      key=lambda t: t[0])
 
     for which in ("A", "B"):
         ka, kb = key(a, which), key(b, which)
-        if len(ka) != len(kb) or any(sa != sb or da != db or fa.shape != fb.shape or not torch.equal(fa, fb)
-                                     for (sa, fa, da), (sb, fb, db) in zip(ka, kb)):
+        if len(ka) != len(kb) or any(sa != sb or pa != pb or fa.shape != fb.shape or not torch.equal(fa, fb)
+                                     for (sa, fa, pa), (sb, fb, pb) in zip(ka, kb)):
             return False
     return True
 
