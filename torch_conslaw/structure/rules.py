@@ -1556,11 +1556,11 @@ def _pairing_laws(
 
 def _same_product(a: dict[str, list[tuple[int, _Side]]], b: dict[str, list[tuple[int, _Side]]]) -> bool:
     """Two score products whose factors carry the same units of the same layers at every
-    position, each factor with the same properties (degree, mixing kept, shape ops only): a
+    position, each factor with the same properties (homogeneity degree, mixing kept): a
     symmetry of one is a symmetry of the other (DiffLlama's two attention calls; Nyströmformer's
     landmark products, whose factors are means of q and k over segments, linear in their units)."""
     def key(entry: dict[str, list[tuple[int, _Side]]], which: str) -> list[tuple[int, Tensor, tuple]]:
-        return sorted(((sid, side.fibers, (side.degree, side.matrix, side.pure)) for sid, side in entry.get(which, [])),
+        return sorted(((sid, side.fibers, (side.degree, side.matrix)) for sid, side in entry.get(which, [])),
                       key=lambda t: t[0])
 
     for which in ("A", "B"):
