@@ -259,6 +259,9 @@ class _SiteState:
     # product it reaches) comes through: a product whose other factor is another site's is then
     # the unit's only way to the output (see _product_laws)
     through: dict[int, frozenset[int]] = field(default_factory=dict)
+    # units with a route that is no residual-stream merge (a consumer, a barrier, the output...):
+    # after a merge (see _merge_streams) the stream's units still end there too
+    elsewhere: set[int] = field(default_factory=set)
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -605,23 +608,26 @@ class _Propagation:
                 if isinstance(err, _Merge):
                     self.st.merges.append((err.op, err.probe, err.degree, reason))
                 for v in carried:
-                    self.kill(self.state[v].probe, reason, self.state[v].via)
+                    self.kill(self.state[v].probe, reason, self.state[v].via, isinstance(err, _Merge))
         for v in g.outputs:
             if v in self.state:
                 self.kill(self.state[v].probe, _OUTPUT, self.state[v].via)
         return self.st
 
-    def kill(self, probe: Tensor, reason: str, via: frozenset[int]) -> None:
-        for u in self.route(probe, via):
+    def kill(self, probe: Tensor, reason: str, via: frozenset[int], merge: bool = False) -> None:
+        for u in self.route(probe, via, merge):
             self.st.kills.setdefault(u, reason)
             self.st.reasons[u].add(reason)
 
-    def route(self, probe: Tensor, via: frozenset[int]) -> list[int]:
-        """Note that the units of ``probe`` end here (a barrier, a consumer, a score product),
-        having come through the products ``via``; returns those units."""
+    def route(self, probe: Tensor, via: frozenset[int], merge: bool = False) -> list[int]:
+        """Note that the units of ``probe`` end here (a barrier, a consumer, a score product,
+        an add that may merge residual streams), having come through the products ``via``;
+        returns those units."""
         units = _units(probe)
         for u in units:
             self.st.through[u] = self.st.through[u] & via if u in self.st.through else via
+        if not merge:
+            self.st.elsewhere.update(units)
         return units
 
     def _op_text(self, op: Op) -> str:
@@ -869,7 +875,13 @@ class _Propagation:
     def _mul(self, op: Op, carried: list[int], divide: bool) -> None:
         a, b = self._operands(op)
         shape = self.g.shapes[op.outputs[0]]
-        pa, pb = self._probe_of(a, shape), self._probe_of(b, shape)
+        self._times(op, a, b, self._probe_of(a, shape), self._probe_of(b, shape), shape, divide)
+
+    def _times(self, op: Op, a: Any, b: Any, pa: Tensor | None, pb: Tensor | None, shape: tuple[int, ...],
+               divide: bool, aligned: dict[int, tuple[int, ...]] | None = None) -> None:
+        """``a * b`` (``a / b``) with the probes ``pa``, ``pb`` of the operands at every element of
+        the product (None: the operand carries no unit); ``aligned``: value id → its shape with the
+        axes of the product (size 1 where it has none), when not broadcast from the right (einsum)."""
         if divide and pb is not None:
             raise _Barrier("divides by the units")
         if pa is not None and pb is not None:
@@ -898,7 +910,7 @@ class _Propagation:
             self.st.gates.append((op.index, gate[0], carry.degree, len(self.route(probe, carry.via))))
         matrix = carry.matrix
         if isinstance(other, Val):
-            oshape = self.g.shapes[other.vid]
+            oshape = (aligned or {}).get(other.vid, self.g.shapes[other.vid])
             if len(oshape) > 0:
                 padded = (1,) * (len(shape) - len(oshape)) + tuple(oshape)
                 if any(padded[d] > 1 for d in _varying_axes(probe)):
@@ -1127,8 +1139,9 @@ class _Propagation:
         index, every other index kept; followed as ``A @ B`` with the operands' axes moved to
         (batch, row, contraction) / (batch, contraction, column), so ``bhqd,bhkd->bhqk`` and
         ``bhqk,bhkd->bhqd`` give the same pairings and blocks as ``q @ kᵀ`` and ``P @ V``. A
-        parameter operand is a consumer (``bti,io->bto``). Anything else is refused, naming
-        the equation."""
+        parameter operand is a consumer (``bti,io->bto``). One that sums over nothing
+        (``ni,ni->ni``, ``ni,nj->nij``) is an elementwise (outer) product, followed as ``a * b``.
+        Anything else is refused, naming the equation."""
         eq = op.args[0] if op.args else op.kwargs.get("equation")
         operands = list(op.args[1:])
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -1145,6 +1158,20 @@ class _Propagation:
                         raise _Barrier(f"einsum '{eq}' {form}")
                     self._use(op, self.state[x.vid], g.params[w.vid], form[1], form[0])
                     return
+        if (len(operands) == 2 and all(isinstance(x, Val) and _param_behind(g, x, _SHAPE) is None for x in operands)
+                and (form := _elementwise_form(eq))):
+            # 'ni,ni->ni', 'ni,nj->nij': an elementwise (outer) product of two values that are no
+            # parameters (a gate is read broadcast from the right), followed as a * b
+            out_letters, out_shape = form[2], g.shapes[op.outputs[0]]
+            aligned, probes = {}, []
+            for x, letters in zip(operands, form[:2]):
+                sx = g.shapes[x.vid]
+                aligned[x.vid] = tuple(sx[letters.index(ch)] if ch in letters else 1 for ch in out_letters)
+                perm = [letters.index(ch) for ch in out_letters if ch in letters]
+                probes.append(self.state[x.vid].probe.expand(sx).permute(perm).reshape(aligned[x.vid]).expand(out_shape)
+                              if x.vid in self.state else None)
+            self._times(op, operands[0], operands[1], probes[0], probes[1], out_shape, False, aligned)
+            return
         spec = _matmul_form(eq, len(operands))
         if isinstance(spec, str):
             raise _Barrier(f"einsum '{eq}' {spec}")
@@ -1357,6 +1384,12 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
                      {**a.site.slices, **b.site.slices})
         merged = _Propagation(g, site, sides, gates, products).run()
         merged.uses = a.uses + b.uses + merged.uses
+        # a unit of the stream that also ends elsewhere before the sum (h = W1 x read by W2 in
+        # h + W2 relu(h)) has more ways to the output than those the merged site follows: a
+        # product after the sum is not its only way (_product_laws)
+        merged.elsewhere |= a.elsewhere | b.elsewhere
+        for u in a.elsewhere | b.elsewhere:
+            merged.through[u] = frozenset()
         states[site.sid] = merged
         for st in (a, b):
             st.kills.update(dict.fromkeys(range(units), _MERGED))
@@ -1364,6 +1397,20 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
             if later not in events:
                 heapq.heappush(pending, later)
             events[later].append((merged, probe, degree, reason))
+
+
+def _elementwise_form(eq: str) -> tuple[str, str, str] | None:
+    """The index letters of both operands and of the output of an einsum of two operands that
+    sums over nothing (each index once per operand and once in the output: ``ni,ni->ni``,
+    ``ni,nj->nij``); None for any other equation."""
+    if eq.count("->") != 1 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if (len(ins) != 2 or len(set(out)) != len(out) or set(out) != set(ins[0]) | set(ins[1])
+            or any(len(set(x)) != len(x) for x in ins)):
+        return None
+    return ins[0], ins[1], out
 
 
 def _unit_axis(probe: Tensor, units: int) -> int | None:
