@@ -4,6 +4,8 @@
   s = h + W2 relu(h); tanh(s ⊙ W3 x)) was proposed as a law of the merged stream w1+w2 with
   w3 (the numerical check refused it, residual 4e-2): scaling unit c of the stream must also
   scale the column c of W2 that reads h, so the product is not the unit's only way to the output.
+* ``a.mul_(b)`` / ``a *= b`` on an ``a`` that nothing else reads is ``a * b`` (as ``add_`` and
+  ``relu_`` already were): its product law (before: 'an in-place op on the units').
 * ``torch.einsum`` that sums over nothing ('ni,ni->ni', 'ni,nj->nij') is an elementwise (outer)
   product: it now keeps the product laws of ``a * b`` (before: refused, "does not contract
   exactly one index").
@@ -51,6 +53,12 @@ def _einsum_hadamard(m, x):
 
 def _einsum_outer(m, x):
     return torch.tanh(torch.einsum("ni,nj->nij", F.linear(x, m.wa), F.linear(x, m.wb, m.bb)).flatten(1))
+
+
+def _in_place(m, x):
+    a = F.linear(x, m.wa)
+    a *= F.linear(x, m.wb, m.bb)
+    return torch.tanh(a)
 
 
 def _input(seed: int = 1) -> torch.Tensor:
@@ -131,4 +139,14 @@ def test_einsum_outer_product_is_one_law():
     p = dict(model.named_parameters())
     by_hand = p["wa"].square().sum() - p["wb"].square().sum() - p["bb"].square().sum()
     torch.testing.assert_close(groups[0].values(p), by_hand.detach().reshape(1), rtol=0, atol=1e-14)
+    assert _residual(model, x, groups[0].values) < 1e-12
+
+
+def test_in_place_product_of_a_fresh_value_is_a_product():
+    model, x = _model(_in_place, wa=(6, 5), wb=(6, 5), bb=(6,)), _input()
+    groups = [g for g in _monitor(model, x).groups if "⊙" in g.name]
+    assert [(g.name, g.count) for g in groups] == [("wa⊙wb", 6)]  # before: none
+    p = dict(model.named_parameters())
+    by_hand = _rows(p, "wa") - _rows(p, "wb") - p["bb"].square()
+    torch.testing.assert_close(groups[0].values(p), by_hand.detach(), rtol=0, atol=1e-14)
     assert _residual(model, x, groups[0].values) < 1e-12

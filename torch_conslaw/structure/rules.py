@@ -95,6 +95,7 @@ _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
 _ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
 _ADD_IN_PLACE = {"add_", "__iadd__", "sub_", "__isub__"}
+_MUL_IN_PLACE = {"mul_", "__imul__"}  # y *= x: as y * x on a y that nothing else reads (see _Propagation._fresh)
 _SUM = {"sum": True, "mean": True, "amax": False, "max": False}
 _POOL = {
     "avg_pool1d": True, "avg_pool2d": True, "avg_pool3d": True, "adaptive_avg_pool1d": True,
@@ -685,8 +686,8 @@ class _Propagation:
 
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
-        if (name in _ADD_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
-            pass  # y += x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
+        if (name in _ADD_IN_PLACE or name in _MUL_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
+            pass  # y += x, y *= x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
         elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
@@ -734,7 +735,7 @@ class _Propagation:
             k = self._homogeneous_degree(op)
             self.emit(op, cs[0].probe, False, degree * k)
             return
-        if name in _MUL or name in _DIV:
+        if name in _MUL or name in _DIV or name in _MUL_IN_PLACE:
             self._mul(op, carried, name in _DIV)
             return
         if name == "glu":
