@@ -6,6 +6,10 @@
   scale the column c of W2 that reads h, so the product is not the unit's only way to the output.
 * ``a.mul_(b)`` / ``a *= b`` on an ``a`` that nothing else reads is ``a * b`` (as ``add_`` and
   ``relu_`` already were): its product law (before: 'an in-place op on the units').
+* Two disjoint sets of units of one site multiplied (``a, b = W x .chunk(2)``; relu(a)² ⊙ b
+  before a LayerNorm, a fused relu² GLU) keep ‖W_u‖² − 2‖W_(h+u)‖² (before: no law, 'the
+  same site'); a half that also reaches the output another way, or a unit tied to more than
+  the pair (a ⊙ b ⊙ c of one chunk(3)), gets none.
 * ``torch.einsum`` that sums over nothing ('ni,ni->ni', 'ni,nj->nij') is an elementwise (outer)
   product: it now keeps the product laws of ``a * b`` (before: refused, "does not contract
   exactly one index").
@@ -59,6 +63,21 @@ def _in_place(m, x):
     a = F.linear(x, m.wa)
     a *= F.linear(x, m.wb, m.bb)
     return torch.tanh(a)
+
+
+def _fused_relu2(m, x):
+    a, b = F.linear(x, m.w, m.bw).chunk(2, -1)
+    return F.linear(F.layer_norm(F.relu(a) ** 2 * b, (6,)), m.wo)
+
+
+def _fused_half_elsewhere(m, x):
+    a, b = F.linear(x, m.w).chunk(2, -1)
+    return torch.tanh(a * b) + b
+
+
+def _fused_three(m, x):
+    a, b, c = F.linear(x, m.w).chunk(3, -1)
+    return torch.tanh(a * b * c)
 
 
 def _input(seed: int = 1) -> torch.Tensor:
@@ -150,3 +169,26 @@ def test_in_place_product_of_a_fresh_value_is_a_product():
     by_hand = _rows(p, "wa") - _rows(p, "wb") - p["bb"].square()
     torch.testing.assert_close(groups[0].values(p), by_hand.detach(), rtol=0, atol=1e-14)
     assert _residual(model, x, groups[0].values) < 1e-12
+
+
+def test_disjoint_units_of_one_site_multiplied_keep_a_product_law():
+    model, x = _model(_fused_relu2, w=(12, 5), bw=(12,), wo=(2, 6)), _input()
+    groups = [g for g in _monitor(model, x).groups if "⊙" in g.name]
+    assert [(g.name, g.count, g.degree) for g in groups] == [("w⊙w", 6, 2.0)]  # before: none
+    p = dict(model.named_parameters())
+    rows = _rows(p, "w") + p["bw"].square()
+    torch.testing.assert_close(groups[0].values(p), (rows[:6] - 2 * rows[6:]).detach(), rtol=0, atol=1e-14)
+    assert _residual(model, x, groups[0].values) < 1e-12
+    report = tc.analyze(model, x)
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 8, str(report)
+
+
+def test_no_same_site_product_law_when_a_half_has_another_way_or_more_ties():
+    for fn in (_fused_half_elsewhere, _fused_three):
+        model, x = _model(fn, w=(12, 5)), _input()
+        monitor = _monitor(model, x)
+        assert not [g for g in monitor.groups if "⊙" in g.name], fn.__name__
+        assert not [s for s in monitor.skipped if "fails the numerical check" in str(s.reason)], fn.__name__
+    model, x = _model(_fused_half_elsewhere, w=(12, 5)), _input()
+    would_be = lambda p: _rows(p, "w")[:6] - _rows(p, "w")[6:]  # noqa: E731
+    assert _residual(model, x, would_be) > 1e-3  # b also reaches the output alone: no law

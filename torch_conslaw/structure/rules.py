@@ -891,7 +891,14 @@ class _Propagation:
                 raise _Barrier("multiplies units by values that do not carry them")
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
-            self.emit(op, pa, False, ca.degree + cb.degree)
+            via = None
+            if not set(_units(pa)) & set(_units(pb)):
+                # two disjoint sets of units of this site multiplied (W x .chunk(2) → a ⊙ b): a
+                # product of two factors (see _product_laws); the units of b go on tied to a's
+                sid = self.st.site.sid
+                self.products.setdefault(op.index, []).extend([_Factor(sid, 0, pa, ca.degree), _Factor(sid, 1, pb, cb.degree)])
+                via = self._via | {op.index}
+            self.emit(op, pa, False, ca.degree + cb.degree, via=via)
             return
         carry = self.state[a.vid] if pa is not None else self.state[b.vid]
         other = b if pa is not None else a
@@ -1627,7 +1634,7 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
     covered: set[tuple[int, int]] = set()
     for op_index, factors in sorted(products.items()):
         sides = [sorted((f for f in factors if f.operand == i), key=lambda f: f.sid) for i in (0, 1)]
-        if not sides[0] or not sides[1] or sides[0][0].sid == sides[1][0].sid:
+        if not sides[0] or not sides[1]:
             continue  # a factor of no site (a gate σ(g))
         # a factor that is itself a product of sites (a ⊙ b ⊙ c) pairs through its first site only:
         # the products of a chain then tie its sites in a tree, one law each, none dependent
@@ -1652,9 +1659,16 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
             parts[_find(parent, n + w)][1].append(w)
         by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
         for us, ws in parts.values():
-            if all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
-                   and len(st.members(x)) == 1 and (side, x) not in alone
-                   for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
+            if fa.sid == fb.sid:  # disjoint units of one site (see _Propagation._times): b's go on tied to a's,
+                # so they end where a's do; tied to nothing else, and with no way of their own but the product
+                group = set(us) | set(ws)
+                if (all(set(a.members(x)) <= group and ("a", x) not in alone and ("b", x) not in alone for x in group)
+                        and all(op_index in a.through.get(u, ()) and a.kills.get(u, _MERGED) != _MERGED for u in us)
+                        and all(op_index in a.through.get(w, (op_index,)) for w in ws)):
+                    by_size[(len(us), len(ws))].append((us, ws))
+            elif all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
+                     and len(st.members(x)) == 1 and (side, x) not in alone
+                     for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
                 by_size[(len(us), len(ws))].append((us, ws))
         k = fa.degree / fb.degree
         shifts = {**a.site.shifts, **b.site.shifts}
