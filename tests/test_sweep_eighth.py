@@ -8,8 +8,9 @@
   ``relu_`` already were): its product law (before: 'an in-place op on the units').
 * Two disjoint sets of units of one site multiplied (``a, b = W x .chunk(2)``; relu(a)² ⊙ b
   before a LayerNorm, a fused relu² GLU) keep ‖W_u‖² − 2‖W_(h+u)‖² (before: no law, 'the
-  same site'); a half that also reaches the output another way, or a unit tied to more than
-  the pair (a ⊙ b ⊙ c of one chunk(3)), gets none.
+  same site'); a half that also reaches the output another way, a unit tied to more than
+  the pair (a ⊙ b ⊙ c of one chunk(3)), or halves that meet in another sum or product too
+  ((a + b) ⊙ b, a ⊙ b ⊙ b: proposed by the first version of the rule, false) get none.
 * ``torch.einsum`` that sums over nothing ('ni,ni->ni', 'ni,nj->nij') is an elementwise (outer)
   product: it now keeps the product laws of ``a * b`` (before: refused, "does not contract
   exactly one index").
@@ -78,6 +79,16 @@ def _fused_half_elsewhere(m, x):
 def _fused_three(m, x):
     a, b, c = F.linear(x, m.w).chunk(3, -1)
     return torch.tanh(a * b * c)
+
+
+def _fused_sum_times_half(m, x):
+    a, b = F.linear(x, m.w).chunk(2, -1)
+    return torch.tanh((a + b) * b)
+
+
+def _fused_half_twice(m, x):
+    a, b = F.linear(x, m.w).chunk(2, -1)
+    return torch.tanh(a * b * b)
 
 
 def _input(seed: int = 1) -> torch.Tensor:
@@ -184,11 +195,12 @@ def test_disjoint_units_of_one_site_multiplied_keep_a_product_law():
 
 
 def test_no_same_site_product_law_when_a_half_has_another_way_or_more_ties():
-    for fn in (_fused_half_elsewhere, _fused_three):
+    for fn in (_fused_half_elsewhere, _fused_three, _fused_sum_times_half, _fused_half_twice):
         model, x = _model(fn, w=(12, 5)), _input()
         monitor = _monitor(model, x)
         assert not [g for g in monitor.groups if "⊙" in g.name], fn.__name__
         assert not [s for s in monitor.skipped if "fails the numerical check" in str(s.reason)], fn.__name__
-    model, x = _model(_fused_half_elsewhere, w=(12, 5)), _input()
     would_be = lambda p: _rows(p, "w")[:6] - _rows(p, "w")[6:]  # noqa: E731
-    assert _residual(model, x, would_be) > 1e-3  # b also reaches the output alone: no law
+    for fn in (_fused_half_elsewhere, _fused_sum_times_half, _fused_half_twice):
+        model, x = _model(fn, w=(12, 5)), _input()
+        assert _residual(model, x, would_be) > 1e-3, fn.__name__  # the refusals are right

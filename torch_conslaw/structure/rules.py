@@ -263,6 +263,9 @@ class _SiteState:
     # units with a route that is no residual-stream merge (a consumer, a barrier, the output...):
     # after a merge (see _merge_streams) the stream's units still end there too
     elsewhere: set[int] = field(default_factory=set)
+    # unit → how many sums or products of two values carrying this site's units it entered (past
+    # them the second value's units go on as the first's, tied to them: see _add and _times)
+    joined: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -891,6 +894,8 @@ class _Propagation:
                 raise _Barrier("multiplies units by values that do not carry them")
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
+            for x in set(_units(pa)) | set(_units(pb)):
+                self.st.joined[x] += 1
             via = None
             if not set(_units(pa)) & set(_units(pb)):
                 # two disjoint sets of units of this site multiplied (W x .chunk(2) → a ⊙ b): a
@@ -986,6 +991,8 @@ class _Propagation:
         if bool(((pa >= 0) != (pb >= 0)).any()):
             raise _Barrier("adds units to values that do not carry them")
         same = bool((pa == pb).all())
+        for x in set(_units(pa)) | set(_units(pb)):
+            self.st.joined[x] += 1
         if not same:
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
@@ -1660,9 +1667,11 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
         by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
         for us, ws in parts.values():
             if fa.sid == fb.sid:  # disjoint units of one site (see _Propagation._times): b's go on tied to a's,
-                # so they end where a's do; tied to nothing else, and with no way of their own but the product
+                # so they end where a's do; joined to no other value of the site (before or after: (a + b) ⊙ b,
+                # a ⊙ b ⊙ b), and with no way of their own but the product
                 group = set(us) | set(ws)
-                if (all(set(a.members(x)) <= group and ("a", x) not in alone and ("b", x) not in alone for x in group)
+                if (all(a.joined.get(x, 0) == 1 and set(a.members(x)) <= group and ("a", x) not in alone
+                        and ("b", x) not in alone for x in group)
                         and all(op_index in a.through.get(u, ()) and a.kills.get(u, _MERGED) != _MERGED for u in us)
                         and all(op_index in a.through.get(w, (op_index,)) for w in ws)):
                     by_size[(len(us), len(ws))].append((us, ws))
