@@ -91,6 +91,16 @@ def _fused_half_twice(m, x):
     return torch.tanh(a * b * b)
 
 
+def _inplace_layerscale(m, x):  # timm's LayerScale(inplace=True) on a residual branch
+    return F.linear(x + F.linear(F.relu(F.linear(x, m.w1, m.b1)), m.w2).mul_(m.g), m.wo)
+
+
+def _imul_gate(m, x):  # a *= γ, then tanh(a ⊙ b): γ meets b's units through the product
+    a = F.linear(x, m.wa)
+    a *= m.g
+    return torch.tanh(a * F.linear(x, m.wb))
+
+
 def _input(seed: int = 1) -> torch.Tensor:
     return torch.randn(9, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
@@ -204,3 +214,26 @@ def test_no_same_site_product_law_when_a_half_has_another_way_or_more_ties():
     for fn in (_fused_half_elsewhere, _fused_sum_times_half, _fused_half_twice):
         model, x = _model(fn, w=(12, 5)), _input()
         assert _residual(model, x, would_be) > 1e-3, fn.__name__  # the refusals are right
+
+
+def test_in_place_layer_scale_is_a_gate_and_a_gain_site():
+    model, x = _model(_inplace_layerscale, w1=(8, 5), b1=(8,), w2=(5, 8), g=(5,), wo=(2, 5)), _input()
+    monitor = _monitor(model, x)
+    assert sorted((g.name, g.count) for g in monitor.groups) == [("w1→w2", 8), ("w2→g", 5)]  # before: w1→w2 only
+    p = dict(model.named_parameters())
+    gate = next(g for g in monitor.groups if g.name == "w2→g")
+    torch.testing.assert_close(gate.values(p), (_rows(p, "w2") - p["g"].square()).detach(), rtol=0, atol=1e-14)
+    for g in monitor.groups:
+        assert _residual(model, x, g.values) < 1e-12, g.name
+    report = tc.analyze(model, x)
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 13, str(report)
+
+
+def test_in_place_gain_meets_the_other_factor_of_a_product():
+    model, x = _model(_imul_gate, wa=(6, 5), wb=(6, 5), g=(6,)), _input()
+    groups = {g.name: g for g in _monitor(model, x).groups}
+    assert sorted((k, g.count) for k, g in groups.items()) == [("g⊙wb", 6), ("wa→g", 6)]  # before: wa→g only
+    p = dict(model.named_parameters())
+    torch.testing.assert_close(groups["g⊙wb"].values(p), (p["g"].square() - _rows(p, "wb")).detach(), rtol=0, atol=1e-14)
+    for g in groups.values():
+        assert _residual(model, x, g.values) < 1e-12, g.name

@@ -399,7 +399,7 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(_arg(op, 2, "weight"))
             if w is not None:
                 add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
-        elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one), or (c + γ) ⊙ x
+        elif (op.name in _MUL or op.name in _MUL_IN_PLACE) and len(op.args) == 2:  # γ ⊙ x (x *= γ), γ a 1-D parameter (or a view of one), or (c + γ) ⊙ x
             a, b = op.args
             ga, gb = _gain(g, a, g.shapes[out]), _gain(g, b, g.shapes[out])
             if (ga is None) == (gb is None):
