@@ -483,6 +483,15 @@ def inplace_layerscale(m, x):  # timm's LayerScale(inplace=True): x + W2 relu(W1
     return L(x + L(F.relu(L(x, m.w1, m.b1)), m.w2).mul_(m.g), m.wo)
 
 
+def einsum_self_score(m, x):  # einsum('ni,ni->n', a, a): ‖a‖² per row, one site
+    a = L(x, m.wa, m.ba)
+    return torch.einsum("ni,ni->n", a, a)
+
+
+def einsum_sum_over_tokens(m, x):  # einsum('bti,bti->bi'): a ⊙ b summed over tokens, then tanh
+    return torch.tanh(torch.einsum("bti,bti->bi", L(x, m.wa), L(x, m.wb, m.bb)))
+
+
 def _m(fn, **shapes):
     return lambda: Fn(fn, **shapes)
 
@@ -543,7 +552,9 @@ MODELS = {
     "einsum_outer_permuted": (_m(einsum_outer_permuted, wa=(3, 5), wb=(4, 5), bb=(4,)), _x(9, 5)),
     "einsum_broadcast_context": (_m(einsum_broadcast_context, **D6, bb=(6,)), _x(2, 5, 5)),
     "einsum_score": (_m(einsum_score, **D6, ba=(6,)), _x(9, 5)),
+    "einsum_sum_over_tokens": (_m(einsum_sum_over_tokens, **D6, bb=(6,)), _x(2, 5, 5)),
     # near misses
+    "einsum_self_score": (_m(einsum_self_score, wa=(6, 5), ba=(6,)), _x(9, 5)),
     "fused_sum_times_half": (_m(fused_sum_times_half, w=(12, 5)), _x(9, 5)),
     "fused_half_twice": (_m(fused_half_twice, w=(12, 5)), _x(9, 5)),
     "fused_overlap_cat": (_m(fused_overlap_cat, w=(12, 5)), _x(9, 5)),
@@ -577,7 +588,7 @@ NEAR_MISSES = {"b_second_consumer", "detached_factor", "view_read_elsewhere", "c
                "bias_after_relu", "dropout_between", "division_by_positive", "divide_by_factor",
                "one_factor_normalized", "one_factor_layernorm", "square_same_site", "product_feeds_factor", "inplace_mul_read_twice",
                "a_b_a", "a_times_b_and_a_times_c", "sliced_same_site", "product_computed_twice", "sign_mask_of_b",
-               "fused_half_read_elsewhere", "fused_overlap_cat", "einsum_gate_param", "fused_sum_times_half", "fused_half_twice", "imul_other_read_later"}
+               "fused_half_read_elsewhere", "fused_overlap_cat", "einsum_gate_param", "fused_sum_times_half", "fused_half_twice", "einsum_self_score", "imul_other_read_later"}
 
 
 # ------------------------------------------------------------------ checks
