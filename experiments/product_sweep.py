@@ -1,6 +1,6 @@
 """Eighth sweep: products of layers, a ⊙ b (safety and completeness of structure/rules.py::_product_laws).
 
-~36 small hand-written float64 models (D ≈ 20–500) with multiplicative interactions: bilinear layers
+83 small hand-written float64 models (D 30–180) with multiplicative interactions: bilinear layers
 before norms / tanh / softmax / the output, products of two inputs, outer products, scores, chains,
 gated units (ReGLU, relu² GLU, GeGLU, SwiGLU, FiLM, highway, SE, WaveNet gates, conv ⊙ conv, per-head
 gates, Π-nets, Hadamard attention, Mamba-like x ⊙ silu(z)) and near misses that must get NO product
