@@ -2,8 +2,8 @@
 
 83 small hand-written float64 models (D 30–180) with multiplicative interactions: bilinear layers
 before norms / tanh / softmax / the output, products of two inputs, outer products, scores, chains,
-gated units (ReGLU, relu² GLU, GeGLU, SwiGLU, FiLM, highway, SE, WaveNet gates, conv ⊙ conv, per-head
-gates, Π-nets, Hadamard attention, Mamba-like x ⊙ silu(z)) and near misses that must get NO product
+gated units (ReGLU, relu² GLU, FiLM, highway, SE, WaveNet gates, conv ⊙ conv, per-head
+gates, Π-nets, Hadamard attention, Mamba-like x ⊙ silu(z), fused chunk(2) products, einsum and in-place products) and near misses that must get NO product
 law (a factor that also reaches the output another way, detach, tied or shared weights, a frozen
 factor, dropout, division, a factor normalized alone, a constant on some positions, ...).
 
