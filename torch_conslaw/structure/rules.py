@@ -95,6 +95,7 @@ _MUL = {"mul", "__mul__", "__rmul__", "multiply"}
 _DIV = {"div", "__truediv__", "true_divide", "divide"}
 _ADD = {"add", "__add__", "__radd__", "sub", "__sub__", "subtract"}
 _ADD_IN_PLACE = {"add_", "__iadd__", "sub_", "__isub__"}
+_MUL_IN_PLACE = {"mul_", "__imul__"}  # y *= x: as y * x on a y that nothing else reads (see _Propagation._fresh)
 _SUM = {"sum": True, "mean": True, "amax": False, "max": False, "amin": False, "min": False}
 _POOL = {
     "avg_pool1d": True, "avg_pool2d": True, "avg_pool3d": True, "adaptive_avg_pool1d": True,
@@ -262,6 +263,12 @@ class _SiteState:
     # units whose values a reduction over the units (maxout's max over the pieces of a unit)
     # merged into the value of the tie class they joined there: they go on as that class
     absorbed: set[int] = field(default_factory=set)
+    # units with a route that is no residual-stream merge (a consumer, a barrier, the output...):
+    # after a merge (see _merge_streams) the stream's units still end there too
+    elsewhere: set[int] = field(default_factory=set)
+    # unit → how many sums or products of two values carrying this site's units it entered (past
+    # them the second value's units go on as the first's, tied to them: see _add and _times)
+    joined: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -395,7 +402,7 @@ def _find_sites(g: OpGraph, trainable: set[str]) -> tuple[list[_Site], list[Skip
             w = param(_arg(op, 2, "weight"))
             if w is not None:
                 add(op, out, g.shapes[g_vid(op, 2, "weight")][0], 1, [(w, "rows")], False, "channel", _arg(op, 3, "bias"))
-        elif op.name in _MUL and len(op.args) == 2:  # γ ⊙ x, γ a 1-D parameter (or a view of one), or (c + γ) ⊙ x
+        elif (op.name in _MUL or op.name in _MUL_IN_PLACE) and len(op.args) == 2:  # γ ⊙ x (x *= γ), γ a 1-D parameter (or a view of one), or (c + γ) ⊙ x
             a, b = op.args
             ga, gb = _gain(g, a, g.shapes[out]), _gain(g, b, g.shapes[out])
             if (ga is None) == (gb is None):
@@ -608,7 +615,7 @@ class _Propagation:
                 if isinstance(err, _Merge):
                     self.st.merges.append((err.op, err.probe, err.degree, reason))
                 for v in carried:
-                    self.kill(self.state[v].probe, reason, self.state[v].via)
+                    self.kill(self.state[v].probe, reason, self.state[v].via, isinstance(err, _Merge))
             except Exception as err:  # a rule that cannot read this op's arguments: the units stop here, no other law is lost
                 reason = f"{self._op_text(op)}: could not follow the units through it ({type(err).__name__}: {err})"
                 for v in carried:
@@ -618,17 +625,20 @@ class _Propagation:
                 self.kill(self.state[v].probe, _OUTPUT, self.state[v].via)
         return self.st
 
-    def kill(self, probe: Tensor, reason: str, via: frozenset[int]) -> None:
-        for u in self.route(probe, via):
+    def kill(self, probe: Tensor, reason: str, via: frozenset[int], merge: bool = False) -> None:
+        for u in self.route(probe, via, merge):
             self.st.kills.setdefault(u, reason)
             self.st.reasons[u].add(reason)
 
-    def route(self, probe: Tensor, via: frozenset[int]) -> list[int]:
-        """Note that the units of ``probe`` end here (a barrier, a consumer, a score product),
-        having come through the products ``via``; returns those units."""
+    def route(self, probe: Tensor, via: frozenset[int], merge: bool = False) -> list[int]:
+        """Note that the units of ``probe`` end here (a barrier, a consumer, a score product,
+        an add that may merge residual streams), having come through the products ``via``;
+        returns those units."""
         units = _units(probe)
         for u in units:
             self.st.through[u] = self.st.through[u] & via if u in self.st.through else via
+        if not merge:
+            self.st.elsewhere.update(units)
         return units
 
     def _op_text(self, op: Op) -> str:
@@ -686,8 +696,8 @@ class _Propagation:
 
     def step(self, op: Op, carried: list[int]) -> None:
         name = op.name
-        if (name in _ADD_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
-            pass  # y += x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
+        if (name in _ADD_IN_PLACE or name in _MUL_IN_PLACE or name in _HOMOGENEOUS or name in _CLAMPS) and self._fresh(op):
+            pass  # y += x, y *= x, y.relu_() on a y that nothing else reads or aliases: as out of place (HF ResNet's residual)
         elif name.endswith("_") and not name.endswith("__") or name in _ADD_IN_PLACE:
             raise _Barrier("an in-place op on the units")
         cs = [self.state[v] for v in carried]
@@ -735,7 +745,7 @@ class _Propagation:
             k = self._homogeneous_degree(op)
             self.emit(op, cs[0].probe, False, degree * k)
             return
-        if name in _MUL or name in _DIV:
+        if name in _MUL or name in _DIV or name in _MUL_IN_PLACE:
             self._mul(op, carried, name in _DIV)
             return
         if name == "glu":
@@ -901,7 +911,13 @@ class _Propagation:
     def _mul(self, op: Op, carried: list[int], divide: bool) -> None:
         a, b = self._operands(op)
         shape = self.g.shapes[op.outputs[0]]
-        pa, pb = self._probe_of(a, shape), self._probe_of(b, shape)
+        self._times(op, a, b, self._probe_of(a, shape), self._probe_of(b, shape), shape, divide)
+
+    def _times(self, op: Op, a: Any, b: Any, pa: Tensor | None, pb: Tensor | None, shape: tuple[int, ...],
+               divide: bool, aligned: dict[int, tuple[int, ...]] | None = None) -> None:
+        """``a * b`` (``a / b``) with the probes ``pa``, ``pb`` of the operands at every element of
+        the product (None: the operand carries no unit); ``aligned``: value id → its shape with the
+        axes of the product (size 1 where it has none), when not broadcast from the right (einsum)."""
         if divide and pb is not None:
             raise _Barrier("divides by the units")
         if pa is not None and pb is not None:
@@ -910,7 +926,16 @@ class _Propagation:
                 raise _Barrier("multiplies units by values that do not carry them")
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
-            self.emit(op, pa, False, ca.degree + cb.degree)
+            for x in set(_units(pa)) | set(_units(pb)):
+                self.st.joined[x] += 1
+            via = None
+            if not set(_units(pa)) & set(_units(pb)):
+                # two disjoint sets of units of this site multiplied (W x .chunk(2) → a ⊙ b): a
+                # product of two factors (see _product_laws); the units of b go on tied to a's
+                sid = self.st.site.sid
+                self.products.setdefault(op.index, []).extend([_Factor(sid, 0, pa, ca.degree), _Factor(sid, 1, pb, cb.degree)])
+                via = self._via | {op.index}
+            self.emit(op, pa, False, ca.degree + cb.degree, via=via)
             return
         carry = self.state[a.vid] if pa is not None else self.state[b.vid]
         other = b if pa is not None else a
@@ -930,7 +955,7 @@ class _Propagation:
             self.st.gates.append((op.index, gate[0], carry.degree, len(self.route(probe, carry.via))))
         matrix = carry.matrix
         if isinstance(other, Val):
-            oshape = self.g.shapes[other.vid]
+            oshape = (aligned or {}).get(other.vid, self.g.shapes[other.vid])
             if len(oshape) > 0:
                 padded = (1,) * (len(shape) - len(oshape)) + tuple(oshape)
                 if any(padded[d] > 1 for d in _varying_axes(probe)):
@@ -998,6 +1023,8 @@ class _Propagation:
         if bool(((pa >= 0) != (pb >= 0)).any()):
             raise _Barrier("adds units to values that do not carry them")
         same = bool((pa == pb).all())
+        for x in set(_units(pa)) | set(_units(pb)):
+            self.st.joined[x] += 1
         if not same:
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
@@ -1189,8 +1216,9 @@ class _Propagation:
         index, every other index kept; followed as ``A @ B`` with the operands' axes moved to
         (batch, row, contraction) / (batch, contraction, column), so ``bhqd,bhkd->bhqk`` and
         ``bhqk,bhkd->bhqd`` give the same pairings and blocks as ``q @ kᵀ`` and ``P @ V``. A
-        parameter operand is a consumer (``bti,io->bto``). Anything else is refused, naming
-        the equation."""
+        parameter operand is a consumer (``bti,io->bto``). One that sums over nothing
+        (``ni,ni->ni``, ``ni,nj->nij``) is an elementwise (outer) product, followed as ``a * b``.
+        Anything else is refused, naming the equation."""
         eq = op.args[0] if op.args else op.kwargs.get("equation")
         operands = list(op.args[1:])
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -1207,6 +1235,20 @@ class _Propagation:
                         raise _Barrier(f"einsum '{eq}' {form}")
                     self._use(op, self.state[x.vid], g.params[w.vid], form[1], form[0])
                     return
+        if (len(operands) == 2 and all(isinstance(x, Val) and _param_behind(g, x, _SHAPE) is None for x in operands)
+                and (form := _elementwise_form(eq))):
+            # 'ni,ni->ni', 'ni,nj->nij': an elementwise (outer) product of two values that are no
+            # parameters (a gate is read broadcast from the right), followed as a * b
+            out_letters, out_shape = form[2], g.shapes[op.outputs[0]]
+            aligned, probes = {}, []
+            for x, letters in zip(operands, form[:2]):
+                sx = g.shapes[x.vid]
+                aligned[x.vid] = tuple(sx[letters.index(ch)] if ch in letters else 1 for ch in out_letters)
+                perm = [letters.index(ch) for ch in out_letters if ch in letters]
+                probes.append(self.state[x.vid].probe.expand(sx).permute(perm).reshape(aligned[x.vid]).expand(out_shape)
+                              if x.vid in self.state else None)
+            self._times(op, operands[0], operands[1], probes[0], probes[1], out_shape, False, aligned)
+            return
         spec = _matmul_form(eq, len(operands))
         if isinstance(spec, str):
             raise _Barrier(f"einsum '{eq}' {spec}")
@@ -1421,6 +1463,12 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
                      {**a.site.slices, **b.site.slices})
         merged = _Propagation(g, site, sides, gates, products).run()
         merged.uses = a.uses + b.uses + merged.uses
+        # a unit of the stream that also ends elsewhere before the sum (h = W1 x read by W2 in
+        # h + W2 relu(h)) has more ways to the output than those the merged site follows: a
+        # product after the sum is not its only way (_product_laws)
+        merged.elsewhere |= a.elsewhere | b.elsewhere
+        for u in a.elsewhere | b.elsewhere:
+            merged.through[u] = frozenset()
         states[site.sid] = merged
         for st in (a, b):
             st.kills.update(dict.fromkeys(range(units), _MERGED))
@@ -1428,6 +1476,20 @@ def _merge_streams(g: OpGraph, states: dict[int, _SiteState], sides: dict, gates
             if later not in events:
                 heapq.heappush(pending, later)
             events[later].append((merged, probe, degree, reason))
+
+
+def _elementwise_form(eq: str) -> tuple[str, str, str] | None:
+    """The index letters of both operands and of the output of an einsum of two operands that
+    sums over nothing (each index once per operand and once in the output: ``ni,ni->ni``,
+    ``ni,nj->nij``); None for any other equation."""
+    if eq.count("->") != 1 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if (len(ins) != 2 or len(set(out)) != len(out) or set(out) != set(ins[0]) | set(ins[1])
+            or any(len(set(x)) != len(x) for x in ins)):
+        return None
+    return ins[0], ins[1], out
 
 
 def _unit_axis(probe: Tensor, units: int) -> int | None:
@@ -1698,7 +1760,7 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
     covered: set[tuple[int, int]] = set()
     for op_index, factors in sorted(products.items()):
         sides = [sorted((f for f in factors if f.operand == i), key=lambda f: f.sid) for i in (0, 1)]
-        if not sides[0] or not sides[1] or sides[0][0].sid == sides[1][0].sid:
+        if not sides[0] or not sides[1]:
             continue  # a factor of no site (a gate σ(g))
         # a factor that is itself a product of sites (a ⊙ b ⊙ c) pairs through its first site only:
         # the products of a chain then tie its sites in a tree, one law each, none dependent
@@ -1712,9 +1774,18 @@ def _product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteSta
         alone |= {("b", w) for w in pb[(pb >= 0) & (pa < 0)].unique().tolist()}
         by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
         for us, ws in _meeting_sets(pa, pb, a.site.units, b.site.units):
-            if all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
-                   and len(st.members(x)) == 1 and (side, x) not in alone
-                   for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
+            if fa.sid == fb.sid:  # disjoint units of one site (see _Propagation._times): b's go on tied to a's,
+                # so they end where a's do; joined to no other value of the site (before or after: (a + b) ⊙ b,
+                # a ⊙ b ⊙ b), and with no way of their own but the product
+                group = set(us) | set(ws)
+                if (all(a.joined.get(x, 0) == 1 and set(a.members(x)) <= group and ("a", x) not in alone
+                        and ("b", x) not in alone for x in group)
+                        and all(op_index in a.through.get(u, ()) and a.kills.get(u, _MERGED) != _MERGED for u in us)
+                        and all(op_index in a.through.get(w, (op_index,)) for w in ws)):
+                    by_size[(len(us), len(ws))].append((us, ws))
+            elif all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
+                     and len(st.members(x)) == 1 and (side, x) not in alone
+                     for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
                 by_size[(len(us), len(ws))].append((us, ws))
         k = fa.degree / fb.degree
         shifts = {**a.site.shifts, **b.site.shifts}
