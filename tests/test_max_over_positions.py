@@ -133,3 +133,25 @@ def test_an_elementwise_max_is_a_relu_and_an_elementwise_min_stops_only_its_unit
     assert [(g.name, g.count) for g in monitor.groups if g.name.startswith(("a→", "c→"))] == [("a→b", 5)]
     assert any("elementwise minimum" in s.reason for s in monitor.skipped)
     assert law_residuals(model, x, [g for g in monitor.groups if g.name == "a→b"], lambda out: out) < 1e-12
+
+
+class MaxOfProduct(nn.Module):
+    """max over the units of a ⊙ b: each product a_u b_u is unchanged by a_u → λ a_u, b_u → b_u / λ,
+    so the max is too; the max ties no unit there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x) * self.b(x)).amax(-1)
+
+
+def test_a_max_over_a_product_keeps_the_product_laws():
+    torch.manual_seed(0)
+    model, x = MaxOfProduct().to(F64), seeded_randn(8, 4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups = [g for g in sync_monitor(model, x).groups if "⊙" in g.name]
+    assert [g.count for g in groups] == [5]
+    assert law_residuals(model, x, groups, lambda out: out) < 1e-12

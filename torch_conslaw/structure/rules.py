@@ -1046,7 +1046,10 @@ class _Propagation:
         dims = [d % c.probe.dim() for d in dims]
         keep = bool(_arg(op, 2, "keepdim", False))
         if set(dims) & set(_varying_axes(c.probe)):
-            if op.name in ("sum", "mean"):  # mostly a norm's statistics: the barrier names the reduction
+            # a sum or mean is mostly a norm's statistics: the barrier names the reduction; past a
+            # product with another value (a ⊙ b).amax(-1), the product's own laws hold unit by unit,
+            # and a tie here would only take them away
+            if op.name in ("sum", "mean") or c.via:
                 raise _Barrier("reduces over the axis that carries the units (it mixes them)")
             self._reduce_units(op, c, dims, keep)
             return
