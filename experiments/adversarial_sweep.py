@@ -825,11 +825,12 @@ def train_bitwise(make, x, steps=3):
     return same, diff
 
 
-def run_one(name: str) -> dict:
+def run_one(name: str, models: dict | None = None) -> dict:
+    """Every check of the sweep on one model of ``models`` (this sweep's MODELS by default)."""
     import torch_conslaw as tc
 
     torch.set_num_threads(1)
-    make, inp = MODELS[name]
+    make, inp = (MODELS if models is None else models)[name]
     torch.manual_seed(0)
     model, x = make(), inp()
     res = {"name": name, "D": sum(p.numel() for p in model.parameters() if p.requires_grad), "errors": []}
@@ -970,22 +971,29 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one)), flush=True)
         return
-    out_json = os.path.join(ROOT, "results", "adversarial_sweep.json")
+    rows = run_sweep(__file__, MODELS, a.names, os.path.join(ROOT, "results", "adversarial_sweep.json"),
+                     ("laws_float64", "laws_float32", "lie", "bad", "train_bitwise", "errors"))
+    write_table(rows, os.path.join(ROOT, "results", "adversarial_sweep.md"))
+
+
+def run_sweep(script: str, models: dict, names: list[str], out_json: str, shown: tuple[str, ...]) -> list[dict]:
+    """Run ``script --one NAME`` for ``names`` (all of ``models`` when empty), one process each;
+    the rows of ``models`` (a run of some names keeps the others' rows of ``out_json``), written there."""
     kept = {}
-    if a.names and os.path.exists(out_json):
+    if names and os.path.exists(out_json):
         kept = {r["name"]: r for r in json.load(open(out_json))}
-    for name in a.names or list(MODELS):
+    for name in names or list(models):
         t = time.time()
-        p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=900,
+        p = subprocess.run([sys.executable, script, "--one", name], capture_output=True, text=True, timeout=900,
                            env=dict(os.environ, PYTHONPATH=ROOT))
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"name": name, "D": "?", "errors": ["process: " + (p.stderr.strip().splitlines() or ["?"])[-1][:300]]}
         row["t_total"] = round(time.time() - t, 1)
         kept[name] = row
-        print(name, json.dumps({k: row.get(k) for k in ("laws_float64", "laws_float32", "lie", "bad", "train_bitwise", "errors")}), flush=True)
-    rows = [kept[n] for n in MODELS if n in kept]
+        print(name, json.dumps({k: row.get(k) for k in shown}), flush=True)
+    rows = [kept[n] for n in models if n in kept]
     json.dump(rows, open(out_json, "w"), indent=1)
-    write_table(rows, os.path.join(ROOT, "results", "adversarial_sweep.md"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,22 +20,17 @@ group_residuals) at θ, at θ with 1-D parameters moved 10 % and with every para
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
-import subprocess
 import sys
-import time
-import traceback
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adversarial_sweep import _cast, _perturb, residuals, train_bitwise  # noqa: E402  (the checks, shared)
+from adversarial_sweep import run_one as adversarial_run_one  # noqa: E402  (the checks, shared)
+from adversarial_sweep import run_sweep  # noqa: E402
 
 F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -593,74 +588,11 @@ NEAR_MISSES = {"b_second_consumer", "detached_factor", "view_read_elsewhere", "c
 
 # ------------------------------------------------------------------ checks
 def run_one(name: str) -> dict:
-    import torch_conslaw as tc
-
-    torch.set_num_threads(1)
-    make, inp = MODELS[name]
-    torch.manual_seed(0)
-    model, x = make(), inp()
-    res = {"name": name, "D": sum(p.numel() for p in model.parameters() if p.requires_grad), "errors": []}
-    groups = {}
+    """The sixth sweep's checks (adversarial_sweep.run_one) on one model, and its product laws."""
+    res = adversarial_run_one(name, MODELS)
     for dt in ("float64", "float32"):
-        t = time.time()
-        torch.manual_seed(0)
-        m = make() if dt == "float64" else make().float()
-        xx = x if dt == "float64" else _cast(x, torch.float32)
-        try:
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                mon = tc.ConservationMonitor(m, copy.deepcopy(xx))
-            res[f"laws_{dt}"] = sum(g.count for g in mon.groups)
-            res[f"product_laws_{dt}"] = sum(g.count for g in mon.groups if "⊙" in g.name)
-            res[f"groups_{dt}"] = [f"{g.name}:{g.kind}:{g.count}" for g in mon.groups]
-            res[f"skipped_{dt}"] = [str(s)[:300] for s in mon.skipped][:6]
-            res[f"warn_{dt}"] = sorted({str(ww.message)[:300] for ww in w})
-            for g in mon.groups:
-                groups.setdefault(g.name, g)
-        except Exception:
-            traceback.print_exc()
-            res["errors"].append(f"monitor {dt}: " + traceback.format_exc().strip().splitlines()[-1][:300])
-        res[f"t_{dt}"] = round(time.time() - t, 1)
-    exact = [g for g in groups.values() if not getattr(g, "approximate", False) and getattr(g, "loss", None) is None]
-    res["unchecked"] = [g.name for g in groups.values() if g not in exact]
-    if exact:
-        try:
-            torch.manual_seed(0)
-            m = make()
-            r0, p0 = residuals(m, x, exact, 0)
-            _perturb(m, every_param=False)
-            r1, p1 = residuals(m, x, exact, 1)
-            torch.manual_seed(0)
-            m = make()
-            _perturb(m, every_param=True)
-            r2, p2 = residuals(m, x, exact, 2)
-            res.update(res_theta=r0, res_perturbed_1d=r1, res_perturbed_all=r2)
-            res["bad"] = {k: (p0[k], p1[k], p2[k]) for k in p0 if max(p0[k], p1[k], p2[k]) > 1e-10}
-        except Exception:
-            traceback.print_exc()
-            res["errors"].append("by hand: " + traceback.format_exc().strip().splitlines()[-1][:300])
-    t = time.time()
-    try:
-        res["train_bitwise"], res["train_max_diff"] = train_bitwise(make, x)
-    except Exception:
-        traceback.print_exc()
-        res["errors"].append("training: " + traceback.format_exc().strip().splitlines()[-1][:300])
-    res["t_train"] = round(time.time() - t, 1)
-    t = time.time()
-    try:
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            torch.manual_seed(0)
-            r = tc.analyze(make(), copy.deepcopy(x), theta="random", max_seconds=60)
-        res.update(tracked=r.tracked_rank, lie=r.lie_laws, complete=r.complete, missing=r.missing_laws)
-        if r.missing is not None and r.missing.dimension:
-            res["where"] = {k: round(v, 2) for k, v in r.missing.shares.items() if v >= 0.05}
-        res["notes"] = [n[:300] for n in r.notes]
-        res["lie_note"] = str(getattr(r, "lie_note", "") or "")[:400]
-    except Exception:
-        traceback.print_exc()
-        res["errors"].append("analyze: " + traceback.format_exc().strip().splitlines()[-1][:300])
-    res["t_analyze"] = round(time.time() - t, 1)
+        if f"laws_{dt}" in res:
+            res[f"product_laws_{dt}"] = sum(int(g.rsplit(":", 1)[1]) for g in res[f"groups_{dt}"] if "⊙" in g)
     return res
 
 
@@ -743,22 +675,9 @@ def main():
     if a.one:
         print("RESULT " + json.dumps(run_one(a.one)), flush=True)
         return
-    out_json = os.path.join(ROOT, "results", "product_sweep.json")
-    kept = {}
-    if a.names and os.path.exists(out_json):
-        kept = {r["name"]: r for r in json.load(open(out_json))}
-    for name in a.names or list(MODELS):
-        t = time.time()
-        p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=900,
-                           env=dict(os.environ, PYTHONPATH=ROOT))
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        row = json.loads(line[-1][7:]) if line else {"name": name, "D": "?", "errors": ["process: " + (p.stderr.strip().splitlines() or ["?"])[-1][:300]]}
-        row["t_total"] = round(time.time() - t, 1)
-        kept[name] = row
-        print(name, json.dumps({k: row.get(k) for k in ("laws_float64", "product_laws_float64", "laws_float32", "lie", "tracked",
-                                                        "complete", "bad", "train_bitwise", "errors")}), flush=True)
-    rows = [kept[n] for n in MODELS if n in kept]
-    json.dump(rows, open(out_json, "w"), indent=1)
+    rows = run_sweep(__file__, MODELS, a.names, os.path.join(ROOT, "results", "product_sweep.json"),
+                     ("laws_float64", "product_laws_float64", "laws_float32", "lie", "tracked", "complete", "bad",
+                      "train_bitwise", "errors"))
     write_table(rows, os.path.join(ROOT, "results", "product_sweep.md"))
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vjp
 
 import torch_conslaw as tc
+from tests.graph_helpers import law_residuals
 
 F64 = torch.float64
 
@@ -66,6 +66,10 @@ class LatentAttention(nn.Module):
         return self.o_proj((probs @ values).transpose(1, 2).reshape(n, t, -1))
 
 
+def _output(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
 def _model(how: str) -> nn.Module:
     torch.manual_seed(0)
     return LatentAttention(how).to(F64)
@@ -81,22 +85,6 @@ def _groups(model: nn.Module, x: torch.Tensor) -> list:
         return tc.ConservationMonitor(model, x).groups
 
 
-def _worst_residual(model: nn.Module, x: torch.Tensor, group) -> float:
-    """max over laws and 3 random cotangents u of |⟨∇h, Jᵀu⟩| / (‖∇h‖ ‖Jᵀu‖) (torch.func)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    grads_h = jacrev(group.values)(params)
-    out, pull = vjp(lambda p: functional_call(model, p, (x,)), params)
-    worst = 0.0
-    for seed in range(3):
-        g = pull(torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(seed)))[0]
-        ng = torch.sqrt(sum(g[k].square().sum() for k in params))
-        for j in range(group.count):
-            nh = torch.sqrt(sum(grads_h[k][j].square().sum() for k in params))
-            if nh > 0:
-                worst = max(worst, float(sum((grads_h[k][j] * g[k]).sum() for k in params).abs() / (nh * ng)))
-    return worst
-
-
 def test_a_key_from_two_layers_pairs_each_part_with_the_query():
     model, x = _model("cat"), _input()
     scores = {g.name: g.count for g in _groups(model, x) if "q·k" in g.name}
@@ -105,7 +93,7 @@ def test_a_key_from_two_layers_pairs_each_part_with_the_query():
     assert sorted(scores.values()) == [1, 3, 3]
     assert sum("q_proj q·k kv_b" in n for n in scores) == 2 and sum("q_proj q·k kv_a" in n for n in scores) == 1
     for group in _groups(model, x):
-        assert _worst_residual(model, x, group) < 1e-12, group.name
+        assert law_residuals(model, x, [group], _output) < 1e-12, group.name
 
 
 @pytest.mark.parametrize("how", ["copy", "setitem"])
@@ -118,7 +106,7 @@ def test_a_key_filled_in_place_has_the_laws_of_the_concatenated_one(how):
     groups = _groups(model, x)
     assert {(g.name, g.count) for g in groups} == reference
     for group in groups:
-        assert _worst_residual(model, x, group) < 1e-12, group.name
+        assert law_residuals(model, x, [group], _output) < 1e-12, group.name
 
 
 def test_latent_attention_laws_are_complete():
@@ -147,4 +135,4 @@ def test_a_unit_overwritten_by_a_constant_pairs_no_more():
     # units 1 and 2 keep ‖a_u‖² + b_u² − ‖b[:, u]‖²; unit 0 no longer reaches b through a, so
     # scaling its row would not be undone by b's column 0 (which reads the constant 0.5)
     assert [g.count for g in groups] == [2]
-    assert _worst_residual(model, x, groups[0]) < 1e-12
+    assert law_residuals(model, x, [groups[0]], _output) < 1e-12

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev, vjp
 
 import torch_conslaw as tc
+from tests.graph_helpers import law_residuals
 
 F64 = torch.float64
 
@@ -106,6 +106,10 @@ def _input(seed: int = 1, n: int = 16, d: int = 6) -> torch.Tensor:
     return torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
+def _output(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
 def _model(cls: type[nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     return cls().to(F64)
@@ -121,22 +125,6 @@ def _products(monitor: tc.ConservationMonitor) -> list:
     return [g for g in monitor.groups if "⊙" in g.name]
 
 
-def _worst_residual(model: nn.Module, x: torch.Tensor, group) -> float:
-    """max over laws and 3 random cotangents u of |⟨∇h, Jᵀu⟩| / (‖∇h‖ ‖Jᵀu‖) (torch.func)."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    grads_h = jacrev(group.values)(params)
-    out, pull = vjp(lambda p: functional_call(model, p, (x,)), params)
-    worst = 0.0
-    for seed in range(3):
-        g = pull(torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(seed)))[0]
-        for j in range(group.count):
-            dot = sum((grads_h[k][j] * g[k]).sum() for k in params)
-            nh = torch.sqrt(sum(grads_h[k][j].square().sum() for k in params))
-            ng = torch.sqrt(sum(g[k].square().sum() for k in params))
-            worst = max(worst, float(dot.abs() / (nh * ng)))
-    return worst
-
-
 def test_relu_squared_gate_times_up_keeps_gate_minus_twice_up():
     model, x = _model(ReluSquaredGate), _input()
     groups = _products(_monitor(model, x))
@@ -144,7 +132,7 @@ def test_relu_squared_gate_times_up_keeps_gate_minus_twice_up():
     params = dict(model.named_parameters())
     by_hand = params["gate.weight"].square().sum(1) - 2 * params["up.weight"].square().sum(1)
     torch.testing.assert_close(groups[0].values(params), by_hand.detach(), rtol=0, atol=1e-14)
-    assert _worst_residual(model, x, groups[0]) < 1e-12
+    assert law_residuals(model, x, [groups[0]], _output) < 1e-12
 
 
 def test_every_sgd_step_changes_the_law_at_second_order_only():
@@ -180,7 +168,7 @@ def test_product_laws_are_verified_and_complete(cls, counts):
     groups = _products(_monitor(model, x))
     assert [g.count for g in groups] == counts
     for group in groups:
-        assert _worst_residual(model, x, group) < 1e-12
+        assert law_residuals(model, x, [group], _output) < 1e-12
 
 
 def test_flipped_product_pairs_unit_u_with_the_unit_it_meets():

@@ -790,13 +790,13 @@ def _fallbacks_checked(model: nn.Module, example_input: Any, structure: Any, cla
     that pass the same check, as groups."""
     from ..lawgroups import build_groups
 
-    def key(g: Any) -> frozenset[str] | None:
-        return frozenset(n for n, _ in g.pair.incoming) if getattr(g, "pair", None) is not None else None
+    def reads(g: Any) -> frozenset[str] | None:
+        return g.pair.incoming_names if getattr(g, "pair", None) is not None else None
 
-    held = {key(g) for g in claimed if verdict[g.name].passed}
-    incoming = {g.name: key(g) for g in claimed if not verdict[g.name].passed and key(g) is not None and key(g) not in held}
-    options = [(name, p) for name, key in incoming.items() for p in getattr(structure, "fallbacks", [])
-               if frozenset(n for n, _ in p.incoming) == key]
+    held = {reads(g) for g in claimed if verdict[g.name].passed}
+    failed = {g.name: reads(g) for g in claimed if not verdict[g.name].passed and reads(g) not in held | {None}}
+    options = [(name, p) for name, names in failed.items() for p in getattr(structure, "fallbacks", [])
+               if p.incoming_names == names]
     if not options:
         return {}
     groups = build_groups([p for _, p in options])

@@ -121,6 +121,11 @@ class Pair:
         return self.label or f"{self.producer}→{self.consumer}"
 
     @property
+    def incoming_names(self) -> frozenset[str]:
+        """Qualified names of the parameters the units' incoming readers read."""
+        return frozenset(n for n, _ in self.incoming)
+
+    @property
     def parameter_names(self) -> tuple[str, ...]:
         """Qualified names of every parameter the group reads."""
         return tuple(n for n, _ in self.incoming) + tuple(n for n, _ in self.outgoing)
@@ -352,11 +357,11 @@ one of them shifted, γ + c, where the module-level rule reads γ); for every pr
             "only module-level structure is used"))], None, []
     # a layer the model reads as γ + c (a LayerNorm subclass passing weight + 1): its
     # module-level pair, which reads γ, gives way to the op graph's
-    shifted = {frozenset(n for n, _ in p.incoming) for p in graph_pairs if p.shifts}
-    pairs = [p for p in pairs if frozenset(n for n, _ in p.incoming) not in shifted]
-    taken = {frozenset(n for n, _ in p.incoming): p for p in pairs}
-    added = [p for p in graph_pairs if frozenset(n for n, _ in p.incoming) not in taken]
-    fallbacks = [p for p in graph_pairs if (q := taken.get(frozenset(n for n, _ in p.incoming))) is not None
+    shifted = {p.incoming_names for p in graph_pairs if p.shifts}
+    pairs = [p for p in pairs if p.incoming_names not in shifted]
+    taken = {p.incoming_names: p for p in pairs}
+    added = [p for p in graph_pairs if p.incoming_names not in taken]
+    fallbacks = [p for p in graph_pairs if (q := taken.get(p.incoming_names)) is not None
                  and (p.units, {n for n, _ in p.outgoing}) != (q.units, {n for n, _ in q.outgoing})]
     seen = {p.producer for p in graph_pairs} | {s.producer for s in graph_skipped if s.producer}
     seen |= {c for p in graph_pairs for c in p.consumers}

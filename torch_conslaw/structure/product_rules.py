@@ -47,6 +47,7 @@ from .rules import (
     _incoming,
     _module_of,
     _param_behind,
+    _param_entries,
     _shift_said,
     _SiteState,
     _union,
@@ -81,7 +82,7 @@ def product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteStat
         # a unit that meets a value of no unit somewhere (a constant, a gate) is scaled there alone
         alone = {("a", u) for u in pa[(pa >= 0) & (pb < 0)].unique().tolist()}
         alone |= {("b", w) for w in pb[(pb >= 0) & (pa < 0)].unique().tolist()}
-        by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
+        kept: list[tuple[list[int], list[int]]] = []
         for us, ws in meeting_sets(pa, pb, a.site.units, b.site.units):
             if fa.sid == fb.sid:  # disjoint units of one site (see _Propagation._times): b's go on tied to a's,
                 # so they end where a's do; joined to no other value of the site (before or after: (a + b) ⊙ b,
@@ -91,15 +92,14 @@ def product_laws(products: dict[int, list[_Factor]], states: dict[int, _SiteStat
                         and ("b", x) not in alone for x in group)
                         and all(op_index in a.through.get(u, ()) and a.kills.get(u, _MERGED) != _MERGED for u in us)
                         and all(op_index in a.through.get(w, (op_index,)) for w in ws)):
-                    by_size[(len(us), len(ws))].append((us, ws))
+                    kept.append((us, ws))
             elif all(op_index in st.through.get(x, ()) and st.kills.get(x, _MERGED) != _MERGED
                      and len(st.members(x)) == 1 and (side, x) not in alone
                      for side, st, xs in (("a", a, us), ("b", b, ws)) for x in xs):
-                by_size[(len(us), len(ws))].append((us, ws))
+                kept.append((us, ws))
         k = fa.degree / fb.degree
         shifts = {**a.site.shifts, **b.site.shifts}
-        for (na, nb), found in sorted(by_size.items()):
-            us, ws = torch.tensor([p[0] for p in found]), torch.tensor([p[1] for p in found])
+        for (na, nb), found, us, ws in _by_size(kept):
             each = "unit pair" if na == nb == 1 else f"set of {na} + {nb} units that meet"
             pairs.append(Pair(
                 producer=a.site.name, consumer=b.site.name, ops=(), kind=a.site.kind, degree=k, units=len(found),
@@ -131,6 +131,16 @@ def meeting_sets(pa: Tensor, pb: Tensor, na: int, nb: int) -> list[tuple[list[in
     return list(parts.values())
 
 
+def _by_size(sets: list[tuple[list[int], list[int]]]) -> list[tuple[tuple[int, int], list, Tensor, Tensor]]:
+    """Sets of units that meet, grouped by their sizes (one law group each): the sizes, the
+    sets, and their units of a and of b as [sets, members] index tensors."""
+    groups: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
+    for us, ws in sets:
+        groups[(len(us), len(ws))].append((us, ws))
+    return [(size, found, torch.tensor([f[0] for f in found]), torch.tensor([f[1] for f in found]))
+            for size, found in sorted(groups.items())]
+
+
 def parameter_product_laws(g: OpGraph, trainable: frozenset[str]) -> list[Pair]:
     """Two trainable parameters multiplied elementwise, p ⊙ q, each reached through shape ops
     alone and read there only (DiffLlama's λ_q1 ⊙ λ_k1, a learned scale times a learned gain):
@@ -152,13 +162,10 @@ def parameter_product_laws(g: OpGraph, trainable: frozenset[str]) -> list[Pair]:
             if (name not in trainable or uses.get(name) != 1 or any(len(g.users.get(o.outputs[0], [])) != 1 for o in chain)
                     or any(value_ids((o.args[1:], o.kwargs)) for o in chain)):
                 break
-            index = torch.arange(math.prod(g.shapes[v])).view(g.shapes[v])
-            try:
-                for o in reversed(chain):
-                    index = o.func(index, *o.args[1:], **o.kwargs)
-                factors.append((name, torch.broadcast_to(index, shape).reshape(-1)))
-            except Exception:  # a shape op that cannot be replayed on indices
+            index = _param_entries(g, v, chain, shape)
+            if index is None:
                 break
+            factors.append((name, index.reshape(-1)))
         if len(factors) != 2 or factors[0][0] == factors[1][0]:
             continue
         (p, ip), (q, iq) = factors
@@ -168,23 +175,21 @@ def parameter_product_laws(g: OpGraph, trainable: frozenset[str]) -> list[Pair]:
                 and len(sets) > 1 and all(len(us) == len(ws) == 1 for us, ws in sets)):
             # Σ_i p_i q_i alone reads the product: p → M p, q → M^(−T) q keeps it for any invertible M
             us, ws = torch.tensor([f[0][0] for f in sets]), torch.tensor([f[1][0] for f in sets])
-            pairs.append(Pair(
-                producer=_module_of(p), consumer=_module_of(q), ops=(), kind="matrix", degree=1.0, units=len(sets),
-                positions=1, incoming=((p, Flat(Rows(us))),), outgoing=((q, Flat(Rows(ws))),),
-                consumers=(_module_of(q),), consumer_positions=(1,), label=f"{p}·{q}",
-                reason=f"the parameters {p} and {q} are read only by their dot product: p → Mp, q → M⁻ᵀq keeps it, "
-                       f"so {p} {p}ᵀ − {q} {q}ᵀ is conserved (upper triangle)"))
+            pairs.append(_parameter_pair(p, q, "matrix", us, ws, f"{p}·{q}", (
+                f"the parameters {p} and {q} are read only by their dot product: p → Mp, q → M⁻ᵀq keeps it, "
+                f"so {p} {p}ᵀ − {q} {q}ᵀ is conserved (upper triangle)")))
             continue
-        by_size: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
-        for us, ws in sets:
-            by_size[(len(us), len(ws))].append((us, ws))
-        for (na, nb), found in sorted(by_size.items()):
-            us, ws = torch.tensor([f[0] for f in found]), torch.tensor([f[1] for f in found])
+        for (na, nb), _, us, ws in _by_size(sets):
             each = "pair of entries" if na == nb == 1 else f"set of {na} + {nb} entries that meet"
-            pairs.append(Pair(
-                producer=_module_of(p), consumer=_module_of(q), ops=(), kind="unit", degree=1.0, units=len(found),
-                positions=1, incoming=((p, Flat(Rows(us))),), outgoing=((q, Flat(Rows(ws))),),
-                consumers=(_module_of(q),), consumer_positions=(1,), label=f"{p}⊙{q}",
-                reason=f"the parameters {p} and {q} are multiplied elementwise and read nowhere else: "
-                       f"Σ {p}_i² − Σ {q}_j² per {each}"))
+            pairs.append(_parameter_pair(p, q, "unit", us, ws, f"{p}⊙{q}", (
+                f"the parameters {p} and {q} are multiplied elementwise and read nowhere else: "
+                f"Σ {p}_i² − Σ {q}_j² per {each}")))
     return pairs
+
+
+def _parameter_pair(p: str, q: str, kind: str, us: Tensor, ws: Tensor, label: str, reason: str) -> Pair:
+    """The law group of parameters p and q on the entries ``us`` of p and ``ws`` of q (one row per law)."""
+    return Pair(
+        producer=_module_of(p), consumer=_module_of(q), ops=(), kind=kind, degree=1.0, units=len(us), positions=1,
+        incoming=((p, Flat(Rows(us))),), outgoing=((q, Flat(Rows(ws))),), consumers=(_module_of(q),),
+        consumer_positions=(1,), label=label, reason=reason)

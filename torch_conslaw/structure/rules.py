@@ -518,6 +518,20 @@ def _vector_param(g: OpGraph, x: Any, out: tuple[int, ...]) -> tuple[Val, int] |
     return Val(v), axis
 
 
+def _param_entries(g: OpGraph, v: int, chain: list[Op], shape: tuple[int, ...], sub: Any = lambda a: a) -> Tensor | None:
+    """At every element of a value of ``shape``, the flat index of the entry of parameter ``v``
+    it reads through the shape ops ``chain`` (last first, as :func:`_param_behind` returns
+    them), replayed on the parameter's indices (``sub`` maps the ops' other arguments); None
+    when a shape op cannot be replayed on indices."""
+    index = torch.arange(math.prod(g.shapes[v])).view(g.shapes[v])
+    try:
+        for op in reversed(chain):
+            index = op.func(index, *sub(op.args[1:]), **sub(op.kwargs))
+        return torch.broadcast_to(index, shape)
+    except Exception:  # a shape op that cannot be replayed on indices
+        return None
+
+
 def g_vid(op: Op, pos: int, name: str) -> int:
     x = _arg(op, pos, name)
     assert isinstance(x, Val)
@@ -926,10 +940,11 @@ class _Propagation:
                 raise _Barrier("multiplies units by values that do not carry them")
             for u, w in torch.stack([pa[pa >= 0], pb[pb >= 0]], 1).unique(dim=0).tolist():
                 _union(self.st.ties, u, w)
-            for x in set(_units(pa)) | set(_units(pb)):
+            units_a, units_b = set(_units(pa)), set(_units(pb))
+            for x in units_a | units_b:
                 self.st.joined[x] += 1
             via = None
-            if not set(_units(pa)) & set(_units(pb)):
+            if not units_a & units_b:
                 # two disjoint sets of units of this site multiplied (W x .chunk(2) → a ⊙ b): a
                 # product of two factors (see product_rules.product_laws); the units of b go on tied to a's
                 sid = self.st.site.sid
@@ -996,13 +1011,8 @@ class _Propagation:
         name = self.g.params[v]
         if name not in self.trainable:
             return None
-        index = torch.arange(math.prod(self.g.shapes[v])).view(self.g.shapes[v])
-        try:
-            for op in reversed(chain):
-                index = op.func(index, *self.sub(op.args[1:]), **self.sub(op.kwargs))
-            return name, torch.broadcast_to(index, probe.shape), v
-        except Exception:  # a shape op that cannot be replayed on indices: no gate
-            return None
+        index = _param_entries(self.g, v, chain, tuple(probe.shape), self.sub)
+        return None if index is None else (name, index, v)
 
     def _add(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -1058,10 +1068,15 @@ class _Propagation:
             out = out.narrow(d, 0, 1)
             if not keep:
                 out = out.squeeze(d)
-        if len(op.outputs) == 2:  # x.max(dim): the positions of the maxima do not move when a unit is scaled by λ > 0
-            self.emit(op, (out, torch.full(out.shape, -1, dtype=torch.long)), False, c.degree)
-            return
-        self.emit(op, out, c.matrix and linear, c.degree)
+        self._emit_reduced(op, out, c.matrix and linear, c.degree)
+
+    def _emit_reduced(self, op: Op, probe: Tensor, matrix: bool, degree: float) -> None:
+        """Carry a reduction's result on; with its indices too (x.max(dim)), which carry no unit:
+        the positions of the maxima do not move when a unit is scaled by λ > 0."""
+        if len(op.outputs) == 2:
+            self.emit(op, (probe, torch.full(probe.shape, -1, dtype=torch.long)), False, degree)
+        else:
+            self.emit(op, probe, matrix, degree)
 
     def _reduce_units(self, op: Op, c: _Carry, dims: list[int], keep: bool) -> None:
         """A max or min over an axis that carries units (maxout: h.view(n, C, k).max(-1)):
@@ -1078,11 +1093,7 @@ class _Propagation:
         for d in sorted(dims) if keep else []:
             rep = rep.unsqueeze(d)
         self.st.absorbed.update(set(groups.unique().tolist()) - set(rep.unique().tolist()))
-        probe = rep.contiguous()
-        if len(op.outputs) == 2:  # the positions of the maxima do not move either
-            self.emit(op, (probe, torch.full(probe.shape, -1, dtype=torch.long)), False, c.degree)
-            return
-        self.emit(op, probe, False, c.degree)
+        self._emit_reduced(op, rep.contiguous(), False, c.degree)
 
     def _pool(self, op: Op, carried: list[int], linear: bool) -> None:
         if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
