@@ -15,7 +15,9 @@ is the null ratio: what the method reads when nothing differs):
   their ``-compiled`` rows (TorchInductor) and ``-eager`` rows (``evaluation="eager"``: what
   a machine without a compiler gets),
   ``snapshot-split``, ``live-split``, and reference post-step hooks doing only part of the
-  work (``floors``: one float32 read of θ, a native copy, a float64 conversion, the eager law
+  work (``floors``: one float32 read of θ, a native copy, ``update_again`` (a θ-sized buffer
+  updated in place from the gradient: the memory traffic of SGD's own update, the three
+  θ-sized streams an exact split also needs), a float64 conversion, the eager law
   values alone, and the native kernel of the default evaluation alone: ``kernel_values``
   reads θ⁺, ``kernel_split`` reads θ⁺ and the θ its last call left and writes θ⁺ there, the
   exact float64 work of an ``every=1`` record with nothing around it);
@@ -41,12 +43,12 @@ the start and end is recorded with them (the machine may be shared).
 
 Usage:
     python experiments/bench_monitor.py [--blocks 12] [--steps 20] [--device cpu] [--out results] [--skip-memory] [--replot FILE]
+    python experiments/bench_monitor.py --only mlp_2threads --settings update_again,kernel_split,sync-split --blocks 40
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -73,7 +75,8 @@ WIDTHS = (784, 512, 512, 10)
 BATCH = 128
 LARGE_WIDTHS = (1024, 4096, 4096, 1024)
 KERNEL_FLOORS = ("kernel_values", "kernel_split")
-FLOORS = ("read_f32", "copy_native", "convert_f64", "accountant_values", *KERNEL_FLOORS)
+PHASES = {"mlp_2threads": 2, "mlp_1thread": 1, "block_2threads": 2}  # phase: torch threads
+FLOORS = ("read_f32", "copy_native", "update_again", "convert_f64", "accountant_values", *KERNEL_FLOORS)
 
 
 def make_mlp(widths: tuple[int, ...] = WIDTHS) -> nn.Module:
@@ -157,7 +160,7 @@ def reference_hook(kind: str, model: nn.Module):
     params = dict(model.named_parameters())
     tensors = [params[n] for n in acc.names]
     wide = [torch.empty(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
-    same = [torch.empty_like(t) for t in tensors]
+    same = [torch.zeros_like(t) for t in tensors]
     kernel = read = before = None
     if kind in KERNEL_FLOORS:  # the native kernel the monitor's default evaluation calls, alone
         fused = Accountant(groups, evaluation="native")
@@ -173,6 +176,9 @@ def reference_hook(kind: str, model: nn.Module):
             elif kind == "copy_native":
                 for b, t in zip(same, tensors):
                     b.copy_(t)
+            elif kind == "update_again":  # SGD's own memory traffic: read two θ-sized tensors, write one
+                for b, t in zip(same, tensors):
+                    b.add_(t.grad)
             elif kind == "convert_f64":
                 for b, t in zip(wide, tensors):
                     b.copy_(t)
@@ -385,6 +391,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--skip-memory", action="store_true", help="leave out the 25 M-parameter memory probes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", choices=PHASES, help="run this phase alone (with --settings: only those rows), written to bench_monitor_<phase>.json"
+    )
+    parser.add_argument("--settings", help="comma-separated rows for --only (default: the phase's own rows)")
     parser.add_argument("--replot", type=Path, help="only draw figures/bench_monitor.png from this JSON")
     args = parser.parse_args()
     if args.replot:
@@ -403,21 +413,24 @@ def main() -> None:
         "sync-split-compiled", "sync-values-eager", "sync-split-eager",
         "snapshot-split", "live-split", *(f for f in FLOORS if f not in KERNEL_FLOORS), *kernels,
     ]
-    result = {
-        "mlp_2threads": phase("mlp", mlp_settings, 2, args.device, args.blocks, args.steps),
-        "mlp_1thread": phase(
-            "mlp",
-            [
-                "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "sync-values-eager",
-                "sync-split-eager", "live-values", "live-split", "default", "auto-budget", *kernels,
-            ],
-            1, args.device, args.blocks, args.steps,
-        ),
-        "block_2threads": phase(
-            "block", ["default", "auto-budget", "sync-values", "sync-split", "sync-split-eager"], 2, args.device, args.blocks, args.steps
-        ),
+    settings = {
+        "mlp_2threads": mlp_settings,
+        "mlp_1thread": [
+            "sync-values", "sync-split", "sync-values-compiled", "sync-split-compiled", "sync-values-eager",
+            "sync-split-eager", "live-values", "live-split", "default", "auto-budget", *kernels,
+        ],
+        "block_2threads": ["default", "auto-budget", "sync-values", "sync-split", "sync-split-eager"],
     }
-    if not args.skip_memory:
+    if args.settings and not args.only:
+        parser.error("--settings needs --only PHASE")
+    chosen = [args.only] if args.only else list(PHASES)
+    if args.settings:
+        settings[args.only] = args.settings.split(",")
+    result = {
+        key: phase("block" if key.startswith("block") else "mlp", settings[key], PHASES[key], args.device, args.blocks, args.steps)
+        for key in chosen
+    }
+    if not args.skip_memory and not args.only:
         result["memory"] = memory()
     load.append(os.getloadavg()[0])
     result |= {
@@ -431,11 +444,12 @@ def main() -> None:
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_monitor.json" if args.device == "cpu" else f"bench_monitor_{args.device.split(':')[0]}.json"
+    name = "bench_monitor" + (f"_{args.only}" if args.only else "") + ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}")
+    name += ".json"
     (args.out / name).write_text(json.dumps(result, indent=2))
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.only:
         figure(result, Path(__file__).resolve().parents[1] / "figures" / "bench_monitor.png")
-    for key in ("mlp_2threads", "mlp_1thread", "block_2threads"):
+    for key in chosen:
         r = result[key]
         print(f"{key}: plain step {r['plain_step_ms']:.2f} ms")
         for setting, x in r["overhead"].items():
