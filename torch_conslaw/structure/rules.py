@@ -1165,10 +1165,16 @@ class _Propagation:
         p = c.probe.movedim(axis, -1)
         flat = p.reshape(-1, p.shape[-1])
         fiber = flat[0]
+        matrix = c.matrix and groups == 1
         if not bool((flat == fiber).all()):
-            raise _Barrier("reads different units at different positions (no column ↔ unit map)")
-        self.route(fiber, c.via)
-        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), c.matrix and groups == 1, c.degree, groups, slice))
+            fiber, classes = _column_classes(flat)
+            for units in classes:  # a column's weight undoes one λ only: its units scale together
+                for u in units[1:]:
+                    _union(self.st.ties, units[0], u)
+                self.st.absorbed.update(units[1:])
+            matrix = False
+        self.route(flat, c.via)
+        self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), matrix, c.degree, groups, slice))
 
     def _matmul(self, op: Op, carried: list[int]) -> None:
         a, b = self._operands(op)
@@ -1355,6 +1361,43 @@ def _outgoing(use: _Use, idx: Tensor) -> RowReader:
         return (use.param, Flat(Rows(idx)))
     reader = Columns(idx) if use.layout == "cols" else Rows(idx)
     return (use.param, reader if use.slice is None else Sliced(use.slice, reader))
+
+
+def _column_classes(flat: Tensor) -> tuple[Tensor, list[list[int]]]:
+    """A consumer whose input column j carries different units at different positions
+    (``[positions, columns]`` probe ``flat``: ``pixel_shuffle`` puts r² channels of a layer at
+    the r × r positions of one channel): scaling every unit a column reads by one λ, and the
+    column of its weight by 1/λ, keeps the output, so the units read through one column, and
+    through columns that share a unit, scale together. Returns the fiber (column → the smallest
+    unit of its class, −1 where it reads none) and the classes of more than one unit (sorted);
+    refused when a column reads units at some positions and values carrying none at others.
+
+    Example:
+        >>> _column_classes(torch.tensor([[0, 2, 4, -1], [1, 3, 5, -1], [0, 1, 5, -1]]))
+        (tensor([ 0,  0,  4, -1]), [[0, 1, 2, 3], [4, 5]])
+    """
+    carrying = flat >= 0
+    if bool((carrying.any(0) & ~carrying.all(0)).any()):
+        raise _Barrier("reads units at some positions and values that carry none at others through one column")
+    columns = torch.arange(flat.shape[1]).expand_as(flat)
+    parent: dict[int, int] = {}
+
+    def find(u: int) -> int:
+        while parent.setdefault(u, u) != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    first: dict[int, int] = {}  # column → a unit it reads
+    for column, unit in torch.stack([columns[carrying], flat[carrying]], 1).unique(dim=0).tolist():
+        a, b = find(first.setdefault(column, unit)), find(unit)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the root of a class is its smallest unit
+    classes: dict[int, list[int]] = defaultdict(list)
+    for u in sorted(parent):
+        classes[find(u)].append(u)
+    fiber = torch.tensor([find(first[j]) if j in first else -1 for j in range(flat.shape[1])], dtype=flat.dtype)
+    return fiber, [members for members in classes.values() if len(members) > 1]
 
 
 def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
