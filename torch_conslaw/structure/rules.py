@@ -1109,19 +1109,28 @@ class _Propagation:
         self.emit(op, probes[0], c.matrix and linear, c.degree)
 
     def _pad(self, op: Op, carried: list[int]) -> None:
-        """``F.pad`` with zeros along axes that carry no unit (Swin pads its windows): a zero is
-        any unit times 0, so each padded slice takes the units of its axis' first slice."""
+        """``F.pad``. With zeros, along axes that carry no unit (Swin pads its windows): a zero
+        is any unit times 0, so each padded slice takes the units of its axis' first slice.
+        Reflecting, replicating or wrapping around (``nn.ReflectionPad2d``, ``mode="circular"``)
+        copies elements of the value, so each padded element carries the unit of the element it
+        copies: the pad is replayed on the probe (a mixing of the units is kept only when they
+        do not vary along the padded axes). A constant other than zero does not scale."""
         pad, mode, value = _arg(op, 1, "pad"), _arg(op, 2, "mode", "constant"), _arg(op, 3, "value", None)
         if len(carried) != 1 or not (isinstance(op.args[0], Val) and op.args[0].vid == carried[0]):
             raise _Barrier("the units are not its main input")
-        if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)):
-            raise _Barrier("a pad that is not with zeros does not scale with the units")
+        if not isinstance(pad, (list, tuple)):
+            raise _Barrier("a pad whose sizes are not numbers")
         c = self.state[carried[0]]
         probe = c.probe
-        for i in range(len(pad) // 2):
-            if pad[2 * i] == 0 and pad[2 * i + 1] == 0:
-                continue
-            axis = probe.dim() - 1 - i
+        axes = [probe.dim() - 1 - i for i in range(len(pad) // 2) if pad[2 * i] != 0 or pad[2 * i + 1] != 0]
+        if mode in ("reflect", "replicate", "circular"):
+            copied = nn.functional.pad(probe.to(torch.float64), tuple(pad), mode=mode).round().to(probe.dtype)
+            varying = any(d in _varying_axes(probe) for d in axes)
+            self.emit(op, copied, c.matrix and not varying, c.degree)
+            return
+        if mode != "constant" or value not in (None, 0, 0.0):
+            raise _Barrier(f"a pad with {'the constant ' + repr(value) if mode == 'constant' else repr(mode)} does not scale with the units")
+        for axis in axes:
             first = probe.narrow(axis, 0, 1)
             if not bool((probe == first).all()):
                 raise _Barrier("pads an axis along which the units vary")
@@ -1166,14 +1175,15 @@ class _Propagation:
         flat = p.reshape(-1, p.shape[-1])
         fiber = flat[0]
         matrix = c.matrix and groups == 1
+        reached = fiber
         if not bool((flat == fiber).all()):
             fiber, classes = _column_classes(flat)
             for units in classes:  # a column's weight undoes one λ only: its units scale together
                 for u in units[1:]:
                     _union(self.st.ties, units[0], u)
                 self.st.absorbed.update(units[1:])
-            matrix = False
-        self.route(flat, c.via)
+            matrix, reached = False, flat
+        self.route(reached, c.via)
         self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), matrix, c.degree, groups, slice))
 
     def _matmul(self, op: Op, carried: list[int]) -> None:
