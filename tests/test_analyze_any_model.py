@@ -310,3 +310,28 @@ def test_a_model_that_takes_one_dict_is_counted_and_checked_through_a_tuple():
     dh = jacrev(laws)(params)
     inner = sum((dh[n] * g[n]).flatten(1).sum(1) for n in params)
     assert inner.abs().max() < 1e-12 * (1 + max(v.abs().max() for v in g.values()))
+
+
+class NormalizedByHand(nn.Module):
+    """h / ‖h‖ of a ReLU layer (and a temperature it does not use yet): finite at θ, but 0 / 0
+    at random θ where every unit is off for some input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.c(h / h.norm(dim=-1, keepdim=True))
+
+
+def test_a_map_not_finite_at_random_points_gets_a_note_not_a_crash():
+    """The polynomial search samples random θ; where the fields are not finite there it says so."""
+    torch.manual_seed(0)
+    model = NormalizedByHand().to(F64)
+    x = torch.randn(24, 4, dtype=F64)
+    assert bool(torch.isfinite(model(x)).all())
+    report = tc.analyze(model, x)
+    assert report.polynomial_note.startswith("not searched: the gradient fields are not finite"), report.polynomial_note
+    assert report.lie_laws > report.tracked_rank

@@ -812,7 +812,7 @@ def _polynomial_search(
     """Polynomial laws on the tensors that hold the missing space: degree 1 first (cheap, up to
     :data:`MAX_LINEAR_VARIABLES` entries), then degree ≤ ``degree`` when the linear ones do not
     account for every missing law and the tensors have at most ``max_variables`` entries."""
-    from .polynomial import polynomial_laws_of
+    from .polynomial import NonFiniteFields, polynomial_laws_of
 
     names = [name for name, share in gap.shares.items() if share >= _SHARE_TOUCHED]
     size = sum(s.numel for s in result.parameters if s.name in names)
@@ -844,11 +844,15 @@ def _polynomial_search(
                 "(their gradient is zero for every loss)"
             )
             return
-        laws = polynomial_laws_of(sampler, 1)
-        if len(laws) < gap.dimension and degree >= 2:
-            if size <= max_variables:
+        try:
+            laws = polynomial_laws_of(sampler, 1)
+            if len(laws) < gap.dimension and degree >= 2 and size <= max_variables:
                 laws = polynomial_laws_of(sampler, degree)
-            else:
+        except NonFiniteFields as err:
+            report.polynomial_note = f"not searched: {err}"
+            return
+        if len(laws) < gap.dimension and degree >= 2:
+            if size > max_variables:
                 report.polynomial_note = (
                     f"degree 1 only: {len(laws)} linear law(s); degree {degree} not searched, the tensors "
                     f"holding the missing laws have {size} entries > max_polynomial_variables={max_variables}"

@@ -43,6 +43,7 @@ from .progress import ProgressBar
 
 __all__ = [
     "FieldSampler",
+    "NonFiniteFields",
     "format_law",
     "MonomialBasis",
     "PolynomialLaws",
@@ -279,6 +280,10 @@ def _equation_matrix(
     return A, scale
 
 
+class NonFiniteFields(ValueError):
+    """The fields of the map are not finite at some of the random points a search samples."""
+
+
 def _null_space(
     sampler: FieldSampler,
     basis: MonomialBasis,
@@ -294,6 +299,12 @@ def _null_space(
     with ProgressBar(n_points, "equations", enabled=progress) as bar:
         bar.update(0, note=f"{M} unknowns")
         A, scale = _equation_matrix(sampler, basis, per_point, n_points, gen, bar)
+        if not bool(torch.isfinite(A).all()):
+            raise NonFiniteFields(
+                "the gradient fields are not finite at some random parameter points (the map divides by "
+                "a quantity that vanishes there, e.g. the norm of a ReLU layer's output, or overflows), so "
+                "no polynomial law can be fitted to them"
+            )
         bar.update(0, note="QR")
         R = torch.linalg.qr(A, mode="r").R
         del A
