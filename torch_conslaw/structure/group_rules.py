@@ -48,9 +48,17 @@ rule per family (SCIENCE.md §8), each with its law and a truthful reason for ev
   reaches nothing but a normalization over its features (``F.layer_norm``, ``F.rms_norm``, or
   a hand-written RMSNorm: x · rsqrt(mean(x²) + eps), as in ``LlamaRMSNorm`` and
   ``T5LayerNorm``): ‖W‖² + ‖b‖² is conserved at eps = 0 only, so the law is **approximate**.
+* **scale before a direction** (:func:`normalize_scale_rule`): a linear layer whose output
+  reaches, through positively homogeneous ops (ReLU, x², shape ops), nothing but an op that
+  keeps only its direction over the features: ``F.normalize``, ``x / x.norm(dim=-1,
+  keepdim=True)`` (``torch.linalg.vector_norm``, a ``clamp_min(eps)`` of the norm) or one
+  argument of ``F.cosine_similarity``. Scaling the whole layer changes nothing, so
+  ‖W‖² + ‖b‖² is **exactly** conserved (where the norm exceeds the op's eps): CLIP's
+  projections, cosine classifiers, contrastive heads.
 
-The groups are :class:`~torch_conslaw.laws.groups.LinearLaws` and
-:class:`~torch_conslaw.laws.groups.NormScaleLaws`; like every law, they are tracked only once
+The groups are :class:`~torch_conslaw.laws.groups.LinearLaws`,
+:class:`~torch_conslaw.laws.groups.NormScaleLaws` and
+:class:`~torch_conslaw.laws.groups.InvariantScaleLaws`; like every law, they are tracked only once
 the numerical check (:mod:`torch_conslaw.laws.verify`) passes.
 
 Example:
@@ -83,9 +91,9 @@ from torch import nn
 from .finder import Skipped
 from .graph import Op, OpGraph, Val
 from .rules import _CONV as _CONV_OPS
-from .rules import _ADD, _CAST, _DIV, _DROPOUT, _MUL, _Side, _SiteState, _arg, _lookup_option, _units
+from .rules import _ADD, _CAST, _DIV, _DROPOUT, _HOMOGENEOUS, _MUL, _Side, _SiteState, _arg, _lookup_option, _units
 
-__all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule",
+__all__ = ["GraphLawGroups", "find_law_groups", "key_bias_rule", "centering_rule", "norm_scale_rule", "normalize_scale_rule",
            "embedding_translation_rule", "score_bias_rule", "parallel_bias_rule",
            "centered_input_rule"]
 
@@ -123,7 +131,7 @@ def find_law_groups(model: nn.Module, g: OpGraph, states: dict[int, _SiteState],
     parallel_rule, translation_rule = parallel_bias_rule(model, g, states), added_translation_rule(model, g)
     centering = centering_rule(model, g, states)
     tied: dict[str, list[tuple[Any, str, str]]] = defaultdict(list)  # a tied tensor's centering proposals
-    for rule in (key_bias_rule(g, states, sides), centering, norm_scale_rule(g, states),
+    for rule in (key_bias_rule(g, states, sides), centering, norm_scale_rule(g, states), normalize_scale_rule(g, states),
                  embedding_translation_rule(g), score_bias_rule(g), parallel_rule,
                  centered_input_rule(g), translation_rule, vanishing_shift_rule(model, g)):
         for item in rule:
@@ -1042,6 +1050,143 @@ def _scale(site, norm: Op, eps: Any, what: str):
         return NormScaleLaws(name, readers, params, producer=site.name, consumer=consumer, reason=reason)
 
     return build, names, name, site.name
+
+
+def _positive_norm_order(op: Op) -> bool:
+    """The norm ``op`` (``Tensor.norm`` / ``torch.linalg.vector_norm``) is a p-norm, p > 0:
+    positively homogeneous of degree 1."""
+    order = _arg(op, 1, "ord" if op.name == "linalg_vector_norm" else "p", 2)
+    return order in (None, "fro") or (isinstance(order, (int, float)) and order > 0)
+
+
+def _over_last_axis(g: OpGraph, v: int, dim: Any, keepdim: bool = True) -> bool:
+    ndim = len(g.shapes[v])
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
+    return keepdim and dims is not None and [d % ndim for d in dims] == [ndim - 1]
+
+
+def _direction_of(g: OpGraph, v: int) -> tuple[Op, str] | None:
+    """``(op, what)`` when every use of ``v`` only takes its direction over the last axis:
+    ``F.normalize(v, dim=-1)``, one argument of ``F.cosine_similarity(·, ·, dim=-1)``, or
+    ``v / n`` with ``n`` a p-norm of ``v`` over the last axis (keepdim; maybe ``clamp_min(eps)``)."""
+    users = [g.ops[u] for u in g.users.get(v, [])]
+    if len(users) == 1:
+        op = users[0]
+        if op.name == "normalize" and op.args[0] == Val(v) and _over_last_axis(g, v, _arg(op, 2, "dim", 1)):
+            p = _arg(op, 1, "p", 2.0)
+            return (op, "F.normalize") if isinstance(p, (int, float)) and p > 0 else None
+        if (op.name == "cosine_similarity" and sum(a == Val(v) for a in op.args[:2]) == 1
+                and _over_last_axis(g, v, _arg(op, 2, "dim", 1))):
+            return op, "F.cosine_similarity"
+        return None
+    if len(users) != 2:
+        return None
+    for norm, divide in (users, users[::-1]):
+        n = _norm_of(g, v, norm)
+        if n is None:
+            continue
+        while True:  # a clamp from below of the norm: exact wherever the norm exceeds it
+            after = g.users.get(n, [])
+            if len(after) != 1:
+                return None
+            op = g.ops[after[0]]
+            if not ((op.name == "clamp_min" or (op.name == "clamp" and _arg(op, 2, "max", None) is None))
+                    and op.args[0] == Val(n)):
+                break
+            n = op.outputs[0]
+        if op is divide and op.name in _DIV and len(op.args) == 2 and op.args[0] == Val(v) and op.args[1] == Val(n):
+            return op, "x / ‖x‖"
+        return None
+    return None
+
+
+def _norm_of(g: OpGraph, v: int, op: Op) -> int | None:
+    """The value holding a p-norm of ``v`` over the last axis (keepdim) that ``op`` starts:
+    ``v.norm(...)``, ``torch.linalg.vector_norm(v, ...)``, or by hand, sqrt(Σ v²) (``pow(v, 2)``
+    or ``v * v``, ``sum(-1, keepdim=True)``, ``pow(·, 0.5)`` or ``sqrt``, as CLIP writes it)."""
+    if not (op.args and op.args[0] == Val(v) and len(op.outputs) == 1):
+        return None
+    if op.name in ("norm", "linalg_vector_norm"):
+        fine = _positive_norm_order(op) and _over_last_axis(g, v, _arg(op, 2, "dim", None), bool(_arg(op, 3, "keepdim", False)))
+        return op.outputs[0] if fine else None
+    squared = (op.name in ("pow", "__pow__") and _arg(op, 1, "exponent") == 2) or op.name == "square" or (
+        op.name in _MUL and len(op.args) == 2 and op.args[1] == Val(v))
+    steps = [("sum", None), ("root", None)]
+    cur = op.outputs[0]
+    for step, _ in steps if squared else []:
+        after = g.users.get(cur, [])
+        if len(after) != 1:
+            return None
+        nxt = g.ops[after[0]]
+        if not (nxt.args and nxt.args[0] == Val(cur) and len(nxt.outputs) == 1):
+            return None
+        if step == "sum" and not (nxt.name == "sum" and _over_last_axis(g, cur, _arg(nxt, 1, "dim", None), bool(_arg(nxt, 2, "keepdim", False)))):
+            return None
+        if step == "root" and not (nxt.name == "sqrt" or (nxt.name in ("pow", "__pow__") and _arg(nxt, 1, "exponent") == 0.5)):
+            return None
+        cur = nxt.outputs[0]
+    return cur if squared else None
+
+
+def normalize_scale_rule(g: OpGraph, states: dict[int, _SiteState]):
+    """Exact scale laws before an op that keeps only the direction (see the module docstring):
+    yields proposals."""
+    for st in states.values():
+        site = st.site
+        if not _linear_site(st, g):
+            continue
+        v = site.out
+        while True:
+            users = g.users.get(v, [])
+            op = g.ops[users[0]] if len(users) == 1 else None
+            if op is None or len(op.outputs) != 1 or not (op.args and op.args[0] == Val(v)):
+                break
+            homogeneous = op.name in _HOMOGENEOUS and g.shapes[op.outputs[0]] == g.shapes[v]
+            if not (homogeneous or _keeps_last_axis(g, op, v) or op.name in _DROPOUT):
+                break
+            v = op.outputs[0]  # f(λv) = λᵏ f(v), λ > 0: the direction is unchanged
+        if g.shapes[v][-1] != site.units:
+            continue
+        found = _direction_of(g, v)
+        if found is None:
+            continue
+        op, what = found
+        consumer = op.module
+        names = tuple(n for n, _ in site.readers)
+        reason = (f"exact: {what} in {consumer or 'the model'} (op {op.index}) keeps only the direction of the "
+                  f"outputs of {site.name} over their features (through positively homogeneous ops), so scaling "
+                  f"the whole layer by λ > 0 changes nothing, the gradient is orthogonal to it, and ‖W‖² + ‖b‖² "
+                  "is conserved (where the norm exceeds the op's eps)")
+        name = f"{site.name}→{consumer} scale" if consumer else f"{site.name} scale"
+
+        def build(params, name=name, names=names, reason=reason, consumer=consumer or site.name, producer=site.name):
+            from ..laws.groups import InvariantScaleLaws
+
+            readers = tuple((n, lambda t: t.reshape(1, -1)) for n in names)
+            return InvariantScaleLaws(name, readers, params, producer=producer, consumer=consumer, reason=reason)
+
+        yield build, names, name, site.name
+    for vid, pname in g.params.items():  # a weight read only as F.normalize(w, dim=d): per slice
+        users = [g.ops[u] for u in g.users.get(vid, [])]
+        if len(users) != 1 or users[0].name != "normalize" or users[0].args[0] != Val(vid):
+            continue
+        op, shape = users[0], g.shapes[vid]
+        dim, p = _arg(op, 2, "dim", 1), _arg(op, 1, "p", 2.0)
+        if not (isinstance(dim, int) and -len(shape) <= dim < len(shape) and isinstance(p, (int, float)) and p > 0):
+            continue
+        dim %= len(shape)
+        reason = (f"exact: {pname} is read only through F.normalize over its axis {dim} in {op.module or 'the model'} "
+                  f"(op {op.index}): scaling one of its slices along that axis by λ > 0 changes nothing, so the "
+                  "gradient is orthogonal to it and its ‖slice‖² is conserved")
+        name = f"{pname} scale"
+
+        def build_slices(params, name=name, pname=pname, dim=dim, reason=reason, where=op.module or pname):
+            from ..laws.groups import InvariantScaleLaws
+
+            reader = (pname, lambda t, d=dim: t.movedim(d, -1).reshape(-1, t.shape[d]))
+            return InvariantScaleLaws(name, (reader,), params, producer=pname, consumer=where, reason=reason)
+
+        yield build_slices, (pname,), name, pname
 
 
 # ---------------------------------------------------------------------------------------------
