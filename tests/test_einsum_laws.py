@@ -71,7 +71,7 @@ class Summed(nn.Module):
         return torch.einsum(self.equation, self.q(x), self.k(x))
 
 
-@pytest.mark.parametrize("equation", ["btd,bsd->bt", "btd,btd->bt", "bii,bjd->bjd"])
+@pytest.mark.parametrize("equation", ["btd,bsd->bt", "btd,btd->b", "bii,bjd->bjd"])
 def test_other_einsum_equations_are_refused_naming_the_equation(equation):
     torch.manual_seed(0)
     model = Summed(equation).double()
@@ -80,6 +80,21 @@ def test_other_einsum_equations_are_refused_naming_the_equation(equation):
     assert not [p for p in structure.pairs if p.producer in ("q", "k")]
     reasons = " ".join(str(s) for s in structure.skipped)
     assert f"einsum '{equation}'" in reasons, reasons
+
+
+def test_a_dot_product_per_position_pairs_the_two_layers():
+    """'btd,btd->bt': q_t · k_t at each position, unchanged by q → G q, k → G⁻ᵀ k: the matrix
+    law of [W_q b_q] and [W_k b_k] (d(d + 1)/2 = 10 laws), checked by the monitor and by hand."""
+    torch.manual_seed(0)
+    model = Summed("btd,btd->bt").double()
+    x = torch.randn(2, 4, 4, dtype=F64)
+    monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
+    (group,) = monitor.groups
+    assert (group.kind, group.count) == ("matrix", 10)
+    p = {n: t.detach() for n, t in model.named_parameters()}
+    wq, wk = (torch.cat([p[f"{n}.weight"], p[f"{n}.bias"][:, None]], 1) for n in ("q", "k"))
+    by_hand = (wq @ wq.t() - wk @ wk.t())[tuple(torch.triu_indices(4, 4))]
+    torch.testing.assert_close(group.values(p).sort().values, by_hand.sort().values, rtol=1e-13, atol=1e-13)
 
 
 class EinsumConsumer(nn.Module):

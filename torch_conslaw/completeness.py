@@ -444,13 +444,14 @@ def _mlp_count(report: Analysis, arch: tuple[list[int], list[str], bool, bool], 
     report.complete = report.tracked_rank == report.lie_laws
 
 
-def random_inputs_like(example: Any, n: int, seed: int = 0) -> Any:
+def random_inputs_like(example: Any, n: int, seed: int = 0, per_position: bool = False) -> Any:
     """``n`` random inputs with the structure, trailing shapes and dtypes of ``example``.
 
     Floating tensors: Gaussian with the example's mean and standard deviation (0 and 1 when
-    it has a single entry); integer tensors: uniform over the example's range (token ids);
-    bool tensors: copied rows. Only tensors whose first dimension is the batch size are
-    redrawn; other values are kept.
+    it has a single entry); integer tensors: uniform over the example's range (token ids), or
+    with ``per_position`` over the range of each position along the trailing axes (a pair
+    (user id, item id) that indexes two tables of different sizes); bool tensors: copied rows.
+    Only tensors whose first dimension is the batch size are redrawn; other values are kept.
 
     Example:
         >>> x = random_inputs_like(torch.zeros(2, 3), 5)
@@ -474,6 +475,9 @@ def random_inputs_like(example: Any, n: int, seed: int = 0) -> Any:
             return (mean + std * torch.randn(shape, generator=gen, dtype=torch.float64)).to(v.dtype)
         if v.dtype == torch.bool:
             return v[torch.randint(batch, (n,), generator=gen)]
+        if per_position and v.dim() >= 2:
+            lo, hi = v.min(0).values.to(torch.float64), v.max(0).values.to(torch.float64)
+            return (lo + (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo + 1)).floor()).to(v.dtype)
         lo, hi = int(v.min()), int(v.max())
         return torch.randint(lo, hi + 1, shape, generator=gen, dtype=v.dtype)
 
@@ -587,8 +591,9 @@ def _module_count(
     n = n_inputs or int(min(MAX_AUTO_INPUTS, max(16, math.ceil(2 * D / per_input))))
     flat = torch.cat([params[name].reshape(-1) for name in layout])
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    per_position, refused = False, None  # integer inputs drawn over each position's range after a refusal
     while True:
-        inputs = random_inputs_like(example, n, seed)
+        inputs = random_inputs_like(example, n, seed, per_position)
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-9)
         try:
             with warnings.catch_warnings():
@@ -600,6 +605,10 @@ def _module_count(
             return
         except InputsRefusedError as err:  # the example ran (_outputs_per_input): the count's batch size did not
             cause = err.__cause__ if err.__cause__ is not None else err
+            if not per_position and any(not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 2
+                                        for t in _tensors(example)):
+                per_position, refused = True, cause  # ids of several tables side by side: each in its own range
+                continue
             report.lie_note = (
                 f"not computed: the count calls {type(model).__name__} on {n} random inputs stacked along the "
                 f"first axis of example_input (read as the batch axis), and it raised {type(cause).__name__} "
@@ -641,6 +650,11 @@ def _module_count(
         f"laws by inputs {[c['n_laws'] for c in result.input_counts]} "
         f"({'stable' if result.stable else 'NOT stable: pass n_inputs larger'})"
     )
+    if refused is not None:
+        report.lie_note += (
+            f"; integer inputs drawn over each position's own range (drawn over their whole range, the model raised "
+            f"{type(refused).__name__}: {str(refused).splitlines()[0][:120] if str(refused) else ''})"
+        )
     report.notes += [f"count: {w}" for w in result.warnings[:5]]
     basis = getattr(result, "law_basis", None)
     if basis is None and result.n_laws == 0:

@@ -124,7 +124,9 @@ def _arg(op: Op, pos: int, name: str, default: Any = None) -> Any:
 def _matmul_form(eq: str, operands: int) -> tuple[list[int], list[int], str, str] | str:
     """An einsum equation of two operands read as a batched matrix product ``A @ B``: the axis
     orders that bring A to (batch…, row, k) and B to (batch…, k, column), the output's letters
-    and the canonical output letters (batch…, row, column); or why it is not one (a string)."""
+    and the canonical output letters (batch…, row, column); or why it is not one (a string).
+    A dot product (``bi,bi->b``: no free index) is the product of a 1 × k row by a k × 1
+    column: its orders bring A and B to (batch…, k) and its canonical letters are the batch's."""
     if operands != 2:
         return f"has {operands} operand(s), not 2"
     if "->" not in eq or "." in eq:
@@ -148,8 +150,8 @@ def _matmul_form(eq: str, operands: int) -> tuple[list[int], list[int], str, str
     cols = [ch for ch in out if ch in lb and ch not in la]
     if len(rows) > 1 or len(cols) > 1:
         return "keeps several free indices of one operand (not a matrix product)"
-    if not rows and not cols:
-        return "is a dot product (no free index)"
+    if not rows and not cols:  # a dot product per batch entry
+        return [la.index(ch) for ch in batch + [k]], [lb.index(ch) for ch in batch + [k]], out, "".join(batch)
     if not rows or not cols:
         return "is a matrix-vector product (one operand has no free index)"
     order_a, order_b = batch + [rows[0], k], batch + [k, cols[0]]
@@ -925,7 +927,35 @@ class _Propagation:
     def _mul(self, op: Op, carried: list[int], divide: bool) -> None:
         a, b = self._operands(op)
         shape = self.g.shapes[op.outputs[0]]
+        if not divide and self._dot_product(op, a, b, shape):
+            return
         self._times(op, a, b, self._probe_of(a, shape), self._probe_of(b, shape), shape, divide)
+
+    def _dot_product(self, op: Op, a: Any, b: Any, shape: tuple[int, ...]) -> bool:
+        """``(a * b).sum(-1)`` (or ``.mean(-1)``), the product read by nothing else: a dot product
+        over the last axis of two values of one shape, one of them carrying this site's units and
+        the other none of them (and no parameter). Registered as one side of a score product, as
+        ``einsum('bi,bi->b', a, b)`` is (the sum's op keys it), so two layers multiplied this way
+        get the matrix law of their GL symmetry (a two-tower model, a matrix factorization
+        U[i] · V[j]), not only its diagonal. True when taken."""
+        g = self.g
+        users = g.users.get(op.outputs[0], [])
+        if op.name not in _MUL or len(users) != 1 or not (isinstance(a, Val) and isinstance(b, Val)):
+            return False
+        total = g.ops[users[0]]
+        dim = _arg(total, 1, "dim")
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else []
+        if (total.name not in ("sum", "mean") or total.args[0] != Val(op.outputs[0]) or len(shape) < 2
+                or [d % len(shape) for d in dims] != [len(shape) - 1] or _arg(total, 3, "dtype") is not None):
+            return False
+        if g.shapes[a.vid] != shape or g.shapes[b.vid] != shape or (a.vid in self.state) == (b.vid in self.state):
+            return False
+        mine, other = (a, b) if a.vid in self.state else (b, a)
+        if _param_behind(g, other, _SHAPE) is not None:
+            return False
+        c = self.state[mine.vid]
+        self._side(total, "A" if mine is a else "B", c, c.probe.expand(shape), tuple(shape[:-1]))
+        return True
 
     def _times(self, op: Op, a: Any, b: Any, pa: Tensor | None, pb: Tensor | None, shape: tuple[int, ...],
                divide: bool, aligned: dict[int, tuple[int, ...]] | None = None) -> None:
@@ -1290,11 +1320,17 @@ class _Propagation:
         shape_b = g.shapes[b.vid] if isinstance(b, Val) else None
         if shape_a is None or shape_b is None:
             raise _Barrier(f"einsum '{eq}' with an operand that is not a tensor")
+        dot = len(canon) == len(perm_a) - 1  # bi,bi->b: A is a row (…, 1, k), B a column (…, k, 1)
         ca = None if sa is None else _Carry(sa.probe.expand(shape_a).permute(perm_a), sa.matrix, sa.degree, sa.pure, sa.via)
         cb = None if sb is None else _Carry(sb.probe.expand(shape_b).permute(perm_b), sb.matrix, sb.degree, sb.pure, sb.via)
+        if dot:
+            ca = None if ca is None else _Carry(ca.probe.unsqueeze(-2), ca.matrix, ca.degree, ca.pure, ca.via)
+            cb = None if cb is None else _Carry(cb.probe.unsqueeze(-1), cb.matrix, cb.degree, cb.pure, cb.via)
         out_shape = g.shapes[op.outputs[0]]
-        canon_shape = tuple(out_shape[out_letters.index(ch)] for ch in canon)
+        canon_shape = tuple(out_shape[out_letters.index(ch)] for ch in canon) + ((1, 1) if dot else ())
         emitted = self._product(op, ca, cb, canon_shape)
+        if emitted is not None and dot:
+            raise _Barrier(f"einsum '{eq}' is a dot product that carries units on its other indices")
         if emitted is not None:
             back = [canon.index(ch) for ch in out_letters]
             self.emit(op, emitted[0].permute(back), emitted[1], emitted[2])
