@@ -140,3 +140,23 @@ def test_the_scale_law_is_conserved_through_training():
         opt.step()
     (row,) = [r for r in monitor.summary() if r["name"] == "b scale"]
     assert row["max_rel_first_order"] < 1e-12 and row["recorded_steps"] == 5, row
+
+
+class DescriptorHead(nn.Module):
+    """conv → ReLU → conv → F.normalize over the channels at every pixel (SuperPoint's descriptors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.c2(torch.relu(self.c1(x))), p=2, dim=1)
+
+
+def test_a_convolution_normalized_over_its_channels_keeps_its_scale_and_is_complete():
+    model, x = _model(DescriptorHead), seeded_randn(2, 3, 6, 6, seed=1)
+    groups = _groups(model, x)
+    assert sorted((g.name, g.count) for g in groups) == [("c1→c2", 8), ("c2 scale", 1)]
+    assert law_residuals(model, x, groups, lambda out: out) < 1e-12
+    report = tc.analyze(model, x)
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 9, str(report)

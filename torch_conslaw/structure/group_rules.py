@@ -1059,30 +1059,31 @@ def _positive_norm_order(op: Op) -> bool:
     return order in (None, "fro") or (isinstance(order, (int, float)) and order > 0)
 
 
-def _over_last_axis(g: OpGraph, v: int, dim: Any, keepdim: bool = True) -> bool:
+def _over_axis(g: OpGraph, v: int, dim: Any, axis: int, keepdim: bool = True) -> bool:
+    """``dim`` (of a reduction of ``v``, its result kept as a dimension) is ``axis`` alone."""
     ndim = len(g.shapes[v])
     dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
-    return keepdim and dims is not None and [d % ndim for d in dims] == [ndim - 1]
+    return keepdim and dims is not None and [d % ndim for d in dims] == [axis]
 
 
-def _direction_of(g: OpGraph, v: int) -> tuple[Op, str] | None:
-    """``(op, what)`` when every use of ``v`` only takes its direction over the last axis:
-    ``F.normalize(v, dim=-1)``, one argument of ``F.cosine_similarity(·, ·, dim=-1)``, or
-    ``v / n`` with ``n`` a p-norm of ``v`` over the last axis (keepdim; maybe ``clamp_min(eps)``)."""
+def _direction_of(g: OpGraph, v: int, axis: int) -> tuple[Op, str] | None:
+    """``(op, what)`` when every use of ``v`` only takes its direction over ``axis``:
+    ``F.normalize(v, dim=axis)``, one argument of ``F.cosine_similarity(·, ·, dim=axis)``, or
+    ``v / n`` with ``n`` a p-norm of ``v`` over that axis (keepdim; maybe ``clamp_min(eps)``)."""
     users = [g.ops[u] for u in g.users.get(v, [])]
     if len(users) == 1:
         op = users[0]
-        if op.name == "normalize" and op.args[0] == Val(v) and _over_last_axis(g, v, _arg(op, 2, "dim", 1)):
+        if op.name == "normalize" and op.args[0] == Val(v) and _over_axis(g, v, _arg(op, 2, "dim", 1), axis):
             p = _arg(op, 1, "p", 2.0)
             return (op, "F.normalize") if isinstance(p, (int, float)) and p > 0 else None
         if (op.name == "cosine_similarity" and sum(a == Val(v) for a in op.args[:2]) == 1
-                and _over_last_axis(g, v, _arg(op, 2, "dim", 1))):
+                and _over_axis(g, v, _arg(op, 2, "dim", 1), axis)):
             return op, "F.cosine_similarity"
         return None
     if len(users) != 2:
         return None
     for norm, divide in (users, users[::-1]):
-        n = _norm_of(g, v, norm)
+        n = _norm_of(g, v, norm, axis)
         if n is None:
             continue
         while True:  # a clamp from below of the norm: exact wherever the norm exceeds it
@@ -1100,14 +1101,14 @@ def _direction_of(g: OpGraph, v: int) -> tuple[Op, str] | None:
     return None
 
 
-def _norm_of(g: OpGraph, v: int, op: Op) -> int | None:
-    """The value holding a p-norm of ``v`` over the last axis (keepdim) that ``op`` starts:
+def _norm_of(g: OpGraph, v: int, op: Op, axis: int) -> int | None:
+    """The value holding a p-norm of ``v`` over ``axis`` (keepdim) that ``op`` starts:
     ``v.norm(...)``, ``torch.linalg.vector_norm(v, ...)``, or by hand, sqrt(Σ v²) (``pow(v, 2)``
-    or ``v * v``, ``sum(-1, keepdim=True)``, ``pow(·, 0.5)`` or ``sqrt``, as CLIP writes it)."""
+    or ``v * v``, ``sum(axis, keepdim=True)``, ``pow(·, 0.5)`` or ``sqrt``, as CLIP writes it)."""
     if not (op.args and op.args[0] == Val(v) and len(op.outputs) == 1):
         return None
     if op.name in ("norm", "linalg_vector_norm"):
-        fine = _positive_norm_order(op) and _over_last_axis(g, v, _arg(op, 2, "dim", None), bool(_arg(op, 3, "keepdim", False)))
+        fine = _positive_norm_order(op) and _over_axis(g, v, _arg(op, 2, "dim", None), axis, bool(_arg(op, 3, "keepdim", False)))
         return op.outputs[0] if fine else None
     squared = (op.name in ("pow", "__pow__") and _arg(op, 1, "exponent") == 2) or op.name == "square" or (
         op.name in _MUL and len(op.args) == 2 and op.args[1] == Val(v))
@@ -1120,7 +1121,7 @@ def _norm_of(g: OpGraph, v: int, op: Op) -> int | None:
         nxt = g.ops[after[0]]
         if not (nxt.args and nxt.args[0] == Val(cur) and len(nxt.outputs) == 1):
             return None
-        if step == "sum" and not (nxt.name == "sum" and _over_last_axis(g, cur, _arg(nxt, 1, "dim", None), bool(_arg(nxt, 2, "keepdim", False)))):
+        if step == "sum" and not (nxt.name == "sum" and _over_axis(g, cur, _arg(nxt, 1, "dim", None), axis, bool(_arg(nxt, 2, "keepdim", False)))):
             return None
         if step == "root" and not (nxt.name == "sqrt" or (nxt.name in ("pow", "__pow__") and _arg(nxt, 1, "exponent") == 0.5)):
             return None
@@ -1133,21 +1134,26 @@ def normalize_scale_rule(g: OpGraph, states: dict[int, _SiteState]):
     yields proposals."""
     for st in states.values():
         site = st.site
-        if not _linear_site(st, g):
+        if site.shifts or site.slices:  # the law would not read the whole tensors
             continue
-        v = site.out
+        v, ndim = site.out, len(g.shapes[site.out])
+        axis = site.axis % ndim
+        last = axis == ndim - 1  # a Linear's units: shape ops that keep the last axis may come between
         while True:
             users = g.users.get(v, [])
             op = g.ops[users[0]] if len(users) == 1 else None
             if op is None or len(op.outputs) != 1 or not (op.args and op.args[0] == Val(v)):
                 break
-            homogeneous = op.name in _HOMOGENEOUS and g.shapes[op.outputs[0]] == g.shapes[v]
-            if not (homogeneous or _keeps_last_axis(g, op, v) or op.name in _DROPOUT):
+            same = g.shapes[op.outputs[0]] == g.shapes[v]
+            if not ((op.name in _HOMOGENEOUS and same) or op.name in _DROPOUT or (op.name in _KEEP and same)
+                    or (last and _keeps_last_axis(g, op, v))):
                 break
             v = op.outputs[0]  # f(λv) = λᵏ f(v), λ > 0: the direction is unchanged
-        if g.shapes[v][-1] != site.units:
+        if last:
+            axis = len(g.shapes[v]) - 1
+        if g.shapes[v][axis] != site.units:
             continue
-        found = _direction_of(g, v)
+        found = _direction_of(g, v, axis)
         if found is None:
             continue
         op, what = found

@@ -16,7 +16,8 @@ in a consumer, or breaks it (a barrier, whose reason is kept):
   that does not carry the site (a gate σ(g), cos/sin, a mask) keeps per-unit rescaling; an
   addition of two arms carrying the same units keeps it, tying units that meet at one
   position (RoPE's ``q·cos + rotate_half(q)·sin`` ties i with i + d_h/2); reductions,
-  pooling and resampling (``interpolate``) over axes that carry no unit keep it; ``glu``
+  pooling and resampling (``interpolate``) over axes that carry no unit keep it, and so do
+  pads that copy elements (reflect, replicate, circular) or add zeros; ``glu``
   keeps the units of its first half (the second is its sigmoid gate). A trainable per-feature
   gate γ ⊙ h (LayerScale) consumes the units. Only linear ops keep the mixing of the matrix
   law; an op that acts differently on different slices (``P @ V`` per head) splits its blocks.
@@ -26,10 +27,13 @@ in a consumer, or breaks it (a barrier, whose reason is kept):
   (BitNet's relu(gate)² ⊙ up before a norm): ‖w_u‖² − (k_a/k_b)‖w_w‖² per set of units that meet;
 * **consumers**: ``F.linear`` / ``addmm`` / ``x @ W`` / a convolution with a trainable weight
   reading the unit axis (its columns become the outgoing rows; the rows of a transposed
-  convolution's weight, which is also a site through its columns);
+  convolution's weight, which is also a site through its columns). A column that reads
+  different units at different positions (``pixel_shuffle`` puts r² channels at the r × r
+  positions of one) ties them: they share one λ and one law (:func:`_column_classes`);
 * **attention** (:mod:`torch_conslaw.laws.families.attention`): a product of two site values
   over their unit axes (``q @ k.transpose``, ``F.scaled_dot_product_attention``, with
-  ``enable_gqa``) pairs query units with key units position by position; the value operand
+  ``enable_gqa``, a dot product ``(u * v).sum(-1)`` or ``einsum('bi,bi->b')`` of two
+  layers) pairs query units with key units position by position; the value operand
   of ``P @ V`` / SDPA passes through with one block per head.
 * **barriers**: anything else that reads a site value (a non-homogeneous activation, a
   normalization, a residual addition, softmax over the units, ``detach``, the model output).
