@@ -11,6 +11,13 @@ hand-written models through the public API:
   laws failed to run" and tracked the layer-pair laws unverified (Siglip2 float32: 104 unverified
   laws instead of the float64 monitor's 155). Such a product now computes in float64
   (``lie.elementary._products_lifted``), as torch promotes in elementwise ops.
+* a model with no law must say why truthfully: MobileNetV1 (every convolution → BatchNorm →
+  ReLU6, built in eval mode) got "BatchNorm2d renormalizes the units, so the rescaling law does
+  not hold across it" for each conv → BatchNorm pair; in eval mode a BatchNorm does not
+  renormalize (γ_c (x − μ_c) / σ_c + β_c with its running statistics), and the rescaling
+  W_c → cW_c, γ_c → γ_c / c is an exact symmetry while μ_c = 0 (fresh statistics: measured
+  |cos| ≤ 2.3e-17 on TextNet and MobileNetV1, 0.08 / 0.97 with μ ~ N(0, 0.25)); the reason now
+  says so (a law the library does not track: reported, not added).
 
 Every claim is checked independently (torch.func on the model itself, in float64).
 """
@@ -78,3 +85,43 @@ def test_float32_product_with_factory_weights_is_verified():
             dot = sum((dh[k] * g[k]).sum() for k in params)
             scale = torch.sqrt(sum(dh[k].square().sum() for k in params) * sum(g[k].square().sum() for k in params))
             assert float(dot.abs() / scale) < 1e-12
+
+
+def _conv_bn_relu6():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU6(), nn.Conv2d(3, 2, 1)).to(F64)
+    return model.eval(), torch.randn(2, 1, 6, 6, dtype=F64)
+
+
+def _rescaling_residual(model, x):
+    """max |cos(∇(‖W_c‖² − γ_c²), ∂fᵀu)| over the 3 channels of conv 0 → BatchNorm 1 (torch.func)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    out, pull = vjp(lambda p: functional_call(model, p, (x,)), params)
+    gen, worst = torch.Generator().manual_seed(1), 0.0
+    W, gam = params["0.weight"], params["1.weight"]
+    for _ in range(3):
+        g = pull(torch.randn(out.shape, generator=gen, dtype=F64))[0]
+        for c in range(3):
+            dot = (W[c] * g["0.weight"][c]).sum() - gam[c] * g["1.weight"][c]
+            scale = torch.sqrt((W[c].square().sum() + gam[c] ** 2) * (g["0.weight"][c].square().sum() + g["1.weight"][c] ** 2))
+            worst = max(worst, float(dot.abs() / scale))
+    return worst
+
+
+def test_eval_mode_batch_norm_reason_is_truthful():
+    model, x = _conv_bn_relu6()
+    with pytest.warns(RuntimeWarning, match="no conservation law is tracked"):
+        monitor = tc.ConservationMonitor(model, x)
+    assert monitor.groups == []
+    reasons = [str(s) for s in monitor.skipped if s.producer == "0" and s.consumer == "1"]
+    pair = [r for r in reasons if r.startswith("between 0 (Conv2d) and 1 (BatchNorm2d)")]
+    assert pair and "is in eval mode: a fixed affine map per channel" in pair[0], reasons
+    assert "running mean μ_c is zero" in pair[0] and "renormalizes" not in pair[0]
+    # independent: the symmetry the reason names holds at μ = 0 and breaks at μ ≠ 0
+    assert _rescaling_residual(model, x) < 1e-12
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.5, -0.4, 0.3], dtype=F64))
+    assert _rescaling_residual(model, x) > 1e-3
+    model.train()  # train mode: the BatchNorm renormalizes, the wording is unchanged
+    reasons = [str(s) for s in tc.find_structure(model).skipped]
+    assert any("1 (BatchNorm2d) renormalizes the units" in r for r in reasons), reasons
