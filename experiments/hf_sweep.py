@@ -22,7 +22,8 @@ the MoE ones in the eager-loop list below run their experts' eager loop; longcat
 moe_topk 2, or its eager expert loop raises; zamba2 adapter_rank 4, or D = 7756; switch_transformers
 keeps its float32 router, which casts its own classifier inside forward). The names after ``t5gemma``
 were added by the ninth sweep (results/hf_sweep_ninth.md; Swin2SR is built with its
-``pixelshuffledirect`` super-resolution head, ``CLASSES``; the MoE ones run their experts' eager loop;
+``pixelshuffledirect`` super-resolution head, ``CLASSES``, and ``swin2sr_pixelshuffle`` with its
+``pixelshuffle`` head, whose fixed 64 features make D = 157,539; the MoE ones run their experts' eager loop;
 MRA is left out: without its CUDA kernel its attention returns zeros, and its forward casts q, k, v
 to float32, so it cannot run in float64). ``experiments/hf_sweep_table.py`` turns a folder of logs into a table.
 
@@ -215,6 +216,7 @@ BUILDERS = {
  "t5gemma": lambda: (tf.T5GemmaConfig(encoder=dict(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=4, vocab_size=V, max_position_embeddings=P, sliding_window=4, layer_types=["full_attention"]), decoder=dict(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4, query_pre_attn_scalar=4, vocab_size=V, max_position_embeddings=P, sliding_window=4, layer_types=["full_attention"]), vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2), dict(ids(), decoder_input_ids=ids()["input_ids"][:, :4])),
  # added by the ninth sweep (results/hf_sweep_ninth.md): vision / image backbones
  "swin2sr": lambda: (tf.Swin2SRConfig(image_size=8, patch_size=1, num_channels=1, num_channels_out=1, embed_dim=H, depths=[1], num_heads=[2], window_size=2, mlp_ratio=2.0, upscale=2, upsampler="pixelshuffledirect", resi_connection="1conv"), pix(1, 8)),
+ "swin2sr_pixelshuffle": lambda: (tf.Swin2SRConfig(image_size=8, patch_size=1, num_channels=1, num_channels_out=1, embed_dim=H, depths=[1], num_heads=[2], window_size=2, mlp_ratio=2.0, upscale=2, upsampler="pixelshuffle", resi_connection="1conv"), pix(1, 8)),
  "dinov2_with_registers": lambda: (tf.Dinov2WithRegistersConfig(hidden_size=H, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=8, patch_size=4, num_channels=1, num_register_tokens=2), pix(1, 8)),
  "dinov3_vit": lambda: (tf.DINOv3ViTConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4, num_channels=1, num_register_tokens=2), pix(1, 8)),
  "dinov3_convnext": lambda: (tf.DINOv3ConvNextConfig(num_channels=1, hidden_sizes=[H], depths=[1], image_size=8), pix(1, 8)),
@@ -267,7 +269,7 @@ BUILDERS = {
  "openai_gpt": lambda: (tf.OpenAIGPTConfig(n_embd=H, n_layer=1, n_head=2, vocab_size=V, n_positions=P), ids()),
  "imagegpt": lambda: (tf.ImageGPTConfig(n_embd=H, n_layer=1, n_head=2, n_inner=I, vocab_size=V + 1, n_positions=P), ids()),
 }
-CLASSES = {"swin2sr": tf.Swin2SRForImageSuperResolution}  # the head that holds the pixel-shuffle upsampler (Swin2SRModel has none)
+CLASSES = {"swin2sr": tf.Swin2SRForImageSuperResolution, "swin2sr_pixelshuffle": tf.Swin2SRForImageSuperResolution}  # the head that holds the pixel-shuffle upsampler (Swin2SRModel has none)
 MAX_S = float(os.environ.get("HF_SWEEP_MAX_SECONDS", os.environ.get("SWEEP_MAX_SECONDS", 240)))  # budget of the count
 MAX_D = int(os.environ.get("HF_SWEEP_MAX_D", 5000))  # larger models: no count (analyze says so)
 def build(name, impl="eager"):
