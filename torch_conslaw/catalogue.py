@@ -454,6 +454,13 @@ def barrier_reason(target: Any, display: str) -> str:
     if isinstance(target, nn.Module) and isinstance(target, _NORMS):
         kind = type(target).__name__
         named = display if display == kind or display.endswith(f"({kind})") else f"{display} ({kind})"
+        if isinstance(target, nn.modules.batchnorm._BatchNorm) and not target.training and target.running_var is not None:
+            # eval mode: no renormalization, γ_c (x − μ_c) / σ_c + β_c with the running statistics
+            return (
+                f"{named} is in eval mode: a fixed affine map per channel with its running statistics, "
+                "γ_c (x − μ_c) / σ_c + β_c; scaling a channel's incoming weights by c and γ_c by 1/c "
+                "keeps it only while the running mean μ_c is zero, and no law across it is tracked"
+            )
         return f"{named} renormalizes the units, so the rescaling law does not hold across it"
     try:
         if target in _NORM_FUNCTIONS:

@@ -338,11 +338,41 @@ _DTYPE_ARG = {F.softmax: 3, F.log_softmax: 3, torch.softmax: 2, torch.log_softma
               Tensor.log_softmax: 2}  # position of ``dtype`` (F.softmax(input, dim, _stacklevel, dtype))
 
 
+# products that do not promote mixed float dtypes (elementwise ops do): matmul, mm, bmm, linear, einsum
+_PRODUCTS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm, torch.bmm,
+             Tensor.bmm, F.linear, torch.einsum}
+
+
+def _products_lifted(func: Any, args: tuple, kwargs: dict, skip: Callable[[Any], bool],
+                     kept: set[str]) -> tuple[tuple, dict]:
+    """A product of a float64 tensor (a cast kept in float64) with a constant tensor of a dtype
+    ``skip`` accepts (one the model made in its own precision from integers or a factory,
+    ``spatial_shapes.float()``, ``torch.arange(n, dtype=torch.float32)``: no float64 source to
+    keep) takes that operand to float64, as torch promotes in elementwise ops; otherwise the
+    product raises (``expected m1 and m2 to have the same dtype``). A tensor that requires grad
+    (a parameter the forward cast to another dtype, Switch Transformers' router) is left as it
+    is: the count's note names that parameter."""
+    flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else (x,))] + list(kwargs.values())
+    if not any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in flat):
+        return args, kwargs
+    low = lambda a: (isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 and skip(a.dtype)
+                     and not a.requires_grad)  # a constant: a parameter of another dtype stays (its own note)
+    if not any(low(a) for a in flat):
+        return args, kwargs
+    kept.add(getattr(func, "__name__", str(func)))
+    up = lambda a: a.to(torch.float64) if low(a) else a
+    args = tuple(type(x)(up(a) for a in x) if isinstance(x, (list, tuple)) else up(x) for x in args)
+    return args, {k: up(v) for k, v in kwargs.items()}
+
+
 def _without_casts(func: Any, args: tuple, kwargs: dict, skip: Callable[[Any], bool],
                    kept: set[str]) -> tuple[bool, Any, tuple, dict]:
     """A cast of a float64 tensor to a dtype ``skip`` accepts left out: (done, its value) for a
     cast (``x.float()``, ``x.to(torch.float32)``, ``x.type_as(y)``), or the arguments without
-    that ``dtype`` for a softmax (``softmax(x, -1, dtype=torch.float32)``)."""
+    that ``dtype`` for a softmax (``softmax(x, -1, dtype=torch.float32)``); a product of such a
+    kept float64 tensor with one of that dtype computes in float64 (:func:`_products_lifted`)."""
+    if func in _PRODUCTS:
+        args, kwargs = _products_lifted(func, args, kwargs, skip, kept)
     src = args[0] if args else kwargs.get("input")
     if not (isinstance(src, Tensor) and src.dtype == torch.float64):
         return False, None, args, kwargs
