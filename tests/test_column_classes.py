@@ -134,3 +134,32 @@ def test_a_column_reading_units_and_other_values_is_a_barrier():
     monitor = _monitor(model, x)
     assert not [g for g in monitor.groups if g.name.startswith("c1")]
     assert any("values that carry none" in s.reason for s in monitor.skipped)
+
+
+class LinearUpsampler(nn.Module):
+    """conv → ReLU → conv → PixelShuffle(2) → conv with no activation after the shuffle (the
+    upsampler of EDSR / Swin2SR): the shuffled channels' classes keep a whole matrix law."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 12, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(nn.functional.pixel_shuffle(self.c1(torch.relu(self.c0(x))), 2))
+
+
+def test_a_linear_shuffle_keeps_the_matrix_law_of_its_channel_classes():
+    """Σ_k [W_k b_k][W_k b_k]ᵀ − W_nextᵀ W_next over the 3 classes (rows 4c + k of c1), by hand."""
+    model, x = _built(LinearUpsampler), seeded_randn(2, 3, 5, 5, seed=1)
+    groups = _monitor(model, x).groups
+    (matrix,) = [g for g in groups if g.kind == "matrix"]
+    assert matrix.count == 6
+    p = {n: t.detach() for n, t in model.named_parameters()}
+    rows = torch.cat([p["c1.weight"].flatten(1), p["c1.bias"][:, None]], 1).reshape(3, 4, -1)  # [class, k, in]
+    incoming = torch.einsum("cki,dki->cd", rows, rows)
+    w2 = p["c2.weight"].transpose(0, 1).flatten(1)  # [class, out · kernel]
+    by_hand = (incoming - w2 @ w2.t())[tuple(torch.triu_indices(3, 3))]
+    torch.testing.assert_close(matrix.values(p).sort().values, by_hand.sort().values, rtol=1e-13, atol=1e-13)
+    assert law_residuals(model, x, groups, lambda out: out) < 1e-12
+    report = tc.analyze(model, seeded_randn(12, 3, 5, 5, seed=3))
+    assert report.complete is True and report.tracked_rank == report.lie_laws == 10, str(report)

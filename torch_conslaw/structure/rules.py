@@ -275,6 +275,9 @@ class _SiteState:
     # unit → how many sums or products of two values carrying this site's units it entered (past
     # them the second value's units go on as the first's, tied to them: see _add and _times)
     joined: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # classes of units read through one column at aligned positions (see _column_classes): member
+    # k of one class sits where member k of every other sits, so a mixing of the classes is kept
+    aligned: set[frozenset[int]] = field(default_factory=set)
     _roots: list[int] | None = None
     _members: dict[int, list[int]] | None = None
 
@@ -1216,7 +1219,11 @@ class _Propagation:
                 for u in units[1:]:
                     _union(self.st.ties, units[0], u)
                 self.st.absorbed.update(units[1:])
-            matrix, reached = False, flat
+            reached = flat
+            if matrix and _aligned(flat, fiber, classes):
+                self.st.aligned.update(frozenset(units) for units in classes)
+            else:
+                matrix = False
         self.route(reached, c.via)
         self.st.uses.append(_Use(op.index, param, layout, fiber.clone(), matrix, c.degree, groups, slice))
 
@@ -1450,6 +1457,23 @@ def _column_classes(flat: Tensor) -> tuple[Tensor, list[list[int]]]:
     return fiber, [members for members in classes.values() if len(members) > 1]
 
 
+def _aligned(flat: Tensor, fiber: Tensor, classes: list[list[int]]) -> bool:
+    """Whether the classes of :func:`_column_classes` are aligned: of equal size, one column
+    each, and at every position the columns read members of the same rank in their sorted
+    classes (``pixel_shuffle``: channel c·r² + k at sub-position k of every c). Then a mixing
+    G of the classes, applied to the members of each rank alike, is undone by G⁻¹ on the
+    columns: a matrix law over the classes."""
+    if not classes or len({len(c) for c in classes}) != 1:
+        return False
+    columns = fiber[fiber >= 0]
+    if len(set(columns.tolist())) != len(columns) or len(columns) != len(classes):
+        return False
+    rank = {u: k for c in classes for k, u in enumerate(c)}
+    read = flat[:, fiber >= 0]
+    pattern = torch.tensor([[rank[u] for u in row] for row in read.tolist()])
+    return bool((pattern == pattern[:, :1]).all())
+
+
 def _cols(fiber: Tensor, units: list[int]) -> Tensor | None:
     """[units, positions] input positions of each unit (in increasing order); None when
     their counts differ."""
@@ -1490,11 +1514,11 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
     groups: dict[tuple, list[list[int]]] = defaultdict(list)
     for (sig, matrix, degree, key), units in classes.items():
         if matrix:
-            if any(len(st.members(u)) > 1 for u in units):
-                matrix = False
-            else:
-                groups[(sig, True, degree, key, 0)].append(sorted(units))
+            sizes = {len(st.members(u)) for u in units}
+            if sizes == {1} or (len(sizes) == 1 and all(frozenset(st.members(u)) in st.aligned for u in units)):
+                groups[(sig, True, degree, key, 0)].append(sorted(units))  # units, or aligned classes (their smallest)
                 continue
+            matrix = False
         if not matrix:
             present = set(units)
             for u in units:
@@ -1510,7 +1534,8 @@ def _linear_laws(st: _SiteState, alive: list[int]) -> tuple[list[Pair], list[str
         uses = [next(x for x in st.uses if x.op == op_index) for op_index, _ in sig]
         if matrix:
             for units in blocks:
-                idx = torch.tensor(units)
+                # an aligned class reads its members' rows side by side: the Gram sums member by member
+                idx = torch.tensor(units) if len(st.members(units[0])) == 1 else torch.tensor([st.members(u) for u in units])
                 out: list[RowReader] = []
                 for use in uses:
                     cols = _cols(use.fiber, units)
