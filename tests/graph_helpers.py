@@ -4,12 +4,13 @@
 |⟨∇h(θ), ∂_θ⟨u, f(θ, x)⟩⟩| / (‖∇h‖ ‖∂_θ⟨u, f⟩‖) over random output cotangents u, in float64,
 with ``torch.func`` (``jacrev`` of the group values, ``vjp`` of the model).
 ``sgd_first_order``: the largest relative first-order part 2B(θ, Δ) / scale(θ) of one SGD
-step Δ = −η ∇L on a random quadratic loss. ``seeded_randn`` and ``sync_monitor``: the inputs and
-the monitor the sweep tests build their models' checks on.
+step Δ = −η ∇L on a random quadratic loss. ``seeded_randn``, ``seeded_model``, ``sync_monitor``
+and ``quiet_monitor``: the inputs, models and monitors the tests build their checks on.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,19 @@ def seeded_randn(*shape: int, seed: int = 0) -> Tensor:
 def sync_monitor(model: nn.Module, x: Any) -> ConservationMonitor:
     """A monitor recording every step synchronously, its laws checked on ``x``."""
     return ConservationMonitor(model, x, every=1, recording="sync")
+
+
+def quiet_monitor(model: nn.Module, x: Any) -> ConservationMonitor:
+    """:func:`sync_monitor` without its warnings (a near miss warns that it has no law)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sync_monitor(model, x)
+
+
+def seeded_model(cls: Callable[..., nn.Module], *args: Any) -> nn.Module:
+    """``cls(*args)`` initialized from seed 0, in float64."""
+    torch.manual_seed(0)
+    return cls(*args).to(torch.float64)
 
 
 def _output(model: nn.Module, params: dict[str, Tensor], example: Any, pick: Callable[[Any], Tensor]) -> Tensor:

@@ -9,16 +9,14 @@ SGD step and the Lie-algebra count."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, seeded_randn, sgd_first_order, sync_monitor
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_model, seeded_randn, sgd_first_order
 
-F64 = torch.float64
 
 
 class SuperResolution(nn.Module):
@@ -82,17 +80,6 @@ class ShuffleBesideInput(nn.Module):
         return self.c2(torch.cat([up, nn.functional.interpolate(x, scale_factor=2.0)], dim=-1))
 
 
-def _monitor(model: nn.Module, x: torch.Tensor) -> tc.ConservationMonitor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sync_monitor(model, x)
-
-
-def _built(cls: type[nn.Module]) -> nn.Module:
-    torch.manual_seed(0)
-    return cls().to(F64)
-
-
 @pytest.mark.parametrize(
     ("cls", "shape", "counts"),
     [
@@ -103,8 +90,8 @@ def _built(cls: type[nn.Module]) -> nn.Module:
     ],
 )
 def test_units_read_through_one_column_share_a_law(cls, shape, counts):
-    model, x = _built(cls), seeded_randn(*shape, seed=1)
-    groups = _monitor(model, x).groups
+    model, x = seeded_model(cls), seeded_randn(*shape, seed=1)
+    groups = quiet_monitor(model, x).groups
     assert {g.name.split(" ")[0]: g.count for g in groups} == counts
     assert law_residuals(model, x, groups, lambda out: out) < 1e-12
     assert sgd_first_order(model, x, groups, lambda out: out) < 1e-12
@@ -112,8 +99,8 @@ def test_units_read_through_one_column_share_a_law(cls, shape, counts):
 
 def test_the_law_is_the_sum_over_the_shuffled_channels():
     """Σ_k (‖c1.weight[4c + k]‖² + c1.bias[4c + k]²) − ‖c2.weight[:, c]‖², written out by hand."""
-    model, x = _built(SuperResolution), seeded_randn(2, 3, 4, 4, seed=1)
-    (group,) = [g for g in _monitor(model, x).groups if g.name.startswith("c1→c2")]
+    model, x = seeded_model(SuperResolution), seeded_randn(2, 3, 4, 4, seed=1)
+    (group,) = [g for g in quiet_monitor(model, x).groups if g.name.startswith("c1→c2")]
     params = {n: p.detach() for n, p in model.named_parameters()}
     w1, b1, w2 = params["c1.weight"], params["c1.bias"], params["c2.weight"]
     incoming = (w1.flatten(1).square().sum(1) + b1.square()).reshape(4, 4).sum(1)
@@ -124,14 +111,14 @@ def test_the_law_is_the_sum_over_the_shuffled_channels():
 @pytest.mark.parametrize(("cls", "laws"), [(SuperResolution, 6), (ShuffleThenDepthwise, 4)])
 def test_the_count_agrees(cls, laws):
     """Every law there is: the Lie-algebra count on enough inputs equals the laws tracked."""
-    model, x = _built(cls), seeded_randn(24, 3, 4, 4, seed=3)
+    model, x = seeded_model(cls), seeded_randn(24, 3, 4, 4, seed=3)
     report = tc.analyze(model, x)
     assert report.complete is True and report.tracked_rank == report.lie_laws == laws, str(report)
 
 
 def test_a_column_reading_units_and_other_values_is_a_barrier():
-    model, x = _built(ShuffleBesideInput), seeded_randn(2, 2, 3, 3, seed=1)
-    monitor = _monitor(model, x)
+    model, x = seeded_model(ShuffleBesideInput), seeded_randn(2, 2, 3, 3, seed=1)
+    monitor = quiet_monitor(model, x)
     assert not [g for g in monitor.groups if g.name.startswith("c1")]
     assert any("values that carry none" in s.reason for s in monitor.skipped)
 
@@ -150,8 +137,8 @@ class LinearUpsampler(nn.Module):
 
 def test_a_linear_shuffle_keeps_the_matrix_law_of_its_channel_classes():
     """Σ_k [W_k b_k][W_k b_k]ᵀ − W_nextᵀ W_next over the 3 classes (rows 4c + k of c1), by hand."""
-    model, x = _built(LinearUpsampler), seeded_randn(2, 3, 5, 5, seed=1)
-    groups = _monitor(model, x).groups
+    model, x = seeded_model(LinearUpsampler), seeded_randn(2, 3, 5, 5, seed=1)
+    groups = quiet_monitor(model, x).groups
     (matrix,) = [g for g in groups if g.kind == "matrix"]
     assert matrix.count == 6
     p = {n: t.detach() for n, t in model.named_parameters()}

@@ -6,14 +6,13 @@ scale and stays a barrier. Checked with torch.func, one SGD step and the Lie-alg
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, seeded_randn, sgd_first_order, sync_monitor
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_randn, sgd_first_order
 
 F64 = torch.float64
 
@@ -49,17 +48,11 @@ class PaddedFeatures(nn.Module):
         return self.b(nn.functional.pad(h, (1, 1), mode="replicate").squeeze(1))
 
 
-def _monitor(model: nn.Module, x: torch.Tensor) -> tc.ConservationMonitor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sync_monitor(model, x)
-
-
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "constant"])
 def test_a_pad_that_copies_keeps_the_channel_laws(mode):
     torch.manual_seed(0)
     model, x = PaddedConvs(mode).to(F64), seeded_randn(2, 3, 8, 8, seed=1)
-    groups = _monitor(model, x).groups
+    groups = quiet_monitor(model, x).groups
     assert {g.name: g.count for g in groups} == {"c1→c2": 4, "c2→c3": 5}
     assert law_residuals(model, x, groups, lambda out: out) < 1e-12
     assert sgd_first_order(model, x, groups, lambda out: out) < 1e-12
@@ -68,7 +61,7 @@ def test_a_pad_that_copies_keeps_the_channel_laws(mode):
 def test_a_pad_along_the_units_reads_them_twice():
     torch.manual_seed(0)
     model, x = PaddedFeatures().to(F64), seeded_randn(5, 3, seed=1)
-    groups = _monitor(model, x).groups  # units read by two columns and by one: two groups
+    groups = quiet_monitor(model, x).groups  # units read by two columns and by one: two groups
     assert sum(g.count for g in groups) == 4
     params = {n: p.detach() for n, p in model.named_parameters()}
     w = params["b.weight"]
@@ -82,7 +75,7 @@ def test_a_pad_along_the_units_reads_them_twice():
 def test_a_constant_other_than_zero_is_a_barrier():
     torch.manual_seed(0)
     model, x = PaddedConvs("constant", value=1.0).to(F64), seeded_randn(2, 3, 8, 8, seed=1)
-    monitor = _monitor(model, x)
+    monitor = quiet_monitor(model, x)
     assert "c1→c2" not in {g.name for g in monitor.groups}
     assert any("the constant 1.0 does not scale" in s.reason for s in monitor.skipped)
 

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, seeded_randn, sgd_first_order, sync_monitor
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_model, seeded_randn, sgd_first_order
 
-F64 = torch.float64
 
 
 class Normalized(nn.Module):
@@ -77,21 +76,10 @@ class Siamese(nn.Module):
         return F.cosine_similarity(left, right, dim=-1)
 
 
-def _groups(model: nn.Module, x: torch.Tensor) -> list:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sync_monitor(model, x).groups
-
-
-def _model(cls, *args) -> nn.Module:
-    torch.manual_seed(0)
-    return cls(*args).to(F64)
-
-
 @pytest.mark.parametrize("how", ["normalize", "norm", "by_hand", "clamped_vector_norm"])
 def test_the_layer_before_a_direction_keeps_its_scale(how):
-    model, x = _model(Normalized, how), seeded_randn(8, 4, seed=1) + 1.0
-    groups = _groups(model, x)
+    model, x = seeded_model(Normalized, how), seeded_randn(8, 4, seed=1) + 1.0
+    groups = quiet_monitor(model, x).groups
     (scale,) = [g for g in groups if g.kind == "scale"]
     assert (scale.name, scale.count) == ("b scale", 1)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -103,13 +91,13 @@ def test_the_layer_before_a_direction_keeps_its_scale(how):
 
 @pytest.mark.parametrize("how", ["plus_eps", "over_the_batch", "also_residual"])
 def test_near_misses_get_no_scale_law(how):
-    model, x = _model(Normalized, how), seeded_randn(8, 4, seed=1) + 1.0
-    assert not [g for g in _groups(model, x) if g.kind == "scale"]
+    model, x = seeded_model(Normalized, how), seeded_randn(8, 4, seed=1) + 1.0
+    assert not [g for g in quiet_monitor(model, x).groups if g.kind == "scale"]
 
 
 def test_a_cosine_classifier_keeps_its_feature_scale_and_one_law_per_class():
-    model, x = _model(CosineHead), seeded_randn(8, 4, seed=1)
-    groups = _groups(model, x)
+    model, x = seeded_model(CosineHead), seeded_randn(8, 4, seed=1)
+    groups = quiet_monitor(model, x).groups
     scales = {g.name: g for g in groups if g.kind == "scale"}
     assert {n: g.count for n, g in scales.items()} == {"b scale": 1, "classes scale": 3}
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -119,15 +107,15 @@ def test_a_cosine_classifier_keeps_its_feature_scale_and_one_law_per_class():
 
 
 def test_each_argument_of_a_cosine_similarity_keeps_its_scale():
-    model, x = _model(Siamese), seeded_randn(8, 4, seed=1)
-    groups = _groups(model, x)
+    model, x = seeded_model(Siamese), seeded_randn(8, 4, seed=1)
+    groups = quiet_monitor(model, x).groups
     assert sorted((g.name, g.count) for g in groups if g.kind == "scale") == [("b scale", 1), ("d scale", 1)]
     assert law_residuals(model, x, groups, lambda out: out) < 1e-12
 
 
 def test_the_scale_law_is_conserved_through_training():
     """SGD changes ‖W‖² + ‖b‖² of the layer by its second-order part only: the records say so."""
-    model, x = _model(Normalized, "normalize"), seeded_randn(16, 4, seed=1) + 1.0
+    model, x = seeded_model(Normalized, "normalize"), seeded_randn(16, 4, seed=1) + 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
@@ -154,8 +142,8 @@ class DescriptorHead(nn.Module):
 
 
 def test_a_convolution_normalized_over_its_channels_keeps_its_scale_and_is_complete():
-    model, x = _model(DescriptorHead), seeded_randn(2, 3, 6, 6, seed=1)
-    groups = _groups(model, x)
+    model, x = seeded_model(DescriptorHead), seeded_randn(2, 3, 6, 6, seed=1)
+    groups = quiet_monitor(model, x).groups
     assert sorted((g.name, g.count) for g in groups) == [("c1→c2", 8), ("c2 scale", 1)]
     assert law_residuals(model, x, groups, lambda out: out) < 1e-12
     report = tc.analyze(model, x)

@@ -8,14 +8,13 @@ torch.func and against the Lie-algebra count."""
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, sgd_first_order, sync_monitor
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_model, sgd_first_order
 
 F64 = torch.float64
 
@@ -75,21 +74,10 @@ def _tower_inputs(n: int = 30) -> torch.Tensor:
     return torch.randn(n, 9, generator=torch.Generator().manual_seed(1), dtype=F64)
 
 
-def _groups(model: nn.Module, x) -> list:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sync_monitor(model, x).groups
-
-
-def _built(cls, *args) -> nn.Module:
-    torch.manual_seed(0)
-    return cls(*args).to(F64)
-
-
 @pytest.mark.parametrize("how", ["mul_sum", "mul_sum_keepdim", "einsum", "mean"])
 def test_a_factorization_keeps_its_whole_matrix_law(how):
-    model, pairs = _built(Factorization, how), _pairs()
-    (group,) = _groups(model, pairs)
+    model, pairs = seeded_model(Factorization, how), _pairs()
+    (group,) = quiet_monitor(model, pairs).groups
     assert (group.kind, group.count) == ("matrix", 6)
     params = {n: p.detach() for n, p in model.named_parameters()}
     u, v = params["users.weight"], params["items.weight"]
@@ -105,14 +93,14 @@ def test_a_factorization_keeps_its_whole_matrix_law(how):
 
 def test_the_factorization_count_agrees():
     """Pairs (user, item) index two tables of different sizes: the count draws each column in its range."""
-    report = tc.analyze(_built(Factorization, "mul_sum"), _pairs())
+    report = tc.analyze(seeded_model(Factorization, "mul_sum"), _pairs())
     assert report.complete is True and report.tracked_rank == report.lie_laws == 6, str(report)
     assert "each position's own range" in report.lie_note
 
 
 def test_a_two_tower_model_is_complete():
-    model, inputs = _built(TwoTower), _tower_inputs()
-    groups = _groups(model, inputs)
+    model, inputs = seeded_model(TwoTower), _tower_inputs()
+    groups = quiet_monitor(model, inputs).groups
     assert sorted((g.kind, g.count) for g in groups) == [("matrix", 6), ("unit", 6), ("unit", 6)]
     assert law_residuals(model, inputs, groups, lambda out: out) < 1e-12
     report = tc.analyze(model, inputs)
@@ -121,7 +109,7 @@ def test_a_two_tower_model_is_complete():
 
 @pytest.mark.parametrize("how", ["product_also_read", "sum_over_batch", "with_input"])
 def test_near_misses_get_no_matrix_law(how):
-    model, inputs = _built(TwoTower, how), _tower_inputs()
-    groups = _groups(model, inputs)
+    model, inputs = seeded_model(TwoTower, how), _tower_inputs()
+    groups = quiet_monitor(model, inputs).groups
     assert not [g for g in groups if g.kind == "matrix"]
     assert law_residuals(model, inputs, groups, lambda out: out) < 1e-12
