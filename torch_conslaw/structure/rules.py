@@ -952,7 +952,7 @@ class _Propagation:
         total = g.ops[users[0]]
         dim = _arg(total, 1, "dim")
         dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else []
-        if (total.name not in ("sum", "mean") or total.args[0] != Val(op.outputs[0]) or len(shape) < 2
+        if (total.name not in ("sum", "mean") or not total.args or total.args[0] != Val(op.outputs[0]) or len(shape) < 2
                 or [d % len(shape) for d in dims] != [len(shape) - 1] or _arg(total, 3, "dtype") is not None):
             return False
         if g.shapes[a.vid] != shape or g.shapes[b.vid] != shape or (a.vid in self.state) == (b.vid in self.state):
