@@ -1073,7 +1073,7 @@ def _direction_of(g: OpGraph, v: int, axis: int) -> tuple[Op, str] | None:
     users = [g.ops[u] for u in g.users.get(v, [])]
     if len(users) == 1:
         op = users[0]
-        if op.name == "normalize" and op.args[0] == Val(v) and _over_axis(g, v, _arg(op, 2, "dim", 1), axis):
+        if op.name == "normalize" and op.args and op.args[0] == Val(v) and _over_axis(g, v, _arg(op, 2, "dim", 1), axis):
             p = _arg(op, 1, "p", 2.0)
             return (op, "F.normalize") if isinstance(p, (int, float)) and p > 0 else None
         if (op.name == "cosine_similarity" and sum(a == Val(v) for a in op.args[:2]) == 1
@@ -1174,7 +1174,7 @@ def normalize_scale_rule(g: OpGraph, states: dict[int, _SiteState]):
         yield build, names, name, site.name
     for vid, pname in g.params.items():  # a weight read only as F.normalize(w, dim=d): per slice
         users = [g.ops[u] for u in g.users.get(vid, [])]
-        if len(users) != 1 or users[0].name != "normalize" or users[0].args[0] != Val(vid):
+        if len(users) != 1 or users[0].name != "normalize" or not users[0].args or users[0].args[0] != Val(vid):
             continue
         op, shape = users[0], g.shapes[vid]
         dim, p = _arg(op, 2, "dim", 1), _arg(op, 1, "p", 2.0)
