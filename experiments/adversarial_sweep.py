@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -933,10 +934,7 @@ def write_table(rows, path_md):
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        where = ", ".join(f"{k} {v}" for k, v in (r.get("where") or {}).items())
-        bad = "; ".join(f"{k} {max(v):.1e}" for k, v in (r.get("bad") or {}).items()) or ("none" if "res_theta" in r else "–")
-        lie_note = [r["lie_note"]] if str(r.get("lie_note", "")).startswith("not computed") else []
-        notes = " / ".join(lie_note + (r.get("skipped_float64") or [])[:2] + (r.get("notes") or [])[:1]).replace("|", "\\|")[:500]
+        where, bad, notes = row_cells(r, 500)
         lines.append(
             f"| {r['name']} | {r['D']} | {r.get('laws_float64', '–')} / {r.get('laws_float32', '–')} | {r.get('lie', '–')} | "
             f"{r.get('complete', '–')} | {r.get('missing', '–')}{' (' + where + ')' if where else ''} | "
@@ -952,28 +950,48 @@ def write_table(rows, path_md):
         f"monitor: {sum(1 for r in rows if r.get('train_bitwise') is False)}. Errors now: "
         f"{sum(1 for r in rows if r['errors'])}.",
     ]
-    lines += ["", "## Groups per model (float64)", ""]
-    for r in rows:
-        lines.append(f"- **{r['name']}**: " + (", ".join(r.get("groups_float64") or []) or "none"))
     with open(path_md, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write("\n".join(lines + groups_section(rows)) + "\n")
 
 
-def main():
+def row_cells(r: dict, limit: int) -> tuple[str, str, str]:
+    """The table cells of one row that every sweep of this kind writes alike: where the missing
+    laws live, the false laws, and the notes (the count's refusal, the first skips, one note)."""
+    where = ", ".join(f"{k} {v}" for k, v in (r.get("where") or {}).items())
+    bad = "; ".join(f"{k} {max(v):.1e}" for k, v in (r.get("bad") or {}).items()) or ("none" if "res_theta" in r else "–")
+    lie_note = [r["lie_note"]] if str(r.get("lie_note", "")).startswith("not computed") else []
+    notes = " / ".join(lie_note + (r.get("skipped_float64") or [])[:2] + (r.get("notes") or [])[:1]).replace("|", "\\|")[:limit]
+    return where, bad, notes
+
+
+def groups_section(rows: list[dict]) -> list[str]:
+    """The report's closing list: every model's float64 groups."""
+    return ["", "## Groups per model (float64)", ""] + [
+        f"- **{r['name']}**: " + (", ".join(r.get("groups_float64") or []) or "none") for r in rows]
+
+
+def cli(script: str, models: dict, one: Callable[[str], dict], stem: str, shown: tuple[str, ...],
+        write: Callable[[list[dict], str], None]) -> None:
+    """The command line of a sweep: ``--list``, ``--one NAME`` (prints ``RESULT {json}``), or the
+    named models (all when none) one process each, to ``results/<stem>.json`` and ``.md``."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("names", nargs="*")
     a = ap.parse_args()
     if a.list:
-        print("\n".join(MODELS))
+        print("\n".join(models))
         return
     if a.one:
-        print("RESULT " + json.dumps(run_one(a.one)), flush=True)
+        print("RESULT " + json.dumps(one(a.one)), flush=True)
         return
-    rows = run_sweep(__file__, MODELS, a.names, os.path.join(ROOT, "results", "adversarial_sweep.json"),
-                     ("laws_float64", "laws_float32", "lie", "bad", "train_bitwise", "errors"))
-    write_table(rows, os.path.join(ROOT, "results", "adversarial_sweep.md"))
+    rows = run_sweep(script, models, a.names, os.path.join(ROOT, "results", f"{stem}.json"), shown)
+    write(rows, os.path.join(ROOT, "results", f"{stem}.md"))
+
+
+def main():
+    cli(__file__, MODELS, run_one, "adversarial_sweep", ("laws_float64", "laws_float32", "lie", "bad", "train_bitwise", "errors"),
+        write_table)
 
 
 def run_sweep(script: str, models: dict, names: list[str], out_json: str, shown: tuple[str, ...]) -> list[dict]:

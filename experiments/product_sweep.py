@@ -19,8 +19,6 @@ group_residuals) at θ, at θ with 1-D parameters moved 10 % and with every para
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -30,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adversarial_sweep import run_one as adversarial_run_one  # noqa: E402  (the checks, shared)
-from adversarial_sweep import run_sweep  # noqa: E402
+from adversarial_sweep import _e, cli, groups_section, row_cells  # noqa: E402  (the report's shared pieces)
 
 F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -597,10 +595,6 @@ def run_one(name: str) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def _e(v):
-    return "–" if v is None else f"{v:.1e}"
-
-
 # wrong behaviour or missed laws at 18bbef0, before this sweep's fixes
 BEFORE = {
     "residual_then_product": "rule proposed w1+w2⊙w3 (6 laws, all false: by hand 4.3e-2; refused only by the numerical check)",
@@ -634,10 +628,7 @@ def write_table(rows, path_md):
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        where = ", ".join(f"{k} {v}" for k, v in (r.get("where") or {}).items())
-        bad = "; ".join(f"{k} {max(v):.1e}" for k, v in (r.get("bad") or {}).items()) or ("none" if "res_theta" in r else "–")
-        lie_note = [r["lie_note"]] if str(r.get("lie_note", "")).startswith("not computed") else []
-        notes = " / ".join(lie_note + (r.get("skipped_float64") or [])[:2] + (r.get("notes") or [])[:1]).replace("|", "\\|")[:400]
+        where, bad, notes = row_cells(r, 400)
         t = sum(r.get(k) or 0 for k in ("t_float64", "t_float32", "t_train", "t_analyze"))
         lines.append(
             f"| {r['name']}{' †' if r['name'] in NEAR_MISSES else ''} | {r['D']} | {r.get('laws_float64', '–')} / "
@@ -656,29 +647,14 @@ def write_table(rows, path_md):
         f"{_e(worst)}. Training changed by the monitor: {sum(1 for r in rows if r.get('train_bitwise') is False)}. "
         f"Complete: {sum(1 for r in rows if r.get('complete') is True)} / {len(rows)}. Errors now: {sum(1 for r in rows if r['errors'])}.",
     ]
-    lines += ["", "## Groups per model (float64)", ""]
-    for r in rows:
-        lines.append(f"- **{r['name']}**: " + (", ".join(r.get("groups_float64") or []) or "none"))
     with open(path_md, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write("\n".join(lines + groups_section(rows)) + "\n")
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--one")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("names", nargs="*")
-    a = ap.parse_args()
-    if a.list:
-        print("\n".join(MODELS))
-        return
-    if a.one:
-        print("RESULT " + json.dumps(run_one(a.one)), flush=True)
-        return
-    rows = run_sweep(__file__, MODELS, a.names, os.path.join(ROOT, "results", "product_sweep.json"),
-                     ("laws_float64", "product_laws_float64", "laws_float32", "lie", "tracked", "complete", "bad",
-                      "train_bitwise", "errors"))
-    write_table(rows, os.path.join(ROOT, "results", "product_sweep.md"))
+    cli(__file__, MODELS, run_one, "product_sweep",
+        ("laws_float64", "product_laws_float64", "laws_float32", "lie", "tracked", "complete", "bad", "train_bitwise", "errors"),
+        write_table)
 
 
 if __name__ == "__main__":

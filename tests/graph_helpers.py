@@ -5,7 +5,8 @@
 with ``torch.func`` (``jacrev`` of the group values, ``vjp`` of the model).
 ``sgd_first_order``: the largest relative first-order part 2B(θ, Δ) / scale(θ) of one SGD
 step Δ = −η ∇L on a random quadratic loss. ``seeded_randn``, ``seeded_model``, ``sync_monitor``
-and ``quiet_monitor``: the inputs, models and monitors the tests build their checks on.
+and ``quiet_monitor``: the inputs, models and monitors the tests build their checks on;
+``sgd_mse``: a few SGD steps on a squared error, monitored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ def quiet_monitor(model: nn.Module, x: Any) -> ConservationMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return sync_monitor(model, x)
+
+
+def sgd_mse(model: nn.Module, x: Any, target: Tensor, lr: float, steps: int,
+            monitor: ConservationMonitor | None = None) -> None:
+    """``steps`` SGD steps (``lr``) on the mean squared error of ``model(x)`` to ``target``,
+    with ``monitor`` attached to the optimizer when given."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    if monitor is not None:
+        monitor.attach(opt)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
 
 
 def seeded_model(cls: Callable[..., nn.Module], *args: Any) -> nn.Module:

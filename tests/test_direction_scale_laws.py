@@ -10,7 +10,6 @@ one SGD step (the first-order change is zero) and near misses that must get no l
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, quiet_monitor, seeded_model, seeded_randn, sgd_first_order
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_model, seeded_randn, sgd_first_order, sgd_mse
 
 
 
@@ -116,16 +115,8 @@ def test_each_argument_of_a_cosine_similarity_keeps_its_scale():
 def test_the_scale_law_is_conserved_through_training():
     """SGD changes ‖W‖² + ‖b‖² of the layer by its second-order part only: the records say so."""
     model, x = seeded_model(Normalized, "normalize"), seeded_randn(16, 4, seed=1) + 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        monitor = tc.ConservationMonitor(model, x, every=1, recording="sync")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor.attach(opt)
-    target = seeded_randn(16, 3, seed=2)
-    for _ in range(5):
-        opt.zero_grad()
-        F.mse_loss(model(x), target).backward()
-        opt.step()
+    monitor = quiet_monitor(model, x)
+    sgd_mse(model, x, seeded_randn(16, 3, seed=2), lr=0.05, steps=5, monitor=monitor)
     (row,) = [r for r in monitor.summary() if r["name"] == "b scale"]
     assert row["max_rel_first_order"] < 1e-12 and row["recorded_steps"] == 5, row
 

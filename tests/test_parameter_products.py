@@ -11,14 +11,13 @@ and a monitor recording through training."""
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import torch_conslaw as tc
-from tests.graph_helpers import law_residuals, seeded_randn, sgd_first_order, sync_monitor
+from tests.graph_helpers import law_residuals, quiet_monitor, seeded_randn, sgd_first_order, sgd_mse
 
 F64 = torch.float64
 
@@ -57,9 +56,7 @@ class TwiceAttention(nn.Module):
 
 
 def _groups(model: nn.Module, x: torch.Tensor) -> dict[str, object]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {g.name: g for g in sync_monitor(model, x).groups}
+    return {g.name: g for g in quiet_monitor(model, x).groups}
 
 
 def _scales(**kw) -> nn.Module:
@@ -112,16 +109,8 @@ def test_scores_computed_twice_keep_their_q_k_laws():
 
 def test_the_monitor_records_them_through_training():
     model, x = _scales(), seeded_randn(8, 4, seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        monitor = sync_monitor(model, x)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    monitor.attach(opt)
-    target = seeded_randn(8, 3, seed=2)
-    for _ in range(5):
-        opt.zero_grad()
-        F.mse_loss(model(x), target).backward()
-        opt.step()
+    monitor = quiet_monitor(model, x)
+    sgd_mse(model, x, seeded_randn(8, 3, seed=2), lr=1e-3, steps=5, monitor=monitor)
     rows = {row["name"]: row for row in monitor.summary()}
     for name in ("alpha⊙gain", "lq·lk"):
         assert rows[name]["recorded_steps"] == 5

@@ -865,12 +865,11 @@ def _polynomial_search(
         except NonFiniteFields as err:
             report.polynomial_note = f"not searched: {err}"
             return
-        if len(laws) < gap.dimension and degree >= 2:
-            if size > max_variables:
-                report.polynomial_note = (
-                    f"degree 1 only: {len(laws)} linear law(s); degree {degree} not searched, the tensors "
-                    f"holding the missing laws have {size} entries > max_polynomial_variables={max_variables}"
-                )
+        if len(laws) < gap.dimension and degree >= 2 and size > max_variables:
+            report.polynomial_note = (
+                f"degree 1 only: {len(laws)} linear law(s); degree {degree} not searched, the tensors "
+                f"holding the missing laws have {size} entries > max_polynomial_variables={max_variables}"
+            )
     report.polynomial_laws = laws
     if laws.warnings:
         report.polynomial_note = "; ".join(laws.warnings)

@@ -1112,9 +1112,10 @@ def _norm_of(g: OpGraph, v: int, op: Op, axis: int) -> int | None:
         return op.outputs[0] if fine else None
     squared = (op.name in ("pow", "__pow__") and _arg(op, 1, "exponent") == 2) or op.name == "square" or (
         op.name in _MUL and len(op.args) == 2 and op.args[1] == Val(v))
-    steps = [("sum", None), ("root", None)]
+    if not squared:
+        return None
     cur = op.outputs[0]
-    for step, _ in steps if squared else []:
+    for step in ("sum", "root"):
         after = g.users.get(cur, [])
         if len(after) != 1:
             return None
@@ -1126,7 +1127,7 @@ def _norm_of(g: OpGraph, v: int, op: Op, axis: int) -> int | None:
         if step == "root" and not (nxt.name == "sqrt" or (nxt.name in ("pow", "__pow__") and _arg(nxt, 1, "exponent") == 0.5)):
             return None
         cur = nxt.outputs[0]
-    return cur if squared else None
+    return cur
 
 
 def normalize_scale_rule(g: OpGraph, states: dict[int, _SiteState]):
